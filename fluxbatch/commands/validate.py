@@ -1,0 +1,30 @@
+"""`fluxbatch validate RECIPE...`: report every problem of every recipe, then exit 0 or 1."""
+
+from __future__ import annotations
+
+import sys
+
+from fluxbatch.errors import EXIT_FAILED, EXIT_OK, PlanTooLargeError, RecipeError
+from fluxbatch.plan import load_plan
+
+
+def validate(*, recipes: list[str]) -> int:
+    failed = 0
+    for path in recipes:
+        try:
+            plan = load_plan(path)
+        except RecipeError as error:
+            failed += 1
+            for problem in error.problems:
+                print(problem, file=sys.stderr)
+            count = len(error.problems)
+            print(f"{path}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
+            continue
+        except PlanTooLargeError as error:
+            failed += 1
+            print(error, file=sys.stderr)
+            continue
+        jobs = len(plan.jobs)
+        model_names = sorted({job.model for job in plan.jobs})
+        print(f"{path}: ok ({jobs} image{'s' if jobs != 1 else ''}; {', '.join(model_names)})")
+    return EXIT_FAILED if failed else EXIT_OK

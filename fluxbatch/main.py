@@ -1,0 +1,194 @@
+"""The command line: parse arguments and dispatch. Nothing else happens here.
+
+`main(argv) -> int` is the one error boundary: a `FluxbatchError` prints its message once and
+returns its exit code; anything unexpected prints one line, writes the traceback to a log
+file whose path is printed, and returns 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable, Sequence
+
+from fluxbatch import __version__
+from fluxbatch.errors import (
+    EXIT_BUG,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    FluxbatchError,
+    RecipeError,
+)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be zero or more")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors through our exit code 2 (it already does) and
+    never prints a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fluxbatch",
+        description="Declarative, make-style batch renderer for the Flux image APIs.",
+    )
+    parser.add_argument("--version", action="version", version=f"fluxbatch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("validate", help="check recipes and report every problem")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE")
+
+    p = sub.add_parser("plan", help="show what would be rendered, why, and what it costs")
+    _recipe_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.add_argument("--explain", action="store_true",
+                   help="say which matrix rule produced or removed each combination")
+
+    p = sub.add_parser("models", help="list known models, their parameters and prices")
+    p.add_argument("model", nargs="?", help="show one model's parameters")
+
+    p = sub.add_parser("schema", help="print the recipe JSON Schema")
+
+    p = sub.add_parser("emulator", help="run the bundled BFL-compatible emulator on loopback")
+    p.add_argument("--host", default="127.0.0.1", help="loopback address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks one)")
+    p.add_argument("--latency", type=_non_negative_float, default=2.0,
+                   help="mean seconds a task takes (default 2.0)")
+    p.add_argument("--latency-sigma", type=_non_negative_float, default=0.25,
+                   help="spread of the lognormal latency (default 0.25)")
+    p.add_argument("--cap", type=_positive_int, default=24, help="active tasks (default 24)")
+    p.add_argument("--kontext-max-cap", type=_positive_int, default=6,
+                   help="active flux-kontext-max tasks (default 6)")
+    p.add_argument("--fault-rate", type=_probability, default=0.0,
+                   help="probability of an injected fault per request (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed for latency and faults")
+    p.add_argument("--key", default=None, help="the only API key accepted (default: any)")
+    p.add_argument("--url-ttl", type=_non_negative_float, default=600.0,
+                   help="seconds a sample URL stays valid (default 600)")
+    p.add_argument("--task-ttl", type=_non_negative_float, default=3600.0,
+                   help="seconds a finished task can be polled (default 3600)")
+    p.add_argument("--max-side", type=_positive_int, default=512,
+                   help="largest image side served; larger requests are scaled (default 512)")
+    p.add_argument("--log", default=None, help="append one JSON line per submitted task")
+    return parser
+
+
+def _recipe_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", metavar="RECIPE")
+    p.add_argument("--out", metavar="DIR", help="output root (default: the recipe's directory)")
+    p.add_argument("--yes", action="store_true", help="accept a plan larger than max_jobs")
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    command = args.command
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "validate": _validate,
+        "plan": _plan,
+        "models": _models,
+        "schema": _schema,
+        "emulator": _emulator,
+    }
+    return handlers[command](args)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from fluxbatch.commands.validate import validate
+
+    return validate(recipes=args.recipes)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from fluxbatch.commands.plan import plan
+
+    return plan(recipe=args.recipe, out=args.out, yes=args.yes, as_json=args.json,
+                explain=args.explain)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from fluxbatch.commands.models import models
+
+    return models(model=args.model)
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from fluxbatch.commands.models import schema
+
+    return schema()
+
+
+def _emulator(args: argparse.Namespace) -> int:
+    from fluxbatch.commands.emulator import emulator
+
+    return emulator(host=args.host, port=args.port, latency=args.latency,
+                    latency_sigma=args.latency_sigma, cap=args.cap,
+                    kontext_max_cap=args.kontext_max_cap, fault_rate=args.fault_rate,
+                    seed=args.seed, key=args.key, url_ttl=args.url_ttl, task_ttl=args.task_ttl,
+                    log=args.log, max_side=args.max_side)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code) if isinstance(exit_.code, int) else EXIT_USAGE
+    try:
+        return _dispatch(args)
+    except FluxbatchError as error:
+        print(str(error) if isinstance(error, RecipeError) else f"fluxbatch: {error}",
+              file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("fluxbatch: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return 0
+    except Exception:  # the last line of defence: never a raw traceback for the user
+        return _report_bug()
+
+
+def _report_bug() -> int:
+    details = traceback.format_exc()
+    fd, log_path = tempfile.mkstemp(prefix="fluxbatch-crash-", suffix=".log")
+    with os.fdopen(fd, "w", encoding="utf-8") as log:
+        log.write(f"fluxbatch {__version__}\n{details}")
+    last = details.strip().splitlines()[-1]
+    print(f"fluxbatch: internal error: {last}\nThe full traceback is in {log_path}; please "
+          "report it.", file=sys.stderr)
+    return EXIT_BUG
+
+
+def _silence_stdout() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+

@@ -1,0 +1,115 @@
+"""Matrix → combinations, with exactly GitHub Actions' `strategy.matrix` rules.
+
+1. The product of the axes, in declaration order (the first axis varies slowest).
+2. `exclude` entries remove every combination they partially match — applied first.
+3. Each `include` entry is merged into every *original* combination whose original values it
+   does not overwrite (values added by earlier includes may be overwritten); an entry that
+   fits none is appended as a new combination. An include-only matrix runs its entries.
+
+Beyond GitHub: an axis may be a `zip` group (lists advancing in lock-step) or a `rows` table;
+either contributes several variables at once and counts as one factor of the product.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fluxbatch.recipe import Axis, Matrix
+
+
+@dataclass(frozen=True, slots=True)
+class Combination:
+    """One set of variable values, and the rule that produced it (for `plan --explain`).
+
+    `rule` is "product" (with `picks`, the row chosen on each axis), "include-new" (with
+    `include`, the entry's index), or "single" (a job with no matrix). `merged` lists the
+    include entries merged into it.
+    """
+
+    values: Mapping[str, Any]
+    rule: str
+    picks: tuple[int, ...] = ()
+    include: int | None = None
+    merged: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Removed:
+    values: Mapping[str, Any]
+    exclude: int
+
+
+def upper_bound(matrix: Matrix) -> int:
+    """How many combinations at most, computed without enumerating them."""
+    product = math.prod(len(axis.rows) for axis in matrix.axes) if matrix.axes else 0
+    if not matrix.axes and not matrix.include:
+        return 1
+    return product + len(matrix.include)
+
+
+def combinations(matrix: Matrix) -> tuple[list[Combination], list[Removed]]:
+    """All combinations in order, and the ones `exclude` removed."""
+    kept: list[tuple[dict[str, Any], tuple[int, ...]]] = []
+    removed: list[Removed] = []
+    if matrix.axes:
+        indexed_axes = [list(enumerate(axis.rows)) for axis in matrix.axes]
+        names = [axis.names for axis in matrix.axes]
+        for choice in itertools.product(*indexed_axes):
+            values: dict[str, Any] = {}
+            for axis_names, (_, row) in zip(names, choice, strict=True):
+                values.update(zip(axis_names, row, strict=True))
+            excluded_by = _excluded_by(values, matrix.exclude)
+            if excluded_by is None:
+                kept.append((values, tuple(i for i, _ in choice)))
+            else:
+                removed.append(Removed(values, excluded_by))
+    elif not matrix.include:
+        return [Combination({}, "single")], []
+
+    original_keys = {name for axis in matrix.axes for name in axis.names}
+    merged: list[list[int]] = [[] for _ in kept]
+    appended: list[Combination] = []
+    for index, entry in enumerate(matrix.include):
+        fixed = {k: v for k, v in entry.items() if k in original_keys}
+        matched = False
+        for position, (values, _) in enumerate(kept):
+            if all(k in values and values[k] == v for k, v in fixed.items()):
+                values.update(entry)
+                merged[position].append(index)
+                matched = True
+        if not matched:
+            appended.append(Combination(dict(entry), "include-new", include=index))
+    result = [
+        Combination(values, "product", picks=picks, merged=tuple(merged[i]))
+        for i, (values, picks) in enumerate(kept)
+    ]
+    return result + appended, removed
+
+
+def _excluded_by(values: Mapping[str, Any], exclude: tuple[Mapping[str, Any], ...]) -> int | None:
+    for index, entry in enumerate(exclude):
+        if all(k in values and values[k] == v for k, v in entry.items()):
+            return index
+    return None
+
+
+def explain(combination: Combination, axes: tuple[Axis, ...]) -> str:
+    """Which rule made this combination, in words."""
+    if combination.rule == "single":
+        return "no matrix: one combination"
+    if combination.rule == "include-new":
+        return f"include[{combination.include}]: new combination (fits no original one)"
+    parts = []
+    for axis, pick in zip(axes, combination.picks, strict=True):
+        if axis.kind == "values":
+            parts.append(f"{axis.origin}[{pick}]")
+        else:
+            parts.append(f"{axis.origin} row {pick + 1}")
+    text = "product " + " × ".join(parts)
+    if combination.merged:
+        text += "; merged " + ", ".join(f"include[{i}]" for i in combination.merged)
+    return text

@@ -1,0 +1,403 @@
+"""The model catalogue: request schemas vendored from BFL's OpenAPI, prices, concurrency caps.
+
+Request validation runs for every planned job, so the vendored JSON Schemas are compiled once
+into small per-property check functions (the specs use a flat subset of JSON Schema: types,
+`anyOf` with null, ranges, `multipleOf`, enums, string lengths). Messages follow jsonschema's
+wording ("2000 is greater than the maximum of 1440"); a test cross-checks every verdict
+against jsonschema itself.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+SPEC_DATE = "2026-04-23"
+SPEC_FILE = f"bfl-openapi-{SPEC_DATE}.json"
+DEPRECATED_FILE = "bfl-deprecated-flux1.reconstructed.json"
+
+# Fields that never change the pixels: excluded from job keys, secrets redacted from output.
+NON_PIXEL_FIELDS = frozenset({"webhook_url", "webhook_secret"})
+SECRET_FIELDS = frozenset({"webhook_secret"})
+# Documented internal field of flux-2-flex that callers must not send.
+INTERNAL_FIELDS = frozenset({"input_image_blob_path"})
+
+EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """How a model is billed, with the source of the figure."""
+
+    usd: float  # per image, or for the first megapixel when per_mp is set
+    per_extra_mp: float | None
+    source: str
+    verified: bool
+
+
+# Sources: ../shared/reference/flux-api.md §6 (BFL pricing page; FLUX.2 per-MP rates from
+# BFL's skills file). 1 credit = $0.01.
+_PRICING_PAGE = "https://docs.bfl.ml/quick_start/pricing"
+_SKILLS = "black-forest-labs/skills:skills/bfl-api/SKILL.md@172fdcf"
+PRICES: dict[str, Price] = {
+    "flux-kontext-pro": Price(0.04, None, _PRICING_PAGE, True),
+    "flux-kontext-max": Price(0.08, None, _PRICING_PAGE, True),
+    "flux-pro-1.1": Price(0.04, None, _PRICING_PAGE, True),
+    "flux-pro-1.1-ultra": Price(0.06, None, _PRICING_PAGE, True),
+    "flux-pro-1.0-fill": Price(0.05, None, _PRICING_PAGE, True),
+    "flux-pro-1.0-expand": Price(0.05, None, "assumed equal to fill (no published price)", False),
+    "flux-dev": Price(0.025, None, "https://flux-1.ai (third party, unverified)", False),
+    "flux-pro": Price(0.05, None, "https://flux-1.ai (third party, unverified)", False),
+    "flux-pro-1.0-canny": Price(0.05, None, "third-party model registry (unverified)", False),
+    "flux-pro-1.0-depth": Price(0.05, None, "third-party model registry (unverified)", False),
+    "flux-2-klein-4b": Price(0.014, 0.001, _SKILLS, False),
+    "flux-2-klein-9b": Price(0.015, 0.002, _SKILLS, False),
+    "flux-2-klein-9b-preview": Price(0.015, 0.002, f"{_SKILLS} (as klein-9b)", False),
+    "flux-2-pro": Price(0.03, 0.015, _SKILLS, False),
+    "flux-2-pro-preview": Price(0.03, 0.015, f"{_SKILLS} (as flux-2-pro)", False),
+    "flux-2-max": Price(0.07, 0.03, _SKILLS, False),
+    # Two copies of the skills file disagree (5¢ or 6¢ per MP); estimate with the higher.
+    "flux-2-flex": Price(0.06, 0.06, "https://skills.sh/black-forest-labs/skills/bfl-api", False),
+}
+
+# Active-task caps documented by BFL (help.bfl.ai concurrency article): 24 per account,
+# 6 for flux-kontext-max.
+ACCOUNT_CONCURRENCY = 24
+MODEL_CONCURRENCY = {"flux-kontext-max": 6}
+
+Check = Callable[[Any], str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    """One generation endpoint: `POST /v1/{name}`."""
+
+    name: str
+    schema_title: str
+    summary: str
+    properties: Mapping[str, Mapping[str, Any]]
+    required: frozenset[str]
+    deprecated: bool
+    source: str
+    checks: Mapping[str, Check]
+
+    @property
+    def default_format(self) -> str:
+        fmt = self.properties.get("output_format", {}).get("default", "jpeg")
+        return str(fmt)
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return tuple(_enum_of(self.properties.get("output_format", {})) or ("jpeg", "png"))
+
+    @property
+    def sized_by(self) -> str:
+        """'size' (width/height), 'aspect' (aspect_ratio) or 'input' (from the input image)."""
+        if "width" in self.properties:
+            return "size"
+        if "aspect_ratio" in self.properties:
+            return "aspect"
+        return "input"
+
+    def types_of(self, field: str) -> tuple[str, ...]:
+        return _types_of(self.properties[field])
+
+    def validate(self, request: Mapping[str, Any]) -> list[tuple[str | None, str]]:
+        """Every problem with `request` as (field or None, message); empty when valid."""
+        return self.missing(request) + self.check_fields(request)
+
+    def missing(self, request: Mapping[str, Any]) -> list[tuple[str | None, str]]:
+        return [(None, f"missing required parameter {name!r} for {self.name}")
+                for name in sorted(self.required.difference(request))]
+
+    def check_fields(self, fields: Mapping[str, Any]) -> list[tuple[str | None, str]]:
+        problems: list[tuple[str | None, str]] = []
+        checks = self.checks
+        for field, value in fields.items():
+            check = checks.get(field)
+            if check is None:
+                problems.append((field, self.unknown_field_message(field)))
+                continue
+            message = check(value)
+            if message is not None:
+                problems.append((field, message))
+        return problems
+
+    def unknown_field_message(self, field: str) -> str:
+        if field in INTERNAL_FIELDS:
+            return f"{field!r} is internal to the API and must not be sent"
+        message = f"unknown parameter {field!r} for {self.name}"
+        return message + did_you_mean(field, [*self.properties, "model"])
+
+    def coerce(self, field: str, text: str) -> Any:
+        """Turn a rendered template into the type the schema wants (`"6"` → 6 for steps)."""
+        prop = self.properties.get(field)
+        if prop is None:
+            return text
+        return coerce_text(text, _types_of(prop))
+
+
+def coerce_text(text: str, types: tuple[str, ...]) -> Any:
+    if not types or "string" in types:
+        return text
+    stripped = text.strip()
+    lowered = stripped.lower()
+    if "integer" in types:
+        try:
+            return int(stripped)
+        except ValueError:
+            number = _float_or_none(stripped)
+            if number is not None and number.is_integer():
+                return int(number)
+    if "number" in types:
+        number = _float_or_none(stripped)
+        if number is not None:
+            return number
+    if "boolean" in types and lowered in _BOOLEANS:
+        return _BOOLEANS[lowered]
+    if "null" in types and lowered in ("", "none", "null"):
+        return None
+    return text
+
+
+_BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
+
+
+def _float_or_none(text: str) -> float | None:
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def normalise_value(value: Any, types: tuple[str, ...]) -> Any:
+    """Canonical in-memory form: integral floats for integer fields become ints, ints for
+    number fields become floats, so `guidance: 3` and `guidance: "{{ 3 }}"` share a key."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, float) and "integer" in types and value.is_integer():
+        return int(value)
+    if isinstance(value, int) and "number" in types and "integer" not in types:
+        return float(value)
+    return value
+
+
+def did_you_mean(word: str, candidates: list[str] | tuple[str, ...] | frozenset[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+@cache
+def catalogue() -> dict[str, Model]:
+    """Every generation model, by name, in the spec's order (deprecated ones last)."""
+    models: dict[str, Model] = {}
+    for filename, deprecated in ((SPEC_FILE, False), (DEPRECATED_FILE, True)):
+        spec = _load_spec(filename)
+        components = spec["components"]["schemas"]
+        for path, item in spec["paths"].items():
+            post = item.get("post")
+            name = path.removeprefix("/v1/")
+            ref = _request_ref(post)
+            if ref is None or name.endswith("-finetuned") or "finetune" in name:
+                continue
+            schema = _resolve(components[ref], components)
+            properties = {k: _tidy(v) for k, v in schema.get("properties", {}).items()}
+            models[name] = Model(
+                name=name,
+                schema_title=ref,
+                summary=str((post or {}).get("summary", schema.get("x-status", ""))),
+                properties=properties,
+                required=frozenset(schema.get("required", ())),
+                deprecated=deprecated,
+                source=f"{filename} #/components/schemas/{ref}",
+                checks={k: compile_check(v) for k, v in properties.items()},
+            )
+    return models
+
+
+def get(name: str) -> Model | None:
+    return catalogue().get(name)
+
+
+def unknown_model_message(name: object) -> str:
+    return f"unknown model {name!r}" + did_you_mean(str(name), list(catalogue()))
+
+
+@cache
+def request_schema(name: str) -> dict[str, Any]:
+    """A self-contained JSON Schema for the model's request body (used by the emulator)."""
+    model = catalogue()[name]
+    spec = _load_spec(DEPRECATED_FILE if model.deprecated else SPEC_FILE)
+    components = spec["components"]["schemas"]
+    schema: dict[str, Any] = _resolve(components[model.schema_title], components)
+    return schema
+
+
+def concurrency_cap(name: str) -> int:
+    return MODEL_CONCURRENCY.get(name, ACCOUNT_CONCURRENCY)
+
+
+def estimate_cost(name: str, request: Mapping[str, Any]) -> float | None:
+    """Estimated USD for one image, or None when no price is known."""
+    price = PRICES.get(name)
+    if price is None:
+        return None
+    if price.per_extra_mp is None:
+        return price.usd
+    width, height = request.get("width") or 0, request.get("height") or 0
+    output_mp = (width * height) / 1_000_000 if width and height else 1.0
+    input_mp = float(sum(1 for k in request if k.startswith("input_image") and request[k]))
+    extra = max(0.0, math.ceil(output_mp * 100) / 100 - 1.0) + input_mp
+    return round(price.usd + extra * price.per_extra_mp, 6)
+
+
+def _load_spec(filename: str) -> dict[str, Any]:
+    text = resources.files("fluxbatch").joinpath("data", filename).read_text(encoding="utf-8")
+    spec: dict[str, Any] = json.loads(text)
+    return spec
+
+
+def _request_ref(post: Mapping[str, Any] | None) -> str | None:
+    if not post:
+        return None
+    schema = post.get("requestBody", {}).get("content", {}).get("application/json", {})
+    ref = schema.get("schema", {}).get("$ref", "")
+    return str(ref).rsplit("/", 1)[-1] or None
+
+
+def _resolve(node: Any, components: Mapping[str, Any]) -> Any:
+    if isinstance(node, dict):
+        if "$ref" in node:
+            return _resolve(components[node["$ref"].rsplit("/", 1)[-1]], components)
+        return {k: _resolve(v, components) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve(v, components) for v in node]
+    return node
+
+
+def _tidy(node: Any) -> Any:
+    """Integral float bounds (1440.0) become ints so messages read "maximum of 1440"."""
+    if isinstance(node, dict):
+        return {k: _tidy(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_tidy(v) for v in node]
+    if isinstance(node, float) and node.is_integer():
+        return int(node)
+    return node
+
+
+def _types_of(schema: Mapping[str, Any]) -> tuple[str, ...]:
+    if "anyOf" in schema:
+        return tuple(t for branch in schema["anyOf"] for t in _types_of(branch))
+    if "type" in schema:
+        kind = schema["type"]
+        return tuple(kind) if isinstance(kind, list) else (kind,)
+    if "enum" in schema:
+        return ("string",)
+    return ()
+
+
+def _enum_of(schema: Mapping[str, Any]) -> list[Any] | None:
+    if "enum" in schema:
+        return list(schema["enum"])
+    for branch in schema.get("anyOf", ()):
+        found = _enum_of(branch)
+        if found:
+            return found
+    return None
+
+
+# -- the compiled checks ------------------------------------------------------------------
+
+_TYPE_TESTS: dict[str, Callable[[Any], bool]] = {
+    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool))
+    or (isinstance(v, float) and v.is_integer()),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+}
+
+
+def compile_check(schema: Mapping[str, Any]) -> Check:
+    """A function returning jsonschema's message for the first failure, or None."""
+    if "anyOf" in schema:
+        branches = [compile_check(b) for b in schema["anyOf"]]
+        null_ok = any(b.get("type") == "null" for b in schema["anyOf"])
+
+        def any_of(value: Any) -> str | None:
+            if value is None and null_ok:
+                return None
+            first: str | None = None
+            for branch in branches:
+                message = branch(value)
+                if message is None:
+                    return None
+                if first is None:
+                    first = message
+            return first
+
+        return any_of
+    steps: list[Check] = []
+    kind = schema.get("type")
+    if kind is not None:
+        test = _TYPE_TESTS[kind]
+        steps.append(lambda v: None if test(v) else f"{v!r} is not of type {kind!r}")
+    if "enum" in schema:
+        allowed = list(schema["enum"])
+        steps.append(lambda v: None if v in allowed else f"{v!r} is not one of {allowed!r}")
+    steps.extend(_numeric_checks(schema))
+    if "minLength" in schema or "maxLength" in schema:
+        low, high = schema.get("minLength", 0), schema.get("maxLength", math.inf)
+
+        def length(v: Any) -> str | None:
+            if not isinstance(v, str):
+                return None
+            if len(v) < low:
+                return f"{v!r} is too short" if low > 1 else f"{v!r} should be non-empty"
+            return f"{v!r} is too long" if len(v) > high else None
+
+        steps.append(length)
+
+    def check(value: Any) -> str | None:
+        for step in steps:
+            message = step(value)
+            if message is not None:
+                return message
+        return None
+
+    return check
+
+
+def _numeric_checks(schema: Mapping[str, Any]) -> list[Check]:
+    def numeric(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    checks: list[Check] = []
+    if "minimum" in schema:
+        low = schema["minimum"]
+        checks.append(
+            lambda v: f"{v!r} is less than the minimum of {low}" if numeric(v) and v < low else None
+        )
+    if "maximum" in schema:
+        high = schema["maximum"]
+        checks.append(
+            lambda v: f"{v!r} is greater than the maximum of {high}"
+            if numeric(v) and v > high
+            else None
+        )
+    if "multipleOf" in schema:
+        step = schema["multipleOf"]
+        checks.append(
+            lambda v: f"{v!r} is not a multiple of {step}" if numeric(v) and v % step else None
+        )
+    return checks

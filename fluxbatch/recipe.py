@@ -1,0 +1,493 @@
+"""Stage 1: read a recipe, validate it against its schema, and build a typed `Recipe`.
+
+Every problem is collected (never only the first) and located (`recipe.yaml:14:9`). Values
+from files (`{from: ...}`) are read here, so the stages after this one do no I/O.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path as FsPath
+from typing import Any
+
+import jsonschema
+import yaml
+
+from fluxbatch import yamlsource
+from fluxbatch.errors import Problem, RecipeError
+from fluxbatch.models import did_you_mean, unknown_model_message
+from fluxbatch.providers import REGISTRY
+from fluxbatch.recipe_schema import DEFAULT_MAX_JOBS, DEFAULT_OUTPUT, NAME_PATTERN, recipe_schema
+from fluxbatch.yamlsource import Path, Positions
+
+_FAILED = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Axis:
+    """One factor of the product: a variable's values, a zip group, or a row table.
+
+    `rows[i]` holds one value per name in `names`; `kind` and `origin` feed `plan --explain`.
+    """
+
+    kind: str  # "values" | "zip" | "rows"
+    names: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+    origin: str
+
+
+@dataclass(frozen=True, slots=True)
+class Matrix:
+    axes: tuple[Axis, ...]
+    include: tuple[Mapping[str, Any], ...]
+    exclude: tuple[Mapping[str, Any], ...]
+    declared: tuple[str, ...] = ()  # every variable named, even one whose values failed to load
+    complete: bool = True  # False when a row table failed to load: its columns are unknown
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """One `jobs[i]` entry, validated; templates are still source text."""
+
+    index: int
+    name: str
+    prompt: str | None
+    matrix: Matrix
+    replicates: int
+    params: Mapping[str, Any]
+    seed: int | str  # an integer, "auto", or a template
+    output: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSpec:
+    name: str
+    base_url: str | None
+    concurrency: int | None
+    model_concurrency: Mapping[str, int]
+    timeout: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    path: FsPath
+    name: str
+    sha256: str
+    provider: ProviderSpec
+    output_root: FsPath
+    max_jobs: int
+    defaults: Mapping[str, Any]
+    vars: Mapping[str, Any]
+    jobs: tuple[JobSpec, ...]
+    positions: Positions
+    problems: tuple[Problem, ...] = ()
+
+    def problem(self, path: Path, message: str) -> Problem:
+        return self.positions.problem(path, message)
+
+
+def load(path: str | os.PathLike[str], *, output_root: str | None = None,
+         strict: bool = True) -> Recipe:
+    """Read and validate the recipe at `path`; raise `RecipeError` listing every problem.
+
+    With `strict=False`, problems confined to some jobs leave those jobs out and are carried
+    in `Recipe.problems`, so the next stage can report its own problems in the same run.
+    """
+    filename = os.fspath(path)
+    try:
+        raw = FsPath(filename).read_bytes()
+    except OSError as error:
+        raise RecipeError([Problem(filename, None, None, "", _os_message(error))]) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        message = f"not UTF-8 text (byte {error.start})"
+        raise RecipeError([Problem(filename, None, None, "", message)]) from None
+    return parse(text, filename, sha256=hashlib.sha256(raw).hexdigest(), output_root=output_root,
+                 strict=strict)
+
+
+def parse(text: str, filename: str, *, sha256: str | None = None,
+          output_root: str | None = None, strict: bool = True) -> Recipe:
+    try:
+        document, positions = yamlsource.load(text, filename)
+    except yamlsource.DocumentError as error:
+        raise RecipeError(error.problems) from None
+    located = schema_problems(document, positions)
+    problems = [problem for _, problem in located]
+    broken = _broken_jobs(located)
+    if broken is None:
+        raise RecipeError(problems)
+    builder = _Builder(FsPath(filename), positions)
+    recipe = builder.recipe(document, sha256 or hashlib.sha256(text.encode()).hexdigest(),
+                            output_root, skip=broken)
+    problems.extend(builder.problems)
+    if problems and (strict or not recipe.jobs):
+        raise RecipeError(problems)
+    return dataclasses.replace(recipe, problems=tuple(problems))
+
+
+def _broken_jobs(located: list[tuple[Path, Problem]]) -> frozenset[int] | None:
+    """Indices of jobs with schema problems, or None when a problem outside any single job
+    (or a missing/invalid top-level key) makes the whole recipe unusable."""
+    broken = set()
+    for path, problem in located:
+        if len(path) >= 2 and path[0] == "jobs" and isinstance(path[1], int):
+            broken.add(path[1])
+        elif len(path) == 1 and problem.message.startswith("unknown key"):
+            continue  # a misspelt optional key: reported, and ignoring it is harmless
+        elif path[:1] in (("name",), ("description",)):
+            continue
+        else:
+            return None
+    return frozenset(broken)
+
+
+# -- schema validation ----------------------------------------------------------------------
+
+
+@cache
+def _validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(recipe_schema())
+
+
+def schema_problems(document: Any, positions: Positions) -> list[tuple[Path, Problem]]:
+    """Every schema violation as (path, located problem)."""
+    if not isinstance(document, dict):
+        kind = "empty" if document is None else f"a {type(document).__name__}"
+        message = f"a recipe must be a mapping, but this document is {kind}"
+        return [((), positions.problem((), message))]
+    located: list[tuple[Path, Problem]] = []
+    for error in _validator().iter_errors(document):
+        located.extend(_explain(error, positions))
+    return located
+
+
+def _explain(error: jsonschema.ValidationError,
+             positions: Positions) -> list[tuple[Path, Problem]]:
+    path: Path = tuple(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = list(error.schema.get("properties", {}))
+        extras = [k for k in error.instance if k not in error.schema.get("properties", {})]
+        return [
+            ((*path, k), positions.problem((*path, k), f"unknown key {k!r}"
+                                           + did_you_mean(k, allowed), key=True))
+            for k in extras
+        ]
+    if error.validator in ("anyOf", "oneOf"):
+        branch = _matching_branch(error)
+        if branch is not None:
+            return [p for sub in branch for p in _explain(sub, positions)]
+        return [(path, positions.problem(path, _describe_alternatives(error)))]
+    return [(path, positions.problem(path, _message(error, path)))]
+
+
+def _message(error: jsonschema.ValidationError, path: Path) -> str:
+    if error.validator == "required":
+        return str(error.message).replace("property", "key")
+    if error.validator == "const":
+        return f"must be {error.validator_value!r}"
+    if error.validator == "pattern" and error.schema.get("pattern") == NAME_PATTERN:
+        return (f"{error.instance!r} must start with a letter or digit and use only letters, "
+                "digits, '.', '_' and '-'")
+    if error.validator == "enum" and path and path[-1] == "model":
+        return unknown_model_message(error.instance)
+    if error.validator == "enum":
+        choices = ", ".join(repr(c) for c in error.validator_value)
+        hint = did_you_mean(str(error.instance), [str(c) for c in error.validator_value])
+        return f"{error.instance!r} is not one of {choices}{hint}"
+    return str(error.message)
+
+
+_JSON_TYPES: dict[str, type | tuple[type, ...]] = {
+    "object": dict, "array": list, "string": str, "integer": int, "number": (int, float),
+    "boolean": bool,
+}
+
+
+def _matching_branch(error: jsonschema.ValidationError) -> list[jsonschema.ValidationError] | None:
+    """Of an anyOf's branches, the one meant for this kind of value (the only one whose
+    top-level type fits), so the user sees that branch's real errors."""
+    by_branch: dict[int, list[jsonschema.ValidationError]] = {}
+    for sub in error.context or ():
+        by_branch.setdefault(int(sub.relative_schema_path[0]), []).append(sub)
+    fitting = []
+    for index, branch_schema in enumerate(error.validator_value):
+        schema = branch_schema
+        if "$ref" in schema:
+            schema = _validator().schema["$defs"][schema["$ref"].rsplit("/", 1)[-1]]
+        kind = schema.get("type")
+        if kind is None or not _is_type(error.instance, kind):
+            continue
+        fitting.append(index)
+    if len(fitting) == 1 and fitting[0] in by_branch:
+        return by_branch[fitting[0]]
+    return None
+
+
+def _is_type(value: Any, kind: str) -> bool:
+    if isinstance(value, bool) and kind in ("integer", "number"):
+        return False
+    expected: type | tuple[type, ...] = _JSON_TYPES.get(kind, object)
+    return isinstance(value, expected)
+
+
+def _describe_alternatives(error: jsonschema.ValidationError) -> str:
+    descriptions = []
+    for branch in error.validator_value:
+        if "const" in branch:
+            descriptions.append(repr(branch["const"]))
+        elif "enum" in branch:
+            descriptions.append(" or ".join(repr(v) for v in branch["enum"]))
+        elif "$ref" in branch:
+            descriptions.append({"from_file": "a mapping with 'from'",
+                                 "zip_group": "a mapping of lists"}.get(
+                branch["$ref"].rsplit("/", 1)[-1], "a mapping"))
+        elif branch.get("type") == "string" and "pattern" in branch:
+            descriptions.append("a template string")
+        else:
+            kind = branch.get("type", "value")
+            descriptions.append({"object": "a mapping", "array": "a list"}.get(kind, f"an {kind}"
+                                if kind[0] in "aeiou" else f"a {kind}"))
+    return f"{error.instance!r} is not valid here: expected {' or '.join(descriptions)}"
+
+
+# -- building the typed recipe --------------------------------------------------------------
+
+
+class _Builder:
+    def __init__(self, path: FsPath, positions: Positions) -> None:
+        self.path = path
+        self.base = path.parent
+        self.positions = positions
+        self.problems: list[Problem] = []
+
+    def problem(self, path: Path, message: str, *, key: bool = False) -> None:
+        self.problems.append(self.positions.problem(path, message, key=key))
+
+    def recipe(self, doc: dict[str, Any], sha256: str, output_root: str | None,
+               skip: frozenset[int]) -> Recipe:
+        root = output_root if output_root is not None else doc.get("output_root")
+        output = doc.get("output", DEFAULT_OUTPUT)
+        jobs = tuple(self.job(i, spec, output) for i, spec in enumerate(doc["jobs"])
+                     if i not in skip)
+        names: dict[str, int] = {}
+        for job in jobs:
+            if job.name in names:
+                self.problem(("jobs", job.index, "name"),
+                             f"duplicate job name {job.name!r} (also jobs[{names[job.name]}])")
+            names.setdefault(job.name, job.index)
+        return Recipe(
+            path=self.path,
+            name=doc["name"],
+            sha256=sha256,
+            provider=self.provider(doc.get("provider", "bfl")),
+            output_root=(self.base / root) if root is not None else self.base,
+            max_jobs=doc.get("max_jobs", DEFAULT_MAX_JOBS),
+            defaults=dict(doc.get("defaults") or {}),
+            vars=dict(doc.get("vars") or {}),
+            jobs=jobs,
+            positions=self.positions,
+        )
+
+    def provider(self, spec: str | dict[str, Any]) -> ProviderSpec:
+        if isinstance(spec, str):
+            spec = {"name": spec}
+        name = spec["name"]
+        if spec.get("base_url") and REGISTRY[name].default_base_url is None:
+            self.problem(("provider", "base_url"), f"provider {name!r} takes no base_url")
+        return ProviderSpec(
+            name=name,
+            base_url=spec.get("base_url"),
+            concurrency=spec.get("concurrency"),
+            model_concurrency=dict(spec.get("model_concurrency") or {}),
+            timeout=spec.get("timeout"),
+        )
+
+    def job(self, index: int, spec: dict[str, Any], output: str) -> JobSpec:
+        path: Path = ("jobs", index)
+        return JobSpec(
+            index=index,
+            name=spec["name"],
+            prompt=spec.get("prompt"),
+            matrix=self.matrix(spec.get("matrix") or {}, (*path, "matrix")),
+            replicates=spec.get("replicates", 1),
+            params=dict(spec.get("params") or {}),
+            seed=spec.get("seed", "auto"),
+            output=spec.get("output", output),
+        )
+
+    def matrix(self, spec: dict[str, Any], path: Path) -> Matrix:
+        axes: list[Axis] = []
+        declared: list[str] = []
+        for key, value in spec.items():
+            if key in ("include", "exclude"):
+                continue
+            if key == "zip":
+                groups = value if isinstance(value, list) else [value]
+                for g, group in enumerate(groups):
+                    declared.extend(group if isinstance(group, dict) else ())
+                    where = (*path, "zip", g) if isinstance(value, list) else (*path, "zip")
+                    axes.extend(self.zip_group(group, where))
+            elif key == "rows":
+                axes.extend(self.rows(value, (*path, "rows")))
+                declared.extend(name for axis in axes[-1:] if axis.kind == "rows"
+                                for name in axis.names)
+            else:
+                declared.append(key)
+                values = self.values(value, (*path, key))
+                if values:
+                    axes.append(Axis("values", (key,), tuple((v,) for v in values), key))
+        exclude = tuple(spec.get("exclude") or ())
+        self.check_exclude(exclude, axes, path)
+        complete = "rows" not in spec or any(axis.kind == "rows" for axis in axes)
+        return Matrix(tuple(axes), tuple(spec.get("include") or ()), exclude, tuple(declared),
+                      complete)
+
+    def check_exclude(self, exclude: Iterable[Mapping[str, Any]], axes: list[Axis],
+                      path: Path) -> None:
+        known = [name for axis in axes for name in axis.names]
+        for i, entry in enumerate(exclude):
+            for key in entry:
+                if key not in known:
+                    self.problem((*path, "exclude", i, key),
+                                 f"exclude names {key!r}, which is not a matrix variable"
+                                 + did_you_mean(key, known), key=True)
+
+    def zip_group(self, group: dict[str, Any], path: Path) -> list[Axis]:
+        columns = {name: self.values(v, (*path, name)) for name, v in group.items()}
+        lengths = {name: len(values) for name, values in columns.items()}
+        if len(set(lengths.values())) > 1:
+            detail = ", ".join(f"{name} has {n}" for name, n in lengths.items())
+            self.problem(path, f"zip lists must have the same length: {detail}")
+            return []
+        names = tuple(columns)
+        rows = tuple(zip(*columns.values(), strict=True))
+        return [Axis("zip", names, rows, f"zip({', '.join(names)})")] if rows else []
+
+    def rows(self, spec: list[Any] | dict[str, Any], path: Path) -> list[Axis]:
+        if isinstance(spec, dict):
+            table = self.read_table(spec["from"], (*path, "from"))
+            origin = f"rows from {spec['from']}"
+        else:
+            table = spec
+            origin = "rows"
+        if not table:
+            return []
+        names: list[str] = []
+        for row in table:
+            names.extend(k for k in row if k not in names)
+        missing = [(i, [n for n in names if n not in row]) for i, row in enumerate(table)]
+        for i, absent in missing:
+            if absent:
+                self.problem((*path, i) if isinstance(spec, list) else (*path, "from"),
+                             f"row {i + 1} has no value for {', '.join(map(repr, absent))}")
+        return [Axis("rows", tuple(names), tuple(tuple(r.get(n) for n in names) for r in table),
+                     origin)]
+
+    def values(self, spec: list[Any] | dict[str, Any], path: Path) -> list[Any]:
+        if isinstance(spec, list):
+            return spec
+        source = spec["from"]
+        target = self.base / source
+        suffix = target.suffix.lower()
+        where = (*path, "from")
+        if "column" in spec:
+            if suffix != ".csv":
+                self.problem((*path, "column"), "'column' applies only to .csv files")
+                return []
+            table = self.read_table(source, where)
+            column = spec["column"]
+            if table and column not in table[0]:
+                self.problem((*path, "column"), f"{source} has no column {column!r}"
+                             + did_you_mean(column, list(table[0])))
+                return []
+            return [row[column] for row in table]
+        text = self.read(source, where)
+        if text is None:
+            return []
+        if suffix == ".txt":
+            lines = (line.strip() for line in text.splitlines())
+            return [line for line in lines if line and not line.startswith("#")]
+        if suffix in (".yaml", ".yml", ".json"):
+            data = self.parse_data(text, source, where)
+            if data is _FAILED:
+                return []
+            if not isinstance(data, list) or not data:
+                self.problem(where, f"{source} must hold a non-empty list of values")
+                return []
+            return data
+        if suffix == ".csv":
+            self.problem(where, f"{source} is a CSV file: say which column with 'column:'")
+            return []
+        self.problem(where, f"{source}: unsupported file type {suffix or '(none)'!r} "
+                     "(use .txt, .yaml, .yml, .json or .csv)")
+        return []
+
+    def read_table(self, source: str, where: Path) -> list[dict[str, Any]]:
+        text = self.read(source, where)
+        if text is None:
+            return []
+        suffix = FsPath(source).suffix.lower()
+        if suffix == ".csv":
+            reader = csv.DictReader(io.StringIO(text))
+            rows = [dict(row) for row in reader]
+            if not reader.fieldnames:
+                self.problem(where, f"{source} has no header row")
+                return []
+            for i, row in enumerate(rows):
+                if None in row or None in row.values():
+                    self.problem(where, f"{source}:{i + 2}: row does not have "
+                                 f"{len(reader.fieldnames)} columns")
+                    return []
+            if not rows:
+                self.problem(where, f"{source} has a header but no rows")
+            return rows
+        if suffix in (".yaml", ".yml", ".json"):
+            data = self.parse_data(text, source, where)
+            if data is _FAILED:
+                return []
+            if not isinstance(data, list) or not all(isinstance(r, dict) and r for r in data):
+                self.problem(where, f"{source} must hold a list of mappings (one per row)")
+                return []
+            return data
+        self.problem(where, f"{source}: rows come from .csv, .yaml, .yml or .json files")
+        return []
+
+    def read(self, source: str, where: Path) -> str | None:
+        try:
+            return (self.base / source).read_text(encoding="utf-8-sig")
+        except FileNotFoundError:
+            self.problem(where, f"file not found: {source} (relative to {self.base or '.'})")
+        except (OSError, UnicodeDecodeError) as error:
+            self.problem(where, f"cannot read {source}: {_os_message(error)}")
+        return None
+
+    def parse_data(self, text: str, source: str, where: Path) -> Any:
+        try:
+            if source.lower().endswith(".json"):
+                return json.loads(text)
+            return yaml.load(text, Loader=yamlsource._Loader)
+        except json.JSONDecodeError as error:
+            self.problem(where, f"{source}:{error.lineno}:{error.colno}: invalid JSON: {error.msg}")
+        except yaml.MarkedYAMLError as error:
+            mark = error.problem_mark
+            at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+            self.problem(where, f"{source}{at}: YAML syntax error: {error.problem}")
+        except yaml.YAMLError as error:
+            self.problem(where, f"{source}: YAML error: {error}")
+        return _FAILED
+
+
+def _os_message(error: OSError | UnicodeDecodeError) -> str:
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {error.start})"
+    return error.strerror or str(error)
