@@ -7,8 +7,8 @@ node it came from.
 
 from __future__ import annotations
 
+import gc
 import hashlib
-import json
 import posixpath
 import re
 from collections.abc import Mapping
@@ -18,11 +18,11 @@ from typing import Any
 from fluxbatch import matrix as matrix_rules
 from fluxbatch import models
 from fluxbatch.errors import PlanTooLargeError, Problem, RecipeError
+from fluxbatch.identity import SEED_MODULUS, KeyHasher, ObjectJson, canonical_json
 from fluxbatch.recipe import JobSpec, Recipe
 from fluxbatch.templates import Template, TemplateProblem, compile_template, slug
 from fluxbatch.yamlsource import Path
 
-SEED_MODULUS = 2**31  # auto seeds lie in [0, 2**31 - 1]: valid for every Flux endpoint
 RESERVED_NAMES = ("job", "replicate", "replicates", "combo", "prompt", "seed", "ext", "key",
                   "model")
 
@@ -59,47 +59,52 @@ class Plan:
         return matrix_rules.explain(job.combination, spec.matrix.axes)
 
 
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      default=str)
-
-
-def job_key(model: str, request: Mapping[str, Any]) -> str:
-    """sha256 of what determines the pixels: the model and the body minus webhooks."""
-    pixels = {k: v for k, v in request.items() if k not in models.NON_PIXEL_FIELDS}
-    return hashlib.sha256(canonical_json({"model": model, "request": pixels}).encode()).hexdigest()
-
-
-def auto_seed(recipe_name: str, job_name: str, combination: Mapping[str, Any],
-              replicate: int) -> int:
-    """Derived from content, never from position: reordering values changes no seed."""
-    text = canonical_json([recipe_name, job_name, combination, replicate])
-    digest = hashlib.sha256(text.encode()).digest()
-    return int.from_bytes(digest[:8], "big") % SEED_MODULUS
-
-
 def count_upper_bound(recipe: Recipe) -> int:
     return sum(matrix_rules.upper_bound(s.matrix) * s.replicates for s in recipe.jobs)
 
 
 def expand(recipe: Recipe, *, yes: bool = False) -> Plan:
     """Build the plan; raise `RecipeError` with every problem, or `PlanTooLargeError`."""
+    if not yes:
+        _guard_size(recipe)
+    # Planning allocates hundreds of thousands of small objects and frees none of them:
+    # the cyclic collector would only walk them again and again (about 12% of the time).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _expand(recipe)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _guard_size(recipe: Recipe) -> None:
+    """Refuse a plan over `max_jobs` before building it (a typo can make it enormous)."""
+    bound = count_upper_bound(recipe)
+    if bound <= recipe.max_jobs:
+        return
+    if bound <= 50 * recipe.max_jobs:
+        total = sum(len(matrix_rules.combinations(s.matrix)[0]) * s.replicates
+                    for s in recipe.jobs)
+        if total <= recipe.max_jobs:
+            return
+        count = f"{total:,} jobs"
+    else:
+        count = f"up to {bound:,} jobs"
+    raise PlanTooLargeError(
+        f"{recipe.path}: the plan has {count}, more than the limit of {recipe.max_jobs:,}; "
+        "pass --yes to go ahead, or raise max_jobs in the recipe"
+    )
+
+
+def _expand(recipe: Recipe) -> Plan:
     problems: list[Problem] = list(recipe.problems)
-    per_job = []
-    for spec in recipe.jobs:
-        combos, removed = matrix_rules.combinations(spec.matrix)
-        per_job.append((spec, combos, removed))
-    total = sum(len(combos) * spec.replicates for spec, combos, _ in per_job)
-    if total > recipe.max_jobs and not yes:
-        raise PlanTooLargeError(
-            f"{recipe.path}: the plan has {total:,} jobs, more than the limit of "
-            f"{recipe.max_jobs:,}; pass --yes to go ahead, or raise max_jobs in the recipe"
-        )
     jobs: list[Job] = []
     outputs: dict[str, Job] = {}
     folded: dict[str, Job] = {}
     removed_all: list[tuple[str, matrix_rules.Removed]] = []
-    for spec, combos, removed in per_job:
+    for spec in recipe.jobs:
+        combos, removed = matrix_rules.combinations(spec.matrix)
         removed_all.extend((spec.name, r) for r in removed)
         builder = _JobBuilder(recipe, spec, problems)
         if not combos:
@@ -155,7 +160,12 @@ def describe(values: Mapping[str, Any], replicate: int | None = None) -> str:
 
 
 class _JobBuilder:
-    """Renders one `jobs[i]` entry for each of its combinations."""
+    """Renders one `jobs[i]` entry for each of its combinations.
+
+    Everything that does not vary between images (compiled templates, constant parameters
+    and their validation, the model when it is not a template) is prepared once here;
+    `build` does only the per-image work. This is the hot loop of planning.
+    """
 
     def __init__(self, recipe: Recipe, spec: JobSpec, problems: list[Problem]) -> None:
         self.recipe = recipe
@@ -169,44 +179,57 @@ class _JobBuilder:
             self.params[name] = (("defaults", name), value)
         for name, value in spec.params.items():
             self.params[name] = ((*self.path, "params", name), value)
-        if "prompt" in self.params and spec.prompt is not None:
+        self.prompt_path: Path = (*self.path, "prompt")
+        self.output_path: Path = (*self.path, "output")
+        self.seed_path: Path = (*self.path, "seed")
+        self.check_reserved_params()
+        for where, value in [*self.params.values(), (self.prompt_path, spec.prompt),
+                             (self.output_path, spec.output), (self.seed_path, spec.seed)]:
+            if isinstance(value, str):
+                self.compile(where, value)
+        self.check_matrix_names()
+        if spec.matrix.complete:
+            self.static_names()  # else a row table failed to load: its columns are unknown
+        self.dynamic = [(name, where) for name, (where, raw) in self.params.items()
+                        if name != "model" and self.is_template(where, raw)]
+        self.constant_params = {name: raw for name, (where, raw) in self.params.items()
+                                if name != "model" and not self.is_template(where, raw)}
+        self.constants_by_model: dict[str, dict[str, Any] | None] = {}
+        model_where, model_raw = self.params.get("model", ((), None))
+        self.model = None
+        if model_raw is not None and not self.is_template(model_where, model_raw):
+            self.model = self.resolve_model(model_raw, model_where, "")
+            if self.model is None or self.constants_for(self.model) is None:
+                self.ready = False
+        self.base_context = {**recipe.vars, "job": spec.name, "replicates": spec.replicates}
+        uses_combo = any("combo" in t.names for t in self.templates.values())
+        self.combo_slug = _combo_slug if uses_combo else None
+        self.prompt = self.templates.get(self.prompt_path)
+        self.output = self.templates.get(self.output_path)  # None only when not ready
+        self.seed_template = self.templates.get(self.seed_path)
+        self.seed_prefix: tuple[str, matrix_rules.Combination | None] = ("", None)
+        # auto_seed's canonical_json([recipe, job, values, replicate]), built in pieces
+        self.seed_head = canonical_json([recipe.name, spec.name])[:-1] + ","
+        self.values_json = ObjectJson()
+        self.required_checked: set[str] = set()  # the request's keys are the same per model
+        self.param_values: dict[tuple[str, str, str], tuple[Any, str | None]] = {}
+        self.hashers: dict[str, KeyHasher] = {}
+
+    def check_reserved_params(self) -> None:
+        if "prompt" in self.params and self.spec.prompt is not None:
             self.fail(self.params["prompt"][0], "the prompt is set twice: use the job's "
                       "'prompt' key, not a 'prompt' parameter")
         if "seed" in self.params:
             self.fail(self.params["seed"][0], "set the seed with the job's 'seed' key")
         if "model" not in self.params:
             self.fail((*self.path, "params"), "no model: set 'model' in defaults or params")
-        for where, value in [*self.params.values(), ((*self.path, "prompt"), spec.prompt),
-                             ((*self.path, "output"), spec.output),
-                             ((*self.path, "seed"), spec.seed)]:
-            if isinstance(value, str):
-                self.compile(where, value)
-        self.check_matrix_names()
-        if spec.matrix.complete:
-            self.static_names()  # else a row table failed to load: its columns are unknown
-        self.model = self.constant_model()
-        if self.model is not None:
-            self.check_constants(self.model)
 
-    def constant_model(self) -> models.Model | None:
-        where, raw = self.params.get("model", ((), None))
-        if raw is None or (isinstance(raw, str) and not self.templates[where].is_constant):
-            return None
-        model = models.get(raw) if isinstance(raw, str) else None
-        if model is None:
-            self.fail(where, models.unknown_model_message(raw))
-        return model
-
-    def check_constants(self, model: models.Model) -> None:
-        """Check every parameter that is not a template once, not once per image."""
-        constants = {}
-        for name, (where, raw) in self.params.items():
-            if name != "model" and not (isinstance(raw, str) and
-                                        not self.templates[where].is_constant):
-                constants[name] = models.normalise_value(raw, model.types_of(name)) \
-                    if name in model.properties else raw
-        for field, message in model.check_fields(constants):
-            self.fail(self.params[field or ""][0], message)
+    def is_template(self, where: Path, raw: Any) -> bool:
+        """Whether `raw` varies per image (a template that failed to compile counts too)."""
+        if not isinstance(raw, str):
+            return False
+        template = self.templates.get(where)
+        return template is None or not template.is_constant
 
     def fail(self, where: Path, message: str) -> None:
         self.problems.append(self.recipe.problem(where, message))
@@ -236,138 +259,150 @@ class _JobBuilder:
                     self.fail(where, f"undefined variable {name!r}"
                               + models.did_you_mean(name, sorted(known)))
 
-    def render(self, where: Path, context: Mapping[str, Any], values: Mapping[str, Any],
-               replicate: int) -> str | None:
+    def resolve_model(self, name: Any, where: Path, suffix: str) -> models.Model | None:
+        model = models.get(name.strip()) if isinstance(name, str) else None
+        if model is None:
+            self.problems.append(self.recipe.problem(
+                where, models.unknown_model_message(name) + suffix))
+        return model
+
+    def constants_for(self, model: models.Model) -> dict[str, Any] | None:
+        """The constant parameters, normalised and checked once per model (None: invalid)."""
+        if model.name in self.constants_by_model:
+            return self.constants_by_model[model.name]
+        constants: dict[str, Any] | None = {
+            name: models.normalise_value(raw, model.types_of(name))
+            for name, raw in self.constant_params.items()
+        }
+        assert constants is not None
+        found = model.check_fields(constants)
+        for field, message in found:
+            self.problems.append(self.recipe.problem(self.params[field or ""][0], message))
+        if found:
+            constants = None
+        elif "output_format" in model.properties and constants.get("output_format") is None:
+            constants["output_format"] = model.default_format
+        self.constants_by_model[model.name] = constants
+        return constants
+
+    def build(self, index: int, combo: matrix_rules.Combination, replicate: int) -> Job | None:
+        values = combo.values
+        context = {**self.base_context, **values, "replicate": replicate}
+        if self.combo_slug is not None:
+            context["combo"] = self.combo_slug(values)
+        where: Path = self.path
         try:
-            return self.templates[where].render(context)
+            model = self.model
+            if model is None:
+                where = self.params["model"][0]
+                model = self.resolve_model(self.templates[where].render(context), where,
+                                           f" (for {describe(values, replicate)})")
+                if model is None:
+                    return None
+            constants = self.constants_for(model)
+            if constants is None:
+                return None
+            context["model"] = model.name
+            request = dict(constants)
+            if self.prompt is not None:
+                where = self.prompt_path
+                request["prompt"] = context["prompt"] = self.prompt.render(context)
+            for name, where in self.dynamic:
+                text = self.templates[where].render(context)
+                value, message = self.param_value(model, name, text)
+                if message is not None:
+                    self.problems.append(self.recipe.problem(
+                        where, f"{message} (for {describe(values, replicate)})"))
+                    return None
+                request[name] = value
+            if request.get("output_format", "") is None:
+                request["output_format"] = model.default_format
+            where = self.seed_path
+            seed = self.seed(combo, context, replicate)
+            if seed is None:
+                return None
+            request["seed"] = seed
+            if model.name not in self.required_checked and not self.check_required(model, request):
+                return None
+            hasher = self.hashers.get(model.name)
+            if hasher is None:
+                hasher = self.hashers[model.name] = KeyHasher(model.name, constants)
+            key = hasher(request)
+            fmt = str(request.get("output_format") or model.default_format)
+            context["seed"], context["key"] = seed, key
+            context["ext"] = models.EXTENSIONS.get(fmt, fmt)
+            where = self.output_path
+            assert self.output is not None
+            output = self.output.render(context)
         except TemplateProblem as problem:
             self.problems.append(self.recipe.problem(
                 where, f"{problem} (for {describe(values, replicate)})"))
             return None
-
-    def value(self, where: Path, raw: Any, context: Mapping[str, Any],
-              values: Mapping[str, Any], replicate: int) -> tuple[bool, Any]:
-        if not isinstance(raw, str) or self.templates[where].is_constant:
-            return True, raw
-        text = self.render(where, context, values, replicate)
-        return text is not None, text
-
-    def build(self, index: int, combo: matrix_rules.Combination, replicate: int) -> Job | None:
-        spec = self.spec
-        values = combo.values
-        context = {**self.recipe.vars, **values, "job": spec.name, "replicate": replicate,
-                   "replicates": spec.replicates, "combo": _combo_slug(values)}
-        model = self.model or self.templated_model(context, values, replicate)
-        if model is None:
-            return None
-        context["model"] = model.name
-        request: dict[str, Any] = {}
-        sources: dict[str, Path] = {}
-        if spec.prompt is not None:
-            prompt = self.render((*self.path, "prompt"), context, values, replicate)
-            if prompt is None:
+        if not _plainly_safe(output):
+            checked_output = self.check_output(output, values, replicate)
+            if checked_output is None:
                 return None
-            request["prompt"] = prompt
-            sources["prompt"] = (*self.path, "prompt")
-            context["prompt"] = prompt
-        for name, (where, raw) in self.params.items():
-            if name == "model":
-                continue
-            ok, value = self.value(where, raw, context, values, replicate)
-            if not ok:
-                return None
-            if name in model.properties:
-                types = model.types_of(name)
-                if isinstance(raw, str) and isinstance(value, str) and raw is not value:
-                    value = models.coerce_text(value, types)
-                value = models.normalise_value(value, types)
-            request[name] = value
-            sources[name] = where
-        if "output_format" in model.properties and request.get("output_format") is None:
-            request["output_format"] = model.default_format
-        seed = self.seed(context, values, replicate)
-        if seed is None:
-            return None
-        request["seed"] = seed
-        sources["seed"] = (*self.path, "seed")
-        if not self.validate(model, request, sources, values, replicate):
-            return None
-        key = job_key(model.name, request)
-        fmt = request.get("output_format") or model.default_format
-        context.update(seed=seed, key=key, ext=models.EXTENSIONS.get(str(fmt), str(fmt)))
-        output_path = (*self.path, "output")
-        rendered = self.render(output_path, context, values, replicate)
-        if rendered is None:
-            return None
-        output = self.check_output(rendered, values, replicate)
-        if output is None:
-            return None
-        return Job(index, spec.name, values, replicate, model.name, request, seed, key, output,
-                   combo)
+            output = checked_output
+        return Job(index, self.spec.name, values, replicate, model.name, request, seed, key,
+                   output, combo)
 
-    def templated_model(self, context: Mapping[str, Any], values: Mapping[str, Any],
-                        replicate: int) -> models.Model | None:
-        where = self.params["model"][0]
-        name = self.render(where, context, values, replicate)
-        if name is None:
-            return None
-        model = models.get(name.strip())
-        if model is None:
-            self.problems.append(self.recipe.problem(
-                where, f"{models.unknown_model_message(name)} (for {describe(values, replicate)})"))
-        return model
+    def param_value(self, model: models.Model, name: str, text: str) -> tuple[Any, str | None]:
+        """A rendered parameter as the schema's type, and the schema's verdict on it —
+        remembered: templated parameters take a handful of distinct values."""
+        memo = (model.name, name, text)
+        found = self.param_values.get(memo)
+        if found is None:
+            types = model.field_types.get(name)
+            value = models.normalise_value(models.coerce_text(text, types), types) \
+                if types else text
+            verdicts = model.check_fields({name: value})
+            found = (value, verdicts[0][1] if verdicts else None)
+            self.param_values[memo] = found
+        return found
 
-    def seed(self, context: Mapping[str, Any], values: Mapping[str, Any],
+    def check_required(self, model: models.Model, request: Mapping[str, Any]) -> bool:
+        """Required parameters, checked once per model: every image of a job has the same
+        request keys."""
+        self.required_checked.add(model.name)
+        for _, message in model.missing(request):
+            self.problems.append(self.recipe.problem(self.path, message))
+        return not model.missing(request)
+
+    def seed(self, combo: matrix_rules.Combination, context: Mapping[str, Any],
              replicate: int) -> int | None:
         raw = self.spec.seed
         if raw == "auto":
-            return auto_seed(self.recipe.name, self.spec.name, values, replicate)
+            prefix, owner = self.seed_prefix
+            if owner is not combo:  # the combination's JSON, shared by its replicates
+                prefix = f"{self.seed_head}{self.values_json(combo.values)},"
+                self.seed_prefix = (prefix, combo)
+            digest = hashlib.sha256(f"{prefix}{replicate}]".encode()).digest()
+            return int.from_bytes(digest[:8], "big") % SEED_MODULUS
         if isinstance(raw, int):
             return raw
-        where = (*self.path, "seed")
-        text = self.render(where, context, values, replicate)
-        if text is None:
-            return None
+        assert self.seed_template is not None
+        text = self.seed_template.render(context)
         value = models.coerce_text(text, ("integer",))
         if isinstance(value, int) and value >= 0:
             return value
         self.problems.append(self.recipe.problem(
-            where, f"the seed template gave {text!r}, not a non-negative integer "
-            f"(for {describe(values, replicate)})"))
+            self.seed_path, f"the seed template gave {text!r}, not a non-negative integer "
+            f"(for {describe(combo.values, replicate)})"))
         return None
 
-    def validate(self, model: models.Model, request: Mapping[str, Any],
-                 sources: Mapping[str, Path], values: Mapping[str, Any], replicate: int) -> bool:
-        if self.model is None:
-            found = model.validate(request)  # a templated model: check everything per job
-        else:
-            dynamic = {k: request[k] for k in sources if k in request and self.is_dynamic(k)}
-            found = model.missing(request) + model.check_fields(dynamic)
-        for field, message in found:
-            where = sources.get(field, (*self.path, "params")) if field else self.path
-            suffix = f" (for {describe(values, replicate)})" if values and field != "seed" else ""
-            self.problems.append(self.recipe.problem(where, message + suffix))
-        return not found
-
-    def is_dynamic(self, field: str) -> bool:
-        if field in ("prompt", "seed", "output_format"):
-            return True
-        where, raw = self.params[field]
-        return isinstance(raw, str) and not self.templates[where].is_constant
-
     def check_output(self, rendered: str, values: Mapping[str, Any], replicate: int) -> str | None:
-        where = (*self.path, "output")
         problem = output_path_problem(rendered)
         if problem is None:
-            return posixpath.normpath(rendered.replace("\\", "/"))
+            if "\\" in rendered or "//" in rendered or "./" in rendered:
+                return posixpath.normpath(rendered.replace("\\", "/"))
+            return rendered
         self.problems.append(self.recipe.problem(
-            where, f"{problem} (for {describe(values, replicate)})"))
+            self.output_path, f"{problem} (for {describe(values, replicate)})"))
         return None
 
     def output_clash(self, job: Job, other: Job) -> Problem:
-        where = (*self.path, "output")
         return self.recipe.problem(
-            where, f"two jobs write {job.output!r}: {other.job} "
+            self.output_path, f"two jobs write {job.output!r}: {other.job} "
             f"({describe(other.vars, other.replicate)}) and {job.job} "
             f"({describe(job.vars, job.replicate)}); put the varying values in the "
             "output template")
@@ -376,6 +411,13 @@ class _JobBuilder:
 _JINJA_GLOBALS = frozenset({"range", "dict", "lipsum", "cycler", "joiner", "namespace", "true",
                             "false", "none", "True", "False", "None", "loop"})
 _DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def _plainly_safe(path: str) -> bool:
+    """A quick yes for the usual output path; anything unusual gets the full check."""
+    return bool(path) and path[0] not in "/ " and ".." not in path and "\\" not in path \
+        and "//" not in path and "./" not in path and ":" not in path \
+        and "\x00" not in path and path[-1] not in "/."
 
 
 def output_path_problem(path: str) -> str | None:

@@ -25,16 +25,25 @@ from fluxbatch.recipe import Axis, Matrix
 class Combination:
     """One set of variable values, and the rule that produced it (for `plan --explain`).
 
-    `rule` is "product" (with `picks`, the row chosen on each axis), "include-new" (with
-    `include`, the entry's index), or "single" (a job with no matrix). `merged` lists the
-    include entries merged into it.
+    `rule` is "product" (with `position`, its place in the full product, from which the row
+    picked on each axis is derived), "include-new" (with `include`, the entry's index), or
+    "single" (a job with no matrix). `merged` lists the include entries merged into it.
     """
 
     values: Mapping[str, Any]
     rule: str
-    picks: tuple[int, ...] = ()
+    position: int = 0
     include: int | None = None
     merged: tuple[int, ...] = ()
+
+    def picks(self, axes: tuple[Axis, ...]) -> tuple[int, ...]:
+        """The row chosen on each axis (mixed-radix digits of `position`)."""
+        picks = []
+        rest = self.position
+        for axis in reversed(axes):
+            rest, pick = divmod(rest, len(axis.rows))
+            picks.append(pick)
+        return tuple(reversed(picks))
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,22 +62,23 @@ def upper_bound(matrix: Matrix) -> int:
 
 def combinations(matrix: Matrix) -> tuple[list[Combination], list[Removed]]:
     """All combinations in order, and the ones `exclude` removed."""
-    kept: list[tuple[dict[str, Any], tuple[int, ...]]] = []
+    kept: list[tuple[dict[str, Any], int]] = []
     removed: list[Removed] = []
     if matrix.axes:
-        indexed_axes = [list(enumerate(axis.rows)) for axis in matrix.axes]
-        names = [axis.names for axis in matrix.axes]
-        for choice in itertools.product(*indexed_axes):
-            values: dict[str, Any] = {}
-            for axis_names, (_, row) in zip(names, choice, strict=True):
-                values.update(zip(axis_names, row, strict=True))
-            excluded_by = _excluded_by(values, matrix.exclude)
+        names = tuple(name for axis in matrix.axes for name in axis.names)
+        flatten = itertools.chain.from_iterable
+        exclude = matrix.exclude
+        for position, choice in enumerate(itertools.product(*(a.rows for a in matrix.axes))):
+            values = dict(zip(names, flatten(choice), strict=True))
+            excluded_by = _excluded_by(values, exclude) if exclude else None
             if excluded_by is None:
-                kept.append((values, tuple(i for i, _ in choice)))
+                kept.append((values, position))
             else:
                 removed.append(Removed(values, excluded_by))
     elif not matrix.include:
         return [Combination({}, "single")], []
+    if not matrix.include:
+        return [Combination(values, "product", position) for values, position in kept], removed
 
     original_keys = {name for axis in matrix.axes for name in axis.names}
     merged: list[list[int]] = [[] for _ in kept]
@@ -76,16 +86,16 @@ def combinations(matrix: Matrix) -> tuple[list[Combination], list[Removed]]:
     for index, entry in enumerate(matrix.include):
         fixed = {k: v for k, v in entry.items() if k in original_keys}
         matched = False
-        for position, (values, _) in enumerate(kept):
+        for i, (values, _) in enumerate(kept):
             if all(k in values and values[k] == v for k, v in fixed.items()):
                 values.update(entry)
-                merged[position].append(index)
+                merged[i].append(index)
                 matched = True
         if not matched:
             appended.append(Combination(dict(entry), "include-new", include=index))
     result = [
-        Combination(values, "product", picks=picks, merged=tuple(merged[i]))
-        for i, (values, picks) in enumerate(kept)
+        Combination(values, "product", position, merged=tuple(merged[i]))
+        for i, (values, position) in enumerate(kept)
     ]
     return result + appended, removed
 
@@ -104,7 +114,7 @@ def explain(combination: Combination, axes: tuple[Axis, ...]) -> str:
     if combination.rule == "include-new":
         return f"include[{combination.include}]: new combination (fits no original one)"
     parts = []
-    for axis, pick in zip(axes, combination.picks, strict=True):
+    for axis, pick in zip(axes, combination.picks(axes), strict=True):
         if axis.kind == "values":
             parts.append(f"{axis.origin}[{pick}]")
         else:

@@ -86,6 +86,7 @@ class Model:
     deprecated: bool
     source: str
     checks: Mapping[str, Check]
+    field_types: Mapping[str, tuple[str, ...]]
 
     @property
     def default_format(self) -> str:
@@ -106,7 +107,7 @@ class Model:
         return "input"
 
     def types_of(self, field: str) -> tuple[str, ...]:
-        return _types_of(self.properties[field])
+        return self.field_types.get(field, ())
 
     def validate(self, request: Mapping[str, Any]) -> list[tuple[str | None, str]]:
         """Every problem with `request` as (field or None, message); empty when valid."""
@@ -137,10 +138,9 @@ class Model:
 
     def coerce(self, field: str, text: str) -> Any:
         """Turn a rendered template into the type the schema wants (`"6"` → 6 for steps)."""
-        prop = self.properties.get(field)
-        if prop is None:
+        if field not in self.properties:
             return text
-        return coerce_text(text, _types_of(prop))
+        return coerce_text(text, self.field_types[field])
 
 
 def coerce_text(text: str, types: tuple[str, ...]) -> Any:
@@ -218,6 +218,7 @@ def catalogue() -> dict[str, Model]:
                 deprecated=deprecated,
                 source=f"{filename} #/components/schemas/{ref}",
                 checks={k: compile_check(v) for k, v in properties.items()},
+                field_types={k: _types_of(v) for k, v in properties.items()},
             )
     return models
 

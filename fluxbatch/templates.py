@@ -8,8 +8,10 @@ once per distinct style, not once per job.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import operator
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
@@ -17,12 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jinja2
-from jinja2 import meta
+from jinja2 import meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
+from jinja2.utils import _PassArg
 
 from fluxbatch.models import did_you_mean
-
-_MISSING = object()
 
 
 def slug(value: Any, separator: str = "-") -> str:
@@ -31,9 +32,13 @@ def slug(value: Any, separator: str = "-") -> str:
         value = separator.join(str(v) for v in value.values())
     elif isinstance(value, list | tuple):
         value = separator.join(str(v) for v in value)
-    text = unicodedata.normalize("NFKD", str(value)).encode("ascii", "ignore").decode()
-    text = re.sub(r"[^A-Za-z0-9]+", separator, text).strip(separator).lower()
-    return text or "x"
+    return _slug_text(str(value), separator)
+
+
+@functools.lru_cache(maxsize=65536)
+def _slug_text(text: str, separator: str) -> str:
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return re.sub(r"[^A-Za-z0-9]+", separator, ascii_text).strip(separator).lower() or "x"
 
 
 def article(word: Any) -> str:
@@ -95,14 +100,32 @@ class TemplateProblem(Exception):
     """A template failed to compile or render; the message is for the user."""
 
 
+Getter = Callable[[Mapping[str, Any]], Any]
+
+
 @dataclass(slots=True)
 class Template:
-    """A compiled template plus the variables it reads and a render cache keyed by them."""
+    """A compiled template plus the variables it reads and a render cache keyed by them.
+
+    Templates made only of text, `{{ name }}` and `{{ name | filter(constants) }}` — most
+    prompts and output paths — also get a direct rendering (a format string and one getter
+    per placeholder) that skips Jinja's per-call set-up and gives the same text; anything
+    unusual (an error, an undefined name under `default`) falls back to Jinja proper.
+    The cache switches itself off when it does not pay (a template that differs per image).
+    """
 
     source: str
     names: tuple[str, ...]
     _template: jinja2.Template | None
-    _cache: dict[tuple[Any, ...], str] = field(default_factory=dict)
+    _direct: tuple[str, tuple[Getter, ...]] | None = None
+    _cache: dict[tuple[Any, ...], str] | None = field(default_factory=dict)
+    _lookups: int = 0
+    _hits: int = 0
+    _key: Callable[[Mapping[str, Any]], Any] = field(default=lambda context: ())
+
+    def __post_init__(self) -> None:
+        if self.names:
+            self._key = operator.itemgetter(*self.names)
 
     @property
     def is_constant(self) -> bool:
@@ -111,19 +134,35 @@ class Template:
     def render(self, context: Mapping[str, Any]) -> str:
         if self._template is None:
             return self.source
+        cache = self._cache
+        if cache is None:
+            return self._render(context)
         try:
-            key = tuple(context.get(n, _MISSING) for n in self.names)
-            cached = self._cache.get(key)
-        except TypeError:  # an unhashable value (an object-valued matrix variable)
-            key, cached = None, None
+            key = self._key(context)
+            cached = cache.get(key)
+        except (KeyError, TypeError):  # a name not defined here, or an unhashable value
+            return self._render(context)
+        self._lookups += 1
         if cached is not None:
+            self._hits += 1
             return cached
+        if self._lookups == 512 and self._hits < 128:
+            self._cache = None  # nearly every image differs: caching only costs
         text = self._render(context)
-        if key is not None:
-            self._cache[key] = text
+        if self._cache is not None:
+            cache[key] = text
         return text
 
     def _render(self, context: Mapping[str, Any]) -> str:
+        if self._direct is not None:
+            fmt, getters = self._direct
+            try:
+                return fmt.format(*[get(context) for get in getters])
+            except Exception:
+                pass  # (an undefined name under `default`, or the real error message)
+        return self.render_with_jinja(context)
+
+    def render_with_jinja(self, context: Mapping[str, Any]) -> str:
         assert self._template is not None
         template = self._template
         try:
@@ -149,7 +188,43 @@ def compile_template(source: str) -> Template:
         message = f"template syntax error: {error.message} (template line {error.lineno})"
         raise TemplateProblem(message) from None
     names = tuple(sorted(meta.find_undeclared_variables(ast)))
-    return Template(source, names, ENV.from_string(ast))
+    return Template(source, names, ENV.from_string(ast), _direct_rendering(ast))
+
+
+def _direct_rendering(ast: nodes.Template) -> tuple[str, tuple[Getter, ...]] | None:
+    """The template as a format string and getters, or None if it needs Jinja proper."""
+    fmt: list[str] = []
+    getters: list[Getter] = []
+    for output in ast.body:
+        if not isinstance(output, nodes.Output):
+            return None
+        for node in output.nodes:
+            if isinstance(node, nodes.TemplateData):
+                fmt.append(node.data.replace("{", "{{").replace("}", "}}"))
+                continue
+            getter = _direct_getter(node)
+            if getter is None:
+                return None
+            fmt.append("{}")
+            getters.append(getter)
+    return "".join(fmt), tuple(getters)
+
+
+def _direct_getter(node: nodes.Node) -> Getter | None:
+    if isinstance(node, nodes.Name):
+        return operator.itemgetter(node.name)
+    if not isinstance(node, nodes.Filter) or not isinstance(node.node, nodes.Name):
+        return None
+    if node.kwargs or node.dyn_args or node.dyn_kwargs:
+        return None
+    if not all(isinstance(arg, nodes.Const) for arg in node.args):
+        return None
+    function = ENV.filters.get(node.name)
+    if function is None or _PassArg.from_obj(function) is not None:
+        return None
+    name = node.node.name
+    args = tuple(arg.value for arg in node.args if isinstance(arg, nodes.Const))
+    return lambda context: str(function(context[name], *args))
 
 
 def _undefined_message(error: jinja2.UndefinedError, context: Mapping[str, Any]) -> str:

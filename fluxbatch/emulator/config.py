@@ -1,0 +1,55 @@
+"""The emulator's knobs, one frozen value object."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from fluxbatch import models
+
+FAULT_KINDS = frozenset({"500", "drop", "drop-after-submit", "slow"})
+
+
+def _default_model_caps() -> Mapping[str, int]:
+    return MappingProxyType(dict(models.MODEL_CONCURRENCY))
+
+
+@dataclass(frozen=True)
+class EmulatorConfig:
+    """How the emulated API behaves; the defaults match BFL's documented behaviour."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: pick a free port
+    latency: float = 1.0  # mean task duration in seconds; 0 → Ready immediately
+    latency_sigma: float = 0.25  # lognormal shape
+    cap: int = models.ACCOUNT_CONCURRENCY  # active (Pending) tasks per account
+    # Per-model caps count inside the account cap (BFL does not say; this is the stricter reading).
+    model_caps: Mapping[str, int] = field(default_factory=_default_model_caps)
+    fault_rate: float = 0.0
+    faults: frozenset[str] = FAULT_KINDS
+    slow_fault_seconds: float = 1.0  # how long a `slow` fault takes to trickle out a body
+    seed: int = 0
+    key: str | None = None  # None: any non-empty key is accepted
+    url_ttl: float = 600.0
+    task_ttl: float = 3600.0
+    max_side: int = 512
+    log: str | None = None  # JSONL file, one line per accepted submit
+    redirect_downloads: bool = True
+    retry_after_header: bool = True
+    credits: float = 1_000_000.0  # starting balance; a submit costing more gets 402
+
+    def __post_init__(self) -> None:
+        unknown = self.faults - FAULT_KINDS
+        if unknown:
+            raise ValueError(
+                f"unknown fault kinds {sorted(unknown)}; choose from {sorted(FAULT_KINDS)}"
+            )
+        if not 0.0 <= self.fault_rate <= 1.0:
+            raise ValueError(f"fault_rate must be between 0 and 1, not {self.fault_rate}")
+        if self.latency < 0 or self.latency_sigma < 0:
+            raise ValueError("latency and latency_sigma must not be negative")
+        if self.cap < 1 or any(cap < 1 for cap in self.model_caps.values()):
+            raise ValueError("concurrency caps must be at least 1")
+        if self.max_side < 64:
+            raise ValueError(f"max_side must be at least 64, not {self.max_side}")

@@ -1,0 +1,213 @@
+"""The task table: lifetimes, outcomes, active-task caps and the record of what happened.
+
+A task's status is a pure function of the clock: it is Pending until `finishes`, then its
+outcome. Nothing runs in the background, so 1,000 pending tasks cost 1,000 small objects.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fluxbatch.emulator.config import EmulatorConfig
+from fluxbatch.emulator.images import output_format
+
+PENDING = "Pending"
+READY = "Ready"
+REQUEST_MODERATED = "Request Moderated"
+CONTENT_MODERATED = "Content Moderated"
+ERROR = "Error"
+NOT_FOUND = "Task not found"
+
+# Prompt tokens that steer a task's outcome, checked in this order.
+OUTCOME_TOKENS = (
+    ("[[request-moderated]]", REQUEST_MODERATED),
+    ("[[error]]", ERROR),
+    ("[[content-moderated]]", CONTENT_MODERATED),
+)
+SLOW_TOKEN = "[[slow]]"
+SLOW_FACTOR = 10.0
+_SWEEP_INTERVAL = 5.0
+
+
+@dataclass(slots=True)
+class Task:
+    """One accepted submit; `seed` is the one reported back (sent, or drawn for the caller)."""
+
+    id: str
+    model: str
+    request: dict[str, Any]
+    route: str  # "bfl" or "comet"
+    seed: int
+    submitted: float  # monotonic
+    start_time: float  # epoch
+    duration: float
+    outcome: str
+    fmt: str
+
+    @property
+    def finishes(self) -> float:
+        return self.submitted + self.duration
+
+    @property
+    def end_time(self) -> float:
+        return self.start_time + self.duration
+
+    @property
+    def pixel_request(self) -> dict[str, Any]:
+        """The body with the reported seed filled in: what the image is rendered from."""
+        return {**self.request, "seed": self.seed}
+
+    def status(self, now: float) -> str:
+        return PENDING if now < self.finishes else self.outcome
+
+    def progress(self, now: float) -> float:
+        if self.duration <= 0:
+            return 1.0
+        return round(min(0.99, max(0.0, (now - self.submitted) / self.duration)), 3)
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters a test can assert on."""
+
+    submits: int = 0
+    rejected_429: int = 0
+    rejected_422: int = 0
+    rejected_auth: int = 0
+    polls: int = 0
+    downloads: int = 0
+    redirects: int = 0
+    leaked_auth_downloads: int = 0
+    peak_active: int = 0  # most Pending tasks at once, across the account
+    faults: dict[str, int] = field(default_factory=dict)
+
+    def count_fault(self, kind: str) -> None:
+        self.faults[kind] = self.faults.get(kind, 0) + 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A full active-task cap: seconds until its first slot frees, and whose cap it is."""
+
+    wait: float
+    cap: int
+    model: str | None  # None: the account-wide cap
+
+
+def outcome_of(prompt: object) -> tuple[str, float]:
+    """(final status, latency factor) for a prompt's test tokens."""
+    text = prompt if isinstance(prompt, str) else ""
+    factor = SLOW_FACTOR if SLOW_TOKEN in text else 1.0
+    for token, outcome in OUTCOME_TOKENS:
+        if token in text:
+            return outcome, 0.0 if outcome == REQUEST_MODERATED else factor
+    return READY, factor
+
+
+class TaskTable:
+    """Every task by id, plus heaps of the pending ones for the active-task caps."""
+
+    def __init__(self, config: EmulatorConfig) -> None:
+        self._config = config
+        self._tasks: dict[str, Task] = {}
+        self._pending: list[tuple[float, str]] = []
+        self._pending_by_model: dict[str, list[tuple[float, str]]] = {
+            model: [] for model in config.model_caps
+        }
+        self._latency_rng = random.Random(f"{config.seed}:latency")
+        self._seed_rng = random.Random(f"{config.seed}:seed")
+        self._last_sweep = -math.inf
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def refusal(self, model: str, now: float) -> Refusal | None:
+        """None when `model` may start another task, else which cap is full and for how long."""
+        refusals = []
+        wait = self._wait(self._pending, self._config.cap, now)
+        if wait is not None:
+            refusals.append(Refusal(wait, self._config.cap, None))
+        model_cap = self._config.model_caps.get(model)
+        if model_cap is not None:
+            wait = self._wait(self._pending_by_model[model], model_cap, now)
+            if wait is not None:
+                refusals.append(Refusal(wait, model_cap, model))
+        return max(refusals, key=lambda r: r.wait) if refusals else None
+
+    def active(self, now: float, model: str | None = None) -> int:
+        heap = self._pending if model is None else self._pending_by_model.get(model, [])
+        _drop_finished(heap, now)
+        return len(heap)
+
+    def add(
+        self, model: str, request: Mapping[str, Any], route: str, now: float, epoch: float
+    ) -> Task:
+        outcome, factor = outcome_of(request.get("prompt"))
+        sent_seed = request.get("seed")
+        drawn_seed = self._seed_rng.randrange(2**32)
+        task = Task(
+            id=str(uuid.uuid4()),
+            model=model,
+            request=dict(request),
+            route=route,
+            seed=int(sent_seed) if sent_seed is not None else drawn_seed,
+            submitted=now,
+            start_time=epoch,
+            duration=self._draw_latency() * factor,
+            outcome=outcome,
+            fmt=output_format(model, request),
+        )
+        self._tasks[task.id] = task
+        if task.duration > 0:
+            entry = (task.finishes, task.id)
+            heapq.heappush(self._pending, entry)
+            if model in self._pending_by_model:
+                heapq.heappush(self._pending_by_model[model], entry)
+        self._sweep(now)
+        return task
+
+    def get(self, task_id: str, now: float) -> Task | None:
+        task = self._tasks.get(task_id)
+        if task is not None and self._expired(task, now):
+            del self._tasks[task_id]
+            return None
+        return task
+
+    def _draw_latency(self) -> float:
+        mean, sigma = self._config.latency, self._config.latency_sigma
+        if mean <= 0:
+            return 0.0
+        if sigma <= 0:
+            return mean
+        # Lognormal with the configured mean: E[exp(N(mu, s))] = exp(mu + s²/2).
+        return self._latency_rng.lognormvariate(math.log(mean) - sigma * sigma / 2, sigma)
+
+    def _wait(self, heap: list[tuple[float, str]], cap: int, now: float) -> float | None:
+        _drop_finished(heap, now)
+        if len(heap) < cap:
+            return None
+        return heap[0][0] - now
+
+    def _expired(self, task: Task, now: float) -> bool:
+        return now >= task.finishes + self._config.task_ttl
+
+    def _sweep(self, now: float) -> None:
+        if now - self._last_sweep < _SWEEP_INTERVAL:
+            return
+        self._last_sweep = now
+        for task_id in [t.id for t in self._tasks.values() if self._expired(t, now)]:
+            del self._tasks[task_id]
+
+
+def _drop_finished(heap: list[tuple[float, str]], now: float) -> None:
+    while heap and heap[0][0] <= now:
+        heapq.heappop(heap)
