@@ -19,6 +19,7 @@ from fluxbatch import matrix as matrix_rules
 from fluxbatch import models
 from fluxbatch.errors import PlanTooLargeError, Problem, RecipeError
 from fluxbatch.identity import SEED_MODULUS, KeyHasher, ObjectJson, canonical_json
+from fluxbatch.imagemeta import EXTENSIONS
 from fluxbatch.recipe import JobSpec, Recipe
 from fluxbatch.templates import Template, TemplateProblem, compile_template, slug
 from fluxbatch.yamlsource import Path
@@ -330,7 +331,7 @@ class _JobBuilder:
             key = hasher(request)
             fmt = str(request.get("output_format") or model.default_format)
             context["seed"], context["key"] = seed, key
-            context["ext"] = models.EXTENSIONS.get(fmt, fmt)
+            context["ext"] = EXTENSIONS.get(fmt, fmt)
             where = self.output_path
             assert self.output is not None
             output = self.output.render(context)

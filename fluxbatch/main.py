@@ -73,6 +73,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true",
                    help="say which matrix rule produced or removed each combination")
 
+    p = sub.add_parser("render", help="render every missing or stale image, and the manifest")
+    _recipe_arguments(p)
+    p.add_argument("-j", "--jobs", type=_positive_int, metavar="N",
+                   help="at most N tasks in flight (default: the provider's cap, 24)")
+    p.add_argument("--base-url", help="send requests here instead of the provider's default")
+    p.add_argument("--dry-run", action="store_true",
+                   help="show what would be submitted and what it would cost; send nothing")
+    p.add_argument("--force", action="store_true", help="re-render every selected image")
+    p.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                   help="only jobs named PATTERN, outputs matching the glob, or NAME=VALUE "
+                   "on matrix values (repeatable)")
+    p.add_argument("--retry-unknown", action="store_true",
+                   help="resubmit images whose earlier submit had no answer (may pay twice)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every existing image by its sha256, not size and mtime")
+    p.add_argument("--budget", type=_non_negative_float, metavar="USD",
+                   help="refuse to start if the estimated cost is higher")
+    p.add_argument("--shard", metavar="I/N", help="render only shard I of N (by job key)")
+    p.add_argument("--timeout", type=_non_negative_float, metavar="SECONDS",
+                   help="give up waiting for one task after this long (default 900)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("models", help="list known models, their parameters and prices")
     p.add_argument("model", nargs="?", help="show one model's parameters")
 
@@ -113,6 +135,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "validate": _validate,
         "plan": _plan,
+        "render": _render,
         "models": _models,
         "schema": _schema,
         "emulator": _emulator,
@@ -131,6 +154,19 @@ def _plan(args: argparse.Namespace) -> int:
 
     return plan(recipe=args.recipe, out=args.out, yes=args.yes, as_json=args.json,
                 explain=args.explain)
+
+
+def _render(args: argparse.Namespace) -> int:
+    from fluxbatch.commands.render import render
+    from fluxbatch.render import Options, parse_shard
+
+    options = Options(concurrency=args.jobs, base_url=args.base_url, force=args.force,
+                      only=tuple(args.only), retry_unknown=args.retry_unknown,
+                      verify=args.verify, budget=args.budget,
+                      shard=parse_shard(args.shard) if args.shard else None,
+                      task_timeout=args.timeout)
+    return render(recipe=args.recipe, out=args.out, yes=args.yes, options=options,
+                  dry_run=args.dry_run, quiet=args.quiet)
 
 
 def _models(args: argparse.Namespace) -> int:

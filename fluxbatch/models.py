@@ -28,7 +28,6 @@ SECRET_FIELDS = frozenset({"webhook_secret"})
 # Documented internal field of flux-2-flex that callers must not send.
 INTERNAL_FIELDS = frozenset({"input_image_blob_path"})
 
-EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ which key) but never changes anything.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -35,14 +36,17 @@ STATE_ORDER = (UP_TO_DATE, NEW, MISSING, STALE, IN_FLIGHT, FAILED, MODERATED, UN
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """What the state knows about one output path."""
+    """What the state knows about one output path: the latest attempt (`key`, `status`) and
+    the last image written there (`written_key`, file facts)."""
 
     key: str
-    status: str  # "written" | "submitted" | "moderated" | "failed" | "unknown" | ...
+    status: str  # planned | submitting | submitted | ready | written | moderated | failed | unknown
+    written_key: str | None = None
     sha256: str | None = None
     size: int | None = None
     mtime_ns: int | None = None
     reason: str | None = None
+    path: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,47 +101,71 @@ def _within(real_root: str, path: Path) -> bool:
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
-def classify(plan: Plan, records: Mapping[str, Record], *,
-             verify: Callable[[Path, Record], bool] | None = None) -> Classified:
+def classify(plan: Plan, records: Mapping[str, Record], *, verify: bool = False,
+             verified: Callable[[str, int], None] | None = None) -> Classified:
     """Each job's state, given the state's records by output path.
 
     A written image is up to date when its key matches and the file is still the one that
-    was written: same size and mtime (fast path), or same sha256 when `verify` says so.
+    was written: same size and mtime (the fast path), else — or with `verify` — the same
+    sha256. `verified(output, mtime_ns)` hears of files confirmed by hash, so the fast path
+    works for them next time.
     """
     root = plan.recipe.output_root
     states: list[str] = []
     reasons: dict[int, str] = {}
     for job in plan.jobs:
         record = records.get(job.output)
-        target = root / job.output
-        if record is None:
-            states.append(NEW)
-            continue
-        if record.key != job.key:
-            states.append(STALE if record.status == "written" or target.exists() else NEW)
-            continue
-        if record.status == "written":
-            states.append(UP_TO_DATE if _intact(target, record, verify) else MISSING)
-        elif record.status in ("submitted", "submitting", "ready"):
-            states.append(IN_FLIGHT if record.status != "submitting" else UNKNOWN)
-        else:
-            states.append({"moderated": MODERATED, "failed": FAILED}.get(record.status, UNKNOWN))
-        if record.reason:
+        state = _state(job, record, root, verify, verified)
+        states.append(state)
+        if record is not None and record.reason and state not in (UP_TO_DATE, NEW, STALE):
             reasons[job.index] = record.reason
     planned = {job.output for job in plan.jobs}
-    orphans = tuple(sorted(p for p, r in records.items() if p not in planned
-                           and r.status == "written"))
+    orphans = tuple(sorted(output for output, record in records.items()
+                           if output not in planned and record.written_key is not None))
     return Classified(plan, tuple(states), orphans, reasons)
 
 
-def _intact(target: Path, record: Record, verify: Callable[[Path, Record], bool] | None) -> bool:
+_ATTEMPT_STATES = {"submitted": IN_FLIGHT, "ready": IN_FLIGHT, "submitting": UNKNOWN,
+                   "unknown": UNKNOWN, "failed": FAILED, "moderated": MODERATED}
+
+
+def _state(job: Job, record: Record | None, root: Path, verify: bool,
+           verified: Callable[[str, int], None] | None) -> str:
+    if record is None:
+        return NEW
+    if record.written_key == job.key and _intact(root, job.output, record, verify, verified):
+        return UP_TO_DATE
+    if record.key == job.key and record.status in _ATTEMPT_STATES:
+        return _ATTEMPT_STATES[record.status]
+    if record.written_key == job.key:
+        return MISSING
+    return STALE if record.written_key is not None else NEW
+
+
+def _intact(root: Path, output: str, record: Record, verify: bool,
+            verified: Callable[[str, int], None] | None) -> bool:
+    target = root / (record.path or output)
     try:
         stat = os.stat(target)
     except OSError:
         return False
-    if verify is None and stat.st_size == record.size and stat.st_mtime_ns == record.mtime_ns:
+    if stat.st_size != record.size:
+        return False
+    if not verify and stat.st_mtime_ns == record.mtime_ns:
         return True
-    return verify(target, record) if verify is not None else False
+    if file_sha256(target) != record.sha256:
+        return False
+    if verified is not None:
+        verified(output, stat.st_mtime_ns)
+    return True
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

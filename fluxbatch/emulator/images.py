@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from fluxbatch import models
 from fluxbatch.identity import job_key
+from fluxbatch.imagemeta import EXTENSIONS
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 _PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -134,7 +135,7 @@ def _render(
     _draw_caption(image, model, request, (width, height), shown)
     buffer = io.BytesIO()
     image.save(buffer, _PIL_FORMATS[fmt], **_SAVE_OPTIONS[fmt])
-    return buffer.getvalue(), CONTENT_TYPES[fmt], models.EXTENSIONS[fmt]
+    return buffer.getvalue(), CONTENT_TYPES[fmt], EXTENSIONS[fmt]
 
 
 def _colour(hue: float, saturation: float, value: float, alpha: int = 255) -> tuple[int, ...]:

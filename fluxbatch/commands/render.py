@@ -1,0 +1,201 @@
+"""`fluxbatch render RECIPE`: make every missing or stale image, and the manifest."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections import Counter
+from typing import Any
+
+from tqdm import tqdm
+
+from fluxbatch.commands.output import money, plural, table, values_text
+from fluxbatch.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from fluxbatch.execute import Event, Executor
+from fluxbatch.plan import load_plan
+from fluxbatch.render import (
+    Options,
+    Report,
+    Selection,
+    check_budget,
+    classify_with_store,
+    execute,
+    provider_for,
+    select,
+    settings_for,
+)
+from fluxbatch.state import RootLock, Store, read_records
+
+
+def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run: bool,
+           quiet: bool) -> int:
+    plan = load_plan(recipe, out=out, yes=yes)
+    root = plan.recipe.output_root
+    if dry_run:
+        return _dry_run(plan, options)
+    root.mkdir(parents=True, exist_ok=True)
+    with RootLock(root), Store.open(root) as store:
+        store.claim_root(plan.recipe.name)
+        classified = classify_with_store(plan, store, options)
+        selection = select(classified, store.in_flight(), options, plan.recipe.provider.name)
+        check_budget(selection, options.budget)
+        if not selection.jobs:
+            _print_nothing_to_do(selection)
+            from fluxbatch.write import write_manifest
+
+            write_manifest(plan.recipe, store.entries())
+            return EXIT_FAILED if selection.held_unknown else EXIT_OK
+        with provider_for(plan, options, os.environ) as provider:
+            progress = _Progress(selection, quiet=quiet)
+            report = _run(plan, selection, store, provider, options, progress)
+            progress.close()
+    _print_report(report, root)
+    if report.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _run(plan: Any, selection: Selection, store: Store, provider: Any, options: Options,
+         progress: _Progress) -> Report:
+    settings = settings_for(plan, options)
+    interrupted = [False]
+
+    async def main() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        current = asyncio.current_task()
+
+        def on_interrupt(executor: Executor) -> None:
+            if interrupted[0]:
+                if current is not None:
+                    current.cancel()  # a second Ctrl-C: stop now
+                return
+            interrupted[0] = True
+            executor.stop()
+            progress.write("stopping: nothing new is submitted; tasks already paid for are "
+                           "recorded and picked up by the next run (Ctrl-C again to quit now)")
+
+        def started(executor: Executor) -> None:
+            loop.add_signal_handler(signal.SIGINT, on_interrupt, executor)
+            loop.add_signal_handler(signal.SIGTERM, on_interrupt, executor)
+
+        try:
+            return await execute(plan, selection, store, provider, settings, progress.event,
+                                 started)
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    try:
+        outcomes = asyncio.run(main())
+    except asyncio.CancelledError:
+        outcomes = []
+        interrupted[0] = True
+    return Report(selection, outcomes, interrupted=interrupted[0])
+
+
+class _Progress:
+    """A tqdm bar fed by the executor's events; silent when stdout is not a terminal."""
+
+    def __init__(self, selection: Selection, *, quiet: bool) -> None:
+        self.counts: Counter[str] = Counter()
+        self.cost = 0.0
+        self.enabled = not quiet and sys.stderr.isatty()
+        self.bar = tqdm(total=len(selection.jobs), unit="img", disable=not self.enabled,
+                        file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+
+    def event(self, event: Event) -> None:
+        if event.kind == "submitted":
+            self.counts["in flight"] += 1
+            if event.cost is not None:
+                self.cost += event.cost / 100
+        elif event.kind in ("written", "moderated", "failed", "unknown", "pending", "skipped"):
+            if event.kind != "skipped" and self.counts["in flight"]:
+                self.counts["in flight"] -= 1
+            self.counts[event.kind] += 1
+            self.bar.update(1)
+        else:
+            return
+        self.bar.set_postfix_str(
+            f"done {self.counts['written']}, in flight {self.counts['in flight']}, "
+            f"failed {self.counts['failed'] + self.counts['unknown']}, "
+            f"{money(self.cost)}", refresh=False)
+
+    def write(self, message: str) -> None:
+        if self.enabled:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _print_nothing_to_do(selection: Selection) -> None:
+    print(f"nothing to render: {plural(selection.up_to_date, 'image')} up to date"
+          + (f", {selection.filtered_out:,} not selected" if selection.filtered_out else ""))
+    _print_held(selection)
+
+
+def _print_held(selection: Selection) -> None:
+    if selection.held_unknown:
+        print(f"{plural(len(selection.held_unknown), 'image')} held back: an earlier submit's "
+              "outcome was never learned (it may have been billed). Re-run with "
+              "--retry-unknown to submit them again.", file=sys.stderr)
+    if selection.held_moderated:
+        print(f"{plural(len(selection.held_moderated), 'image')} were moderated before and are "
+              "not retried (change the prompt, or use --force).", file=sys.stderr)
+
+
+def _print_report(report: Report, root: Any) -> None:
+    counts = Counter(o.status for o in report.outcomes)
+    problems = [o for o in report.outcomes if o.status != "written"]
+    if problems:
+        rows = [[o.job.job, values_text(o.job.vars), o.job.output, o.status, o.reason or ""]
+                for o in problems[:50]]
+        print(table(["JOB", "VALUES", "OUTPUT", "STATUS", "REASON"], rows), file=sys.stderr)
+        if len(problems) > 50:
+            print(f"… and {len(problems) - 50:,} more", file=sys.stderr)
+    parts = [f"{counts[s]:,} {s}" for s in ("written", "moderated", "failed", "unknown",
+                                             "pending", "skipped") if counts[s]]
+    selection = report.selection
+    if selection.up_to_date:
+        parts.append(f"{selection.up_to_date:,} up to date")
+    print(f"{', '.join(parts) or 'nothing done'}; cost {money(report.reported_usd())} "
+          f"(reported by the provider); manifest {root / 'manifest.json'}")
+    _print_held(selection)
+    if counts["unknown"]:
+        print(f"{plural(counts['unknown'], 'submit')} ended without an answer and may have been "
+              "billed; they are not resubmitted unless you pass --retry-unknown.",
+              file=sys.stderr)
+    if counts["pending"]:
+        print(f"{plural(counts['pending'], 'task')} still in flight: run again to collect them "
+              "(they are not paid for twice).", file=sys.stderr)
+
+
+def _dry_run(plan: Any, options: Options) -> int:
+    """The same classification and selection as a real run; nothing is sent or written."""
+    from fluxbatch.plan import classify
+
+    root = plan.recipe.output_root
+    records = read_records(root)
+    classified = classify(plan, records, verify=options.verify)
+    in_flight = {}
+    if (root / ".fluxbatch" / "state.sqlite").exists():
+        with Store.open(root, create=False) as store:
+            in_flight = store.in_flight()
+    selection = select(classified, in_flight, options, plan.recipe.provider.name)
+    rows = [[job.job, values_text(job.vars), job.model, job.output, "submit"]
+            for job in selection.submit]
+    rows += [[job.job, values_text(job.vars), job.model, job.output, "re-attach (paid)"]
+             for job, _ in selection.attach]
+    if rows:
+        print(table(["JOB", "VALUES", "MODEL", "OUTPUT", "WOULD"], rows))
+    estimate = selection.estimated_usd()
+    print(f"dry run: would submit {plural(len(selection.submit), 'image')} "
+          f"(estimated {money(estimate)}), re-attach {len(selection.attach):,}, skip "
+          f"{selection.up_to_date:,} up to date; nothing was sent or written")
+    _print_held(selection)
+    check_budget(selection, options.budget)
+    return EXIT_OK

@@ -1,0 +1,560 @@
+"""Stage 4: run jobs against a provider — submit, poll, download — concurrently, within the
+provider's active-task caps, never paying twice for one image.
+
+The only async module. One `Executor.run` call handles a whole batch; the command layer calls
+it once through `asyncio.run`. Each job ends in an `Outcome`, slotted by plan index; one job's
+failure never cancels another. Retry rules (see README, "How requests are retried"):
+
+- submit: 429 means "no free slot" — wait (Retry-After, else jittered exponential backoff)
+  and resubmit, lowering the effective concurrency while 429s continue; a connection that
+  could not be opened is safe to retry; a 5xx, a reset connection or a read timeout may
+  already have been billed, so the job becomes *unknown* and is never re-sent blindly.
+- poll and download (GETs): transient errors are retried with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import random
+import statistics
+import time
+from collections import defaultdict, deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
+
+import httpx
+
+from fluxbatch import models
+from fluxbatch.expand import Job
+from fluxbatch.providers import Polled, Provider, Submitted
+from fluxbatch.providers import responses as r
+
+# Outcome statuses
+WRITTEN = "written"
+MODERATED = "moderated"
+FAILED = "failed"
+UNKNOWN = "unknown"  # a submit whose outcome was never learned: maybe billed
+PENDING = "pending"  # submitted, result not learned yet (timeout, interrupt): re-attachable
+SKIPPED = "skipped"  # never submitted (interrupted, or the run stopped on a fatal error)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    account_cap: int = models.ACCOUNT_CONCURRENCY
+    model_caps: Mapping[str, int] = field(default_factory=lambda: dict(models.MODEL_CONCURRENCY))
+    first_poll: float = 0.5  # seconds after submitting
+    min_poll_interval: float = 0.05
+    max_poll_interval: float = 10.0
+    task_timeout: float = 900.0  # per task, from submit to Ready
+    rate_limit_timeout: float = 1800.0  # give up on a job after 429s for this long
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    connect_attempts: int = 5
+    get_attempts: int = 8
+    not_found_attempts: int = 3
+    download_grace: float = 10.0  # on Ctrl-C, how long in-flight downloads may finish
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """A downloaded image, before it is written."""
+
+    data: bytes
+    content_type: str | None
+
+
+@dataclass(slots=True)
+class Outcome:
+    job: Job
+    status: str
+    reason: str | None = None
+    submitted: Submitted | None = None
+    polled: Polled | None = None
+    submitted_at: float | None = None
+    finished_at: float | None = None
+    written: Any = None  # what the writer returned (path, sha256, size)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """For progress displays: `kind` is submitted | written | moderated | failed | unknown |
+    pending | skipped | rate-limited | retry."""
+
+    kind: str
+    job: Job
+    detail: str | None = None
+    cost: float | None = None
+
+
+class Journal(Protocol):
+    """Where lifecycle changes are recorded, each durably, before the next step."""
+
+    def submitting(self, job: Job) -> None: ...
+
+    def not_sent(self, job: Job) -> None: ...
+
+    def submitted(self, job: Job, submitted: Submitted, at: float) -> None: ...
+
+    def ready(self, job: Job, polled: Polled) -> None: ...
+
+    def finished(self, outcome: Outcome) -> None: ...
+
+
+Writer = Callable[[Job, Image, Outcome], Awaitable[Any]]
+
+
+class _Fatal(Exception):
+    """The provider refused the account itself (bad key, no credits): stop submitting."""
+
+
+class _Unknown(Exception):
+    """A submit whose outcome cannot be known: it may have been billed."""
+
+
+class JobFailed(Exception):
+    """A definite failure of one job (a writer raises it too, when a file cannot be made)."""
+
+
+class _Pending(Exception):
+    """Submitted, but the result was not learned in this run."""
+
+
+class _Skipped(Exception):
+    """Never accepted by the provider (interrupted between 429 retries, say)."""
+
+
+class Slots:
+    """Active-task slots: at most `limit` held at once. The limit shrinks while the provider
+    answers 429 (someone else uses the account too) and grows back, one slot per `limit`
+    successes, up to the configured cap (additive increase, multiplicative decrease)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.limit = cap
+        self.held = 0
+        self._successes = 0
+        self._changed = asyncio.Condition()
+
+    async def acquire(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.held < self.limit)
+            self.held += 1
+
+    async def release(self) -> None:
+        async with self._changed:
+            self.held -= 1
+            self._changed.notify_all()
+
+    def rate_limited(self) -> None:
+        self.limit = max(1, min(self.limit, math.ceil(self.held * 0.75)))
+        self._successes = 0
+
+    async def succeeded(self) -> None:
+        if self.limit >= self.cap:
+            return
+        self._successes += 1
+        if self._successes >= self.limit:
+            self._successes = 0
+            async with self._changed:
+                self.limit += 1
+                self._changed.notify_all()
+
+
+class Durations:
+    """Observed task durations per model, to time the first polls when the provider does
+    not report progress."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=200))
+
+    def add(self, model: str, seconds: float) -> None:
+        self._seen[model].append(seconds)
+
+    def typical(self, model: str) -> float | None:
+        seen = self._seen.get(model)
+        return statistics.median(seen) if seen and len(seen) >= 3 else None
+
+
+class Executor:
+    def __init__(self, provider: Provider, client: httpx.AsyncClient, *, journal: Journal,
+                 writer: Writer, settings: Settings | None = None,
+                 on_event: Callable[[Event], None] | None = None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        self.provider = provider
+        self.client = client
+        self.journal = journal
+        self.writer = writer
+        self.settings = settings or Settings()
+        self.on_event = on_event or (lambda event: None)
+        self.sleep = sleep
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.account = Slots(self.settings.account_cap)
+        self.model_slots: dict[str, Slots] = {}
+        self.durations = Durations()
+        self.stopping = False
+        self.fatal: str | None = None
+        self._downloading: set[asyncio.Task[Any]] = set()
+        self._stop_event = asyncio.Event()
+
+    def is_stopping(self) -> bool:
+        return self.stopping
+
+    def stop(self) -> None:
+        """Stop submitting; in-flight polls end as *pending* (re-attached next run)."""
+        self.stopping = True
+        self._stop_event.set()
+
+    async def run(self, jobs: Sequence[Job],
+                  attach: Mapping[str, Submitted] | None = None) -> list[Outcome]:
+        """Run every job; `attach` maps a job key to a task submitted by an earlier run,
+        which is polled again instead of paid for again. Returns outcomes in job order."""
+        attach = attach or {}
+        outcomes: list[Outcome | None] = [None] * len(jobs)
+        queues: dict[str, deque[int]] = defaultdict(deque)
+        for position, job in enumerate(jobs):
+            queues[job.model].append(position)
+        workers = []
+        for model, queue in queues.items():
+            cap = min(self.settings.model_caps.get(model, self.settings.account_cap),
+                      self.settings.account_cap)
+            self.model_slots[model] = Slots(cap)
+            # Twice the cap: a worker that is downloading must not hold back the next submit.
+            for _ in range(min(len(queue), 2 * cap)):
+                workers.append(self._worker(queue, jobs, attach, outcomes))
+        await asyncio.gather(*workers)
+        return [o if o is not None else Outcome(jobs[i], SKIPPED, "not started")
+                for i, o in enumerate(outcomes)]
+
+    async def _worker(self, queue: deque[int], jobs: Sequence[Job],
+                      attach: Mapping[str, Submitted], outcomes: list[Outcome | None]) -> None:
+        while queue:
+            position = queue.popleft()
+            job = jobs[position]
+            if (self.stopping or self.fatal) and job.key not in attach:
+                reason = self.fatal or "interrupted before it was submitted"
+                outcomes[position] = self._finish(Outcome(job, SKIPPED, reason))
+                continue
+            outcomes[position] = await self._run_job(job, attach.get(job.key))
+
+    async def _run_job(self, job: Job, earlier: Submitted | None) -> Outcome:
+        outcome = Outcome(job, PENDING)
+        slots = (self.account, self.model_slots[job.model])
+        for slot in slots:
+            await slot.acquire()
+        try:
+            if earlier is None:
+                outcome.submitted = await self._submit(job)
+                outcome.submitted_at = time.time()
+                self.journal.submitted(job, outcome.submitted, outcome.submitted_at)
+                self.on_event(Event("submitted", job, cost=outcome.submitted.cost))
+            else:
+                outcome.submitted = earlier
+            outcome.polled = await self._poll(job, outcome.submitted)
+        except _Unknown as error:
+            outcome.status, outcome.reason = UNKNOWN, str(error)
+            return self._finish(outcome)
+        except JobFailed as error:
+            outcome.status, outcome.reason = FAILED, str(error)
+            return self._finish(outcome)
+        except _Fatal as error:
+            self.fatal = self.fatal or str(error)
+            outcome.status, outcome.reason = SKIPPED, str(error)
+            return self._finish(outcome)
+        except _Pending as error:
+            outcome.status, outcome.reason = PENDING, str(error)
+            return self._finish(outcome)
+        except _Skipped as error:
+            outcome.status, outcome.reason = SKIPPED, str(error)
+            return self._finish(outcome)
+        finally:
+            for slot in slots:
+                await slot.release()
+        return await self._conclude(job, outcome)
+
+    async def _conclude(self, job: Job, outcome: Outcome) -> Outcome:
+        polled = outcome.polled
+        assert polled is not None and outcome.submitted is not None
+        if polled.status in r.MODERATED:
+            outcome.status = MODERATED
+            outcome.reason = _with_details(polled.status, polled.details)
+            return self._finish(outcome)
+        if polled.status != r.READY:
+            outcome.status = FAILED
+            outcome.reason = _with_details(f"the task ended with status {polled.status!r}",
+                                           polled.details)
+            return self._finish(outcome)
+        self.journal.ready(job, polled)
+        task = asyncio.ensure_future(self._download_and_write(job, outcome))
+        self._downloading.add(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # Interrupted: give the download a little time to land, then let it go.
+            await asyncio.wait({task}, timeout=self.settings.download_grace)
+            if task.done() and not task.cancelled():
+                return task.result()
+            task.cancel()
+            raise
+        finally:
+            self._downloading.discard(task)
+
+    async def _download_and_write(self, job: Job, outcome: Outcome) -> Outcome:
+        try:
+            image = await self._download(job, outcome)
+            outcome.written = await self.writer(job, image, outcome)
+        except JobFailed as error:
+            outcome.status, outcome.reason = FAILED, str(error)
+            return self._finish(outcome)
+        outcome.status = WRITTEN
+        return self._finish(outcome)
+
+    def _finish(self, outcome: Outcome) -> Outcome:
+        outcome.finished_at = time.time()
+        self.journal.finished(outcome)
+        self.on_event(Event(outcome.status, outcome.job, outcome.reason,
+                            outcome.submitted.cost if outcome.submitted else None))
+        return outcome
+
+    # -- submit --------------------------------------------------------------------------
+
+    async def _submit(self, job: Job) -> Submitted:
+        request = self.provider.submit_request(job.model, job.request)
+        started = self.clock()
+        connect_failures = 0
+        rate_limited = 0
+        while True:
+            if self.fatal:
+                raise _Fatal(self.fatal)
+            if self.stopping:
+                raise _Skipped("interrupted before the provider accepted it")
+            self.journal.submitting(job)  # from here until the answer, the outcome is unknown
+            try:
+                response = await self.client.send(request)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
+                # The request never reached the server: safe to send again.
+                self.journal.not_sent(job)
+                connect_failures += 1
+                if connect_failures >= self.settings.connect_attempts:
+                    raise JobFailed(f"cannot connect to {self.provider.base_url}: "
+                                  f"{_describe(error)}") from None
+                await self.sleep(self._backoff(connect_failures))
+                continue
+            except httpx.TransportError as error:
+                raise _Unknown(f"the submit may have reached the provider, but its answer was "
+                               f"lost ({_describe(error)})") from None
+            if response.status_code == 429:
+                self.journal.not_sent(job)  # 429: rejected, not processed, not billed
+                rate_limited += 1
+                self.account.rate_limited()
+                self.model_slots[job.model].rate_limited()
+                if self.clock() - started > self.settings.rate_limit_timeout:
+                    raise JobFailed(f"still rate-limited (429) after "
+                                  f"{self.settings.rate_limit_timeout:.0f} s; gave up")
+                delay = _retry_after(response) or self._backoff(rate_limited)
+                self.on_event(Event("rate-limited", job, f"429; retrying in {delay:.1f} s"))
+                await self._wait_outside_slots(job, delay)
+                continue
+            if response.is_success:
+                try:
+                    submitted = self.provider.read_submitted(response)
+                except r.BadResponse as error:
+                    raise _Unknown(str(error)) from None
+                await self.account.succeeded()
+                await self.model_slots[job.model].succeeded()
+                return submitted
+            refusal = _submit_error(response)
+            if isinstance(refusal, JobFailed | _Fatal):
+                self.journal.not_sent(job)  # a 4xx: refused, nothing was created
+            raise refusal
+
+    async def _wait_outside_slots(self, job: Job, delay: float) -> None:
+        slots = (self.account, self.model_slots[job.model])
+        for slot in slots:
+            await slot.release()
+        try:
+            await self._pause(delay)
+        finally:
+            for slot in slots:
+                await slot.acquire()
+
+    async def _pause(self, delay: float) -> None:
+        """Sleep, but wake at once when the run is being stopped."""
+        if self.stopping:
+            return
+        sleeper = asyncio.ensure_future(self.sleep(delay))
+        stopper = asyncio.ensure_future(self._stop_event.wait())
+        _, pending = await asyncio.wait({sleeper, stopper},
+                                        return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+
+    def _backoff(self, attempt: int) -> float:
+        """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)]."""
+        ceiling = min(self.settings.backoff_cap, self.settings.backoff_base * 2 ** attempt)
+        return self.rng.uniform(ceiling / 4, ceiling)
+
+    # -- poll ----------------------------------------------------------------------------
+
+    async def _poll(self, job: Job, submitted: Submitted) -> Polled:
+        started = self.clock()
+        delay = self.settings.first_poll
+        typical = self.durations.typical(job.model)
+        if typical is not None:
+            delay = max(delay, 0.9 * typical)
+        not_found = 0
+        while True:
+            if self.stopping:
+                raise _Pending("interrupted while waiting for the result; the task is recorded "
+                               "and a re-run picks it up without paying again")
+            await self._pause(delay)
+            if self.is_stopping():
+                continue
+            polled = await self._get_poll(job, submitted)
+            elapsed = self.clock() - started
+            if polled.status == r.READY or polled.status in r.MODERATED or \
+                    polled.status in r.FAILED:
+                if polled.status == r.READY:
+                    self.durations.add(job.model, elapsed)
+                return polled
+            if polled.status == r.TASK_NOT_FOUND:
+                not_found += 1
+                if not_found >= self.settings.not_found_attempts:
+                    raise JobFailed(f"the provider no longer knows task {submitted.task_id} "
+                                  "('Task not found'; results expire)")
+                delay = self._backoff(not_found)
+                continue
+            if elapsed > self.settings.task_timeout:
+                raise _Pending(f"still {polled.status!r} after {elapsed:.0f} s; the task is "
+                               "recorded and a re-run picks it up without paying again")
+            delay = self._next_poll(job.model, elapsed, polled.progress)
+
+    def _next_poll(self, model: str, elapsed: float, progress: float | None) -> float:
+        """When to look again. With progress reported, aim just past the predicted end;
+        otherwise back off geometrically (short tasks are seen quickly, long ones are not
+        polled needlessly)."""
+        settings = self.settings
+        if progress is not None and 0.02 < progress < 1:
+            remaining = elapsed / progress - elapsed
+            delay = remaining * 1.02 + settings.min_poll_interval
+        else:
+            typical = self.durations.typical(model)
+            if typical is not None and elapsed < typical:
+                delay = typical - elapsed + settings.min_poll_interval
+            else:
+                delay = max(settings.min_poll_interval, elapsed * 0.25)
+        return min(max(delay, settings.min_poll_interval), settings.max_poll_interval)
+
+    async def _get_poll(self, job: Job, submitted: Submitted) -> Polled:
+        response = await self._get(lambda: self.provider.poll_request(submitted), "poll",
+                                   job, pending_on_failure=True)
+        try:
+            return self.provider.read_polled(response)
+        except r.BadResponse as error:
+            raise _Pending(f"unreadable poll answer ({error}); a re-run retries") from None
+
+    # -- download ------------------------------------------------------------------------
+
+    async def _download(self, job: Job, outcome: Outcome) -> Image:
+        assert outcome.polled is not None and outcome.submitted is not None
+        for attempt in (1, 2):
+            sample = outcome.polled.sample
+            if not sample:
+                raise JobFailed("the task is Ready but its result has no sample URL")
+            try:
+                response = await self._get(functools.partial(httpx.Request, "GET", sample),
+                                           "download", job, pending_on_failure=False)
+            except JobFailed:
+                if attempt == 2:
+                    raise
+                # A signed URL expires (~10 minutes): ask for the result again.
+                outcome.polled = await self._get_poll(job, outcome.submitted)
+                if outcome.polled.status != r.READY:
+                    raise JobFailed(f"the sample URL failed and the task is now "
+                                  f"{outcome.polled.status!r}") from None
+                continue
+            return Image(response.content, response.headers.get("content-type"))
+        raise AssertionError("unreachable")
+
+    async def _get(self, build: Callable[[], httpx.Request], what: str, job: Job, *,
+                   pending_on_failure: bool) -> httpx.Response:
+        """A GET with retries on transient failures (GETs are safe to repeat)."""
+        attempts = self.settings.get_attempts
+        problem = ""
+        for attempt in range(1, attempts + 1):
+            try:
+                response = await self.client.send(build(), follow_redirects=True)
+            except httpx.TransportError as error:
+                problem = _describe(error)
+            else:
+                if response.is_success:
+                    return response
+                problem = r.error_message(response)
+                if response.status_code not in (408, 425, 429) and response.status_code < 500:
+                    if what == "download":
+                        raise JobFailed(f"download failed: {problem}")
+                    if response.status_code in (401, 403):
+                        raise _Fatal(f"the provider refused the key while polling: {problem}")
+                    break
+                retry_after = _retry_after(response)
+                if retry_after is not None:
+                    await self.sleep(retry_after)
+                    continue
+            if attempt < attempts:
+                self.on_event(Event("retry", job, f"{what}: {problem}"))
+                await self.sleep(self._backoff(attempt))
+        message = f"{what} failed after {attempts} attempts: {problem}"
+        if pending_on_failure:
+            raise _Pending(message + "; the task is recorded and a re-run picks it up")
+        raise JobFailed(message)
+
+
+def _submit_error(response: httpx.Response) -> Exception:
+    message = r.error_message(response)
+    status = response.status_code
+    if status in (401, 403):
+        return _Fatal(f"the provider refused the API key ({message})")
+    if status == 402:
+        return _Fatal(f"out of credits ({message})")
+    if status >= 500:
+        if "invalid_request" in message:  # CometAPI: a 500 that is really a bad body
+            return JobFailed(f"rejected: {message}")
+        return _Unknown(f"the provider answered {message}; the task may have been created "
+                        "and billed")
+    return JobFailed(f"rejected: {message}")
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _describe(error: httpx.TransportError) -> str:
+    text = str(error) or type(error).__name__
+    return f"{type(error).__name__}: {text}" if text != type(error).__name__ else text
+
+
+def _with_details(message: str, details: Any) -> str:
+    if not details:
+        return message
+    if isinstance(details, dict):
+        parts = [f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}"
+                 for k, v in details.items()]
+        return f"{message} ({'; '.join(parts)})"
+    return f"{message} ({details})"

@@ -1,0 +1,38 @@
+"""Black Forest Labs' own API: `POST {base}/v1/{model}` with `x-key`, then poll exactly the
+`polling_url` it returns (regional; never rebuilt), still with `x-key`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from fluxbatch.providers import Polled, ProviderInfo, Secret, Submitted, responses
+
+USER_AGENT = "fluxbatch"
+
+
+class Bfl:
+    def __init__(self, info: ProviderInfo, base_url: str, key: Secret) -> None:
+        self.info = info
+        self.base_url = base_url.rstrip("/")
+        self._key = key
+
+    def _headers(self) -> dict[str, str]:
+        return {"x-key": self._key.reveal(), "accept": "application/json",
+                "user-agent": USER_AGENT}
+
+    def submit_request(self, model: str, body: Mapping[str, Any]) -> httpx.Request:
+        return httpx.Request("POST", f"{self.base_url}/v1/{model}", json=dict(body),
+                             headers=self._headers())
+
+    def poll_request(self, submitted: Submitted) -> httpx.Request:
+        return httpx.Request("GET", submitted.polling_url, headers=self._headers())
+
+    def read_submitted(self, response: httpx.Response) -> Submitted:
+        return responses.read_submitted(
+            response, fallback_poll=f"{self.base_url}/v1/get_result?id={{id}}")
+
+    def read_polled(self, response: httpx.Response) -> Polled:
+        return responses.read_polled(response)

@@ -1,0 +1,147 @@
+"""Stage 5: write images and the manifest — atomically, and only what really arrived.
+
+An image is written to a temporary file beside its target, flushed to disk, and renamed over
+it (`os.replace`), so a reader (or a crash) never sees half a file. Its extension follows the
+bytes, not the request: a JPEG is never saved as `.png`. The manifest entry travels inside
+the image too (see `imagemeta`), minus what cannot be known before writing (its own hash).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import posixpath
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fluxbatch import __version__, imagemeta, models
+from fluxbatch.expand import Job
+from fluxbatch.recipe import Recipe
+
+MANIFEST_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    path: str  # relative to the output root, with the real extension
+    sha256: str
+    size: int
+    mtime_ns: int
+
+
+class NotAnImage(Exception):
+    """The provider's bytes are not an image we can store."""
+
+
+def atomic_write(target: Path, data: bytes) -> int:
+    """Write `data` to `target` atomically; return the new file's mtime in ns."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    return os.stat(target).st_mtime_ns
+
+
+def real_path(planned: str, data: bytes) -> str:
+    """The planned path with the extension of the format the bytes really are."""
+    fmt = imagemeta.sniff(data)
+    if fmt not in imagemeta.WRITABLE:
+        start = " ".join(f"{b:02x}" for b in data[:8])
+        kind = f"a {fmt.upper()} image" if fmt else f"not an image (it starts with {start})"
+        raise NotAnImage(f"the provider returned {kind}; fluxbatch stores PNG, JPEG and WebP")
+    extension = imagemeta.EXTENSIONS[fmt]
+    stem, current = posixpath.splitext(planned)
+    if current.lower().lstrip(".") in ({"jpg", "jpeg"} if fmt == "jpeg" else {extension}):
+        return planned
+    return f"{stem}.{extension}"
+
+
+def provenance(job: Job, *, recipe: Recipe, provider: str, task_id: str | None,
+               cost: float | None, reported_seed: int | None, submitted_at: float | None,
+               finished_at: float | None, path: str) -> dict[str, Any]:
+    """The manifest entry of one image, without its own hash and size (embedded as is)."""
+    return {
+        "path": path,
+        "output": job.output,
+        "key": job.key,
+        "job": job.job,
+        "vars": dict(job.vars),
+        "replicate": job.replicate,
+        "prompt": job.prompt,
+        "model": job.model,
+        "request": {k: ("***" if k in models.SECRET_FIELDS else v)
+                    for k, v in job.request.items()},
+        "seed": job.seed,
+        "reported_seed": reported_seed,
+        "provider": provider,
+        "task_id": task_id,
+        "cost": cost,
+        "submitted_at": _iso(submitted_at),
+        "finished_at": _iso(finished_at),
+        "recipe": {"name": recipe.name, "sha256": recipe.sha256},
+        "spec_date": models.SPEC_DATE,
+        "fluxbatch": __version__,
+        "status": "written",
+    }
+
+
+def write_image(root: Path, job: Job, data: bytes, entry: Mapping[str, Any],
+                previous_path: str | None) -> tuple[Written, dict[str, Any]]:
+    """Embed the provenance, write the file atomically, and return the full manifest entry.
+    A previous image of this output under another name (another extension) is removed."""
+    path = real_path(job.output, data)
+    payload = dict(entry, path=path)
+    stamped = imagemeta.embed(data, payload)
+    mtime_ns = atomic_write(root / path, stamped)
+    if previous_path and previous_path != path:
+        with contextlib.suppress(OSError):
+            os.unlink(root / previous_path)
+    written = Written(path, hashlib.sha256(stamped).hexdigest(), len(stamped), mtime_ns)
+    return written, dict(payload, sha256=written.sha256, bytes=written.size)
+
+
+def manifest_document(recipe: Recipe, entries: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    root = recipe.output_root
+    try:
+        recipe_path = os.path.relpath(recipe.path, root)
+    except ValueError:
+        recipe_path = str(recipe.path)
+    return {
+        "$schema": "https://github.com/fluxbatch/fluxbatch/blob/main/schemas/manifest.schema.json",
+        "manifest_version": MANIFEST_VERSION,
+        "fluxbatch": __version__,
+        "recipe": {"name": recipe.name, "path": recipe_path, "sha256": recipe.sha256},
+        "spec_date": models.SPEC_DATE,
+        "updated_at": _iso(time.time()),
+        "images": sorted(entries, key=lambda e: str(e["path"])),
+    }
+
+
+def write_manifest(recipe: Recipe, entries: Iterable[Mapping[str, Any]]) -> Path:
+    target = recipe.output_root / MANIFEST
+    text = json.dumps(manifest_document(recipe, entries), indent=2, ensure_ascii=False)
+    atomic_write(target, (text + "\n").encode("utf-8"))
+    return target
+
+
+def _iso(moment: float | None) -> str | None:
+    if moment is None:
+        return None
+    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds")
