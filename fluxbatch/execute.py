@@ -105,6 +105,7 @@ class Journal(Protocol):
 
 
 Writer = Callable[[Job, Image, Outcome], Awaitable[Any]]
+Sender = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
 
 class _Fatal(Exception):
@@ -185,7 +186,8 @@ class Executor:
                  on_event: Callable[[Event], None] | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 submit_via: Callable[[Job], Sender] | None = None) -> None:
         self.provider = provider
         self.client = client
         self.journal = journal
@@ -195,6 +197,9 @@ class Executor:
         self.sleep = sleep
         self.clock = clock
         self.rng = rng or random.Random()
+        # How a paid submit is sent: by default this client; the render pipeline passes the
+        # outbox, which commits each answer in the state store before returning it.
+        self.submit_via = submit_via
         self.account = Slots(self.settings.account_cap)
         self.model_slots: dict[str, Slots] = {}
         self.durations = Durations()
@@ -326,6 +331,7 @@ class Executor:
 
     async def _submit(self, job: Job) -> Submitted:
         request = self.provider.submit_request(job.model, job.request)
+        send = self.submit_via(job) if self.submit_via is not None else self.client.send
         started = self.clock()
         connect_failures = 0
         rate_limited = 0
@@ -334,9 +340,10 @@ class Executor:
                 raise _Fatal(self.fatal)
             if self.stopping:
                 raise _Skipped("interrupted before the provider accepted it")
-            self.journal.submitting(job)  # from here until the answer, the outcome is unknown
+            if self.submit_via is None:  # (the outbox records this itself, right before sending)
+                self.journal.submitting(job)  # until the answer comes, the outcome is unknown
             try:
-                response = await self.client.send(request)
+                response = await send(request)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
                 # The request never reached the server: safe to send again.
                 self.journal.not_sent(job)

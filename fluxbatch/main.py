@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list known models, their parameters and prices")
     p.add_argument("model", nargs="?", help="show one model's parameters")
 
-    p = sub.add_parser("schema", help="print the recipe JSON Schema")
+    p = sub.add_parser("schema", help="print the recipe JSON Schema (or the manifest's)")
+    p.add_argument("--manifest", action="store_true", help="the manifest's schema instead")
 
     p = sub.add_parser("emulator", help="run the bundled BFL-compatible emulator on loopback")
     p.add_argument("--host", default="127.0.0.1", help="loopback address (default 127.0.0.1)")
@@ -178,7 +179,7 @@ def _models(args: argparse.Namespace) -> int:
 def _schema(args: argparse.Namespace) -> int:
     from fluxbatch.commands.models import schema
 
-    return schema()
+    return schema(manifest=args.manifest)
 
 
 def _emulator(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from fluxbatch.execute import (
     Settings,
 )
 from fluxbatch.expand import Job, Plan
+from fluxbatch.outbox import Outbox
 from fluxbatch.plan import (
     FAILED,
     IN_FLIGHT,
@@ -40,7 +41,7 @@ from fluxbatch.plan import (
     classify,
 )
 from fluxbatch.providers import Polled, Submitted
-from fluxbatch.state import InFlight, Store
+from fluxbatch.state import InFlight, RootLock, Store
 from fluxbatch.write import NotAnImage, provenance, write_image, write_manifest
 
 MANIFEST_INTERVAL = 1.0  # seconds between manifest rewrites while images land
@@ -231,9 +232,11 @@ async def execute(plan: Plan, selection: Selection, store: Store,
                   provider: providers.Provider, settings: Settings,
                   on_event: Callable[[Event], None],
                   started: Callable[[Executor], None] = lambda executor: None,
-                  transport: httpx.AsyncBaseTransport | None = None) -> list[Outcome]:
+                  transport: httpx.AsyncBaseTransport | None = None,
+                  lock: RootLock | None = None) -> list[Outcome]:
     """Run the selection; every step is journaled in `store`, and the manifest is rewritten
-    (at most once a second) as images land."""
+    (at most once a second) as images land. With `lock`, paid submits go through the outbox
+    process, which inherits the lock and commits each answer before it is used."""
     recipe = plan.recipe
     root = recipe.output_root
     records = store.records()
@@ -268,15 +271,21 @@ async def execute(plan: Plan, selection: Selection, store: Store,
     limits = httpx.Limits(max_connections=max(64, 3 * settings.account_cap),
                           max_keepalive_connections=max(64, 3 * settings.account_cap))
     timeout = httpx.Timeout(60.0, connect=15.0, pool=None)
+    outbox = Outbox(root, provider, lock.fd) if lock is not None and selection.submit else None
     async with httpx.AsyncClient(limits=limits, timeout=timeout, transport=transport,
                                  trust_env=False) as client:
-        executor = Executor(provider, client, journal=StoreJournal(
-            store, provider.info.name, provider.base_url), writer=writer, settings=settings,
-            on_event=on_event)
+        if outbox is not None:
+            await outbox.start()
+        executor = Executor(
+            provider, client, journal=StoreJournal(store, provider.info.name, provider.base_url),
+            writer=writer, settings=settings, on_event=on_event,
+            submit_via=(lambda job: outbox.sender(job.output, job.key)) if outbox else None)
         started(executor)
         try:
             return await executor.run(selection.jobs, attach)
         finally:
+            if outbox is not None:
+                await outbox.close()
             write_manifest(recipe, store.entries())
 
 

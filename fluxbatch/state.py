@@ -300,37 +300,46 @@ def _manifest_shape_problems(document: Any) -> str | None:
 
 
 class RootLock:
-    """An exclusive lock on an output root, held for a whole `render`: two processes never
-    both pay for one image. Released by the OS if the process dies."""
+    """An exclusive lock on an output root, held for a whole `render` (and by its outbox
+    process until that has committed its last answer): two processes never both pay for one
+    image. The OS releases it when its holders die."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, wait: float = 15.0) -> None:
         self.path = root / STATE_DIR / LOCK
-        self._fd: int | None = None
+        self.wait = wait
+        self.fd: int | None = None
 
     def __enter__(self) -> RootLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise StateError(
-                    f"{self.path.parent.parent} is being rendered by another fluxbatch "
-                    f"({holder}); wait for it to finish, or render into another output root"
-                ) from None
-            raise
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as error:
+                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+                    os.close(fd)
+                    raise StateError(
+                        f"{self.path.parent.parent} is being rendered by another fluxbatch "
+                        f"({holder or 'another process'}); wait for it to finish, or render "
+                        "into another output root"
+                    ) from None
+                time.sleep(0.1)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-        self._fd = fd
+        self.fd = fd
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 def read_records(root: Path) -> dict[str, Record]:

@@ -41,10 +41,14 @@ class NotAnImage(Exception):
     """The provider's bytes are not an image we can store."""
 
 
-def atomic_write(target: Path, data: bytes) -> int:
-    """Write `data` to `target` atomically; return the new file's mtime in ns."""
+def atomic_write(target: Path, data: bytes, temp_dir: Path | None = None) -> int:
+    """Write `data` to `target` atomically; return the new file's mtime in ns. The temporary
+    file lives in `temp_dir` (same file system), so a crash leaves no debris beside images."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    if temp_dir is not None:
+        temp_dir.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                                     dir=temp_dir or target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -109,7 +113,7 @@ def write_image(root: Path, job: Job, data: bytes, entry: Mapping[str, Any],
     path = real_path(job.output, data)
     payload = dict(entry, path=path)
     stamped = imagemeta.embed(data, payload)
-    mtime_ns = atomic_write(root / path, stamped)
+    mtime_ns = atomic_write(root / path, stamped, temp_dir(root))
     if previous_path and previous_path != path:
         with contextlib.suppress(OSError):
             os.unlink(root / previous_path)
@@ -137,11 +141,83 @@ def manifest_document(recipe: Recipe, entries: Iterable[Mapping[str, Any]]) -> d
 def write_manifest(recipe: Recipe, entries: Iterable[Mapping[str, Any]]) -> Path:
     target = recipe.output_root / MANIFEST
     text = json.dumps(manifest_document(recipe, entries), indent=2, ensure_ascii=False)
-    atomic_write(target, (text + "\n").encode("utf-8"))
+    atomic_write(target, (text + "\n").encode("utf-8"), temp_dir(recipe.output_root))
     return target
+
+
+def temp_dir(root: Path) -> Path:
+    return root / ".fluxbatch" / "tmp"
+
+
+def clear_debris(root: Path) -> None:
+    """Remove temporary files a killed run left behind (call while holding the root lock)."""
+    directory = temp_dir(root)
+    if directory.is_dir():
+        for leftover in directory.iterdir():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
 
 
 def _iso(moment: float | None) -> str | None:
     if moment is None:
         return None
     return datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds")
+
+
+def manifest_schema() -> dict[str, Any]:
+    """The JSON Schema of `manifest.json` (published as schemas/manifest.schema.json)."""
+    nullable_number = {"type": ["number", "null"]}
+    timestamp = {"type": ["string", "null"], "description": "ISO 8601, UTC"}
+    entry = {
+        "type": "object",
+        "required": ["path", "output", "key", "job", "vars", "replicate", "prompt", "model",
+                     "request", "seed", "reported_seed", "provider", "task_id", "cost",
+                     "submitted_at", "finished_at", "sha256", "bytes", "status"],
+        "properties": {
+            "path": {"type": "string", "description": "the file, relative to the output root"},
+            "output": {"type": "string", "description": "the planned output path"},
+            "key": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                    "description": "sha256 of the model and request: same key, same image"},
+            "job": {"type": "string"},
+            "vars": {"type": "object", "description": "the matrix combination"},
+            "replicate": {"type": "integer", "minimum": 1},
+            "prompt": {"type": ["string", "null"]},
+            "model": {"type": "string"},
+            "request": {"type": "object", "description": "the body sent (secrets as ***)"},
+            "seed": {"type": "integer"},
+            "reported_seed": {"type": ["integer", "null"]},
+            "provider": {"type": "string"},
+            "task_id": {"type": ["string", "null"]},
+            "cost": {**nullable_number, "description": "credits reported (1 credit = $0.01)"},
+            "submitted_at": timestamp,
+            "finished_at": timestamp,
+            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                       "description": "of the file as written (provenance included)"},
+            "bytes": {"type": "integer", "minimum": 0},
+            "status": {"const": "written"},
+            "recipe": {"type": "object"},
+            "spec_date": {"type": "string"},
+            "fluxbatch": {"type": "string"},
+        },
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://github.com/fluxbatch/fluxbatch/blob/main/schemas/manifest.schema.json",
+        "title": "fluxbatch manifest",
+        "type": "object",
+        "required": ["manifest_version", "fluxbatch", "recipe", "spec_date", "images"],
+        "properties": {
+            "$schema": {"type": "string"},
+            "manifest_version": {"const": MANIFEST_VERSION},
+            "fluxbatch": {"type": "string", "description": "the version that wrote it"},
+            "recipe": {
+                "type": "object",
+                "required": ["name", "path", "sha256"],
+                "properties": {"name": {"type": "string"}, "path": {"type": "string"},
+                               "sha256": {"type": "string"}},
+            },
+            "spec_date": {"type": "string", "description": "date of the vendored BFL spec"},
+            "updated_at": timestamp,
+            "images": {"type": "array", "items": entry},
+        },
+    }

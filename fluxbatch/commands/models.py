@@ -59,6 +59,8 @@ def _find(schema: object, key: str) -> object:
     return None
 
 
-def schema() -> int:
-    print(json.dumps(recipe_schema(), indent=2))
+def schema(*, manifest: bool = False) -> int:
+    from fluxbatch.write import manifest_schema
+
+    print(json.dumps(manifest_schema() if manifest else recipe_schema(), indent=2))
     return EXIT_OK

@@ -27,6 +27,7 @@ from fluxbatch.render import (
     settings_for,
 )
 from fluxbatch.state import RootLock, Store, read_records
+from fluxbatch.write import clear_debris, write_manifest
 
 
 def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run: bool,
@@ -36,20 +37,19 @@ def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run
     if dry_run:
         return _dry_run(plan, options)
     root.mkdir(parents=True, exist_ok=True)
-    with RootLock(root), Store.open(root) as store:
+    with RootLock(root) as lock, Store.open(root) as store:
         store.claim_root(plan.recipe.name)
+        clear_debris(root)
         classified = classify_with_store(plan, store, options)
         selection = select(classified, store.in_flight(), options, plan.recipe.provider.name)
         check_budget(selection, options.budget)
         if not selection.jobs:
             _print_nothing_to_do(selection)
-            from fluxbatch.write import write_manifest
-
             write_manifest(plan.recipe, store.entries())
             return EXIT_FAILED if selection.held_unknown else EXIT_OK
         with provider_for(plan, options, os.environ) as provider:
             progress = _Progress(selection, quiet=quiet)
-            report = _run(plan, selection, store, provider, options, progress)
+            report = _run(plan, selection, store, provider, options, progress, lock)
             progress.close()
     _print_report(report, root)
     if report.interrupted:
@@ -58,7 +58,7 @@ def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run
 
 
 def _run(plan: Any, selection: Selection, store: Store, provider: Any, options: Options,
-         progress: _Progress) -> Report:
+         progress: _Progress, lock: RootLock) -> Report:
     settings = settings_for(plan, options)
     interrupted = [False]
 
@@ -82,7 +82,7 @@ def _run(plan: Any, selection: Selection, store: Store, provider: Any, options: 
 
         try:
             return await execute(plan, selection, store, provider, settings, progress.event,
-                                 started)
+                                 started, lock=lock)
         finally:
             loop.remove_signal_handler(signal.SIGINT)
             loop.remove_signal_handler(signal.SIGTERM)

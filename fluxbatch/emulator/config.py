@@ -28,6 +28,7 @@ class EmulatorConfig:
     model_caps: Mapping[str, int] = field(default_factory=_default_model_caps)
     fault_rate: float = 0.0
     faults: frozenset[str] = FAULT_KINDS
+    submit_faults: bool = True  # False: faults hit only polls and downloads (the GETs)
     slow_fault_seconds: float = 1.0  # how long a `slow` fault takes to trickle out a body
     seed: int = 0
     key: str | None = None  # None: any non-empty key is accepted

@@ -41,9 +41,12 @@ class FaultDice:
     def __init__(self, config: EmulatorConfig) -> None:
         self._rate = config.fault_rate
         self._kinds = sorted(config.faults)
+        self._submits = config.submit_faults
         self._rng = random.Random(f"{config.seed}:faults")
 
     def roll(self, is_submit: bool) -> str | None:
+        if is_submit and not self._submits:
+            return None
         kinds = [k for k in self._kinds if is_submit or k != "drop-after-submit"]
         if self._rate <= 0 or not kinds or self._rng.random() >= self._rate:
             return None

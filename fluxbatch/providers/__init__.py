@@ -118,18 +118,21 @@ def api_key(info: ProviderInfo, environ: Mapping[str, str]) -> Secret:
     )
 
 
-def build(name: str, *, base_url: str | None, environ: Mapping[str, str]) -> Provider:
-    """The provider `name`, talking to `base_url` (or its default)."""
+def build(name: str, *, base_url: str | None, environ: Mapping[str, str],
+          key: Secret | None = None) -> Provider:
+    """The provider `name`, talking to `base_url` (or its default), with `key` or the key
+    from `environ`."""
     from fluxbatch.providers import bfl, cometapi
 
     info = REGISTRY[name]
     if name == "cometapi":
         return cometapi.CometApi(info, base_url or str(info.default_base_url),
-                                 api_key(info, environ))
+                                 key or api_key(info, environ))
     if name == "bfl":
-        return bfl.Bfl(info, base_url or str(info.default_base_url), api_key(info, environ))
+        return bfl.Bfl(info, base_url or str(info.default_base_url),
+                       key or api_key(info, environ))
     assert base_url is not None, "the emulator's base URL comes from the running emulator"
-    return bfl.Bfl(info, base_url, Secret("emulator"))
+    return bfl.Bfl(info, base_url, key or Secret("emulator"))
 
 
 def check_base_url(url: str) -> str:
