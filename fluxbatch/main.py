@@ -95,6 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give up waiting for one task after this long (default 900)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("status", help="count images by state, offline; exit 0 when up to date")
+    _recipe_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--verify", action="store_true", help="check files by sha256")
+    p.add_argument("-v", "--verbose", action="store_true", help="list every image not up to date")
+
+    p = sub.add_parser("clean", help="list (or --delete) images whose job left the recipe")
+    _recipe_arguments(p)
+    p.add_argument("--delete", action="store_true", help="delete them and their entries")
+
+    p = sub.add_parser("inspect", help="print the provenance an image carries")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+
+    p = sub.add_parser("reproduce", help="write a one-job recipe that makes an image again")
+    p.add_argument("source", metavar="IMAGE_OR_MANIFEST")
+    p.add_argument("--entry", metavar="PATH", help="with a manifest: the image's path")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the recipe here (default: stdout)")
+
     p = sub.add_parser("models", help="list known models, their parameters and prices")
     p.add_argument("model", nargs="?", help="show one model's parameters")
 
@@ -137,6 +156,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         "validate": _validate,
         "plan": _plan,
         "render": _render,
+        "status": _status,
+        "clean": _clean,
+        "inspect": _inspect,
+        "reproduce": _reproduce,
         "models": _models,
         "schema": _schema,
         "emulator": _emulator,
@@ -168,6 +191,31 @@ def _render(args: argparse.Namespace) -> int:
                       task_timeout=args.timeout)
     return render(recipe=args.recipe, out=args.out, yes=args.yes, options=options,
                   dry_run=args.dry_run, quiet=args.quiet)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from fluxbatch.commands.status import status
+
+    return status(recipe=args.recipe, out=args.out, yes=args.yes, as_json=args.json,
+                  verify=args.verify, verbose=args.verbose)
+
+
+def _clean(args: argparse.Namespace) -> int:
+    from fluxbatch.commands.clean import clean
+
+    return clean(recipe=args.recipe, out=args.out, yes=args.yes, delete=args.delete)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from fluxbatch.commands.inspect import inspect
+
+    return inspect(image=args.image, as_json=args.json)
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from fluxbatch.commands.inspect import reproduce
+
+    return reproduce(source=args.source, entry_path=args.entry, output=args.output)
 
 
 def _models(args: argparse.Namespace) -> int:

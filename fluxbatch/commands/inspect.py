@@ -1,0 +1,113 @@
+"""`fluxbatch inspect IMAGE` prints the provenance an image carries; `fluxbatch reproduce`
+turns it (or a manifest entry) into a one-job recipe that makes the same image again."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fluxbatch import imagemeta
+from fluxbatch.errors import EXIT_OK, FluxbatchError
+from fluxbatch.identity import job_key
+from fluxbatch.models import NON_PIXEL_FIELDS
+from fluxbatch.state import read_manifest
+
+_JINJA = re.compile(r"\{[{%#]")
+
+
+def inspect(*, image: str, as_json: bool) -> int:
+    entry = provenance_of(Path(image))
+    if as_json:
+        print(json.dumps(entry, indent=2, ensure_ascii=False, sort_keys=True))
+        return EXIT_OK
+    width = max(len(k) for k in entry)
+    for name in sorted(entry):
+        value = entry[name]
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        print(f"{name.ljust(width)}  {text}")
+    return EXIT_OK
+
+
+def provenance_of(path: Path) -> dict[str, Any]:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise FluxbatchError(f"{path}: {error.strerror or error}") from None
+    try:
+        entry = imagemeta.extract(data)
+    except imagemeta.ImageFormatError as error:
+        raise FluxbatchError(f"{path}: {error}") from None
+    if entry is None:
+        raise FluxbatchError(f"{path}: carries no fluxbatch provenance (it was not written by "
+                             "fluxbatch, or the metadata was stripped)")
+    return entry
+
+
+def reproduce(*, source: str, entry_path: str | None, output: str | None) -> int:
+    entry = _entry(Path(source), entry_path)
+    text = reproduction_recipe(entry)
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+        print(f"wrote {output}: `fluxbatch render {output}` makes the image again "
+              f"(key {entry['key'][:12]}…)")
+    else:
+        print(text, end="")
+    return EXIT_OK
+
+
+def _entry(source: Path, entry_path: str | None) -> dict[str, Any]:
+    if source.suffix.lower() != ".json":
+        return provenance_of(source)
+    document = read_manifest(source.parent) if source.name == "manifest.json" else None
+    if document is None:
+        try:
+            document = json.loads(source.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise FluxbatchError(f"{source}: cannot read the manifest: {error}") from None
+    if not entry_path:
+        raise FluxbatchError(f"{source} is a manifest: say which image with --entry PATH")
+    for entry in document.get("images", []):
+        if entry.get("path") == entry_path or entry.get("output") == entry_path:
+            return dict(entry)
+    raise FluxbatchError(f"{source} has no image {entry_path!r}")
+
+
+def reproduction_recipe(entry: dict[str, Any]) -> str:
+    """A recipe whose single job has exactly the entry's request, hence its key."""
+    request = {k: v for k, v in entry["request"].items() if k not in NON_PIXEL_FIELDS}
+    prompt = request.pop("prompt", None)
+    seed = request.pop("seed")
+    params = {"model": entry["model"], **{k: _literal(v) for k, v in request.items()}}
+    job: dict[str, Any] = {"name": entry.get("job") or "image"}
+    if prompt is not None:
+        job["prompt"] = _literal(prompt)
+    job["seed"] = seed
+    recipe = {
+        "version": 1,
+        "name": (entry.get("recipe") or {}).get("name") or "reproduce",
+        "provider": entry.get("provider") or "bfl",
+        "output": _literal(entry["path"]),
+        "defaults": params,
+        "jobs": [job],
+    }
+    expected = job_key(entry["model"], {**entry["request"]})
+    header = (
+        "# yaml-language-server: $schema=https://github.com/fluxbatch/fluxbatch/blob/main/"
+        "schemas/recipe.schema.json\n"
+        f"# Reproduces {entry['path']} (key {entry['key']}).\n"
+        "# Made by `fluxbatch reproduce`: `fluxbatch render` on it sends the same request.\n"
+    )
+    if expected != entry["key"]:
+        header += "# Note: the recorded request was redacted; the key may differ.\n"
+    return header + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True, width=100)
+
+
+def _literal(value: Any) -> Any:
+    """Keep a string literal when it contains template syntax."""
+    if isinstance(value, str) and _JINJA.search(value):
+        return "{% raw %}" + value + "{% endraw %}"
+    return value
