@@ -7,17 +7,21 @@ which key) but never changes anything.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fluxbatch import models, recipe
-from fluxbatch.errors import Problem, RecipeError
+from fluxbatch.errors import ConfigError, FluxbatchError, Problem, RecipeError
 from fluxbatch.expand import Job, Plan, expand
+
+if TYPE_CHECKING:
+    from fluxbatch.state import InFlight, Store
 
 NEW = "new"
 UP_TO_DATE = "up-to-date"
@@ -77,6 +81,8 @@ def load_plan(path: str, *, out: str | None = None, yes: bool = False) -> Plan:
 
 
 def escape_problems(plan: Plan) -> list[Problem]:
+    """Outputs that would land outside the output root through a symbolic link (a linked
+    directory on the way, or a link where the file goes)."""
     root = plan.recipe.output_root
     real_root = os.path.realpath(root)
     inside: dict[str, bool] = {}
@@ -85,14 +91,14 @@ def escape_problems(plan: Plan) -> list[Problem]:
         parent = os.path.dirname(job.output)
         if parent not in inside:
             inside[parent] = _within(real_root, root / parent)
-        real_file = root / job.output
-        escapes = not inside[parent] or (real_file.is_symlink()
-                                         and not _within(real_root, real_file))
-        if escapes:
-            spec = plan.recipe.jobs[[s.name for s in plan.recipe.jobs].index(job.job)]
-            problems.append(plan.recipe.problem(
-                ("jobs", spec.index, "output"),
-                f"output path {job.output!r} leaves the output root through a symbolic link"))
+        target = os.path.join(root, job.output)
+        if inside[parent] and not (os.path.islink(target)
+                                   and not _within(real_root, Path(target))):
+            continue
+        spec = next(s for s in plan.recipe.jobs if s.name == job.job)
+        problems.append(plan.recipe.problem(
+            ("jobs", spec.index, "output"),
+            f"output path {job.output!r} leaves the output root through a symbolic link"))
     return problems
 
 
@@ -199,3 +205,116 @@ def summarise(jobs: Sequence[Job], states: Sequence[str]) -> dict[str, ModelSumm
 
 def redacted(request: Mapping[str, Any]) -> dict[str, Any]:
     return {k: ("***" if k in models.SECRET_FIELDS and v else v) for k, v in request.items()}
+
+
+# -- selecting what a render does ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    concurrency: int | None = None
+    base_url: str | None = None
+    force: bool = False
+    only: tuple[str, ...] = ()
+    retry_unknown: bool = False
+    verify: bool = False
+    budget: float | None = None
+    shard: tuple[int, int] | None = None  # (i, n), 1-based
+    task_timeout: float | None = None
+
+
+@dataclass(slots=True)
+class Selection:
+    """What a render will do with each planned job."""
+
+    classified: Classified
+    submit: list[Job] = field(default_factory=list)
+    attach: list[tuple[Job, InFlight]] = field(default_factory=list)
+    held_unknown: list[Job] = field(default_factory=list)
+    held_moderated: list[Job] = field(default_factory=list)
+    up_to_date: int = 0
+    filtered_out: int = 0
+
+    @property
+    def jobs(self) -> list[Job]:
+        return self.submit + [job for job, _ in self.attach]
+
+    def estimated_usd(self) -> float | None:
+        total = 0.0
+        for job in self.submit:
+            cost = models.estimate_cost(job.model, job.request)
+            if cost is None:
+                return None
+            total += cost
+        return total
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: expected I/N, like 2/4") from None
+    if not 1 <= index <= count:
+        raise ConfigError(f"--shard {text!r}: I must be between 1 and N")
+    return index, count
+
+
+def matches_only(job: Job, patterns: Sequence[str]) -> bool:
+    """`--only`: a job name, `name=value` on a matrix value (globs allowed), or an output glob."""
+    for pattern in patterns:
+        if "=" in pattern:
+            name, _, wanted = pattern.partition("=")
+            if name in job.vars and fnmatch.fnmatchcase(str(job.vars[name]), wanted):
+                return True
+        elif pattern == job.job or fnmatch.fnmatchcase(job.output, pattern):
+            return True
+    return False
+
+
+def in_shard(job: Job, shard: tuple[int, int] | None) -> bool:
+    """Stable across machines and edits: by the job's key, not its position."""
+    if shard is None:
+        return True
+    index, count = shard
+    return int(job.key[:12], 16) % count == index - 1
+
+
+def select(classified: Classified, in_flight: Mapping[str, InFlight], options: Options,
+           provider: str) -> Selection:
+    selection = Selection(classified)
+    for job, state in zip(classified.plan.jobs, classified.states, strict=True):
+        if (options.only and not matches_only(job, options.only)) or \
+                not in_shard(job, options.shard):
+            selection.filtered_out += 1
+            continue
+        flight = in_flight.get(job.key)
+        if state == IN_FLIGHT and flight is not None and flight.provider == provider:
+            selection.attach.append((job, flight))  # paid for already: never submit again
+        elif options.force:
+            selection.submit.append(job)
+        elif state == UP_TO_DATE:
+            selection.up_to_date += 1
+        elif state in (NEW, MISSING, STALE, FAILED, IN_FLIGHT):
+            selection.submit.append(job)
+        elif state == UNKNOWN:
+            (selection.submit if options.retry_unknown else selection.held_unknown).append(job)
+        elif state == MODERATED:
+            selection.held_moderated.append(job)
+    return selection
+
+
+def classify_with_store(plan: Plan, store: Store, options: Options) -> Classified:
+    with store.transaction():
+        return classify(plan, store.records(), verify=options.verify, verified=store.touch)
+
+
+def check_budget(selection: Selection, budget: float | None) -> None:
+    if budget is None:
+        return
+    estimate = selection.estimated_usd()
+    if estimate is None:
+        raise FluxbatchError(f"--budget {budget}: some models have no published price, so "
+                             "the cost cannot be bounded; drop --budget to go ahead")
+    if estimate > budget + 1e-9:
+        raise FluxbatchError(f"the estimated cost ${estimate:.2f} of {len(selection.submit)} "
+                             f"new images is over the budget of ${budget:.2f}; nothing was sent")

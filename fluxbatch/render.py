@@ -1,21 +1,20 @@
-"""The render pipeline in one place: classify → select → execute → write, with the state
-store journaling every step. No printing here: the command layer shows progress from events.
+"""The network half of `render`: the provider, the executor and the writer wired together,
+with the state store journaling every step (what to render is decided in `plan`). No printing
+here: the command layer shows progress from events. Loaded only when there is work to do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from fluxbatch import models, providers
-from fluxbatch.errors import ConfigError, FluxbatchError
 from fluxbatch.execute import (
     PENDING,
     WRITTEN,
@@ -28,116 +27,12 @@ from fluxbatch.execute import (
 )
 from fluxbatch.expand import Job, Plan
 from fluxbatch.outbox import Outbox
-from fluxbatch.plan import (
-    FAILED,
-    IN_FLIGHT,
-    MISSING,
-    MODERATED,
-    NEW,
-    STALE,
-    UNKNOWN,
-    UP_TO_DATE,
-    Classified,
-    classify,
-)
+from fluxbatch.plan import Options, Selection
 from fluxbatch.providers import Polled, Submitted
-from fluxbatch.state import InFlight, RootLock, Store
+from fluxbatch.state import RootLock, Store
 from fluxbatch.write import NotAnImage, provenance, write_image, write_manifest
 
 MANIFEST_INTERVAL = 1.0  # seconds between manifest rewrites while images land
-
-
-@dataclass(frozen=True, slots=True)
-class Options:
-    concurrency: int | None = None
-    base_url: str | None = None
-    force: bool = False
-    only: tuple[str, ...] = ()
-    retry_unknown: bool = False
-    verify: bool = False
-    budget: float | None = None
-    shard: tuple[int, int] | None = None  # (i, n), 1-based
-    task_timeout: float | None = None
-
-
-@dataclass(slots=True)
-class Selection:
-    """What a render will do with each planned job."""
-
-    classified: Classified
-    submit: list[Job] = field(default_factory=list)
-    attach: list[tuple[Job, InFlight]] = field(default_factory=list)
-    held_unknown: list[Job] = field(default_factory=list)
-    held_moderated: list[Job] = field(default_factory=list)
-    up_to_date: int = 0
-    filtered_out: int = 0
-
-    @property
-    def jobs(self) -> list[Job]:
-        return self.submit + [job for job, _ in self.attach]
-
-    def estimated_usd(self) -> float | None:
-        total = 0.0
-        for job in self.submit:
-            cost = models.estimate_cost(job.model, job.request)
-            if cost is None:
-                return None
-            total += cost
-        return total
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise ConfigError(f"--shard {text!r}: expected I/N, like 2/4") from None
-    if not 1 <= index <= count:
-        raise ConfigError(f"--shard {text!r}: I must be between 1 and N")
-    return index, count
-
-
-def matches_only(job: Job, patterns: Sequence[str]) -> bool:
-    """`--only`: a job name, `name=value` on a matrix value (globs allowed), or an output glob."""
-    for pattern in patterns:
-        if "=" in pattern:
-            name, _, wanted = pattern.partition("=")
-            if name in job.vars and fnmatch.fnmatchcase(str(job.vars[name]), wanted):
-                return True
-        elif pattern == job.job or fnmatch.fnmatchcase(job.output, pattern):
-            return True
-    return False
-
-
-def in_shard(job: Job, shard: tuple[int, int] | None) -> bool:
-    """Stable across machines and edits: by the job's key, not its position."""
-    if shard is None:
-        return True
-    index, count = shard
-    return int(job.key[:12], 16) % count == index - 1
-
-
-def select(classified: Classified, in_flight: Mapping[str, InFlight], options: Options,
-           provider: str) -> Selection:
-    selection = Selection(classified)
-    for job, state in zip(classified.plan.jobs, classified.states, strict=True):
-        if (options.only and not matches_only(job, options.only)) or \
-                not in_shard(job, options.shard):
-            selection.filtered_out += 1
-            continue
-        flight = in_flight.get(job.key)
-        if state == IN_FLIGHT and flight is not None and flight.provider == provider:
-            selection.attach.append((job, flight))  # paid for already: never submit again
-        elif options.force:
-            selection.submit.append(job)
-        elif state == UP_TO_DATE:
-            selection.up_to_date += 1
-        elif state in (NEW, MISSING, STALE, FAILED, IN_FLIGHT):
-            selection.submit.append(job)
-        elif state == UNKNOWN:
-            (selection.submit if options.retry_unknown else selection.held_unknown).append(job)
-        elif state == MODERATED:
-            selection.held_moderated.append(job)
-    return selection
 
 
 class StoreJournal:
@@ -223,11 +118,6 @@ def settings_for(plan: Plan, options: Options) -> Settings:
     return Settings(account_cap=account, model_caps=caps, task_timeout=timeout)
 
 
-def classify_with_store(plan: Plan, store: Store, options: Options) -> Classified:
-    with store.transaction():
-        return classify(plan, store.records(), verify=options.verify, verified=store.touch)
-
-
 async def execute(plan: Plan, selection: Selection, store: Store,
                   provider: providers.Provider, settings: Settings,
                   on_event: Callable[[Event], None],
@@ -287,15 +177,3 @@ async def execute(plan: Plan, selection: Selection, store: Store,
             if outbox is not None:
                 await outbox.close()
             write_manifest(recipe, store.entries())
-
-
-def check_budget(selection: Selection, budget: float | None) -> None:
-    if budget is None:
-        return
-    estimate = selection.estimated_usd()
-    if estimate is None:
-        raise FluxbatchError(f"--budget {budget}: some models have no published price, so "
-                             "the cost cannot be bounded; drop --budget to go ahead")
-    if estimate > budget + 1e-9:
-        raise FluxbatchError(f"the estimated cost ${estimate:.2f} of {len(selection.submit)} "
-                             f"new images is over the budget of ${budget:.2f}; nothing was sent")

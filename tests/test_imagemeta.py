@@ -265,8 +265,12 @@ def test_png_replaces_text_chunks_written_by_other_tools_and_reads_compressed_it
 def test_jpeg_keeps_xmp_written_by_other_tools() -> None:
     foreign = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"/>'
     out = io.BytesIO()
-    _picture("RGB", (8, 8)).save(out, "JPEG", xmp=foreign)
-    embedded = embed(out.getvalue(), PAYLOAD)
+    _picture("RGB", (8, 8)).save(out, "JPEG")
+    plain = out.getvalue()
+    # Another tool's APP1 XMP segment, inserted by hand (older Pillow cannot write one).
+    body = XMP_HEADER + foreign
+    segment = b"\xff\xe1" + (len(body) + 2).to_bytes(2, "big") + body
+    embedded = embed(plain[:2] + segment + plain[2:], PAYLOAD)
 
     assert XMP_HEADER + foreign in embedded
     assert extract(embedded) == PAYLOAD

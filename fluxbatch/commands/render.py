@@ -7,26 +7,25 @@ import os
 import signal
 import sys
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from fluxbatch.commands.output import money, plural, table, values_text
 from fluxbatch.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
-from fluxbatch.execute import Event, Executor
-from fluxbatch.plan import load_plan
-from fluxbatch.render import (
+from fluxbatch.plan import (
     Options,
-    Report,
     Selection,
     check_budget,
     classify_with_store,
-    execute,
-    provider_for,
+    load_plan,
     select,
-    settings_for,
 )
 from fluxbatch.state import RootLock, Store, read_records
+
+if TYPE_CHECKING:
+    from fluxbatch.execute import Event, Executor
+    from fluxbatch.render import Report
 from fluxbatch.write import clear_debris, write_manifest
 
 
@@ -45,8 +44,12 @@ def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run
         check_budget(selection, options.budget)
         if not selection.jobs:
             _print_nothing_to_do(selection)
-            write_manifest(plan.recipe, store.entries())
+            if not (root / "manifest.json").exists():
+                write_manifest(plan.recipe, store.entries())
             return EXIT_FAILED if selection.held_unknown else EXIT_OK
+        # Only now, with work to do, load the network half (httpx, the executor).
+        from fluxbatch.render import provider_for
+
         with provider_for(plan, options, os.environ) as provider:
             progress = _Progress(selection, quiet=quiet)
             report = _run(plan, selection, store, provider, options, progress, lock)
@@ -59,6 +62,8 @@ def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run
 
 def _run(plan: Any, selection: Selection, store: Store, provider: Any, options: Options,
          progress: _Progress, lock: RootLock) -> Report:
+    from fluxbatch.render import Report, execute, settings_for
+
     settings = settings_for(plan, options)
     interrupted = [False]
 

@@ -1,0 +1,119 @@
+"""The null build: `fluxbatch render` on 10,000 up-to-date images, beside `make -q` on 10,000
+up-to-date targets, measured in the same run (wall time including interpreter start-up).
+
+Target (issue "Make-style rebuilds and pay-once resume"): under 1 s for fluxbatch, without
+hashing every file (size + mtime is the fast path). Run:
+`.venv/bin/python bench/bench_null_build.py [--images 10000] [--repeat 5]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RECIPE = """\
+version: 1
+name: nullbuild
+provider: emulator
+max_jobs: 1000000
+output: "{{{{ job }}}}/{{{{ a }}}}/{{{{ b }}}}.{{{{ ext }}}}"
+defaults:
+  model: flux-dev
+  output_format: png
+jobs:
+  - name: grid
+    prompt: "{{{{ a }}}} and {{{{ b }}}}"
+    matrix:
+      a: [{a}]
+      b: [{b}]
+"""
+PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+                    "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")
+
+
+def build(root: Path, images: int) -> Path:
+    """An output root whose store says every image is written (as a render would leave it)."""
+    from fluxbatch.plan import load_plan
+    from fluxbatch.state import Store
+    from fluxbatch.write import write_manifest
+
+    side = int(images ** 0.5)
+    recipe = root / "recipe.yaml"
+    recipe.write_text(RECIPE.format(a=", ".join(f"a{i}" for i in range(side)),
+                                    b=", ".join(f"b{i}" for i in range(images // side))))
+    plan = load_plan(str(recipe))
+    digest = hashlib.sha256(PNG).hexdigest()
+    with Store.open(root) as store, store.transaction():
+        store.claim_root(plan.recipe.name)
+        for job in plan.jobs:
+            target = root / job.output
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(PNG)
+            entry = {"path": job.output, "output": job.output, "key": job.key,
+                     "sha256": digest, "bytes": len(PNG)}
+            store.written(job.output, job.key, entry, os.stat(target).st_mtime_ns)
+    with Store.open(root) as store:
+        write_manifest(plan.recipe, store.entries())
+    return recipe
+
+
+def make_tree(root: Path, targets: int) -> Path:
+    makefile = root / "Makefile"
+    (root / "src").write_text("source\n")
+    lines = [f"all: {' '.join(f'out/t{i}' for i in range(targets))}\n"]
+    lines.append("out/t%: src\n\tmkdir -p out && cp src $@\n")
+    makefile.write_text("".join(lines))
+    subprocess.run(["make", "-s", "-C", str(root), "-j2"], check=True)
+    return makefile
+
+
+def timed(command: list[str], *, expect: int) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != expect:
+        raise SystemExit(f"{' '.join(command)} exited {result.returncode}:\n"
+                         f"{result.stdout.decode()}{result.stderr.decode()}")
+    return seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    if shutil.which("make") is None:
+        raise SystemExit("make is not installed")
+    with tempfile.TemporaryDirectory() as tmp:
+        ours_root, make_root = Path(tmp) / "fluxbatch", Path(tmp) / "make"
+        ours_root.mkdir()
+        make_root.mkdir()
+        recipe = build(ours_root, args.images)
+        make_tree(make_root, args.images)
+        render = [sys.executable, "-m", "fluxbatch", "render", str(recipe), "-q"]
+        verify = [*render, "--verify"]
+        make_q = ["make", "-q", "-C", str(make_root)]
+        ours = [timed(render, expect=0) for _ in range(args.repeat)]
+        theirs = [timed(make_q, expect=0) for _ in range(args.repeat)]
+        verified = timed(verify, expect=0)
+    ours_s, make_s = statistics.median(ours), statistics.median(theirs)
+    print(f"up-to-date images:                 {args.images:,}")
+    print(f"fluxbatch render (null build):     {ours_s:.3f} s (median of {args.repeat}, "
+          "includes interpreter start-up)")
+    print(f"make -q on {args.images:,} targets:       {make_s:.3f} s")
+    print(f"ratio fluxbatch / make -q:         {ours_s / make_s:.2f}")
+    print(f"fluxbatch render --verify (sha256 of every file): {verified:.3f} s")
+    print(f"target: under 1 s -> {'PASS' if ours_s < 1.0 else 'FAIL'}")
+    return 0 if ours_s < 1.0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
