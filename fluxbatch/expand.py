@@ -92,10 +92,11 @@ def _guard_size(recipe: Recipe) -> None:
         count = f"{total:,} jobs"
     else:
         count = f"up to {bound:,} jobs"
-    raise PlanTooLargeError(
-        f"{recipe.path}: the plan has {count}, more than the limit of {recipe.max_jobs:,}; "
-        "pass --yes to go ahead, or raise max_jobs in the recipe"
-    )
+    message = (f"the plan has {count}, more than the limit of {recipe.max_jobs:,}; "
+               "pass --yes to go ahead, or raise max_jobs in the recipe")
+    if recipe.problems:  # one problem among several: report them all
+        raise RecipeError([*recipe.problems, Problem(str(recipe.path), None, None, "", message)])
+    raise PlanTooLargeError(f"{recipe.path}: {message}")
 
 
 def _expand(recipe: Recipe) -> Plan:
@@ -105,9 +106,11 @@ def _expand(recipe: Recipe) -> Plan:
     folded: dict[str, Job] = {}
     removed_all: list[tuple[str, matrix_rules.Removed]] = []
     for spec in recipe.jobs:
+        builder = _JobBuilder(recipe, spec, problems)
+        if not spec.matrix.loaded:
+            continue  # its problem is reported; rendering would only add follow-on errors
         combos, removed = matrix_rules.combinations(spec.matrix)
         removed_all.extend((spec.name, r) for r in removed)
-        builder = _JobBuilder(recipe, spec, problems)
         if not combos:
             problems.append(recipe.problem(("jobs", spec.index, "matrix"),
                                            "the matrix produces no combinations "
@@ -137,8 +140,7 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
     first: dict[tuple[Any, ...], Problem] = {}
     others: dict[tuple[Any, ...], int] = {}
     for problem in problems:
-        key = (problem.file, problem.line, problem.column, problem.path,
-               problem.message.split(" (for ")[0])
+        key = (problem.file, problem.line, problem.column, problem.path, _gist(problem.message))
         if key in first:
             others[key] += problem != first[key]
         else:
@@ -151,6 +153,15 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
                               f"{problem.message} and {more:,} more")
         result.append(problem)
     return result
+
+
+_CLASH = "two jobs write "
+
+
+def _gist(message: str) -> str:
+    """What a problem says, without the image it is about: a constant output template clashes
+    for every image, and one line says so."""
+    return _CLASH if message.startswith(_CLASH) else message.split(" (for ")[0]
 
 
 def describe(values: Mapping[str, Any], replicate: int | None = None) -> str:
@@ -327,7 +338,7 @@ class _JobBuilder:
                 return None
             hasher = self.hashers.get(model.name)
             if hasher is None:
-                hasher = self.hashers[model.name] = KeyHasher(model.name, constants)
+                hasher = self.hashers[model.name] = self.key_hasher(model.name, constants)
             key = hasher(request)
             fmt = str(request.get("output_format") or model.default_format)
             context["seed"], context["key"] = seed, key
@@ -346,6 +357,12 @@ class _JobBuilder:
             output = checked_output
         return Job(index, self.spec.name, values, replicate, model.name, request, seed, key,
                    output, combo)
+
+    def key_hasher(self, model: str, constants: Mapping[str, Any]) -> KeyHasher:
+        # A templated parameter may shadow a constant (the default output_format): the
+        # hasher must encode its value per image, not the first image's value for all.
+        varying = {name for name, _ in self.dynamic}
+        return KeyHasher(model, {k: v for k, v in constants.items() if k not in varying})
 
     def param_value(self, model: models.Model, name: str, text: str) -> tuple[Any, str | None]:
         """A rendered parameter as the schema's type, and the schema's verdict on it —
@@ -403,7 +420,7 @@ class _JobBuilder:
 
     def output_clash(self, job: Job, other: Job) -> Problem:
         return self.recipe.problem(
-            self.output_path, f"two jobs write {job.output!r}: {other.job} "
+            self.output_path, f"{_CLASH}{job.output!r}: {other.job} "
             f"({describe(other.vars, other.replicate)}) and {job.job} "
             f"({describe(job.vars, job.replicate)}); put the varying values in the "
             "output template")
