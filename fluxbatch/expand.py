@@ -24,8 +24,9 @@ from fluxbatch.recipe import JobSpec, Recipe
 from fluxbatch.templates import Template, TemplateProblem, compile_template, slug
 from fluxbatch.yamlsource import Path
 
-RESERVED_NAMES = ("job", "replicate", "replicates", "combo", "prompt", "seed", "ext", "key",
-                  "model")
+RESERVED_NAMES = ("job", "replicate", "replicates", "combo", "prompt", "seed", "ext", "key")
+# `model` may be a matrix variable (compare models: `params: {model: "{{ model }}"}`); when it
+# is not, templates read the resolved model under that name.
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,7 +315,7 @@ class _JobBuilder:
             constants = self.constants_for(model)
             if constants is None:
                 return None
-            context["model"] = model.name
+            context.setdefault("model", model.name)
             request = dict(constants)
             if self.prompt is not None:
                 where = self.prompt_path
