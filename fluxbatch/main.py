@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entry", metavar="PATH", help="with a manifest: the image's path")
     p.add_argument("-o", "--output", metavar="FILE", help="write the recipe here (default: stdout)")
 
+    p = sub.add_parser("gallery", help="write an HTML contact sheet of the rendered images")
+    _recipe_arguments(p)
+    p.add_argument("--rows", metavar="VAR", help="matrix variable for the rows")
+    p.add_argument("--cols", metavar="VAR", help="matrix variable for the columns")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="where to write it (default: gallery.html in the output root)")
+
     p = sub.add_parser("models", help="list known models, their parameters and prices")
     p.add_argument("model", nargs="?", help="show one model's parameters")
 
@@ -160,6 +167,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "clean": _clean,
         "inspect": _inspect,
         "reproduce": _reproduce,
+        "gallery": _gallery,
         "models": _models,
         "schema": _schema,
         "emulator": _emulator,
@@ -216,6 +224,13 @@ def _reproduce(args: argparse.Namespace) -> int:
     from fluxbatch.commands.inspect import reproduce
 
     return reproduce(source=args.source, entry_path=args.entry, output=args.output)
+
+
+def _gallery(args: argparse.Namespace) -> int:
+    from fluxbatch.commands.gallery import gallery
+
+    return gallery(recipe=args.recipe, out=args.out, yes=args.yes, rows=args.rows,
+                   cols=args.cols, output=args.output)
 
 
 def _models(args: argparse.Namespace) -> int:
