@@ -18,16 +18,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fluxbatch import imagemeta
 from fluxbatch.errors import StateError
+from fluxbatch.expand import Job
 from fluxbatch.plan import Record
 
 STATE_DIR = ".fluxbatch"
@@ -215,6 +218,19 @@ class Store:
         """The file was verified by hash: remember its mtime for the fast path next time."""
         self.db.execute("UPDATE images SET mtime_ns = ? WHERE output = ?", (mtime_ns, output))
 
+    def adopt(self, jobs: Iterable[Job]) -> int:
+        """Fill an empty store from the provenance inside images on disk (when the store and
+        the manifest were both lost); returns how many images were recognised."""
+        found = adoptable(self.root, jobs)
+        with self.transaction():
+            for entry in found:
+                mtime_ns = entry.pop("mtime_ns")
+                self.written(entry.get("output", entry["path"]), entry["key"], entry, mtime_ns)
+        return len(found)
+
+    def is_empty(self) -> bool:
+        return self.db.execute("SELECT 1 FROM images LIMIT 1").fetchone() is None
+
     def forget(self, outputs: list[str]) -> None:
         with self.transaction():
             self.db.executemany("DELETE FROM images WHERE output = ?", [(o,) for o in outputs])
@@ -342,17 +358,49 @@ class RootLock:
             self.fd = None
 
 
-def read_records(root: Path) -> dict[str, Record]:
-    """Records by output path, without creating anything (for `plan` and `status`)."""
+def read_records(root: Path, jobs: Iterable[Job] = ()) -> dict[str, Record]:
+    """Records by output path, without creating anything (for `plan`, `status`, `gallery`).
+    With neither a store nor a manifest, images on disk that carry the provenance of a
+    planned job count as written."""
     if (root / STATE_DIR / DATABASE).exists():
         with Store.open(root, create=False) as store:
             return store.records()
     document = read_manifest(root)
-    if document is None:
-        return {}
+    entries = document["images"] if document is not None else adoptable(root, jobs)
     return {
         entry.get("output", entry["path"]): Record(
             key=entry["key"], status=WRITTEN, written_key=entry["key"], sha256=entry["sha256"],
-            size=entry["bytes"], mtime_ns=None, path=entry["path"])
-        for entry in document["images"]
+            size=entry["bytes"], mtime_ns=entry.get("mtime_ns"), path=entry["path"])
+        for entry in entries
     }
+
+
+_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def adoptable(root: Path, jobs: Iterable[Job]) -> list[dict[str, Any]]:
+    """Manifest entries recovered from the provenance inside images already on disk: what a
+    lost store and manifest can be rebuilt from. Only an image whose embedded key is its
+    planned job's key counts."""
+    entries = []
+    for job in jobs:
+        planned = root / job.output
+        candidates = [planned, *(planned.with_suffix(e) for e in _EXTENSIONS
+                                 if e != planned.suffix.lower())]
+        for candidate in candidates:
+            entry = _provenance(candidate)
+            if entry is None or entry.get("key") != job.key:
+                continue
+            data = candidate.read_bytes()
+            entries.append(dict(entry, path=candidate.relative_to(root).as_posix(),
+                                sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
+                                mtime_ns=os.stat(candidate).st_mtime_ns))
+            break
+    return entries
+
+
+def _provenance(path: Path) -> dict[str, Any] | None:
+    try:
+        return imagemeta.extract(path.read_bytes())
+    except (OSError, imagemeta.ImageFormatError):
+        return None

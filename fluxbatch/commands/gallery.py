@@ -29,7 +29,7 @@ def gallery(*, recipe: str, out: str | None, yes: bool, rows: str | None, cols: 
             output: str | None) -> int:
     plan = load_plan(recipe, out=out, yes=yes)
     root = plan.recipe.output_root
-    records = read_records(root)
+    records = read_records(root, plan.jobs)
     classified = classify(plan, records)
     target = Path(output) if output else root / "gallery.html"
     sections = []

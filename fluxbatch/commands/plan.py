@@ -22,7 +22,7 @@ from fluxbatch.state import read_records
 
 def plan(*, recipe: str, out: str | None, yes: bool, as_json: bool, explain: bool) -> int:
     the_plan = load_plan(recipe, out=out, yes=yes)
-    classified = classify(the_plan, read_records(the_plan.recipe.output_root))
+    classified = classify(the_plan, read_records(the_plan.recipe.output_root, the_plan.jobs))
     if as_json:
         print(json.dumps(plan_document(classified, explain=explain), indent=2, ensure_ascii=False))
     else:

@@ -39,6 +39,8 @@ def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run
     with RootLock(root) as lock, Store.open(root) as store:
         store.claim_root(plan.recipe.name)
         clear_debris(root)
+        if store.is_empty() and not (root / "manifest.json").exists():
+            store.adopt(plan.jobs)  # the store and manifest were lost: read the images
         classified = classify_with_store(plan, store, options)
         selection = select(classified, store.in_flight(), options, plan.recipe.provider.name)
         check_budget(selection, options.budget)
@@ -184,7 +186,7 @@ def _dry_run(plan: Any, options: Options) -> int:
     from fluxbatch.plan import classify
 
     root = plan.recipe.output_root
-    records = read_records(root)
+    records = read_records(root, plan.jobs)
     classified = classify(plan, records, verify=options.verify)
     in_flight = {}
     if (root / ".fluxbatch" / "state.sqlite").exists():

@@ -15,7 +15,7 @@ from fluxbatch.state import read_records
 def status(*, recipe: str, out: str | None, yes: bool, as_json: bool, verify: bool,
            verbose: bool) -> int:
     plan = load_plan(recipe, out=out, yes=yes)
-    classified = classify(plan, read_records(plan.recipe.output_root), verify=verify)
+    classified = classify(plan, read_records(plan.recipe.output_root, plan.jobs), verify=verify)
     counts = classified.count()
     clean = counts[UP_TO_DATE] == len(plan.jobs) and not classified.orphans
     if as_json:
