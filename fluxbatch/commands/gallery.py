@@ -20,8 +20,9 @@ body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; background: #f6f6f4; 
 h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 32px; }
 table { border-collapse: collapse; } th, td { border: 1px solid #ddd; padding: 6px;
 vertical-align: top; background: #fff; } th { background: #eee; font-weight: 600; }
-figure { margin: 0 0 6px; display: inline-block; } img { width: 220px; display: block; }
-figcaption { font-size: 12px; color: #555; max-width: 220px; } .missing { color: #b00; }
+.cell { display: flex; flex-wrap: wrap; gap: 8px; }
+figure { margin: 0; } img { width: 200px; display: block; border-radius: 3px; }
+figcaption { font-size: 12px; color: #555; max-width: 200px; } .missing { color: #b00; }
 """
 
 
@@ -37,10 +38,9 @@ def gallery(*, recipe: str, out: str | None, yes: bool, rows: str | None, cols: 
     for job, state in zip(plan.jobs, classified.states, strict=True):
         by_job.setdefault(job.job, []).append((job, state))
     for name, jobs in by_job.items():
-        axes = [k for k in _varying(jobs)]
+        axes = _varying(jobs)
         row_axis = rows if rows in axes else (axes[0] if axes else None)
-        col_axis = cols if cols in axes and cols != row_axis else next(
-            (a for a in axes if a != row_axis), None)
+        col_axis = cols if cols in axes and cols != row_axis else _crossing(jobs, axes, row_axis)
         sections.append(_section(name, jobs, row_axis, col_axis, records, root, target))
     done = sum(1 for s in classified.states if s == UP_TO_DATE)
     if not done:
@@ -60,6 +60,22 @@ def _varying(jobs: Sequence[tuple[Job, str]]) -> list[str]:
     return [n for n in names if len({repr(job.vars.get(n)) for job, _ in jobs}) > 1]
 
 
+def _crossing(jobs: Sequence[tuple[Job, str]], axes: list[str],
+              row_axis: str | None) -> str | None:
+    """The variable that best crosses the rows: the one filling most cells (one from the same
+    CSV row or zip group would make a diagonal table)."""
+    others = [a for a in axes if a != row_axis]
+    if row_axis is None or not others:
+        return others[0] if others else None
+    rows = len(_values(jobs, row_axis))
+
+    def fill(axis: str) -> float:
+        pairs = {(repr(j.vars.get(row_axis)), repr(j.vars.get(axis))) for j, _ in jobs}
+        return len(pairs) / (rows * len(_values(jobs, axis)))
+
+    return max(others, key=fill)  # the first of the best: max keeps the earliest on ties
+
+
 def _section(name: str, jobs: Sequence[tuple[Job, str]], row_axis: str | None,
              col_axis: str | None, records: Any, root: Path, target: Path) -> str:
     row_values = _values(jobs, row_axis)
@@ -74,7 +90,8 @@ def _section(name: str, jobs: Sequence[tuple[Job, str]], row_axis: str | None,
     body = ""
     for row in row_values:
         body += f"<tr><th>{html.escape(row)}</th>" + "".join(
-            f"<td>{''.join(cells.get((row, col), []))}</td>" for col in col_values) + "</tr>"
+            f"<td><div class=cell>{''.join(cells.get((row, col), []))}</div></td>"
+            for col in col_values) + "</tr>"
     title = f"{name}" + (f": {row_axis} × {col_axis}" if row_axis and col_axis else "")
     corner = html.escape(f"{row_axis or ''} \\ {col_axis or ''}")
     return f"<h2>{html.escape(title)}</h2><table><tr><th>{corner}</th>{head}</tr>{body}</table>"
