@@ -270,7 +270,9 @@ class Executor:
             return self._finish(outcome)
         except _Fatal as error:
             self.fatal = self.fatal or str(error)
-            outcome.status, outcome.reason = SKIPPED, str(error)
+            # A task refused while polling was submitted (maybe paid): keep it re-attachable.
+            outcome.status = SKIPPED if outcome.submitted is None else PENDING
+            outcome.reason = str(error)
             return self._finish(outcome)
         except _Pending as error:
             outcome.status, outcome.reason = PENDING, str(error)
@@ -317,6 +319,11 @@ class Executor:
         except JobFailed as error:
             outcome.status, outcome.reason = FAILED, str(error)
             return self._finish(outcome)
+        except (_Pending, _Fatal) as error:  # from polling again for a fresh sample URL
+            if isinstance(error, _Fatal):
+                self.fatal = self.fatal or str(error)
+            outcome.status, outcome.reason = PENDING, str(error)
+            return self._finish(outcome)
         outcome.status = WRITTEN
         return self._finish(outcome)
 
@@ -351,7 +358,7 @@ class Executor:
                 if connect_failures >= self.settings.connect_attempts:
                     raise JobFailed(f"cannot connect to {self.provider.base_url}: "
                                   f"{_describe(error)}") from None
-                await self.sleep(self._backoff(connect_failures))
+                await self._pause(self._backoff(connect_failures))
                 continue
             except httpx.TransportError as error:
                 raise _Unknown(f"the submit may have reached the provider, but its answer was "
@@ -403,7 +410,7 @@ class Executor:
             task.cancel()
 
     def _backoff(self, attempt: int) -> float:
-        """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)]."""
+        """Jittered exponential backoff: uniform in [c/4, c], c = min(cap, base * 2**attempt)."""
         ceiling = min(self.settings.backoff_cap, self.settings.backoff_base * 2 ** attempt)
         return self.rng.uniform(ceiling / 4, ceiling)
 
@@ -494,10 +501,19 @@ class Executor:
         """A GET with retries on transient failures (GETs are safe to repeat)."""
         attempts = self.settings.get_attempts
         problem = ""
+        # A poll stops retrying on Ctrl-C (the task stays re-attachable); a download goes on.
+        wait = self._pause if pending_on_failure else self.sleep
         for attempt in range(1, attempts + 1):
+            if attempt > 1 and pending_on_failure and self.stopping:
+                raise _Pending(f"interrupted while retrying the {what} ({problem}); the task "
+                               "is recorded and a re-run picks it up")
             try:
-                response = await self.client.send(build(), follow_redirects=True)
-            except httpx.TransportError as error:
+                request = build()
+            except httpx.InvalidURL as error:
+                raise JobFailed(f"{what}: the provider gave an unusable URL ({error})") from None
+            try:
+                response = await self._send_following_redirects(request)
+            except httpx.RequestError as error:  # transport, decoding, redirect loops
                 problem = _describe(error)
             else:
                 if response.is_success:
@@ -508,18 +524,39 @@ class Executor:
                         raise JobFailed(f"download failed: {problem}")
                     if response.status_code in (401, 403):
                         raise _Fatal(f"the provider refused the key while polling: {problem}")
+                    attempts = attempt  # not worth repeating
                     break
                 retry_after = _retry_after(response)
                 if retry_after is not None:
-                    await self.sleep(retry_after)
+                    await wait(retry_after)
                     continue
             if attempt < attempts:
                 self.on_event(Event("retry", job, f"{what}: {problem}"))
-                await self.sleep(self._backoff(attempt))
-        message = f"{what} failed after {attempts} attempts: {problem}"
+                await wait(self._backoff(attempt))
+        message = f"{what} failed after {attempts} attempt{'s' if attempts > 1 else ''}: {problem}"
         if pending_on_failure:
             raise _Pending(message + "; the task is recorded and a re-run picks it up")
         raise JobFailed(message)
+
+    async def _send_following_redirects(self, request: httpx.Request) -> httpx.Response:
+        """Follow redirects as httpx does (it drops `Authorization` on leaving the origin),
+        but drop BFL's `x-key` there too: a redirected poll never takes the key elsewhere."""
+        response = await self.client.send(request, follow_redirects=False)
+        for _ in range(self.client.max_redirects):
+            target = response.next_request
+            if target is None:
+                return response
+            if _origin(target.url) != _origin(response.request.url):
+                target.headers.pop("x-key", None)
+            await response.aclose()
+            response = await self.client.send(target, follow_redirects=False)
+        if response.next_request is None:
+            return response
+        raise httpx.TooManyRedirects("Exceeded maximum allowed redirects.", request=request)
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port
 
 
 def _submit_error(response: httpx.Response) -> Exception:
@@ -537,22 +574,28 @@ def _submit_error(response: httpx.Response) -> Exception:
     return JobFailed(f"rejected: {message}")
 
 
+MAX_RETRY_AFTER = 300.0  # a larger (or nonsensical) Retry-After is capped to this
+
+
 def _retry_after(response: httpx.Response) -> float | None:
+    """`Retry-After` in seconds (a number or an HTTP date), capped at MAX_RETRY_AFTER."""
     value = response.headers.get("retry-after")
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    if seconds != seconds:  # NaN
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return min(MAX_RETRY_AFTER, max(0.0, seconds))
 
 
-def _describe(error: httpx.TransportError) -> str:
+def _describe(error: httpx.RequestError) -> str:
     text = str(error) or type(error).__name__
     return f"{type(error).__name__}: {text}" if text != type(error).__name__ else text
 

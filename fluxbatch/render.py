@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from fluxbatch import models, providers
+from fluxbatch import imagemeta, models, providers
 from fluxbatch.execute import (
     PENDING,
     WRITTEN,
@@ -83,7 +83,7 @@ class Report:
     @property
     def ok(self) -> bool:
         return not self.interrupted and all(o.status == WRITTEN for o in self.outcomes) \
-            and not self.selection.held_unknown
+            and not self.selection.held_unknown and not self.selection.held_moderated
 
 
 @contextlib.contextmanager
@@ -145,8 +145,8 @@ async def execute(plan: Plan, selection: Selection, store: Store,
             written, full = await asyncio.to_thread(
                 write_image, root, job, image.data, entry,
                 previous.path if previous is not None else None)
-        except NotAnImage as error:
-            raise JobFailed(str(error)) from None
+        except (NotAnImage, imagemeta.ImageFormatError) as error:
+            raise JobFailed(f"the provider's image is unusable: {error}") from None
         except OSError as error:
             raise JobFailed(f"cannot write {root / job.output}: "
                           f"{error.strerror or error}") from None

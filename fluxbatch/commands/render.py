@@ -48,7 +48,8 @@ def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run
             _print_nothing_to_do(selection)
             if not (root / "manifest.json").exists():
                 write_manifest(plan.recipe, store.entries())
-            return EXIT_FAILED if selection.held_unknown else EXIT_OK
+            held = selection.held_unknown or selection.held_moderated
+            return EXIT_FAILED if held else EXIT_OK
         # Only now, with work to do, load the network half (httpx, the executor).
         from fluxbatch.render import provider_for
 
@@ -151,8 +152,10 @@ def _print_held(selection: Selection) -> None:
               "outcome was never learned (it may have been billed). Re-run with "
               "--retry-unknown to submit them again.", file=sys.stderr)
     if selection.held_moderated:
-        print(f"{plural(len(selection.held_moderated), 'image')} were moderated before and are "
-              "not retried (change the prompt, or use --force).", file=sys.stderr)
+        count = len(selection.held_moderated)
+        print(f"{plural(count, 'image')} {'was' if count == 1 else 'were'} moderated before and "
+              f"{'is' if count == 1 else 'are'} not retried (change the prompt, or use --force).",
+              file=sys.stderr)
 
 
 def _print_report(report: Report, root: Any) -> None:

@@ -77,6 +77,7 @@ def error_message(response: httpx.Response) -> str:
     text = _message_from(body) if body is not None else None
     if text is None:
         text = _html_title(response.text) or _snippet(response.text) or response.reason_phrase
+    text = " ".join(text.split())  # one line, whatever the body's layout
     return f"{prefix}: {text}" if text else prefix
 
 

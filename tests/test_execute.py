@@ -1,0 +1,833 @@
+"""The executor against a BFL-shaped API faked at the transport (a real `httpx.AsyncClient`
+over `httpx.MockTransport`). Time is fake: requested sleeps are recorded and advance a clock,
+so nothing here really waits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import httpx
+import pytest
+
+from fluxbatch import providers
+from fluxbatch.execute import (
+    Event,
+    Executor,
+    Image,
+    JobFailed,
+    Outcome,
+    Settings,
+)
+from fluxbatch.expand import Job
+from fluxbatch.matrix import Combination
+from fluxbatch.providers import Polled, Secret, Submitted
+from fluxbatch.providers.bfl import Bfl
+from fluxbatch.providers.cometapi import CometApi
+
+BASE = "https://api.bfl.ai"
+POLL_BASE = "https://api.eu4.bfl.ai"  # a regional host, unlike the submit host
+DELIVERY = "https://delivery.eu2.bfl.ai"
+KEY = "sk-test-key"
+PNG = b"\x89PNG\r\n\x1a\n fake image"
+AZURE_EXPIRED = (
+    '<?xml version="1.0" encoding="utf-8"?><Error><Code>AuthenticationFailed</Code>'
+    "<Message>Server failed to authenticate the request.\nRequestId:1\nTime:now</Message>"
+    "</Error>"
+)
+
+Scripted = httpx.Response | Exception | dict[str, Any]
+
+
+def make_job(index: int, prompt: str | None = None, model: str = "flux-pro-1.1") -> Job:
+    return Job(index=index, job="test", vars={"n": index}, replicate=1, model=model,
+               request={"prompt": prompt or f"image {index}", "seed": index}, seed=index,
+               key=f"key-{index}", output=f"out/{index}.png",
+               combination=Combination({"n": index}, "single"))
+
+
+def backoffs(*ceilings: float) -> list[float]:
+    """What the executor's jittered backoff draws from `random.Random(0)`."""
+    rng = random.Random(0)
+    return [rng.uniform(ceiling / 4, ceiling) for ceiling in ceilings]
+
+
+def error(status: int, detail: str, headers: Mapping[str, str] | None = None) -> httpx.Response:
+    return httpx.Response(status, json={"detail": detail}, headers=headers)
+
+
+def pending(progress: float | None = None, status: str = "Pending") -> dict[str, Any]:
+    return {"status": status, "result": None, "progress": progress}
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+class FakeApi:
+    """BFL's routes. Replies can be scripted per prompt; unscripted, a submit is accepted, a
+    task is Pending (with linear progress) for `durations[prompt]` seconds, then Ready, and
+    its sample downloads as a PNG."""
+
+    def __init__(self, time: FakeTime) -> None:
+        self.time = time
+        self.requests: list[httpx.Request] = []
+        self.submits: dict[str, deque[Scripted]] = defaultdict(deque)
+        self.polls: dict[str, deque[Scripted]] = defaultdict(deque)
+        self.downloads: dict[str, deque[Scripted]] = defaultdict(deque)
+        self.durations: dict[str, float] = {}
+        self.report_progress = True
+        self.tasks: dict[str, tuple[str, float]] = {}  # id → (prompt, submitted at)
+        self.on_request: Callable[[httpx.Request], None] = lambda request: None
+
+    def posts(self) -> list[httpx.Request]:
+        return [q for q in self.requests if q.method == "POST"]
+
+    def polls_of(self, task_id: str) -> list[httpx.Request]:
+        return [q for q in self.requests if q.url.path == "/v1/get_result"
+                and q.url.params.get("id") == task_id]
+
+    def downloads_made(self) -> list[httpx.Request]:
+        return [q for q in self.requests if q.url.host.startswith("delivery.")]
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        self.on_request(request)
+        if request.method == "POST":
+            prompt = str(_json(request)["prompt"])
+            return _reply(self.submits[prompt]) or self._accept(prompt)
+        task_id = request.url.params.get("id") or request.url.params["task"]
+        prompt, submitted = self.tasks[task_id]
+        if request.url.host.startswith("delivery."):
+            return _reply(self.downloads[prompt]) or httpx.Response(
+                200, content=PNG, headers={"content-type": "image/png"})
+        return _reply(self.polls[prompt]) or self._status(task_id, prompt, submitted)
+
+    def _accept(self, prompt: str) -> httpx.Response:
+        task_id = f"task-{len(self.tasks) + 1}"
+        self.tasks[task_id] = (prompt, self.time.now)
+        return httpx.Response(200, json={
+            "id": task_id, "polling_url": f"{POLL_BASE}/v1/get_result?id={task_id}",
+            "cost": 4.0})
+
+    def _status(self, task_id: str, prompt: str, submitted: float) -> httpx.Response:
+        elapsed = self.time.now - submitted
+        duration = self.durations.get(prompt, 0.0)
+        if elapsed < duration:
+            return httpx.Response(200, json=pending(
+                elapsed / duration if self.report_progress else None))
+        return httpx.Response(200, json=self.ready(task_id))
+
+    def ready(self, task_id: str) -> dict[str, Any]:
+        sample = f"{DELIVERY}/results/sample.png?task={task_id}&sig={len(self.requests)}"
+        return {"id": task_id, "status": "Ready", "result": {"sample": sample, "seed": 42}}
+
+
+def _json(request: httpx.Request) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(request.content)
+    return body
+
+
+def _reply(script: deque[Scripted]) -> httpx.Response | None:
+    if not script:
+        return None
+    item = script.popleft()
+    if isinstance(item, Exception):
+        raise item
+    if isinstance(item, dict):
+        return httpx.Response(200, json=item)
+    return item
+
+
+class FakeJournal:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, Any]] = []
+
+    def of(self, index: int) -> list[str]:
+        return [name for name, i, _ in self.calls if i == index]
+
+    def submitting(self, job: Job) -> None:
+        self.calls.append(("submitting", job.index, None))
+
+    def not_sent(self, job: Job) -> None:
+        self.calls.append(("not_sent", job.index, None))
+
+    def submitted(self, job: Job, submitted: Submitted, at: float) -> None:
+        self.calls.append(("submitted", job.index, submitted.task_id))
+
+    def ready(self, job: Job, polled: Polled) -> None:
+        self.calls.append(("ready", job.index, polled.reported_seed))
+
+    def finished(self, outcome: Outcome) -> None:
+        self.calls.append(("finished", outcome.job.index, outcome.status))
+
+
+class FakeWriter:
+    def __init__(self) -> None:
+        self.written: list[tuple[int, bytes, str | None]] = []
+        self.failures: dict[int, str] = {}
+
+    async def __call__(self, job: Job, image: Image, outcome: Outcome) -> Any:
+        if job.index in self.failures:
+            raise JobFailed(self.failures[job.index])
+        self.written.append((job.index, image.data, image.content_type))
+        return f"wrote {job.output}"
+
+
+@dataclass
+class Harness:
+    time: FakeTime = field(default_factory=FakeTime)
+    journal: FakeJournal = field(default_factory=FakeJournal)
+    writer: FakeWriter = field(default_factory=FakeWriter)
+    events: list[Event] = field(default_factory=list)
+    settings: Settings = field(default_factory=Settings)
+    api: FakeApi = field(init=False)
+    executor: Executor | None = None
+    provider: providers.Provider = field(
+        default_factory=lambda: Bfl(providers.REGISTRY["bfl"], BASE, Secret(KEY)))
+
+    def __post_init__(self) -> None:
+        self.api = FakeApi(self.time)
+
+    def run(self, jobs: Iterable[Job], attach: Mapping[str, Submitted] | None = None,
+            started: Callable[[Executor], None] = lambda executor: None) -> list[Outcome]:
+        async def main() -> list[Outcome]:
+            transport = httpx.MockTransport(self.api.handle)
+            async with httpx.AsyncClient(transport=transport) as client:
+                self.executor = Executor(
+                    self.provider, client, journal=self.journal, writer=self.writer,
+                    settings=self.settings, on_event=self.events.append,
+                    sleep=self.time.sleep, clock=self.time.clock, rng=random.Random(0))
+                started(self.executor)
+                return await self.executor.run(list(jobs), attach)
+
+        return asyncio.run(main())
+
+
+@pytest.fixture
+def h() -> Harness:
+    return Harness()
+
+
+def statuses(outcomes: list[Outcome]) -> list[str]:
+    return [o.status for o in outcomes]
+
+
+# -- statuses ---------------------------------------------------------------------------------
+
+
+def test_ready_task_is_downloaded_at_once_without_auth_and_written(h: Harness) -> None:
+    [outcome] = h.run([make_job(0)])
+
+    assert (outcome.status, outcome.reason) == ("written", None)
+    assert outcome.written == "wrote out/0.png"
+    assert outcome.submitted == Submitted("task-1", f"{POLL_BASE}/v1/get_result?id=task-1", 4.0)
+    assert [(q.method, str(q.url)) for q in h.api.requests] == [
+        ("POST", f"{BASE}/v1/flux-pro-1.1"),
+        ("GET", f"{POLL_BASE}/v1/get_result?id=task-1"),
+        ("GET", f"{DELIVERY}/results/sample.png?task=task-1&sig=2"),
+    ]
+    submit, poll, download = h.api.requests
+    assert submit.headers["x-key"] == poll.headers["x-key"] == KEY
+    assert "x-key" not in download.headers and "authorization" not in download.headers
+    assert h.writer.written == [(0, PNG, "image/png")]
+    assert h.journal.calls == [("submitting", 0, None), ("submitted", 0, "task-1"),
+                               ("ready", 0, 42), ("finished", 0, "written")]
+    assert h.time.sleeps == [0.5]
+
+
+def test_cometapi_task_is_polled_on_its_own_get_result_with_bearer() -> None:
+    comet = "https://api.cometapi.com"
+    h = Harness(provider=CometApi(providers.REGISTRY["cometapi"], comet, Secret(KEY)))
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "written"
+    assert [(q.method, str(q.url)) for q in h.api.requests] == [
+        ("POST", f"{comet}/flux/v1/flux-pro-1.1"),
+        ("GET", f"{comet}/flux/v1/get_result?id=task-1"),
+        ("GET", f"{DELIVERY}/results/sample.png?task=task-1&sig=2"),
+    ]
+    submit, poll, download = h.api.requests
+    assert submit.headers["authorization"] == poll.headers["authorization"] == f"Bearer {KEY}"
+    assert "x-key" not in download.headers and "authorization" not in download.headers
+
+
+def test_pending_and_unknown_nonterminal_statuses_keep_polling(h: Harness) -> None:
+    h.api.polls["image 0"].extend([pending(), pending(status="Processing"),
+                                   pending(status="Queued"), pending()])
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "written"
+    assert len(h.api.polls_of("task-1")) == 5
+    assert len(h.api.posts()) == 1
+
+
+def test_download_follows_redirects_and_never_sends_the_key(h: Harness) -> None:
+    h.api.downloads["image 0"].append(httpx.Response(
+        302, headers={"location": f"{DELIVERY}/durable/sample.png?task=task-1"}))
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "written"
+    downloads = h.api.downloads_made()
+    assert [q.url.path for q in downloads] == ["/results/sample.png", "/durable/sample.png"]
+    for request in downloads:
+        assert "x-key" not in request.headers
+        assert "authorization" not in request.headers
+    assert h.writer.written == [(0, PNG, "image/png")]
+
+
+def test_poll_redirected_to_another_host_does_not_carry_the_key(h: Harness) -> None:
+    h.api.polls["image 0"].extend([
+        httpx.Response(307, headers={"location": "/v1/get_result?id=task-1&hop=1"}),
+        httpx.Response(307, headers={"location": "https://api.eu2.bfl.ai/v1/get_result?id=task-1"}),
+    ])
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "written"
+    first, same_host, other_host = h.api.polls_of("task-1")
+    assert (first.url.host, same_host.url.host, other_host.url.host) == (
+        "api.eu4.bfl.ai", "api.eu4.bfl.ai", "api.eu2.bfl.ai")
+    assert first.headers["x-key"] == same_host.headers["x-key"] == KEY
+    assert "x-key" not in other_host.headers
+
+
+@pytest.mark.parametrize("status", ["Request Moderated", "Content Moderated"])
+def test_moderated_task_ends_moderated_and_is_never_resubmitted(h: Harness, status: str) -> None:
+    h.api.polls["image 0"].append(
+        {"status": status, "details": {"Moderation Reasons": ["Derivative Works Filter"]}})
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "moderated"
+    assert outcome.reason == f"{status} (Moderation Reasons: Derivative Works Filter)"
+    assert len(h.api.posts()) == 1
+    assert h.api.downloads_made() == []
+    assert h.journal.of(0) == ["submitting", "submitted", "finished"]
+
+
+def test_error_status_ends_failed_with_its_details(h: Harness) -> None:
+    h.api.polls["image 0"].append({"status": "Error", "details": {"error": "GPU fell over"}})
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "failed"
+    assert outcome.reason == "the task ended with status 'Error' (error: GPU fell over)"
+    assert len(h.api.posts()) == 1
+
+
+def test_task_not_found_is_polled_again_a_few_times_then_fails(h: Harness) -> None:
+    h.api.polls["image 0"].extend([{"status": "Task not found"}] * 5)
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "failed"
+    assert outcome.reason == ("the provider no longer knows task task-1 ('Task not found'; "
+                              "results expire)")
+    assert len(h.api.polls_of("task-1")) == h.settings.not_found_attempts == 3
+    assert h.time.sleeps == [0.5, *backoffs(1.0, 2.0)]
+    assert len(h.api.posts()) == 1
+
+
+def test_task_not_found_once_then_ready_is_written(h: Harness) -> None:
+    h.api.polls["image 0"].append({"status": "Task not found"})
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "written"
+    assert len(h.api.polls_of("task-1")) == 2
+
+
+# -- submit errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("reply", "message"), [
+    (error(500, "Internal Server Error"), "HTTP 500: Internal Server Error"),
+    (httpx.Response(502, text="<html><head><title>502 Bad Gateway</title></head></html>"),
+     "HTTP 502: 502 Bad Gateway (HTML page)"),
+    (httpx.Response(503), "HTTP 503: Service Unavailable"),
+])
+def test_submit_5xx_is_unknown_and_never_resubmitted(h: Harness, reply: httpx.Response,
+                                                     message: str) -> None:
+    h.api.submits["image 0"].append(reply)
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "unknown"
+    assert outcome.reason == (f"the provider answered {message}; the task may have been "
+                              "created and billed")
+    assert len(h.api.posts()) == 1
+    assert h.journal.of(0) == ["submitting", "finished"]  # never "not_sent": maybe billed
+
+
+def test_cometapi_500_invalid_request_is_a_definite_failure(h: Harness) -> None:
+    h.api.submits["image 0"].append(httpx.Response(500, json={"error": {
+        "message": "bad body", "type": "comet_api_error", "code": "invalid_request"}}))
+
+    [outcome] = h.run([make_job(0)])
+
+    assert (outcome.status, outcome.reason) == (
+        "failed", "rejected: HTTP 500: bad body (invalid_request)")
+    assert len(h.api.posts()) == 1
+
+
+@pytest.mark.parametrize(("exception", "described"), [
+    (httpx.ReadTimeout("timed out"), "ReadTimeout: timed out"),
+    (httpx.RemoteProtocolError("Server disconnected without sending a response."),
+     "RemoteProtocolError: Server disconnected without sending a response."),
+    (httpx.ReadError("Connection reset by peer"), "ReadError: Connection reset by peer"),
+])
+def test_submit_whose_answer_is_lost_is_unknown_and_never_resubmitted(
+        h: Harness, exception: Exception, described: str) -> None:
+    h.api.submits["image 0"].append(exception)
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "unknown"
+    assert outcome.reason == ("the submit may have reached the provider, but its answer was "
+                              f"lost ({described})")
+    assert len(h.api.posts()) == 1
+    assert h.journal.of(0) == ["submitting", "finished"]
+
+
+def test_connection_refused_on_submit_is_retried_then_succeeds(h: Harness) -> None:
+    h.api.submits["image 0"].extend([httpx.ConnectError("Connection refused"),
+                                     httpx.ConnectTimeout("timed out")])
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "written"
+    assert len(h.api.posts()) == 3
+    assert h.journal.of(0) == ["submitting", "not_sent", "submitting", "not_sent", "submitting",
+                               "submitted", "ready", "finished"]
+    assert h.time.sleeps == [*backoffs(1.0, 2.0), 0.5]
+
+
+def test_connection_refused_every_time_fails_without_paying() -> None:
+    h = Harness(settings=Settings(connect_attempts=2))
+    h.api.submits["image 0"].extend([httpx.ConnectError("Connection refused")] * 2)
+
+    [outcome] = h.run([make_job(0)])
+
+    assert (outcome.status, outcome.reason) == (
+        "failed", f"cannot connect to {BASE}: ConnectError: Connection refused")
+    assert h.journal.of(0) == ["submitting", "not_sent", "submitting", "not_sent", "finished"]
+
+
+@pytest.mark.parametrize(("status", "detail", "reason"), [
+    (401, "Not authenticated", "the provider refused the API key (HTTP 401: Not authenticated)"),
+    (403, "Not authenticated - Invalid Authentication",
+     "the provider refused the API key (HTTP 403: Not authenticated - Invalid Authentication)"),
+    (402, "Insufficient credits", "out of credits (HTTP 402: Insufficient credits)"),
+])
+def test_account_refusal_stops_all_submits_and_skips_the_rest(
+        status: int, detail: str, reason: str) -> None:
+    h = Harness(settings=Settings(account_cap=1))
+    h.api.submits["image 0"].append(error(status, detail))
+
+    outcomes = h.run([make_job(i) for i in range(4)])
+
+    assert [(o.status, o.reason) for o in outcomes] == [("skipped", reason)] * 4
+    assert len(h.api.posts()) == 1
+    assert h.journal.of(0) == ["submitting", "not_sent", "finished"]
+
+
+def test_validation_error_fails_that_job_with_the_detail_and_others_go_on(h: Harness) -> None:
+    h.api.submits["image 1"].append(httpx.Response(422, json={"detail": [{
+        "loc": ["body", "width"], "msg": "Input should be less than or equal to 1440",
+        "type": "less_than_equal"}]}))
+
+    outcomes = h.run([make_job(i) for i in range(3)])
+
+    assert statuses(outcomes) == ["written", "failed", "written"]
+    assert outcomes[1].reason == ("rejected: HTTP 422: width: Input should be less than or "
+                                  "equal to 1440")
+    assert h.journal.of(1) == ["submitting", "not_sent", "finished"]
+    assert len(h.api.posts()) == 3
+
+
+# -- poll and download errors -----------------------------------------------------------------
+
+
+def test_poll_5xx_is_retried_with_backoff_then_succeeds(h: Harness) -> None:
+    h.api.polls["image 0"].extend([error(500, "Internal Server Error"),
+                                   httpx.Response(503), httpx.ReadTimeout("timed out")])
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "written"
+    assert len(h.api.polls_of("task-1")) == 4
+    assert h.time.sleeps == [0.5, *backoffs(1.0, 2.0, 4.0)]
+    assert [(e.kind, e.detail) for e in h.events if e.kind == "retry"] == [
+        ("retry", "poll: HTTP 500: Internal Server Error"),
+        ("retry", "poll: HTTP 503: Service Unavailable"),
+        ("retry", "poll: ReadTimeout: timed out"),
+    ]
+    assert len(h.api.posts()) == 1
+
+
+def test_poll_failing_every_time_leaves_the_task_pending_for_a_rerun() -> None:
+    h = Harness(settings=Settings(get_attempts=3))
+    h.api.polls["image 0"].extend([error(500, "Internal Server Error")] * 3)
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "pending"
+    assert outcome.reason == ("poll failed after 3 attempts: HTTP 500: Internal Server Error; "
+                              "the task is recorded and a re-run picks it up")
+    assert len(h.api.posts()) == 1
+
+
+def test_download_5xx_is_retried(h: Harness) -> None:
+    h.api.downloads["image 0"].extend([httpx.Response(503), httpx.ReadError("reset")])
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "written"
+    assert len(h.api.downloads_made()) == 3
+    assert len(h.api.polls_of("task-1")) == 1
+
+
+def test_expired_sample_url_is_polled_again_once_for_a_fresh_one(h: Harness) -> None:
+    h.api.downloads["image 0"].append(httpx.Response(403, text=AZURE_EXPIRED))
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "written"
+    assert len(h.api.polls_of("task-1")) == 2
+    first, second = h.api.downloads_made()
+    assert first.url != second.url
+    assert second.url == httpx.URL(f"{DELIVERY}/results/sample.png?task=task-1&sig=4")
+    assert len(h.api.posts()) == 1
+
+
+def test_sample_url_failing_after_a_fresh_poll_fails_the_job(h: Harness) -> None:
+    h.api.downloads["image 0"].extend([httpx.Response(403, text=AZURE_EXPIRED)] * 2)
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "failed"
+    assert outcome.reason == ("download failed: HTTP 403: AuthenticationFailed: Server failed "
+                              "to authenticate the request. RequestId:1 Time:now")
+    assert len(h.api.polls_of("task-1")) == 2
+    assert len(h.api.posts()) == 1
+
+
+def test_expired_sample_url_with_polls_failing_leaves_the_task_pending() -> None:
+    h = Harness(settings=Settings(get_attempts=2))
+    h.api.downloads["image 0"].append(httpx.Response(403, text=AZURE_EXPIRED))
+    h.api.polls["image 0"].extend([h.api.ready("task-1"), httpx.Response(503),
+                                   httpx.Response(503)])
+
+    outcomes = h.run([make_job(0), make_job(1)])
+
+    assert statuses(outcomes) == ["pending", "written"]
+    assert outcomes[0].reason == ("poll failed after 2 attempts: HTTP 503: Service Unavailable; "
+                                  "the task is recorded and a re-run picks it up")
+
+
+def test_download_redirect_loop_fails_only_that_job() -> None:
+    h = Harness(settings=Settings(get_attempts=1))
+    loop = httpx.Response(302, headers={"location": f"{DELIVERY}/loop?task=task-1"})
+    h.api.downloads["image 0"].extend([loop] * 100)
+
+    outcomes = h.run([make_job(0), make_job(1)])
+
+    assert statuses(outcomes) == ["failed", "written"]
+    assert outcomes[0].reason == ("download failed after 1 attempt: TooManyRedirects: "
+                                  "Exceeded maximum allowed redirects.")
+
+
+def test_unusable_sample_url_fails_only_that_job(h: Harness) -> None:
+    bad = {"status": "Ready", "result": {"sample": "https://[::1/sample.png", "seed": 1}}
+    h.api.polls["image 0"].extend([bad, bad])
+
+    outcomes = h.run([make_job(0), make_job(1)])
+
+    assert statuses(outcomes) == ["failed", "written"]
+    assert outcomes[0].reason == "download: the provider gave an unusable URL (Invalid port: ':1')"
+
+
+def test_poll_refused_with_404_is_not_repeated_and_leaves_the_task_pending(h: Harness) -> None:
+    h.api.polls["image 0"].append(error(404, "Not Found"))
+
+    [outcome] = h.run([make_job(0)])
+
+    assert (outcome.status, outcome.reason) == (
+        "pending", "poll failed after 1 attempt: HTTP 404: Not Found; the task is recorded and "
+        "a re-run picks it up")
+    assert len(h.api.polls_of("task-1")) == 1
+
+
+def test_key_refused_while_polling_leaves_the_paid_task_pending_and_stops_submits() -> None:
+    h = Harness(settings=Settings(account_cap=1))
+    h.api.polls["image 0"].append(error(403, "Not authenticated - Invalid Authentication"))
+
+    outcomes = h.run([make_job(0), make_job(1)])
+
+    reason = ("the provider refused the key while polling: HTTP 403: "
+              "Not authenticated - Invalid Authentication")
+    assert [(o.status, o.reason) for o in outcomes] == [("pending", reason), ("skipped", reason)]
+    assert len(h.api.posts()) == 1
+
+
+def test_writer_failure_fails_that_job_only(h: Harness) -> None:
+    h.writer.failures[0] = "cannot write out/0.png: No space left on device"
+
+    outcomes = h.run([make_job(0), make_job(1)])
+
+    assert [(o.status, o.reason) for o in outcomes] == [
+        ("failed", "cannot write out/0.png: No space left on device"), ("written", None)]
+
+
+# -- rate limits ---------------------------------------------------------------------------
+
+
+def test_429_with_retry_after_seconds_waits_that_long_then_resubmits(h: Harness) -> None:
+    h.api.submits["image 0"].append(error(429, "Too many active tasks", {"retry-after": "7"}))
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "written"
+    assert len(h.api.posts()) == 2
+    assert h.time.sleeps == [7.0, 0.5]
+    assert h.journal.of(0) == ["submitting", "not_sent", "submitting", "submitted", "ready",
+                               "finished"]
+    assert [(e.kind, e.detail) for e in h.events][:1] == [
+        ("rate-limited", "429; retrying in 7.0 s")]
+
+
+def test_429_with_retry_after_http_date_waits_until_that_time(h: Harness) -> None:
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
+    h.api.submits["image 0"].append(error(429, "Too many active tasks", {"retry-after": when}))
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "written"
+    assert len(h.api.posts()) == 2
+    assert 115 < h.time.sleeps[0] <= 120
+    assert h.journal.of(0)[:3] == ["submitting", "not_sent", "submitting"]
+
+
+def test_429_without_retry_after_backs_off_exponentially_with_jitter(h: Harness) -> None:
+    h.api.submits["image 0"].extend([error(429, "Too many active tasks")] * 3)
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "written"
+    assert len(h.api.posts()) == 4
+    assert h.time.sleeps == [*backoffs(1.0, 2.0, 4.0), 0.5]
+    assert h.journal.of(0)[:7] == ["submitting", "not_sent"] * 3 + ["submitting"]
+
+
+def test_429s_lower_the_concurrency_and_successes_restore_it() -> None:
+    h = Harness(settings=Settings(account_cap=4))
+    jobs = [make_job(i) for i in range(16)]
+    for job in jobs[:4]:
+        h.api.submits[str(job.prompt)].append(error(429, "Too many active tasks"))
+    limits: list[int] = []
+
+    def watch(executor: Executor) -> None:
+        def on_request(request: httpx.Request) -> None:
+            if request.method == "POST":
+                limits.append(executor.account.limit)
+        h.api.on_request = on_request
+
+    outcomes = h.run(jobs, started=watch)
+
+    assert statuses(outcomes) == ["written"] * 16
+    assert len(h.api.posts()) == 20
+    assert min(limits[:5]) < 4  # lowered while 429s continue
+    assert limits[4:] == sorted(limits[4:])  # and raised again, one step at a time
+    assert limits[-1] == 4
+    assert h.executor is not None and h.executor.account.limit == 4
+    assert [name for name, _, _ in h.journal.calls].count("not_sent") == 4
+
+
+def test_429s_beyond_the_rate_limit_timeout_give_up_without_paying() -> None:
+    h = Harness(settings=Settings(rate_limit_timeout=10.0))
+    h.api.submits["image 0"].extend([error(429, "busy", {"retry-after": "6"})] * 5)
+
+    [outcome] = h.run([make_job(0)])
+
+    assert (outcome.status, outcome.reason) == (
+        "failed", "still rate-limited (429) after 10 s; gave up")
+    assert len(h.api.posts()) == 3
+    assert h.journal.of(0) == ["submitting", "not_sent"] * 3 + ["finished"]
+
+
+# -- independence and order ----------------------------------------------------------------
+
+
+def test_one_failure_never_cancels_the_others_and_outcomes_keep_job_order(h: Harness) -> None:
+    h.api.polls["image 0"].extend([pending()] * 4)
+    h.api.submits["image 1"].append(error(422, "prompt: Field required"))
+    h.api.polls["image 3"].append({"status": "Request Moderated"})
+    h.api.submits["image 4"].append(httpx.ReadTimeout("timed out"))
+    h.writer.failures[5] = "disk full"
+
+    outcomes = h.run([make_job(i) for i in range(7)])
+
+    assert [o.job.index for o in outcomes] == list(range(7))
+    assert statuses(outcomes) == ["written", "failed", "written", "moderated", "unknown",
+                                  "failed", "written"]
+    written_order = [index for index, _, _ in h.writer.written]
+    assert sorted(written_order) == [0, 2, 6]
+    assert written_order.index(0) > written_order.index(2)  # finished out of order
+
+
+# -- poll timing -----------------------------------------------------------------------------
+
+
+def test_with_progress_reported_each_task_is_polled_at_most_three_times() -> None:
+    h = Harness(settings=Settings(account_cap=1))
+    durations = [2.0, 4.5, 8.0, 9.5, 6.0]
+    for index, seconds in enumerate(durations):
+        h.api.durations[f"image {index}"] = seconds
+
+    outcomes = h.run([make_job(i) for i in range(len(durations))])
+
+    assert statuses(outcomes) == ["written"] * len(durations)
+    polls = [len(h.api.polls_of(o.submitted.task_id)) for o in outcomes if o.submitted]
+    assert polls == [2, 2, 2, 2, 2]
+    assert all(count <= 3 for count in polls)
+
+
+def test_without_progress_the_poll_interval_backs_off() -> None:
+    h = Harness()
+    h.api.report_progress = False
+    h.api.durations["image 0"] = 30.0
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "written"
+    sleeps = h.time.sleeps
+    assert sleeps[0] == 0.5
+    for index in range(1, len(sleeps)):
+        expected = min(10.0, max(0.05, 0.25 * sum(sleeps[:index])))
+        assert sleeps[index] == pytest.approx(expected)
+    assert sleeps[1:] == sorted(sleeps[1:])
+    assert len(h.api.polls_of("task-1")) == len(sleeps) == 20  # 60 at a fixed 0.5 s
+
+
+# -- stopping and re-attaching ---------------------------------------------------------------
+
+
+def test_stop_skips_unsubmitted_jobs_and_leaves_in_flight_tasks_pending() -> None:
+    h = Harness(settings=Settings(account_cap=2))
+    for index in range(4):
+        h.api.durations[f"image {index}"] = 60.0
+
+    def stop_on_first_poll(executor: Executor) -> None:
+        def on_request(request: httpx.Request) -> None:
+            if request.url.path == "/v1/get_result":
+                executor.stop()
+        h.api.on_request = on_request
+
+    outcomes = h.run([make_job(i) for i in range(4)], started=stop_on_first_poll)
+
+    assert statuses(outcomes) == ["pending", "pending", "skipped", "skipped"]
+    assert outcomes[0].reason == ("interrupted while waiting for the result; the task is "
+                                  "recorded and a re-run picks it up without paying again")
+    assert {o.reason for o in outcomes[2:]} <= {"interrupted before it was submitted",
+                                                "interrupted before the provider accepted it"}
+    assert len(h.api.posts()) == 2
+    assert h.api.downloads_made() == []
+    assert [o.submitted.task_id for o in outcomes[:2] if o.submitted] == ["task-1", "task-2"]
+
+
+def test_stop_while_waiting_out_a_429_skips_the_job_without_resubmitting() -> None:
+    h = Harness()
+    h.api.submits["image 0"].append(error(429, "busy", {"retry-after": "30"}))
+
+    def stop_on_429(executor: Executor) -> None:
+        h.api.on_request = lambda request: executor.stop()
+
+    [outcome] = h.run([make_job(0)], started=stop_on_429)
+
+    assert (outcome.status, outcome.reason) == (
+        "skipped", "interrupted before the provider accepted it")
+    assert len(h.api.posts()) == 1
+    assert h.journal.of(0) == ["submitting", "not_sent", "finished"]
+
+
+def test_stop_while_polls_are_retried_leaves_the_task_pending_at_once() -> None:
+    h = Harness()
+    h.api.polls["image 0"].extend([error(500, "Internal Server Error")] * 8)
+
+    def stop_on_failed_poll(executor: Executor) -> None:
+        def on_request(request: httpx.Request) -> None:
+            if request.url.path == "/v1/get_result":
+                executor.stop()
+        h.api.on_request = on_request
+
+    [outcome] = h.run([make_job(0)], started=stop_on_failed_poll)
+
+    assert (outcome.status, outcome.reason) == (
+        "pending", "interrupted while retrying the poll (HTTP 500: Internal Server Error); "
+        "the task is recorded and a re-run picks it up")
+    assert len(h.api.polls_of("task-1")) == 1
+    assert h.time.sleeps == [0.5]  # the backoff was cut short
+
+
+def test_stop_while_connection_retries_wait_skips_the_job() -> None:
+    h = Harness()
+    h.api.submits["image 0"].extend([httpx.ConnectError("Connection refused")] * 4)
+
+    def stop_on_submit(executor: Executor) -> None:
+        h.api.on_request = lambda request: executor.stop()
+
+    [outcome] = h.run([make_job(0)], started=stop_on_submit)
+
+    assert (outcome.status, outcome.reason) == (
+        "skipped", "interrupted before the provider accepted it")
+    assert len(h.api.posts()) == 1
+    assert h.time.sleeps == []
+
+
+def test_attached_task_is_polled_where_it_was_and_never_submitted_again(h: Harness) -> None:
+    polling_url = f"{POLL_BASE}/v1/get_result?id=task-old"
+    h.api.tasks["task-old"] = ("image 0", h.time.now - 30)
+    earlier = Submitted("task-old", polling_url, 4.0)
+
+    outcomes = h.run([make_job(0), make_job(1)], attach={"key-0": earlier})
+
+    assert statuses(outcomes) == ["written", "written"]
+    assert outcomes[0].submitted == earlier
+    assert [str(q.url) for q in h.api.posts()] == [f"{BASE}/v1/flux-pro-1.1"]
+    assert _json(h.api.posts()[0])["prompt"] == "image 1"
+    assert [str(q.url) for q in h.api.polls_of("task-old")] == [polling_url]
+    assert h.journal.of(0) == ["ready", "finished"]
+
+
+def test_attached_task_is_still_polled_after_stop_and_stays_pending() -> None:
+    h = Harness()
+    h.api.tasks["task-old"] = ("image 0", h.time.now)
+    h.api.durations["image 0"] = 60.0
+    earlier = Submitted("task-old", f"{POLL_BASE}/v1/get_result?id=task-old", None)
+
+    outcomes = h.run([make_job(0), make_job(1)], attach={"key-0": earlier},
+                     started=lambda executor: executor.stop())
+
+    assert statuses(outcomes) == ["pending", "skipped"]
+    assert h.api.posts() == []

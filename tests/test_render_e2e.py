@@ -1,0 +1,164 @@
+"""`fluxbatch render` end to end: the CLI against the bundled emulator on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fluxbatch import imagemeta
+from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
+from fluxbatch.main import main
+from tests.conftest import build_file_tree
+
+SECRET = "sk-test-SECRET"
+MAGIC = {".png": b"\x89PNG\r\n\x1a\n", ".jpg": b"\xff\xd8\xff"}
+MANIFEST_FIELDS = {"path", "key", "job", "vars", "replicate", "prompt", "model", "request",
+                   "seed", "reported_seed", "provider", "task_id", "cost", "submitted_at",
+                   "finished_at", "sha256", "bytes", "status"}
+MISSING_KEY = ("fluxbatch: provider 'bfl' needs an API key: set BFL_API_KEY (or "
+               "BFL_API_KEY_FILE to a file holding it); the key is never read from the recipe\n")
+
+
+@contextmanager
+def serve(**overrides: Any) -> Iterator[Emulator]:
+    with EmulatorThread(EmulatorConfig(**{"latency": 0.0, **overrides})) as emulator:
+        yield emulator
+
+
+def write_recipe(root: Path, *, provider: str = "emulator",
+                 subjects: tuple[str, ...] = ("teapot", "kettle")) -> Path:
+    build_file_tree(root, {"recipe.yaml": f"""
+        version: 1
+        name: e2e
+        provider: {provider}
+        output: "{{{{ job }}}}/{{{{ subject | slug }}}}.{{{{ ext }}}}"
+        defaults:
+          model: flux-pro-1.1
+          width: 256
+          height: 256
+        jobs:
+          - name: pngs
+            prompt: "a {{{{ subject }}}}"
+            params: {{output_format: png}}
+            matrix:
+              subject: {json.dumps(list(subjects))}
+          - name: jpegs
+            prompt: "a {{{{ subject }}}} at night"
+            params: {{output_format: jpeg}}
+            matrix:
+              subject: [mug]
+        """})
+    return root / "recipe.yaml"
+
+
+def render(recipe: Path, emulator: Emulator) -> int:
+    return main(["render", str(recipe), "--base-url", emulator.base_url, "-q"])
+
+
+def manifest_images(root: Path) -> list[dict[str, Any]]:
+    images: list[dict[str, Any]] = json.loads((root / "manifest.json").read_text())["images"]
+    return images
+
+
+def test_render_writes_images_and_manifest_then_rerun_sends_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = write_recipe(tmp_path)
+    with serve() as emulator:
+        assert render(recipe, emulator) == 0
+        first = capsys.readouterr()
+        sent = (emulator.stats.submits, emulator.stats.polls, emulator.stats.downloads)
+        task_ids = {s["task_id"] for s in emulator.submissions}
+
+        assert render(recipe, emulator) == 0
+        second = capsys.readouterr()
+        assert (emulator.stats.submits, emulator.stats.polls, emulator.stats.downloads) == sent
+        assert emulator.stats.leaked_auth_downloads == 0
+
+    manifest = tmp_path / "manifest.json"
+    assert first.out == f"3 written; cost $0.12 (reported by the provider); manifest {manifest}\n"
+    assert first.err == ""
+    assert second.out == "nothing to render: 3 images up to date\n"
+    assert sent[0] == 3 and sent[2] == 3
+    images = manifest_images(tmp_path)
+    assert [image["path"] for image in images] == [
+        "jpegs/mug.jpg", "pngs/kettle.png", "pngs/teapot.png"]
+    for image in images:
+        data = (tmp_path / image["path"]).read_bytes()
+        assert data.startswith(MAGIC[Path(image["path"]).suffix])
+        assert set(image) >= MANIFEST_FIELDS
+        assert image["sha256"] == hashlib.sha256(data).hexdigest()
+        assert image["bytes"] == len(data)
+        embedded = {k: v for k, v in image.items() if k not in ("sha256", "bytes")}
+        assert imagemeta.extract(data) == embedded
+        assert image["task_id"] in task_ids
+        assert (image["provider"], image["cost"], image["status"]) == ("emulator", 4.0, "written")
+        assert image["seed"] == image["request"]["seed"] == image["reported_seed"]
+        assert image["submitted_at"] <= image["finished_at"]
+        assert image["finished_at"].endswith("+00:00")
+    teapot = images[2]
+    assert (teapot["job"], teapot["vars"], teapot["replicate"], teapot["prompt"],
+            teapot["model"]) == ("pngs", {"subject": "teapot"}, 1, "a teapot", "flux-pro-1.1")
+    assert teapot["request"] == {"prompt": "a teapot", "width": 256, "height": 256,
+                                 "output_format": "png", "seed": teapot["seed"]}
+
+
+def test_api_key_never_leaks_into_files_output_or_downloads(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BFL_API_KEY", SECRET)
+    recipe = write_recipe(tmp_path, provider="bfl")
+    with serve(key=SECRET) as emulator:  # it refuses any other key
+        assert render(recipe, emulator) == 0
+        stats = emulator.stats
+
+    captured = capsys.readouterr()
+    assert (stats.submits, stats.downloads, stats.rejected_auth) == (3, 3, 0)
+    assert stats.leaked_auth_downloads == 0
+    assert SECRET not in captured.out + captured.err
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert tmp_path / ".fluxbatch" / "state.sqlite" in files
+    assert len([path for path in files if path.suffix in MAGIC]) == 3
+    for path in files:
+        assert SECRET.encode() not in path.read_bytes(), path
+    assert {image["provider"] for image in manifest_images(tmp_path)} == {"bfl"}
+
+
+def test_missing_key_exits_1_naming_the_variable_before_any_request(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = write_recipe(tmp_path, provider="bfl")
+    with serve() as emulator:
+        assert render(recipe, emulator) == 1
+        stats = emulator.stats
+
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", MISSING_KEY)
+    assert (stats.submits, stats.polls, stats.rejected_auth) == (0, 0, 0)
+    assert not [path for path in tmp_path.rglob("*") if path.suffix in MAGIC]
+
+
+def test_moderated_job_exits_1_with_a_summary_table_and_the_others_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = write_recipe(tmp_path, subjects=("teapot", "kettle [[request-moderated]]"))
+    with serve() as emulator:
+        assert render(recipe, emulator) == 1
+        assert emulator.stats.submits == 3
+
+    captured = capsys.readouterr()
+    assert captured.out == ("2 written, 1 moderated; cost $0.12 (reported by the provider); "
+                            f"manifest {tmp_path / 'manifest.json'}\n")
+    assert captured.err.splitlines() == [
+        "JOB   VALUES" + " " * 32 + "OUTPUT" + " " * 29 + "STATUS     REASON",
+        "pngs  subject=kettle [[request-moderated]]  pngs/kettle-request-moderated.png  "
+        "moderated  Request Moderated (Moderation Reasons: emulated request moderation)",
+    ]
+    assert (tmp_path / "pngs" / "teapot.png").read_bytes().startswith(MAGIC[".png"])
+    assert (tmp_path / "jpegs" / "mug.jpg").read_bytes().startswith(MAGIC[".jpg"])
+    assert not (tmp_path / "pngs" / "kettle-request-moderated.png").exists()
+    assert [image["path"] for image in manifest_images(tmp_path)] == [
+        "jpegs/mug.jpg", "pngs/teapot.png"]
