@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import math
 import random
-import statistics
 import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 import httpx
 
 from fluxbatch import models
 from fluxbatch.expand import Job
+from fluxbatch.pacing import Durations, Slots, retry_after
 from fluxbatch.providers import Polled, Provider, Submitted
 from fluxbatch.providers import responses as r
 
@@ -126,58 +124,6 @@ class _Pending(Exception):
 
 class _Skipped(Exception):
     """Never accepted by the provider (interrupted between 429 retries, say)."""
-
-
-class Slots:
-    """Active-task slots: at most `limit` held at once. The limit shrinks while the provider
-    answers 429 (someone else uses the account too) and grows back, one slot per `limit`
-    successes, up to the configured cap (additive increase, multiplicative decrease)."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.limit = cap
-        self.held = 0
-        self._successes = 0
-        self._changed = asyncio.Condition()
-
-    async def acquire(self) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.held < self.limit)
-            self.held += 1
-
-    async def release(self) -> None:
-        async with self._changed:
-            self.held -= 1
-            self._changed.notify_all()
-
-    def rate_limited(self) -> None:
-        self.limit = max(1, min(self.limit, math.ceil(self.held * 0.75)))
-        self._successes = 0
-
-    async def succeeded(self) -> None:
-        if self.limit >= self.cap:
-            return
-        self._successes += 1
-        if self._successes >= self.limit:
-            self._successes = 0
-            async with self._changed:
-                self.limit += 1
-                self._changed.notify_all()
-
-
-class Durations:
-    """Observed task durations per model, to time the first polls when the provider does
-    not report progress."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=200))
-
-    def add(self, model: str, seconds: float) -> None:
-        self._seen[model].append(seconds)
-
-    def typical(self, model: str) -> float | None:
-        seen = self._seen.get(model)
-        return statistics.median(seen) if seen and len(seen) >= 3 else None
 
 
 class Executor:
@@ -371,7 +317,7 @@ class Executor:
                 if self.clock() - started > self.settings.rate_limit_timeout:
                     raise JobFailed(f"still rate-limited (429) after "
                                   f"{self.settings.rate_limit_timeout:.0f} s; gave up")
-                delay = _retry_after(response) or self._backoff(rate_limited)
+                delay = retry_after(response) or self._backoff(rate_limited)
                 self.on_event(Event("rate-limited", job, f"429; retrying in {delay:.1f} s"))
                 await self._wait_outside_slots(job, delay)
                 continue
@@ -526,9 +472,9 @@ class Executor:
                         raise _Fatal(f"the provider refused the key while polling: {problem}")
                     attempts = attempt  # not worth repeating
                     break
-                retry_after = _retry_after(response)
-                if retry_after is not None:
-                    await wait(retry_after)
+                delay = retry_after(response)
+                if delay is not None:
+                    await wait(delay)
                     continue
             if attempt < attempts:
                 self.on_event(Event("retry", job, f"{what}: {problem}"))
@@ -572,27 +518,6 @@ def _submit_error(response: httpx.Response) -> Exception:
         return _Unknown(f"the provider answered {message}; the task may have been created "
                         "and billed")
     return JobFailed(f"rejected: {message}")
-
-
-MAX_RETRY_AFTER = 300.0  # a larger (or nonsensical) Retry-After is capped to this
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """`Retry-After` in seconds (a number or an HTTP date), capped at MAX_RETRY_AFTER."""
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - time.time()
-    if seconds != seconds:  # NaN
-        return None
-    return min(MAX_RETRY_AFTER, max(0.0, seconds))
 
 
 def _describe(error: httpx.RequestError) -> str:
