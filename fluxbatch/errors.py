@@ -55,7 +55,8 @@ class RecipeError(FluxbatchError):
     """A recipe has one or more problems; all of them are listed, sorted by position."""
 
     def __init__(self, problems: Iterable[Problem]) -> None:
-        self.problems = sorted(set(problems), key=Problem.sort_key)
+        # dict.fromkeys: drop duplicates but keep a stable order among equal positions
+        self.problems = sorted(dict.fromkeys(problems), key=Problem.sort_key)
         super().__init__("\n".join(str(p) for p in self.problems))
 
 

@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check recipes and report every problem")
     p.add_argument("recipes", nargs="+", metavar="RECIPE")
+    p.add_argument("--yes", action="store_true", help="accept plans larger than max_jobs")
 
     p = sub.add_parser("plan", help="show what would be rendered, why, and what it costs")
     _recipe_arguments(p)
@@ -178,7 +179,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from fluxbatch.commands.validate import validate
 
-    return validate(recipes=args.recipes)
+    return validate(recipes=args.recipes, yes=args.yes)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -279,11 +280,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _report_bug() -> int:
     details = traceback.format_exc()
+    kind, value, _ = sys.exc_info()
+    summary = "".join(traceback.format_exception_only(kind, value)).strip().splitlines()[-1]
     fd, log_path = tempfile.mkstemp(prefix="fluxbatch-crash-", suffix=".log")
     with os.fdopen(fd, "w", encoding="utf-8") as log:
         log.write(f"fluxbatch {__version__}\n{details}")
-    last = details.strip().splitlines()[-1]
-    print(f"fluxbatch: internal error: {last}\nThe full traceback is in {log_path}; please "
+    print(f"fluxbatch: internal error: {summary}\nThe full traceback is in {log_path}; please "
           "report it.", file=sys.stderr)
     return EXIT_BUG
 

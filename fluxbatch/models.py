@@ -216,7 +216,8 @@ def catalogue() -> dict[str, Model]:
                 required=frozenset(schema.get("required", ())),
                 deprecated=deprecated,
                 source=f"{filename} #/components/schemas/{ref}",
-                checks={k: compile_check(v) for k, v in properties.items()},
+                checks={k: compile_check(v) for k, v in properties.items()
+                        if k not in INTERNAL_FIELDS},  # documented, but not for callers
                 field_types={k: _types_of(v) for k, v in properties.items()},
             )
     return models
@@ -319,7 +320,9 @@ def _enum_of(schema: Mapping[str, Any]) -> list[Any] | None:
 _TYPE_TESTS: dict[str, Callable[[Any], bool]] = {
     "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool))
     or (isinstance(v, float) and v.is_integer()),
-    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    # JSON has no NaN or infinity: a request body could not carry them
+    "number": lambda v: (isinstance(v, int) and not isinstance(v, bool))
+    or (isinstance(v, float) and math.isfinite(v)),
     "string": lambda v: isinstance(v, str),
     "boolean": lambda v: isinstance(v, bool),
     "null": lambda v: v is None,

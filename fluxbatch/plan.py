@@ -125,6 +125,8 @@ def classify(plan: Plan, records: Mapping[str, Record], *, verify: bool = False,
         states.append(state)
         if record is not None and record.reason and state not in (UP_TO_DATE, NEW, STALE):
             reasons[job.index] = record.reason
+        elif record is not None and state in (MISSING, STALE):
+            reasons[job.index] = _why(state, record, root, job.output)
     planned = {job.output for job in plan.jobs}
     orphans = tuple(sorted(output for output, record in records.items()
                            if output not in planned and record.written_key is not None))
@@ -146,6 +148,14 @@ def _state(job: Job, record: Record | None, root: Path, verify: bool,
     if record.written_key == job.key:
         return MISSING
     return STALE if record.written_key is not None else NEW
+
+
+def _why(state: str, record: Record, root: Path, output: str) -> str:
+    if state == STALE:
+        return "the request changed (prompt, parameters, model or seed)"
+    if os.path.lexists(root / (record.path or output)):
+        return "the file was changed after it was written"
+    return "the file was deleted"
 
 
 def _intact(root: Path, output: str, record: Record, verify: bool,

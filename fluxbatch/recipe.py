@@ -25,7 +25,13 @@ from fluxbatch import yamlsource
 from fluxbatch.errors import Problem, RecipeError
 from fluxbatch.models import did_you_mean, unknown_model_message
 from fluxbatch.providers import REGISTRY
-from fluxbatch.recipe_schema import DEFAULT_MAX_JOBS, DEFAULT_OUTPUT, NAME_PATTERN, recipe_schema
+from fluxbatch.recipe_schema import (
+    DEFAULT_MAX_JOBS,
+    DEFAULT_OUTPUT,
+    NAME_PATTERN,
+    TEMPLATE,
+    recipe_schema,
+)
 from fluxbatch.yamlsource import Path, Positions
 
 _FAILED = object()
@@ -51,6 +57,13 @@ class Matrix:
     exclude: tuple[Mapping[str, Any], ...]
     declared: tuple[str, ...] = ()  # every variable named, even one whose values failed to load
     complete: bool = True  # False when a row table failed to load: its columns are unknown
+
+    @property
+    def loaded(self) -> bool:
+        """Whether every variable's values loaded; if not (a problem says why), the
+        combinations are not the ones the recipe means and are not worth rendering."""
+        named = {name for axis in self.axes for name in axis.names}
+        return self.complete and named.issuperset(self.declared)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,11 +130,14 @@ def load(path: str | os.PathLike[str], *, output_root: str | None = None,
 
 def parse(text: str, filename: str, *, sha256: str | None = None,
           output_root: str | None = None, strict: bool = True) -> Recipe:
+    damaged: list[tuple[Path, Problem]] = []
     try:
         document, positions = yamlsource.load(text, filename)
     except yamlsource.DocumentError as error:
-        raise RecipeError(error.problems) from None
-    located = schema_problems(document, positions)
+        if error.partial is None:
+            raise RecipeError(error.problems) from None
+        document, positions, damaged = error.partial  # e.g. a duplicate key: report the rest too
+    located = damaged + schema_problems(document, positions)
     problems = [problem for _, problem in located]
     broken = _broken_jobs(located)
     if broken is None:
@@ -182,6 +198,9 @@ def _explain(error: jsonschema.ValidationError,
                                            + did_you_mean(k, allowed), key=True))
             for k in extras
         ]
+    if error.validator == "anyOf" and path[-2:-1] in (("params",), ("defaults",)) \
+            and path[-1] == "model":  # a name from the catalogue, or a template
+        return [(path, positions.problem(path, unknown_model_message(error.instance)))]
     if error.validator in ("anyOf", "oneOf"):
         branch = _matching_branch(error)
         if branch is not None:
@@ -198,8 +217,6 @@ def _message(error: jsonschema.ValidationError, path: Path) -> str:
     if error.validator == "pattern" and error.schema.get("pattern") == NAME_PATTERN:
         return (f"{error.instance!r} must start with a letter or digit and use only letters, "
                 "digits, '.', '_' and '-'")
-    if error.validator == "enum" and path and path[-1] == "model":
-        return unknown_model_message(error.instance)
     if error.validator == "enum":
         choices = ", ".join(repr(c) for c in error.validator_value)
         hint = did_you_mean(str(error.instance), [str(c) for c in error.validator_value])
@@ -225,8 +242,8 @@ def _matching_branch(error: jsonschema.ValidationError) -> list[jsonschema.Valid
         if "$ref" in schema:
             schema = _validator().schema["$defs"][schema["$ref"].rsplit("/", 1)[-1]]
         kind = schema.get("type")
-        if kind is None or not _is_type(error.instance, kind):
-            continue
+        if kind is None or not _is_type(error.instance, kind) or schema == TEMPLATE:
+            continue  # (a plain string is no broken template: the message lists what fits)
         fitting.append(index)
     if len(fitting) == 1 and fitting[0] in by_branch:
         return by_branch[fitting[0]]
@@ -275,7 +292,6 @@ class _Builder:
 
     def recipe(self, doc: dict[str, Any], sha256: str, output_root: str | None,
                skip: frozenset[int]) -> Recipe:
-        root = output_root if output_root is not None else doc.get("output_root")
         output = doc.get("output", DEFAULT_OUTPUT)
         jobs = tuple(self.job(i, spec, output) for i, spec in enumerate(doc["jobs"])
                      if i not in skip)
@@ -290,13 +306,19 @@ class _Builder:
             name=doc["name"],
             sha256=sha256,
             provider=self.provider(doc.get("provider", "bfl")),
-            output_root=(self.base / root) if root is not None else self.base,
+            output_root=self.output_root(output_root, doc.get("output_root")),
             max_jobs=doc.get("max_jobs", DEFAULT_MAX_JOBS),
             defaults=dict(doc.get("defaults") or {}),
             vars=dict(doc.get("vars") or {}),
             jobs=jobs,
             positions=self.positions,
         )
+
+    def output_root(self, from_command_line: str | None, from_recipe: str | None) -> FsPath:
+        """`--out` is relative to the working directory, `output_root:` to the recipe."""
+        if from_command_line is not None:
+            return FsPath(from_command_line)
+        return self.base / from_recipe if from_recipe is not None else self.base
 
     def provider(self, spec: str | dict[str, Any]) -> ProviderSpec:
         if isinstance(spec, str):
@@ -416,7 +438,10 @@ class _Builder:
             return []
         if suffix == ".txt":
             lines = (line.strip() for line in text.splitlines())
-            return [line for line in lines if line and not line.startswith("#")]
+            found = [line for line in lines if line and not line.startswith("#")]
+            if not found:
+                self.problem(where, f"{source} holds no values (only blank lines and comments)")
+            return found
         if suffix in (".yaml", ".yml", ".json"):
             data = self.parse_data(text, source, where)
             if data is _FAILED:
@@ -474,17 +499,27 @@ class _Builder:
     def parse_data(self, text: str, source: str, where: Path) -> Any:
         try:
             if source.lower().endswith(".json"):
-                return json.loads(text)
-            return yaml.load(text, Loader=yamlsource._Loader)
+                data = json.loads(text)
+            else:
+                data = yaml.load(text, Loader=yamlsource._Loader)
         except json.JSONDecodeError as error:
             self.problem(where, f"{source}:{error.lineno}:{error.colno}: invalid JSON: {error.msg}")
+            return _FAILED
         except yaml.MarkedYAMLError as error:
             mark = error.problem_mark
             at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
             self.problem(where, f"{source}{at}: YAML syntax error: {error.problem}")
-        except yaml.YAMLError as error:
+            return _FAILED
+        except Exception as error:  # a YAML tag's constructor fails in its own ways
             self.problem(where, f"{source}: YAML error: {error}")
-        return _FAILED
+            return _FAILED
+        try:
+            json.dumps(data, ensure_ascii=False).encode()
+        except (TypeError, ValueError, UnicodeEncodeError, RecursionError):
+            self.problem(where, f"{source} holds values that are not JSON (bytes, dates, sets "
+                         "or unpaired surrogates)")
+            return _FAILED
+        return data
 
 
 def _os_message(error: OSError | UnicodeDecodeError) -> str:

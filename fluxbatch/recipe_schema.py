@@ -13,14 +13,16 @@ SCHEMA_ID = "https://github.com/fluxbatch/fluxbatch/blob/main/schemas/recipe.sch
 DEFAULT_MAX_JOBS = 10_000
 DEFAULT_OUTPUT = "{{ job }}/{{ combo }}-{{ replicate }}.{{ ext }}"
 NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]*$"
+TEMPLATE = {"type": "string", "pattern": "{"}
 
 
 def _parameter_properties() -> dict[str, Any]:
     """Every request parameter any model knows, for editor completion (checked per model)."""
     props: dict[str, Any] = {
         "model": {
-            "description": "Model endpoint, e.g. flux-pro-1.1 (POST /v1/{model}).",
-            "enum": list(models.catalogue()),
+            "description": "Model endpoint, e.g. flux-pro-1.1 (POST /v1/{model}); may be a "
+            "template.",
+            "anyOf": [{"enum": list(models.catalogue())}, TEMPLATE],
         }
     }
     for model in models.catalogue().values():
@@ -135,7 +137,7 @@ def recipe_schema() -> dict[str, Any]:
                         "anyOf": [
                             {"const": "auto"},
                             {"type": "integer", "minimum": 0},
-                            {"type": "string", "pattern": "{"},
+                            TEMPLATE,
                         ],
                         "default": "auto",
                     },

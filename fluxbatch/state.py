@@ -92,9 +92,11 @@ class Store:
     def open(cls, root: Path, *, create: bool = True) -> Store:
         directory = root / STATE_DIR
         path = directory / DATABASE
-        fresh = not path.exists()
-        if fresh and not create:
-            raise FileNotFoundError(path)
+        document = None
+        if not path.exists():
+            if not create:
+                raise FileNotFoundError(path)
+            document = read_manifest(root)  # a damaged manifest stops us before anything exists
         try:
             directory.mkdir(parents=True, exist_ok=True)
             connection = sqlite3.connect(path, timeout=30, isolation_level=None)
@@ -105,22 +107,23 @@ class Store:
                                "value TEXT NOT NULL)")
             found = connection.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
         except sqlite3.DatabaseError as error:
-            raise StateError(
-                f"{path}: the state store is unreadable ({error}). Move it away (for example "
-                f"`mv {path} {path}.broken`) and run again: fluxbatch rebuilds it from "
-                f"{root / MANIFEST}. No image is touched."
-            ) from None
+            raise unreadable_store(path, error) from None
         except OSError as error:
             raise StateError(f"{path}: cannot open the state store: "
                              f"{error.strerror or error}") from None
         store = cls(root, connection)
         if found is None:
-            store._set_meta("schema", str(SCHEMA_VERSION))
+            # New, or created but never filled (an empty file, a run stopped by a damaged
+            # manifest): without the manifest's images every image would be paid for again.
+            try:
+                store.import_manifest(document)
+            except BaseException:
+                store.close()
+                raise
         elif int(found[0]) > SCHEMA_VERSION:
+            store.close()
             raise StateError(f"{path} was written by a newer fluxbatch (store schema "
                              f"{found[0]}); upgrade fluxbatch")
-        if fresh:
-            store.import_manifest()
         return store
 
     def close(self) -> None:
@@ -145,10 +148,14 @@ class Store:
     def records(self) -> dict[str, Record]:
         """What the planner needs to classify each output path."""
         records = {}
-        for row in self.db.execute(
-            "SELECT output, key, status, written_key, sha256, bytes, mtime_ns, reason, path "
-            "FROM images"
-        ):
+        try:
+            rows = self.db.execute(
+                "SELECT output, key, status, written_key, sha256, bytes, mtime_ns, reason, path "
+                "FROM images"
+            ).fetchall()
+        except sqlite3.DatabaseError as error:  # a damaged page past the header
+            raise unreadable_store(self.root / STATE_DIR / DATABASE, error) from None
+        for row in rows:
             output, key, status, written_key, sha256, size, mtime_ns, reason, path = row
             records[output] = Record(key=key, status=status, written_key=written_key,
                                      sha256=sha256, size=size, mtime_ns=mtime_ns, reason=reason,
@@ -260,12 +267,13 @@ class Store:
 
     # -- rebuilding ---------------------------------------------------------------------------
 
-    def import_manifest(self) -> int:
-        """Fill a new store from manifest.json (written images only); returns how many."""
-        document = read_manifest(self.root)
+    def import_manifest(self, document: Mapping[str, Any] | None = None) -> int:
+        """Fill a new store from manifest.json (written images only), and mark it filled in
+        the same transaction; returns how many."""
         if document is None:
-            return 0
+            document = read_manifest(self.root) or {}
         with self.transaction():
+            self._set_meta("schema", str(SCHEMA_VERSION))
             for entry in document.get("images", []):
                 # mtime unknown: the first classification verifies the file by its sha256
                 self._upsert(entry.get("output", entry["path"]), entry["key"], status=WRITTEN,
@@ -273,10 +281,18 @@ class Store:
                              entry=json.dumps(entry, ensure_ascii=False, sort_keys=True),
                              path=entry["path"], sha256=entry["sha256"], bytes=entry["bytes"],
                              mtime_ns=None)
-            recipe = document.get("recipe", {}).get("name")
+            recipe = (document.get("recipe") or {}).get("name")
             if recipe:
                 self._set_meta("recipe", recipe)
         return len(document.get("images", []))
+
+
+def unreadable_store(path: Path, error: sqlite3.DatabaseError) -> StateError:
+    return StateError(
+        f"{path}: the state store is unreadable ({error}). Move it away (for example "
+        f"`mv {path} {path}.broken`) and run again: fluxbatch rebuilds it from "
+        f"{path.parent.parent / MANIFEST}. No image is touched."
+    )
 
 
 def read_manifest(root: Path) -> dict[str, Any] | None:
@@ -293,14 +309,22 @@ def read_manifest(root: Path) -> dict[str, Any] | None:
     except json.JSONDecodeError as error:
         raise StateError(
             f"{path}:{error.lineno}:{error.colno}: the manifest is not valid JSON "
-            f"({error.msg}). Restore it (from version control, or delete it: fluxbatch "
-            f"rewrites it from {root / STATE_DIR / DATABASE}). No image is touched."
+            f"({error.msg}). Restore it (from version control), or delete it: "
+            f"{_rewritten_from(root)}. No image is touched."
         ) from None
     problems = _manifest_shape_problems(document)
     if problems:
-        raise StateError(f"{path}: the manifest is damaged: {problems}. Restore it, or delete "
-                         "it and let fluxbatch rewrite it from the state store.")
+        raise StateError(f"{path}: the manifest is damaged: {problems}. Restore it (from "
+                         f"version control), or delete it: {_rewritten_from(root)}. No image "
+                         "is touched.")
     return dict(document)
+
+
+def _rewritten_from(root: Path) -> str:
+    store = root / STATE_DIR / DATABASE
+    if store.exists():
+        return f"fluxbatch rewrites it from {store}"
+    return "fluxbatch then recognises your images by the provenance embedded in them"
 
 
 def _manifest_shape_problems(document: Any) -> str | None:

@@ -46,7 +46,7 @@ def article(word: Any) -> str:
     text = str(word)
     first = text.lstrip()[:1].lower()
     lowered = text.lstrip().lower()
-    starts_vowel_sound = first in "aeio" or (
+    starts_vowel_sound = first in ("a", "e", "i", "o") or (
         first == "u" and not lowered.startswith(("uni", "use"))
     )
     if lowered.startswith(("hour", "honest", "heir")):
@@ -166,12 +166,12 @@ class Template:
         assert self._template is not None
         template = self._template
         try:
-            ctx = template.new_context(dict(context), shared=True)
+            ctx = template.new_context(dict(context))  # not shared: keep the globals (range)
             return "".join(template.root_render_func(ctx))
         except jinja2.UndefinedError as error:
             raise TemplateProblem(_undefined_message(error, context)) from None
         except jinja2.exceptions.SecurityError as error:
-            raise TemplateProblem(f"not allowed in a template: {error}") from None
+            raise TemplateProblem(f"not allowed in a template: {str(error).rstrip('.')}") from None
         except jinja2.TemplateError as error:
             raise TemplateProblem(f"template error: {error}") from None
         except Exception as error:  # any Python error raised while evaluating an expression
@@ -184,11 +184,21 @@ def compile_template(source: str) -> Template:
         return Template(source, (), None)
     try:
         ast = ENV.parse(source)
+        names = tuple(sorted(meta.find_undeclared_variables(ast)))  # (an unknown filter fails here)
+        template = ENV.from_string(ast)
     except jinja2.TemplateSyntaxError as error:
-        message = f"template syntax error: {error.message} (template line {error.lineno})"
-        raise TemplateProblem(message) from None
-    names = tuple(sorted(meta.find_undeclared_variables(ast)))
-    return Template(source, names, ENV.from_string(ast), _direct_rendering(ast))
+        raise TemplateProblem(_syntax_message(error)) from None
+    return Template(source, names, template, _direct_rendering(ast))
+
+
+def _syntax_message(error: jinja2.TemplateSyntaxError) -> str:
+    text = (error.message or "").rstrip(".")
+    unknown = re.match(r"No (filter|test) named '([^']+)'", text)
+    if unknown:
+        kind, name = unknown.groups()
+        known = ENV.filters if kind == "filter" else ENV.tests
+        text = f"unknown {kind} {name!r}" + did_you_mean(name, list(known))
+    return f"template syntax error: {text} (template line {error.lineno})"
 
 
 def _direct_rendering(ast: nodes.Template) -> tuple[str, tuple[Getter, ...]] | None:

@@ -2,11 +2,15 @@
 
 `load(text, filename)` returns the plain Python value plus a `Positions` table mapping each
 path (`("jobs", 0, "params", "width")`) to the 1-based line and column of its node, so every
-later error can say `recipe.yaml:14:9`. Two deliberate differences from `yaml.safe_load`:
+later error can say `recipe.yaml:14:9`. Deliberate differences from `yaml.safe_load`:
 
 - duplicate mapping keys are an error (PyYAML silently keeps the last one);
 - only `true`/`false` are booleans (YAML 1.2): `on`, `no`, `y` stay strings, so a matrix of
-  country codes or answers does not turn into booleans behind the user's back.
+  country codes or answers does not turn into booleans behind the user's back;
+- no YAML 1.1 base-60 numbers or implicit dates: `16:9` is an aspect ratio, not 969, and
+  `2024-05-01` is text;
+- only JSON values: a tag that makes bytes or dates, or a string holding an unpaired
+  surrogate, is an error rather than something no request body can carry.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ Path = tuple[str | int, ...]
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans."""
+    """SafeLoader with YAML 1.2 booleans and numbers, and no implicit dates."""
 
 
+_YAML_11_TYPES = frozenset(f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float", "timestamp"))
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML_11_TYPES]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(
@@ -35,6 +40,24 @@ _Loader.add_implicit_resolver(
     re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
     list("tTfF"),
 )
+# PyYAML's own patterns without the base-60 forms (`[-+]?[1-9][0-9_]*(?::[0-5]?[0-9])+`).
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+                    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+MAX_NODES = 1_000_000  # aliases can make a short text expand without end ("billion laughs")
+_JSON_SCALARS = (str, int, float, bool, type(None))
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -88,58 +111,144 @@ def load(text: str, filename: str) -> tuple[Any, Positions]:
         raise DocumentError([_syntax_problem(error, filename)]) from None
     except yaml.YAMLError as error:
         raise DocumentError([Problem(filename, None, None, "", f"YAML error: {error}")]) from None
+    except RecursionError:
+        raise DocumentError([_too_deep(filename)]) from None
     if node is None:
         return None, positions
-    builder = _Builder(positions)
-    value = builder.build(node, ())
-    if builder.problems:
-        raise DocumentError(builder.problems)
+    builder = _Builder(positions, _written_keys(node))
+    try:
+        value = builder.build(node, ())
+    except RecursionError:
+        raise DocumentError([_too_deep(filename)]) from None
+    except _TooLarge:
+        message = f"YAML error: the document expands to more than {MAX_NODES:,} values (aliases?)"
+        raise DocumentError([Problem(filename, None, None, "", message)]) from None
+    if builder.located:
+        raise DocumentError([p for _, p in builder.located], (value, positions, builder.located))
     return value, positions
 
 
 class DocumentError(Exception):
-    """The text is not a well-formed YAML document (syntax, duplicate keys, bad tags)."""
+    """The text is not a well-formed YAML document (syntax, duplicate keys, bad tags).
 
-    def __init__(self, problems: list[Problem]) -> None:
+    `partial` is set when the text was still read to the end (the problems are in single
+    keys or values): the document, its positions, and each problem with its path, so the
+    recipe stage can report its own problems in the same run.
+    """
+
+    def __init__(self, problems: list[Problem],
+                 partial: tuple[Any, Positions, list[tuple[Path, Problem]]] | None = None
+                 ) -> None:
         self.problems = problems
+        self.partial = partial
         super().__init__("\n".join(str(p) for p in problems))
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _too_deep(filename: str) -> Problem:
+    return Problem(filename, None, None, "", "YAML error: the document is nested too deeply")
 
 
 def _syntax_problem(error: yaml.MarkedYAMLError, filename: str) -> Problem:
     mark = error.problem_mark or error.context_mark
     problem = error.problem or "invalid YAML"
     if error.context and error.context_mark is not None and error.context_mark != mark:
-        problem = f"{problem} ({error.context} at line {error.context_mark.line + 1})"
+        if problem.startswith("but "):  # one sentence, split in two by PyYAML
+            problem = f"{error.context}, {problem}"
+        else:
+            problem = f"{problem} ({error.context} at line {error.context_mark.line + 1})"
     line = mark.line + 1 if mark else None
     column = mark.column + 1 if mark else None
     return Problem(filename, line, column, "", f"YAML syntax error: {problem}")
 
 
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+def _written_keys(root: yaml.Node) -> dict[int, frozenset[int]]:
+    """For each mapping node, the ids of the key nodes written in it — before `<<` merges
+    (which change the nodes in place) add others that its own keys may override."""
+    written: dict[int, frozenset[int]] = {}
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            written[id(node)] = frozenset(id(k) for k, _ in node.value if k.tag != _MERGE)
+            stack.extend(child for pair in node.value for child in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    return written
+
+
 class _Builder:
-    def __init__(self, positions: Positions) -> None:
+    def __init__(self, positions: Positions, written: dict[int, frozenset[int]]) -> None:
         self.positions = positions
+        self.written = written
         self.constructor = _Loader("")
-        self.problems: list[Problem] = []
+        self.located: list[tuple[Path, Problem]] = []
+        self.building: set[int] = set()  # ids of the collections being built (alias cycles)
+        self.nodes = 0
+
+    def problem(self, path: Path, message: str, *, key: bool = False) -> None:
+        self.located.append((path, self.positions.problem(path, message, key=key)))
 
     def build(self, node: yaml.Node, path: Path) -> Any:
         self.positions.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
-        if isinstance(node, yaml.MappingNode):
-            return self._mapping(node, path)
-        if isinstance(node, yaml.SequenceNode):
-            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
-        try:
-            return self.constructor.construct_object(node, deep=True)
-        except yaml.YAMLError as error:
-            self.problems.append(self.positions.problem(path, f"YAML error: {error}"))
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise _TooLarge
+        if isinstance(node, yaml.ScalarNode):
+            return self._scalar(node, path)
+        if id(node) in self.building:
+            self.problem(path, "YAML error: an alias refers to a collection that contains it")
             return None
+        self.building.add(id(node))
+        try:
+            if isinstance(node, yaml.MappingNode):
+                return self._mapping(node, path)
+            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+        finally:
+            self.building.discard(id(node))
+
+    def _scalar(self, node: yaml.ScalarNode, path: Path) -> Any:
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        try:
+            value = self.constructor.construct_object(node, deep=True)
+        except yaml.MarkedYAMLError as error:
+            self.problem(path, f"YAML error: {error.problem or error.context}")
+            return node.value
+        except Exception:  # a tag's constructor fails in its own ways (`!!int abc`)
+            self.problem(path, f"YAML error: {node.value!r} is not a valid {tag} value")
+            return node.value
+        if not isinstance(value, _JSON_SCALARS):
+            self.problem(path, f"YAML error: {tag} values are not supported; use a string")
+            return node.value
+        if isinstance(value, str) and _SURROGATE.search(value):
+            self.problem(path, f"YAML error: {value!r} contains an unpaired surrogate, "
+                         "which is not a character")
+            return _SURROGATE.sub("\ufffd", value)
+        return value
 
     def _mapping(self, node: yaml.MappingNode, path: Path) -> dict[Any, Any]:
-        self.constructor.flatten_mapping(node)  # resolves `<<: *anchor` merge keys
+        try:
+            self.constructor.flatten_mapping(node)  # resolves `<<: *anchor` merge keys
+        except yaml.MarkedYAMLError as error:
+            self.problem(path, f"YAML error: {error.problem or error.context}")
+            return {}
         result: dict[Any, Any] = {}
+        written = self.written.get(id(node), frozenset())
+        own: set[str] = set()
         for key_node, value_node in node.value:
             key = self.build(key_node, (*path, "<key>"))
             if isinstance(key, list | dict):
-                self.problems.append(self.positions.problem(path, "a mapping key must be a scalar"))
+                self.problem(path, "a mapping key must be a scalar")
                 continue
             if not isinstance(key, str):
                 key = str(key) if key is not None else "null"
@@ -148,10 +257,10 @@ class _Builder:
                 key_node.start_mark.line + 1,
                 key_node.start_mark.column + 1,
             )
-            if key in result:
-                self.problems.append(
-                    self.positions.problem(child, f"duplicate key {key!r}", key=True)
-                )
+            if id(key_node) in written:  # (a merged key may be overridden)
+                if key in own:
+                    self.problem(child, f"duplicate key {key!r}", key=True)
+                own.add(key)
             result[key] = self.build(value_node, child)
         self.positions.values.pop((*path, "<key>"), None)
         return result

@@ -8,11 +8,11 @@ from fluxbatch.errors import EXIT_FAILED, EXIT_OK, PlanTooLargeError, RecipeErro
 from fluxbatch.plan import load_plan
 
 
-def validate(*, recipes: list[str]) -> int:
+def validate(*, recipes: list[str], yes: bool = False) -> int:
     failed = 0
     for path in recipes:
         try:
-            plan = load_plan(path)
+            plan = load_plan(path, yes=yes)
         except RecipeError as error:
             failed += 1
             for problem in error.problems:

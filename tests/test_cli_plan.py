@@ -1,0 +1,358 @@
+"""`fluxbatch validate` and `fluxbatch plan` as a user sees them: exact output, exit codes,
+every problem of a recipe in one run, never a traceback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from fluxbatch.main import main
+from tests.conftest import build_file_tree
+
+Capsys = pytest.CaptureFixture[str]
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run from tmp_path, so messages name `recipe.yaml` as a user would type it."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run(capsys: Capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# -- validate ---------------------------------------------------------------------------------
+
+MANY_PROBLEMS = """
+    version: 1
+    name: many
+    ouput: "{{ job }}.png"
+    defaults:
+      model: flux-pro-1.1
+    jobs:
+      - name: sizes
+        prompt: "{{ subjct }} at dusk"
+        matrix:
+          subject: [owl, fox]
+        params:
+          width: 2000
+          stepz: 3
+      - name: wrong-types
+        prompt: 5
+        replicates: two
+      - name: unknown-model
+        prompt: x
+        params:
+          model: flux-pro-2
+      - name: broken-template
+        prompt: "{{ subject | slugify }}"
+        matrix: {subject: [a]}
+      - name: files
+        prompt: "{{ light }} {{ a }} {{ b }}"
+        matrix:
+          light: {from: lights.txt}
+          zip: {a: [1, 2], b: [1]}
+      - name: escape
+        prompt: x
+        output: "../{{ job }}.png"
+      - name: same-path
+        prompt: "{{ n }}"
+        matrix: {n: [1, 2]}
+        output: same.png
+      - name: dupes
+        prompt: x
+        params: {width: 512, width: 768}
+      - name: sandbox
+        prompt: "{{ ''.__class__ }}"
+      - name: templated-height
+        prompt: "{{ n }}"
+        matrix: {n: [1, 2]}
+        params: {height: "{{ 64 * n + 128 }}"}
+      - name: syntax
+        prompt: "{% for x in %}"
+"""
+
+
+def test_validate_reports_every_problem_sorted_by_position(workdir: Path, capsys: Capsys) -> None:
+    build_file_tree(workdir, {"recipe.yaml": MANY_PROBLEMS})
+    assert run(capsys, "validate", "recipe.yaml") == (1, "", """\
+recipe.yaml:3:1: ouput: unknown key 'ouput' (did you mean 'output'?)
+recipe.yaml:8:13: jobs[0].prompt: undefined variable 'subjct' (did you mean 'subject'?)
+recipe.yaml:12:14: jobs[0].params.width: 2000 is greater than the maximum of 1440
+recipe.yaml:13:14: jobs[0].params.stepz: unknown parameter 'stepz' for flux-pro-1.1
+recipe.yaml:15:13: jobs[1].prompt: 5 is not of type 'string'
+recipe.yaml:16:17: jobs[1].replicates: 'two' is not of type 'integer'
+recipe.yaml:20:14: jobs[2].params.model: unknown model 'flux-pro-2' (did you mean 'flux-pro'?)
+recipe.yaml:22:13: jobs[3].prompt: template syntax error: unknown filter 'slugify' (did you mean \
+'slug'?) (template line 1)
+recipe.yaml:27:21: jobs[4].matrix.light.from: file not found: lights.txt (relative to .)
+recipe.yaml:28:12: jobs[4].matrix.zip: zip lists must have the same length: a has 2, b has 1
+recipe.yaml:31:13: jobs[5].output: output path '../escape.png' leaves the output root ('..') \
+(for replicate=1)
+recipe.yaml:35:13: jobs[6].output: two jobs write 'same.png': same-path (n=1, replicate=1) and \
+same-path (n=2, replicate=1); put the varying values in the output template
+recipe.yaml:38:26: jobs[7].params.width: duplicate key 'width'
+recipe.yaml:40:13: jobs[8].prompt: not allowed in a template: access to attribute '__class__' \
+of 'str' object is unsafe (for replicate=1)
+recipe.yaml:44:22: jobs[9].params.height: 192 is less than the minimum of 256 (for n=1, \
+replicate=1)
+recipe.yaml:46:13: jobs[10].prompt: template syntax error: Expected an expression, got 'end of \
+statement block' (template line 1)
+recipe.yaml: 16 problems
+""")
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b"version: 1\nname: r\njobs: [\n  {name: a}\n",
+     "recipe.yaml:5:1: YAML syntax error: expected ',' or ']', but got '<stream end>' (while "
+     "parsing a flow sequence at line 3)\nrecipe.yaml: 1 problem\n"),
+    (b"version: 1\nname: \xe9t\xe9\n",
+     "recipe.yaml: not UTF-8 text (byte 17)\nrecipe.yaml: 1 problem\n"),
+    (b"", "recipe.yaml: a recipe must be a mapping, but this document is empty\n"
+     "recipe.yaml: 1 problem\n"),
+    (b"- version: 1\n- name: r\n", "recipe.yaml:1:1: a recipe must be a mapping, but this "
+     "document is a list\nrecipe.yaml: 1 problem\n"),
+    (b"version: 1\nname: r\njobs:\n  - name: a\n    prompt: x\n    matrix: {a: [1, 2, 3]}\n"
+     b"    replicates: 5000\ndefaults: {model: flux-dev}\n",
+     "recipe.yaml: the plan has 15,000 jobs, more than the limit of 10,000; pass --yes to go "
+     "ahead, or raise max_jobs in the recipe\n"),
+    (b"version: 1\nname: r\njobs:\n  - {name: a, prompt: x, params: {model: flux-dev}}\n"
+     b"  - {name: b, prompt: x, params: {model: flux-dev}, replicates: 0}\nmax_jobs: 1\n",
+     "recipe.yaml:5:65: jobs[1].replicates: 0 is less than the minimum of 1\n"
+     "recipe.yaml: 1 problem\n"),
+])
+def test_validate_reports_unusable_files_in_one_line_each(
+        workdir: Path, capsys: Capsys, content: bytes, expected: str) -> None:
+    (workdir / "recipe.yaml").write_bytes(content)
+    assert run(capsys, "validate", "recipe.yaml") == (1, "", expected)
+
+
+def test_validate_names_a_missing_file(workdir: Path, capsys: Capsys) -> None:
+    assert run(capsys, "validate", "nope.yaml") == (
+        1, "", "nope.yaml: No such file or directory\nnope.yaml: 1 problem\n")
+
+
+def test_validate_reports_the_size_with_the_other_problems(workdir: Path,
+                                                           capsys: Capsys) -> None:
+    build_file_tree(workdir, {"recipe.yaml": """
+        version: 1
+        name: r
+        defaults: {model: flux-dev}
+        jobs:
+          - {name: a, prompt: x, matrix: {n: {from: n.txt}, m: [1, 2]}, replicates: 6000}
+    """})
+    assert run(capsys, "validate", "recipe.yaml") == (1, "", """\
+recipe.yaml: the plan has 12,000 jobs, more than the limit of 10,000; pass --yes to go ahead, \
+or raise max_jobs in the recipe
+recipe.yaml:5:45: jobs[0].matrix.n.from: file not found: n.txt (relative to .)
+recipe.yaml: 2 problems
+""")
+
+
+def test_validate_says_ok_with_the_count_and_models(workdir: Path, capsys: Capsys) -> None:
+    build_file_tree(workdir, {"a/recipe.yaml": """
+        version: 1
+        name: r
+        defaults: {model: flux-dev}
+        jobs:
+          - {name: a, prompt: x, replicates: 3}
+          - {name: b, prompt: x, params: {model: flux-2-pro}}
+    """, "b/recipe.yaml": """
+        version: 1
+        name: r
+        jobs: [{name: a, prompt: x, params: {model: flux-dev}}]
+    """})
+    assert run(capsys, "validate", "a/recipe.yaml", "b/recipe.yaml") == (
+        0, "a/recipe.yaml: ok (4 images; flux-2-pro, flux-dev)\n"
+           "b/recipe.yaml: ok (1 image; flux-dev)\n", "")
+
+
+def test_validate_checks_every_recipe_even_after_a_bad_one(workdir: Path,
+                                                           capsys: Capsys) -> None:
+    build_file_tree(workdir, {
+        "good.yaml": "version: 1\nname: r\njobs: [{name: a, prompt: x, "
+                     "params: {model: flux-dev}}]\n",
+        "bad.yaml": "version: 1\nname: r\njobs: [{name: a, prompt: x}]\n",
+    })
+    assert run(capsys, "validate", "bad.yaml", "good.yaml") == (
+        1, "good.yaml: ok (1 image; flux-dev)\n",
+        "bad.yaml:3:8: jobs[0].params: no model: set 'model' in defaults or params\n"
+        "bad.yaml: 1 problem\n")
+
+
+# -- plan -------------------------------------------------------------------------------------
+
+SMALL = """
+    version: 1
+    name: small
+    defaults: {model: flux-dev, width: 512, height: 512}
+    jobs:
+      - name: owls
+        prompt: "{{ mood }} owl"
+        matrix:
+          mood: [calm, angry, sleepy]
+          exclude: [{mood: angry}]
+          include: [{mood: calm, hat: true}, {mood: wise}]
+        params: {webhook_secret: s3cret}
+      - name: fox
+        prompt: "a fox"
+        seed: 7
+        params: {model: flux-2-pro, width: 1024, height: 1024}
+"""
+
+
+def test_plan_prints_a_table_and_a_summary(workdir: Path, capsys: Capsys) -> None:
+    build_file_tree(workdir, {"small.yaml": SMALL})
+    assert run(capsys, "plan", "small.yaml") == (0, """\
+recipe small (small.yaml), provider bfl, output root .
+JOB   VALUES              REP  MODEL             SEED  OUTPUT                STATE
+owls  mood=calm hat=true    1  flux-dev    1263208043  owls/calm-true-1.jpg  new
+owls  mood=sleepy           1  flux-dev    1626753431  owls/sleepy-1.jpg     new
+owls  mood=wise             1  flux-dev    2109832090  owls/wise-1.jpg       new
+fox   -                     1  flux-2-pro           7  fox/default-1.jpg     new
+
+4 jobs: 4 new
+MODEL       JOBS  TO RENDER  EST. COST  PRICE SOURCE
+flux-dev       3          3     $0.075  https://flux-1.ai (third party, unverified)
+flux-2-pro     1          1     $0.031  black-forest-labs/skills:skills/bfl-api/SKILL.md@172fdcf
+total          4          4      $0.11
+""", "")
+    assert sorted(p.name for p in workdir.iterdir()) == ["small.yaml"]  # nothing written
+
+
+def test_plan_explain_names_the_rule_for_each_combination(workdir: Path,
+                                                          capsys: Capsys) -> None:
+    build_file_tree(workdir, {"small.yaml": SMALL})
+    code, out, err = run(capsys, "plan", "small.yaml", "--explain")
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert [line.split("↳ ")[1] for line in lines if "↳" in line] == [
+        "product mood[0]; merged include[0]",
+        "product mood[2]",
+        "include[1]: new combination (fits no original one)",
+        "no matrix: one combination",
+    ]
+    assert "removed: owls mood=angry (exclude[0])" in lines
+
+
+def test_plan_explain_names_rows_and_zips(workdir: Path, capsys: Capsys) -> None:
+    build_file_tree(workdir, {"recipe.yaml": """
+        version: 1
+        name: r
+        defaults: {model: flux-dev}
+        jobs:
+          - name: a
+            prompt: "{{ shot }} {{ lens }} {{ light }} {{ x }}{{ y }}"
+            matrix:
+              rows: {from: shots.csv}
+              light: [dawn]
+              zip: {x: [1, 2], y: [3, 4]}
+    """, "shots.csv": "shot,lens\nwide,24mm\nclose,85mm\n"})
+    out = run(capsys, "plan", "recipe.yaml", "--explain")[1]
+    assert [line.split("↳ ")[1] for line in out.splitlines() if "↳" in line] == [
+        "product rows from shots.csv row 1 × light[0] × zip(x, y) row 1",
+        "product rows from shots.csv row 1 × light[0] × zip(x, y) row 2",
+        "product rows from shots.csv row 2 × light[0] × zip(x, y) row 1",
+        "product rows from shots.csv row 2 × light[0] × zip(x, y) row 2",
+    ]
+
+
+def test_plan_json_is_the_documented_document(workdir: Path, capsys: Capsys) -> None:
+    build_file_tree(workdir, {"small.yaml": SMALL})
+    code, out, err = run(capsys, "plan", "small.yaml", "--json", "--explain")
+    assert (code, err) == (0, "")
+
+    def owl(vars_: dict[str, object], seed: int, key: str, output: str,
+            explain: str) -> dict[str, object]:
+        return {"job": "owls", "vars": vars_, "replicate": 1, "model": "flux-dev",
+                "request": {"width": 512, "height": 512, "webhook_secret": "***",
+                            "output_format": "jpeg", "prompt": f"{vars_['mood']} owl",
+                            "seed": seed},
+                "seed": seed, "key": key, "output": output, "state": "new", "explain": explain}
+
+    assert json.loads(out) == {
+        "recipe": {
+            "name": "small", "path": "small.yaml",
+            "sha256": hashlib.sha256((workdir / "small.yaml").read_bytes()).hexdigest(),
+            "provider": "bfl", "output_root": ".", "spec_date": "2026-04-23",
+        },
+        "jobs": [
+            owl({"mood": "calm", "hat": True}, 1263208043,
+                "ddd54a2be76aa63b0ea5f01eda481b5b2beb8ca4c629ab096170a8dadc15219b",
+                "owls/calm-true-1.jpg", "product mood[0]; merged include[0]"),
+            owl({"mood": "sleepy"}, 1626753431,
+                "8f9f872d4dce4019135479daf7b85b26b0c7d26cf71612aa1a9b901d60151e22",
+                "owls/sleepy-1.jpg", "product mood[2]"),
+            owl({"mood": "wise"}, 2109832090,
+                "81be93bac7130b7061aa03f06c90eecbf060cfbae0de98eb85a61a81c2bcc35a",
+                "owls/wise-1.jpg", "include[1]: new combination (fits no original one)"),
+            {"job": "fox", "vars": {}, "replicate": 1, "model": "flux-2-pro",
+             "request": {"width": 1024, "height": 1024, "output_format": "jpeg",
+                         "prompt": "a fox", "seed": 7},
+             "seed": 7, "key": "9d45b8b239aec387630511425cf21ff33d2c5c5c4172042205e58922510cb14b",
+             "output": "fox/default-1.jpg", "state": "new",
+             "explain": "no matrix: one combination"},
+        ],
+        "summary": {
+            "jobs": 4, "to_render": 4, "states": {"new": 4},
+            "models": {
+                "flux-dev": {"jobs": 3, "to_render": 3, "estimated_usd": 0.075,
+                             "price_source": "https://flux-1.ai (third party, unverified)"},
+                "flux-2-pro": {"jobs": 1, "to_render": 1, "estimated_usd": 0.0307,
+                               "price_source":
+                                   "black-forest-labs/skills:skills/bfl-api/SKILL.md@172fdcf"},
+            },
+            "estimated_usd": 0.1057,
+        },
+        "removed": [{"job": "owls", "vars": {"mood": "angry"}, "explain": "exclude[0]"}],
+    }
+
+
+def test_plan_json_without_explain_has_exactly_the_job_keys(workdir: Path,
+                                                            capsys: Capsys) -> None:
+    build_file_tree(workdir, {"small.yaml": SMALL})
+    document = json.loads(run(capsys, "plan", "small.yaml", "--json")[1])
+    assert list(document) == ["recipe", "jobs", "summary"]
+    assert [list(job) for job in document["jobs"]] == [
+        ["job", "vars", "replicate", "model", "request", "seed", "key", "output", "state"]] * 4
+
+
+def test_plan_out_is_relative_to_the_working_directory(workdir: Path, capsys: Capsys) -> None:
+    build_file_tree(workdir, {"recipes/small.yaml": SMALL})
+    out = run(capsys, "plan", "recipes/small.yaml", "--out", "renders")[1]
+    assert out.splitlines()[0] == (
+        "recipe small (recipes/small.yaml), provider bfl, output root renders")
+
+
+def test_plan_refuses_a_large_plan_unless_yes(workdir: Path, capsys: Capsys) -> None:
+    build_file_tree(workdir, {"recipe.yaml": """
+        version: 1
+        name: r
+        max_jobs: 2
+        defaults: {model: flux-dev}
+        jobs: [{name: a, prompt: x, replicates: 3}]
+    """})
+    assert run(capsys, "plan", "recipe.yaml") == (
+        1, "", "fluxbatch: recipe.yaml: the plan has 3 jobs, more than the limit of 2; pass "
+               "--yes to go ahead, or raise max_jobs in the recipe\n")
+    code, out, err = run(capsys, "plan", "recipe.yaml", "--yes")
+    assert (code, err) == (0, "")
+    assert "3 jobs: 3 new" in out
+
+
+def test_plan_of_an_invalid_recipe_lists_its_problems(workdir: Path, capsys: Capsys) -> None:
+    build_file_tree(workdir, {"recipe.yaml": """
+        version: 1
+        name: r
+        defaults: {model: flux-dev, width: 2000}
+        jobs: [{name: a, prompt: x}]
+    """})
+    assert run(capsys, "plan", "recipe.yaml") == (
+        1, "", "recipe.yaml:3:36: defaults.width: 2000 is greater than the maximum of 1440\n")

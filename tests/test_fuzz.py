@@ -1,0 +1,162 @@
+"""Whatever the file holds, `fluxbatch validate` answers 0 or 1 with a message: never a crash,
+never "internal error"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fluxbatch.main import main
+
+FUZZ = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow])
+
+KEYS = ["version", "name", "provider", "output", "output_root", "max_jobs", "defaults", "vars",
+        "jobs", "prompt", "matrix", "replicates", "params", "seed", "model", "width", "height",
+        "steps", "guidance", "output_format", "include", "exclude", "zip", "rows", "from",
+        "column", "base_url", "webhook_url", "aspect_ratio"]
+TEXTS = ["", "auto", "bfl", "emulator", "flux-dev", "flux-pro-1.1", "flux-kontext-pro",
+         "flux-2-pro", "{{ a }}", "{{ a | slug }}", "{{", "{% if %}", "{{ x | nope }}",
+         "{{ ''.__class__ }}", "{{ 1 / 0 }}", "../x.png", "/abs.png", "a.txt", "rows.csv",
+         "{{ job }}/{{ combo }}.{{ ext }}", "{{ 3 * 2 }}", "{{ a }}.png", "16:9", "png", "a"]
+
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-2, 2000), st.floats(),
+    st.sampled_from(TEXTS), st.text(max_size=6),
+)
+documents = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=4), inner, max_size=5),
+    max_leaves=25,
+)
+# mostly-sensible values, so that many documents get past the schema into expansion
+sensible_params = st.fixed_dictionaries({}, optional={
+    "model": st.sampled_from(["flux-dev", "flux-pro-1.1", "flux-2-pro", "flux-kontext-pro",
+                              "flux-pro-1.0-fill", "{{ m }}", "nope"]),
+    "width": st.sampled_from([512, 1024, 1000, 2000, "{{ 512 + 32 * a }}", "{{ a }}"]),
+    "steps": st.sampled_from([1, 28, 51, "{{ 3 * 2 }}", "x"]),
+    "guidance": st.sampled_from([2.5, 3, "{{ a }}", None]),
+    "output_format": st.sampled_from(["png", "jpeg", "webp", "gif", "{{ f }}"]),
+    "webhook_url": st.sampled_from(["https://example.com/hook"]),
+})
+variables = st.sampled_from(["a", "a", "b", "m", "f", "seed"])
+values = st.lists(st.one_of(st.integers(0, 3), st.sampled_from(["x", "y", "png", "flux-dev"])),
+                  min_size=1, max_size=3)
+sensible_matrix = st.dictionaries(
+    variables, values | st.sampled_from([{"from": "a.txt"}, {"from": "nope.txt"}]),
+    max_size=3,
+).flatmap(lambda axes: st.fixed_dictionaries({k: st.just(v) for k, v in axes.items()}, optional={
+    "include": st.lists(st.dictionaries(variables, st.integers(0, 3), min_size=1, max_size=2),
+                        max_size=2),
+    "exclude": st.lists(st.dictionaries(variables, st.integers(0, 3), min_size=1, max_size=2),
+                        max_size=2),
+    "zip": st.just({"c": [1, 2], "d": [3, 4]}),
+    "rows": st.sampled_from([{"from": "rows.csv"}, [{"r": 1}, {"r": 2, "s": 3}]]),
+}))
+sensible_jobs = st.fixed_dictionaries(
+    {"name": st.sampled_from(["a", "b", "A"])},
+    optional={
+        "prompt": st.sampled_from(TEXTS),
+        "matrix": sensible_matrix,
+        "params": sensible_params,
+        "seed": st.sampled_from(["auto", 0, 7, "{{ a }}", "{{ a - 1 }}"]),
+        "replicates": st.integers(1, 3),
+        "output": st.sampled_from(["{{ a }}.png", "x.png", "../x", "{{ combo }}/{{ seed }}"]),
+    },
+)
+sensible_recipes = st.fixed_dictionaries(
+    {"version": st.just(1), "name": st.just("r"),
+     "jobs": st.lists(sensible_jobs, min_size=1, max_size=3, unique_by=lambda j: j["name"]),
+     "defaults": sensible_params.map(lambda d: {"model": "flux-dev", **d})},
+    optional={"provider": st.sampled_from(["bfl", "emulator"]),
+              "max_jobs": st.integers(1, 20), "output_root": st.sampled_from(["out", "../o"])},
+)
+wild_params = st.dictionaries(st.sampled_from(KEYS), scalars, max_size=4)
+wild_jobs = st.fixed_dictionaries(
+    {"name": st.sampled_from(["a", "b", "bad name"])},
+    optional={"prompt": scalars, "matrix": documents, "params": wild_params, "seed": scalars,
+              "replicates": scalars, "output": scalars},
+)
+wild_recipes = st.fixed_dictionaries(
+    {"version": st.just(1), "name": st.just("r"),
+     "jobs": st.lists(wild_jobs | sensible_jobs, min_size=1, max_size=3)},
+    optional={"defaults": wild_params, "vars": documents, "provider": scalars,
+              "output": scalars, "max_jobs": scalars, "output_root": scalars},
+)
+# fragments that reach the corners of the YAML reader: tags, anchors, merges, flow syntax
+yaml_soup = st.lists(st.sampled_from([
+    "a", ": ", " ", "\n", "- ", "  ", "!!int ", "!!float ", "!!binary ", "!!timestamp ",
+    "!!set ", "!!omap ", "!!python/tuple ", "!custom ", "&x ", "*x ", "<<: ", "{", "}", "[",
+    "]", ", ", "? ", "'", '"', "# ", "|\n", ">\n", "%YAML 1.1\n", "---\n", "...\n", "1", "1.5",
+    ".inf", ".nan", "0x1", "1:30", "2024-13-45", "null", "~", "\t", "\\ud800", "é", "\x00",
+    "\ufeff", "jobs", "version: 1\n", "name: r\n", "jobs:\n", "  - name: a\n",
+    "    prompt: x\n", "defaults: {model: flux-dev}\n",
+]), max_size=40).map("".join)
+
+
+def validate(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["validate", str(path)])
+    captured = capsys.readouterr()
+    assert code in (0, 1), captured.err
+    assert "internal error" not in captured.err
+    assert "Traceback" not in captured.err
+    if code == 1:
+        assert captured.err.strip(), "a failure says why"
+
+
+def dumped(document: Any) -> str:
+    return yaml.safe_dump(document, allow_unicode=False, sort_keys=False)
+
+
+@FUZZ
+@given(st.text())
+def test_any_text_is_answered(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                              text: str) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(text.encode("utf-8", "surrogatepass"))
+    validate(path, capsys)
+
+
+@FUZZ
+@given(st.binary(max_size=200))
+def test_any_bytes_are_answered(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                data: bytes) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(data)
+    validate(path, capsys)
+
+
+@FUZZ
+@given(documents)
+def test_any_yaml_document_is_answered(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                       document: Any) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(dumped(document), encoding="utf-8")
+    validate(path, capsys)
+
+
+@FUZZ
+@given(sensible_recipes | wild_recipes)
+def test_any_recipe_shaped_document_is_answered(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], document: Any) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(dumped(document), encoding="utf-8")
+    (tmp_path / "a.txt").write_text("one\ntwo\n", encoding="utf-8")
+    (tmp_path / "rows.csv").write_text("a,b\n1,2\n", encoding="utf-8")
+    validate(path, capsys)
+
+
+@FUZZ
+@given(yaml_soup)
+def test_yaml_soup_is_answered(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                               text: str) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text, encoding="utf-8")
+    validate(path, capsys)

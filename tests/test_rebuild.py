@@ -1,0 +1,469 @@
+"""Make-style rebuilds against the emulator: an unchanged recipe costs nothing, an edit
+re-renders exactly the images it touches, and `--only`, `--shard`, `--budget`, `--force` and
+`--dry-run` select (or refuse) exactly what they say."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from fluxbatch import imagemeta
+from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
+from fluxbatch.main import main
+from fluxbatch.plan import load_plan
+from fluxbatch.state import Store
+from tests.conftest import build_file_tree
+
+SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "schemas" /
+                     "manifest.schema.json").read_text())
+IMAGE_SUFFIXES = (".png", ".jpg", ".webp")
+ALL = ("grid/circle.png", "grid/square.png", "grid/star.png", "solo/tree.png")
+STALE_REASON = "the request changed (prompt, parameters, model or seed)"
+
+
+def recipe_text(*, shapes: tuple[str, ...] = ("circle", "square", "star"),
+                colours: tuple[str, ...] = ("red", "green", "blue"),
+                prompt: str = "a {{ colour }} {{ shape }}", tolerance: int = 2) -> str:
+    return f"""
+        version: 1
+        name: rebuild
+        provider: emulator
+        output: "{{{{ job }}}}/{{{{ shape }}}}.{{{{ ext }}}}"
+        defaults:
+          model: flux-pro-1.1
+          width: 256
+          height: 256
+          output_format: png
+        jobs:
+          - name: grid
+            prompt: "{prompt}"
+            matrix:
+              zip:
+                shape: {json.dumps(list(shapes))}
+                colour: {json.dumps(list(colours))}
+          - name: solo
+            prompt: "a lone tree"
+            output: "{{{{ job }}}}/tree.{{{{ ext }}}}"
+            params: {{safety_tolerance: {tolerance}}}
+        """
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+class Cli:
+    """`fluxbatch ...` in-process, its output captured; `render` talks to the emulator."""
+
+    def __init__(self, emulator: Emulator, capsys: pytest.CaptureFixture[str],
+                 root: Path) -> None:
+        self.emulator = emulator
+        self.capsys = capsys
+        self.root = root
+        self.recipe = root / "recipe.yaml"
+
+    def write(self, **edits: Any) -> None:
+        build_file_tree(self.root, {"recipe.yaml": recipe_text(**edits)})
+
+    def __call__(self, *argv: str) -> Run:
+        self.capsys.readouterr()
+        code = main(list(argv))
+        captured = self.capsys.readouterr()
+        return Run(code, captured.out, captured.err)
+
+    def render(self, *options: str) -> Run:
+        return self("render", str(self.recipe), "--base-url", self.emulator.base_url, "-q",
+                    *options)
+
+    def status(self, *options: str) -> Run:
+        return self("status", str(self.recipe), *options)
+
+    def clean(self, *options: str) -> Run:
+        return self("clean", str(self.recipe), *options)
+
+    def prompts_sent(self, since: int) -> list[str]:
+        return sorted(str(s["request"]["prompt"]) for s in self.emulator.submissions[since:])
+
+    def written(self, count: int, up_to_date: int = 0) -> str:
+        cost = f"${count * 0.04:.3f}" if count * 0.04 < 0.1 else f"${count * 0.04:.2f}"
+        rest = f", {up_to_date} up to date" if up_to_date else ""
+        return (f"{count} written{rest}; cost {cost} (reported by the provider); manifest "
+                f"{self.root / 'manifest.json'}\n")
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[Emulator]:
+    """One emulator per module (tests count submissions from their own start)."""
+    with EmulatorThread(EmulatorConfig(latency=0.02, latency_sigma=0.1, max_side=64)) as emu:
+        yield emu
+
+
+@pytest.fixture
+def cli(emulator: Emulator, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Cli:
+    cli = Cli(emulator, capsys, tmp_path / "root")
+    cli.write()
+    return cli
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("template") / "root"
+
+
+@pytest.fixture
+def rendered(cli: Cli, template: Path) -> Cli:
+    """An output root with the recipe's 4 images rendered: rendered once per module, then
+    copied with its mtimes (a copy is as up to date as the original)."""
+    if not template.exists():
+        sent = len(cli.emulator.submissions)
+        assert cli.render() == Run(0, cli.written(4), "")
+        assert len(cli.emulator.submissions) == sent + 4
+        shutil.copytree(cli.root, template)
+    else:
+        shutil.copytree(template, cli.root, dirs_exist_ok=True)
+    return cli
+
+
+def images(root: Path) -> dict[str, tuple[int, str]]:
+    """Every image under the root: its mtime and sha256."""
+    return {path.relative_to(root).as_posix(): (path.stat().st_mtime_ns,
+                                                hashlib.sha256(path.read_bytes()).hexdigest())
+            for path in sorted(root.rglob("*")) if path.suffix in IMAGE_SUFFIXES}
+
+
+def check_manifest(cli: Cli) -> dict[str, dict[str, Any]]:
+    """The manifest validates, names only existing files with their sha256, and its keys are
+    the plan's keys; returns its entries by path."""
+    document = json.loads((cli.root / "manifest.json").read_text())
+    jsonschema.Draft202012Validator(SCHEMA).validate(document)
+    entries = {entry["path"]: entry for entry in document["images"]}
+    on_disk = images(cli.root)
+    for path, entry in entries.items():
+        assert on_disk[path][1] == entry["sha256"]
+    keys = {job.output: job.key for job in load_plan(str(cli.recipe)).jobs}
+    assert {path: entry["key"] for path, entry in entries.items()} == keys
+    return entries
+
+
+def aligned(headers: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
+    """A left-aligned table as the commands print it (empty when there are no rows)."""
+    if not rows:
+        return ""
+    widths = [max(len(header), *(len(row[i]) for row in rows))
+              for i, header in enumerate(headers)]
+    return "".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(cells)).rstrip()
+                   + "\n" for cells in (headers, *rows))
+
+
+def status_table(root: Path, counts: Sequence[tuple[str, int]]) -> str:
+    """The first lines of `status`: the root, then the counts by state."""
+    number = max(len("IMAGES"), *(len(str(n)) for _, n in counts))
+    state = max(len("STATE"), *(len(s) for s, _ in counts))
+    return "\n".join([f"recipe rebuild, output root {root}",
+                      f"{'STATE'.ljust(state)}  {'IMAGES'.rjust(number)}",
+                      *(f"{s.ljust(state)}  {str(n).rjust(number)}" for s, n in counts), ""])
+
+
+def status_verbose(rows: Sequence[tuple[str, ...]], counts: Sequence[tuple[str, int]],
+                   root: Path) -> str:
+    """The exact `status -v` text for these counts and not-up-to-date rows."""
+    return status_table(root, counts) + "\n" + aligned(
+        ("JOB", "VALUES", "OUTPUT", "STATE", "REASON"), rows)
+
+
+NOT_UP_TO_DATE = "not up to date: `fluxbatch render` makes what is missing\n"
+
+
+# -- 1. make-style rebuilds -----------------------------------------------------------------
+
+
+def test_rerender_of_an_unchanged_recipe_submits_nothing_and_rewrites_nothing(
+        rendered: Cli, emulator: Emulator) -> None:
+    before, sent = images(rendered.root), len(emulator.submissions)
+    polls, downloads = emulator.stats.polls, emulator.stats.downloads
+
+    assert rendered.render() == Run(0, "nothing to render: 4 images up to date\n", "")
+    assert rendered.status() == Run(0, f"recipe rebuild, output root {rendered.root}\n"
+                                       "STATE       IMAGES\nup-to-date       4\n"
+                                       "everything is up to date\n", "")
+    assert rendered.status().out == status_table(rendered.root, [("up-to-date", 4)]) + \
+        "everything is up to date\n"
+    assert (len(emulator.submissions), emulator.stats.polls, emulator.stats.downloads) == (
+        sent, polls, downloads)
+    assert images(rendered.root) == before
+    assert sorted(check_manifest(rendered)) == sorted(ALL)
+
+
+def test_a_deleted_image_is_missing_and_only_it_is_rendered_again(
+        rendered: Cli, emulator: Emulator) -> None:
+    before, sent = images(rendered.root), len(emulator.submissions)
+    (rendered.root / "grid" / "square.png").unlink()
+
+    assert rendered.status("-v") == Run(1, status_verbose(
+        [("grid", "shape=square colour=green", "grid/square.png", "missing",
+          "the file was deleted")], [("up-to-date", 3), ("missing", 1)], rendered.root),
+        NOT_UP_TO_DATE)
+    assert rendered.render() == Run(0, rendered.written(1, up_to_date=3), "")
+    assert rendered.prompts_sent(sent) == ["a green square"]
+    after = images(rendered.root)
+    assert {p: v for p, v in after.items() if p != "grid/square.png"} == \
+        {p: v for p, v in before.items() if p != "grid/square.png"}
+    assert sorted(check_manifest(rendered)) == sorted(ALL)
+
+
+@pytest.mark.parametrize(("edit", "touched", "prompts"), [
+    ({"colours": ("red", "green", "violet")}, ["grid/star.png"], ["a violet star"]),
+    ({"tolerance": 3}, ["solo/tree.png"], ["a lone tree"]),
+    ({"prompt": "a {{ colour }} {{ shape }}, flat"},
+     ["grid/circle.png", "grid/square.png", "grid/star.png"],
+     ["a blue star, flat", "a green square, flat", "a red circle, flat"]),
+], ids=["matrix-value", "param", "prompt-template"])
+def test_an_edit_makes_exactly_the_touched_images_stale_and_replaces_them(
+        rendered: Cli, emulator: Emulator, edit: dict[str, Any], touched: list[str],
+        prompts: list[str]) -> None:
+    before, sent = images(rendered.root), len(emulator.submissions)
+    rendered.write(**edit)
+    plan = {job.output: job for job in load_plan(str(rendered.recipe)).jobs}
+    rows = [(plan[o].job, " ".join(f"{k}={v}" for k, v in plan[o].vars.items()) or "-", o,
+             "stale", STALE_REASON) for o in touched]
+
+    assert rendered.status("-v") == Run(1, status_verbose(
+        rows, [("up-to-date", 4 - len(touched)), ("stale", len(touched))], rendered.root),
+        NOT_UP_TO_DATE)
+    assert rendered.render() == Run(0, rendered.written(len(touched), 4 - len(touched)), "")
+    assert rendered.prompts_sent(sent) == prompts
+    after = images(rendered.root)
+    assert sorted(after) == sorted(ALL)
+    for path in ALL:
+        if path in touched:
+            assert after[path][1] != before[path][1], f"{path} was not replaced"
+            embedded = imagemeta.extract((rendered.root / path).read_bytes())
+            assert embedded is not None and embedded["key"] == plan[path].key
+        else:
+            assert after[path] == before[path], f"{path} was rewritten"
+    check_manifest(rendered)
+    assert rendered.render() == Run(0, "nothing to render: 4 images up to date\n", "")
+
+
+def test_a_stale_image_in_another_format_replaces_the_old_file(
+        tmp_path: Path, emulator: Emulator, capsys: pytest.CaptureFixture[str]) -> None:
+    cli = Cli(emulator, capsys, tmp_path)
+    sent = len(emulator.submissions)
+    text = """
+        version: 1
+        name: formats
+        provider: emulator
+        output: "img/{{ n }}.png"
+        defaults: {model: flux-pro-1.1, width: 256, height: 256, output_format: FORMAT}
+        jobs:
+          - {name: a, prompt: "a {{ n }}", matrix: {n: [one]}}
+        """
+    build_file_tree(tmp_path, {"recipe.yaml": text.replace("FORMAT", "jpeg")})
+    assert cli.render().code == 0
+    assert sorted(images(tmp_path)) == ["img/one.jpg"]  # the extension follows the bytes
+
+    build_file_tree(tmp_path, {"recipe.yaml": text.replace("FORMAT", "png")})
+    assert cli.render() == Run(0, cli.written(1), "")
+    assert sorted(images(tmp_path)) == ["img/one.png"]
+    assert len(emulator.submissions) == sent + 2
+    assert [e["path"] for e in json.loads((tmp_path / "manifest.json").read_text())["images"]] \
+        == ["img/one.png"]
+
+
+def test_adding_a_matrix_value_renders_only_the_new_image(
+        rendered: Cli, emulator: Emulator) -> None:
+    before, sent = images(rendered.root), len(emulator.submissions)
+    rendered.write(shapes=("circle", "square", "star", "heart"),
+                   colours=("red", "green", "blue", "black"))
+
+    assert rendered.render() == Run(0, rendered.written(1, up_to_date=4), "")
+    assert rendered.prompts_sent(sent) == ["a black heart"]
+    after = images(rendered.root)
+    assert {p: v for p, v in after.items() if p != "grid/heart.png"} == before
+    assert sorted(check_manifest(rendered)) == sorted([*ALL, "grid/heart.png"])
+
+
+def test_force_rerenders_everything_selected_and_nothing_else(
+        rendered: Cli, emulator: Emulator) -> None:
+    sent = len(emulator.submissions)
+    assert rendered.render("--force") == Run(0, rendered.written(4), "")
+    assert len(emulator.submissions) == sent + 4
+
+    before = images(rendered.root)
+    assert rendered.render("--force", "--only", "solo") == Run(0, rendered.written(1), "")
+    assert rendered.prompts_sent(sent + 4) == ["a lone tree"]
+    after = images(rendered.root)
+    assert after["solo/tree.png"] != before["solo/tree.png"]
+    assert {p: v for p, v in after.items() if p != "solo/tree.png"} == \
+        {p: v for p, v in before.items() if p != "solo/tree.png"}
+    check_manifest(rendered)
+
+
+VALUES = {"grid/circle.png": "shape=circle colour=red",
+          "grid/square.png": "shape=square colour=green",
+          "grid/star.png": "shape=star colour=blue", "solo/tree.png": "-"}
+
+
+def dry_run_text(outputs: list[str], up_to_date: int = 0) -> str:
+    rows = [(output.split("/")[0], VALUES[output], "flux-pro-1.1", output, "submit")
+            for output in outputs]
+    cost = len(outputs) * 0.04
+    money = f"${cost:.3f}" if 0 < cost < 0.1 else f"${cost:.2f}"
+    noun = "image" if len(outputs) == 1 else "images"
+    return (aligned(("JOB", "VALUES", "MODEL", "OUTPUT", "WOULD"), rows) +
+            f"dry run: would submit {len(outputs)} {noun} (estimated {money}), re-attach 0, "
+            f"skip {up_to_date} up to date; nothing was sent or written\n")
+
+
+@pytest.mark.parametrize(("patterns", "selected"), [
+    (["solo"], ["solo/tree.png"]),
+    (["grid/s*.png"], ["grid/square.png", "grid/star.png"]),
+    (["*/*e.png"], ["grid/circle.png", "grid/square.png", "solo/tree.png"]),
+    (["colour=red"], ["grid/circle.png"]),
+    (["colour=[gb]*"], ["grid/square.png", "grid/star.png"]),
+    (["colour=g*", "solo"], ["grid/square.png", "solo/tree.png"]),
+    (["shape=tree"], []),
+], ids=["job-name", "output-glob", "glob-across-jobs", "matrix-value", "value-glob",
+        "repeated", "no-such-value"])
+def test_only_selects_exactly_the_matching_images(
+        cli: Cli, emulator: Emulator, patterns: list[str], selected: list[str]) -> None:
+    options = [part for pattern in patterns for part in ("--only", pattern)]
+    sent = len(emulator.submissions)
+    assert cli.render("--dry-run", *options) == Run(0, dry_run_text(selected), "")
+    assert len(emulator.submissions) == sent
+
+
+def test_only_renders_exactly_the_selected_images_and_leaves_the_rest_new(
+        cli: Cli, emulator: Emulator) -> None:
+    sent = len(emulator.submissions)
+    only = ("--only", "colour=g*", "--only", "solo")
+    assert cli.render(*only) == Run(0, cli.written(2), "")
+    assert sorted(images(cli.root)) == ["grid/square.png", "solo/tree.png"]
+    assert cli.prompts_sent(sent) == ["a green square", "a lone tree"]
+
+    assert cli.render(*only) == Run(0, "nothing to render: 2 images up to date, 2 not "
+                                       "selected\n", "")
+    assert cli.render() == Run(0, cli.written(2, up_to_date=2), "")
+    assert len(emulator.submissions) == sent + 4
+    check_manifest(cli)
+
+
+def test_two_shards_partition_the_plan(cli: Cli, emulator: Emulator) -> None:
+    sent = len(emulator.submissions)
+    first = cli.render("--shard", "1/2")
+    one = sorted(images(cli.root))
+    second = cli.render("--shard", "2/2")
+    two = sorted(set(images(cli.root)) - set(one))
+
+    assert (first, second) == (Run(0, cli.written(len(one)), ""),
+                               Run(0, cli.written(len(two)), ""))
+    assert one and two and sorted(one + two) == sorted(ALL)
+    assert len(emulator.submissions) == sent + 4
+    assert cli.render() == Run(0, "nothing to render: 4 images up to date\n", "")
+
+
+def test_budget_below_the_estimate_refuses_and_sends_nothing(
+        cli: Cli, emulator: Emulator) -> None:
+    sent = len(emulator.submissions)
+    assert cli.render("--budget", "0.01") == Run(
+        1, "", "fluxbatch: the estimated cost $0.16 of 4 new images is over the budget of "
+               "$0.01; nothing was sent\n")
+    assert (len(emulator.submissions), images(cli.root)) == (sent, {})
+    assert not (cli.root / "manifest.json").exists()
+
+    assert cli.render("--budget", "0.16") == Run(0, cli.written(4), "")
+
+
+def test_dry_run_on_a_fresh_root_prints_the_submits_and_cost_and_creates_nothing(
+        cli: Cli, emulator: Emulator) -> None:
+    sent = len(emulator.submissions)
+    assert cli.render("--dry-run") == Run(0, dry_run_text(list(ALL)), "")
+    assert len(emulator.submissions) == sent
+    assert sorted(p.name for p in cli.root.iterdir()) == ["recipe.yaml"]
+
+
+def test_dry_run_after_an_edit_lists_only_the_stale_image_and_changes_nothing(
+        rendered: Cli, emulator: Emulator) -> None:
+    rendered.write(tolerance=5)
+    state = rendered.root / ".fluxbatch" / "state.sqlite"
+    before = (images(rendered.root), (rendered.root / "manifest.json").read_bytes(),
+              state.read_bytes(), len(emulator.submissions))
+
+    assert rendered.render("--dry-run") == Run(0, (
+        "JOB   VALUES  MODEL         OUTPUT         WOULD\n"
+        "solo  -       flux-pro-1.1  solo/tree.png  submit\n"
+        "dry run: would submit 1 image (estimated $0.040), re-attach 0, skip 3 up to date; "
+        "nothing was sent or written\n"), "")
+    assert rendered.render("--dry-run") == Run(0, dry_run_text(["solo/tree.png"], 3), "")
+    assert before == (images(rendered.root), (rendered.root / "manifest.json").read_bytes(),
+                      state.read_bytes(), len(emulator.submissions))
+
+
+# -- 2. trusting size and mtime, checking by sha256 -------------------------------------------
+
+
+def change_bytes(path: Path, *, keep_mtime: bool) -> None:
+    """Flip bytes in the middle of the file: same size, different content."""
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4] = bytes(b ^ 0xFF for b in data[middle:middle + 4])
+    path.write_bytes(bytes(data))
+    mtime = stat.st_mtime_ns if keep_mtime else stat.st_mtime_ns + 5_000_000_000
+    os.utime(path, ns=(stat.st_atime_ns, mtime))
+
+
+def test_changed_bytes_with_a_new_mtime_make_an_image_missing(
+        rendered: Cli, emulator: Emulator) -> None:
+    sent = len(emulator.submissions)
+    change_bytes(rendered.root / "grid" / "circle.png", keep_mtime=False)
+
+    assert rendered.status("-v") == Run(1, status_verbose(
+        [("grid", "shape=circle colour=red", "grid/circle.png", "missing",
+          "the file was changed after it was written")],
+        [("up-to-date", 3), ("missing", 1)], rendered.root), NOT_UP_TO_DATE)
+    assert rendered.render() == Run(0, rendered.written(1, up_to_date=3), "")
+    assert rendered.prompts_sent(sent) == ["a red circle"]
+    check_manifest(rendered)
+
+
+def test_a_touched_image_is_up_to_date_by_sha256_and_its_new_mtime_is_remembered(
+        rendered: Cli, emulator: Emulator) -> None:
+    target = rendered.root / "solo" / "tree.png"
+    stat = target.stat()
+    touched = stat.st_mtime_ns + 7_000_000_000
+    os.utime(target, ns=(stat.st_atime_ns, touched))
+    sent = len(emulator.submissions)
+
+    assert rendered.status().code == 0
+    assert rendered.render() == Run(0, "nothing to render: 4 images up to date\n", "")
+    assert len(emulator.submissions) == sent
+    with Store.open(rendered.root, create=False) as store:
+        assert store.records()["solo/tree.png"].mtime_ns == touched
+    assert target.stat().st_mtime_ns == touched
+
+
+def test_verify_finds_changed_bytes_that_size_and_mtime_hide(
+        rendered: Cli, emulator: Emulator) -> None:
+    sent = len(emulator.submissions)
+    change_bytes(rendered.root / "grid" / "star.png", keep_mtime=True)
+
+    assert rendered.status().code == 0  # the fast path trusts size and mtime
+    assert rendered.render() == Run(0, "nothing to render: 4 images up to date\n", "")
+    assert rendered.status("--verify").code == 1
+    assert rendered.render("--verify") == Run(0, rendered.written(1, up_to_date=3), "")
+    assert rendered.prompts_sent(sent) == ["a blue star"]
+    assert rendered.status("--verify").code == 0
+    check_manifest(rendered)

@@ -1,0 +1,450 @@
+"""The state around a render, against the emulator: in-flight tasks re-attached without paying
+again, unknown submits held back, `status`, `clean`, `inspect` and `reproduce`, damaged or lost
+state, and the output root's lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
+from fluxbatch.errors import StateError
+from fluxbatch.expand import Job
+from fluxbatch.plan import load_plan
+from fluxbatch.state import RootLock, Store
+from tests.conftest import build_file_tree
+from tests.test_rebuild import Cli, Run, aligned, check_manifest, images, status_table
+
+ROOT = Path(__file__).resolve().parent.parent
+ALL = ["grid/circle.png", "grid/square.png", "grid/star.png", "solo/tree.png"]
+HELD_BACK = ("{n} held back: an earlier submit's outcome was never learned (it may have been "
+             "billed). Re-run with --retry-unknown to submit them again.\n")
+NOT_UP_TO_DATE = "not up to date: `fluxbatch render` makes what is missing\n"
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[Emulator]:
+    with EmulatorThread(EmulatorConfig(latency=0.02, latency_sigma=0.1, max_side=64)) as emu:
+        yield emu
+
+
+@pytest.fixture
+def cli(emulator: Emulator, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Cli:
+    cli = Cli(emulator, capsys, tmp_path / "root")
+    cli.write()
+    return cli
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("template") / "root"
+
+
+@pytest.fixture
+def rendered(cli: Cli, template: Path) -> Cli:
+    """The recipe's 4 images, rendered once per module and copied with their mtimes."""
+    if not template.exists():
+        assert cli.render() == Run(0, cli.written(4), "")
+        shutil.copytree(cli.root, template)
+    else:
+        shutil.copytree(template, cli.root, dirs_exist_ok=True)
+    return cli
+
+
+def planned(cli: Cli) -> dict[str, Job]:
+    return {job.output: job for job in load_plan(str(cli.recipe)).jobs}
+
+
+# -- 3. in flight and unknown -----------------------------------------------------------------
+
+
+def submit_directly(emulator: Emulator, job: Job) -> dict[str, Any]:
+    """A submit made by an earlier run that died before its first poll."""
+    response = httpx.post(f"{emulator.base_url}/v1/{job.model}", json=dict(job.request),
+                          headers={"x-key": "earlier-run"})
+    response.raise_for_status()
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def test_a_task_submitted_but_never_polled_is_collected_without_submitting_again(
+        cli: Cli, emulator: Emulator) -> None:
+    jobs = planned(cli)
+    paid = {output: submit_directly(emulator, jobs[output])
+            for output in ("grid/circle.png", "solo/tree.png")}
+    cli.root.mkdir(parents=True, exist_ok=True)
+    with Store.open(cli.root) as store:
+        for output, answer in paid.items():
+            store.submitting(output, jobs[output].key, "emulator", emulator.base_url)
+            store.submitted(output, jobs[output].key, answer["id"], answer["polling_url"],
+                            answer["cost"], time.time())
+    sent = len(emulator.submissions)
+
+    status = cli.status("--json")
+    assert status.code == 1
+    assert json.loads(status.out)["counts"] == {
+        "up-to-date": 0, "new": 2, "missing": 0, "stale": 0, "in-flight": 2, "failed": 0,
+        "moderated": 0, "unknown": 0, "orphaned": 0}
+    assert cli.render("--dry-run").out.splitlines()[-1] == (
+        "dry run: would submit 2 images (estimated $0.080), re-attach 2, skip 0 up to date; "
+        "nothing was sent or written")
+
+    assert cli.render() == Run(0, cli.written(4), "")  # the cost includes the earlier submits
+    assert cli.prompts_sent(sent) == ["a blue star", "a green square"]
+    entries = check_manifest(cli)
+    assert {p: entries[p]["task_id"] for p in paid} == {p: a["id"] for p, a in paid.items()}
+    assert cli.render() == Run(0, "nothing to render: 4 images up to date\n", "")
+
+
+def test_a_submit_recorded_but_never_answered_is_held_back_until_retry_unknown(
+        rendered: Cli, emulator: Emulator) -> None:
+    rendered.write(colours=("red", "green", "violet"))  # the star is re-rendered ...
+    star = planned(rendered)["grid/star.png"]
+    with Store.open(rendered.root) as store:  # ... and that run died while submitting it
+        store.submitting(star.output, star.key, "emulator", emulator.base_url)
+    sent = len(emulator.submissions)
+
+    assert rendered.status("-v") == Run(1, status_table(
+        rendered.root, [("up-to-date", 3), ("unknown", 1)]) + "\n" + aligned(
+        ("JOB", "VALUES", "OUTPUT", "STATE", "REASON"),
+        [("grid", "shape=star colour=violet", "grid/star.png", "unknown", "")]),
+        NOT_UP_TO_DATE)
+    held = Run(1, "nothing to render: 3 images up to date\n", HELD_BACK.format(n="1 image"))
+    assert rendered.render() == held
+    assert rendered.render() == held
+    assert len(emulator.submissions) == sent
+
+    assert rendered.render("--retry-unknown") == Run(0, rendered.written(1, 3), "")
+    assert rendered.prompts_sent(sent) == ["a violet star"]
+    check_manifest(rendered)
+
+
+def test_submits_whose_answer_was_dropped_are_unknown_and_never_resent_silently(
+        cli: Cli, emulator: Emulator, capsys: pytest.CaptureFixture[str]) -> None:
+    dropping = EmulatorConfig(latency=0.02, max_side=64, fault_rate=1.0,
+                              faults=frozenset({"drop-after-submit"}))
+    with EmulatorThread(dropping) as faulty:
+        first = Cli(faulty, capsys, cli.root).render()
+        created = len(faulty.submissions)
+    lost = ("the submit may have reached the provider, but its answer was lost "
+            "(RemoteProtocolError: Server disconnected without sending a response.)")
+    rows = [("grid", "shape=circle colour=red", "grid/circle.png", "unknown", lost),
+            ("grid", "shape=square colour=green", "grid/square.png", "unknown", lost),
+            ("grid", "shape=star colour=blue", "grid/star.png", "unknown", lost),
+            ("solo", "-", "solo/tree.png", "unknown", lost)]
+
+    assert created == 4  # the provider made (and may bill) every task
+    assert first == Run(1, "4 unknown; cost $0.00 (reported by the provider); manifest "
+                           f"{cli.root / 'manifest.json'}\n",
+                        aligned(("JOB", "VALUES", "OUTPUT", "STATUS", "REASON"), rows) +
+                        "4 submits ended without an answer and may have been billed; they are "
+                        "not resubmitted unless you pass --retry-unknown.\n")
+    assert cli.status("-v") == Run(1, status_table(cli.root, [("unknown", 4)]) + "\n" + aligned(
+        ("JOB", "VALUES", "OUTPUT", "STATE", "REASON"), rows), NOT_UP_TO_DATE)
+    sent = len(emulator.submissions)
+    assert cli.render() == Run(1, "nothing to render: 0 images up to date\n",
+                               HELD_BACK.format(n="4 images"))
+    assert len(emulator.submissions) == sent
+    assert cli.render("--retry-unknown") == Run(0, cli.written(4), "")
+    assert len(emulator.submissions) == sent + 4
+
+
+# -- 4. status and clean ------------------------------------------------------------------------
+
+
+def test_status_json_counts_every_state_and_exits_0_only_when_up_to_date(
+        rendered: Cli) -> None:
+    (rendered.root / "solo" / "tree.png").unlink()
+    rendered.write(shapes=("circle", "square", "heart"), colours=("red", "cyan", "black"))
+
+    result = rendered.status("--json")
+    assert (result.code, result.err) == (1, "")
+    assert json.loads(result.out) == {
+        "recipe": "rebuild",
+        "output_root": str(rendered.root),
+        "up_to_date": False,
+        "counts": {"up-to-date": 1, "new": 1, "missing": 1, "stale": 1, "in-flight": 0,
+                   "failed": 0, "moderated": 0, "unknown": 0, "orphaned": 1},
+        "not_up_to_date": [
+            {"output": "grid/square.png", "state": "stale",
+             "reason": "the request changed (prompt, parameters, model or seed)"},
+            {"output": "grid/heart.png", "state": "new", "reason": None},
+            {"output": "solo/tree.png", "state": "missing", "reason": "the file was deleted"},
+        ],
+        "orphans": ["grid/star.png"],
+    }
+    assert rendered.status() == Run(1, status_table(rendered.root, [
+        ("up-to-date", 1), ("new", 1), ("missing", 1), ("stale", 1), ("orphaned", 1)]),
+        "not up to date: `fluxbatch render` makes what is missing; `fluxbatch clean --delete` "
+        "removes orphans\n")
+
+    assert rendered.render().code == 0
+    assert rendered.status().code == 1  # the orphan is still there
+    assert rendered.clean("--delete").code == 0
+    result = rendered.status("--json")
+    assert (result.code, json.loads(result.out)["up_to_date"]) == (0, True)
+
+
+def test_clean_lists_orphans_and_delete_removes_exactly_them_and_their_entries(
+        rendered: Cli, emulator: Emulator) -> None:
+    build_file_tree(rendered.root, {"notes.txt": "mine\n", "grid/hand-made.png": b"not ours",
+                                    "grid/star.png.bak": b"a backup"})
+    rendered.write(shapes=("circle", "square"), colours=("red", "green"))
+    before = images(rendered.root)
+    sent = len(emulator.submissions)
+
+    assert rendered.clean() == Run(0, "orphan: grid/star.png\n1 orphan; run with --delete to "
+                                      "remove them and their manifest entries\n", "")
+    assert images(rendered.root) == before
+    assert rendered.clean("--delete") == Run(
+        0, "deleting: grid/star.png\ndeleted 1 orphan\n", "")
+    assert rendered.clean() == Run(
+        0, "no orphans: every image in the manifest belongs to a job in the recipe\n", "")
+
+    del before["grid/star.png"]
+    assert images(rendered.root) == before
+    assert (rendered.root / "notes.txt").read_text() == "mine\n"
+    assert (rendered.root / "grid" / "star.png.bak").read_bytes() == b"a backup"
+    assert sorted(check_manifest(rendered)) == ["grid/circle.png", "grid/square.png",
+                                                "solo/tree.png"]
+    assert rendered.render() == Run(0, "nothing to render: 3 images up to date\n", "")
+    assert len(emulator.submissions) == sent
+
+
+def test_clean_delete_removes_a_directory_left_empty_but_not_the_root(rendered: Cli) -> None:
+    build_file_tree(rendered.root, {"recipe.yaml": """
+        version: 1
+        name: rebuild
+        provider: emulator
+        defaults: {model: flux-pro-1.1, width: 256, height: 256, output_format: png}
+        jobs:
+          - {name: solo, prompt: "a lone tree", output: "solo/tree.png",
+             params: {safety_tolerance: 2}}
+        """})
+    assert rendered.clean("--delete") == Run(0, "deleting: grid/circle.png\ndeleting: "
+                                                "grid/square.png\ndeleting: grid/star.png\n"
+                                                "deleted 3 orphans\n", "")
+    assert not (rendered.root / "grid").exists()
+    assert sorted(images(rendered.root)) == ["solo/tree.png"]
+    assert sorted(check_manifest(rendered)) == ["solo/tree.png"]
+
+
+# -- 5. inspect and reproduce ---------------------------------------------------------------------
+
+
+def embedded_entry(cli: Cli, path: str) -> dict[str, Any]:
+    """The manifest entry, minus what the image cannot carry (its own hash and size)."""
+    document = json.loads((cli.root / "manifest.json").read_text())
+    entry = next(e for e in document["images"] if e["path"] == path)
+    return {k: v for k, v in entry.items() if k not in ("sha256", "bytes")}
+
+
+def test_inspect_prints_the_provenance_the_image_carries(rendered: Cli) -> None:
+    entry = embedded_entry(rendered, "grid/star.png")
+    width = max(len(name) for name in entry)
+    lines = [f"{name.ljust(width)}  "
+             f"{entry[name] if isinstance(entry[name], str) else json.dumps(entry[name])}"
+             for name in sorted(entry)]
+    image = str(rendered.root / "grid" / "star.png")
+
+    assert rendered("inspect", image) == Run(0, "\n".join(lines) + "\n", "")
+    as_json = rendered("inspect", image, "--json")
+    assert (as_json.code, json.loads(as_json.out)) == (0, entry)
+    assert entry["key"] == planned(rendered)["grid/star.png"].key
+
+
+def test_inspect_of_a_file_without_provenance_says_so(rendered: Cli) -> None:
+    other = rendered.root / "other.png"
+    other.write_bytes(b"\x89PNG\r\n\x1a\n")
+    result = rendered("inspect", str(other))
+    assert result.code == 1 and result.out == ""
+    assert result.err.startswith(f"fluxbatch: {other}: ")
+
+
+@pytest.mark.parametrize("prompt", [
+    "a {{ colour }} {{ shape }}",
+    "a {% raw %}{{literal}} {% if %}{% endraw %}{{ colour }} {{ shape }} {# not a comment",
+], ids=["plain", "template-syntax-in-the-prompt"])
+def test_reproduce_writes_a_recipe_with_the_same_key(
+        cli: Cli, emulator: Emulator, prompt: str) -> None:
+    cli.write(prompt=prompt)
+    assert cli.render("--only", "grid/star.png").code == 0
+    star = planned(cli)["grid/star.png"]
+    if "raw" in prompt:
+        assert star.prompt == "a {{literal}} {% if %}blue star {# not a comment"
+    again = cli.root.parent / "again" / "r.yaml"
+    again.parent.mkdir()
+
+    assert cli("reproduce", str(cli.root / "grid" / "star.png"), "-o", str(again)) == Run(
+        0, f"wrote {again}: `fluxbatch render {again}` makes the image again (key "
+           f"{star.key[:12]}…)\n", "")
+    from_manifest = cli("reproduce", str(cli.root / "manifest.json"), "--entry", "grid/star.png")
+    assert from_manifest == Run(0, again.read_text(), "")
+
+    result = cli("plan", str(again), "--json")
+    assert result.code == 0
+    [job] = json.loads(result.out)["jobs"]
+    assert (job["key"], job["request"], job["output"], job["state"]) == (
+        star.key, dict(star.request), "grid/star.png", "new")
+
+
+def test_reproduce_from_a_manifest_needs_an_existing_entry(rendered: Cli) -> None:
+    manifest = str(rendered.root / "manifest.json")
+    assert rendered("reproduce", manifest) == Run(
+        1, "", f"fluxbatch: {manifest} is a manifest: say which image with --entry PATH\n")
+    assert rendered("reproduce", manifest, "--entry", "grid/moon.png") == Run(
+        1, "", f"fluxbatch: {manifest} has no image 'grid/moon.png'\n")
+
+
+# -- 6. damaged or lost state -------------------------------------------------------------------
+
+
+def untouched(cli: Cli, before: dict[str, tuple[int, str]], sent: int) -> None:
+    assert images(cli.root) == before
+    assert len(cli.emulator.submissions) == sent
+
+
+def test_a_truncated_manifest_without_a_store_is_an_error_that_says_how_to_recover(
+        rendered: Cli, emulator: Emulator) -> None:
+    shutil.rmtree(rendered.root / ".fluxbatch")
+    manifest = rendered.root / "manifest.json"
+    text = manifest.read_text()
+    manifest.write_text(text[:300])
+    line, column = 10, 3  # where the cut string starts
+    assert text[:300].splitlines()[line - 1][column - 1] == '"'
+    before, sent = images(rendered.root), len(emulator.submissions)
+    error = Run(1, "", f"fluxbatch: {manifest}:{line}:{column}: the manifest is not valid JSON "
+                       "(Unterminated string starting at). Restore it (from version control), "
+                       "or delete it: fluxbatch then recognises your images by the provenance "
+                       "embedded in them. No image is touched.\n")
+
+    assert rendered.render() == error
+    assert rendered.render() == error  # the failed run left no empty store behind
+    assert rendered.status() == error
+    assert not (rendered.root / ".fluxbatch" / "state.sqlite").exists()
+    assert manifest.read_text() == text[:300]
+    untouched(rendered, before, sent)
+
+    manifest.write_text(text)  # restored: everything is up to date again
+    assert rendered.render() == Run(0, "nothing to render: 4 images up to date\n", "")
+    untouched(rendered, before, sent)
+
+
+def test_a_manifest_of_the_wrong_shape_is_an_error_naming_the_entry(rendered: Cli) -> None:
+    shutil.rmtree(rendered.root / ".fluxbatch")
+    manifest = rendered.root / "manifest.json"
+    document = json.loads(manifest.read_text())
+    document["images"][1]["bytes"] = "many"
+    manifest.write_text(json.dumps(document))
+    assert rendered.status() == Run(
+        1, "", f"fluxbatch: {manifest}: the manifest is damaged: images[1].bytes is missing or "
+               "not a int. Restore it (from version control), or delete it: fluxbatch then "
+               "recognises your images by the provenance embedded in them. No image is "
+               "touched.\n")
+
+
+@pytest.mark.parametrize("command", ["render", "status", "clean"])
+def test_a_garbage_store_is_an_error_naming_it(rendered: Cli, emulator: Emulator,
+                                               command: str) -> None:
+    store = rendered.root / ".fluxbatch" / "state.sqlite"
+    store.write_bytes(b"this is not an SQLite database, just garbage " * 200)
+    before, sent = images(rendered.root), len(emulator.submissions)
+    result = rendered.render() if command == "render" else rendered(command,
+                                                                    str(rendered.recipe))
+    assert result == Run(1, "", (
+        f"fluxbatch: {store}: the state store is unreadable (file is not a database). Move it "
+        f"away (for example `mv {store} {store}.broken`) and run again: fluxbatch rebuilds it "
+        f"from {rendered.root / 'manifest.json'}. No image is touched.\n"))
+    untouched(rendered, before, sent)
+
+
+def test_an_empty_store_file_is_rebuilt_from_the_manifest_without_rendering(
+        rendered: Cli, emulator: Emulator) -> None:
+    (rendered.root / ".fluxbatch" / "state.sqlite").write_bytes(b"")
+    before, sent = images(rendered.root), len(emulator.submissions)
+    assert rendered.render() == Run(0, "nothing to render: 4 images up to date\n", "")
+    untouched(rendered, before, sent)
+
+
+def test_a_deleted_store_is_rebuilt_from_the_manifest_without_rendering(
+        rendered: Cli, emulator: Emulator) -> None:
+    shutil.rmtree(rendered.root / ".fluxbatch")
+    manifest = (rendered.root / "manifest.json").read_text()
+    before, sent = images(rendered.root), len(emulator.submissions)
+
+    assert rendered.status().code == 0
+    assert rendered.render() == Run(0, "nothing to render: 4 images up to date\n", "")
+    untouched(rendered, before, sent)
+    with Store.open(rendered.root, create=False) as store:
+        records = store.records()
+    assert sorted(records) == ALL
+    assert {o: r.mtime_ns for o, r in records.items()} == {o: before[o][0] for o in ALL}
+    assert (rendered.root / "manifest.json").read_text() == manifest
+
+
+def test_a_deleted_store_and_manifest_are_recovered_from_the_images_themselves(
+        rendered: Cli, emulator: Emulator) -> None:
+    original = json.loads((rendered.root / "manifest.json").read_text())["images"]
+    shutil.rmtree(rendered.root / ".fluxbatch")
+    (rendered.root / "manifest.json").unlink()
+    before, sent = images(rendered.root), len(emulator.submissions)
+
+    assert rendered.status().code == 0
+    assert rendered.render() == Run(0, "nothing to render: 4 images up to date\n", "")
+    untouched(rendered, before, sent)
+    assert json.loads((rendered.root / "manifest.json").read_text())["images"] == original
+
+
+# -- 7. one render per output root -----------------------------------------------------------------
+
+
+def test_a_held_lock_stops_another_holder_with_a_clear_message(tmp_path: Path) -> None:
+    with RootLock(tmp_path):
+        started = time.monotonic()
+        with pytest.raises(StateError) as raised, RootLock(tmp_path, wait=0.3):
+            pass
+        waited = time.monotonic() - started
+    assert str(raised.value) == (
+        f"{tmp_path} is being rendered by another fluxbatch (pid {os.getpid()}); wait for it to "
+        "finish, or render into another output root")
+    assert 0.3 <= waited < 2
+    with RootLock(tmp_path, wait=0):  # released on exit
+        pass
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from fluxbatch.state import RootLock
+with RootLock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_render_waits_for_the_lock_held_by_another_process(
+        cli: Cli, emulator: Emulator) -> None:
+    cli.root.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(cli.root), "1.0"],
+                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        started = time.monotonic()
+        assert cli.render() == Run(0, cli.written(4), "")
+        waited = time.monotonic() - started
+        assert holder.wait(timeout=10) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert waited >= 0.8  # it did not start while the other process held the root
+    check_manifest(cli)
