@@ -82,8 +82,31 @@ FILTERS: dict[str, Callable[..., Any]] = {
 }
 
 
+MAX_TEXT = 100_000  # characters (or items) one `*` may produce
+MAX_EXPONENT = 1_000
+
+
+class _Sandbox(SandboxedEnvironment):
+    """The sandbox, plus limits on `*` and `**`: a recipe from a pull request must not be able
+    to exhaust the memory of the machine that plans it (`{{ 'x' * 10**9 }}`)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int | float) and abs(right) > MAX_EXPONENT:
+            raise jinja2.exceptions.SecurityError(
+                f"exponent {right} is larger than {MAX_EXPONENT}")
+        if operator == "*":
+            for sequence, count in ((left, right), (right, left)):
+                if isinstance(sequence, str | list | tuple) and isinstance(count, int) \
+                        and len(sequence) * count > MAX_TEXT:
+                    raise jinja2.exceptions.SecurityError(
+                        f"the result would be longer than {MAX_TEXT:,} characters")
+        return super().call_binop(context, operator, left, right)
+
+
 def environment() -> SandboxedEnvironment:
-    env = SandboxedEnvironment(
+    env = _Sandbox(
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=False,

@@ -17,6 +17,7 @@ from fluxbatch.models import NON_PIXEL_FIELDS
 from fluxbatch.state import read_manifest
 
 _JINJA = re.compile(r"\{[{%#]")
+_END_RAW = re.compile(r"\{%[-+]?\s*endraw\s*[-+]?%\}")
 
 
 def inspect(*, image: str, as_json: bool) -> int:
@@ -108,6 +109,8 @@ def reproduction_recipe(entry: dict[str, Any]) -> str:
 
 def _literal(value: Any) -> Any:
     """Keep a string literal when it contains template syntax."""
-    if isinstance(value, str) and _JINJA.search(value):
-        return "{% raw %}" + value + "{% endraw %}"
-    return value
+    if not isinstance(value, str) or not _JINJA.search(value):
+        return value
+    if _END_RAW.search(value):  # a raw block cannot hold its own end tag; a string can
+        return "{{ " + json.dumps(value, ensure_ascii=False) + " }}"
+    return "{% raw %}" + value + "{% endraw %}"

@@ -92,14 +92,16 @@ def plan_text(classified: Classified, *, explain: bool = False) -> str:
     recipe = the_plan.recipe
     lines = [f"recipe {recipe.name} ({recipe.path}), provider {recipe.provider.name}, "
              f"output root {recipe.output_root}"]
-    rows = []
-    for job, state in zip(the_plan.jobs, classified.states, strict=True):
-        rows.append([job.job, values_text(job.vars), str(job.replicate), job.model,
-                     str(job.seed), job.output, state])
-        if explain:
-            rows.append(["", f"  ↳ {the_plan.explain(job)}", "", "", "", "", ""])
-    lines.append(table(["JOB", "VALUES", "REP", "MODEL", "SEED", "OUTPUT", "STATE"], rows,
-                       right=frozenset({2, 4})))
+    rows = [[job.job, values_text(job.vars), str(job.replicate), job.model, str(job.seed),
+             job.output, state]
+            for job, state in zip(the_plan.jobs, classified.states, strict=True)]
+    text = table(["JOB", "VALUES", "REP", "MODEL", "SEED", "OUTPUT", "STATE"], rows,
+                 right=frozenset({2, 4})).split("\n")
+    lines.append(text[0])
+    for job, line in zip(the_plan.jobs, text[1:], strict=True):
+        lines.append(line)
+        if explain:  # under its row, outside the table, so the columns stay narrow
+            lines.append(f"  ↳ {the_plan.explain(job)}")
     if explain and the_plan.removed:
         lines.append("")
         for name, removed in the_plan.removed:
