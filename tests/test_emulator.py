@@ -541,14 +541,14 @@ def test_async_emulator_serves_on_the_callers_loop() -> None:
 
 
 @pytest.mark.slow
-def test_thousand_concurrent_tasks_finish_in_a_few_seconds() -> None:
+def test_thousand_tasks_are_active_at_once() -> None:
     # httpx's pool slows down badly with hundreds of queued requests, so the client keeps
     # eight requests in flight; the thousand tasks are still all Pending at once.
     async def one(client: httpx.AsyncClient, gate: asyncio.Semaphore, index: int) -> str:
         async with gate:
             response = await client.post("/v1/flux-dev", headers=KEY, json={"prompt": f"{index}"})
         url = response.json()["polling_url"]
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(4.0)
         while True:
             async with gate:
                 status: str = (await client.get(url, headers=KEY)).json()["status"]
@@ -562,14 +562,13 @@ def test_thousand_concurrent_tasks_finish_in_a_few_seconds() -> None:
         async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as client:
             return await asyncio.gather(*(one(client, gate, i) for i in range(1000)))
 
-    config = EmulatorConfig(cap=1000, latency=2.0, latency_sigma=0.02)
+    # Long enough that all thousand are submitted before the first finishes, even on a busy
+    # machine; how fast the emulator serves them is measured in bench/, not here.
+    config = EmulatorConfig(cap=1000, latency=4.0, latency_sigma=0.02)
     with EmulatorThread(config) as emu:
-        started = time.monotonic()
         statuses = asyncio.run(everything(emu.base_url))
-        elapsed = time.monotonic() - started
     assert statuses == ["Ready"] * 1000
     assert (emu.stats.submits, emu.stats.rejected_429, emu.stats.peak_active) == (1000, 0, 1000)
-    assert elapsed < 8
 
 
 def test_emulator_command_prints_its_address_and_exits_130_on_ctrl_c() -> None:
