@@ -39,8 +39,8 @@ class Problem:
     path: str
     message: str
 
-    def sort_key(self) -> tuple[str, int, int, str]:
-        return (self.file, self.line or 0, self.column or 0, self.path)
+    def sort_key(self) -> tuple[str, int, int, str, str]:
+        return (self.file, self.line or 0, self.column or 0, self.path, self.message)
 
     def __str__(self) -> str:
         where = self.file

@@ -125,7 +125,7 @@ def classify(plan: Plan, records: Mapping[str, Record], *, verify: bool = False,
         states.append(state)
         if record is not None and record.reason and state not in (UP_TO_DATE, NEW, STALE):
             reasons[job.index] = record.reason
-        elif record is not None and state in (MISSING, STALE):
+        elif record is not None and state in (MISSING, STALE, IN_FLIGHT, UNKNOWN):
             reasons[job.index] = _why(state, record, root, job.output)
     planned = {job.output for job in plan.jobs}
     orphans = tuple(sorted(output for output, record in records.items()
@@ -150,9 +150,18 @@ def _state(job: Job, record: Record | None, root: Path, verify: bool,
     return STALE if record.written_key is not None else NEW
 
 
+_REASONS = {
+    STALE: "the request changed (prompt, parameters, model or seed)",
+    IN_FLIGHT: "submitted by an earlier run; the next render collects it without paying again",
+    UNKNOWN: "a run stopped while submitting it: the answer was never recorded, and it may "
+             "have been billed",
+}
+
+
 def _why(state: str, record: Record, root: Path, output: str) -> str:
-    if state == STALE:
-        return "the request changed (prompt, parameters, model or seed)"
+    """Why a job is not up to date, when the state itself recorded no reason."""
+    if state in _REASONS:
+        return _REASONS[state]
     if os.path.lexists(root / (record.path or output)):
         return "the file was changed after it was written"
     return "the file was deleted"
@@ -300,16 +309,19 @@ def select(classified: Classified, in_flight: Mapping[str, InFlight], options: O
         flight = in_flight.get(job.key)
         if state == IN_FLIGHT and flight is not None and flight.provider == provider:
             selection.attach.append((job, flight))  # paid for already: never submit again
+        elif state == UNKNOWN and not options.retry_unknown:
+            selection.held_unknown.append(job)  # maybe paid: even --force needs --retry-unknown
         elif options.force:
             selection.submit.append(job)
         elif state == UP_TO_DATE:
             selection.up_to_date += 1
-        elif state in (NEW, MISSING, STALE, FAILED, IN_FLIGHT):
+        elif state in (NEW, MISSING, STALE, FAILED, IN_FLIGHT) or state == UNKNOWN:
             selection.submit.append(job)
-        elif state == UNKNOWN:
-            (selection.submit if options.retry_unknown else selection.held_unknown).append(job)
         elif state == MODERATED:
             selection.held_moderated.append(job)
+    if options.only and selection.filtered_out == len(classified.plan.jobs):
+        raise FluxbatchError(f"--only {' '.join(options.only)}: no job matches (give a job "
+                             "name, an output glob, or NAME=VALUE on a matrix value)")
     return selection
 
 
@@ -326,5 +338,6 @@ def check_budget(selection: Selection, budget: float | None) -> None:
         raise FluxbatchError(f"--budget {budget}: some models have no published price, so "
                              "the cost cannot be bounded; drop --budget to go ahead")
     if estimate > budget + 1e-9:
-        raise FluxbatchError(f"the estimated cost ${estimate:.2f} of {len(selection.submit)} "
-                             f"new images is over the budget of ${budget:.2f}; nothing was sent")
+        raise FluxbatchError(f"the estimated cost ${estimate:.2f} of the {len(selection.submit)} "
+                             f"images to render is over the budget of ${budget:.2f}; nothing "
+                             "was sent")

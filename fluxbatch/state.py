@@ -216,10 +216,16 @@ class Store:
             self._upsert(output, key, status=status, reason=reason)
 
     def written(self, output: str, key: str, entry: Mapping[str, Any], mtime_ns: int) -> None:
-        self._upsert(output, key, status=WRITTEN, reason=None, written_key=key,
-                     entry=json.dumps(entry, ensure_ascii=False, sort_keys=True),
-                     path=entry["path"], sha256=entry["sha256"], bytes=entry["bytes"],
-                     mtime_ns=mtime_ns)
+        with self.transaction():
+            # Another output's record of this very file (written under another extension
+            # before) no longer describes it: the file now holds this image.
+            self.db.execute("UPDATE images SET written_key = NULL, entry = NULL, path = NULL, "
+                            "sha256 = NULL, bytes = NULL, mtime_ns = NULL "
+                            "WHERE path = ? AND output != ?", (entry["path"], output))
+            self._upsert(output, key, status=WRITTEN, reason=None, written_key=key,
+                         entry=json.dumps(entry, ensure_ascii=False, sort_keys=True),
+                         path=entry["path"], sha256=entry["sha256"], bytes=entry["bytes"],
+                         mtime_ns=mtime_ns)
 
     def touch(self, output: str, mtime_ns: int) -> None:
         """The file was verified by hash: remember its mtime for the fast path next time."""
@@ -244,6 +250,10 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
+        """One committed transaction; nested uses join the outer one."""
+        if self.db.in_transaction:
+            yield
+            return
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -273,6 +283,8 @@ class Store:
         if document is None:
             document = read_manifest(self.root) or {}
         with self.transaction():
+            if self.meta("schema") is not None:
+                return 0  # check, lock, re-check: another process has just filled it
             self._set_meta("schema", str(SCHEMA_VERSION))
             for entry in document.get("images", []):
                 # mtime unknown: the first classification verifies the file by its sha256

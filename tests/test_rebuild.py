@@ -97,10 +97,14 @@ class Cli:
         return sorted(str(s["request"]["prompt"]) for s in self.emulator.submissions[since:])
 
     def written(self, count: int, up_to_date: int = 0) -> str:
-        cost = f"${count * 0.04:.3f}" if count * 0.04 < 0.1 else f"${count * 0.04:.2f}"
+        """The report of a render that wrote `count` images at $0.04 each."""
         rest = f", {up_to_date} up to date" if up_to_date else ""
-        return (f"{count} written{rest}; cost {cost} (reported by the provider); manifest "
-                f"{self.root / 'manifest.json'}\n")
+        return (f"{count} written{rest}; cost {money(count * 0.04)} (reported by the "
+                f"provider); manifest {self.root / 'manifest.json'}\n")
+
+
+def money(usd: float) -> str:
+    return f"${usd:.3f}" if 0 < usd < 0.1 else f"${usd:.2f}"
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +202,6 @@ def test_rerender_of_an_unchanged_recipe_submits_nothing_and_rewrites_nothing(
     assert rendered.status() == Run(0, f"recipe rebuild, output root {rendered.root}\n"
                                        "STATE       IMAGES\nup-to-date       4\n"
                                        "everything is up to date\n", "")
-    assert rendered.status().out == status_table(rendered.root, [("up-to-date", 4)]) + \
-        "everything is up to date\n"
     assert (len(emulator.submissions), emulator.stats.polls, emulator.stats.downloads) == (
         sent, polls, downloads)
     assert images(rendered.root) == before
@@ -319,11 +321,10 @@ VALUES = {"grid/circle.png": "shape=circle colour=red",
 def dry_run_text(outputs: list[str], up_to_date: int = 0) -> str:
     rows = [(output.split("/")[0], VALUES[output], "flux-pro-1.1", output, "submit")
             for output in outputs]
-    cost = len(outputs) * 0.04
-    money = f"${cost:.3f}" if 0 < cost < 0.1 else f"${cost:.2f}"
     noun = "image" if len(outputs) == 1 else "images"
     return (aligned(("JOB", "VALUES", "MODEL", "OUTPUT", "WOULD"), rows) +
-            f"dry run: would submit {len(outputs)} {noun} (estimated {money}), re-attach 0, "
+            f"dry run: would submit {len(outputs)} {noun} (estimated "
+            f"{money(len(outputs) * 0.04)}), re-attach 0, "
             f"skip {up_to_date} up to date; nothing was sent or written\n")
 
 
@@ -334,14 +335,22 @@ def dry_run_text(outputs: list[str], up_to_date: int = 0) -> str:
     (["colour=red"], ["grid/circle.png"]),
     (["colour=[gb]*"], ["grid/square.png", "grid/star.png"]),
     (["colour=g*", "solo"], ["grid/square.png", "solo/tree.png"]),
-    (["shape=tree"], []),
 ], ids=["job-name", "output-glob", "glob-across-jobs", "matrix-value", "value-glob",
-        "repeated", "no-such-value"])
+        "repeated"])
 def test_only_selects_exactly_the_matching_images(
         cli: Cli, emulator: Emulator, patterns: list[str], selected: list[str]) -> None:
     options = [part for pattern in patterns for part in ("--only", pattern)]
     sent = len(emulator.submissions)
     assert cli.render("--dry-run", *options) == Run(0, dry_run_text(selected), "")
+    assert len(emulator.submissions) == sent
+
+
+def test_only_matching_nothing_is_an_error_not_a_silent_success(
+        cli: Cli, emulator: Emulator) -> None:
+    sent = len(emulator.submissions)
+    assert cli.render("--only", "shape=tree") == Run(
+        1, "", "fluxbatch: --only shape=tree: no job matches (give a job name, an output "
+        "glob, or NAME=VALUE on a matrix value)\n")
     assert len(emulator.submissions) == sent
 
 
@@ -378,7 +387,8 @@ def test_budget_below_the_estimate_refuses_and_sends_nothing(
         cli: Cli, emulator: Emulator) -> None:
     sent = len(emulator.submissions)
     assert cli.render("--budget", "0.01") == Run(
-        1, "", "fluxbatch: the estimated cost $0.16 of 4 new images is over the budget of "
+        1, "", "fluxbatch: the estimated cost $0.16 of the 4 images to render is over the "
+               "budget of "
                "$0.01; nothing was sent\n")
     assert (len(emulator.submissions), images(cli.root)) == (sent, {})
     assert not (cli.root / "manifest.json").exists()

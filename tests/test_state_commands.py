@@ -92,9 +92,16 @@ def test_a_task_submitted_but_never_polled_is_collected_without_submitting_again
 
     status = cli.status("--json")
     assert status.code == 1
-    assert json.loads(status.out)["counts"] == {
+    document = json.loads(status.out)
+    assert document["counts"] == {
         "up-to-date": 0, "new": 2, "missing": 0, "stale": 0, "in-flight": 2, "failed": 0,
         "moderated": 0, "unknown": 0, "orphaned": 0}
+    attach = "submitted by an earlier run; the next render collects it without paying again"
+    assert document["not_up_to_date"] == [
+        {"output": "grid/circle.png", "state": "in-flight", "reason": attach},
+        {"output": "grid/square.png", "state": "new", "reason": None},
+        {"output": "grid/star.png", "state": "new", "reason": None},
+        {"output": "solo/tree.png", "state": "in-flight", "reason": attach}]
     assert cli.render("--dry-run").out.splitlines()[-1] == (
         "dry run: would submit 2 images (estimated $0.080), re-attach 2, skip 0 up to date; "
         "nothing was sent or written")
@@ -117,7 +124,9 @@ def test_a_submit_recorded_but_never_answered_is_held_back_until_retry_unknown(
     assert rendered.status("-v") == Run(1, status_table(
         rendered.root, [("up-to-date", 3), ("unknown", 1)]) + "\n" + aligned(
         ("JOB", "VALUES", "OUTPUT", "STATE", "REASON"),
-        [("grid", "shape=star colour=violet", "grid/star.png", "unknown", "")]),
+        [("grid", "shape=star colour=violet", "grid/star.png", "unknown",
+          "a run stopped while submitting it: the answer was never recorded, and it may have "
+          "been billed")]),
         NOT_UP_TO_DATE)
     held = Run(1, "nothing to render: 3 images up to date\n", HELD_BACK.format(n="1 image"))
     assert rendered.render() == held
@@ -239,6 +248,26 @@ def test_clean_delete_removes_a_directory_left_empty_but_not_the_root(rendered: 
     assert sorted(check_manifest(rendered)) == ["solo/tree.png"]
 
 
+def test_clean_keeps_a_file_that_a_job_in_the_recipe_has_written_since(cli: Cli) -> None:
+    head = ("version: 1\nname: rebuild\nprovider: emulator\ndefaults: {model: flux-pro-1.1, "
+            "width: 256, height: 256, output_format: jpeg}\njobs:\n")
+    build_file_tree(cli.root, {"recipe.yaml": head + '  - {name: a, prompt: "a cat", '
+                                                     'output: "img/x.png"}\n'})
+    assert cli.render().code == 0  # a JPEG: written as img/x.jpg
+    build_file_tree(cli.root, {"recipe.yaml": head + '  - {name: b, prompt: "a dog", '
+                                                     'output: "img/x.jpg"}\n'})
+    assert cli.render().code == 0  # job b's image replaces it at the same path
+    image = (cli.root / "img" / "x.jpg").read_bytes()
+
+    # Writing job b's image there retired job a's record of the file: nothing is orphaned.
+    assert cli.clean("--delete") == Run(0, "no orphans: every image in the manifest belongs to "
+                                           "a job in the recipe\n", "")
+    assert (cli.root / "img" / "x.jpg").read_bytes() == image
+    assert cli.status().code == 0
+    assert [e["job"] for e in json.loads((cli.root / "manifest.json").read_text())["images"]] \
+        == ["b"]
+
+
 # -- 5. inspect and reproduce ---------------------------------------------------------------------
 
 
@@ -271,17 +300,18 @@ def test_inspect_of_a_file_without_provenance_says_so(rendered: Cli) -> None:
     assert result.err.startswith(f"fluxbatch: {other}: ")
 
 
-@pytest.mark.parametrize("prompt", [
-    "a {{ colour }} {{ shape }}",
-    "a {% raw %}{{literal}} {% if %}{% endraw %}{{ colour }} {{ shape }} {# not a comment",
-], ids=["plain", "template-syntax-in-the-prompt"])
+@pytest.mark.parametrize(("prompt", "sent"), [
+    ("a {{ colour }} {{ shape }}", "a blue star"),
+    ("{% raw %}{{literal}} {% if %} {#{% endraw %} a {{ colour }} {{ shape }}",
+     "{{literal}} {% if %} {# a blue star"),
+    ("{{ '{% endraw %}' }} a {{ colour }} {{ shape }}", "{% endraw %} a blue star"),
+], ids=["plain", "template-syntax", "raw-end-tag"])
 def test_reproduce_writes_a_recipe_with_the_same_key(
-        cli: Cli, emulator: Emulator, prompt: str) -> None:
+        cli: Cli, emulator: Emulator, prompt: str, sent: str) -> None:
     cli.write(prompt=prompt)
     assert cli.render("--only", "grid/star.png").code == 0
     star = planned(cli)["grid/star.png"]
-    if "raw" in prompt:
-        assert star.prompt == "a {{literal}} {% if %}blue star {# not a comment"
+    assert star.prompt == sent
     again = cli.root.parent / "again" / "r.yaml"
     again.parent.mkdir()
 
@@ -365,6 +395,27 @@ def test_a_garbage_store_is_an_error_naming_it(rendered: Cli, emulator: Emulator
         f"fluxbatch: {store}: the state store is unreadable (file is not a database). Move it "
         f"away (for example `mv {store} {store}.broken`) and run again: fluxbatch rebuilds it "
         f"from {rendered.root / 'manifest.json'}. No image is touched.\n"))
+    untouched(rendered, before, sent)
+
+
+def test_a_damaged_page_of_the_store_is_an_error_naming_it(rendered: Cli,
+                                                           emulator: Emulator) -> None:
+    store = rendered.root / ".fluxbatch" / "state.sqlite"
+    assert not store.with_name("state.sqlite-wal").exists()
+    with open(store, "r+b") as handle:  # page 2: the images table (page 1 and meta are fine)
+        handle.seek(4096)
+        handle.write(b"\xa5" * 4096)
+    before, sent = images(rendered.root), len(emulator.submissions)
+    error = Run(1, "", (
+        f"fluxbatch: {store}: the state store is unreadable (database disk image is malformed). "
+        f"Move it away (for example `mv {store} {store}.broken`) and run again: fluxbatch "
+        f"rebuilds it from {rendered.root / 'manifest.json'}. No image is touched.\n"))
+    assert rendered.render() == error
+    assert rendered.status() == error
+    untouched(rendered, before, sent)
+
+    store.rename(store.with_name("state.sqlite.broken"))  # as the message says
+    assert rendered.render() == Run(0, "nothing to render: 4 images up to date\n", "")
     untouched(rendered, before, sent)
 
 

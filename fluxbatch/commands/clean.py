@@ -27,15 +27,26 @@ def clean(*, recipe: str, out: str | None, yes: bool, delete: bool) -> int:
         if not orphans:
             print("no orphans: every image in the manifest belongs to a job in the recipe")
             return EXIT_OK
+        # A file an orphan once wrote may since have been rewritten by a planned job (same
+        # path, another extension planned): it is that job's image now, and is kept.
+        kept = {record.path for output, record in records.items()
+                if output not in orphans and record.written_key is not None and record.path}
         for output in orphans:
             path = records[output].path or output
-            print(f"{'deleting' if delete else 'orphan'}: {path}")
+            if path in kept:
+                print(f"orphan entry: {path} (the file is now the image of a job in the "
+                      "recipe and is kept)")
+            else:
+                print(f"{'deleting' if delete else 'orphan'}: {path}")
         if not delete:
             print(f"{plural(len(orphans), 'orphan')}; run with --delete to remove them and "
                   "their manifest entries")
             return EXIT_OK
         for output in orphans:
-            target = root / (records[output].path or output)
+            path = records[output].path or output
+            if path in kept:
+                continue
+            target = root / path
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(target)
             _remove_empty_parents(target.parent, root)

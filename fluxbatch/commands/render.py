@@ -46,8 +46,8 @@ def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run
         check_budget(selection, options.budget)
         if not selection.jobs:
             _print_nothing_to_do(selection)
-            if not (root / "manifest.json").exists():
-                write_manifest(plan.recipe, store.entries())
+            if not _manifest_readable(root):
+                write_manifest(plan.recipe, store.entries())  # missing or damaged: from the store
             held = selection.held_unknown or selection.held_moderated
             return EXIT_FAILED if held else EXIT_OK
         # Only now, with work to do, load the network half (httpx, the executor).
@@ -61,6 +61,16 @@ def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run
     if report.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _manifest_readable(root: Any) -> bool:
+    from fluxbatch.errors import StateError
+    from fluxbatch.state import read_manifest
+
+    try:
+        return read_manifest(root) is not None
+    except StateError:
+        return False
 
 
 def _run(plan: Any, selection: Selection, store: Store, provider: Any, options: Options,

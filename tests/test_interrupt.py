@@ -1,0 +1,157 @@
+"""Ctrl-C, proven: interrupt `render` while tasks are in flight; it exits 130 at once, the
+store and the manifest are consistent, and the next run collects what was paid for without
+paying for any image twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
+from fluxbatch.identity import job_key
+from fluxbatch.plan import file_sha256, load_plan
+from tests.conftest import build_file_tree
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = """\
+version: 1
+name: interrupt
+provider: emulator
+output: "{{ job }}/{{ colour }}-{{ shape }}.{{ ext }}"
+defaults:
+  model: flux-pro-1.1
+  width: 256
+  height: 256
+  output_format: png
+jobs:
+  - name: grid
+    prompt: "a {{ colour }} {{ shape }}"
+    matrix:
+      colour: [red, green, blue, cyan, magenta, yellow, black, white]
+      shape: [circle, square, star, heart, moon]
+"""
+JOBS = 40
+# After Ctrl-C a row is left as it was last committed: never mid-submit, never unknown.
+ALLOWED = {"planned", "submitted", "ready", "written"}
+STOPPING = ("stopping: nothing new is submitted; tasks already paid for are recorded and "
+            "picked up by the next run (Ctrl-C again to quit now)")
+
+
+def render_command(recipe: Path, base_url: str) -> list[str]:
+    return [sys.executable, "-m", "fluxbatch", "render", str(recipe), "--base-url", base_url,
+            "-q"]
+
+
+def environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def wait_for_first_submit(emulator: Emulator, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 15
+    while not emulator.submissions:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "render never submitted anything"
+        time.sleep(0.02)
+
+
+def store_rows(root: Path) -> list[tuple[str, str, str | None, str | None, str | None,
+                                         str | None, int | None, int | None]]:
+    database = sqlite3.connect(root / ".fluxbatch" / "state.sqlite")
+    try:
+        return database.execute(
+            "SELECT output, status, task_id, polling_url, path, sha256, bytes, mtime_ns "
+            "FROM images ORDER BY output").fetchall()
+    finally:
+        database.close()
+
+
+def check_consistent(root: Path) -> Counter[str]:
+    """Every row in an allowed status; a task id on every paid one; every written file as
+    recorded; the manifest valid and naming exactly the written files. Returns the counts."""
+    rows = store_rows(root)
+    counts = Counter(row[1] for row in rows)
+    assert set(counts) <= ALLOWED, counts
+    for output, status, task_id, polling_url, path, sha256, size, mtime_ns in rows:
+        if status in ("submitted", "ready", "written"):
+            assert task_id and polling_url, output
+        if status == "written":
+            assert path is not None
+            stat = (root / path).stat()
+            assert (stat.st_size, stat.st_mtime_ns) == (size, mtime_ns), output
+            assert file_sha256(root / path) == sha256, output
+    manifest = json.loads((root / "manifest.json").read_text())
+    schema = json.loads((ROOT / "schemas" / "manifest.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(manifest)
+    for entry in manifest["images"]:
+        assert file_sha256(root / entry["path"]) == entry["sha256"], entry["path"]
+    assert sorted(e["path"] for e in manifest["images"]) == sorted(
+        str(row[4]) for row in rows if row[1] == "written")
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png")) == sorted(
+        e["path"] for e in manifest["images"])
+    return counts
+
+
+def summary(counts: Counter[str], root: Path) -> str:
+    """The report line of the interrupted run, from what the store says happened."""
+    written = counts["written"]
+    pending = counts["submitted"] + counts["ready"]
+    skipped = JOBS - written - pending
+    parts = [f"{n} {word}" for n, word in ((written, "written"), (pending, "pending"),
+                                           (skipped, "skipped")) if n]
+    return (f"{', '.join(parts)}; cost ${(written + pending) * 0.04:.2f} (reported by the "
+            f"provider); manifest {root / 'manifest.json'}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("presses", [1, 2], ids=["ctrl-c", "ctrl-c-twice"])
+def test_ctrl_c_exits_130_with_consistent_state_and_the_rerun_pays_nothing_twice(
+        tmp_path: Path, presses: int) -> None:
+    build_file_tree(tmp_path, {"recipe.yaml": RECIPE})
+    recipe = tmp_path / "recipe.yaml"
+    with EmulatorThread(EmulatorConfig(latency=1.0, latency_sigma=0.1, max_side=64)) as emu:
+        process = subprocess.Popen(render_command(recipe, emu.base_url), env=environment(),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_for_first_submit(emu, process)
+        time.sleep(0.2)  # tasks are in flight (each takes about a second)
+        interrupted = time.monotonic()
+        for _ in range(presses):
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+        out, err = process.communicate(timeout=30)
+        took = time.monotonic() - interrupted
+        counts = check_consistent(tmp_path)
+
+        rerun = subprocess.run(render_command(recipe, emu.base_url), env=environment(),
+                               capture_output=True, timeout=60)
+        submissions = list(emu.submissions)
+
+    # A second Ctrl-C may land after the report, as the interpreter exits: killed by SIGINT.
+    codes = {130} if presses == 1 else {130, -signal.SIGINT}
+    assert process.returncode in codes, (out + err).decode()
+    assert took < 5
+    if presses == 1:
+        assert out.decode().splitlines()[-1] == summary(counts, tmp_path)
+        assert err.decode().splitlines()[0] == STOPPING
+    assert counts["submitted"] + counts["ready"] > 0, "nothing was in flight"
+
+    done = counts["written"]
+    assert (rerun.returncode, rerun.stdout.decode(), rerun.stderr.decode()) == (
+        0, f"{JOBS - done} written{f', {done} up to date' if done else ''}; cost "
+           f"${(JOBS - done) * 0.04:.2f} (reported by the provider); manifest "
+           f"{tmp_path / 'manifest.json'}\n", "")
+    planned = {job.key for job in load_plan(str(recipe)).jobs}
+    paid = Counter(job_key(str(s["model"]), s["request"]) for s in submissions)
+    assert paid == Counter(planned), "a job was paid for twice, or never"
+    assert check_consistent(tmp_path) == Counter(written=JOBS)
