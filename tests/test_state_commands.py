@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,42 +22,26 @@ from fluxbatch.expand import Job
 from fluxbatch.plan import load_plan
 from fluxbatch.state import RootLock, Store
 from tests.conftest import build_file_tree
-from tests.test_rebuild import Cli, Run, aligned, check_manifest, images, status_table
+
+# The same fixtures as test_rebuild: one emulator per module, a fresh root, a rendered root.
+from tests.test_rebuild import (  # noqa: F401
+    Cli,
+    Run,
+    aligned,
+    check_manifest,
+    cli,
+    emulator,
+    images,
+    rendered,
+    status_table,
+    template,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL = ["grid/circle.png", "grid/square.png", "grid/star.png", "solo/tree.png"]
 HELD_BACK = ("{n} held back: an earlier submit's outcome was never learned (it may have been "
              "billed). Re-run with --retry-unknown to submit them again.\n")
 NOT_UP_TO_DATE = "not up to date: `fluxbatch render` makes what is missing\n"
-
-
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[Emulator]:
-    with EmulatorThread(EmulatorConfig(latency=0.02, latency_sigma=0.1, max_side=64)) as emu:
-        yield emu
-
-
-@pytest.fixture
-def cli(emulator: Emulator, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Cli:
-    cli = Cli(emulator, capsys, tmp_path / "root")
-    cli.write()
-    return cli
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("template") / "root"
-
-
-@pytest.fixture
-def rendered(cli: Cli, template: Path) -> Cli:
-    """The recipe's 4 images, rendered once per module and copied with their mtimes."""
-    if not template.exists():
-        assert cli.render() == Run(0, cli.written(4), "")
-        shutil.copytree(cli.root, template)
-    else:
-        shutil.copytree(template, cli.root, dirs_exist_ok=True)
-    return cli
 
 
 def planned(cli: Cli) -> dict[str, Job]:
