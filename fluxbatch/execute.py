@@ -149,6 +149,7 @@ class Executor:
         self.account = Slots(self.settings.account_cap)
         self.model_slots: dict[str, Slots] = {}
         self.durations = Durations()
+        self.reports_progress: set[str] = set()  # models whose polls carry `progress`
         self.stopping = False
         self.fatal: str | None = None
         self._downloading: set[asyncio.Task[Any]] = set()
@@ -366,7 +367,9 @@ class Executor:
         started = self.clock()
         delay = self.settings.first_poll
         typical = self.durations.typical(job.model)
-        if typical is not None:
+        if typical is not None and job.model not in self.reports_progress:
+            # No progress to predict from: the first look near the usual duration. (With
+            # progress, an early first look tells exactly when to look again.)
             delay = max(delay, 0.9 * typical)
         not_found = 0
         while True:
@@ -401,8 +404,10 @@ class Executor:
         polled needlessly)."""
         settings = self.settings
         if progress is not None and 0.02 < progress < 1:
+            self.reports_progress.add(model)
             remaining = elapsed / progress - elapsed
-            delay = remaining * 1.02 + settings.min_poll_interval
+            # Just past the predicted end: a slot idles until the result is seen.
+            return min(max(remaining + 0.01, 0.01), settings.max_poll_interval)
         else:
             typical = self.durations.typical(model)
             if typical is not None and elapsed < typical:

@@ -32,16 +32,20 @@ from fluxbatch.providers import Polled, Submitted
 from fluxbatch.state import RootLock, Store
 from fluxbatch.write import NotAnImage, provenance, write_image, write_manifest
 
-MANIFEST_INTERVAL = 1.0  # seconds between manifest rewrites while images land
+# Seconds between manifest rewrites while images land. The store is the record a resume
+# relies on; the manifest is derived from it, so rewriting it often only costs time.
+MANIFEST_INTERVAL = 30.0
 
 
 class StoreJournal:
     """The executor's journal, written to the state store (each call one transaction)."""
 
-    def __init__(self, store: Store, provider: str, base_url: str | None) -> None:
+    def __init__(self, store: Store, provider: str, base_url: str | None, *,
+                 outbox: bool = False) -> None:
         self.store = store
         self.provider = provider
         self.base_url = base_url
+        self.outbox = outbox  # the outbox records submits itself, before answering
 
     def submitting(self, job: Job) -> None:
         self.store.submitting(job.output, job.key, self.provider, self.base_url)
@@ -50,6 +54,8 @@ class StoreJournal:
         self.store.not_sent(job.output, job.key)
 
     def submitted(self, job: Job, submitted: Submitted, at: float) -> None:
+        if self.outbox:
+            return
         self.store.submitted(job.output, job.key, submitted.task_id, submitted.polling_url,
                              submitted.cost, at)
 
@@ -130,7 +136,8 @@ async def execute(plan: Plan, selection: Selection, store: Store,
     recipe = plan.recipe
     root = recipe.output_root
     records = store.records()
-    last_manifest = [0.0]
+    entries = {entry.get("output", entry["path"]): entry for entry in store.entries()}
+    last_manifest = [time.monotonic()]
 
     async def writer(job: Job, image: Image, outcome: Outcome) -> Any:
         submitted = outcome.submitted
@@ -151,9 +158,12 @@ async def execute(plan: Plan, selection: Selection, store: Store,
             raise JobFailed(f"cannot write {root / job.output}: "
                           f"{error.strerror or error}") from None
         store.written(job.output, job.key, full, written.mtime_ns)
+        for output in [o for o, e in entries.items() if e["path"] == written.path]:
+            del entries[output]  # as in the store: this file now holds this image
+        entries[job.output] = full
         if time.monotonic() - last_manifest[0] > MANIFEST_INTERVAL:
             last_manifest[0] = time.monotonic()
-            write_manifest(recipe, store.entries())
+            write_manifest(recipe, entries.values())
         return written
 
     attach = {job.key: Submitted(f.task_id, f.polling_url, f.cost)
@@ -167,7 +177,8 @@ async def execute(plan: Plan, selection: Selection, store: Store,
         if outbox is not None:
             await outbox.start()
         executor = Executor(
-            provider, client, journal=StoreJournal(store, provider.info.name, provider.base_url),
+            provider, client, journal=StoreJournal(store, provider.info.name, provider.base_url,
+                                                   outbox=outbox is not None),
             writer=writer, settings=settings, on_event=on_event,
             submit_via=(lambda job: outbox.sender(job.output, job.key)) if outbox else None)
         started(executor)

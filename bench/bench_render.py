@@ -1,0 +1,87 @@
+"""Render throughput: `fluxbatch render` of 1,000 jobs against the emulator (account cap 24,
+mean task latency L), measured against the physical limit `jobs / 24 × L`.
+
+Targets (issue "Render: providers, async executor, state store"):
+  wall time ≤ 1.05 × ideal; ≤ 5 polls per job on average; < 2 ms client CPU per job.
+
+The emulator runs in a separate process, so the CPU figure is fluxbatch's alone (plan, state
+store journaling with fsync, httpx, image writing, manifest). Run:
+  .venv/bin/python bench/bench_render.py            # 1,000 jobs, L = 2 s (ideal ≈ 83 s)
+  .venv/bin/python bench/bench_render.py --quick    # 200 jobs
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from harness import (
+    CAP,
+    EmulatorProcess,
+    count_images,
+    run_fluxbatch,
+    verdict,
+    work_dir,
+    write_recipe,
+)
+
+WALL_TARGET = 1.05
+POLLS_TARGET = 5.0
+CPU_MS_TARGET = 2.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=1000, help="images to render (1000)")
+    parser.add_argument("--latency", type=float, default=2.0,
+                        help="the emulator's mean task latency L in seconds (2.0)")
+    parser.add_argument("--quick", action="store_true",
+                        help="200 jobs: a smoke run (start and tail weigh ~4× more)")
+    parser.add_argument("--seed", type=int, default=0, help="the emulator's latency seed")
+    parser.add_argument("--keep", metavar="DIR", help="render into DIR and keep it")
+    args = parser.parse_args()
+    jobs = 200 if args.quick else args.jobs
+
+    with work_dir(args.keep) as tmp:
+        recipe = write_recipe(tmp, jobs)
+        with EmulatorProcess(latency=args.latency, cap=CAP, seed=args.seed) as emulator:
+            run = run_fluxbatch(recipe, emulator.base_url)
+            stats = emulator.stats()
+        written = count_images(tmp)
+
+    ideal = jobs / CAP * args.latency
+    realized = sum(stats["durations"]) / CAP  # the same bound, from the latencies drawn
+    ratio = run.wall / ideal
+    polls = stats["polls"] / jobs
+    cpu_ms = run.cpu * 1000 / jobs
+    checks = {
+        "wall": ratio <= WALL_TARGET,
+        "polls": polls <= POLLS_TARGET,
+        "cpu": cpu_ms < CPU_MS_TARGET,
+        "complete": run.exit_code == 0 and written == jobs and stats["submits"] == jobs,
+    }
+    print(f"jobs:                       {jobs:,} (emulator: cap {CAP}, mean latency "
+          f"{args.latency:g} s, separate process)")
+    print(f"fluxbatch said:             {run.output.splitlines()[-1] if run.output else ''}")
+    print(f"images on disk:             {written:,}; exit code {run.exit_code}    "
+          f"{verdict(checks['complete'])}")
+    print(f"wall time:                  {run.wall:.2f} s")
+    print(f"ideal jobs/{CAP} × L:          {ideal:.2f} s (from the latencies actually drawn: "
+          f"{realized:.2f} s)")
+    print(f"ratio wall/ideal:           {ratio:.3f} (target <= {WALL_TARGET:.2f}; "
+          f"vs drawn latencies {run.wall / realized:.3f})    {verdict(checks['wall'])}")
+    print(f"polls per job:              {polls:.2f} (target <= {POLLS_TARGET:g}; "
+          f"{stats['polls']:,} polls)    {verdict(checks['polls'])}")
+    print(f"client CPU per job:         {cpu_ms:.2f} ms (target < {CPU_MS_TARGET:g} ms; "
+          f"{run.cpu:.2f} s in all)    {verdict(checks['cpu'])}")
+    print(f"  of which fluxbatch process {run.own_cpu * 1000 / jobs:.2f} ms, its helper "
+          f"processes (outbox) {run.helper_cpu * 1000 / jobs:.2f} ms")
+    print(f"emulator:                   {stats['submits']:,} submits, "
+          f"{stats['rejected_429']} answered 429, peak {stats['peak_active']} active, "
+          f"{stats['downloads']:,} downloads, {stats['cpu']:.1f} s CPU")
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
