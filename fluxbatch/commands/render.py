@@ -170,7 +170,8 @@ def _print_held(selection: Selection) -> None:
 
 def _print_report(report: Report, root: Any) -> None:
     counts = Counter(o.status for o in report.outcomes)
-    problems = [o for o in report.outcomes if o.status != "written"]
+    # Each failure gets a line; pending and skipped images (an interrupt) are only counted.
+    problems = [o for o in report.outcomes if o.status in ("moderated", "failed", "unknown")]
     if problems:
         rows = [[o.job.job, values_text(o.job.vars), o.job.output, o.status, o.reason or ""]
                 for o in problems[:50]]
