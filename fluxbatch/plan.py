@@ -301,15 +301,18 @@ def in_shard(job: Job, shard: tuple[int, int] | None) -> bool:
 def select(classified: Classified, in_flight: Mapping[str, InFlight], options: Options,
            provider: str) -> Selection:
     selection = Selection(classified)
+    # The in-process emulator dies with its run: its tasks cannot be collected later, and
+    # sending one again costs nothing, so nothing of it is held back or re-attached.
+    ephemeral = provider == "emulator" and options.base_url is None
     for job, state in zip(classified.plan.jobs, classified.states, strict=True):
         if (options.only and not matches_only(job, options.only)) or \
                 not in_shard(job, options.shard):
             selection.filtered_out += 1
             continue
-        flight = in_flight.get(job.key)
+        flight = None if ephemeral else in_flight.get(job.key)
         if state == IN_FLIGHT and flight is not None and flight.provider == provider:
             selection.attach.append((job, flight))  # paid for already: never submit again
-        elif state == UNKNOWN and not options.retry_unknown:
+        elif state == UNKNOWN and not (options.retry_unknown or ephemeral):
             selection.held_unknown.append(job)  # maybe paid: even --force needs --retry-unknown
         elif options.force:
             selection.submit.append(job)
