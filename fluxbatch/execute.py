@@ -304,7 +304,7 @@ class Executor:
                 connect_failures += 1
                 if connect_failures >= self.settings.connect_attempts:
                     raise JobFailed(f"cannot connect to {self.provider.base_url}: "
-                                  f"{_describe(error)}") from None
+                                    f"{_describe(error)}") from None
                 await self._pause(self._backoff(connect_failures))
                 continue
             except httpx.TransportError as error:
@@ -317,7 +317,7 @@ class Executor:
                 self.model_slots[job.model].rate_limited()
                 if self.clock() - started > self.settings.rate_limit_timeout:
                     raise JobFailed(f"still rate-limited (429) after "
-                                  f"{self.settings.rate_limit_timeout:.0f} s; gave up")
+                                    f"{self.settings.rate_limit_timeout:.0f} s; gave up")
                 delay = retry_after(response) or self._backoff(rate_limited)
                 self.on_event(Event("rate-limited", job, f"429; retrying in {delay:.1f} s"))
                 await self._wait_outside_slots(job, delay)
@@ -390,7 +390,7 @@ class Executor:
                 not_found += 1
                 if not_found >= self.settings.not_found_attempts:
                     raise JobFailed(f"the provider no longer knows task {submitted.task_id} "
-                                  "('Task not found'; results expire)")
+                                    "('Task not found'; results expire)")
                 delay = self._backoff(not_found)
                 continue
             if elapsed > self.settings.task_timeout:
@@ -442,7 +442,7 @@ class Executor:
                 outcome.polled = await self._get_poll(job, outcome.submitted)
                 if outcome.polled.status != r.READY:
                     raise JobFailed(f"the sample URL failed and the task is now "
-                                  f"{outcome.polled.status!r}") from None
+                                    f"{outcome.polled.status!r}") from None
                 continue
             return Image(response.content, response.headers.get("content-type"))
         raise AssertionError("unreachable")
