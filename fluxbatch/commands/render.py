@@ -218,5 +218,20 @@ def _dry_run(plan: Any, options: Options) -> int:
           f"(estimated {money(estimate)}), re-attach {len(selection.attach):,}, skip "
           f"{selection.up_to_date:,} up to date; nothing was sent or written")
     _print_held(selection)
+    _warn_if_no_key(plan)
     check_budget(selection, options.budget)
     return EXIT_OK
+
+
+def _warn_if_no_key(plan: Any) -> None:
+    """A dry run needs no key, but says if the real run would stop for want of one."""
+    from fluxbatch import providers
+    from fluxbatch.errors import ConfigError
+
+    info = providers.REGISTRY[plan.recipe.provider.name]
+    if info.key_env is None:
+        return
+    try:
+        providers.api_key(info, os.environ)
+    except ConfigError as error:
+        print(f"note: a real run would stop here: {error}", file=sys.stderr)
