@@ -218,7 +218,8 @@ def _dry_run(plan: Any, options: Options) -> int:
           f"(estimated {money(estimate)}), re-attach {len(selection.attach):,}, skip "
           f"{selection.up_to_date:,} up to date; nothing was sent or written")
     _print_held(selection)
-    _warn_if_no_key(plan)
+    if selection.jobs:
+        _warn_if_no_key(plan)
     check_budget(selection, options.budget)
     return EXIT_OK
 
