@@ -500,8 +500,12 @@ class _Builder:
         try:
             if source.lower().endswith(".json"):
                 data = json.loads(text)
-            else:
-                data = yaml.load(text, Loader=yamlsource._Loader)
+            else:  # the recipe's own reader: same YAML rules, same limits on aliases and depth
+                data = yamlsource.load(text, source)[0]
+        except yamlsource.DocumentError as error:
+            for problem in error.problems:
+                self.problem(where, str(problem))
+            return _FAILED
         except json.JSONDecodeError as error:
             self.problem(where, f"{source}:{error.lineno}:{error.colno}: invalid JSON: {error.msg}")
             return _FAILED

@@ -324,7 +324,7 @@ def test_values_from_csv_column(tmp_path: Path) -> None:
      "recipe.yaml:6:21: jobs[0].matrix.light.from: l.yaml must hold a non-empty list of values"),
     ("light: {from: l.yaml}", {"l.yaml": "[unclosed\n"},
      "recipe.yaml:6:21: jobs[0].matrix.light.from: l.yaml:2:1: YAML syntax error: expected "
-     "',' or ']', but got '<stream end>'"),
+     "',' or ']', but got '<stream end>' (while parsing a flow sequence at line 1)"),
     ("light: {from: l.json}", {"l.json": "[1,"},
      "recipe.yaml:6:21: jobs[0].matrix.light.from: l.json:1:4: invalid JSON: Expecting value"),
     ("light: {from: l.docx}", {"l.docx": "x"},
