@@ -91,7 +91,8 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
                "body": base64.b64encode(response.content).decode()})
 
     timeout = httpx.Timeout(60.0, connect=15.0, pool=None)
-    async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
+    limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)  # as render.py
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
         while True:
             line = await stdin.readline()
             if not line:

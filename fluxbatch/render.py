@@ -168,8 +168,10 @@ async def execute(plan: Plan, selection: Selection, store: Store,
 
     attach = {job.key: Submitted(f.task_id, f.polling_url, f.cost)
               for job, f in selection.attach}
-    limits = httpx.Limits(max_connections=max(64, 3 * settings.account_cap),
-                          max_keepalive_connections=max(64, 3 * settings.account_cap))
+    # Polls are short, so half as many connections as active tasks keep up; more only cost
+    # CPU, as httpcore's pool looks at every connection for every request.
+    connections = max(16, settings.account_cap // 2)
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     timeout = httpx.Timeout(60.0, connect=15.0, pool=None)
     outbox = Outbox(root, provider, lock.fd) if lock is not None and selection.submit else None
     async with httpx.AsyncClient(limits=limits, timeout=timeout, transport=transport,
