@@ -131,8 +131,8 @@ async def execute(plan: Plan, selection: Selection, store: Store,
                   transport: httpx.AsyncBaseTransport | None = None,
                   lock: RootLock | None = None) -> list[Outcome]:
     """Run the selection; every step is journaled in `store`, and the manifest is rewritten
-    (every MANIFEST_INTERVAL seconds) as images land. With `lock`, paid submits go through the outbox
-    process, which inherits the lock and commits each answer before it is used."""
+    (every MANIFEST_INTERVAL seconds) as images land. With `lock`, paid submits go through
+    the outbox process, which inherits the lock and commits each answer before it is used."""
     recipe = plan.recipe
     root = recipe.output_root
     records = store.records()
