@@ -237,11 +237,11 @@ class Executor:
         assert polled is not None and outcome.submitted is not None
         if polled.status in r.MODERATED:
             outcome.status = MODERATED
-            outcome.reason = _with_details(polled.status, polled.details)
+            outcome.reason = r.with_details(polled.status, polled.details)
             return self._finish(outcome)
         if polled.status != r.READY:
             outcome.status = FAILED
-            outcome.reason = _with_details(f"the task ended with status {polled.status!r}",
+            outcome.reason = r.with_details(f"the task ended with status {polled.status!r}",
                                            polled.details)
             return self._finish(outcome)
         self.journal.ready(job, polled)
@@ -304,12 +304,12 @@ class Executor:
                 connect_failures += 1
                 if connect_failures >= self.settings.connect_attempts:
                     raise JobFailed(f"cannot connect to {self.provider.base_url}: "
-                                    f"{_describe(error)}") from None
+                                    f"{r.describe_error(error)}") from None
                 await self._pause(self._backoff(connect_failures))
                 continue
             except httpx.TransportError as error:
                 raise _Unknown(f"the submit may have reached the provider, but its answer was "
-                               f"lost ({_describe(error)})") from None
+                               f"lost ({r.describe_error(error)})") from None
             if response.status_code == 429:
                 self.journal.not_sent(job)  # 429: rejected, not processed, not billed
                 rate_limited += 1
@@ -465,7 +465,7 @@ class Executor:
             try:
                 response = await self._send_following_redirects(request)
             except httpx.RequestError as error:  # transport, decoding, redirect loops
-                problem = _describe(error)
+                problem = r.describe_error(error)
             else:
                 if response.is_success:
                     return response
@@ -523,18 +523,3 @@ def _submit_error(response: httpx.Response) -> Exception:
         return _Unknown(f"the provider answered {message}; the task may have been created "
                         "and billed")
     return JobFailed(f"rejected: {message}")
-
-
-def _describe(error: httpx.RequestError) -> str:
-    text = str(error) or type(error).__name__
-    return f"{type(error).__name__}: {text}" if text != type(error).__name__ else text
-
-
-def _with_details(message: str, details: Any) -> str:
-    if not details:
-        return message
-    if isinstance(details, dict):
-        parts = [f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}"
-                 for k, v in details.items()]
-        return f"{message} ({'; '.join(parts)})"
-    return f"{message} ({details})"

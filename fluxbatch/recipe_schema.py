@@ -1,13 +1,20 @@
 """The recipe's JSON Schema (draft 2020-12), built from the provider registry and the model
 catalogue so it never drifts from the code. `schemas/recipe.schema.json` is this, written
 out for editors (`fluxbatch schema > schemas/recipe.schema.json`); a test keeps them equal.
+`schema_problems` reads jsonschema's verdicts back as located, readable problems.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
+import jsonschema
+
 from fluxbatch import models, providers
+from fluxbatch.errors import Problem
+from fluxbatch.models import did_you_mean, unknown_model_message
+from fluxbatch.yamlsource import Path, Positions
 
 SCHEMA_ID = "https://github.com/fluxbatch/fluxbatch/blob/main/schemas/recipe.schema.json"
 DEFAULT_MAX_JOBS = 10_000
@@ -176,3 +183,116 @@ def recipe_schema() -> dict[str, Any]:
             },
         },
     }
+
+
+# -- reading the schema's verdicts as located problems ----------------------------------------
+
+
+@cache
+def _validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(recipe_schema())
+
+
+def schema_problems(document: Any, positions: Positions) -> list[tuple[Path, Problem]]:
+    """Every schema violation as (path, located problem)."""
+    if not isinstance(document, dict):
+        kind = "empty" if document is None else f"a {type(document).__name__}"
+        message = f"a recipe must be a mapping, but this document is {kind}"
+        return [((), positions.problem((), message))]
+    located: list[tuple[Path, Problem]] = []
+    for error in _validator().iter_errors(document):
+        located.extend(_explain(error, positions))
+    return located
+
+
+def _explain(error: jsonschema.ValidationError,
+             positions: Positions) -> list[tuple[Path, Problem]]:
+    path: Path = tuple(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = list(error.schema.get("properties", {}))
+        extras = [k for k in error.instance if k not in error.schema.get("properties", {})]
+        return [
+            ((*path, k), positions.problem((*path, k), f"unknown key {k!r}"
+                                           + did_you_mean(k, allowed), key=True))
+            for k in extras
+        ]
+    if error.validator == "anyOf" and path[-2:-1] in (("params",), ("defaults",)) \
+            and path[-1] == "model":  # a name from the catalogue, or a template
+        return [(path, positions.problem(path, unknown_model_message(error.instance)))]
+    if error.validator in ("anyOf", "oneOf"):
+        branch = _matching_branch(error)
+        if branch is not None:
+            return [p for sub in branch for p in _explain(sub, positions)]
+        return [(path, positions.problem(path, _describe_alternatives(error)))]
+    return [(path, positions.problem(path, _message(error, path)))]
+
+
+def _message(error: jsonschema.ValidationError, path: Path) -> str:
+    if error.validator == "required":
+        return str(error.message).replace("property", "key")
+    if error.validator == "const":
+        return f"must be {error.validator_value!r}"
+    if error.validator == "pattern" and error.schema.get("pattern") == NAME_PATTERN:
+        return (f"{error.instance!r} must start with a letter or digit and use only letters, "
+                "digits, '.', '_' and '-'")
+    if error.validator == "enum":
+        choices = ", ".join(repr(c) for c in error.validator_value)
+        hint = did_you_mean(str(error.instance), [str(c) for c in error.validator_value])
+        return f"{error.instance!r} is not one of {choices}{hint}"
+    return str(error.message)
+
+
+_JSON_TYPES: dict[str, type | tuple[type, ...]] = {
+    "object": dict, "array": list, "string": str, "integer": int, "number": (int, float),
+    "boolean": bool,
+}
+
+
+def _matching_branch(error: jsonschema.ValidationError) -> list[jsonschema.ValidationError] | None:
+    """Of an anyOf's branches, the one meant for this kind of value (the only one whose
+    top-level type fits), so the user sees that branch's real errors."""
+    by_branch: dict[int, list[jsonschema.ValidationError]] = {}
+    for sub in error.context or ():
+        by_branch.setdefault(int(sub.relative_schema_path[0]), []).append(sub)
+    fitting = []
+    for index, branch_schema in enumerate(error.validator_value):
+        schema = branch_schema
+        if "$ref" in schema:
+            schema = _validator().schema["$defs"][schema["$ref"].rsplit("/", 1)[-1]]
+        kind = schema.get("type")
+        if kind is None or not _is_type(error.instance, kind) or schema == TEMPLATE:
+            continue  # (a plain string is no broken template: the message lists what fits)
+        fitting.append(index)
+    if len(fitting) == 1 and fitting[0] in by_branch:
+        return by_branch[fitting[0]]
+    return None
+
+
+def _is_type(value: Any, kind: str) -> bool:
+    if isinstance(value, bool) and kind in ("integer", "number"):
+        return False
+    expected: type | tuple[type, ...] = _JSON_TYPES.get(kind, object)
+    return isinstance(value, expected)
+
+
+def _describe_alternatives(error: jsonschema.ValidationError) -> str:
+    descriptions = []
+    for branch in error.validator_value:
+        if "const" in branch:
+            descriptions.append(repr(branch["const"]))
+        elif "enum" in branch:
+            descriptions.append(" or ".join(repr(v) for v in branch["enum"]))
+        elif "$ref" in branch:
+            descriptions.append({"from_file": "a mapping with 'from'",
+                                 "zip_group": "a mapping of lists"}.get(
+                branch["$ref"].rsplit("/", 1)[-1], "a mapping"))
+        elif branch.get("type") == "string" and "pattern" in branch:
+            descriptions.append("a template string")
+        else:
+            kind = branch.get("type", "value")
+            descriptions.append({"object": "a mapping", "array": "a list"}.get(kind, f"an {kind}"
+                                if kind[0] in "aeiou" else f"a {kind}"))
+    return f"{error.instance!r} is not valid here: expected {' or '.join(descriptions)}"
+
+
+# -- building the typed recipe --------------------------------------------------------------

@@ -132,3 +132,20 @@ def _snippet(text: str, limit: int = 200) -> str:
 
 def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def describe_error(error: httpx.RequestError) -> str:
+    """A transport error in one line: `ConnectError: [Errno 111] Connection refused`."""
+    text = str(error) or type(error).__name__
+    return f"{type(error).__name__}: {text}" if text != type(error).__name__ else text
+
+
+def with_details(message: str, details: Any) -> str:
+    """`message`, plus a task's `details` (moderation reasons, error text) when it has any."""
+    if not details:
+        return message
+    if isinstance(details, dict):
+        parts = [f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}"
+                 for k, v in details.items()]
+        return f"{message} ({'; '.join(parts)})"
+    return f"{message} ({details})"
