@@ -8,11 +8,11 @@ node it came from.
 from __future__ import annotations
 
 import gc
-import hashlib
 import posixpath
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from hashlib import sha256
 from typing import Any
 
 from fluxbatch import matrix as matrix_rules
@@ -221,6 +221,10 @@ class _JobBuilder:
         self.output = self.templates.get(self.output_path)  # None only when not ready
         self.seed_template = self.templates.get(self.seed_path)
         self.seed_prefix: tuple[str, matrix_rules.Combination | None] = ("", None)
+        self.auto_seed = spec.seed == "auto"
+        self.dynamic_templates = [(name, where, self.templates[where])
+                                  for name, where in self.dynamic if where in self.templates]
+        self.format_varies = "output_format" in {name for name, _ in self.dynamic}
         # auto_seed's canonical_json([recipe, job, values, replicate]), built in pieces
         self.seed_head = canonical_json([recipe.name, spec.name])[:-1] + ","
         self.values_json = ObjectJson()
@@ -320,20 +324,28 @@ class _JobBuilder:
             if self.prompt is not None:
                 where = self.prompt_path
                 request["prompt"] = context["prompt"] = self.prompt.render(context)
-            for name, where in self.dynamic:
-                text = self.templates[where].render(context)
-                value, message = self.param_value(model, name, text)
+            for name, where, template in self.dynamic_templates:
+                value, message = self.param_value(model, name, template.render(context))
                 if message is not None:
                     self.problems.append(self.recipe.problem(
                         where, f"{message} (for {describe(values, replicate)})"))
                     return None
                 request[name] = value
-            if request.get("output_format", "") is None:
+            if self.format_varies and request.get("output_format", "") is None:
                 request["output_format"] = model.default_format
             where = self.seed_path
-            seed = self.seed(combo, context, replicate)
-            if seed is None:
-                return None
+            if self.auto_seed:  # inline: the hot path of planning
+                prefix, owner = self.seed_prefix
+                if owner is not combo:  # the combination's JSON, shared by its replicates
+                    prefix = f"{self.seed_head}{self.values_json(values)},"
+                    self.seed_prefix = (prefix, combo)
+                digest = sha256(f"{prefix}{replicate}]".encode()).digest()
+                seed = int.from_bytes(digest[:8], "big") % SEED_MODULUS
+            else:
+                templated = self.seed(combo, context, replicate)
+                if templated is None:
+                    return None
+                seed = templated
             request["seed"] = seed
             if model.name not in self.required_checked and not self.check_required(model, request):
                 return None
@@ -389,14 +401,8 @@ class _JobBuilder:
 
     def seed(self, combo: matrix_rules.Combination, context: Mapping[str, Any],
              replicate: int) -> int | None:
+        """An integer or templated seed (`auto` seeds are computed inline in `build`)."""
         raw = self.spec.seed
-        if raw == "auto":
-            prefix, owner = self.seed_prefix
-            if owner is not combo:  # the combination's JSON, shared by its replicates
-                prefix = f"{self.seed_head}{self.values_json(combo.values)},"
-                self.seed_prefix = (prefix, combo)
-            digest = hashlib.sha256(f"{prefix}{replicate}]".encode()).digest()
-            return int.from_bytes(digest[:8], "big") % SEED_MODULUS
         if isinstance(raw, int):
             return raw
         assert self.seed_template is not None

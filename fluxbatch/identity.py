@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fluxbatch import models
@@ -32,14 +32,14 @@ def job_key(model: str, request: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json({"model": model, "request": pixels}).encode()).hexdigest()
 
 
-_encode_string = json.encoder.encode_basestring
+_encode_string: Callable[[str], str] = json.encoder.encode_basestring
 
 
 def _scalar_json(value: Any) -> str:
     """`canonical_json(value)` for the scalars a rendered parameter can be, quickly."""
     kind = type(value)
     if kind is str:
-        return str(_encode_string(value))
+        return _encode_string(value)
     if kind is int:
         return int.__repr__(value)
     if kind is float and math.isfinite(value):
@@ -57,20 +57,32 @@ class ObjectJson:
                  skip: frozenset[str] = frozenset()) -> None:
         self.constants = constants or {}
         self.skip = skip
-        self.layouts: dict[tuple[str, ...], tuple[tuple[str, str, str | None], ...]] = {}
+        # per key order: a format string with the constants filled in, and the varying keys
+        self.layouts: dict[tuple[str, ...], tuple[str, tuple[str, ...]]] = {}
 
     def __call__(self, mapping: Mapping[str, Any]) -> str:
         fields = tuple(mapping)
         layout = self.layouts.get(fields)
         if layout is None:
-            layout = tuple(
-                (name, f"{_encode_string(name)}:",
-                 _scalar_json(mapping[name]) if name in self.constants else None)
-                for name in sorted(fields) if name not in self.skip)
-            self.layouts[fields] = layout
-        body = ",".join([prefix + (encoded if encoded is not None else _scalar_json(mapping[name]))
-                         for name, prefix, encoded in layout])
-        return f"{{{body}}}"
+            layout = self.layouts[fields] = self._layout(mapping)
+        template, varying = layout
+        encode = _encode_string
+        return template.format(*[encode(v) if type(v) is str else _scalar_json(v)
+                                 for v in map(mapping.__getitem__, varying)])
+
+    def _layout(self, mapping: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
+        pieces, varying = [], []
+        for name in sorted(mapping):
+            if name in self.skip:
+                continue
+            key = _encode_string(name).replace("{", "{{").replace("}", "}}")
+            if name in self.constants:
+                value = _scalar_json(mapping[name]).replace("{", "{{").replace("}", "}}")
+                pieces.append(f"{key}:{value}")
+            else:
+                pieces.append(f"{key}:{{}}")
+                varying.append(name)
+        return "{{" + ",".join(pieces) + "}}", tuple(varying)
 
 
 class KeyHasher:
