@@ -182,6 +182,12 @@ class Outbox:
         return send
 
     async def send(self, request: httpx.Request, output: str, key: str) -> httpx.Response:
+        process = self._process
+        if process is None or process.returncode is not None or process.stdin is None \
+                or process.stdin.is_closing():
+            # Nothing was handed over, so nothing was sent: as safe to retry as a refused
+            # connection (and the executor treats it so).
+            raise httpx.ConnectError("the outbox process is not running", request=request)
         self._next += 1
         ident = self._next
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
