@@ -57,7 +57,7 @@ class Plan:
     removed: tuple[tuple[str, matrix_rules.Removed], ...]
 
     def explain(self, job: Job) -> str:
-        spec = next(s for s in self.recipe.jobs if s.name == job.job)
+        spec = self.recipe.job(job.job)
         return matrix_rules.explain(job.combination, spec.matrix.axes)
 
 

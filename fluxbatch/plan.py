@@ -95,7 +95,7 @@ def escape_problems(plan: Plan) -> list[Problem]:
         if inside[parent] and not (os.path.islink(target)
                                    and not _within(real_root, Path(target))):
             continue
-        spec = next(s for s in plan.recipe.jobs if s.name == job.job)
+        spec = plan.recipe.job(job.job)
         problems.append(plan.recipe.problem(
             ("jobs", spec.index, "output"),
             f"output path {job.output!r} leaves the output root through a symbolic link"))

@@ -102,6 +102,9 @@ class Recipe:
     def problem(self, path: Path, message: str) -> Problem:
         return self.positions.problem(path, message)
 
+    def job(self, name: str) -> JobSpec:
+        return next(spec for spec in self.jobs if spec.name == name)
+
 
 def load(path: str | os.PathLike[str], *, output_root: str | None = None,
          strict: bool = True) -> Recipe:

@@ -394,11 +394,15 @@ class RootLock:
             self.fd = None
 
 
+def has_store(root: Path) -> bool:
+    return (root / STATE_DIR / DATABASE).exists()
+
+
 def read_records(root: Path, jobs: Iterable[Job] = ()) -> dict[str, Record]:
     """Records by output path, without creating anything (for `plan`, `status`, `gallery`).
     With neither a store nor a manifest, images on disk that carry the provenance of a
     planned job count as written."""
-    if (root / STATE_DIR / DATABASE).exists():
+    if has_store(root):
         with Store.open(root, create=False) as store:
             return store.records()
     document = read_manifest(root)

@@ -24,9 +24,9 @@ from typing import Any
 from fluxbatch import __version__, imagemeta, models
 from fluxbatch.expand import Job
 from fluxbatch.recipe import Recipe
+from fluxbatch.state import MANIFEST, STATE_DIR
 
 MANIFEST_VERSION = 1
-MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +146,7 @@ def write_manifest(recipe: Recipe, entries: Iterable[Mapping[str, Any]]) -> Path
 
 
 def temp_dir(root: Path) -> Path:
-    return root / ".fluxbatch" / "tmp"
+    return root / STATE_DIR / "tmp"
 
 
 def clear_debris(root: Path) -> None:

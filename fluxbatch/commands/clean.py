@@ -9,15 +9,14 @@ import os
 from fluxbatch.commands.output import plural
 from fluxbatch.errors import EXIT_OK
 from fluxbatch.plan import classify, load_plan
-from fluxbatch.state import RootLock, Store
+from fluxbatch.state import MANIFEST, RootLock, Store, has_store
 from fluxbatch.write import write_manifest
 
 
 def clean(*, recipe: str, out: str | None, yes: bool, delete: bool) -> int:
     plan = load_plan(recipe, out=out, yes=yes)
     root = plan.recipe.output_root
-    if not (root / ".fluxbatch" / "state.sqlite").exists() and \
-            not (root / "manifest.json").exists():
+    if not has_store(root) and not (root / MANIFEST).exists():
         print("no orphans: nothing has been rendered into this output root yet")
         return EXIT_OK
     with RootLock(root), Store.open(root) as store:

@@ -14,7 +14,7 @@ from fluxbatch import imagemeta
 from fluxbatch.errors import EXIT_OK, FluxbatchError
 from fluxbatch.identity import job_key
 from fluxbatch.models import NON_PIXEL_FIELDS
-from fluxbatch.state import read_manifest
+from fluxbatch.state import MANIFEST, read_manifest
 
 _JINJA = re.compile(r"\{[{%#]")
 _END_RAW = re.compile(r"\{%[-+]?\s*endraw\s*[-+]?%\}")
@@ -63,7 +63,7 @@ def reproduce(*, source: str, entry_path: str | None, output: str | None) -> int
 def _entry(source: Path, entry_path: str | None) -> dict[str, Any]:
     if source.suffix.lower() != ".json":
         return provenance_of(source)
-    document = read_manifest(source.parent) if source.name == "manifest.json" else None
+    document = read_manifest(source.parent) if source.name == MANIFEST else None
     if document is None:
         try:
             document = json.loads(source.read_text(encoding="utf-8"))

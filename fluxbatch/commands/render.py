@@ -21,7 +21,7 @@ from fluxbatch.plan import (
     load_plan,
     select,
 )
-from fluxbatch.state import RootLock, Store, read_records
+from fluxbatch.state import MANIFEST, RootLock, Store, has_store, read_records
 
 if TYPE_CHECKING:
     from fluxbatch.execute import Event, Executor
@@ -39,7 +39,7 @@ def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run
     with RootLock(root) as lock, Store.open(root) as store:
         store.claim_root(plan.recipe.name)
         clear_debris(root)
-        if store.is_empty() and not (root / "manifest.json").exists():
+        if store.is_empty() and not (root / MANIFEST).exists():
             store.adopt(plan.jobs)  # the store and manifest were lost: read the images
         classified = classify_with_store(plan, store, options)
         selection = select(classified, store.in_flight(), options, plan.recipe.provider.name)
@@ -200,12 +200,13 @@ def _dry_run(plan: Any, options: Options) -> int:
     from fluxbatch.plan import classify
 
     root = plan.recipe.output_root
-    records = read_records(root, plan.jobs)
-    classified = classify(plan, records, verify=options.verify)
     in_flight = {}
-    if (root / ".fluxbatch" / "state.sqlite").exists():
+    if has_store(root):
         with Store.open(root, create=False) as store:
-            in_flight = store.in_flight()
+            records, in_flight = store.records(), store.in_flight()
+    else:
+        records = read_records(root, plan.jobs)
+    classified = classify(plan, records, verify=options.verify)
     selection = select(classified, in_flight, options, plan.recipe.provider.name)
     rows = [[job.job, values_text(job.vars), job.model, job.output, "submit"]
             for job in selection.submit]
