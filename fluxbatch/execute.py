@@ -30,6 +30,7 @@ from fluxbatch.expand import Job
 from fluxbatch.pacing import Durations, Slots, retry_after
 from fluxbatch.providers import Polled, Provider, Submitted
 from fluxbatch.providers import responses as r
+from fluxbatch.transport import Wire
 
 # Outcome statuses
 WRITTEN = "written"
@@ -127,7 +128,7 @@ class _Skipped(Exception):
 
 
 class Executor:
-    def __init__(self, provider: Provider, client: httpx.AsyncClient, *, journal: Journal,
+    def __init__(self, provider: Provider, wire: Wire, *, journal: Journal,
                  writer: Writer, settings: Settings | None = None,
                  on_event: Callable[[Event], None] | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -135,7 +136,7 @@ class Executor:
                  rng: random.Random | None = None,
                  submit_via: Callable[[Job], Sender] | None = None) -> None:
         self.provider = provider
-        self.client = client
+        self.wire = wire
         self.journal = journal
         self.writer = writer
         self.settings = settings or Settings()
@@ -143,7 +144,7 @@ class Executor:
         self.sleep = sleep
         self.clock = clock
         self.rng = rng or random.Random()
-        # How a paid submit is sent: by default this client; the render pipeline passes the
+        # How a paid submit is sent: by default over the wire; the render pipeline passes the
         # outbox, which commits each answer in the state store before returning it.
         self.submit_via = submit_via
         self.account = Slots(self.settings.account_cap)
@@ -285,7 +286,7 @@ class Executor:
 
     async def _submit(self, job: Job) -> Submitted:
         request = self.provider.submit_request(job.model, job.request)
-        send = self.submit_via(job) if self.submit_via is not None else self.client.send
+        send = self.submit_via(job) if self.submit_via is not None else self.wire.send
         started = self.clock()
         connect_failures = 0
         rate_limited = 0
@@ -463,7 +464,7 @@ class Executor:
             except httpx.InvalidURL as error:
                 raise JobFailed(f"{what}: the provider gave an unusable URL ({error})") from None
             try:
-                response = await self._send_following_redirects(request)
+                response = await self.wire.get_following_redirects(request)
             except httpx.RequestError as error:  # transport, decoding, redirect loops
                 problem = r.describe_error(error)
             else:
@@ -488,27 +489,6 @@ class Executor:
         if pending_on_failure:
             raise _Pending(message + "; the task is recorded and a re-run picks it up")
         raise JobFailed(message)
-
-    async def _send_following_redirects(self, request: httpx.Request) -> httpx.Response:
-        """Follow redirects as httpx does (it drops `Authorization` on leaving the origin),
-        but drop BFL's `x-key` there too: a redirected poll never takes the key elsewhere."""
-        response = await self.client.send(request, follow_redirects=False)
-        for _ in range(self.client.max_redirects):
-            target = response.next_request
-            if target is None:
-                return response
-            if _origin(target.url) != _origin(response.request.url):
-                target.headers.pop("x-key", None)
-            await response.aclose()
-            response = await self.client.send(target, follow_redirects=False)
-        if response.next_request is None:
-            return response
-        raise httpx.TooManyRedirects("Exceeded maximum allowed redirects.", request=request)
-
-
-def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
-    return url.scheme, url.host, url.port
-
 
 def _submit_error(response: httpx.Response) -> Exception:
     message = r.error_message(response)

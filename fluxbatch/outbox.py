@@ -32,6 +32,7 @@ import httpx
 
 from fluxbatch import providers
 from fluxbatch.providers import responses
+from fluxbatch.transport import Wire
 
 _TRANSPORT_ERRORS: dict[str, type[httpx.TransportError]] = {
     cls.__name__: cls
@@ -67,7 +68,7 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
         except (BrokenPipeError, OSError):
             parent_alive[0] = False
 
-    async def handle(message: dict[str, Any], client: httpx.AsyncClient) -> None:
+    async def handle(message: dict[str, Any], wire: Wire) -> None:
         output, key = message["output"], message["key"]
         request = httpx.Request(message["method"], message["url"], headers=message["headers"],
                                 content=base64.b64decode(message["body"]))
@@ -75,7 +76,7 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
         # is never mistaken for one that may have been billed.
         store.submitting(output, key, reader.info.name, reader.base_url)
         try:
-            response = await client.send(request)
+            response = await wire.send(request)
         except httpx.TransportError as error:
             if not parent_alive[0] and type(error).__name__ not in ("ConnectError",
                                                                     "ConnectTimeout"):
@@ -90,14 +91,12 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
                "headers": list(response.headers.multi_items()),
                "body": base64.b64encode(response.content).decode()})
 
-    timeout = httpx.Timeout(60.0, connect=15.0, pool=None)
-    limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)  # as render.py
-    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+    async with Wire.open(16) as wire:  # as many connections as render.py's smallest pool
         while True:
             line = await stdin.readline()
             if not line:
                 break  # the parent closed the pipe (finished, or died): finish and leave
-            task = asyncio.ensure_future(handle(json.loads(line), client))
+            task = asyncio.ensure_future(handle(json.loads(line), wire))
             pending.add(task)
             task.add_done_callback(pending.discard)
         parent_alive[0] = False

@@ -30,6 +30,7 @@ from fluxbatch.outbox import Outbox
 from fluxbatch.plan import Options, Selection
 from fluxbatch.providers import Polled, Submitted
 from fluxbatch.state import RootLock, Store
+from fluxbatch.transport import Wire
 from fluxbatch.write import NotAnImage, provenance, write_image, write_manifest
 
 # Seconds between manifest rewrites while images land. The store is the record a resume
@@ -168,18 +169,14 @@ async def execute(plan: Plan, selection: Selection, store: Store,
 
     attach = {job.key: Submitted(f.task_id, f.polling_url, f.cost)
               for job, f in selection.attach}
-    # Polls are short, so half as many connections as active tasks keep up; more only cost
-    # CPU, as httpcore's pool looks at every connection for every request.
+    # Polls are short, so half as many connections as active tasks keep up.
     connections = max(16, settings.account_cap // 2)
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    timeout = httpx.Timeout(60.0, connect=15.0, pool=None)
     outbox = Outbox(root, provider, lock.fd) if lock is not None and selection.submit else None
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, transport=transport,
-                                 trust_env=False) as client:
+    async with Wire(transport) if transport is not None else Wire.open(connections) as wire:
         if outbox is not None:
             await outbox.start()
         executor = Executor(
-            provider, client, journal=StoreJournal(store, provider.info.name, provider.base_url,
+            provider, wire, journal=StoreJournal(store, provider.info.name, provider.base_url,
                                                    outbox=outbox is not None),
             writer=writer, settings=settings, on_event=on_event,
             submit_via=(lambda job: outbox.sender(job.output, job.key)) if outbox else None)

@@ -1,5 +1,5 @@
-"""The executor against a BFL-shaped API faked at the transport (a real `httpx.AsyncClient`
-over `httpx.MockTransport`). Time is fake: requested sleeps are recorded and advance a clock,
+"""The executor against a BFL-shaped API faked at the transport (fluxbatch's `Wire` over
+`httpx.MockTransport`). Time is fake: requested sleeps are recorded and advance a clock,
 so nothing here really waits."""
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from fluxbatch.matrix import Combination
 from fluxbatch.providers import Polled, Secret, Submitted
 from fluxbatch.providers.bfl import Bfl
 from fluxbatch.providers.cometapi import CometApi
+from fluxbatch.transport import Wire
 
 BASE = "https://api.bfl.ai"
 POLL_BASE = "https://api.eu4.bfl.ai"  # a regional host, unlike the submit host
@@ -210,9 +211,9 @@ class Harness:
             started: Callable[[Executor], None] = lambda executor: None) -> list[Outcome]:
         async def main() -> list[Outcome]:
             transport = httpx.MockTransport(self.api.handle)
-            async with httpx.AsyncClient(transport=transport) as client:
+            async with Wire(transport) as wire:
                 self.executor = Executor(
-                    self.provider, client, journal=self.journal, writer=self.writer,
+                    self.provider, wire, journal=self.journal, writer=self.writer,
                     settings=self.settings, on_event=self.events.append,
                     sleep=self.time.sleep, clock=self.time.clock, rng=random.Random(0))
                 started(self.executor)
