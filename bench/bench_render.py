@@ -5,7 +5,9 @@ Targets (issue "Render: providers, async executor, state store"):
   wall time ≤ 1.05 × ideal; ≤ 5 polls per job on average; < 2 ms client CPU per job.
 
 The emulator runs in a separate process, so the CPU figure is fluxbatch's alone (plan, state
-store journaling with fsync, httpx, image writing, manifest). Run:
+store journaling with fsync, the outbox process, HTTP, image writing, manifest). It is also
+printed as a ratio to the leanest Python client doing the same jobs in the same run
+(floor_client.py). Run:
   .venv/bin/python bench/bench_render.py            # 1,000 jobs, L = 2 s (ideal ≈ 83 s)
   .venv/bin/python bench/bench_render.py --quick    # 200 jobs
 """
@@ -15,10 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from floor_client import run_floor
 from harness import (
     CAP,
+    MODEL,
     EmulatorProcess,
     count_images,
+    planned_requests,
     run_fluxbatch,
     verdict,
     work_dir,
@@ -49,6 +54,12 @@ def main() -> int:
             run = run_fluxbatch(recipe, emulator.base_url)
             stats = emulator.stats()
         written = count_images(tmp)
+        # The baseline: the leanest Python client (floor_client.py), same jobs, a fresh
+        # emulator with the same latency draw.
+        with EmulatorProcess(latency=args.latency, cap=CAP, seed=args.seed) as emulator:
+            floor_cpu, floor_wall, floor_polls = run_floor(
+                emulator.base_url, MODEL, planned_requests(recipe), tmp / "floor",
+                args.latency, CAP)
 
     ideal = jobs / CAP * args.latency
     realized = sum(stats["durations"]) / CAP  # the same bound, from the latencies drawn
@@ -77,6 +88,9 @@ def main() -> int:
           f"{run.cpu:.2f} s in all)    {verdict(checks['cpu'])}")
     print(f"  of which fluxbatch process {run.own_cpu * 1000 / jobs:.2f} ms, its helper "
           f"processes (outbox) {run.helper_cpu * 1000 / jobs:.2f} ms")
+    print(f"  baseline, leanest client  {floor_cpu * 1000 / jobs:.2f} ms (asyncio + h11, no state; "
+          f"{floor_polls / jobs:.2f} polls/job, wall {floor_wall:.1f} s): fluxbatch uses "
+          f"{run.cpu / floor_cpu:.2f}x")
     print(f"emulator:                   {stats['submits']:,} submits, "
           f"{stats['rejected_429']} answered 429, peak {stats['peak_active']} active, "
           f"{stats['downloads']:,} downloads, {stats['cpu']:.1f} s CPU")

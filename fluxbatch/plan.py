@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from fluxbatch import models, recipe
 from fluxbatch.errors import ConfigError, FluxbatchError, Problem, RecipeError
 from fluxbatch.expand import Job, Plan, expand
+from fluxbatch.state import Record
 
 if TYPE_CHECKING:
     from fluxbatch.state import InFlight, Store
@@ -36,21 +37,6 @@ ORPHANED = "orphaned"
 # States whose jobs `render` would pay for (in-flight ones are re-attached, not paid again).
 TO_RENDER = frozenset({NEW, MISSING, STALE, FAILED})
 STATE_ORDER = (UP_TO_DATE, NEW, MISSING, STALE, IN_FLIGHT, FAILED, MODERATED, UNKNOWN, ORPHANED)
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """What the state knows about one output path: the latest attempt (`key`, `status`) and
-    the last image written there (`written_key`, file facts)."""
-
-    key: str
-    status: str  # planned | submitting | submitted | ready | written | moderated | failed | unknown
-    written_key: str | None = None
-    sha256: str | None = None
-    size: int | None = None
-    mtime_ns: int | None = None
-    reason: str | None = None
-    path: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

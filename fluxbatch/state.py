@@ -26,12 +26,13 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fluxbatch import imagemeta
 from fluxbatch.errors import StateError
-from fluxbatch.expand import Job
-from fluxbatch.plan import Record
+
+if TYPE_CHECKING:  # (the outbox process imports this module, and needs no planner)
+    from fluxbatch.expand import Job
 
 STATE_DIR = ".fluxbatch"
 DATABASE = "state.sqlite"
@@ -79,6 +80,22 @@ class InFlight:
     task_id: str
     polling_url: str
     cost: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What the state knows about one output path: the latest attempt (`key`, `status`) and
+    the last image written there (`written_key`, file facts)."""
+
+    key: str
+    status: str  # planned | submitting | submitted | ready | written | moderated | failed | unknown
+    written_key: str | None = None
+    sha256: str | None = None
+    size: int | None = None
+    mtime_ns: int | None = None
+    reason: str | None = None
+    path: str | None = None
+
 
 
 class Store:

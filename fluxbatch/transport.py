@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+from typing import cast
 
 import h11
 import httpx
@@ -52,8 +53,7 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's is not a subclass)
 
     def data_received(self, data: bytes) -> None:
         self.received.append(data)
