@@ -138,6 +138,9 @@ async def execute(plan: Plan, selection: Selection, store: Store,
     root = recipe.output_root
     records = store.records()
     entries = {entry.get("output", entry["path"]): entry for entry in store.entries()}
+    holders: dict[str, set[str]] = {}  # file path -> the outputs whose entry names it
+    for output, entry in entries.items():
+        holders.setdefault(entry["path"], set()).add(output)
     last_manifest = [time.monotonic()]
 
     async def writer(job: Job, image: Image, outcome: Outcome) -> Any:
@@ -159,9 +162,13 @@ async def execute(plan: Plan, selection: Selection, store: Store,
             raise JobFailed(f"cannot write {root / job.output}: "
                           f"{error.strerror or error}") from None
         store.written(job.output, job.key, full, written.mtime_ns)
-        for output in [o for o, e in entries.items() if e["path"] == written.path]:
-            del entries[output]  # as in the store: this file now holds this image
+        for output in holders.pop(written.path, set()):
+            entries.pop(output, None)  # as in the store: this file now holds this image
+        earlier = entries.get(job.output)
+        if earlier is not None:  # its previous image, under another path
+            holders.get(earlier["path"], set()).discard(job.output)
         entries[job.output] = full
+        holders[written.path] = {job.output}
         if time.monotonic() - last_manifest[0] > MANIFEST_INTERVAL:
             last_manifest[0] = time.monotonic()
             write_manifest(recipe, entries.values())

@@ -7,6 +7,7 @@ derives from `REGISTRY`, so the two never disagree.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -133,6 +134,14 @@ def build(name: str, *, base_url: str | None, environ: Mapping[str, str],
                        key or api_key(info, environ))
     assert base_url is not None, "the emulator's base URL comes from the running emulator"
     return bfl.Bfl(info, base_url, key or Secret("emulator"))
+
+
+@functools.lru_cache(maxsize=4096)
+def parsed_url(url: str) -> httpx.URL:
+    """`httpx.URL(url)`, remembered: a task's polling URL is parsed once, not at every poll
+    (httpx checks each character, which costs more than building the rest of the request).
+    URLs are immutable, so sharing one is safe."""
+    return httpx.URL(url)
 
 
 def check_base_url(url: str) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from fluxbatch.providers import Polled, ProviderInfo, Secret, Submitted, responses
+from fluxbatch.providers import Polled, ProviderInfo, Secret, Submitted, parsed_url, responses
 
 USER_AGENT = "fluxbatch"
 
@@ -28,7 +28,7 @@ class Bfl:
                              headers=self._headers())
 
     def poll_request(self, submitted: Submitted) -> httpx.Request:
-        return httpx.Request("GET", submitted.polling_url, headers=self._headers())
+        return httpx.Request("GET", parsed_url(submitted.polling_url), headers=self._headers())
 
     def read_submitted(self, response: httpx.Response) -> Submitted:
         return responses.read_submitted(
