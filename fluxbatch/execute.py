@@ -308,6 +308,10 @@ class Executor:
                                     f"{r.describe_error(error)}") from None
                 await self._pause(self._backoff(connect_failures))
                 continue
+            except httpx.LocalProtocolError as error:  # refused before a byte was written
+                self.journal.not_sent(job)
+                raise JobFailed(f"the submit could not be sent: {r.describe_error(error)}") \
+                    from None
             except httpx.TransportError as error:
                 raise _Unknown(f"the submit may have reached the provider, but its answer was "
                                f"lost ({r.describe_error(error)})") from None

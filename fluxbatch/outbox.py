@@ -43,6 +43,10 @@ _TRANSPORT_ERRORS: dict[str, type[httpx.TransportError]] = {
                 httpx.ProtocolError)
 }
 
+# Errors raised before any byte of the request left (connect failures, and a request that
+# could not be framed): nothing was sent, so nothing can have been billed.
+_NOT_SENT = ("ConnectError", "ConnectTimeout", "PoolTimeout", "LocalProtocolError")
+
 
 # -- the child ------------------------------------------------------------------------------
 
@@ -78,12 +82,11 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
         try:
             response = await wire.send(request)
         except httpx.TransportError as error:
-            if not parent_alive[0] and type(error).__name__ not in ("ConnectError",
-                                                                    "ConnectTimeout"):
+            if type(error).__name__ in _NOT_SENT:
+                store.not_sent(output, key)
+            elif not parent_alive[0]:
                 store.ended(output, key, "unknown", f"the submit's answer was lost "
                             f"({type(error).__name__}) and the render process had gone")
-            elif type(error).__name__ in ("ConnectError", "ConnectTimeout", "PoolTimeout"):
-                store.not_sent(output, key)
             reply({"id": message["id"], "error": type(error).__name__, "message": str(error)})
             return
         _record(store, reader, output, key, response, parent_alive[0])

@@ -100,12 +100,19 @@ class _Connection(asyncio.Protocol):
                        timeouts: dict[str, float | None]) -> httpx.Response:
         url = request.url
         target = url.raw_path
-        event = h11.Request(method=request.method.encode(), target=target,
-                            headers=request.headers.raw)
-        data = self.h11.send(event) or b""
-        if body:
-            data += self.h11.send(h11.Data(data=body)) or b""
-        data += self.h11.send(h11.EndOfMessage()) or b""
+        # h11 refuses a request it cannot frame (a newline in a header value...) before a
+        # byte is written; the error is httpx's, as httpcore raises it.
+        try:
+            event = h11.Request(method=request.method.encode(), target=target,
+                                headers=request.headers.raw)
+            data = self.h11.send(event) or b""
+            if body:
+                data += self.h11.send(h11.Data(data=body)) or b""
+            data += self.h11.send(h11.EndOfMessage()) or b""
+        except h11.LocalProtocolError:
+            # (h11's message quotes the offending header value, which may be a key)
+            raise httpx.LocalProtocolError("the request cannot be sent as HTTP/1.1: a header "
+                                           "holds a forbidden character", request=request) from None
         assert self.transport is not None
         try:
             async with asyncio.timeout(timeouts.get("write")):
@@ -250,7 +257,8 @@ class Transport(httpx.AsyncBaseTransport):
             raise
 
     def _evict_idle(self) -> bool:
-        """Close the oldest idle connection to any origin, making room for a new one."""
+        """Close an idle connection (the longest idle of the first origin that has one),
+        making room for a new one."""
         for connections in self._idle.values():
             if connections:
                 connections.pop(0).close()
@@ -292,7 +300,7 @@ class Transport(httpx.AsyncBaseTransport):
             connection.close()
             raise httpx.ConnectTimeout(f"timed out connecting to {host}:{port}",
                                        request=request) from None
-        except (OSError, ssl.SSLError) as error:
+        except (OSError, ssl.SSLError, OverflowError, ValueError) as error:  # (port > 65535)
             connection.close()
             raise httpx.ConnectError(str(error) or type(error).__name__,
                                      request=request) from None

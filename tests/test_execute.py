@@ -435,6 +435,19 @@ def test_connection_refused_every_time_fails_without_paying() -> None:
     assert h.journal.of(0) == ["submitting", "not_sent", "submitting", "not_sent", "finished"]
 
 
+def test_a_submit_that_cannot_be_framed_fails_as_not_sent_and_is_not_retried(
+        h: Harness) -> None:
+    message = "the request cannot be sent as HTTP/1.1: a header holds a forbidden character"
+    h.api.submits["image 0"].append(httpx.LocalProtocolError(message))
+
+    [outcome] = h.run([make_job(0)])
+
+    assert (outcome.status, outcome.reason) == (
+        "failed", f"the submit could not be sent: LocalProtocolError: {message}")
+    assert len(h.api.posts()) == 1
+    assert h.journal.of(0) == ["submitting", "not_sent", "finished"]
+
+
 @pytest.mark.parametrize(("status", "detail", "reason"), [
     (401, "Not authenticated", "the provider refused the API key (HTTP 401: Not authenticated)"),
     (403, "Not authenticated - Invalid Authentication",

@@ -189,6 +189,37 @@ def test_unreadable_or_empty_key_file_is_a_config_error(tmp_path: Path) -> None:
                                 "is empty")
 
 
+@pytest.mark.parametrize("content", ["sk-first\nsecond line\n", "sk with space", "sk-\x00",
+                                     "sk-caf\u00e9"])
+def test_a_key_no_header_can_carry_is_refused_before_anything_is_sent_without_showing_it(
+        tmp_path: Path, content: str) -> None:
+    key_file = tmp_path / "key.txt"
+    key_file.write_text(content, encoding="utf-8")
+
+    with pytest.raises(ConfigError) as from_file:
+        build("bfl", {"BFL_API_KEY_FILE": str(key_file)})
+    with pytest.raises(ConfigError) as from_variable:
+        build("cometapi", {"COMETAPI_KEY": content})
+
+    assert str(from_file.value) == (
+        f"the API key in the file named by BFL_API_KEY_FILE ({key_file}) contains spaces, line "
+        "breaks or characters that are not printable ASCII; it should be the key alone")
+    assert str(from_variable.value).startswith("the API key in COMETAPI_KEY contains spaces")
+    assert "sk" not in str(from_file.value).replace(str(key_file), "")
+    assert "sk" not in str(from_variable.value)
+
+
+def test_a_key_file_that_is_not_text_is_a_config_error(tmp_path: Path) -> None:
+    key_file = tmp_path / "key.bin"
+    key_file.write_bytes(b"\xff\xfe\x00k")
+
+    with pytest.raises(ConfigError) as caught:
+        build("bfl", {"BFL_API_KEY_FILE": str(key_file)})
+
+    assert str(caught.value) == (f"cannot read the API key file named by BFL_API_KEY_FILE "
+                                 f"({key_file}): not UTF-8 text")
+
+
 def test_secret_never_shows_the_key() -> None:
     secret = Secret(KEY)
     renderings: list[Callable[[], str]] = [

@@ -102,21 +102,32 @@ def api_key(info: ProviderInfo, environ: Mapping[str, str]) -> Secret:
     assert info.key_env is not None and info.key_file_env is not None
     value = environ.get(info.key_env, "").strip()
     if value:
-        return Secret(value)
+        return _usable(value, info.key_env)
     key_file = environ.get(info.key_file_env, "").strip()
     if key_file:
         try:
             value = Path(key_file).expanduser().read_text(encoding="utf-8").strip()
-        except OSError as error:
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
             raise ConfigError(f"cannot read the API key file named by {info.key_file_env} "
-                              f"({key_file}): {error.strerror or error}") from None
+                              f"({key_file}): {reason or error}") from None
         if value:
-            return Secret(value)
+            return _usable(value, f"the file named by {info.key_file_env} ({key_file})")
         raise ConfigError(f"the API key file named by {info.key_file_env} ({key_file}) is empty")
     raise ConfigError(
         f"provider {info.name!r} needs an API key: set {info.key_env} (or {info.key_file_env} "
         "to a file holding it); the key is never read from the recipe"
     )
+
+
+def _usable(value: str, where: str) -> Secret:
+    """The key, if an HTTP header can carry it: printable ASCII, no spaces inside (a key file
+    with a second line, say, is refused here, before anything is sent). The message never
+    shows the key."""
+    if not value.isascii() or not value.isprintable() or any(c.isspace() for c in value):
+        raise ConfigError(f"the API key in {where} contains spaces, line breaks or characters "
+                          "that are not printable ASCII; it should be the key alone")
+    return Secret(value)
 
 
 def build(name: str, *, base_url: str | None, environ: Mapping[str, str],
