@@ -30,7 +30,7 @@ from fluxbatch.expand import Job
 from fluxbatch.pacing import Durations, Slots, retry_after
 from fluxbatch.providers import Polled, Provider, Submitted
 from fluxbatch.providers import responses as r
-from fluxbatch.transport import Wire
+from fluxbatch.transport import NOT_SENT, Wire
 
 # Outcome statuses
 WRITTEN = "written"
@@ -299,8 +299,11 @@ class Executor:
                 self.journal.submitting(job)  # until the answer comes, the outcome is unknown
             try:
                 response = await send(request)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
-                # The request never reached the server: safe to send again.
+            except httpx.LocalProtocolError as error:  # not sent, and sending again won't help
+                self.journal.not_sent(job)
+                raise JobFailed(f"the submit could not be sent: {r.describe_error(error)}") \
+                    from None
+            except NOT_SENT as error:  # the request never reached the server: send it again
                 self.journal.not_sent(job)
                 connect_failures += 1
                 if connect_failures >= self.settings.connect_attempts:
@@ -308,10 +311,6 @@ class Executor:
                                     f"{r.describe_error(error)}") from None
                 await self._pause(self._backoff(connect_failures))
                 continue
-            except httpx.LocalProtocolError as error:  # refused before a byte was written
-                self.journal.not_sent(job)
-                raise JobFailed(f"the submit could not be sent: {r.describe_error(error)}") \
-                    from None
             except httpx.TransportError as error:
                 raise _Unknown(f"the submit may have reached the provider, but its answer was "
                                f"lost ({r.describe_error(error)})") from None

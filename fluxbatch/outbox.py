@@ -32,7 +32,7 @@ import httpx
 
 from fluxbatch import providers
 from fluxbatch.providers import responses
-from fluxbatch.transport import Wire
+from fluxbatch.transport import NOT_SENT, Wire
 
 _TRANSPORT_ERRORS: dict[str, type[httpx.TransportError]] = {
     cls.__name__: cls
@@ -42,10 +42,6 @@ _TRANSPORT_ERRORS: dict[str, type[httpx.TransportError]] = {
                 httpx.UnsupportedProtocol, httpx.NetworkError, httpx.TimeoutException,
                 httpx.ProtocolError)
 }
-
-# Errors raised before any byte of the request left (connect failures, and a request that
-# could not be framed): nothing was sent, so nothing can have been billed.
-_NOT_SENT = ("ConnectError", "ConnectTimeout", "PoolTimeout", "LocalProtocolError")
 
 
 # -- the child ------------------------------------------------------------------------------
@@ -82,7 +78,7 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
         try:
             response = await wire.send(request)
         except httpx.TransportError as error:
-            if type(error).__name__ in _NOT_SENT:
+            if isinstance(error, NOT_SENT):
                 store.not_sent(output, key)
             elif not parent_alive[0]:
                 store.ended(output, key, "unknown", f"the submit's answer was lost "
