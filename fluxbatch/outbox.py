@@ -32,6 +32,7 @@ import httpx
 
 from fluxbatch import providers
 from fluxbatch.providers import responses
+from fluxbatch.state import Store
 from fluxbatch.transport import NOT_SENT, Wire
 
 _TRANSPORT_ERRORS: dict[str, type[httpx.TransportError]] = {
@@ -48,8 +49,6 @@ _TRANSPORT_ERRORS: dict[str, type[httpx.TransportError]] = {
 
 
 async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
-    from fluxbatch.state import Store
-
     hello = json.loads(await stdin.readline())
     root = Path(hello["root"])
     # Only reads responses, so it needs no key (and is given none).
@@ -104,7 +103,7 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
     store.close()
 
 
-def _record(store: Any, reader: providers.Provider, output: str, key: str,
+def _record(store: Store, reader: providers.Provider, output: str, key: str,
             response: httpx.Response, parent_alive: bool) -> None:
     if response.is_success:
         try:

@@ -14,15 +14,12 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fluxbatch import models, recipe
 from fluxbatch.errors import ConfigError, FluxbatchError, Problem, RecipeError
 from fluxbatch.expand import Job, Plan, expand
-from fluxbatch.state import Record
-
-if TYPE_CHECKING:
-    from fluxbatch.state import InFlight, Store
+from fluxbatch.state import InFlight, Record, Store
 
 NEW = "new"
 UP_TO_DATE = "up-to-date"

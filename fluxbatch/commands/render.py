@@ -12,21 +12,22 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from fluxbatch.commands.output import money, plural, table, values_text
-from fluxbatch.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from fluxbatch.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, StateError
 from fluxbatch.plan import (
     Options,
     Selection,
     check_budget,
+    classify,
     classify_with_store,
     load_plan,
     select,
 )
-from fluxbatch.state import MANIFEST, RootLock, Store, has_store, read_records
+from fluxbatch.state import MANIFEST, RootLock, Store, has_store, read_manifest, read_records
+from fluxbatch.write import clear_debris, write_manifest
 
 if TYPE_CHECKING:
     from fluxbatch.execute import Event, Executor
     from fluxbatch.render import Report
-from fluxbatch.write import clear_debris, write_manifest
 
 
 def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run: bool,
@@ -64,9 +65,6 @@ def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run
 
 
 def _manifest_readable(root: Any) -> bool:
-    from fluxbatch.errors import StateError
-    from fluxbatch.state import read_manifest
-
     try:
         return read_manifest(root) is not None
     except StateError:
@@ -197,8 +195,6 @@ def _print_report(report: Report, root: Any) -> None:
 
 def _dry_run(plan: Any, options: Options) -> int:
     """The same classification and selection as a real run; nothing is sent or written."""
-    from fluxbatch.plan import classify
-
     root = plan.recipe.output_root
     in_flight = {}
     if has_store(root):
