@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from fluxbatch import providers
 from fluxbatch.commands.output import money, plural, table, values_text
-from fluxbatch.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, StateError
+from fluxbatch.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError, StateError
 from fluxbatch.plan import (
     Options,
     Selection,
@@ -223,9 +224,6 @@ def _dry_run(plan: Any, options: Options) -> int:
 
 def _warn_if_no_key(plan: Any) -> None:
     """A dry run needs no key, but says if the real run would stop for want of one."""
-    from fluxbatch import providers
-    from fluxbatch.errors import ConfigError
-
     info = providers.REGISTRY[plan.recipe.provider.name]
     if info.key_env is None:
         return
