@@ -7,8 +7,10 @@ failure never cancels another. Retry rules (see README, "How requests are retrie
 
 - submit: 429 means "no free slot" — wait (Retry-After, else jittered exponential backoff)
   and resubmit, lowering the effective concurrency while 429s continue; a connection that
-  could not be opened is safe to retry; a 5xx, a reset connection or a read timeout may
-  already have been billed, so the job becomes *unknown* and is never re-sent blindly.
+  could not be opened is safe to retry; a request that cannot be framed (a forbidden
+  character in a header) was never sent, and fails; a 5xx, a reset connection or a read
+  timeout may already have been billed, so the job becomes *unknown* and is never re-sent
+  blindly.
 - poll and download (GETs): transient errors are retried with backoff.
 """
 
