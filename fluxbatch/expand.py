@@ -21,6 +21,7 @@ from fluxbatch.errors import PlanTooLargeError, Problem, RecipeError
 from fluxbatch.identity import SEED_MODULUS, KeyHasher, ObjectJson, canonical_json
 from fluxbatch.imagemeta import EXTENSIONS
 from fluxbatch.recipe import JobSpec, Recipe
+from fluxbatch.state import STATE_DIR
 from fluxbatch.templates import Template, TemplateProblem, compile_template, slug
 from fluxbatch.yamlsource import Path
 
@@ -439,8 +440,9 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
 def _plainly_safe(path: str) -> bool:
-    """A quick yes for the usual output path; anything unusual gets the full check."""
-    return bool(path) and path[0] not in "/ " and ".." not in path and "\\" not in path \
+    """A quick yes for the usual output path; anything unusual (a leading dot, which may be
+    the state directory) gets the full check."""
+    return bool(path) and path[0] not in "/ ." and ".." not in path and "\\" not in path \
         and "//" not in path and "./" not in path and ":" not in path \
         and "\x00" not in path and path[-1] not in "/."
 
@@ -457,6 +459,10 @@ def output_path_problem(path: str) -> str | None:
     parts = text.split("/")
     if ".." in parts:
         return f"output path {path!r} leaves the output root ('..')"
+    first = next((part for part in parts if part not in ("", ".")), "")
+    if first.casefold() == STATE_DIR:
+        return (f"output path {path!r} is inside {STATE_DIR}/, where fluxbatch keeps the "
+                "output root's state; images may not be written there")
     if text.endswith("/") or parts[-1] in ("", "."):
         return f"output path {path!r} names a directory, not a file"
     return None

@@ -19,7 +19,7 @@ from typing import Any
 from fluxbatch import models, recipe
 from fluxbatch.errors import ConfigError, FluxbatchError, Problem, RecipeError
 from fluxbatch.expand import Job, Plan, expand
-from fluxbatch.state import InFlight, Record, Store
+from fluxbatch.state import STATE_DIR, InFlight, Record, Store
 
 NEW = "new"
 UP_TO_DATE = "up-to-date"
@@ -64,30 +64,36 @@ def load_plan(path: str, *, out: str | None = None, yes: bool = False) -> Plan:
 
 
 def escape_problems(plan: Plan) -> list[Problem]:
-    """Outputs that would land outside the output root through a symbolic link (a linked
-    directory on the way, or a link where the file goes)."""
+    """Outputs that a symbolic link (a linked directory on the way, or a link where the file
+    goes) would send outside the output root, or into its state directory."""
     root = plan.recipe.output_root
     real_root = os.path.realpath(root)
-    inside: dict[str, bool] = {}
+    verdicts: dict[str, str | None] = {}
     problems = []
     for job in plan.jobs:
         parent = os.path.dirname(job.output)
-        if parent not in inside:
-            inside[parent] = _within(real_root, root / parent)
-        target = os.path.join(root, job.output)
-        if inside[parent] and not (os.path.islink(target)
-                                   and not _within(real_root, Path(target))):
+        if parent not in verdicts:
+            verdicts[parent] = _link_problem(real_root, root / parent)
+        problem = verdicts[parent]
+        target = root / job.output
+        if problem is None and os.path.islink(target):
+            problem = _link_problem(real_root, target)
+        if problem is None:
             continue
         spec = plan.recipe.job(job.job)
-        problems.append(plan.recipe.problem(
-            ("jobs", spec.index, "output"),
-            f"output path {job.output!r} leaves the output root through a symbolic link"))
+        problems.append(plan.recipe.problem(("jobs", spec.index, "output"),
+                                            f"output path {job.output!r} {problem}"))
     return problems
 
 
-def _within(real_root: str, path: Path) -> bool:
+def _link_problem(real_root: str, path: Path) -> str | None:
     real = os.path.realpath(path)
-    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        return "leaves the output root through a symbolic link"
+    if os.path.relpath(real, real_root).split(os.sep)[0].casefold() == STATE_DIR:
+        return f"leads into {STATE_DIR}/, the output root's state directory, through a " \
+            "symbolic link"
+    return None
 
 
 def classify(plan: Plan, records: Mapping[str, Record], *, verify: bool = False,

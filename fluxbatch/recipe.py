@@ -22,6 +22,13 @@ import yaml
 from fluxbatch import yamlsource
 from fluxbatch.errors import Problem, RecipeError
 from fluxbatch.models import did_you_mean
+from fluxbatch.project import (
+    MAX_RECIPE_BYTES,
+    Project,
+    ProjectFileError,
+    read_regular,
+    state_dir_problem,
+)
 from fluxbatch.providers import REGISTRY
 from fluxbatch.recipe_schema import (
     DEFAULT_MAX_JOBS,
@@ -114,10 +121,13 @@ def load(path: str | os.PathLike[str], *, output_root: str | None = None,
     in `Recipe.problems`, so the next stage can report its own problems in the same run.
     """
     filename = os.fspath(path)
-    try:
-        raw = FsPath(filename).read_bytes()
+    try:  # the operator named this file, so it may be anywhere; but no FIFO, no huge file
+        raw = read_regular(filename, limit=MAX_RECIPE_BYTES, name="the recipe")
     except OSError as error:
-        raise RecipeError([Problem(filename, None, None, "", _os_message(error))]) from None
+        message = error.strerror or str(error)
+        raise RecipeError([Problem(filename, None, None, "", message)]) from None
+    except ProjectFileError as error:
+        raise RecipeError([Problem(filename, None, None, "", str(error))]) from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -170,6 +180,7 @@ class _Builder:
     def __init__(self, path: FsPath, positions: Positions) -> None:
         self.path = path
         self.base = path.parent
+        self.project = Project.of_recipe(path)
         self.positions = positions
         self.problems: list[Problem] = []
 
@@ -201,10 +212,26 @@ class _Builder:
         )
 
     def output_root(self, from_command_line: str | None, from_recipe: str | None) -> FsPath:
-        """`--out` is relative to the working directory, `output_root:` to the recipe."""
+        """`--out` is relative to the working directory and may point anywhere (the operator
+        chose it); `output_root:` is relative to the recipe and stays inside its project."""
+        where: Path | None = None
         if from_command_line is not None:
-            return FsPath(from_command_line)
-        return self.base / from_recipe if from_recipe is not None else self.base
+            root, shown = FsPath(from_command_line), f"--out {from_command_line}"
+        elif from_recipe is not None:
+            where, shown = ("output_root",), from_recipe
+            try:
+                root = self.project.output_root(from_recipe)
+            except ProjectFileError as error:
+                self.problem(where, str(error))
+                return self.base / from_recipe
+        else:
+            root, shown = self.base, f"the output root {self.base} (the recipe's folder)"
+        problem = state_dir_problem(root, shown)
+        if problem is not None and where is not None:
+            self.problem(where, problem)
+        elif problem is not None:  # not written in the recipe: no line to point at
+            self.problems.append(Problem(self.positions.file, None, None, "", problem))
+        return root
 
     def provider(self, spec: str | dict[str, Any]) -> ProviderSpec:
         if isinstance(spec, str):
@@ -305,8 +332,7 @@ class _Builder:
         if isinstance(spec, list):
             return spec
         source = spec["from"]
-        target = self.base / source
-        suffix = target.suffix.lower()
+        suffix = FsPath(source).suffix.lower()
         where = (*path, "from")
         if "column" in spec:
             if suffix != ".csv":
@@ -375,11 +401,9 @@ class _Builder:
 
     def read(self, source: str, where: Path) -> str | None:
         try:
-            return (self.base / source).read_text(encoding="utf-8-sig")
-        except FileNotFoundError:
-            self.problem(where, f"file not found: {source} (relative to {self.base or '.'})")
-        except (OSError, UnicodeDecodeError) as error:
-            self.problem(where, f"cannot read {source}: {_os_message(error)}")
+            return self.project.read_text(source)
+        except ProjectFileError as error:
+            self.problem(where, str(error))
         return None
 
     def parse_data(self, text: str, source: str, where: Path) -> Any:
@@ -411,8 +435,3 @@ class _Builder:
             return _FAILED
         return data
 
-
-def _os_message(error: OSError | UnicodeDecodeError) -> str:
-    if isinstance(error, UnicodeDecodeError):
-        return f"not UTF-8 text (byte {error.start})"
-    return error.strerror or str(error)

@@ -378,7 +378,8 @@ def test_output_root_defaults_to_the_recipe_directory(tmp_path: Path) -> None:
 
 
 def test_output_root_key_is_relative_to_the_recipe(tmp_path: Path) -> None:
-    build_file_tree(tmp_path, {"r/recipe.yaml": recipe_text(
+    # (a git work tree around the recipe's folder, so `..` stays inside its project)
+    build_file_tree(tmp_path, {".git/HEAD": "ref: refs/heads/main\n", "r/recipe.yaml": recipe_text(
         "- {name: a, prompt: x}", HEAD + "output_root: ../renders\n")})
     assert recipe.load(tmp_path / "r" / "recipe.yaml").output_root == \
         tmp_path / "r" / ".." / "renders"
