@@ -5,34 +5,46 @@ The only async module. One `Executor.run` call handles a whole batch; the comman
 it once through `asyncio.run`. Each job ends in an `Outcome`, slotted by plan index; one job's
 failure never cancels another. Retry rules (see README, "How requests are retried"):
 
+- slow start: the run's first submit goes alone; the others wait until one was accepted, so a
+  bad key, an empty account or a dead host costs one request and one line, not one per image.
 - submit: 429 means "no free slot" — wait (Retry-After, else jittered exponential backoff)
   and resubmit, lowering the effective concurrency while 429s continue; a connection that
-  could not be opened is safe to retry; a request that cannot be framed (a forbidden
-  character in a header) was never sent, and fails; a 5xx, a reset connection or a read
-  timeout may already have been billed, so the job becomes *unknown* and is never re-sent
-  blindly.
+  could not be opened is safe to retry a few times, after which the host counts as
+  unreachable and the run stops; a request that cannot be framed (a forbidden character in a
+  header) was never sent, and fails; a 5xx, a reset connection or a read timeout may already
+  have been billed, so the job becomes *unknown* and is never re-sent blindly. 401, 403 and
+  402 stop the run.
 - poll and download (GETs): transient errors are retried with backoff.
+- a local fault (the disk is full, the state store cannot be written) stops the run; a task
+  already paid for stays recorded as in flight, so the next run collects it for free.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import functools
+import os
 import random
+import tempfile
 import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
 
 from fluxbatch import models
+from fluxbatch.errors import FluxbatchError
 from fluxbatch.expand import Job
+from fluxbatch.outbox import OutboxGone, Recovered
 from fluxbatch.pacing import Durations, Slots, retry_after
-from fluxbatch.providers import Polled, Provider, Submitted
+from fluxbatch.providers import KeyNotSent, Polled, Provider, Submitted
 from fluxbatch.providers import responses as r
-from fluxbatch.transport import NOT_SENT, Wire
+from fluxbatch.wire import MAX_IMAGE, NOT_SENT, BodyTooLarge, Wire
 
 # Outcome statuses
 WRITTEN = "written"
@@ -48,24 +60,31 @@ class Settings:
     account_cap: int = models.ACCOUNT_CONCURRENCY
     model_caps: Mapping[str, int] = field(default_factory=lambda: dict(models.MODEL_CONCURRENCY))
     first_poll: float = 0.5  # seconds after submitting
-    min_poll_interval: float = 0.05
-    max_poll_interval: float = 10.0
+    min_poll_interval: float = 0.1  # the floor, whatever progress predicts
+    max_poll_interval: float = 45.0  # a task stuck for 10 minutes: about 25 polls
+    poll_growth: float = 0.5  # without progress to go by, wait this share of the time so far
     task_timeout: float = 900.0  # per task, from submit to Ready
     rate_limit_timeout: float = 1800.0  # give up on a job after 429s for this long
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
-    connect_attempts: int = 5
+    connect_attempts: int = 3  # then the host counts as unreachable and the run stops
     get_attempts: int = 8
     not_found_attempts: int = 3
     download_grace: float = 10.0  # on Ctrl-C, how long in-flight downloads may finish
+    max_image: int = MAX_IMAGE  # bytes; a larger sample is refused as it streams in
 
 
 @dataclass(frozen=True, slots=True)
 class Image:
-    """A downloaded image, before it is written."""
+    """A downloaded image, spooled to a file, before it is written."""
 
-    data: bytes
+    path: Path
+    size: int
+    sha256: str
     content_type: str | None
+
+    def read(self) -> bytes:
+        return self.path.read_bytes()
 
 
 @dataclass(slots=True)
@@ -110,7 +129,8 @@ Sender = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
 
 class _Fatal(Exception):
-    """The provider refused the account itself (bad key, no credits): stop submitting."""
+    """The run cannot go on: the provider refused the account (bad key, no credits), the
+    host cannot be reached, or this machine cannot record results. Stop submitting."""
 
 
 class _Unknown(Exception):
@@ -118,7 +138,27 @@ class _Unknown(Exception):
 
 
 class JobFailed(Exception):
-    """A definite failure of one job (a writer raises it too, when a file cannot be made)."""
+    """A definite failure of one job (a writer raises it too, when the provider's bytes are
+    not a usable image)."""
+
+
+class _Oversized(JobFailed):
+    """The sample is over the size limit: a fresh URL would not make it smaller."""
+
+
+class LocalFault(Exception):
+    """This machine cannot store a result (a writer raises it: disk full, read-only folder).
+    The task stays in flight, so the next run collects it without paying again; when the
+    cause would hit every image (`stops_run`), the run stops submitting."""
+
+    def __init__(self, message: str, *, stops_run: bool = False) -> None:
+        super().__init__(message)
+        self.stops_run = stops_run
+
+    @classmethod
+    def from_os_error(cls, what: str, error: OSError) -> LocalFault:
+        run_wide = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+        return cls(f"{what}: {error.strerror or error}", stops_run=run_wide)
 
 
 class _Pending(Exception):
@@ -136,7 +176,8 @@ class Executor:
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None,
-                 submit_via: Callable[[Job], Sender] | None = None) -> None:
+                 submit_via: Callable[[Job], Sender] | None = None,
+                 spool: Path | None = None) -> None:
         self.provider = provider
         self.wire = wire
         self.journal = journal
@@ -149,6 +190,7 @@ class Executor:
         # How a paid submit is sent: by default over the wire; the render pipeline passes the
         # outbox, which commits each answer in the state store before returning it.
         self.submit_via = submit_via
+        self.spool = spool  # where downloads land before the writer reads them
         self.account = Slots(self.settings.account_cap)
         self.model_slots: dict[str, Slots] = {}
         self.durations = Durations()
@@ -157,6 +199,9 @@ class Executor:
         self.fatal: str | None = None
         self._downloading: set[asyncio.Task[Any]] = set()
         self._stop_event = asyncio.Event()
+        # Slow start: until one submit is accepted, submits go one at a time.
+        self._accepted = asyncio.Event()
+        self._probe = asyncio.Lock()
 
     def is_stopping(self) -> bool:
         return self.stopping
@@ -199,6 +244,23 @@ class Executor:
             outcomes[position] = await self._run_job(job, attach.get(job.key))
 
     async def _run_job(self, job: Job, earlier: Submitted | None) -> Outcome:
+        # Slow start: until one submit has been accepted, submits go one at a time (and wait
+        # for their turn before taking a slot, so that a probe waiting out a 429 gets its
+        # slot back): a bad key, an empty account or an unreachable host is then learned from
+        # one request, not from one per image.
+        probing = earlier is None and not self._accepted.is_set()
+        if probing:
+            await self._probe.acquire()
+            if self._accepted.is_set():
+                self._probe.release()
+                probing = False
+        try:
+            return await self._attempt(job, earlier, probing)
+        finally:
+            if probing and self._probe.locked():
+                self._probe.release()
+
+    async def _attempt(self, job: Job, earlier: Submitted | None, probing: bool) -> Outcome:
         outcome = Outcome(job, PENDING)
         slots = (self.account, self.model_slots[job.model])
         for slot in slots:
@@ -206,6 +268,9 @@ class Executor:
         try:
             if earlier is None:
                 outcome.submitted = await self._submit(job)
+                if probing:
+                    self._accepted.set()
+                    self._probe.release()
                 outcome.submitted_at = time.time()
                 self.journal.submitted(job, outcome.submitted, outcome.submitted_at)
                 self.on_event(Event("submitted", job, cost=outcome.submitted.cost))
@@ -218,7 +283,7 @@ class Executor:
         except JobFailed as error:
             outcome.status, outcome.reason = FAILED, str(error)
             return self._finish(outcome)
-        except _Fatal as error:
+        except (_Fatal, FluxbatchError) as error:  # (FluxbatchError: the journal failed)
             self.fatal = self.fatal or str(error)
             # A task refused while polling was submitted (maybe paid): keep it re-attachable.
             outcome.status = SKIPPED if outcome.submitted is None else PENDING
@@ -247,7 +312,12 @@ class Executor:
             outcome.reason = r.with_details(f"the task ended with status {polled.status!r}",
                                            polled.details)
             return self._finish(outcome)
-        self.journal.ready(job, polled)
+        try:
+            self.journal.ready(job, polled)
+        except FluxbatchError as error:
+            self.fatal = self.fatal or str(error)
+            outcome.status, outcome.reason = PENDING, str(error)
+            return self._finish(outcome)
         task = asyncio.ensure_future(self._download_and_write(job, outcome))
         self._downloading.add(task)
         try:
@@ -263,23 +333,38 @@ class Executor:
             self._downloading.discard(task)
 
     async def _download_and_write(self, job: Job, outcome: Outcome) -> Outcome:
+        image = None
         try:
             image = await self._download(job, outcome)
             outcome.written = await self.writer(job, image, outcome)
         except JobFailed as error:
             outcome.status, outcome.reason = FAILED, str(error)
             return self._finish(outcome)
-        except (_Pending, _Fatal) as error:  # from polling again for a fresh sample URL
-            if isinstance(error, _Fatal):
+        except LocalFault as error:  # paid and ready, but not storable here: collect it later
+            if error.stops_run:
+                self.fatal = self.fatal or str(error)
+            outcome.status = PENDING
+            outcome.reason = f"{error}; the task is recorded and the next run collects it " \
+                             "without paying again"
+            return self._finish(outcome)
+        except (_Pending, _Fatal, FluxbatchError) as error:  # a fresh poll, or the journal
+            if not isinstance(error, _Pending):
                 self.fatal = self.fatal or str(error)
             outcome.status, outcome.reason = PENDING, str(error)
             return self._finish(outcome)
+        finally:
+            if image is not None:
+                with contextlib.suppress(OSError):
+                    image.path.unlink()
         outcome.status = WRITTEN
         return self._finish(outcome)
 
     def _finish(self, outcome: Outcome) -> Outcome:
         outcome.finished_at = time.time()
-        self.journal.finished(outcome)
+        try:
+            self.journal.finished(outcome)
+        except FluxbatchError as error:
+            self.fatal = self.fatal or str(error)
         self.on_event(Event(outcome.status, outcome.job, outcome.reason,
                             outcome.submitted.cost if outcome.submitted else None))
         return outcome
@@ -301,6 +386,10 @@ class Executor:
                 self.journal.submitting(job)  # until the answer comes, the outcome is unknown
             try:
                 response = await send(request)
+            except Recovered as recovered:  # the outbox died after committing the answer
+                return recovered.submitted
+            except OutboxGone as error:
+                raise _Fatal(str(error)) from None
             except httpx.LocalProtocolError as error:  # not sent, and sending again won't help
                 self.journal.not_sent(job)
                 raise JobFailed(f"the submit could not be sent: {r.describe_error(error)}") \
@@ -309,11 +398,11 @@ class Executor:
                 self.journal.not_sent(job)
                 connect_failures += 1
                 if connect_failures >= self.settings.connect_attempts:
-                    raise JobFailed(f"cannot connect to {self.provider.base_url}: "
-                                    f"{r.describe_error(error)}") from None
+                    raise _Fatal(f"cannot reach {self.provider.base_url}: "
+                                 f"{r.describe_error(error)}{r.network_hint(error)}") from None
                 await self._pause(self._backoff(connect_failures))
                 continue
-            except httpx.TransportError as error:
+            except httpx.RequestError as error:  # it left: a reset, a timeout, a huge answer
                 raise _Unknown(f"the submit may have reached the provider, but its answer was "
                                f"lost ({r.describe_error(error)})") from None
             if response.status_code == 429:
@@ -336,7 +425,7 @@ class Executor:
                 await self.account.succeeded()
                 await self.model_slots[job.model].succeeded()
                 return submitted
-            refusal = _submit_error(response)
+            refusal = _submit_error(response, self.provider.info.key_env)
             if isinstance(refusal, JobFailed | _Fatal):
                 self.journal.not_sent(job)  # a 4xx: refused, nothing was created
             raise refusal
@@ -378,6 +467,7 @@ class Executor:
             # progress, an early first look tells exactly when to look again.)
             delay = max(delay, 0.9 * typical)
         not_found = 0
+        seen: tuple[float, float] | None = None  # (elapsed, progress) when progress last grew
         while True:
             if self.stopping:
                 raise _Pending("interrupted while waiting for the result; the task is recorded "
@@ -393,38 +483,51 @@ class Executor:
                     self.durations.add(job.model, elapsed)
                 return polled
             if polled.status == r.TASK_NOT_FOUND:
+                # Right after a submit, a regional cluster may not know the task yet; only
+                # answers in a row count (a Pending in between shows the task is alive).
                 not_found += 1
                 if not_found >= self.settings.not_found_attempts:
                     raise JobFailed(f"the provider no longer knows task {submitted.task_id} "
                                     "('Task not found'; results expire)")
                 delay = self._backoff(not_found)
                 continue
+            not_found = 0
             if elapsed > self.settings.task_timeout:
                 raise _Pending(f"still {polled.status!r} after {elapsed:.0f} s; the task is "
                                "recorded and a re-run picks it up without paying again")
-            delay = self._next_poll(job.model, elapsed, polled.progress)
+            progress = polled.progress
+            grew = progress is not None and 0.02 < progress < 1 and \
+                (seen is None or progress > seen[1])
+            delay = self._next_poll(job.model, elapsed, progress if grew else None, seen)
+            if grew:
+                assert progress is not None
+                seen = (elapsed, progress)
 
-    def _next_poll(self, model: str, elapsed: float, progress: float | None) -> float:
-        """When to look again. With progress reported, aim just past the predicted end;
-        otherwise back off geometrically (short tasks are seen quickly, long ones are not
-        polled needlessly)."""
+    def _next_poll(self, model: str, elapsed: float, progress: float | None,
+                   seen: tuple[float, float] | None) -> float:
+        """When to look again. With progress that grew since the last look, aim just past the
+        end its rate predicts; otherwise (no progress, or progress that stalls) back off
+        geometrically, so a long or stuck task is polled a few dozen times at most."""
         settings = self.settings
-        if progress is not None and 0.02 < progress < 1:
+        if progress is not None:
             self.reports_progress.add(model)
-            remaining = elapsed / progress - elapsed
-            # Just past the predicted end: a slot idles until the result is seen.
-            return min(max(remaining + 0.01, 0.01), settings.max_poll_interval)
+            since, before = seen if seen is not None else (0.0, 0.0)
+            rate = (progress - before) / max(elapsed - since, 1e-9)
+            delay = (1 - progress) / rate + 0.01  # just past the predicted end
         else:
             typical = self.durations.typical(model)
             if typical is not None and elapsed < typical:
                 delay = typical - elapsed + settings.min_poll_interval
             else:
-                delay = max(settings.min_poll_interval, elapsed * 0.25)
+                delay = elapsed * settings.poll_growth
         return min(max(delay, settings.min_poll_interval), settings.max_poll_interval)
 
     async def _get_poll(self, job: Job, submitted: Submitted) -> Polled:
-        response = await self._get(lambda: self.provider.poll_request(submitted), "poll",
-                                   job, pending_on_failure=True)
+        try:
+            build = functools.partial(self.provider.poll_request, submitted)
+            response = await self._get(build, "poll", job, pending_on_failure=True)
+        except KeyNotSent as error:
+            raise JobFailed(str(error)) from None
         try:
             return self.provider.read_polled(response)
         except r.BadResponse as error:
@@ -439,19 +542,64 @@ class Executor:
             if not sample:
                 raise JobFailed("the task is Ready but its result has no sample URL")
             try:
-                response = await self._get(functools.partial(httpx.Request, "GET", sample),
-                                           "download", job, pending_on_failure=False)
-            except JobFailed:
-                if attempt == 2:
+                return await self._fetch(job, sample)
+            except JobFailed as error:
+                if attempt == 2 or isinstance(error, _Oversized):
                     raise
                 # A signed URL expires (~10 minutes): ask for the result again.
                 outcome.polled = await self._get_poll(job, outcome.submitted)
                 if outcome.polled.status != r.READY:
                     raise JobFailed(f"the sample URL failed and the task is now "
                                     f"{outcome.polled.status!r}") from None
-                continue
-            return Image(response.content, response.headers.get("content-type"))
         raise AssertionError("unreachable")
+
+    async def _fetch(self, job: Job, sample: str) -> Image:
+        """The sample, streamed into a spool file (retried on transient failures)."""
+        try:
+            httpx.URL(sample)
+        except httpx.InvalidURL as error:
+            raise JobFailed(f"download: the provider gave an unusable URL ({error})") from None
+        attempts = self.settings.get_attempts
+        problem = ""
+        for attempt in range(1, attempts + 1):
+            try:
+                spool = tempfile.NamedTemporaryFile(  # noqa: SIM115 (kept past this block)
+                    dir=self.spool, prefix="download-", suffix=".part", delete=False)
+            except OSError as error:
+                raise LocalFault.from_os_error("cannot store a download", error) from None
+            path = Path(spool.name)
+            try:
+                with spool:
+                    done = await self.wire.download(httpx.Request("GET", sample), spool,
+                                                    limit=self.settings.max_image)
+            except BodyTooLarge as error:
+                os.unlink(path)
+                raise _Oversized(f"download failed: {error}") from None
+            except httpx.RequestError as error:  # transport, decoding, redirect loops
+                os.unlink(path)
+                problem = r.describe_error(error)
+            except OSError as error:  # writing the spool file
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                raise LocalFault.from_os_error("cannot store a download", error) from None
+            else:
+                response = done.response
+                if response.is_success:
+                    return Image(path, done.size, done.sha256,
+                                 response.headers.get("content-type"))
+                os.unlink(path)
+                problem = r.error_message(response)
+                if response.status_code not in (408, 425, 429) and response.status_code < 500:
+                    raise JobFailed(f"download failed: {problem}")
+                delay = retry_after(response)
+                if delay is not None:
+                    await self.sleep(delay)
+                    continue
+            if attempt < attempts:
+                self.on_event(Event("retry", job, f"download: {problem}"))
+                await self.sleep(self._backoff(attempt))
+        plural = "s" if attempts > 1 else ""
+        raise JobFailed(f"download failed after {attempts} attempt{plural}: {problem}")
 
     async def _get(self, build: Callable[[], httpx.Request], what: str, job: Job, *,
                    pending_on_failure: bool) -> httpx.Response:
@@ -477,10 +625,9 @@ class Executor:
                     return response
                 problem = r.error_message(response)
                 if response.status_code not in (408, 425, 429) and response.status_code < 500:
-                    if what == "download":
-                        raise JobFailed(f"download failed: {problem}")
                     if response.status_code in (401, 403):
-                        raise _Fatal(f"the provider refused the key while polling: {problem}")
+                        raise _Fatal(f"the provider refused the key while polling: {problem}"
+                                     f"{_check_key(self.provider.info.key_env)}")
                     attempts = attempt  # not worth repeating
                     break
                 delay = retry_after(response)
@@ -495,11 +642,12 @@ class Executor:
             raise _Pending(message + "; the task is recorded and a re-run picks it up")
         raise JobFailed(message)
 
-def _submit_error(response: httpx.Response) -> Exception:
+
+def _submit_error(response: httpx.Response, key_env: str | None) -> Exception:
     message = r.error_message(response)
     status = response.status_code
     if status in (401, 403):
-        return _Fatal(f"the provider refused the API key ({message})")
+        return _Fatal(f"the provider refused the API key ({message}){_check_key(key_env)}")
     if status == 402:
         return _Fatal(f"out of credits ({message})")
     if status >= 500:
@@ -508,3 +656,7 @@ def _submit_error(response: httpx.Response) -> Exception:
         return _Unknown(f"the provider answered {message}; the task may have been created "
                         "and billed")
     return JobFailed(f"rejected: {message}")
+
+
+def _check_key(key_env: str | None) -> str:
+    return f"; check the key in {key_env}" if key_env else ""

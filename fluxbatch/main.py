@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_arguments(p)
     p.add_argument("-j", "--jobs", type=_positive_int, metavar="N",
                    help="at most N tasks in flight (default: the provider's cap, 24)")
-    p.add_argument("--base-url", help="send requests here instead of the provider's default")
+    p.add_argument("--base-url", metavar="URL",
+                   help="send requests (and the API key) here instead of the provider's "
+                   "default; also BFL_BASE_URL / COMETAPI_BASE_URL")
     p.add_argument("--dry-run", action="store_true",
                    help="show what would be submitted and what it would cost; send nothing")
     p.add_argument("--force", action="store_true", help="re-render every selected image")
@@ -94,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", metavar="I/N", help="render only shard I of N (by job key)")
     p.add_argument("--timeout", type=_non_negative_float, metavar="SECONDS",
                    help="give up waiting for one task after this long (default 900)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or lines")
+    p.add_argument("--progress-every", type=_non_negative_float, default=5.0, metavar="SECONDS",
+                   help="without a terminal (CI), print a progress line this often "
+                   "(default 5; 0: none)")
+    p.add_argument("--json", action="store_true",
+                   help="print the outcome as one JSON object on stdout")
 
     p = sub.add_parser("status", help="count images by state, offline; exit 0 when up to date")
     _recipe_arguments(p)
@@ -199,7 +206,8 @@ def _render(args: argparse.Namespace) -> int:
                       shard=parse_shard(args.shard) if args.shard else None,
                       task_timeout=args.timeout)
     return render(recipe=args.recipe, out=args.out, yes=args.yes, options=options,
-                  dry_run=args.dry_run, quiet=args.quiet)
+                  dry_run=args.dry_run, quiet=args.quiet, as_json=args.json,
+                  progress_every=args.progress_every)
 
 
 def _status(args: argparse.Namespace) -> int:

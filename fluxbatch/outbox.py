@@ -13,6 +13,11 @@ pays again.)
 Protocol: JSON lines. The parent writes one `hello` line (database path, provider, base
 URL), then one line per request; the child answers each with the response (or the transport
 error's class and message), after committing it.
+
+The parent watches the child: if it dies, the parent hears of it at once (its pipe closes),
+settles each request it had handed over from what the store says (the answer was committed:
+the task is collected; "submitting" was committed: unknown; nothing: never sent, so safe to
+send again), and starts a new outbox for the next submit — a few times, then it stops the run.
 """
 
 from __future__ import annotations
@@ -25,15 +30,20 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from fluxbatch import providers
-from fluxbatch.providers import responses
-from fluxbatch.state import Store
-from fluxbatch.transport import NOT_SENT, Wire
+from fluxbatch.errors import FluxbatchError, StateError
+from fluxbatch.providers import Submitted, responses
+from fluxbatch.state import STATE_DIR, SUBMITTED, SUBMITTING, Store
+from fluxbatch.wire import NOT_SENT, Wire
+
+MAX_STARTS = 4  # an outbox that dies this often is not dying by accident: stop the run
+LOG = "outbox.log"  # in the state directory: what a dying outbox said
 
 _TRANSPORT_ERRORS: dict[str, type[httpx.TransportError]] = {
     cls.__name__: cls
@@ -68,15 +78,26 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
             parent_alive[0] = False
 
     async def handle(message: dict[str, Any], wire: Wire) -> None:
+        try:
+            await exchange(message, wire)
+        except Exception as error:  # never a stray traceback: the parent hears of it
+            print(f"outbox: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            reply({"id": message["id"], "error": "Outbox", "message": str(error)})
+
+    async def exchange(message: dict[str, Any], wire: Wire) -> None:
         output, key = message["output"], message["key"]
         request = httpx.Request(message["method"], message["url"], headers=message["headers"],
                                 content=base64.b64decode(message["body"]))
         # Recorded by the process that sends, just before sending: a request that never left
         # is never mistaken for one that may have been billed.
-        store.submitting(output, key, reader.info.name, reader.base_url)
+        try:
+            store.submitting(output, key, reader.info.name, reader.base_url)
+        except StateError as error:  # nothing was sent
+            reply({"id": message["id"], "error": "StateError", "message": str(error)})
+            return
         try:
             response = await wire.send(request)
-        except httpx.TransportError as error:
+        except httpx.RequestError as error:  # (a huge answer too: it was sent)
             if isinstance(error, NOT_SENT):
                 store.not_sent(output, key)
             elif not parent_alive[0]:
@@ -84,7 +105,11 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
                             f"({type(error).__name__}) and the render process had gone")
             reply({"id": message["id"], "error": type(error).__name__, "message": str(error)})
             return
-        _record(store, reader, output, key, response, parent_alive[0])
+        try:
+            _record(store, reader, output, key, response, parent_alive[0])
+        except StateError as error:
+            # Left as "submitting": the next run reports it unknown, never pays it again.
+            print(f"outbox: {error}", file=sys.stderr, flush=True)
         reply({"id": message["id"], "status": response.status_code,
                "headers": list(response.headers.multi_items()),
                "body": base64.b64encode(response.content).decode()})
@@ -135,31 +160,65 @@ def child_main() -> int:
 # -- the parent's side ----------------------------------------------------------------------
 
 
+class Recovered(Exception):  # (not an error: a result that came by another road)
+    """The outbox died after committing a submit's answer: here is the task it created."""
+
+    def __init__(self, submitted: Submitted) -> None:
+        super().__init__(submitted.task_id)
+        self.submitted = submitted
+
+
+class OutboxGone(FluxbatchError):
+    """The outbox process keeps dying: no submit can be sent with its answer recorded."""
+
+
+@dataclass(slots=True)
+class _Handed:
+    """A request handed to the child, waiting for its answer."""
+
+    answer: asyncio.Future[dict[str, Any]]
+    output: str
+    key: str
+    at: float  # time.time() when handed over
+
+
 class Outbox:
     """`send(request)` for paid requests, answered only after the child has committed."""
 
-    def __init__(self, root: Path, provider: providers.Provider, lock_fd: int | None) -> None:
+    def __init__(self, root: Path, provider: providers.Provider, lock_fd: int | None,
+                 store: Store) -> None:
         self.root = root
         self.provider = provider
         self.lock_fd = lock_fd
+        self.store = store  # the parent's own connection: to settle requests a dead child held
+        self.starts = 0
         self._process: asyncio.subprocess.Process | None = None
-        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._waiting: dict[int, _Handed] = {}
         self._next = 0
         self._reader: asyncio.Task[None] | None = None
+        self._closing = False
+        self._restart = asyncio.Lock()
+
+    @property
+    def log(self) -> Path:
+        return self.root / STATE_DIR / LOG
 
     async def start(self) -> None:
-        self._process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "fluxbatch.outbox",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            start_new_session=True, limit=64 * 1024 * 1024,
-            pass_fds=(self.lock_fd,) if self.lock_fd is not None else (),
-        )
+        self.starts += 1
+        with open(self.log, "ab") as log:  # (the child keeps its own copy of the descriptor)
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "fluxbatch.outbox",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
+                start_new_session=True, limit=64 * 1024 * 1024,
+                pass_fds=(self.lock_fd,) if self.lock_fd is not None else (),
+            )
         hello = {"root": str(self.root), "provider": self.provider.info.name,
                  "base_url": self.provider.base_url}
         await self._write(hello)
-        self._reader = asyncio.ensure_future(self._read())
+        self._reader = asyncio.ensure_future(self._read(self._process))
 
     async def close(self) -> None:
+        self._closing = True
         process = self._process
         if process is None:
             return
@@ -171,6 +230,22 @@ class Outbox:
             await asyncio.gather(self._reader, return_exceptions=True)
         self._process = None
 
+    def _running(self) -> bool:
+        process = self._process
+        return process is not None and process.returncode is None and \
+            process.stdin is not None and not process.stdin.is_closing()
+
+    async def _ensure_running(self) -> None:
+        """Start a new outbox if the last one died (a few times at most)."""
+        async with self._restart:
+            if self._running() or self._closing:
+                return
+            if self.starts >= MAX_STARTS:
+                raise OutboxGone(
+                    f"the outbox process (which sends every paid submit) died {self.starts} "
+                    f"times; stopping. Nothing was paid twice; see {self.log}, then run again")
+            await self.start()
+
     def sender(self, output: str, key: str) -> Callable[[httpx.Request],
                                                         Awaitable[httpx.Response]]:
         async def send(request: httpx.Request) -> httpx.Response:
@@ -179,22 +254,26 @@ class Outbox:
         return send
 
     async def send(self, request: httpx.Request, output: str, key: str) -> httpx.Response:
-        process = self._process
-        if process is None or process.returncode is not None or process.stdin is None \
-                or process.stdin.is_closing():
+        if not self._running():
+            await self._ensure_running()
+        if not self._running():  # (closing)
             # Nothing was handed over, so nothing was sent: as safe to retry as a refused
             # connection (and the executor treats it so).
             raise httpx.ConnectError("the outbox process is not running", request=request)
         self._next += 1
         ident = self._next
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiting[ident] = future
+        self._waiting[ident] = _Handed(future, output, key, time.time())
         await self._write({
             "id": ident, "output": output, "key": key, "method": request.method,
             "url": str(request.url), "headers": list(request.headers.multi_items()),
             "body": base64.b64encode(request.content).decode(),
         })
         answer = await asyncio.shield(future)
+        if "recovered" in answer:
+            raise Recovered(Submitted(**answer["recovered"]))
+        if answer.get("error") in ("StateError", "Outbox"):
+            raise StateError(answer["message"])
         if "error" in answer:
             error_class = _TRANSPORT_ERRORS.get(answer["error"], httpx.TransportError)
             raise error_class(answer["message"], request=request)
@@ -204,23 +283,35 @@ class Outbox:
     async def _write(self, message: dict[str, Any]) -> None:
         assert self._process is not None and self._process.stdin is not None
         self._process.stdin.write((json.dumps(message) + "\n").encode())
-        await self._process.stdin.drain()
+        with contextlib.suppress(ConnectionError):  # (a dead child: its reader settles it)
+            await self._process.stdin.drain()
 
-    async def _read(self) -> None:
-        assert self._process is not None and self._process.stdout is not None
+    async def _read(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
         while True:
-            line = await self._process.stdout.readline()
+            line = await process.stdout.readline()
             if not line:
-                break
+                break  # the child exited: finished (we closed its stdin), or died
             answer = json.loads(line)
-            future = self._waiting.pop(answer["id"], None)
-            if future is not None and not future.done():
-                future.set_result(answer)
-        for future in self._waiting.values():
-            if not future.done():
-                future.set_result({"error": "RemoteProtocolError",
-                                   "message": "the outbox process ended unexpectedly"})
+            handed = self._waiting.pop(answer["id"], None)
+            if handed is not None and not handed.answer.done():
+                handed.answer.set_result(answer)
+        for handed in self._waiting.values():
+            if not handed.answer.done():
+                handed.answer.set_result(self._settle(handed))
         self._waiting.clear()
+
+    def _settle(self, handed: _Handed) -> dict[str, Any]:
+        """The answer for a request the child held when it died, from what it committed."""
+        attempt = self.store.attempt(handed.output)
+        if attempt is not None and attempt.key == handed.key and attempt.updated_at >= handed.at:
+            if attempt.status == SUBMITTED and attempt.task_id and attempt.polling_url:
+                return {"recovered": {"task_id": attempt.task_id, "cost": attempt.cost,
+                                      "polling_url": attempt.polling_url}}
+            if attempt.status == SUBMITTING:
+                return {"error": "RemoteProtocolError",
+                        "message": "the outbox process died while sending it"}
+        return {"error": "ConnectError", "message": "the outbox process died before sending it"}
 
 
 if __name__ == "__main__":

@@ -98,6 +98,46 @@ class Record:
 
 
 
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """The latest attempt at one output path, as committed (for settling what a dead outbox
+    process held)."""
+
+    key: str
+    status: str
+    task_id: str | None
+    polling_url: str | None
+    cost: float | None
+    updated_at: float
+
+
+class _Connection(sqlite3.Connection):
+    """Every statement's failure as a `StateError` that says what to do: a full disk, a
+    read-only folder or a damaged file must end a run with one clear line, not a traceback."""
+
+    path: Path
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.Error as error:
+            raise state_error(self.path, error) from None
+
+    def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
+        try:
+            return super().executemany(sql, parameters)
+        except sqlite3.Error as error:
+            raise state_error(self.path, error) from None
+
+
+def state_error(path: Path, error: sqlite3.Error) -> StateError:
+    if isinstance(error, sqlite3.DatabaseError) and not isinstance(error, sqlite3.OperationalError):
+        return unreadable_store(path, error)  # damaged: malformed, not a database
+    return StateError(f"{path}: cannot record in the state store ({error}). Free some space "
+                      "or make the folder writable, then run again: what was recorded is kept, "
+                      "and nothing is paid twice.")
+
+
 class Store:
     """One output root's state. Open with `Store.open(root)`; close (or use `with`)."""
 
@@ -116,7 +156,9 @@ class Store:
             document = read_manifest(root)  # a damaged manifest stops us before anything exists
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(path, timeout=30, isolation_level=None)
+            connection = sqlite3.connect(path, timeout=30, isolation_level=None,
+                                         factory=_Connection)
+            connection.path = path
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=FULL")
             connection.execute(f"CREATE TABLE IF NOT EXISTS images ({_COLUMNS})")
@@ -125,6 +167,8 @@ class Store:
             found = connection.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
         except sqlite3.DatabaseError as error:
             raise unreadable_store(path, error) from None
+        except StateError:
+            raise
         except OSError as error:
             raise StateError(f"{path}: cannot open the state store: "
                              f"{error.strerror or error}") from None
@@ -171,7 +215,7 @@ class Store:
                 "FROM images"
             ).fetchall()
         except sqlite3.DatabaseError as error:  # a damaged page past the header
-            raise unreadable_store(self.root / STATE_DIR / DATABASE, error) from None
+            raise state_error(self.root / STATE_DIR / DATABASE, error) from None
         for row in rows:
             output, key, status, written_key, sha256, size, mtime_ns, reason, path = row
             records[output] = Record(key=key, status=status, written_key=written_key,
@@ -189,6 +233,11 @@ class Store:
             flight = InFlight(*row)
             found[flight.key] = flight
         return found
+
+    def attempt(self, output: str) -> Attempt | None:
+        row = self.db.execute("SELECT key, status, task_id, polling_url, cost, updated_at "
+                              "FROM images WHERE output = ?", (output,)).fetchone()
+        return None if row is None else Attempt(*row)
 
     def entries(self) -> list[dict[str, Any]]:
         """The manifest entries of every written image, by path."""
@@ -275,7 +324,9 @@ class Store:
         try:
             yield
         except BaseException:
-            self.db.execute("ROLLBACK")
+            # (SQLite may have rolled back by itself, on a full disk: then this one fails)
+            with contextlib.suppress(StateError):
+                self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
 

@@ -18,11 +18,13 @@ import httpx
 import pytest
 
 from fluxbatch import providers
+from fluxbatch.errors import StateError
 from fluxbatch.execute import (
     Event,
     Executor,
     Image,
     JobFailed,
+    LocalFault,
     Outcome,
     Settings,
 )
@@ -31,7 +33,7 @@ from fluxbatch.matrix import Combination
 from fluxbatch.providers import Polled, Secret, Submitted
 from fluxbatch.providers.bfl import Bfl
 from fluxbatch.providers.cometapi import CometApi
-from fluxbatch.transport import Wire
+from fluxbatch.wire import Wire
 
 BASE = "https://api.bfl.ai"
 POLL_BASE = "https://api.eu4.bfl.ai"  # a regional host, unlike the submit host
@@ -97,6 +99,10 @@ class FakeApi:
         self.report_progress = True
         self.tasks: dict[str, tuple[str, float]] = {}  # id → (prompt, submitted at)
         self.on_request: Callable[[httpx.Request], None] = lambda request: None
+        # Let other tasks run while a submit is "on the wire", as a real network would.
+        self.yield_on_submit = False
+        self.posts_open = 0
+        self.peak_posts_before_first_answer = 0
 
     def posts(self) -> list[httpx.Request]:
         return [q for q in self.requests if q.method == "POST"]
@@ -113,6 +119,14 @@ class FakeApi:
         self.on_request(request)
         if request.method == "POST":
             prompt = str(_json(request)["prompt"])
+            if self.yield_on_submit:
+                self.posts_open += 1
+                if not self.tasks:
+                    self.peak_posts_before_first_answer = max(
+                        self.peak_posts_before_first_answer, self.posts_open)
+                for _ in range(5):
+                    await asyncio.sleep(0)
+                self.posts_open -= 1
             return _reply(self.submits[prompt]) or self._accept(prompt)
         task_id = request.url.params.get("id") or request.url.params["task"]
         prompt, submitted = self.tasks[task_id]
@@ -160,21 +174,28 @@ def _reply(script: deque[Scripted]) -> httpx.Response | None:
 class FakeJournal:
     def __init__(self) -> None:
         self.calls: list[tuple[str, int, Any]] = []
+        self.broken_at: str | None = None  # this call raises, as a full disk would
+
+    def _record(self, name: str, index: int, detail: Any) -> None:
+        self.calls.append((name, index, detail))
+        if name == self.broken_at:
+            raise StateError("state.sqlite: cannot record in the state store (database or "
+                             "disk is full)")
 
     def of(self, index: int) -> list[str]:
         return [name for name, i, _ in self.calls if i == index]
 
     def submitting(self, job: Job) -> None:
-        self.calls.append(("submitting", job.index, None))
+        self._record("submitting", job.index, None)
 
     def not_sent(self, job: Job) -> None:
-        self.calls.append(("not_sent", job.index, None))
+        self._record("not_sent", job.index, None)
 
     def submitted(self, job: Job, submitted: Submitted, at: float) -> None:
-        self.calls.append(("submitted", job.index, submitted.task_id))
+        self._record("submitted", job.index, submitted.task_id)
 
     def ready(self, job: Job, polled: Polled) -> None:
-        self.calls.append(("ready", job.index, polled.reported_seed))
+        self._record("ready", job.index, polled.reported_seed)
 
     def finished(self, outcome: Outcome) -> None:
         self.calls.append(("finished", outcome.job.index, outcome.status))
@@ -184,11 +205,14 @@ class FakeWriter:
     def __init__(self) -> None:
         self.written: list[tuple[int, bytes, str | None]] = []
         self.failures: dict[int, str] = {}
+        self.faults: dict[int, LocalFault] = {}
 
     async def __call__(self, job: Job, image: Image, outcome: Outcome) -> Any:
         if job.index in self.failures:
             raise JobFailed(self.failures[job.index])
-        self.written.append((job.index, image.data, image.content_type))
+        if job.index in self.faults:
+            raise self.faults[job.index]
+        self.written.append((job.index, image.read(), image.content_type))
         return f"wrote {job.output}"
 
 
@@ -359,6 +383,20 @@ def test_task_not_found_once_then_ready_is_written(h: Harness) -> None:
     assert len(h.api.polls_of("task-1")) == 2
 
 
+def test_task_not_found_answers_count_only_in_a_row(h: Harness) -> None:
+    """A live, paid task that a regional cluster sometimes does not find is not given up
+    (the next run would pay for it again): a Pending in between resets the count."""
+    not_found = {"status": "Task not found"}
+    h.api.polls["image 0"].extend([not_found, not_found, pending(), not_found, not_found,
+                                   pending(), not_found])
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "written"
+    assert len(h.api.polls_of("task-1")) == 8
+    assert len(h.api.posts()) == 1
+
+
 # -- submit errors ------------------------------------------------------------------------------
 
 
@@ -424,15 +462,39 @@ def test_connection_refused_on_submit_is_retried_then_succeeds(h: Harness) -> No
     assert h.time.sleeps == [*backoffs(1.0, 2.0), 0.5]
 
 
-def test_connection_refused_every_time_fails_without_paying() -> None:
+def test_unreachable_host_stops_the_run_after_a_few_tries_of_one_submit() -> None:
     h = Harness(settings=Settings(connect_attempts=2))
     h.api.submits["image 0"].extend([httpx.ConnectError("Connection refused")] * 2)
 
+    outcomes = h.run([make_job(i) for i in range(5)])
+
+    reason = f"cannot reach {BASE}: ConnectError: Connection refused"
+    assert [(o.status, o.reason) for o in outcomes] == [("skipped", reason)] * 5
+    assert len(h.api.posts()) == 2  # the first submit's two tries; nobody else tried
+    assert h.journal.of(0) == ["submitting", "not_sent", "submitting", "not_sent", "finished"]
+    assert h.journal.of(1) == ["finished"]
+
+
+def test_unresolvable_host_says_whether_a_proxy_is_in_use(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    h = Harness(settings=Settings(connect_attempts=1))
+    failure = "Cannot connect to host api.bfl.ai:443 [Name or service not known]"
+    h.api.submits["image 0"].append(httpx.ConnectError(failure))
+
     [outcome] = h.run([make_job(0)])
 
-    assert (outcome.status, outcome.reason) == (
-        "failed", f"cannot connect to {BASE}: ConnectError: Connection refused")
-    assert h.journal.of(0) == ["submitting", "not_sent", "submitting", "not_sent", "finished"]
+    assert outcome.reason == (
+        f"cannot reach {BASE}: ConnectError: {failure} (no proxy is set: if this network needs "
+        "one, set HTTPS_PROXY, and NO_PROXY for the hosts to reach directly)")
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    h = Harness(settings=Settings(connect_attempts=1))
+    h.api.submits["image 0"].append(httpx.ConnectError(failure))
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.reason == (f"cannot reach {BASE}: ConnectError: {failure} (through the "
+                              "proxy in HTTPS_PROXY; check it)")
 
 
 def test_a_submit_that_cannot_be_framed_fails_as_not_sent_and_is_not_retried(
@@ -449,21 +511,50 @@ def test_a_submit_that_cannot_be_framed_fails_as_not_sent_and_is_not_retried(
 
 
 @pytest.mark.parametrize(("status", "detail", "reason"), [
-    (401, "Not authenticated", "the provider refused the API key (HTTP 401: Not authenticated)"),
+    (401, "Not authenticated", "the provider refused the API key (HTTP 401: Not authenticated); "
+     "check the key in BFL_API_KEY"),
     (403, "Not authenticated - Invalid Authentication",
-     "the provider refused the API key (HTTP 403: Not authenticated - Invalid Authentication)"),
+     "the provider refused the API key (HTTP 403: Not authenticated - Invalid Authentication); "
+     "check the key in BFL_API_KEY"),
     (402, "Insufficient credits", "out of credits (HTTP 402: Insufficient credits)"),
 ])
-def test_account_refusal_stops_all_submits_and_skips_the_rest(
+def test_account_refusal_of_the_first_submit_stops_the_run_after_one_request(
         status: int, detail: str, reason: str) -> None:
-    h = Harness(settings=Settings(account_cap=1))
+    h = Harness()  # 24 slots: only slow start keeps the others from sending
+    h.api.yield_on_submit = True
     h.api.submits["image 0"].append(error(status, detail))
 
-    outcomes = h.run([make_job(i) for i in range(4)])
+    outcomes = h.run([make_job(i) for i in range(30)])
 
-    assert [(o.status, o.reason) for o in outcomes] == [("skipped", reason)] * 4
+    assert [(o.status, o.reason) for o in outcomes] == [("skipped", reason)] * 30
     assert len(h.api.posts()) == 1
     assert h.journal.of(0) == ["submitting", "not_sent", "finished"]
+
+
+def test_first_submit_goes_alone_and_the_rest_follow_once_it_is_accepted() -> None:
+    h = Harness()
+    h.api.yield_on_submit = True
+    accepted_before: list[int] = []
+
+    def count(request: httpx.Request) -> None:
+        if request.method == "POST":
+            accepted_before.append(len(h.api.tasks))
+
+    h.api.on_request = count
+
+    outcomes = h.run([make_job(i) for i in range(10)])
+
+    assert statuses(outcomes) == ["written"] * 10
+    assert accepted_before[0] == 0 and min(accepted_before[1:]) == 1
+    assert h.api.peak_posts_before_first_answer == 1
+
+
+def test_a_refused_first_submit_hands_the_probe_to_the_next(h: Harness) -> None:
+    h.api.submits["image 0"].append(httpx.Response(422, json={"detail": "prompt: bad"}))
+
+    outcomes = h.run([make_job(i) for i in range(3)])
+
+    assert statuses(outcomes) == ["failed", "written", "written"]
 
 
 def test_validation_error_fails_that_job_with_the_detail_and_others_go_on(h: Harness) -> None:
@@ -600,7 +691,7 @@ def test_key_refused_while_polling_leaves_the_paid_task_pending_and_stops_submit
     outcomes = h.run([make_job(0), make_job(1)])
 
     reason = ("the provider refused the key while polling: HTTP 403: "
-              "Not authenticated - Invalid Authentication")
+              "Not authenticated - Invalid Authentication; check the key in BFL_API_KEY")
     assert [(o.status, o.reason) for o in outcomes] == [("pending", reason), ("skipped", reason)]
     assert len(h.api.posts()) == 1
 
@@ -612,6 +703,147 @@ def test_writer_failure_fails_that_job_only(h: Harness) -> None:
 
     assert [(o.status, o.reason) for o in outcomes] == [
         ("failed", "cannot write out/0.png: No space left on device"), ("written", None)]
+
+
+def test_a_full_disk_leaves_the_paid_task_in_flight_and_stops_the_run() -> None:
+    h = Harness(settings=Settings(account_cap=1))
+    message = "cannot write out/0.png: No space left on device"
+    h.writer.faults[0] = LocalFault(message, stops_run=True)
+
+    outcomes = h.run([make_job(i) for i in range(6)])
+
+    assert (outcomes[0].status, outcomes[0].reason) == (
+        "pending", f"{message}; the task is recorded and the next run collects it without "
+        "paying again")
+    # (the next image may be on its way while the first is written; no more after that)
+    assert [(o.status, o.reason) for o in outcomes[2:]] == [("skipped", message)] * 4
+    assert h.executor is not None and h.executor.fatal == message
+    assert len(h.api.posts()) <= 2
+
+
+def test_a_local_fault_of_one_image_leaves_it_in_flight_and_the_run_goes_on(h: Harness) -> None:
+    h.writer.faults[0] = LocalFault("cannot write out/0.png: Is a directory")
+
+    outcomes = h.run([make_job(i) for i in range(2)])
+
+    assert statuses(outcomes) == ["pending", "written"]
+    assert h.journal.of(0)[-1] == "finished"  # (finished as pending: stays re-attachable)
+
+
+@pytest.mark.parametrize("broken", ["submitting", "submitted", "ready"])
+def test_a_state_store_that_cannot_record_stops_the_run(broken: str) -> None:
+    h = Harness(settings=Settings(account_cap=1))
+    h.journal.broken_at = broken
+
+    outcomes = h.run([make_job(i) for i in range(3)])
+
+    reason = "state.sqlite: cannot record in the state store (database or disk is full)"
+    assert outcomes[0].reason == reason
+    assert [o.status for o in outcomes[1:]] == ["skipped", "skipped"]
+    assert h.executor is not None and h.executor.fatal == reason
+    assert len(h.api.posts()) == (0 if broken == "submitting" else 1)
+
+
+# -- where the key goes --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("polling_url", "reason"), [
+    ("https://collector.example/v1/get_result?id=task-1",
+     "the provider named https://collector.example for this task, which is not bfl's own host; "
+     "the API key is not sent there"),
+    ("http://api.eu4.bfl.ai/v1/get_result?id=task-1",
+     "http://api.eu4.bfl.ai is plain http, which would expose the API key"),
+    ("https://bfl.ai.collector.example/v1/get_result?id=task-1",
+     "the provider named https://bfl.ai.collector.example for this task, which is not bfl's own "
+     "host; the API key is not sent there"),
+])
+def test_a_polling_url_off_the_providers_hosts_gets_no_key_and_the_task_fails(
+        h: Harness, polling_url: str, reason: str) -> None:
+    h.api.submits["image 0"].append(httpx.Response(200, json={
+        "id": "task-1", "polling_url": polling_url, "cost": 4.0}))
+    h.api.tasks["task-1"] = ("image 0", h.time.now)
+
+    outcomes = h.run([make_job(0), make_job(1)])
+
+    assert [(o.status, o.reason) for o in outcomes] == [("failed", reason), ("written", None)]
+    assert [q.url.host for q in h.api.requests if q.method == "GET"] == [
+        "api.eu4.bfl.ai", "delivery.eu2.bfl.ai"]  # image 1's poll and download only
+
+
+def test_polling_urls_on_bfl_clusters_and_the_base_origin_carry_the_key(h: Harness) -> None:
+    for index, url in enumerate([f"{BASE}/v1/get_result?id=task-1",
+                                 "https://api.us1.bfl.ai/v1/get_result?id=task-2"]):
+        h.api.submits[f"image {index}"].append(httpx.Response(200, json={
+            "id": f"task-{index + 1}", "polling_url": url}))
+        h.api.tasks[f"task-{index + 1}"] = (f"image {index}", h.time.now)
+
+    outcomes = h.run([make_job(0), make_job(1)])
+
+    assert statuses(outcomes) == ["written", "written"]
+    polls = [q for q in h.api.requests if q.url.path == "/v1/get_result"]
+    assert {q.url.host for q in polls} == {"api.bfl.ai", "api.us1.bfl.ai"}
+    assert all(q.headers["x-key"] == KEY for q in polls)
+
+
+# -- hostile or broken answers -----------------------------------------------------------------
+
+
+def test_a_deeply_nested_submit_answer_is_unknown_not_a_crash(h: Harness) -> None:
+    h.api.submits["image 0"].append(httpx.Response(200, content=b"[" * 100_000))
+
+    outcomes = h.run([make_job(0), make_job(1)])
+
+    assert [(o.status, o.reason) for o in outcomes] == [
+        ("unknown", "HTTP 200: the JSON body is nested too deeply to read"), ("written", None)]
+
+
+def test_a_deeply_nested_poll_answer_is_retried_by_the_next_run(h: Harness) -> None:
+    h.api.polls["image 0"].append(httpx.Response(200, content=b"[" * 100_000))
+
+    [outcome] = h.run([make_job(0)])
+
+    assert (outcome.status, outcome.reason) == (
+        "pending", "unreadable poll answer (HTTP 200: the JSON body is nested too deeply to "
+        "read); a re-run retries")
+
+
+@pytest.mark.parametrize(("reply", "reason"), [
+    (httpx.Response(422, content=b"\x89PNG\r\n\x1a\n" + bytes(2040),
+                    headers={"content-type": "image/png"}),
+     "rejected: HTTP 422: (a 2,048-byte image/png body)"),
+    (httpx.Response(400, content=bytes(range(256)) * 4),
+     "rejected: HTTP 400: (a 1,024-byte binary body)"),
+    (httpx.Response(400, json={"detail": "bad \x1b[31mred\x1b[0m\x07 prompt"}),
+     "rejected: HTTP 400: bad [31mred [0m prompt"),
+])
+def test_binary_and_control_characters_in_an_error_never_reach_the_terminal(
+        h: Harness, reply: httpx.Response, reason: str) -> None:
+    h.api.submits["image 0"].append(reply)
+
+    [outcome] = h.run([make_job(0)])
+
+    assert (outcome.status, outcome.reason) == ("failed", reason)
+
+
+def test_a_sample_over_the_size_limit_is_refused_as_it_streams_in() -> None:
+    h = Harness(settings=Settings(max_image=1000))
+    h.api.downloads["image 0"].append(httpx.Response(200, content=b"x" * 5000))
+
+    outcomes = h.run([make_job(0), make_job(1)])
+
+    assert [(o.status, o.reason) for o in outcomes] == [
+        ("failed", "download failed: the image is larger than 1,000 bytes"), ("written", None)]
+    assert len(h.api.downloads_made()) == 2  # no retry for image 0
+
+
+def test_a_poll_answer_over_a_mebibyte_is_not_read_whole(h: Harness) -> None:
+    h.api.polls["image 0"].extend([httpx.Response(200, content=b" " * (2 << 20))] * 8)
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "pending"
+    assert outcome.reason == ("poll failed after 8 attempts: BodyTooLarge: the answer is "
+                              "larger than 1 MiB; the task is recorded and a re-run picks it up")
 
 
 # -- rate limits ---------------------------------------------------------------------------
@@ -738,10 +970,35 @@ def test_without_progress_the_poll_interval_backs_off() -> None:
     sleeps = h.time.sleeps
     assert sleeps[0] == 0.5
     for index in range(1, len(sleeps)):
-        expected = min(10.0, max(0.05, 0.25 * sum(sleeps[:index])))
+        expected = min(45.0, max(0.1, 0.5 * sum(sleeps[:index])))
         assert sleeps[index] == pytest.approx(expected)
     assert sleeps[1:] == sorted(sleeps[1:])
-    assert len(h.api.polls_of("task-1")) == len(sleeps) == 20  # 60 at a fixed 0.5 s
+    assert len(h.api.polls_of("task-1")) == len(sleeps) == 12  # 60 at a fixed 0.5 s
+
+
+@pytest.mark.parametrize("progress", [None, 0.0, 0.5, 0.99])
+def test_a_task_stuck_for_ten_minutes_is_polled_about_thirty_times_at_most(
+        progress: float | None) -> None:
+    h = Harness(settings=Settings(task_timeout=600.0))
+    h.api.polls["image 0"].extend([pending(progress)] * 1000)
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "pending"
+    assert outcome.reason is not None and outcome.reason.startswith("still 'Pending' after 6")
+    assert len(h.api.polls_of("task-1")) <= 30
+
+
+def test_progress_that_creeps_is_polled_by_its_rate_not_every_few_milliseconds() -> None:
+    h = Harness(settings=Settings(task_timeout=600.0))
+    creeping = [pending(0.99 + i * 0.0001) for i in range(1, 99)]
+    h.api.polls["image 0"].extend(creeping)
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status in ("pending", "written")
+    assert all(sleep >= 0.1 for sleep in h.time.sleeps)
+    assert len(h.api.polls_of("task-1")) <= 30
 
 
 # -- stopping and re-attaching ---------------------------------------------------------------

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
+import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
@@ -27,59 +30,77 @@ from fluxbatch.state import MANIFEST, RootLock, Store, has_store, read_manifest,
 from fluxbatch.write import clear_debris, write_manifest
 
 if TYPE_CHECKING:
-    from fluxbatch.execute import Event, Executor
+    from fluxbatch.execute import Event, Executor, Outcome
+    from fluxbatch.expand import Plan
+    from fluxbatch.providers import Provider
     from fluxbatch.render import Report
 
 
 def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run: bool,
-           quiet: bool) -> int:
+           quiet: bool, as_json: bool = False, progress_every: float = 5.0) -> int:
     plan = load_plan(recipe, out=out, yes=yes)
     root = plan.recipe.output_root
     if dry_run:
         return _dry_run(plan, options)
-    root.mkdir(parents=True, exist_ok=True)
-    with RootLock(root) as lock, Store.open(root) as store:
-        store.claim_root(plan.recipe.name)
-        clear_debris(root)
-        if store.is_empty() and not (root / MANIFEST).exists():
-            store.adopt(plan.jobs)  # the store and manifest were lost: read the images
-        classified = classify_with_store(plan, store, options)
-        selection = select(classified, store.in_flight(), options, plan.recipe.provider.name)
-        check_budget(selection, options.budget)
-        if not selection.jobs:
-            _print_nothing_to_do(selection)
-            if not _manifest_readable(root):
-                write_manifest(plan.recipe, store.entries())  # missing or damaged: from the store
-            held = selection.held_unknown or selection.held_moderated
-            return EXIT_FAILED if held else EXIT_OK
-        # Only now, with work to do, load the network half (httpx, the executor).
-        from fluxbatch.render import provider_for
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with RootLock(root) as lock, Store.open(root) as store:
+            store.claim_root(plan.recipe.name)
+            clear_debris(root)
+            if store.is_empty() and not (root / MANIFEST).exists():
+                store.adopt(plan.jobs)  # the store and manifest were lost: read the images
+            classified = classify_with_store(plan, store, options)
+            selection = select(classified, store.in_flight(), options, plan.recipe.provider.name)
+            check_budget(selection, options.budget)
+            if not selection.jobs:
+                return _nothing_to_do(plan, selection, store, as_json)
+            # Only now, with work to do, load the network half (httpx, the executor).
+            from fluxbatch.render import provider_for
 
-        with provider_for(plan, options, os.environ) as provider:
-            progress = _Progress(selection, quiet=quiet)
-            report = _run(plan, selection, store, provider, options, progress, lock)
-            progress.close()
-    _print_report(report, root)
-    if report.interrupted:
-        return EXIT_INTERRUPTED
-    return EXIT_OK if report.ok else EXIT_FAILED
+            with provider_for(plan, options, os.environ) as provider:
+                progress = _Progress(selection, quiet=quiet, every=progress_every)
+                report = _run(plan, selection, store, provider, options, progress, lock)
+                progress.close()
+    except OSError as error:  # the output root itself: read-only, gone, not a folder
+        raise StateError(f"cannot use the output root {root}: {error.strerror or error}") \
+            from None
+    code = EXIT_INTERRUPTED if report.interrupted else EXIT_OK if report.ok else EXIT_FAILED
+    if as_json:
+        print(json.dumps(_summary(plan, report, code), ensure_ascii=False))
+    _print_report(report, root, out=sys.stderr if as_json else sys.stdout)
+    return code
 
 
-def _manifest_readable(root: Any) -> bool:
+def _nothing_to_do(plan: Plan, selection: Selection, store: Store, as_json: bool) -> int:
+    root = plan.recipe.output_root
+    if not _manifest_readable(root):
+        write_manifest(plan.recipe, store.entries())  # missing or damaged: from the store
+    held = selection.held_unknown or selection.held_moderated
+    code = EXIT_FAILED if held else EXIT_OK
+    if as_json:
+        from fluxbatch.render import Report
+
+        print(json.dumps(_summary(plan, Report(selection, []), code), ensure_ascii=False))
+    _print_nothing_to_do(selection, out=sys.stderr if as_json else sys.stdout)
+    return code
+
+
+def _manifest_readable(root: Path) -> bool:
     try:
         return read_manifest(root) is not None
     except StateError:
         return False
 
 
-def _run(plan: Any, selection: Selection, store: Store, provider: Any, options: Options,
-         progress: _Progress, lock: RootLock) -> Report:
+def _run(plan: Plan, selection: Selection, store: Store, provider: Provider,
+         options: Options, progress: _Progress, lock: RootLock) -> Report:
     from fluxbatch.render import Report, execute, settings_for
 
     settings = settings_for(plan, options)
     interrupted = [False]
+    running: list[Executor] = []
 
-    async def main() -> list[Any]:
+    async def main() -> list[Outcome]:
         loop = asyncio.get_running_loop()
         current = asyncio.current_task()
 
@@ -94,13 +115,16 @@ def _run(plan: Any, selection: Selection, store: Store, provider: Any, options: 
                            "recorded and picked up by the next run (Ctrl-C again to quit now)")
 
         def started(executor: Executor) -> None:
+            running.append(executor)
             loop.add_signal_handler(signal.SIGINT, on_interrupt, executor)
             loop.add_signal_handler(signal.SIGTERM, on_interrupt, executor)
 
+        ticker = asyncio.ensure_future(progress.tick_every())
         try:
             return await execute(plan, selection, store, provider, settings, progress.event,
                                  started, lock=lock)
         finally:
+            ticker.cancel()
             loop.remove_signal_handler(signal.SIGINT)
             loop.remove_signal_handler(signal.SIGTERM)
 
@@ -109,38 +133,60 @@ def _run(plan: Any, selection: Selection, store: Store, provider: Any, options: 
     except asyncio.CancelledError:
         outcomes = []
         interrupted[0] = True
-    return Report(selection, outcomes, interrupted=interrupted[0])
+    fatal = running[0].fatal if running else None
+    return Report(selection, outcomes, interrupted=interrupted[0], fatal=fatal)
 
 
 class _Progress:
-    """A tqdm bar fed by the executor's events; silent when stdout is not a terminal."""
+    """How a render goes, fed by the executor's events: a tqdm bar on a terminal; without one
+    (CI logs), one plain line every `every` seconds; nothing with `-q`. The count is of
+    images finished (written, failed, moderated or unknown), never of images skipped."""
 
-    def __init__(self, selection: Selection, *, quiet: bool) -> None:
+    def __init__(self, selection: Selection, *, quiet: bool, every: float) -> None:
         self.counts: Counter[str] = Counter()
-        self.cost = 0.0
-        self.enabled = not quiet and sys.stderr.isatty()
-        self.bar = tqdm(total=len(selection.jobs), unit="img", disable=not self.enabled,
+        self.total = len(selection.jobs)
+        self.estimate = selection.estimated_usd()
+        self.spent: float | None = None
+        self.every = every
+        self.bar_shown = not quiet and sys.stderr.isatty()
+        self.lines_shown = not quiet and not self.bar_shown and every > 0
+        self.started = time.monotonic()
+        self.bar = tqdm(total=self.total, unit="img", disable=not self.bar_shown,
                         file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
 
     def event(self, event: Event) -> None:
         if event.kind == "submitted":
             self.counts["in flight"] += 1
             if event.cost is not None:
-                self.cost += event.cost / 100
-        elif event.kind in ("written", "moderated", "failed", "unknown", "pending", "skipped"):
+                self.spent = (self.spent or 0.0) + event.cost / 100
+        elif event.kind in FINISHED or event.kind in ("pending", "skipped"):
             if event.kind != "skipped" and self.counts["in flight"]:
                 self.counts["in flight"] -= 1
             self.counts[event.kind] += 1
-            self.bar.update(1)
+            if event.kind in FINISHED:
+                self.bar.update(1)
         else:
             return
-        self.bar.set_postfix_str(
-            f"done {self.counts['written']}, in flight {self.counts['in flight']}, "
-            f"failed {self.counts['failed'] + self.counts['unknown']}, "
-            f"{money(self.cost)}", refresh=False)
+        self.bar.set_postfix_str(self.status(), refresh=False)
+
+    def status(self) -> str:
+        spent = "not reported" if self.spent is None else money(self.spent)
+        of = f" of ~{money(self.estimate)}" if self.estimate else ""
+        return (f"done {self.counts['written']:,}, in flight {self.counts['in flight']:,}, "
+                f"failed {self.counts['failed'] + self.counts['unknown']:,}, spent {spent}{of}")
+
+    async def tick_every(self) -> None:
+        if not self.lines_shown:
+            return
+        while True:
+            await asyncio.sleep(self.every)
+            finished = sum(self.counts[kind] for kind in FINISHED)
+            elapsed = int(time.monotonic() - self.started)
+            print(f"fluxbatch: {finished:,}/{self.total:,} images, {self.status()} "
+                  f"({elapsed // 60}m{elapsed % 60:02d}s)", file=sys.stderr, flush=True)
 
     def write(self, message: str) -> None:
-        if self.enabled:
+        if self.bar_shown:
             self.bar.write(message, file=sys.stderr)
         else:
             print(message, file=sys.stderr)
@@ -149,9 +195,13 @@ class _Progress:
         self.bar.close()
 
 
-def _print_nothing_to_do(selection: Selection) -> None:
+FINISHED = ("written", "moderated", "failed", "unknown")
+
+
+def _print_nothing_to_do(selection: Selection, out: TextIO = sys.stdout) -> None:
     print(f"nothing to render: {plural(selection.up_to_date, 'image')} up to date"
-          + (f", {selection.filtered_out:,} not selected" if selection.filtered_out else ""))
+          + (f", {selection.filtered_out:,} not selected" if selection.filtered_out else ""),
+          file=out)
     _print_held(selection)
 
 
@@ -167,10 +217,13 @@ def _print_held(selection: Selection) -> None:
               file=sys.stderr)
 
 
-def _print_report(report: Report, root: Any) -> None:
+def _print_report(report: Report, root: Path, out: TextIO = sys.stdout) -> None:
     counts = Counter(o.status for o in report.outcomes)
+    if report.fatal:  # one line says it all: the others were skipped for the same reason
+        print(f"fluxbatch: stopped: {report.fatal}", file=sys.stderr)
     # Each failure gets a line; pending and skipped images (an interrupt) are only counted.
-    problems = [o for o in report.outcomes if o.status in ("moderated", "failed", "unknown")]
+    problems = [o for o in report.outcomes if o.status in ("moderated", "failed", "unknown")
+                and not (report.fatal and o.reason == report.fatal)]
     if problems:
         rows = [[o.job.job, values_text(o.job.vars), o.job.output, o.status, o.reason or ""]
                 for o in problems[:50]]
@@ -182,8 +235,11 @@ def _print_report(report: Report, root: Any) -> None:
     selection = report.selection
     if selection.up_to_date:
         parts.append(f"{selection.up_to_date:,} up to date")
-    print(f"{', '.join(parts) or 'nothing done'}; cost {money(report.reported_usd())} "
-          f"(reported by the provider); manifest {root / 'manifest.json'}")
+    spent = report.reported_usd()
+    cost = "cost not reported by the provider" if spent is None else \
+        f"cost {money(spent)} (reported by the provider)"
+    print(f"{', '.join(parts) or 'nothing done'}; {cost}; manifest {root / 'manifest.json'}",
+          file=out)
     _print_held(selection)
     if counts["unknown"]:
         print(f"{plural(counts['unknown'], 'submit')} ended without an answer and may have been "
@@ -194,7 +250,31 @@ def _print_report(report: Report, root: Any) -> None:
               "(they are not paid for twice).", file=sys.stderr)
 
 
-def _dry_run(plan: Any, options: Options) -> int:
+def _summary(plan: Plan, report: Report, code: int) -> dict[str, Any]:
+    """`render --json`: the run's outcome as one object (what CI glue reads)."""
+    counts = Counter(o.status for o in report.outcomes)
+    selection = report.selection
+    return {
+        "recipe": str(plan.recipe.path),
+        "output_root": str(plan.recipe.output_root),
+        "manifest": str(plan.recipe.output_root / MANIFEST),
+        "counts": {status: counts[status] for status in
+                   ("written", "moderated", "failed", "unknown", "pending", "skipped")},
+        "up_to_date": selection.up_to_date,
+        "held_unknown": len(selection.held_unknown),
+        "held_moderated": len(selection.held_moderated),
+        "not_selected": selection.filtered_out,
+        "spent_usd": report.reported_usd(),
+        "interrupted": report.interrupted,
+        "stopped": report.fatal,
+        "exit_code": code,
+        "failures": [{"output": o.job.output, "job": o.job.job, "vars": dict(o.job.vars),
+                      "replicate": o.job.replicate, "status": o.status, "reason": o.reason}
+                     for o in report.outcomes if o.status in ("moderated", "failed", "unknown")],
+    }
+
+
+def _dry_run(plan: Plan, options: Options) -> int:
     """The same classification and selection as a real run; nothing is sent or written."""
     root = plan.recipe.output_root
     in_flight = {}
@@ -222,7 +302,7 @@ def _dry_run(plan: Any, options: Options) -> int:
     return EXIT_OK
 
 
-def _warn_if_no_key(plan: Any) -> None:
+def _warn_if_no_key(plan: Plan) -> None:
     """A dry run needs no key, but says if the real run would stop for want of one."""
     info = providers.REGISTRY[plan.recipe.provider.name]
     if info.key_env is None:

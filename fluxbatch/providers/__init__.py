@@ -7,8 +7,9 @@ derives from `REGISTRY`, so the two never disagree.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
-import os
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,11 @@ class ProviderInfo:
     default_base_url: str | None  # None: started in-process (the emulator)
     key_env: str | None  # environment variable holding the API key; None: no key needed
     key_file_env: str | None  # environment variable naming a file that holds the key
+    base_url_env: str | None = None  # environment variable naming another base URL
+    # The provider's own hosts, which a recipe's base_url may name (`*` is one label or more).
+    hosts: tuple[str, ...] = ()
+    # Where else the key may go over https: hosts the provider itself names for polling.
+    key_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +56,10 @@ class Polled:
     details: Any = None
 
 
+class KeyNotSent(Exception):
+    """A request would carry the API key somewhere it may not go; it was not sent."""
+
+
 class Provider(Protocol):
     info: ProviderInfo
     base_url: str
@@ -66,10 +76,16 @@ class Provider(Protocol):
 REGISTRY: dict[str, ProviderInfo] = {
     info.name: info
     for info in (
+        # BFL's documented API hosts: the global one, the regional ones (api.eu.bfl.ai,
+        # api.us.bfl.ai, api.eu1.bfl.ai...) and the original api.bfl.ml; the polling_url of a
+        # task may name any cluster under bfl.ai (api.eu4.bfl.ai).
         ProviderInfo("bfl", "Black Forest Labs API", "https://api.bfl.ai", "BFL_API_KEY",
-                     "BFL_API_KEY_FILE"),
+                     "BFL_API_KEY_FILE", "BFL_BASE_URL",
+                     hosts=("api.bfl.ai", "api.*.bfl.ai", "api.bfl.ml"),
+                     key_hosts=("*.bfl.ai", "api.bfl.ml")),
         ProviderInfo("cometapi", "CometAPI gateway", "https://api.cometapi.com", "COMETAPI_KEY",
-                     "COMETAPI_KEY_FILE"),
+                     "COMETAPI_KEY_FILE", "COMETAPI_BASE_URL",
+                     hosts=("api.cometapi.com",), key_hosts=("api.cometapi.com",)),
         ProviderInfo("emulator", "bundled emulator (loopback, no key)", None, None, None),
     )
 }
@@ -155,17 +171,74 @@ def parsed_url(url: str) -> httpx.URL:
     return httpx.URL(url)
 
 
-def check_base_url(url: str) -> str:
-    parsed = httpx.URL(url)
+# -- where the key may go --------------------------------------------------------------------
+
+
+def check_base_url(url: str, info: ProviderInfo, *, where: str) -> str:
+    """`url` as a base URL for `info`, or a ConfigError saying why not. `where` says who named
+    it: the operator ("--base-url", an environment variable) may name any https host; a
+    recipe only the provider's own hosts or loopback (`recipe_base_url_problem`)."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as error:
+        raise ConfigError(f"{where}: {url!r} is not a URL ({error})") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ConfigError(f"base URL {url!r} must be an http(s) URL with a host")
+        raise ConfigError(f"{where}: base URL {url!r} must be an http(s) URL with a host")
+    if info.key_env is not None and parsed.scheme == "http" and not is_loopback(parsed.host):
+        raise ConfigError(f"{where}: {url} would send the API key unencrypted; use https "
+                          "(plain http is allowed only to loopback)")
     return url.rstrip("/")
 
 
-def is_loopback(url: str) -> bool:
-    host = httpx.URL(url).host
-    return host in ("localhost", "::1") or host.startswith("127.")
+def recipe_base_url_problem(info: ProviderInfo, url: str) -> str | None:
+    """Why a recipe may not name `url` as its base URL, or None. A recipe may come from a
+    pull request, so it may not decide where the key goes: only the provider's own hosts
+    (https) or loopback."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as error:
+        return f"{url!r} is not a URL ({error})"
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        return f"base URL {url!r} must be an http(s) URL with a host"
+    if is_loopback(parsed.host):
+        return None
+    if parsed.scheme == "https" and _matches(parsed.host, info.hosts):
+        return None
+    own = ", ".join(info.hosts) or "none"
+    override = f"--base-url {url} on the command line"
+    if info.base_url_env:
+        override += f" (or set {info.base_url_env})"
+    return (f"a recipe may not send the API key to {parsed.host}: only to {info.name}'s own "
+            f"hosts ({own}, over https) or loopback. To use it, pass {override}")
 
 
-def environment() -> Mapping[str, str]:
-    return os.environ
+def key_refusal(info: ProviderInfo, base_url: str, url: httpx.URL) -> str | None:
+    """Why `url` may not receive the API key, or None: the key goes to the base URL's origin
+    and, over https, to the provider's own polling hosts; plain http only to loopback."""
+    if info.key_env is None:
+        return None  # (no real key: the emulator)
+    if url.scheme == "http" and not is_loopback(url.host):
+        return f"{url.scheme}://{url.host} is plain http, which would expose the API key"
+    if _origin(url) == _origin(httpx.URL(base_url)):
+        return None
+    if url.scheme == "https" and _matches(url.host, info.key_hosts):
+        return None
+    return (f"the provider named {url.scheme}://{url.netloc.decode()} for this task, which is "
+            f"not {info.name}'s own host; the API key is not sent there")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _matches(host: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(host.lower(), pattern) for pattern in patterns)
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port or {"http": 80, "https": 443}.get(url.scheme)

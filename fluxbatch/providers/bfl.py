@@ -1,5 +1,6 @@
 """Black Forest Labs' own API: `POST {base}/v1/{model}` with `x-key`, then poll exactly the
-`polling_url` it returns (regional; never rebuilt), still with `x-key`."""
+`polling_url` it returns (regional; never rebuilt), still with `x-key` — as long as that URL
+is on BFL's own hosts (or the base URL's origin); anywhere else the key is not sent."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ from typing import Any
 
 import httpx
 
-from fluxbatch.providers import Polled, ProviderInfo, Secret, Submitted, parsed_url, responses
+from fluxbatch.providers import (
+    KeyNotSent,
+    Polled,
+    ProviderInfo,
+    Secret,
+    Submitted,
+    key_refusal,
+    parsed_url,
+    responses,
+)
 
 USER_AGENT = "fluxbatch"
 
@@ -28,7 +38,11 @@ class Bfl:
                              headers=self._headers())
 
     def poll_request(self, submitted: Submitted) -> httpx.Request:
-        return httpx.Request("GET", parsed_url(submitted.polling_url), headers=self._headers())
+        url = parsed_url(submitted.polling_url)
+        refusal = key_refusal(self.info, self.base_url, url)
+        if refusal is not None:
+            raise KeyNotSent(refusal)
+        return httpx.Request("GET", url, headers=self._headers())
 
     def read_submitted(self, response: httpx.Response) -> Submitted:
         return responses.read_submitted(

@@ -3,12 +3,17 @@
 Error bodies come in several shapes (FastAPI `{detail: [...]}` or `{detail: "..."}`,
 CometAPI `{error: {message, type, code}}`, plain `{message: ...}`, HTML pages from proxies);
 `error_message` turns any of them into one readable line.
+
+Whatever a response holds is untrusted: a body nested too deeply to parse is a bad response
+(never a crash), a binary body is summarised, and control characters (terminal escapes) never
+reach the user's terminal.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import os
 import re
 from typing import Any, TypeGuard
 
@@ -35,13 +40,16 @@ def json_body(response: httpx.Response) -> Any:
         return response.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BadResponse(f"HTTP {response.status_code}: the body is not JSON: "
-                          f"{_snippet(response.text)}") from None
+                          f"{body_text(response)}") from None
+    except RecursionError:
+        raise BadResponse(f"HTTP {response.status_code}: the JSON body is nested too deeply "
+                          "to read") from None
 
 
 def read_submitted(response: httpx.Response, *, fallback_poll: str) -> Submitted:
     body = json_body(response)
     if not isinstance(body, dict) or not isinstance(body.get("id"), str) or not body["id"]:
-        raise BadResponse(f"the submit response has no task id: {_snippet(response.text)}")
+        raise BadResponse(f"the submit response has no task id: {body_text(response)}")
     polling_url = body.get("polling_url")
     if not isinstance(polling_url, str) or not polling_url:
         polling_url = fallback_poll.format(id=body["id"])  # webhook replies may omit it
@@ -52,7 +60,7 @@ def read_submitted(response: httpx.Response, *, fallback_poll: str) -> Submitted
 def read_polled(response: httpx.Response) -> Polled:
     body = json_body(response)
     if not isinstance(body, dict) or not isinstance(body.get("status"), str):
-        raise BadResponse(f"the poll response has no status: {_snippet(response.text)}")
+        raise BadResponse(f"the poll response has no status: {body_text(response)}")
     status = body["status"]
     result: dict[str, Any] = body["result"] if isinstance(body.get("result"), dict) else {}
     sample = result.get("sample") if isinstance(result.get("sample"), str) else None
@@ -72,13 +80,42 @@ def error_message(response: httpx.Response) -> str:
     prefix = f"HTTP {response.status_code}"
     try:
         body: Any = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError):
         body = None
     text = _message_from(body) if body is not None else None
     if text is None:
-        text = _html_title(response.text) or _snippet(response.text) or response.reason_phrase
-    text = " ".join(text.split())  # one line, whatever the body's layout
+        binary = _binary(response)
+        text = binary or _html_title(response.text) or _snippet(response.text) or \
+            response.reason_phrase
+    text = _snippet(printable(text), 300)  # one line, whatever the body's layout
     return f"{prefix}: {text}" if text else prefix
+
+
+def body_text(response: httpx.Response) -> str:
+    """A short, printable account of a body: its start, or what kind of bytes it holds."""
+    return _binary(response) or _snippet(printable(response.text))
+
+
+def printable(text: str) -> str:
+    """`text` without control characters: a provider's words never drive the terminal."""
+    return _CONTROL.sub(" ", text)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _binary(response: httpx.Response) -> str | None:
+    """`(a 5,120-byte image/png body)` for a body that is not text, else None."""
+    content = response.content
+    kind = response.headers.get("content-type", "").split(";")[0].strip()
+    if kind.startswith(("image/", "audio/", "video/", "application/octet-stream")) or \
+            b"\x00" in content[:1024]:
+        return f"(a {len(content):,}-byte {kind or 'binary'} body)"
+    try:
+        content[:1024].decode(response.encoding or "utf-8")
+    except (UnicodeDecodeError, LookupError):
+        return f"(a {len(content):,}-byte {kind or 'binary'} body)"
+    return None
 
 
 def _message_from(body: Any) -> str | None:
@@ -136,8 +173,28 @@ def _is_number(value: Any) -> TypeGuard[int | float]:
 
 def describe_error(error: httpx.RequestError) -> str:
     """A transport error in one line: `ConnectError: [Errno 111] Connection refused`."""
-    text = str(error) or type(error).__name__
+    text = printable(str(error)) or type(error).__name__
     return f"{type(error).__name__}: {text}" if text != type(error).__name__ else text
+
+
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                    "all_proxy")
+
+
+def network_hint(error: httpx.RequestError) -> str:
+    """What to check when a host cannot be reached: the proxy in use, or that none is."""
+    proxy = next((name for name in _PROXY_VARIABLES if os.environ.get(name)), None)
+    if isinstance(error, httpx.ProxyError) or proxy:
+        return f" (through the proxy in {proxy or 'the environment'}; check it)"
+    unresolved = any(sign in str(error) for sign in _NAME_NOT_FOUND)
+    if unresolved or isinstance(error, httpx.ConnectTimeout):
+        return (" (no proxy is set: if this network needs one, set HTTPS_PROXY, and NO_PROXY "
+                "for the hosts to reach directly)")
+    return ""
+
+
+_NAME_NOT_FOUND = ("Name or service not known", "name resolution", "nodename nor servname",
+                   "getaddrinfo", "No address associated")
 
 
 def with_details(message: str, details: Any) -> str:
@@ -147,5 +204,5 @@ def with_details(message: str, details: Any) -> str:
     if isinstance(details, dict):
         parts = [f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}"
                  for k, v in details.items()]
-        return f"{message} ({'; '.join(parts)})"
-    return f"{message} ({details})"
+        return f"{message} ({_snippet(printable('; '.join(parts)), 300)})"
+    return f"{message} ({_snippet(printable(str(details)), 300)})"
