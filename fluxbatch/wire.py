@@ -92,7 +92,7 @@ class Wire:
         self._timeouts = timeout.as_dict()
 
     @classmethod
-    def open(cls, max_connections: int) -> Wire:
+    def open(cls, max_connections: int, timeout: httpx.Timeout = TIMEOUT) -> Wire:
         """Over aiohttp: a keep-alive pool of `max_connections` for GETs, and a connection
         of its own for each other request."""
         context = httpx.create_ssl_context(trust_env=True)
@@ -104,7 +104,8 @@ class Wire:
                 cookie_jar=aiohttp.DummyCookieJar(), trust_env=True)
 
         return cls(AiohttpTransport(client=session(limit=max_connections)),
-                   fresh=AiohttpTransport(client=session(force_close=True, limit=0)))
+                   fresh=AiohttpTransport(client=session(force_close=True, limit=0)),
+                   timeout=timeout)
 
     async def send(self, request: httpx.Request, *, limit: int = MAX_ANSWER) -> httpx.Response:
         """The response, its body read whole (at most `limit` bytes, decoded)."""
@@ -235,7 +236,8 @@ def _classified(error: Exception, request: httpx.Request) -> Exception:
 
 
 def _size(limit: int) -> str:
-    return f"{limit >> 20} MiB" if limit >= 1 << 20 and not limit % (1 << 20) else f"{limit:,} bytes"
+    mebibytes, rest = divmod(limit, 1 << 20)
+    return f"{mebibytes} MiB" if mebibytes and not rest else f"{limit:,} bytes"
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
