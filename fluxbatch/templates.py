@@ -11,17 +11,23 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import operator
 import re
+import string
+import threading
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sized
 from dataclasses import dataclass, field
-from typing import Any
+from types import BuiltinMethodType
+from typing import Any, cast
 
 import jinja2
 from jinja2 import meta, nodes
+from jinja2.compiler import CodeGenerator, Frame
+from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
-from jinja2.utils import _PassArg
+from jinja2.utils import Namespace, _PassArg, generate_lorem_ipsum
 
 from fluxbatch.models import did_you_mean
 
@@ -82,27 +88,500 @@ FILTERS: dict[str, Callable[..., Any]] = {
 }
 
 
-MAX_TEXT = 100_000  # characters (or items) one `*` may produce
-MAX_EXPONENT = 1_000
+# -- limits -----------------------------------------------------------------------------------
+# A recipe may come from a pull request, and CI plans it: no template may cost more than a few
+# seconds or a few hundred MB. Each limit is far above what a prompt, a parameter or a path
+# needs, so an ordinary recipe never meets one.
+
+MAX_SOURCE = 50_000  # characters in one template; compiling costs up to ~60 µs and 3 kB a character
+MAX_TEXT = 100_000  # characters in any text a template makes, its result included
+MAX_ITEMS = 100_000  # items in a list a template makes (`*`, `+`, `append`, `split`, ...)
+MAX_INT_BITS = 100_000  # 30,000 digits (Python prints at most 4,300); multiplying stays fast
+MAX_STEPS = 1_000_000  # work per rendering; a step is about a microsecond at most
+CHARS_PER_STEP = 2  # characters an operation reads or writes for one step (regexes: ~0.4 µs)
+
+
+class TemplateLimit(Exception):
+    """A template would take too much time or memory; the message names the limit."""
+
+
+class _Budget(threading.local):
+    steps = MAX_STEPS  # what the rendering under way may still spend; reset for each
+
+
+_BUDGET = _Budget()
+
+
+def _charge(steps: int) -> bool:
+    """Spend `steps` of this rendering's budget (True: a loop's `if` may call it)."""
+    _BUDGET.steps -= steps
+    if _BUDGET.steps < 0:
+        raise TemplateLimit(f"more than {MAX_STEPS:,} steps of work")
+    return True
+
+
+def _check_text(size: float) -> None:
+    if size > MAX_TEXT:
+        raise TemplateLimit(f"a text longer than {MAX_TEXT:,} characters")
+
+
+def _check_items(count: float) -> None:
+    if count > MAX_ITEMS:
+        raise TemplateLimit(f"a list longer than {MAX_ITEMS:,} items")
+
+
+def _check_bits(bits: float) -> None:
+    if bits > MAX_INT_BITS:
+        raise TemplateLimit(f"a number larger than {MAX_INT_BITS:,} bits")
+
+
+_CONTAINERS: tuple[type[Collection[Any]], ...] = (
+    list, tuple, set, frozenset, dict, type({}.keys()), type({}.values()), type({}.items()))
+
+
+def _size(value: Any, limit: int = MAX_TEXT) -> int:
+    """About how long `str(value)` is, counted no further than just past `limit`: what printing,
+    comparing or hashing `value` costs. (A short list may hold one long string many times.)"""
+    if isinstance(value, str | bytes):
+        return len(value)
+    total, stack = 0, [value]
+    while stack and total <= limit:
+        item = stack.pop()
+        if isinstance(item, str | bytes | bytearray):
+            total += len(item) + 2
+        elif isinstance(item, int):
+            total += item.bit_length() // 3 + 1
+        elif isinstance(item, _CONTAINERS):
+            total += 2 + 2 * len(item)  # (before the items are stacked: the walk stays bounded)
+            if total <= limit:
+                stack.extend(item)
+                if isinstance(item, dict):
+                    stack.extend(item.values())
+        elif isinstance(item, Namespace):
+            stack.append(item._Namespace__attrs)  # (what its repr shows)
+        else:
+            total += 16
+    return total
+
+
+def _charged_size(value: Any) -> int:
+    size = _size(value, _BUDGET.steps * CHARS_PER_STEP)
+    _charge(size // CHARS_PER_STEP)
+    return size
+
+
+def _made(value: Any) -> Any:
+    """`value`, a new result, once it is within the limits (and paid for)."""
+    if isinstance(value, str | bytes):
+        _check_text(len(value))
+        _charge(len(value) // CHARS_PER_STEP)
+    elif isinstance(value, list | dict):
+        _check_items(len(value))
+        _charge(len(value) // CHARS_PER_STEP)
+    return value
+
+
+def _text(value: Any) -> str:
+    """`str(value)` for `{{ value }}` and `~`, refused before it is made if it is too long."""
+    if isinstance(value, str):
+        return value
+    size = _size(value)
+    _check_text(size)
+    _charge(size // CHARS_PER_STEP)
+    text = str(value)
+    _check_text(len(text))
+    return text
+
+
+def _joined(parts: Iterable[str]) -> str:
+    """`"".join(parts)`, stopped as soon as it is too long: the rendered output as it streams,
+    the body of a macro, block or `{% set %}` block, `~`, JSON."""
+    pieces = []
+    total = 0
+    for part in parts:
+        total += len(part)
+        _check_text(total)
+        pieces.append(part)
+    _charge(total // CHARS_PER_STEP)
+    return "".join(pieces)
+
+
+def _join_text(*values: Any) -> str:  # `a ~ b ~ c`
+    return _joined([_text(value) for value in values])
+
+
+def _compared(value: Any) -> Any:  # an operand of `==`, `<`, `in`... or a dict display's key
+    _charged_size(value)
+    return value
+
+
+def _sliced(value: Any) -> Any:  # `x[a:b]`: slices bypass the sandbox's getitem
+    _charge(len(value) // CHARS_PER_STEP if isinstance(value, str | list | tuple) else 1)
+    return value
+
+
+def _amount(value: Any) -> float:
+    """A width, count or size argument as a number (anything else fails in the call itself)."""
+    return value if isinstance(value, int | float) else 0
+
+
+def _number(digits: str) -> int:
+    """`int(digits)`, saturated (no 4,300-digit conversion error, no huge int)."""
+    digits = digits.lstrip("0")
+    return int(digits or 0) if len(digits) < 10 else 10**10
+
+
+_PRINTF_FIELD = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d*)(?:\.(\*|\d*))?")
+
+
+def _printf_size(template: str | bytes, values: Any) -> int:
+    """At most how long `template % values` is: no field prints more than all the values."""
+    text = template if isinstance(template, str) else template.decode("latin-1")
+    whole = _size(values)
+    numbers = values if isinstance(values, tuple) else (values,)
+    widest = max((v for v in numbers if isinstance(v, int)), default=0)
+    total = len(text)
+    for width, precision in _PRINTF_FIELD.findall(text):
+        total += whole + sum(widest if n == "*" else _number(n) for n in (width, precision))
+        if total > MAX_TEXT:
+            break
+    return total
+
+
+def _check_format_call(template: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    """Refuse `template.format(*args, **kwargs)` if it could be too long (format_map: args is
+    `(mapping,)`); charge its fields, which the sandbox formats in Python (~10 µs each)."""
+    whole = _size([args, kwargs])
+    widest = max((v for v in (*args, *kwargs.values()) if isinstance(v, int)), default=0)
+    total = len(template)
+    for _, name, spec, _ in string.Formatter().parse(template):
+        if name is not None:
+            digits = re.findall(r"\d+", spec or "")
+            total += whole + (widest if "{" in (spec or "") else max(map(_number, digits),
+                                                                     default=0))
+            _charge(10)
+        _check_text(total)
+
+
+def _replaced_size(text: Any, old: Any, new: Any, count: Any = -1) -> int:
+    """How long `text.replace(old, new, count)` is, if longer than `text` (else 0)."""
+    if (isinstance(text, str) and isinstance(old, str) and isinstance(new, str)) \
+            or (isinstance(text, bytes) and isinstance(old, bytes) and isinstance(new, bytes)):
+        found = text.count(old)  # type: ignore[arg-type]  # ("ab".count("") is 3)
+    else:
+        return 0
+    if len(new) <= len(old):
+        return 0
+    if isinstance(count, int) and count >= 0:
+        found = min(found, count)
+    return len(text) + found * (len(new) - len(old))
+
+
+def _method_args(owner: Any, name: str, args: tuple[Any, ...],
+                 kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The arguments of the built-in method `owner.name`, refused when its result would be
+    over a limit: `'x'.center(10**9)` would allocate before anything could check."""
+    if isinstance(owner, int) and name == "to_bytes":
+        _check_text(_amount(args[0] if args else kwargs.get("length", 1)))
+    if not isinstance(owner, str | bytes):
+        return args
+    _charge(len(owner) // CHARS_PER_STEP)
+    if name in ("center", "ljust", "rjust", "zfill"):
+        _check_text(_amount(args[0] if args else kwargs.get("width")))
+    elif name == "expandtabs":
+        tabs = owner.count("\t") if isinstance(owner, str) else len(owner)
+        _check_text(len(owner) + tabs * _amount(args[0] if args else kwargs.get("tabsize", 8)))
+    elif name == "replace" and len(args) >= 2:
+        _check_text(_replaced_size(owner, *args))
+    elif name == "join" and args:
+        items = list(args[0])
+        _check_text(_total_size(items) + len(owner) * (len(items) - 1))
+        args = (items, *args[1:])
+    elif name == "translate" and args and isinstance(args[0], dict):
+        longest = max((len(v) for v in args[0].values() if isinstance(v, str)), default=1)
+        _check_text(len(owner) * longest)
+    return args
+
+
+def _total_size(items: Iterable[Any]) -> int:
+    total = 0
+    for item in items:
+        total += _size(item, MAX_TEXT - total)
+        if total > MAX_TEXT:
+            break
+    return total
+
+
+# Filters whose arguments can ask for a huge result: each check sees the filter's arguments
+# (after the context, if the filter takes one) and returns the value to filter (a `join`
+# materialises its input to measure it).
+
+def _check_width(value: Any, width: Any = 80, *_: Any, **__: Any) -> Any:  # center, pad
+    _check_text(_amount(width))
+    return value
+
+
+def _check_indent(value: Any, width: Any = 4, *_: Any, **__: Any) -> Any:
+    text = _text(value)
+    unit = len(width) if isinstance(width, str) else _amount(width)
+    _check_text(len(text) + (len(text.splitlines()) + 1) * unit)
+    return value
+
+
+def _check_wordwrap(value: Any, width: Any = 79, break_long_words: Any = True,
+                    wrapstring: Any = None, *_: Any, **kwargs: Any) -> Any:
+    text = _text(value)
+    wrapstring = _text(kwargs.get("wrapstring", wrapstring) or "\n")
+    width = _amount(kwargs.get("width", width))
+    paragraphs = len(text.splitlines()) + 1
+    lines = paragraphs + (2 * len(text) // width if width >= 1 else 0)  # 2 lines hold > width
+    _check_text(len(text) + lines * len(wrapstring))
+    return value
+
+
+def _check_format(value: Any, *args: Any, **kwargs: Any) -> Any:
+    _check_text(_printf_size(_text(value), kwargs or args))
+    return value
+
+
+def _check_replace(value: Any, old: Any = "", new: Any = "", count: Any = None) -> Any:
+    _check_text(_replaced_size(_text(value), _text(old), _text(new), count))
+    return value
+
+
+def _check_join(value: Any, d: Any = "", *_: Any, **__: Any) -> Any:
+    items = list(value)
+    _check_text(_total_size(items) + len(_text(d)) * (len(items) - 1))
+    return items
+
+
+def _check_batch(value: Any, linecount: Any = 1, fill_with: Any = None) -> Any:
+    if fill_with is not None:
+        _check_items(_amount(linecount))
+    return value
+
+
+def _check_slice(value: Any, slices: Any = 1, *_: Any) -> Any:
+    _check_items(_amount(slices))
+    return value
+
+
+def _check_sum(value: Any, attribute: Any = None, start: Any = 0) -> Any:
+    if isinstance(start, int | float):
+        return value
+    items = list(value)  # adding lists copies each prefix: quadratic
+    _charge(len(items) * _size(items) // CHARS_PER_STEP)
+    return items
+
+
+def _check_urlize(value: Any, *args: Any, **kwargs: Any) -> Any:
+    extra = sum(len(v) for v in (*args, *kwargs.values()) if isinstance(v, str))
+    if extra:
+        _check_text(len(_text(value).split()) * extra)  # each link repeats `target` and `rel`
+    return value
+
+
+_FILTER_CHECKS: dict[str, Callable[..., Any]] = {
+    "center": _check_width, "pad": _check_width, "indent": _check_indent,
+    "wordwrap": _check_wordwrap, "format": _check_format, "replace": _check_replace,
+    "join": _check_join, "batch": _check_batch, "slice": _check_slice, "sum": _check_sum,
+    "urlize": _check_urlize,
+}
+# O(1) whatever their input: they do not pay for its size
+_CHEAP_FILTERS = frozenset({"length", "count", "first", "last", "default", "d", "attr",
+                            "random", "int", "float", "abs", "round"})
+# the tests that compare (or scan) their arguments
+_SIZED_TESTS = frozenset({"in", "eq", "equalto", "==", "ne", "!=", "lt", "lessthan", "<", "le",
+                          "<=", "gt", "greaterthan", ">", "ge", ">=", "lower", "upper"})
+
+
+def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """`function`, paying for the size of its input, refusing arguments that ask for too much
+    and results that are too long. Keeps the filter's `pass_context`-style marker."""
+    check = _FILTER_CHECKS.get(name)
+    cheap = name in _CHEAP_FILTERS
+    lead = 0 if _PassArg.from_obj(function) is None else 1
+
+    @functools.wraps(function)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > lead:
+            value = args[lead]
+            if check is not None:
+                checked = check(value, *args[lead + 1:], **kwargs)
+                if checked is not value:
+                    args = (*args[:lead], checked, *args[lead + 1:])
+            if not cheap:
+                _charged_size(value)
+        return _made(function(*args, **kwargs))
+
+    return bounded
+
+
+def _bounded_test(function: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _charged_size(args)
+        return function(*args, **kwargs)
+
+    return bounded
+
+
+def _lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str:
+    _check_text(_amount(n) * _amount(max) * 14)  # a word: at most 12 letters, a space, a comma
+    return str(generate_lorem_ipsum(n, html, min, max))
+
+
+def _json_dumps(value: Any, **kwargs: Any) -> str:  # `tojson`: an `indent` multiplies its text
+    indent = kwargs.get("indent")
+    _check_text(len(indent) if isinstance(indent, str) else _amount(indent))
+    return _joined(json.JSONEncoder(**kwargs).iterencode(value))
+
+
+_HELPERS = f"{__name__}._"
+
+
+class _CodeGenerator(CodeGenerator):
+    """Calls this module's helpers (see `_meter`) directly: through the sandbox each would
+    cost a safety check, and `_charge` runs once per loop iteration."""
+
+    def visit_Call(self, node: nodes.Call, frame: Frame, forward_caller: bool = False) -> None:
+        helper = node.node
+        if not (isinstance(helper, nodes.ImportedName)
+                and helper.importname.startswith(_HELPERS)):
+            return super().visit_Call(node, frame, forward_caller=forward_caller)
+        self.visit(helper, frame)
+        self.write("(")
+        for arg in node.args:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write(")")
+        return None
+
+
+class _Names(meta.TrackingCodeGenerator):
+    """`meta.find_undeclared_variables` without the optimizer, which is cubic in the depth of
+    nested expressions (`a|e|e|e|...`) and folds constants it need not fold here."""
+
+    def __init__(self, environment: jinja2.Environment) -> None:
+        super().__init__(environment)
+        self.optimizer = None
+
+
+def _helper(name: str, *args: nodes.Expr, lineno: int) -> nodes.Call:
+    return nodes.Call(nodes.ImportedName(f"{__name__}.{name}"), list(args), [], None, None,
+                      lineno=lineno)
+
+
+_REPEATED = (nodes.For, nodes.Macro, nodes.CallBlock, nodes.Block)
+
+
+def _meter(node: nodes.Node) -> int:
+    """Rewrite the tree under `node` so that what the sandbox cannot see is paid for; return
+    its size in nodes. A loop iteration, a macro, block or `caller()` call pays its body's
+    size; `~` goes through `_join_text`; what compares, hashes or slices pays for the size of
+    its operands (a comparison of two long lists is as costly as printing them)."""
+    size = 1
+    for name, value in node.iter_fields():
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, nodes.Node):
+                    size += _meter(item)
+                    value[index] = _metered(item)
+        elif isinstance(value, nodes.Node):
+            size += _meter(value)
+            setattr(node, name, _metered(value))
+    if isinstance(node, _REPEATED):
+        charge = _helper("_charge", nodes.Const(size), lineno=node.lineno)
+        node.body.insert(0, nodes.ExprStmt(charge, lineno=node.lineno))
+        if isinstance(node, nodes.For) and node.test is not None:  # runs for every item
+            charge = _helper("_charge", nodes.Const(size), lineno=node.lineno)
+            node.test = nodes.And(charge, node.test, lineno=node.lineno)
+    return size
+
+
+def _metered(node: nodes.Node) -> nodes.Node:
+    if isinstance(node, nodes.Concat):
+        return _helper("_join_text", *node.nodes, lineno=node.lineno)
+    if isinstance(node, nodes.Compare):
+        node.expr = _priced(node.expr)
+        for operand in node.ops:
+            operand.expr = _priced(operand.expr)
+    elif isinstance(node, nodes.Pair):
+        node.key = _priced(node.key)
+    elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Slice):
+        node.node = _helper("_sliced", node.node, lineno=node.lineno)
+    return node
+
+
+def _priced(node: nodes.Expr) -> nodes.Expr:
+    return node if isinstance(node, nodes.Const) else _helper("_compared", node,
+                                                              lineno=node.lineno)
 
 
 class _Sandbox(SandboxedEnvironment):
-    """The sandbox, plus limits on `*` and `**`: a recipe from a pull request must not be able
-    to exhaust the memory of the machine that plans it (`{{ 'x' * 10**9 }}`)."""
+    """Jinja's sandbox (no unsafe attributes), plus the limits above, through its own hooks."""
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "%", "+"})
+    code_generator_class = _CodeGenerator
 
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**" and isinstance(right, int | float) and abs(right) > MAX_EXPONENT:
-            raise jinja2.exceptions.SecurityError(
-                f"exponent {right} is larger than {MAX_EXPONENT}")
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":
             for sequence, count in ((left, right), (right, left)):
-                if isinstance(sequence, str | list | tuple) and isinstance(count, int) \
-                        and len(sequence) * count > MAX_TEXT:
-                    raise jinja2.exceptions.SecurityError(
-                        f"the result would be longer than {MAX_TEXT:,} characters")
-        return super().call_binop(context, operator, left, right)
+                if isinstance(sequence, str | bytes) and isinstance(count, int):
+                    _check_text(len(sequence) * count)
+                elif isinstance(sequence, list | tuple) and isinstance(count, int):
+                    _check_items(len(sequence) * count)
+            if isinstance(left, int) and isinstance(right, int):
+                _check_bits(left.bit_length() + right.bit_length())
+        elif operator == "**":
+            if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+                _check_bits(right if right > MAX_INT_BITS else math.log2(abs(left)) * right)
+        elif operator == "+":
+            if isinstance(left, str | bytes) and isinstance(right, str | bytes):
+                _check_text(len(left) + len(right))
+            elif isinstance(left, list | tuple) and isinstance(right, list | tuple):
+                _check_items(len(left) + len(right))
+        elif operator == "%" and isinstance(left, str | bytes):
+            _check_text(_printf_size(left, right))
+        return _made(super().call_binop(context, operator, left, right))
+
+    def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        _charge(1)
+        owner = getattr(obj, "__self__", None)
+        growing: Sized = ()
+        if isinstance(obj, BuiltinMethodType | type):  # (what Python runs without the sandbox)
+            _charged_size(args)
+            args = _method_args(owner, obj.__name__, args, kwargs)
+            if isinstance(owner, list | dict):
+                growing = owner
+                if obj.__name__ in ("count", "index", "remove", "sort"):
+                    _charged_size(owner)
+                if callable(kwargs.get("key")):  # `sort(key=...)` calls it without the sandbox
+                    kwargs["key"] = functools.partial(self.call, context, kwargs["key"])
+        before = len(growing)
+        result = super().call(context, obj, *args, **kwargs)
+        if len(growing) > before:
+            _check_items(len(growing))
+        return _made(result)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        if isinstance(argument, tuple):  # a tuple's hash walks all of it, every time
+            _charged_size(argument)
+        return super().getitem(obj, argument)
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        formatter = super().wrap_str_format(value)
+        if formatter is None:
+            return None
+        template = value.__self__
+        mapping = value.__name__ == "format_map"
+
+        @functools.wraps(formatter)
+        def bounded(*args: Any, **kwargs: Any) -> str:
+            _check_format_call(template, args, {} if mapping else kwargs)
+            return str(_made(formatter(*args, **kwargs)))
+
+        return bounded
 
 
 def environment() -> SandboxedEnvironment:
@@ -111,8 +590,17 @@ def environment() -> SandboxedEnvironment:
         autoescape=False,
         keep_trailing_newline=False,
         cache_size=0,
+        finalize=_text,
+        optimized=False,  # constant folding is cubic in the depth of nested expressions
     )
+    env.concat = _joined  # type: ignore[method-assign]
     env.filters.update(FILTERS)
+    env.filters.update({name: _bounded_filter(name, function)
+                        for name, function in env.filters.items()})
+    env.tests.update({name: _bounded_test(cast(Callable[..., Any], env.tests[name]))
+                      for name in _SIZED_TESTS})
+    env.globals["lipsum"] = _lipsum
+    env.policies["json.dumps_function"] = _json_dumps
     return env
 
 
@@ -180,17 +668,25 @@ class Template:
         if self._direct is not None:
             fmt, getters = self._direct
             try:
-                return fmt.format(*[get(context) for get in getters])
+                text = fmt.format(*[get(context) for get in getters])
             except Exception:
                 pass  # (an undefined name under `default`, or the real error message)
+            else:
+                if len(text) <= MAX_TEXT:
+                    return text
         return self.render_with_jinja(context)
 
     def render_with_jinja(self, context: Mapping[str, Any]) -> str:
         assert self._template is not None
         template = self._template
+        _BUDGET.steps = MAX_STEPS
         try:
             ctx = template.new_context(dict(context))  # not shared: keep the globals (range)
-            return "".join(template.root_render_func(ctx))
+            return _joined(template.root_render_func(ctx))
+        except TemplateLimit as error:
+            raise TemplateProblem(f"template limit: {error}") from None
+        except RecursionError:
+            raise TemplateProblem(f"template limit: {_TOO_DEEP}") from None
         except jinja2.UndefinedError as error:
             raise TemplateProblem(_undefined_message(error, context)) from None
         except jinja2.exceptions.SecurityError as error:
@@ -201,17 +697,30 @@ class Template:
             raise TemplateProblem(f"{type(error).__name__}: {error}") from None
 
 
+_TOO_DEEP = "recursion too deep (a macro, block or loop calling itself, or lists in lists)"
+
+
 def compile_template(source: str) -> Template:
-    """Compile `source`; raise `TemplateProblem` on a syntax error."""
+    """Compile `source`; raise `TemplateProblem` on a syntax error or a template too large."""
     if "{" not in source:
         return Template(source, (), None)
+    if len(source) > MAX_SOURCE:
+        raise TemplateProblem(f"template limit: the template is longer than {MAX_SOURCE:,} "
+                              "characters")
     try:
         ast = ENV.parse(source)
-        names = tuple(sorted(meta.find_undeclared_variables(ast)))  # (an unknown filter fails here)
+        names = _Names(ENV)
+        names.visit(ast)  # (an unknown filter fails here)
+        direct = _direct_rendering(ast)
+        _meter(ast)
         template = ENV.from_string(ast)
     except jinja2.TemplateSyntaxError as error:
         raise TemplateProblem(_syntax_message(error)) from None
-    return Template(source, names, template, _direct_rendering(ast))
+    except (RecursionError, SyntaxError):  # Python's limits on nested code
+        raise TemplateProblem("template limit: the template is nested too deeply") from None
+    except Exception as error:  # e.g. a 5,000-digit number
+        raise TemplateProblem(f"template error: {error}") from None
+    return Template(source, tuple(sorted(names.undeclared_identifiers)), template, direct)
 
 
 def _syntax_message(error: jinja2.TemplateSyntaxError) -> str:
@@ -255,6 +764,8 @@ def _direct_getter(node: nodes.Node) -> Getter | None:
     function = ENV.filters.get(node.name)
     if function is None or _PassArg.from_obj(function) is not None:
         return None
+    if node.name not in _FILTER_CHECKS:  # no argument can make it amplify: skip the accounting
+        function = getattr(function, "__wrapped__", function)
     name = node.node.name
     args = tuple(arg.value for arg in node.args if isinstance(arg, nodes.Const))
     return lambda context: str(function(context[name], *args))
