@@ -205,6 +205,7 @@ class Outbox:
 
     async def start(self) -> None:
         self.starts += 1
+        self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:  # (the child keeps its own copy of the descriptor)
             self._process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "fluxbatch.outbox",

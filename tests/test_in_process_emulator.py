@@ -40,22 +40,3 @@ def test_tasks_of_an_earlier_in_process_emulator_are_sent_again(
            f"{tmp_path / 'manifest.json'}\n")
     assert sorted(p.name for p in tmp_path.rglob("*.png")) == [
         "circle-1.png", "square-1.png", "star-1.png"]
-
-
-def test_a_dead_outbox_refuses_like_a_closed_port(tmp_path: Path) -> None:
-    import asyncio
-
-    import httpx
-
-    from fluxbatch import providers
-    from fluxbatch.outbox import Outbox
-
-    provider = providers.build("emulator", base_url="http://127.0.0.1:9", environ={})
-    outbox = Outbox(tmp_path, provider, None)
-    request = httpx.Request("POST", "http://127.0.0.1:9/v1/flux-dev", json={"prompt": "x"})
-
-    async def never_started() -> None:
-        await outbox.send(request, "a.png", "k" * 64)
-
-    with pytest.raises(httpx.ConnectError, match="the outbox process is not running"):
-        asyncio.run(never_started())

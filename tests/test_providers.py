@@ -238,12 +238,44 @@ def test_secret_never_shows_the_key() -> None:
 
 
 def test_default_base_urls_and_base_url_checks() -> None:
+    bfl = providers.REGISTRY["bfl"]
     assert build("bfl").base_url == "https://api.bfl.ai"
     assert build("cometapi").base_url == "https://api.cometapi.com"
-    assert providers.check_base_url("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
-    with pytest.raises(ConfigError) as raised:
-        providers.check_base_url("ftp://example.com")
-    assert str(raised.value) == "base URL 'ftp://example.com' must be an http(s) URL with a host"
+    assert providers.check_base_url("http://127.0.0.1:8000/", bfl, where="--base-url") == (
+        "http://127.0.0.1:8000")
+    assert providers.check_base_url("https://gateway.corp.example/bfl", bfl,
+                                    where="--base-url") == "https://gateway.corp.example/bfl"
+    for url, message in [
+        ("ftp://example.com", "--base-url: base URL 'ftp://example.com' must be an http(s) URL "
+         "with a host"),
+        ("http://203.0.113.5:8080", "--base-url: http://203.0.113.5:8080 would send the API key "
+         "unencrypted; use https (plain http is allowed only to loopback)"),
+    ]:
+        with pytest.raises(ConfigError) as raised:
+            providers.check_base_url(url, bfl, where="--base-url")
+        assert str(raised.value) == message
+
+
+@pytest.mark.parametrize(("provider", "url", "allowed"), [
+    ("bfl", "https://api.bfl.ai", True),
+    ("bfl", "https://api.eu.bfl.ai", True),
+    ("bfl", "https://api.us1.bfl.ai/", True),
+    ("bfl", "https://api.bfl.ml", True),
+    ("bfl", "http://127.0.0.1:8000", True),
+    ("bfl", "http://localhost:8000", True),
+    ("bfl", "http://[::1]:8000", True),
+    ("bfl", "http://api.bfl.ai", False),  # plain http
+    ("bfl", "https://api.bfl.ai.collector.example", False),
+    ("bfl", "https://delivery.eu2.bfl.ai", False),  # BFL's, but not an API host
+    ("bfl", "https://api.cometapi.com", False),
+    ("bfl", "http://203.0.113.5:8080", False),
+    ("cometapi", "https://api.cometapi.com", True),
+    ("cometapi", "https://api.bfl.ai", False),
+])
+def test_a_recipe_may_name_only_its_providers_own_hosts_or_loopback(
+        provider: str, url: str, allowed: bool) -> None:
+    problem = providers.recipe_base_url_problem(providers.REGISTRY[provider], url)
+    assert (problem is None) is allowed, problem
 
 
 # -- reading responses ------------------------------------------------------------------------

@@ -129,14 +129,14 @@ def test_submits_whose_answer_was_dropped_are_unknown_and_never_resent_silently(
         first = Cli(faulty, capsys, cli.root).render()
         created = len(faulty.submissions)
     lost = ("the submit may have reached the provider, but its answer was lost "
-            "(RemoteProtocolError: Server disconnected without sending a response.)")
+            "(RemoteProtocolError: Server disconnected)")
     rows = [("grid", "shape=circle colour=red", "grid/circle.png", "unknown", lost),
             ("grid", "shape=square colour=green", "grid/square.png", "unknown", lost),
             ("grid", "shape=star colour=blue", "grid/star.png", "unknown", lost),
             ("solo", "-", "solo/tree.png", "unknown", lost)]
 
     assert created == 4  # the provider made (and may bill) every task
-    assert first == Run(1, "4 unknown; cost $0.00 (reported by the provider); manifest "
+    assert first == Run(1, "4 unknown; cost not reported by the provider; manifest "
                            f"{cli.root / 'manifest.json'}\n",
                         aligned(("JOB", "VALUES", "OUTPUT", "STATUS", "REASON"), rows) +
                         "4 submits ended without an answer and may have been billed; they are "

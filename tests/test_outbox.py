@@ -1,0 +1,174 @@
+"""The outbox process is watched: when it dies, what it held is settled from the state store
+(collected, unknown, or never sent), and a new one takes over — a few times, then the run
+stops with one line. Never minutes of doomed retries."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fluxbatch import providers
+from fluxbatch.emulator import EmulatorConfig, EmulatorThread
+from fluxbatch.identity import job_key
+from fluxbatch.outbox import MAX_STARTS, Outbox, OutboxGone, Recovered
+from fluxbatch.plan import load_plan
+from fluxbatch.providers import ProviderInfo
+from fluxbatch.state import Store
+from tests.conftest import build_file_tree
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "k" * 64
+
+
+def request() -> httpx.Request:
+    return httpx.Request("POST", "http://127.0.0.1:9/v1/flux-dev", json={"prompt": "x"})
+
+
+@pytest.mark.parametrize(("row", "expected"), [
+    ("submitted", Recovered), ("submitting", httpx.RemoteProtocolError),
+    (None, httpx.ConnectError), ("older", httpx.ConnectError), ("other-key", httpx.ConnectError),
+])
+def test_a_request_a_dead_outbox_held_is_settled_from_what_it_committed(
+        tmp_path: Path, row: str | None, expected: type[Exception]) -> None:
+    """Committed answer: the task is collected (never paid again); "submitting" committed:
+    it may have left, so unknown; nothing of this attempt committed: it never left, so it is
+    as safe to send again as a refused connection."""
+    provider = providers.build("emulator", base_url="http://127.0.0.1:9", environ={})
+    with Store.open(tmp_path) as store:
+        outbox = Outbox(tmp_path, provider, None, store)
+        if row in ("submitted", "other-key", "older"):
+            key = KEY if row != "other-key" else "e" * 64
+            store.submitting("a.png", key, "emulator", "http://127.0.0.1:9")
+            store.submitted("a.png", key, "task-9", "http://127.0.0.1:9/v1/get_result?id=task-9",
+                            4.0, time.time())
+        elif row == "submitting":
+            store.submitting("a.png", KEY, "emulator", "http://127.0.0.1:9")
+        # as if committed by the child after the hand-over (or, "older", by an earlier run)
+        moment = time.time() + (-60 if row == "older" else 60)
+        store.db.execute("UPDATE images SET updated_at = ?", (moment,))
+
+        async def send_to_a_dying_outbox() -> None:
+            outbox.start = die_on_start(outbox)  # type: ignore[method-assign]
+            await outbox.send(request(), "a.png", KEY)
+
+        with pytest.raises(expected) as caught:
+            asyncio.run(send_to_a_dying_outbox())
+    if expected is Recovered:
+        assert isinstance(caught.value, Recovered)
+        assert caught.value.submitted == providers.Submitted(
+            "task-9", "http://127.0.0.1:9/v1/get_result?id=task-9", 4.0)
+
+
+def die_on_start(outbox: Outbox):  # type: ignore[no-untyped-def]
+    """An outbox whose child reads the request, then dies before answering it."""
+    async def start() -> None:
+        outbox.starts += 1
+        outbox._process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "import sys; sys.stdin.readline(); sys.stdin.readline()",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        await outbox._write({"hello": True})
+        outbox._reader = asyncio.ensure_future(outbox._read(outbox._process))
+    return start
+
+
+def test_an_outbox_that_keeps_dying_stops_the_run_with_one_line(tmp_path: Path) -> None:
+    broken = ProviderInfo("no-such-provider", "broken", None, None, None)
+    provider = providers.build("emulator", base_url="http://127.0.0.1:9", environ={})
+    provider.info = broken  # the child cannot build it: it dies at once, every time
+    seen: list[str] = []
+
+    async def main() -> None:
+        with Store.open(tmp_path) as store:
+            outbox = Outbox(tmp_path, provider, None, store)
+            for _ in range(MAX_STARTS + 1):
+                try:
+                    await outbox.send(request(), "a.png", KEY)
+                except httpx.ConnectError as error:  # died before sending: safe to retry
+                    seen.append(f"ConnectError: {error}")
+                except OutboxGone as error:
+                    seen.append(f"OutboxGone: {error}")
+                    break
+            await outbox.close()
+
+    asyncio.run(main())
+
+    log = tmp_path / ".fluxbatch" / "outbox.log"
+    assert seen == ["ConnectError: the outbox process died before sending it"] * MAX_STARTS + [
+        f"OutboxGone: the outbox process (which sends every paid submit) died {MAX_STARTS} "
+        f"times; stopping. Nothing was paid twice; see {log}, then run again"]
+    assert "KeyError: 'no-such-provider'" in log.read_text()  # its traceback, not the terminal's
+
+
+RECIPE = """\
+version: 1
+name: outbox
+provider: emulator
+output: "{{ n }}.{{ ext }}"
+defaults: {model: flux-pro-1.1, width: 256, height: 256, output_format: png}
+jobs:
+  - name: grid
+    prompt: "image {{ n }}"
+    matrix:
+      n: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
+          21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40]
+"""
+
+
+def outbox_children(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and b"fluxbatch.outbox" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+def test_an_outbox_killed_mid_render_is_replaced_and_nothing_is_paid_twice(
+        tmp_path: Path) -> None:
+    build_file_tree(tmp_path, {"recipe.yaml": RECIPE})
+    config = EmulatorConfig(latency=0.3, latency_sigma=0.1, cap=4, max_side=64)
+    with EmulatorThread(config) as emulator:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fluxbatch", "render", str(tmp_path / "recipe.yaml"),
+             "--base-url", emulator.base_url, "-q", "-j", "4"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        killed = None
+        deadline = time.monotonic() + 60
+        while killed is None and time.monotonic() < deadline and process.poll() is None:
+            children = outbox_children(process.pid)
+            if children and any(tmp_path.glob("*.png")):  # mid-run: some written already
+                os.kill(children[0], signal.SIGKILL)
+                killed = children[0]
+            time.sleep(0.02)
+        out, err = process.communicate(timeout=120)
+        submissions = list(emulator.submissions)
+    assert killed is not None, "the outbox was never seen alive mid-run"
+    assert process.returncode in (0, 1), err.decode()
+    plan = load_plan(str(tmp_path / "recipe.yaml"))
+    keys = Counter(job_key(str(s["model"]), s["request"])  # type: ignore[arg-type]
+                   for s in submissions)
+    assert max(keys.values()) == 1, "a job was paid for twice"
+    written = {p.name for p in tmp_path.glob("*.png")}
+    # every image is written, except a submit that was on the wire when the outbox died
+    # (unknown: reported, never silently sent again)
+    assert len(written) >= len(plan.jobs) - 4
+    assert process.returncode == 0 or b"unknown" in out + err
+    assert "internal error" not in (out + err).decode()
