@@ -29,7 +29,7 @@ from fluxbatch.project import (
     read_regular,
     state_dir_problem,
 )
-from fluxbatch.providers import REGISTRY
+from fluxbatch.providers import REGISTRY, recipe_base_url_problem
 from fluxbatch.recipe_schema import (
     DEFAULT_MAX_JOBS,
     DEFAULT_OUTPUT,
@@ -237,8 +237,13 @@ class _Builder:
         if isinstance(spec, str):
             spec = {"name": spec}
         name = spec["name"]
-        if spec.get("base_url") and REGISTRY[name].default_base_url is None:
+        base_url = spec.get("base_url")
+        if base_url and REGISTRY[name].default_base_url is None:
             self.problem(("provider", "base_url"), f"provider {name!r} takes no base_url")
+        elif base_url:  # a recipe may not decide where the key goes
+            refused = recipe_base_url_problem(REGISTRY[name], base_url)
+            if refused is not None:
+                self.problem(("provider", "base_url"), refused)
         return ProviderSpec(
             name=name,
             base_url=spec.get("base_url"),

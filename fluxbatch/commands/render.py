@@ -163,11 +163,11 @@ class _Progress:
             if event.kind != "skipped" and self.counts["in flight"]:
                 self.counts["in flight"] -= 1
             self.counts[event.kind] += 1
-            if event.kind in FINISHED:
-                self.bar.update(1)
         else:
             return
         self.bar.set_postfix_str(self.status(), refresh=False)
+        if event.kind in FINISHED:
+            self.bar.update(1)  # (after the postfix, so that both show the same count)
 
     def status(self) -> str:
         spent = "not reported" if self.spent is None else money(self.spent)

@@ -109,6 +109,7 @@ class Api:
     # -- routing -------------------------------------------------------------------------
 
     def route(self, request: Incoming) -> Routed:
+        self.stats.requests += 1
         parts = urlsplit(request.target)
         path, query = parts.path, {k: v[0] for k, v in parse_qs(parts.query).items()}
         if path.startswith(COMET_PREFIX):

@@ -76,6 +76,7 @@ class Task:
 class Stats:
     """Counters a test can assert on."""
 
+    requests: int = 0  # every request received, whatever its answer
     submits: int = 0
     rejected_429: int = 0
     rejected_422: int = 0

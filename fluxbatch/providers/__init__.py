@@ -205,7 +205,8 @@ def recipe_base_url_problem(info: ProviderInfo, url: str) -> str | None:
     if parsed.scheme == "https" and _matches(parsed.host, info.hosts):
         return None
     own = ", ".join(info.hosts) or "none"
-    override = f"--base-url {url} on the command line"
+    suggested = parsed.copy_with(scheme="https") if parsed.scheme == "http" else parsed
+    override = f"--base-url {str(suggested).rstrip('/')} on the command line"
     if info.base_url_env:
         override += f" (or set {info.base_url_env})"
     return (f"a recipe may not send the API key to {parsed.host}: only to {info.name}'s own "
