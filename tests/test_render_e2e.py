@@ -162,3 +162,80 @@ def test_moderated_job_exits_1_with_a_summary_table_and_the_others_written(
     assert not (tmp_path / "pngs" / "kettle-request-moderated.png").exists()
     assert [image["path"] for image in manifest_images(tmp_path)] == [
         "jpegs/mug.jpg", "pngs/teapot.png"]
+
+
+# -- local faults: a clear line and exit 1, never a traceback; paid work is kept -------------
+
+
+def test_a_directory_at_an_output_path_leaves_the_image_in_flight_for_a_free_rerun(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = write_recipe(tmp_path)
+    (tmp_path / "pngs" / "teapot.png").mkdir(parents=True)
+    with serve() as emulator:
+        assert render(recipe, emulator) == 1
+        out, err = capsys.readouterr()
+        paid = len(emulator.submissions)
+        (tmp_path / "pngs" / "teapot.png").rmdir()
+        assert render(recipe, emulator) == 0
+        assert len(emulator.submissions) == paid  # collected again, not paid again
+    assert out == (f"2 written, 1 pending; cost $0.12 (reported by the provider); manifest "
+                   f"{tmp_path / 'manifest.json'}\n")
+    assert "internal error" not in err
+    assert err.endswith("1 task still in flight: run again to collect them (they are not paid "
+                        "for twice).\n")
+    assert (tmp_path / "pngs" / "teapot.png").read_bytes().startswith(MAGIC[".png"])
+    assert paid == 3
+
+
+def test_a_manifest_that_cannot_be_written_is_one_clear_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = write_recipe(tmp_path)
+    with serve() as emulator:
+        assert render(recipe, emulator) == 0
+        (tmp_path / "pngs" / "teapot.png").unlink()
+        (tmp_path / "manifest.json").unlink()
+        (tmp_path / "manifest.json").mkdir()  # (as a full disk would, os.replace fails)
+        capsys.readouterr()
+        code = render(recipe, emulator)
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert err == (f"fluxbatch: cannot write {tmp_path / 'manifest.json'}: Is a directory. "
+                   "Every image written is recorded in the state store; free some space (or "
+                   "make the folder writable) and run `fluxbatch render` again to write the "
+                   "manifest. Nothing is paid twice.\n")
+    assert len(list(tmp_path.rglob("*.png"))) == 2
+    (tmp_path / "manifest.json").rmdir()
+    assert main(["status", str(recipe)]) == 0  # the store had it all
+
+
+def test_an_output_root_that_is_not_a_folder_is_one_clear_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = write_recipe(tmp_path)
+    (tmp_path / "out").write_text("a file")
+    with serve() as emulator:
+        code = main(["render", str(recipe), "--out", str(tmp_path / "out"),
+                     "--base-url", emulator.base_url, "-q"])
+    assert (code, capsys.readouterr().err) == (
+        1, f"fluxbatch: cannot use the output root {tmp_path / 'out'}: it is a file, not a "
+        "folder\n")
+
+
+def test_a_store_damaged_past_its_header_is_one_clear_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = write_recipe(tmp_path)
+    with serve() as emulator:
+        assert render(recipe, emulator) == 0
+        database = tmp_path / ".fluxbatch" / "state.sqlite"
+        data = bytearray(database.read_bytes())
+        data[4096:] = b"\xde\xad" * ((len(data) - 4096) // 2)  # every page past the first
+        database.write_bytes(bytes(data))
+        for suffix in ("-wal", "-shm"):
+            (database.parent / f"state.sqlite{suffix}").unlink(missing_ok=True)
+        capsys.readouterr()
+        code = render(recipe, emulator)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith(f"fluxbatch: {database}: the state store is unreadable (")
+    assert err.endswith(f"Move it away (for example `mv {database} {database}.broken`) and run "
+                        f"again: fluxbatch rebuilds it from {tmp_path / 'manifest.json'}. No "
+                        "image is touched.\n")

@@ -62,8 +62,9 @@ def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run
                 report = _run(plan, selection, store, provider, options, progress, lock)
                 progress.close()
     except OSError as error:  # the output root itself: read-only, gone, not a folder
-        raise StateError(f"cannot use the output root {root}: {error.strerror or error}") \
-            from None
+        reason = "it is a file, not a folder" if root.exists() and not root.is_dir() else \
+            error.strerror or str(error)
+        raise StateError(f"cannot use the output root {root}: {reason}") from None
     code = EXIT_INTERRUPTED if report.interrupted else EXIT_OK if report.ok else EXIT_FAILED
     if as_json:
         print(json.dumps(_summary(plan, report, code), ensure_ascii=False))
