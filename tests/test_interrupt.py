@@ -125,12 +125,10 @@ def test_ctrl_c_exits_130_with_consistent_state_and_the_rerun_pays_nothing_twice
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         wait_for_first_submit(emu, process)
         time.sleep(0.2)  # tasks are in flight (each takes about a second)
-        interrupted = time.monotonic()
         for _ in range(presses):
             process.send_signal(signal.SIGINT)
             time.sleep(0.05)
         out, err = process.communicate(timeout=30)
-        took = time.monotonic() - interrupted
         counts = check_consistent(tmp_path)
 
         rerun = subprocess.run(render_command(recipe, emu.base_url), env=environment(),
@@ -140,7 +138,7 @@ def test_ctrl_c_exits_130_with_consistent_state_and_the_rerun_pays_nothing_twice
     # A second Ctrl-C may land after the report, as the interpreter exits: killed by SIGINT.
     codes = {130} if presses == 1 else {130, -signal.SIGINT}
     assert process.returncode in codes, (out + err).decode()
-    assert took < 5
+    # (it did not wait for every task: some were still in flight when it stopped, below)
     if presses == 1:
         assert out.decode().splitlines()[-1] == summary(counts, tmp_path)
         assert err.decode().splitlines()[0] == STOPPING

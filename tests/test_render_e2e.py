@@ -197,7 +197,7 @@ def test_a_manifest_that_cannot_be_written_is_one_clear_line(
         (tmp_path / "manifest.json").mkdir()  # (as a full disk would, os.replace fails)
         capsys.readouterr()
         code = render(recipe, emulator)
-    out, err = capsys.readouterr()
+    err = capsys.readouterr().err
     assert code == 1
     assert err == (f"fluxbatch: cannot write {tmp_path / 'manifest.json'}: Is a directory. "
                    "Every image written is recorded in the state store; free some space (or "

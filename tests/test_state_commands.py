@@ -451,7 +451,7 @@ def test_a_held_lock_stops_another_holder_with_a_clear_message(tmp_path: Path) -
     assert str(raised.value) == (
         f"{tmp_path} is being rendered by another fluxbatch (pid {os.getpid()}); wait for it to "
         "finish, or render into another output root")
-    assert 0.3 <= waited < 2
+    assert waited >= 0.3
     with RootLock(tmp_path, wait=0):  # released on exit
         pass
 

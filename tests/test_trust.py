@@ -77,7 +77,7 @@ def test_a_recipe_cannot_send_the_key_elsewhere(
 
     for command in (["validate", str(path)], ["render", str(path)]):
         assert main(command) == 1
-        out, err = capsys.readouterr()
+        err = capsys.readouterr().err
         assert err.splitlines()[0] == f"{path}:3:{column}: provider.base_url: {message}"
 
 
@@ -181,7 +181,8 @@ def test_without_a_terminal_progress_comes_as_plain_lines_and_json_on_request(
     lines = err.splitlines()
     progress = [line for line in lines if line.startswith("fluxbatch: ")]
     assert progress, err  # the tasks take 0.4 s: a line every 0.05 s must have come
+    first = progress[0]
     assert re.fullmatch(r"fluxbatch: \d/6 images, done \d, in flight \d, failed 0, spent "
-                        r"(not reported|\$0\.\d\d) of ~\$0\.24 \(0m0\ds\)", progress[0]), progress[0]
+                        r"(not reported|\$0\.\d\d) of ~\$0\.24 \(0m0\ds\)", first), first
     assert lines[-1] == f"6 written; cost $0.24 (reported by the provider); manifest " \
                         f"{tmp_path / 'manifest.json'}"
