@@ -155,9 +155,9 @@ def ensure_bytecode() -> None:
     compileall.compile_dir(Path(fluxbatch.__file__).parent, quiet=1)
 
 
-def run_fluxbatch(recipe: Path, base_url: str) -> Run:
-    """`fluxbatch render RECIPE --base-url URL -q`, in this process: the whole pipeline
-    (plan, state store, executor, image writer, manifest)."""
+def run_fluxbatch(recipe: Path, base_url: str, *options: str) -> Run:
+    """`fluxbatch render RECIPE --base-url URL -q [OPTIONS]`, in this process: the whole
+    pipeline (plan, state store, executor, image writer, manifest)."""
     ensure_bytecode()
     from fluxbatch.main import main
 
@@ -167,7 +167,7 @@ def run_fluxbatch(recipe: Path, base_url: str) -> Run:
     children_start = _children_cpu()
     cpu_start, wall_start = time.process_time(), time.perf_counter()
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
-        code = main(["render", str(recipe), "--base-url", base_url, "-q"])
+        code = main(["render", str(recipe), "--base-url", base_url, "-q", *options])
     wall, cpu = time.perf_counter() - wall_start, time.process_time() - cpu_start
     return Run(code, wall, cpu, _children_cpu() - children_start, printed.getvalue().strip())
 

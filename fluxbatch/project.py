@@ -99,12 +99,15 @@ class Project:
 def find_root(folder: str) -> str:
     """The top of the git work tree around `folder` (a `.git` directory, or the `.git` file
     of a worktree or submodule), else `folder` itself. Git is not run: a recipe's project
-    must not depend on which git, or whether one, is installed."""
+    must not depend on which git, or whether one, is installed. A work tree at `/` or at the
+    home directory (a "dotfiles" repository) is no project: it would open `~/.ssh` to every
+    recipe, so the recipe's folder is the project then."""
+    too_wide = {os.sep, os.path.realpath(os.path.expanduser("~"))}
     probe = folder
     while True:
         marker = os.path.join(probe, ".git")
         if os.path.isdir(marker) or os.path.isfile(marker):
-            return probe
+            return folder if probe in too_wide else probe
         parent = os.path.dirname(probe)
         if parent == probe:
             return folder

@@ -207,6 +207,23 @@ def test_a_git_work_tree_is_the_project_of_every_recipe_in_it(
         + READ_RULE))
 
 
+def test_a_work_tree_at_the_home_directory_is_no_project(
+        tmp_path: Path, capsys: Capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A "dotfiles" repository at ~ would open ~/.ssh to every recipe under it."""
+    home = tmp_path / "home"
+    build_file_tree(home, {
+        ".git/HEAD": "ref: refs/heads/main\n",
+        ".ssh/id_ed25519": "PRIVATE KEY\n",
+        "work/recipe.yaml": recipe("{v: {from: ../.ssh/id_ed25519}}"),
+    })
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(home / "work")
+    assert validate(capsys) == (1, one_problem(
+        f"recipe.yaml:9:24: jobs[0].matrix.v.from: ../.ssh/id_ed25519 resolves to "
+        f"{real(home)}/.ssh/id_ed25519, outside the recipe's project ({real(home / 'work')}); "
+        + READ_RULE))
+
+
 # -- output_root and the state directory -----------------------------------------------------
 
 OUTPUT_ROOT = "recipe.yaml:4:14: output_root: "
