@@ -60,7 +60,11 @@ class Settings:
     account_cap: int = models.ACCOUNT_CONCURRENCY
     model_caps: Mapping[str, int] = field(default_factory=lambda: dict(models.MODEL_CONCURRENCY))
     first_poll: float = 0.5  # seconds after submitting
-    min_poll_interval: float = 0.1  # the floor, whatever progress predicts
+    min_poll_interval: float = 0.1  # the floor, whatever progress predicts...
+    # ...except for the first few polls aimed at the end that progress predicts: a slot waits
+    # for every poll that comes late, and a prediction is often good to a few milliseconds.
+    aimed_poll_floor: float = 0.02
+    aimed_polls: int = 3
     max_poll_interval: float = 45.0  # a task stuck for 10 minutes: about 25 polls
     poll_growth: float = 0.5  # without progress to go by, wait this share of the time so far
     task_timeout: float = 900.0  # per task, from submit to Ready
@@ -467,6 +471,7 @@ class Executor:
             # progress, an early first look tells exactly when to look again.)
             delay = max(delay, 0.9 * typical)
         not_found = 0
+        aimed = 0  # polls aimed at a predicted end, which may come sooner than the floor
         seen: tuple[float, float] | None = None  # (elapsed, progress) when progress last grew
         while True:
             if self.stopping:
@@ -498,13 +503,16 @@ class Executor:
             progress = polled.progress
             grew = progress is not None and 0.02 < progress < 1 and \
                 (seen is None or progress > seen[1])
-            delay = self._next_poll(job.model, elapsed, progress if grew else None, seen)
+            aim = grew and aimed < self.settings.aimed_polls
+            aimed += aim
+            floor = self.settings.aimed_poll_floor if aim else self.settings.min_poll_interval
+            delay = self._next_poll(job.model, elapsed, progress if grew else None, seen, floor)
             if grew:
                 assert progress is not None
                 seen = (elapsed, progress)
 
     def _next_poll(self, model: str, elapsed: float, progress: float | None,
-                   seen: tuple[float, float] | None) -> float:
+                   seen: tuple[float, float] | None, floor: float) -> float:
         """When to look again. With progress that grew since the last look, aim just past the
         end its rate predicts; otherwise (no progress, or progress that stalls) back off
         geometrically, so a long or stuck task is polled a few dozen times at most."""
@@ -520,7 +528,7 @@ class Executor:
                 delay = typical - elapsed + settings.min_poll_interval
             else:
                 delay = elapsed * settings.poll_growth
-        return min(max(delay, settings.min_poll_interval), settings.max_poll_interval)
+        return min(max(delay, floor), settings.max_poll_interval)
 
     async def _get_poll(self, job: Job, submitted: Submitted) -> Polled:
         try:

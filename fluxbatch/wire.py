@@ -130,19 +130,12 @@ class Wire:
             if not response.is_success:
                 return Download(await self._read_whole(final, response, MAX_ANSWER), 0, "")
             digest = hashlib.sha256()
-            size = 0
-            try:
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > limit:
-                        raise BodyTooLarge(f"the image is larger than {_size(limit)}",
-                                           request=final)
-                    digest.update(chunk)
-                    sink.write(chunk)
-            except (httpx.TransportError, aiohttp.ClientError) as error:
-                raise _classified(error, final) from None
-            finally:
-                await response.aclose()
+
+            def take(chunk: bytes) -> None:
+                digest.update(chunk)
+                sink.write(chunk)
+
+            size = await _drain(final, response, limit, "the image", take)
             return Download(_without_body(response, final), size, digest.hexdigest())
 
         return await self._follow(request, stream)
@@ -163,19 +156,8 @@ class Wire:
 
     async def _read_whole(self, request: httpx.Request, response: httpx.Response,
                           limit: int) -> httpx.Response:
-        chunks = []
-        size = 0
-        try:
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > limit:
-                    raise BodyTooLarge(f"the answer is larger than {_size(limit)}",
-                                       request=request)
-                chunks.append(chunk)
-        except (httpx.TransportError, aiohttp.ClientError) as error:
-            raise _classified(error, request) from None
-        finally:
-            await response.aclose()
+        chunks: list[bytes] = []
+        await _drain(request, response, limit, "the answer", chunks.append)
         return _without_body(response, request, b"".join(chunks))
 
     async def _follow(self, request: httpx.Request,
@@ -198,6 +180,24 @@ class Wire:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+async def _drain(request: httpx.Request, response: httpx.Response, limit: int, what: str,
+                 take: Callable[[bytes], object]) -> int:
+    """Hand the body's decoded chunks to `take`, refusing it past `limit` bytes; returns the
+    size. The response is closed whatever happens."""
+    size = 0
+    try:
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"{what} is larger than {_size(limit)}", request=request)
+            take(chunk)
+    except (httpx.TransportError, aiohttp.ClientError) as error:
+        raise _classified(error, request) from None
+    finally:
+        await response.aclose()
+    return size
 
 
 def _redirected(request: httpx.Request, response: httpx.Response) -> httpx.Request:

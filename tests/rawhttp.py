@@ -11,9 +11,9 @@ import socket
 import ssl
 import struct
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -64,21 +64,20 @@ Handler = Callable[[Received, Peer], Awaitable[bool]]
 RawHandler = Callable[[Peer], Awaitable[None]]
 
 
-class Server:
-    def __init__(self, handler: Handler, ssl_context: ssl.SSLContext | None = None, *,
-                 raw: RawHandler | None = None) -> None:
-        self.handler = handler
-        self.raw = raw
-        self.ssl_context = ssl_context
-        self.accepted = 0
-        self.open = 0
-        self.max_open = 0
-        self.requests: list[Received] = []
+class _Listener:
+    """A server on a free loopback port; its connections' tasks are cancelled on exit."""
+
+    ssl_context: ssl.SSLContext | None = None
+
+    def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.Server | None = None
         self.port = 0
 
-    async def __aenter__(self) -> Server:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self: T) -> T:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0,
                                                   ssl=self.ssl_context)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -91,6 +90,22 @@ class Server:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._server.wait_closed()
+
+
+T = TypeVar("T", bound=_Listener)
+
+
+class Server(_Listener):
+    def __init__(self, handler: Handler, ssl_context: ssl.SSLContext | None = None, *,
+                 raw: RawHandler | None = None) -> None:
+        super().__init__()
+        self.handler = handler
+        self.raw = raw
+        self.ssl_context = ssl_context
+        self.accepted = 0
+        self.open = 0
+        self.max_open = 0
+        self.requests: list[Received] = []
 
     def url(self, path: str = "/", host: str = "127.0.0.1") -> str:
         scheme = "https" if self.ssl_context is not None else "http"
@@ -191,28 +206,14 @@ async def ok(request: Received, peer: Peer) -> bool:
     return True
 
 
-@dataclass
-class Proxy:
+class Proxy(_Listener):
     """An HTTP proxy on loopback: answers absolute-form requests itself (`proxied GET
     http://...`) and tunnels CONNECT to loopback targets only. `seen` lists what it was
     asked for."""
 
-    seen: list[str] = field(default_factory=list)
-    port: int = 0
-    _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
-
-    async def __aenter__(self) -> Proxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
 
     @property
     def url(self) -> str:
