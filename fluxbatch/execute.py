@@ -564,7 +564,7 @@ class Executor:
     async def _fetch(self, job: Job, sample: str) -> Image:
         """The sample, streamed into a spool file (retried on transient failures)."""
         try:
-            httpx.URL(sample)
+            url = httpx.URL(sample)  # (parsed once: httpx checks every character)
         except httpx.InvalidURL as error:
             raise JobFailed(f"download: the provider gave an unusable URL ({error})") from None
         attempts = self.settings.get_attempts
@@ -578,7 +578,7 @@ class Executor:
             path = Path(spool.name)
             try:
                 with spool:
-                    done = await self.wire.download(httpx.Request("GET", sample), spool,
+                    done = await self.wire.download(httpx.Request("GET", url), spool,
                                                     limit=self.settings.max_image)
             except BodyTooLarge as error:
                 os.unlink(path)

@@ -17,7 +17,7 @@ Three rules keep a paid request paid once:
 - A redirect to another origin carries no credentials (no `x-key`, `Authorization` or
   cookies), and there are no cookie jars at all.
 
-It honours HTTP_PROXY / HTTPS_PROXY / NO_PROXY (aiohttp's `trust_env`) and SSL_CERT_FILE /
+It honours HTTP_PROXY / HTTPS_PROXY / ALL_PROXY / NO_PROXY (`Routes`) and SSL_CERT_FILE /
 SSL_CERT_DIR (else certifi's CA bundle). Bodies are bounded as they stream in: an API answer
 over `MAX_ANSWER` bytes or an image over `MAX_IMAGE` bytes is refused, never held whole.
 """
@@ -25,9 +25,10 @@ over `MAX_ANSWER` bytes or an image over `MAX_IMAGE` bytes is refused, never hel
 from __future__ import annotations
 
 import hashlib
+import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
 import aiohttp
 import httpx
@@ -84,29 +85,18 @@ class Wire:
     """`send` a request and read its answer, or `download` a body into a file; both follow
     nothing but what they are told to (`get_following_redirects`, `download`)."""
 
-    def __init__(self, transport: httpx.AsyncBaseTransport, *,
-                 fresh: httpx.AsyncBaseTransport | None = None,
+    def __init__(self, transport: httpx.AsyncBaseTransport | Routes, *,
                  timeout: httpx.Timeout = TIMEOUT) -> None:
-        self.transport = transport
-        self.fresh = fresh or transport  # for requests that are not idempotent
+        # One transport for everything (a test's MockTransport), or aiohttp's, by route.
+        self.routes = transport if isinstance(transport, Routes) else None
+        self.transport = transport if not isinstance(transport, Routes) else None
         self._timeouts = timeout.as_dict()
 
     @classmethod
     def open(cls, max_connections: int, timeout: httpx.Timeout = TIMEOUT) -> Wire:
-        """Over aiohttp: a keep-alive pool of `max_connections` for GETs, and a connection
-        of its own for each other request."""
-        context = httpx.create_ssl_context(trust_env=True)
-
-        def session(**connector: bool | int) -> Callable[[], aiohttp.ClientSession]:
-            # (called inside the running loop, at the first request, as aiohttp requires)
-            return lambda: aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=context, **connector),  # type: ignore[arg-type]
-                cookie_jar=aiohttp.DummyCookieJar(), trust_env=True)
-
-        return cls(AiohttpTransport(client=session(limit=max_connections)),
-                   fresh=AiohttpTransport(client=session(force_close=True, limit=0)),
-                   timeout=timeout)
-
+        """Over aiohttp: a keep-alive pool of `max_connections` for GETs, a connection of its
+        own for each other request, each through the proxy the environment names."""
+        return cls(Routes(max_connections), timeout=timeout)
     async def send(self, request: httpx.Request, *, limit: int = MAX_ANSWER) -> httpx.Response:
         """The response, its body read whole (at most `limit` bytes, decoded)."""
         return await self._read_whole(request, await self._open(request), limit)
@@ -142,7 +132,8 @@ class Wire:
 
     async def _open(self, request: httpx.Request) -> httpx.Response:
         request.extensions["timeout"] = self._timeouts
-        transport = self.transport if request.method in ("GET", "HEAD") else self.fresh
+        transport = self.routes.transport_for(request) if self.routes else self.transport
+        assert transport is not None
         try:
             response = await transport.handle_async_request(request)
         except (httpx.TransportError, aiohttp.ClientError) as error:
@@ -171,9 +162,10 @@ class Wire:
         raise httpx.TooManyRedirects("Exceeded maximum allowed redirects.", request=request)
 
     async def aclose(self) -> None:
-        await self.transport.aclose()
-        if self.fresh is not self.transport:
-            await self.fresh.aclose()
+        if self.routes is not None:
+            await self.routes.aclose()
+        elif self.transport is not None:
+            await self.transport.aclose()
 
     async def __aenter__(self) -> Wire:
         return self
@@ -198,6 +190,51 @@ async def _drain(request: httpx.Request, response: httpx.Response, limit: int, w
     finally:
         await response.aclose()
     return size
+
+
+class Routes:
+    """aiohttp transports by route: direct or through a proxy, kept alive (GET) or one
+    connection per request (anything else).
+
+    Proxies come from HTTP_PROXY / HTTPS_PROXY / ALL_PROXY / NO_PROXY, read once, as the
+    standard library reads them. aiohttp's own `trust_env` is not used: it would also read
+    ~/.netrc, on a worker thread, at every request (a third of the client's CPU), and add
+    its credentials to requests that carry their own key."""
+
+    def __init__(self, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self.proxies = urllib.request.getproxies_environment()
+        self.context = httpx.create_ssl_context(trust_env=True)  # SSL_CERT_FILE, _DIR
+        self._transports: dict[tuple[str | None, bool], AiohttpTransport] = {}
+
+    def proxy_for(self, url: httpx.URL) -> str | None:
+        # (proxy_bypass_environment is the standard library's NO_PROXY rule; typeshed omits it)
+        bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+        if not self.proxies or bypass(url.host, self.proxies):
+            return None
+        return self.proxies.get(url.scheme) or self.proxies.get("all")
+
+    def transport_for(self, request: httpx.Request) -> AiohttpTransport:
+        proxy = self.proxy_for(request.url)
+        kept_alive = request.method in ("GET", "HEAD")
+        transport = self._transports.get((proxy, kept_alive))
+        if transport is None:
+            connector = {"limit": self.max_connections} if kept_alive else \
+                {"force_close": True, "limit": 0}
+            transport = AiohttpTransport(
+                proxy=httpx.Proxy(proxy) if proxy else None, client=self._session(connector))
+            self._transports[(proxy, kept_alive)] = transport
+        return transport
+
+    def _session(self, connector: dict[str, Any]) -> Callable[[], aiohttp.ClientSession]:
+        # (called inside the running loop, at the first request, as aiohttp requires)
+        return lambda: aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=self.context, **connector),
+            cookie_jar=aiohttp.DummyCookieJar())
+
+    async def aclose(self) -> None:
+        for transport in self._transports.values():
+            await transport.aclose()
 
 
 def _redirected(request: httpx.Request, response: httpx.Response) -> httpx.Request:

@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import io
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -465,6 +466,27 @@ def test_no_proxy_sends_directly(monkeypatch: pytest.MonkeyPatch) -> None:
             async with wire() as w:
                 assert (await w.send(get(server.url("/direct")))).content == b"ok /direct"
             assert proxy.seen == []
+
+    run(main())
+
+
+def test_a_netrc_file_adds_no_credentials(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiohttp's trust_env would add ~/.netrc's password to a request that carries its own
+    key (and refuse one with an Authorization header outright)."""
+    (tmp_path / ".netrc").write_text("machine 127.0.0.1 login user password secret\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+
+    async def main() -> None:
+        async with Server(ok) as server, wire() as w:
+            await w.send(get(server.url("/poll"), {"X-Key": "k"}))
+            bearer = httpx.Request("POST", server.url("/submit"), content=b"x",
+                                   headers={"Authorization": "Bearer k"})
+            assert (await w.send(bearer)).content == b"ok /submit"
+            assert [r.headers.get("authorization") for r in server.requests] == [
+                None, "Bearer k"]
 
     run(main())
 

@@ -34,8 +34,8 @@ class Bfl:
                 "user-agent": USER_AGENT}
 
     def submit_request(self, model: str, body: Mapping[str, Any]) -> httpx.Request:
-        return httpx.Request("POST", f"{self.base_url}/v1/{model}", json=dict(body),
-                             headers=self._headers())
+        return httpx.Request("POST", parsed_url(f"{self.base_url}/v1/{model}"),
+                             json=dict(body), headers=self._headers())
 
     def poll_request(self, submitted: Submitted) -> httpx.Request:
         url = parsed_url(submitted.polling_url)
