@@ -220,7 +220,7 @@ def key_refusal(info: ProviderInfo, base_url: str, url: httpx.URL) -> str | None
         return None  # (no real key: the emulator)
     if url.scheme == "http" and not is_loopback(url.host):
         return f"{url.scheme}://{url.host} is plain http, which would expose the API key"
-    if _origin(url) == _origin(httpx.URL(base_url)):
+    if _origin(url) == _origin(parsed_url(base_url)):  # (parsed once, not at every poll)
         return None
     if url.scheme == "https" and _matches(url.host, info.key_hosts):
         return None
