@@ -53,6 +53,7 @@ FAILED = "failed"
 UNKNOWN = "unknown"  # a submit whose outcome was never learned: maybe billed
 PENDING = "pending"  # submitted, result not learned yet (timeout, interrupt): re-attachable
 SKIPPED = "skipped"  # never submitted (interrupted, or the run stopped on a fatal error)
+GONE = "gone"  # paid, but the provider no longer knows the task: only now may it be paid again
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +147,11 @@ class JobFailed(Exception):
     not a usable image)."""
 
 
+class Unusable(JobFailed):
+    """The downloaded bytes are not an image fluxbatch can store (a writer raises it): the
+    task is polled again for a fresh URL and downloaded again, never paid for again."""
+
+
 class _Oversized(JobFailed):
     """The sample is over the size limit: a fresh URL would not make it smaller."""
 
@@ -163,6 +169,10 @@ class LocalFault(Exception):
     def from_os_error(cls, what: str, error: OSError) -> LocalFault:
         run_wide = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
         return cls(f"{what}: {error.strerror or error}", stops_run=run_wide)
+
+
+class _Gone(JobFailed):
+    """The provider no longer knows the task (results expire)."""
 
 
 class _Pending(Exception):
@@ -285,7 +295,8 @@ class Executor:
             outcome.status, outcome.reason = UNKNOWN, str(error)
             return self._finish(outcome)
         except JobFailed as error:
-            outcome.status, outcome.reason = FAILED, str(error)
+            outcome.status = GONE if isinstance(error, _Gone) else FAILED
+            outcome.reason = str(error)
             return self._finish(outcome)
         except (_Fatal, FluxbatchError) as error:  # (FluxbatchError: the journal failed)
             self.fatal = self.fatal or str(error)
@@ -340,9 +351,21 @@ class Executor:
         image = None
         try:
             image = await self._download(job, outcome)
-            outcome.written = await self.writer(job, image, outcome)
+            try:
+                outcome.written = await self.writer(job, image, outcome)
+            except Unusable:  # (a truncated download, say): a fresh URL, once more
+                image.path.unlink(missing_ok=True)
+                await self._fresh_sample(job, outcome)
+                image = await self._download(job, outcome)
+                outcome.written = await self.writer(job, image, outcome)
+        except Unusable as error:  # paid: never paid again while it may be collected
+            outcome.status = PENDING
+            outcome.reason = f"{error}; the next run downloads it again without paying (or " \
+                             "--force pays for a new one)"
+            return self._finish(outcome)
         except JobFailed as error:
-            outcome.status, outcome.reason = FAILED, str(error)
+            outcome.status = GONE if isinstance(error, _Gone) else FAILED
+            outcome.reason = str(error)
             return self._finish(outcome)
         except LocalFault as error:  # paid and ready, but not storable here: collect it later
             if error.stops_run:
@@ -492,8 +515,8 @@ class Executor:
                 # answers in a row count (a Pending in between shows the task is alive).
                 not_found += 1
                 if not_found >= self.settings.not_found_attempts:
-                    raise JobFailed(f"the provider no longer knows task {submitted.task_id} "
-                                    "('Task not found'; results expire)")
+                    raise _Gone(f"the provider no longer knows task {submitted.task_id} "
+                                "('Task not found'; results expire)")
                 delay = self._backoff(not_found)
                 continue
             not_found = 0
@@ -555,11 +578,19 @@ class Executor:
                 if attempt == 2 or isinstance(error, _Oversized):
                     raise
                 # A signed URL expires (~10 minutes): ask for the result again.
-                outcome.polled = await self._get_poll(job, outcome.submitted)
-                if outcome.polled.status != r.READY:
-                    raise JobFailed(f"the sample URL failed and the task is now "
-                                    f"{outcome.polled.status!r}") from None
+                await self._fresh_sample(job, outcome)
         raise AssertionError("unreachable")
+
+    async def _fresh_sample(self, job: Job, outcome: Outcome) -> None:
+        """Poll a Ready task again, for a fresh sample URL."""
+        assert outcome.submitted is not None
+        outcome.polled = await self._get_poll(job, outcome.submitted)
+        status = outcome.polled.status
+        if status == r.TASK_NOT_FOUND:
+            raise _Gone(f"the provider no longer knows task {outcome.submitted.task_id} "
+                        "('Task not found'; results expire)")
+        if status != r.READY:
+            raise JobFailed(f"the sample URL failed and the task is now {status!r}")
 
     async def _fetch(self, job: Job, sample: str) -> Image:
         """The sample, streamed into a spool file (retried on transient failures)."""

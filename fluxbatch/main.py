@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("clean", help="list (or --delete) images whose job left the recipe")
     _recipe_arguments(p)
     p.add_argument("--delete", action="store_true", help="delete them and their entries")
+    p.add_argument("--store", action="store_true",
+                   help="also the content store's copies of images that placed files hold")
+
+    p = sub.add_parser("merge", help="adopt the images other output roots hold for the recipe "
+                       "(shards rendered elsewhere), without a request")
+    _recipe_arguments(p)
+    p.add_argument("sources", nargs="+", metavar="DIR", help="an output root to adopt from")
 
     p = sub.add_parser("inspect", help="print the provenance an image carries")
     p.add_argument("image", metavar="IMAGE")
@@ -121,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="IMAGE_OR_MANIFEST")
     p.add_argument("--entry", metavar="PATH", help="with a manifest: the image's path")
     p.add_argument("-o", "--output", metavar="FILE", help="write the recipe here (default: stdout)")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
 
     p = sub.add_parser("gallery", help="write an HTML contact sheet of the rendered images")
     _recipe_arguments(p)
@@ -173,6 +181,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "render": _render,
         "status": _status,
         "clean": _clean,
+        "merge": _merge,
         "inspect": _inspect,
         "reproduce": _reproduce,
         "gallery": _gallery,
@@ -220,7 +229,14 @@ def _status(args: argparse.Namespace) -> int:
 def _clean(args: argparse.Namespace) -> int:
     from fluxbatch.commands.clean import clean
 
-    return clean(recipe=args.recipe, out=args.out, yes=args.yes, delete=args.delete)
+    return clean(recipe=args.recipe, out=args.out, yes=args.yes, delete=args.delete,
+                 store=args.store)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from fluxbatch.commands.merge import merge
+
+    return merge(recipe=args.recipe, out=args.out, yes=args.yes, sources=args.sources)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -232,7 +248,8 @@ def _inspect(args: argparse.Namespace) -> int:
 def _reproduce(args: argparse.Namespace) -> int:
     from fluxbatch.commands.inspect import reproduce
 
-    return reproduce(source=args.source, entry_path=args.entry, output=args.output)
+    return reproduce(source=args.source, entry_path=args.entry, output=args.output,
+                     force=args.force)
 
 
 def _gallery(args: argparse.Namespace) -> int:

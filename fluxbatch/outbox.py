@@ -39,7 +39,7 @@ import httpx
 from fluxbatch import providers
 from fluxbatch.errors import FluxbatchError, StateError
 from fluxbatch.providers import Submitted, responses
-from fluxbatch.state import STATE_DIR, SUBMITTED, SUBMITTING, Store
+from fluxbatch.state import STATE_DIR, Store, TaskStatus
 from fluxbatch.wire import NOT_SENT, Wire
 
 MAX_STARTS = 4  # an outbox that dies this often is not dying by accident: stop the run
@@ -85,13 +85,13 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
             reply({"id": message["id"], "error": "Outbox", "message": str(error)})
 
     async def exchange(message: dict[str, Any], wire: Wire) -> None:
-        output, key = message["output"], message["key"]
+        key = message["key"]
         request = httpx.Request(message["method"], message["url"], headers=message["headers"],
                                 content=base64.b64decode(message["body"]))
         # Recorded by the process that sends, just before sending: a request that never left
         # is never mistaken for one that may have been billed.
         try:
-            store.submitting(output, key, reader.info.name, reader.base_url)
+            store.submitting(key, reader.info.name, reader.base_url, hello.get("run"))
         except StateError as error:  # nothing was sent
             reply({"id": message["id"], "error": "StateError", "message": str(error)})
             return
@@ -99,14 +99,14 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
             response = await wire.send(request)
         except httpx.RequestError as error:  # (a huge answer too: it was sent)
             if isinstance(error, NOT_SENT):
-                store.not_sent(output, key)
+                store.not_sent(key)
             elif not parent_alive[0]:
-                store.ended(output, key, "unknown", f"the submit's answer was lost "
+                store.ended(key, TaskStatus.UNKNOWN, f"the submit's answer was lost "
                             f"({type(error).__name__}) and the render process had gone")
             reply({"id": message["id"], "error": type(error).__name__, "message": str(error)})
             return
         try:
-            _record(store, reader, output, key, response, parent_alive[0])
+            _record(store, reader, key, response, parent_alive[0])
         except StateError as error:
             # Left as "submitting": the next run reports it unknown, never pays it again.
             print(f"outbox: {error}", file=sys.stderr, flush=True)
@@ -128,19 +128,19 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
     store.close()
 
 
-def _record(store: Store, reader: providers.Provider, output: str, key: str,
-            response: httpx.Response, parent_alive: bool) -> None:
+def _record(store: Store, reader: providers.Provider, key: str, response: httpx.Response,
+            parent_alive: bool) -> None:
     if response.is_success:
         try:
             submitted = reader.read_submitted(response)
         except responses.BadResponse:
             return  # left as "submitting": the parent (or the next run) reports it unknown
-        store.submitted(output, key, submitted.task_id, submitted.polling_url, submitted.cost,
+        store.submitted(key, submitted.task_id, submitted.polling_url, submitted.cost,
                         time.time())
     elif response.status_code == 429 or 400 <= response.status_code < 500:
-        store.not_sent(output, key)  # refused: nothing was created
+        store.not_sent(key)  # refused: nothing was created
     elif not parent_alive:
-        store.ended(output, key, "unknown", f"the provider answered HTTP "
+        store.ended(key, TaskStatus.UNKNOWN, f"the provider answered HTTP "
                     f"{response.status_code} and the render process had gone")
 
 
@@ -177,7 +177,6 @@ class _Handed:
     """A request handed to the child, waiting for its answer."""
 
     answer: asyncio.Future[dict[str, Any]]
-    output: str
     key: str
     at: float  # time.time() when handed over
 
@@ -186,8 +185,9 @@ class Outbox:
     """`send(request)` for paid requests, answered only after the child has committed."""
 
     def __init__(self, root: Path, provider: providers.Provider, lock_fd: int | None,
-                 store: Store) -> None:
+                 store: Store, *, run: str | None = None) -> None:
         self.root = root
+        self.run = run  # recorded with each submit: what this run spent
         self.provider = provider
         self.lock_fd = lock_fd
         self.store = store  # the parent's own connection: to settle requests a dead child held
@@ -214,7 +214,7 @@ class Outbox:
                 pass_fds=(self.lock_fd,) if self.lock_fd is not None else (),
             )
         hello = {"root": str(self.root), "provider": self.provider.info.name,
-                 "base_url": self.provider.base_url}
+                 "base_url": self.provider.base_url, "run": self.run}
         await self._write(hello)
         self._reader = asyncio.ensure_future(self._read(self._process))
 
@@ -247,14 +247,13 @@ class Outbox:
                     f"times; stopping. Nothing was paid twice; see {self.log}, then run again")
             await self.start()
 
-    def sender(self, output: str, key: str) -> Callable[[httpx.Request],
-                                                        Awaitable[httpx.Response]]:
+    def sender(self, key: str) -> Callable[[httpx.Request], Awaitable[httpx.Response]]:
         async def send(request: httpx.Request) -> httpx.Response:
-            return await self.send(request, output, key)
+            return await self.send(request, key)
 
         return send
 
-    async def send(self, request: httpx.Request, output: str, key: str) -> httpx.Response:
+    async def send(self, request: httpx.Request, key: str) -> httpx.Response:
         if not self._running():
             await self._ensure_running()
         if not self._running():  # (closing)
@@ -264,9 +263,9 @@ class Outbox:
         self._next += 1
         ident = self._next
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiting[ident] = _Handed(future, output, key, time.time())
+        self._waiting[ident] = _Handed(future, key, time.time())
         await self._write({
-            "id": ident, "output": output, "key": key, "method": request.method,
+            "id": ident, "key": key, "method": request.method,
             "url": str(request.url), "headers": list(request.headers.multi_items()),
             "body": base64.b64encode(request.content).decode(),
         })
@@ -304,12 +303,12 @@ class Outbox:
 
     def _settle(self, handed: _Handed) -> dict[str, Any]:
         """The answer for a request the child held when it died, from what it committed."""
-        attempt = self.store.attempt(handed.output)
-        if attempt is not None and attempt.key == handed.key and attempt.updated_at >= handed.at:
-            if attempt.status == SUBMITTED and attempt.task_id and attempt.polling_url:
-                return {"recovered": {"task_id": attempt.task_id, "cost": attempt.cost,
-                                      "polling_url": attempt.polling_url}}
-            if attempt.status == SUBMITTING:
+        task = self.store.task(handed.key)
+        if task is not None and task.updated_at >= handed.at:
+            if task.status == TaskStatus.SUBMITTED and task.task_id and task.polling_url:
+                return {"recovered": {"task_id": task.task_id, "cost": task.cost,
+                                      "polling_url": task.polling_url}}
+            if task.status == TaskStatus.SUBMITTING:
                 return {"error": "RemoteProtocolError",
                         "message": "the outbox process died while sending it"}
         return {"error": "ConnectError", "message": "the outbox process died before sending it"}

@@ -19,10 +19,20 @@ from typing import Any
 from fluxbatch import models, recipe
 from fluxbatch.errors import ConfigError, FluxbatchError, Problem, RecipeError
 from fluxbatch.expand import Job, Plan, expand
-from fluxbatch.state import STATE_DIR, InFlight, Record, Store
+from fluxbatch.state import IN_FLIGHT as TASK_IN_FLIGHT
+from fluxbatch.state import (
+    STATE_DIR,
+    Placement,
+    RootState,
+    Store,
+    Task,
+    TaskStatus,
+    has_blob,
+)
 
 NEW = "new"
 UP_TO_DATE = "up-to-date"
+STORED = "stored"
 MISSING = "missing"
 STALE = "stale"
 IN_FLIGHT = "in-flight"
@@ -31,9 +41,11 @@ FAILED = "failed"
 MODERATED = "moderated"
 ORPHANED = "orphaned"
 
-# States whose jobs `render` would pay for (in-flight ones are re-attached, not paid again).
+# States whose jobs `render` would pay for (stored images are placed and in-flight tasks
+# collected: neither is paid again).
 TO_RENDER = frozenset({NEW, MISSING, STALE, FAILED})
-STATE_ORDER = (UP_TO_DATE, NEW, MISSING, STALE, IN_FLIGHT, FAILED, MODERATED, UNKNOWN, ORPHANED)
+STATE_ORDER = (UP_TO_DATE, STORED, NEW, MISSING, STALE, IN_FLIGHT, FAILED, MODERATED, UNKNOWN,
+               ORPHANED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +61,6 @@ class Classified:
             counts[ORPHANED] = len(self.orphans)
         return counts
 
-    def selected(self, states: frozenset[str]) -> list[Job]:
-        return [job for job, state in zip(self.plan.jobs, self.states, strict=True)
-                if state in states]
 
 
 def load_plan(path: str, *, out: str | None = None, yes: bool = False) -> Plan:
@@ -96,47 +105,63 @@ def _link_problem(real_root: str, path: Path) -> str | None:
     return None
 
 
-def classify(plan: Plan, records: Mapping[str, Record], *, verify: bool = False,
+def classify(plan: Plan, state: RootState, *, verify: bool = False,
              verified: Callable[[str, int], None] | None = None) -> Classified:
-    """Each job's state, given the state's records by output path.
+    """Each job's state, from the root's state.
 
-    A written image is up to date when its key matches and the file is still the one that
-    was written: same size and mtime (the fast path), else — or with `verify` — the same
-    sha256. `verified(output, mtime_ns)` hears of files confirmed by hash, so the fast path
-    works for them next time.
+    A placed image is up to date when its key matches and the file is still the one that was
+    written: same size and mtime (the fast path), else — or with `verify` — the same sha256.
+    `verified(output, mtime_ns)` hears of files confirmed by hash, so the fast path works for
+    them next time. A job that is not up to date but whose image the root already holds (in
+    the content store, or in a file placed for any output or recipe) is *stored*: rendering
+    it places that image, at no cost.
     """
     root = plan.recipe.output_root
     states: list[str] = []
     reasons: dict[int, str] = {}
     for job in plan.jobs:
-        record = records.get(job.output)
-        state = _state(job, record, root, verify, verified)
-        states.append(state)
-        if record is not None and record.reason and state not in (UP_TO_DATE, NEW, STALE):
-            reasons[job.index] = record.reason
-        elif record is not None and state in (MISSING, STALE, IN_FLIGHT, UNKNOWN):
-            reasons[job.index] = _why(state, record, root, job.output)
+        placement = state.placements.get(job.output)
+        if placement is not None and placement.key == job.key and \
+                _intact(root, placement, verify, verified):
+            states.append(UP_TO_DATE)
+            continue
+        found, why = _state(job, placement, state, root)
+        states.append(found)
+        if why:
+            reasons[job.index] = why
     planned = {job.output for job in plan.jobs}
-    orphans = tuple(sorted(output for output, record in records.items()
-                           if output not in planned and record.written_key is not None))
+    orphans = tuple(sorted(output for output in state.placements if output not in planned))
     return Classified(plan, tuple(states), orphans, reasons)
 
 
-_ATTEMPT_STATES = {"submitted": IN_FLIGHT, "ready": IN_FLIGHT, "submitting": UNKNOWN,
-                   "unknown": UNKNOWN, "failed": FAILED, "moderated": MODERATED}
-
-
-def _state(job: Job, record: Record | None, root: Path, verify: bool,
-           verified: Callable[[str, int], None] | None) -> str:
-    if record is None:
-        return NEW
-    if record.written_key == job.key and _intact(root, job.output, record, verify, verified):
-        return UP_TO_DATE
-    if record.key == job.key and record.status in _ATTEMPT_STATES:
-        return _ATTEMPT_STATES[record.status]
-    if record.written_key == job.key:
-        return MISSING
-    return STALE if record.written_key is not None else NEW
+def _state(job: Job, placement: Placement | None, state: RootState,
+           root: Path) -> tuple[str, str | None]:
+    """A job's state (not up to date) and why, from the ledger and the placements."""
+    task = state.tasks.get(job.key)
+    if has_blob(root, task):
+        return STORED, "its image is in the content store (paid earlier): placed at no cost"
+    elsewhere = source_placement(job.key, state, root, exclude=placement)
+    if elsewhere is not None:
+        return STORED, f"the same image is at {elsewhere.path}: placed at no cost"
+    reason = task.reason if task is not None else None
+    if task is not None and task.status in TASK_IN_FLIGHT:
+        return IN_FLIGHT, reason or _REASONS[IN_FLIGHT]
+    if task is not None and task.status in (TaskStatus.FETCHED, TaskStatus.PLACED) and task.task_id:
+        return IN_FLIGHT, "paid earlier, but its bytes are gone: the task is collected again"
+    if task is not None and task.status in (TaskStatus.SUBMITTING, TaskStatus.UNKNOWN):
+        return UNKNOWN, reason or _REASONS[UNKNOWN]
+    if task is not None and task.status == TaskStatus.MODERATED:
+        return MODERATED, reason
+    if task is not None and task.status == TaskStatus.FAILED:
+        return FAILED, reason
+    gone = task is not None and task.status == TaskStatus.GONE
+    if placement is None:
+        return NEW, _REASONS["gone"] if gone else None
+    if placement.key != job.key:
+        return STALE, _REASONS[STALE]
+    return MISSING, _REASONS["gone"] if gone else (
+        "the file was changed after it was written" if os.path.lexists(root / placement.path)
+        else "the file was deleted")
 
 
 _REASONS = {
@@ -144,33 +169,35 @@ _REASONS = {
     IN_FLIGHT: "submitted by an earlier run; the next render collects it without paying again",
     UNKNOWN: "a run stopped while submitting it: the answer was never recorded, and it may "
              "have been billed",
+    "gone": "paid before, but the provider no longer has the task and its bytes were lost",
 }
 
 
-def _why(state: str, record: Record, root: Path, output: str) -> str:
-    """Why a job is not up to date, when the state itself recorded no reason."""
-    if state in _REASONS:
-        return _REASONS[state]
-    if os.path.lexists(root / (record.path or output)):
-        return "the file was changed after it was written"
-    return "the file was deleted"
+def source_placement(key: str, state: RootState, root: Path, *,
+                     exclude: Placement | None = None) -> Placement | None:
+    """An intact file in the root that holds the image of `key` (any recipe, any output)."""
+    for candidate in state.by_key.get(key, ()):
+        if candidate is not exclude and candidate.key == key and \
+                _intact(root, candidate, False, None):
+            return candidate
+    return None
 
 
-def _intact(root: Path, output: str, record: Record, verify: bool,
+def _intact(root: Path, placement: Placement, verify: bool,
             verified: Callable[[str, int], None] | None) -> bool:
-    target = root / (record.path or output)
+    target = root / placement.path
     try:
         stat = os.stat(target)
     except OSError:
         return False
-    if stat.st_size != record.size:
+    if stat.st_size != placement.size:
         return False
-    if not verify and stat.st_mtime_ns == record.mtime_ns:
+    if not verify and stat.st_mtime_ns == placement.mtime_ns:
         return True
-    if file_sha256(target) != record.sha256:
+    if file_sha256(target) != placement.sha256:
         return False
     if verified is not None:
-        verified(output, stat.st_mtime_ns)
+        verified(placement.output, stat.st_mtime_ns)
     return True
 
 
@@ -233,11 +260,16 @@ class Options:
 
 @dataclass(slots=True)
 class Selection:
-    """What a render will do with each planned job."""
+    """What a render will do with each planned job: pay for it (`submit`, one job per key),
+    collect a task paid earlier (`attach`), place an image the root holds (`place`), or
+    leave it. `followers` are the other planned jobs of a key being submitted or collected:
+    they are placed from the same image, never paid for again."""
 
     classified: Classified
     submit: list[Job] = field(default_factory=list)
-    attach: list[tuple[Job, InFlight]] = field(default_factory=list)
+    attach: list[tuple[Job, Task]] = field(default_factory=list)
+    place: list[Job] = field(default_factory=list)
+    followers: dict[str, list[Job]] = field(default_factory=dict)
     held_unknown: list[Job] = field(default_factory=list)
     held_moderated: list[Job] = field(default_factory=list)
     up_to_date: int = 0
@@ -245,6 +277,7 @@ class Selection:
 
     @property
     def jobs(self) -> list[Job]:
+        """The jobs that need the network."""
         return self.submit + [job for job, _ in self.attach]
 
     def estimated_usd(self) -> float | None:
@@ -287,39 +320,53 @@ def in_shard(job: Job, shard: tuple[int, int] | None) -> bool:
     return int(job.key[:12], 16) % count == index - 1
 
 
-def select(classified: Classified, in_flight: Mapping[str, InFlight], options: Options,
+def select(classified: Classified, state: RootState, options: Options,
            provider: str) -> Selection:
     selection = Selection(classified)
     # The in-process emulator dies with its run: its tasks cannot be collected later, and
     # sending one again costs nothing, so nothing of it is held back or re-attached.
     ephemeral = provider == "emulator" and options.base_url is None
-    for job, state in zip(classified.plan.jobs, classified.states, strict=True):
+    for job, found in zip(classified.plan.jobs, classified.states, strict=True):
         if (options.only and not matches_only(job, options.only)) or \
                 not in_shard(job, options.shard):
             selection.filtered_out += 1
             continue
-        flight = None if ephemeral else in_flight.get(job.key)
-        if state == IN_FLIGHT and flight is not None and flight.provider == provider:
-            selection.attach.append((job, flight))  # paid for already: never submit again
-        elif state == UNKNOWN and not (options.retry_unknown or ephemeral):
-            selection.held_unknown.append(job)  # maybe paid: even --force needs --retry-unknown
-        elif options.force:
-            selection.submit.append(job)
-        elif state == UP_TO_DATE:
+        if found == UP_TO_DATE and not options.force:
             selection.up_to_date += 1
-        elif state in (NEW, MISSING, STALE, FAILED, IN_FLIGHT) or state == UNKNOWN:
-            selection.submit.append(job)
-        elif state == MODERATED:
+            continue
+        if job.key in selection.followers:  # its key is already being submitted or collected
+            selection.followers[job.key].append(job)
+            continue
+        task = state.tasks.get(job.key)
+        if found == STORED and not options.force:
+            selection.place.append(job)
+        elif found == IN_FLIGHT and not ephemeral and task is not None and task.task_id and \
+                task.polling_url and task.provider == provider:
+            selection.attach.append((job, task))  # paid for already: never submit again
+            selection.followers[job.key] = []
+        elif found == UNKNOWN and not (options.retry_unknown or ephemeral):
+            selection.held_unknown.append(job)  # maybe paid: even --force needs --retry-unknown
+        elif found == MODERATED and not options.force:
             selection.held_moderated.append(job)
+        else:
+            selection.submit.append(job)
+            selection.followers[job.key] = []
     if options.only and selection.filtered_out == len(classified.plan.jobs):
         raise FluxbatchError(f"--only {' '.join(options.only)}: no job matches (give a job "
                              "name, an output glob, or NAME=VALUE on a matrix value)")
     return selection
 
 
-def classify_with_store(plan: Plan, store: Store, options: Options) -> Classified:
+def classify_with_store(plan: Plan, store: Store, options: Options) -> tuple[Classified,
+                                                                             RootState]:
+    recipe_name = plan.recipe.name
+
+    def touch(output: str, mtime_ns: int) -> None:
+        store.touch(recipe_name, output, mtime_ns)
+
     with store.transaction():
-        return classify(plan, store.records(), verify=options.verify, verified=store.touch)
+        state = RootState.of(recipe_name, store.tasks(), store.placements())
+        return classify(plan, state, verify=options.verify, verified=touch), state
 
 
 def check_budget(selection: Selection, budget: float | None) -> None:

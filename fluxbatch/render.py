@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -17,7 +18,11 @@ import httpx
 from fluxbatch import imagemeta, models, providers
 from fluxbatch.errors import ConfigError, StateError
 from fluxbatch.execute import (
+    FAILED,
+    GONE,
+    MODERATED,
     PENDING,
+    UNKNOWN,
     WRITTEN,
     Event,
     Executor,
@@ -26,53 +31,74 @@ from fluxbatch.execute import (
     LocalFault,
     Outcome,
     Settings,
+    Unusable,
 )
 from fluxbatch.expand import Job, Plan
 from fluxbatch.outbox import Outbox
-from fluxbatch.plan import Options, Selection
+from fluxbatch.plan import Options, Selection, source_placement
 from fluxbatch.providers import Polled, Submitted
-from fluxbatch.state import RootLock, Store
+from fluxbatch.recipe import Recipe
+from fluxbatch.state import (
+    RootLock,
+    RootState,
+    Store,
+    Task,
+    TaskStatus,
+    blob_path,
+    has_blob,
+    keep_blob,
+)
 from fluxbatch.wire import Wire
-from fluxbatch.write import NotAnImage, provenance, temp_dir, write_image, write_manifest
+from fluxbatch.write import (
+    NotAnImage,
+    check_image,
+    manifest_path,
+    place,
+    provenance,
+    temp_dir,
+    write_manifest,
+)
 
-# Seconds between manifest rewrites while images land. The store is the record a resume
-# relies on; the manifest is derived from it, so rewriting it often only costs time.
+# The manifest is rewritten as images land, at most this often, and never taking more than
+# a tenth of the run (it is written from the store, which is what a resume relies on).
 MANIFEST_INTERVAL = 30.0
 
 
 class StoreJournal:
-    """The executor's journal, written to the state store (each call one transaction)."""
+    """The executor's journal, written to the state store's ledger, by job key (each call
+    one transaction)."""
 
     def __init__(self, store: Store, provider: str, base_url: str | None, *,
-                 outbox: bool = False) -> None:
+                 outbox: bool = False, run: str | None = None) -> None:
         self.store = store
         self.provider = provider
         self.base_url = base_url
         self.outbox = outbox  # the outbox records submits itself, before answering
+        self.run = run
 
     def submitting(self, job: Job) -> None:
-        self.store.submitting(job.output, job.key, self.provider, self.base_url)
+        self.store.submitting(job.key, self.provider, self.base_url, self.run)
 
     def not_sent(self, job: Job) -> None:
-        self.store.not_sent(job.output, job.key)
+        self.store.not_sent(job.key)
 
     def submitted(self, job: Job, submitted: Submitted, at: float) -> None:
         if self.outbox:
             return
-        self.store.submitted(job.output, job.key, submitted.task_id, submitted.polling_url,
+        self.store.submitted(job.key, submitted.task_id, submitted.polling_url,
                              submitted.cost, at)
 
     def ready(self, job: Job, polled: Polled) -> None:
-        self.store.ready(job.output, job.key, polled.reported_seed)
+        self.store.ready(job.key, polled.reported_seed)
 
     def finished(self, outcome: Outcome) -> None:
-        job = outcome.job
+        key = outcome.job.key
         if outcome.status == WRITTEN:
-            return  # recorded by the writer, with the file's facts
-        if outcome.status == PENDING:
-            self.store.ended(job.output, job.key, "submitted", outcome.reason)
-        elif outcome.status in ("moderated", "failed", "unknown"):
-            self.store.ended(job.output, job.key, outcome.status, outcome.reason)
+            return  # recorded by the writer: the bytes kept, the files placed
+        if outcome.status == PENDING:  # still collectable: only the reason changes
+            self.store.ended(key, TaskStatus.SUBMITTED, outcome.reason)
+        elif outcome.status in (MODERATED, FAILED, UNKNOWN, GONE):
+            self.store.ended(key, outcome.status, outcome.reason)
 
 
 @dataclass(slots=True)
@@ -83,13 +109,17 @@ class Report:
     manifest: str | None = None
     fatal: str | None = None  # why the run stopped early (a refused key, an unreachable host)
 
-    def count(self, status: str) -> int:
-        return sum(1 for o in self.outcomes if o.status == status)
+    def spent_usd(self) -> float | None:
+        """What the provider reported for the tasks submitted in this run; None when it
+        reported none."""
+        costs = [o.submitted.cost for o in self.outcomes if o.submitted is not None
+                 and o.submitted_at is not None and o.submitted.cost is not None]
+        return sum(costs) / 100 if costs else None
 
-    def reported_usd(self) -> float | None:
-        """What the provider reported for the tasks of this run; None when it reported none."""
-        costs = [o.submitted.cost for o in self.outcomes
-                 if o.submitted is not None and o.submitted.cost is not None]
+    def collected_usd(self) -> float | None:
+        """What tasks paid for by earlier runs, and collected by this one, had cost."""
+        costs = [o.submitted.cost for o in self.outcomes if o.submitted is not None
+                 and o.submitted_at is None and o.submitted.cost is not None]
         return sum(costs) / 100 if costs else None
 
     @property
@@ -147,61 +177,159 @@ def settings_for(plan: Plan, options: Options) -> Settings:
     return Settings(account_cap=account, model_caps=caps, task_timeout=timeout)
 
 
+@dataclass(frozen=True, slots=True)
+class _Draft:
+    entry: dict[str, Any]
+    previous: str | None
+    shared: bool
+
+
+class Placer:
+    """Writes a recipe's images into its output root: the provenance embedded, the file
+    written atomically, the placement recorded. The same image (one job key) may be placed
+    at several outputs, for several recipes, without being paid for again."""
+
+    def __init__(self, recipe: Recipe, store: Store, provider: str) -> None:
+        self.recipe = recipe
+        self.root = recipe.output_root
+        self.store = store
+        self.provider = provider
+        self.previous = {p.output: p.path for p in store.placements(recipe.name)}
+
+    def place(self, job: Job, data: bytes, task: Task | None, source: Mapping[str, Any],
+              submitted_at: float | None = None) -> Any:
+        """Place `data` (an image of `job.key`) at the job's output. `task` and `source` (an
+        earlier entry of the same image) say which task made it and what it cost."""
+        written, full = self.write(job, data, self.draft(job, task, source, submitted_at))
+        return self.record(job, written, full)
+
+    async def place_later(self, job: Job, data: bytes, task: Task | None,
+                          submitted_at: float | None) -> Any:
+        """`place`, with the file written off the event loop (the store stays on it)."""
+        draft = self.draft(job, task, {}, submitted_at)
+        written, full = await asyncio.to_thread(self.write, job, data, draft)
+        return self.record(job, written, full)
+
+    def draft(self, job: Job, task: Task | None, source: Mapping[str, Any],
+              submitted_at: float | None) -> _Draft:
+        """The entry to embed, and the file this output held before (removed once the new
+        one is written, unless another recipe's image is that file)."""
+        def known(name: str, value: Any) -> Any:
+            return value if value is not None else source.get(name)
+
+        entry = provenance(
+            job, recipe=self.recipe, provider=source.get("provider") or self.provider,
+            task_id=known("task_id", task.task_id if task else None),
+            cost=known("cost", task.cost if task else None),
+            reported_seed=known("reported_seed", task.reported_seed if task else None),
+            submitted_at=submitted_at or (task.submitted_at if task else None),
+            finished_at=time.time(), path=job.output)
+        if entry["submitted_at"] is None:
+            entry["submitted_at"] = source.get("submitted_at")
+        previous = self.previous.get(job.output)
+        shared = previous is not None and bool(self.store.others_at(previous, self.recipe.name))
+        return _Draft(entry, previous, shared)
+
+    def write(self, job: Job, data: bytes, draft: _Draft) -> tuple[Any, dict[str, Any]]:
+        """The file (no store access: this may run off the event loop)."""
+        try:
+            return place(self.root, job, data, draft.entry, draft.previous, draft.shared)
+        except (NotAnImage, imagemeta.ImageFormatError) as error:
+            raise JobFailed(f"the provider's image is unusable: {error}") from None
+        except OSError as error:
+            raise LocalFault.from_os_error(f"cannot write {self.root / job.output}", error) \
+                from None
+
+    def record(self, job: Job, written: Any, full: dict[str, Any]) -> Any:
+        self.store.placed(self.recipe.name, job.output, job.key, full, written.mtime_ns)
+        self.previous[job.output] = written.path
+        return written
+
+    def from_root(self, job: Job, state: RootState) -> Outcome:
+        """Place an image the root already holds (content store, or another placed file)."""
+        outcome = Outcome(job, WRITTEN)
+        task = state.tasks.get(job.key)
+        source: Mapping[str, Any] = {}
+        try:
+            if has_blob(self.root, task):
+                assert task is not None and task.blob is not None
+                data = blob_path(self.root, task.blob).read_bytes()
+            else:
+                found = source_placement(job.key, state, self.root)
+                if found is None:
+                    raise JobFailed("its image was removed from the output root while "
+                                    "planning; run again")
+                data = (self.root / found.path).read_bytes()
+                source = self.store.entry(found.recipe, found.output) or {}
+            outcome.written = self.place(job, data, task, source)
+        except JobFailed as error:
+            outcome.status, outcome.reason = FAILED, str(error)
+        except LocalFault as error:
+            outcome.status, outcome.reason = PENDING, str(error)
+        except OSError as error:
+            outcome.status, outcome.reason = FAILED, f"cannot read its stored image: " \
+                f"{error.strerror or error}"
+        outcome.finished_at = time.time()
+        return outcome
+
+
+def place_stored(plan: Plan, selection: Selection, state: RootState, store: Store,
+                 on_event: Callable[[Event], None]) -> list[Outcome]:
+    """Place the images the root already holds (`selection.place`): no request, no key."""
+    placer = Placer(plan.recipe, store, plan.recipe.provider.name)
+    manifest = _ManifestPacer(plan.recipe, store)
+    outcomes = []
+    for job in selection.place:
+        outcome = placer.from_root(job, state)
+        on_event(Event(outcome.status, job, outcome.reason))
+        outcomes.append(outcome)
+        manifest.maybe()
+    return outcomes
+
+
 async def execute(plan: Plan, selection: Selection, store: Store,
                   provider: providers.Provider, settings: Settings,
                   on_event: Callable[[Event], None],
                   started: Callable[[Executor], None] = lambda executor: None,
                   transport: httpx.AsyncBaseTransport | None = None,
-                  lock: RootLock | None = None) -> list[Outcome]:
-    """Run the selection; every step is journaled in `store`, and the manifest is rewritten
-    (every MANIFEST_INTERVAL seconds) as images land. With `lock`, paid submits go through
-    the outbox process, which inherits the lock and commits each answer before it is used."""
+                  lock: RootLock | None = None, run: str | None = None) -> list[Outcome]:
+    """Submit and collect the selection's jobs (one per key; each image is placed at every
+    output of its key). Every step is recorded in `store`, and the manifest is rewritten as
+    images land.
+    With `lock`, paid submits go through the outbox process, which inherits the lock and
+    commits each answer before it is used."""
     recipe = plan.recipe
     root = recipe.output_root
-    records = store.records()
-    entries = {entry.get("output", entry["path"]): entry for entry in store.entries()}
-    holders: dict[str, set[str]] = {}  # file path -> the outputs whose entry names it
-    for output, entry in entries.items():
-        holders.setdefault(entry["path"], set()).add(output)
-    last_manifest = [time.monotonic()]
+    placer = Placer(recipe, store, provider.info.name)
+    manifest = _ManifestPacer(recipe, store)
+    outcomes: list[Outcome] = []
 
     async def writer(job: Job, image: Image, outcome: Outcome) -> Any:
-        submitted = outcome.submitted
-        entry = provenance(
-            job, recipe=recipe, provider=provider.info.name,
-            task_id=submitted.task_id if submitted else None,
-            cost=submitted.cost if submitted else None,
-            reported_seed=outcome.polled.reported_seed if outcome.polled else None,
-            submitted_at=outcome.submitted_at, finished_at=time.time(), path=job.output)
-        previous = records.get(job.output)
+        """Keep the bytes (the ledger then says so), then place them at every output of
+        the key: a placement that fails is redone by the next run, from the store, free."""
+        data = await asyncio.to_thread(image.read)
         try:
-            data = await asyncio.to_thread(image.read)
-            written, full = await asyncio.to_thread(
-                write_image, root, job, data, entry,
-                previous.path if previous is not None else None)
+            await asyncio.to_thread(check_image, data)
         except (NotAnImage, imagemeta.ImageFormatError) as error:
-            raise JobFailed(f"the provider's image is unusable: {error}") from None
+            raise Unusable(f"the provider's image is unusable: {error}") from None
+        try:
+            await asyncio.to_thread(keep_blob, root, image.path, image.sha256)
         except OSError as error:
-            raise LocalFault.from_os_error(f"cannot write {root / job.output}", error) from None
-        store.written(job.output, job.key, full, written.mtime_ns)
-        for output in holders.pop(written.path, set()):
-            entries.pop(output, None)  # as in the store: this file now holds this image
-        earlier = entries.get(job.output)
-        if earlier is not None:  # its previous image, under another path
-            holders.get(earlier["path"], set()).discard(job.output)
-        entries[job.output] = full
-        holders[written.path] = {job.output}
-        if time.monotonic() - last_manifest[0] > MANIFEST_INTERVAL:
-            last_manifest[0] = time.monotonic()
-            with contextlib.suppress(OSError):  # (the store has it; rewritten at the end)
-                write_manifest(recipe, entries.values())
+            raise LocalFault.from_os_error("cannot keep a downloaded image", error) from None
+        store.fetched(job.key, image.sha256)
+        task = store.task(job.key)
+        written = None
+        for each in [job, *selection.followers.get(job.key, ())]:
+            placed = await placer.place_later(each, data, task, outcome.submitted_at)
+            written = written or placed
+        manifest.maybe()
         return written
 
-    attach = {job.key: Submitted(f.task_id, f.polling_url, f.cost)
-              for job, f in selection.attach}
+    attach = {job.key: Submitted(task.task_id or "", task.polling_url or "", task.cost)
+              for job, task in selection.attach}
     # Polls are short, so half as many connections as active tasks keep up.
     connections = max(16, settings.account_cap // 2)
-    outbox = Outbox(root, provider, lock.fd, store) \
+    outbox = Outbox(root, provider, lock.fd, store, run=run) \
         if lock is not None and selection.submit else None
     spool = temp_dir(root)
     spool.mkdir(parents=True, exist_ok=True)
@@ -210,27 +338,53 @@ async def execute(plan: Plan, selection: Selection, store: Store,
             await outbox.start()
         executor = Executor(
             provider, wire, journal=StoreJournal(store, provider.info.name, provider.base_url,
-                                                   outbox=outbox is not None),
+                                                   outbox=outbox is not None, run=run),
             writer=writer, settings=settings, on_event=on_event,
-            submit_via=(lambda job: outbox.sender(job.output, job.key)) if outbox else None,
+            submit_via=(lambda job: outbox.sender(job.key)) if outbox else None,
             spool=spool)
         started(executor)
         try:
-            return await executor.run(selection.jobs, attach)
+            ran = await executor.run(selection.jobs, attach)
         finally:
             if outbox is not None:
                 await outbox.close()
             finish_manifest(recipe, store)
+    for outcome in ran:  # the other outputs of each key share its outcome
+        for follower in selection.followers.get(outcome.job.key, ()):
+            outcomes.append(dataclasses.replace(outcome, job=follower, submitted_at=None,
+                                                submitted=None))
+    return outcomes + ran
 
 
-def finish_manifest(recipe: Any, store: Store) -> None:
+class _ManifestPacer:
+    """Rewrites the manifest as images land: every MANIFEST_INTERVAL seconds at most, and
+    never more often than ten times the last rewrite took (so a manifest of 100,000 images
+    costs a run at most a tenth of its time, not a rewrite per image)."""
+
+    def __init__(self, recipe: Recipe, store: Store) -> None:
+        self.recipe = recipe
+        self.store = store
+        self.last = time.monotonic()
+        self.took = 0.0
+
+    def maybe(self) -> None:
+        now = time.monotonic()
+        if now - self.last < max(MANIFEST_INTERVAL, 10 * self.took):
+            return
+        with contextlib.suppress(OSError):  # (the store has it; rewritten at the end)
+            write_manifest(self.recipe, self.store)
+        self.last = time.monotonic()
+        self.took = self.last - now
+
+
+def finish_manifest(recipe: Recipe, store: Store) -> None:
     """The manifest, from the store; a clear error when the disk refuses it (the store still
     has every image, so nothing is lost)."""
     try:
-        write_manifest(recipe, store.entries())
+        write_manifest(recipe, store)
     except OSError as error:
         raise StateError(
-            f"cannot write {recipe.output_root / 'manifest.json'}: {error.strerror or error}. "
+            f"cannot write {manifest_path(recipe)}: {error.strerror or error}. "
             "Every image written is recorded in the state store; free some space (or make the "
             "folder writable) and run `fluxbatch render` again to write the manifest. Nothing "
             "is paid twice.") from None

@@ -1,16 +1,23 @@
-"""The state store: what has been rendered, and what is in flight, per output path.
+"""The state of an output root: what was paid for, by job key; where images were placed, by
+recipe and output; and the bytes that were downloaded.
 
-An SQLite database in the output root (`.fluxbatch/state.sqlite`, WAL mode, one committed
-transaction per state change) records each image's lifecycle:
+`.fluxbatch/` in the output root holds:
 
-    planned → submitting → submitted (task id, polling URL, cost: committed before the first
-    poll) → ready (sample URL, reported seed) → written (path, sha256, size, mtime)
-    — or moderated / failed / unknown, with the reason.
+- `state.sqlite` (WAL, one committed transaction per change; schema in `migrations.py`):
+  - `tasks`, the ledger: per job key, its latest task — submitting → submitted (task id,
+    polling URL, cost: committed before the first poll) → ready (reported seed) → fetched
+    (the bytes' sha256) — or moderated / failed / unknown / gone, with the reason;
+  - `placements`: per (recipe, output), the file written there (path, sha256, size, mtime)
+    and its manifest entry;
+  - `recipes`: the recipes that use this root.
+- `blobs/ab/abcd…`: the bytes as downloaded, named by their sha256, fsync'd before the ledger
+  says "fetched" (the content store);
+- `tmp/`, `lock`, `outbox.log`.
 
-A row keeps two things apart: the latest *attempt* (`key`, `status`, task fields) and the
-last *written image* (`written_key`, `entry`, file facts), so a failed re-render of a stale
-image never forgets the image still on disk. `manifest.json` is derived from the written
-images; when the store is missing it is rebuilt from the manifest.
+An image is its key: a key whose bytes the root holds (in the content store or in any placed
+file) is placed, never paid for again; a key with a task in flight is collected.
+`<recipe>.manifest.json` is derived from one recipe's placements; a lost store is rebuilt from
+the manifests, and a lost store and manifests from the provenance inside the images.
 """
 
 from __future__ import annotations
@@ -25,10 +32,11 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fluxbatch import imagemeta
+from fluxbatch import imagemeta, migrations
 from fluxbatch.errors import StateError
 
 if TYPE_CHECKING:  # (the outbox process imports this module, and needs no planner)
@@ -37,78 +45,65 @@ if TYPE_CHECKING:  # (the outbox process imports this module, and needs no plann
 STATE_DIR = ".fluxbatch"
 DATABASE = "state.sqlite"
 LOCK = "lock"
-MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
+BLOBS = "blobs"
+LEGACY_MANIFEST = "manifest.json"  # the first release's name, for a root of one recipe
 
-# Attempt statuses stored in `images.status`
-PLANNED = "planned"
-SUBMITTING = "submitting"
-SUBMITTED = "submitted"
-READY = "ready"
-WRITTEN = "written"
+class TaskStatus(StrEnum):
+    """Where a job key's latest task stands, in the ledger (`tasks.status`)."""
 
-_COLUMNS = """
-    output TEXT PRIMARY KEY,
-    key TEXT NOT NULL,
-    status TEXT NOT NULL,
-    provider TEXT,
-    base_url TEXT,
-    task_id TEXT,
-    polling_url TEXT,
-    cost REAL,
-    submitted_at REAL,
-    reported_seed INTEGER,
-    reason TEXT,
-    updated_at REAL NOT NULL,
-    written_key TEXT,
-    entry TEXT,
-    path TEXT,
-    sha256 TEXT,
-    bytes INTEGER,
-    mtime_ns INTEGER
-"""
+    SUBMITTING = "submitting"  # handed to the wire: until an answer, it may have been billed
+    SUBMITTED = "submitted"
+    READY = "ready"
+    FETCHED = "fetched"  # the bytes are in the content store
+    PLACED = "placed"  # the bytes are only in placed files (a migrated root, a pruned store)
+    MODERATED = "moderated"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+    GONE = "gone"  # paid, but the provider forgot the task before its bytes were kept
+
+
+IN_FLIGHT = frozenset({TaskStatus.SUBMITTED, TaskStatus.READY})
+
+
+def manifest_name(recipe: str) -> str:
+    return f"{recipe}.manifest.json"
 
 
 @dataclass(frozen=True, slots=True)
-class InFlight:
-    """A task submitted by an earlier run, to re-attach to instead of paying again."""
-
-    output: str
-    key: str
-    provider: str
-    base_url: str | None
-    task_id: str
-    polling_url: str
-    cost: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """What the state knows about one output path: the latest attempt (`key`, `status`) and
-    the last image written there (`written_key`, file facts)."""
-
-    key: str
-    status: str  # planned | submitting | submitted | ready | written | moderated | failed | unknown
-    written_key: str | None = None
-    sha256: str | None = None
-    size: int | None = None
-    mtime_ns: int | None = None
-    reason: str | None = None
-    path: str | None = None
-
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """The latest attempt at one output path, as committed (for settling what a dead outbox
-    process held)."""
+class Task:
+    """The ledger's row for one job key."""
 
     key: str
     status: str
-    task_id: str | None
-    polling_url: str | None
-    cost: float | None
-    updated_at: float
+    provider: str | None = None
+    base_url: str | None = None
+    task_id: str | None = None
+    polling_url: str | None = None
+    cost: float | None = None
+    submitted_at: float | None = None
+    reported_seed: int | None = None
+    blob: str | None = None
+    reason: str | None = None
+    run: str | None = None
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """A file written for one recipe's output (its manifest entry stays in the store)."""
+
+    recipe: str
+    output: str
+    path: str
+    key: str
+    sha256: str
+    size: int
+    mtime_ns: int | None
+
+
+_TASK_COLUMNS = ("key, status, provider, base_url, task_id, polling_url, cost, submitted_at, "
+                 "reported_seed, blob, reason, run, updated_at")
+_PLACEMENT_COLUMNS = "recipe, output, path, key, sha256, bytes, mtime_ns"
 
 
 class _Connection(sqlite3.Connection):
@@ -149,11 +144,9 @@ class Store:
     def open(cls, root: Path, *, create: bool = True) -> Store:
         directory = root / STATE_DIR
         path = directory / DATABASE
-        document = None
-        if not path.exists():
-            if not create:
-                raise FileNotFoundError(path)
-            document = read_manifest(root)  # a damaged manifest stops us before anything exists
+        if not path.exists() and not create:
+            raise FileNotFoundError(path)
+        documents = None if path.exists() else read_manifests(root)  # damaged: stop here
         try:
             directory.mkdir(parents=True, exist_ok=True)
             connection = sqlite3.connect(path, timeout=30, isolation_level=None,
@@ -161,10 +154,6 @@ class Store:
             connection.path = path
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=FULL")
-            connection.execute(f"CREATE TABLE IF NOT EXISTS images ({_COLUMNS})")
-            connection.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, "
-                               "value TEXT NOT NULL)")
-            found = connection.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
         except sqlite3.DatabaseError as error:
             raise unreadable_store(path, error) from None
         except StateError:
@@ -173,19 +162,32 @@ class Store:
             raise StateError(f"{path}: cannot open the state store: "
                              f"{error.strerror or error}") from None
         store = cls(root, connection)
-        if found is None:
-            # New, or created but never filled (an empty file, a run stopped by a damaged
-            # manifest): without the manifest's images every image would be paid for again.
-            try:
-                store.import_manifest(document)
-            except BaseException:
-                store.close()
-                raise
-        elif int(found[0]) > SCHEMA_VERSION:
+        try:
+            store._migrate(documents)
+        except BaseException:
             store.close()
-            raise StateError(f"{path} was written by a newer fluxbatch (store schema "
-                             f"{found[0]}); upgrade fluxbatch")
+            raise
         return store
+
+    def _migrate(self, documents: list[dict[str, Any]] | None) -> None:
+        """Bring the schema up to date (check, lock, re-check: another process may be doing
+        it); a store created now is filled from the manifests, so no image is paid again."""
+        self.db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, "
+                        "value TEXT NOT NULL)")
+        found = self.meta("schema")
+        if found is not None and int(found) > migrations.LATEST:
+            raise StateError(f"{self.root / STATE_DIR / DATABASE} was written by a newer "
+                             f"fluxbatch (store schema {found}); upgrade fluxbatch")
+        if found is not None and int(found) == migrations.LATEST:
+            return
+        with self.transaction():
+            current = int(self.meta("schema") or 0)
+            for migration in migrations.pending(current):
+                migration.apply(self.db)
+                self._set_meta("schema", str(migration.version))
+            if found is None:  # new, or created but never filled (an empty file)
+                for document in documents or read_manifests(self.root):
+                    self.import_manifest(document)
 
     def close(self) -> None:
         self.db.close()
@@ -204,116 +206,6 @@ class Store:
         row = self.db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
         return None if row is None else str(row[0])
 
-    # -- reading ------------------------------------------------------------------------
-
-    def records(self) -> dict[str, Record]:
-        """What the planner needs to classify each output path."""
-        records = {}
-        try:
-            rows = self.db.execute(
-                "SELECT output, key, status, written_key, sha256, bytes, mtime_ns, reason, path "
-                "FROM images"
-            ).fetchall()
-        except sqlite3.DatabaseError as error:  # a damaged page past the header
-            raise state_error(self.root / STATE_DIR / DATABASE, error) from None
-        for row in rows:
-            output, key, status, written_key, sha256, size, mtime_ns, reason, path = row
-            records[output] = Record(key=key, status=status, written_key=written_key,
-                                     sha256=sha256, size=size, mtime_ns=mtime_ns, reason=reason,
-                                     path=path)
-        return records
-
-    def in_flight(self) -> dict[str, InFlight]:
-        """Submitted tasks whose result was never learned, by job key."""
-        found = {}
-        for row in self.db.execute(
-            "SELECT output, key, provider, base_url, task_id, polling_url, cost FROM images "
-            "WHERE status IN (?, ?) AND task_id IS NOT NULL", (SUBMITTED, READY)
-        ):
-            flight = InFlight(*row)
-            found[flight.key] = flight
-        return found
-
-    def attempt(self, output: str) -> Attempt | None:
-        row = self.db.execute("SELECT key, status, task_id, polling_url, cost, updated_at "
-                              "FROM images WHERE output = ?", (output,)).fetchone()
-        return None if row is None else Attempt(*row)
-
-    def entries(self) -> list[dict[str, Any]]:
-        """The manifest entries of every written image, by path."""
-        rows = self.db.execute("SELECT entry FROM images WHERE entry IS NOT NULL ORDER BY path")
-        return [json.loads(entry) for (entry,) in rows]
-
-    # -- the lifecycle (each call one committed transaction) ---------------------------------
-
-    def _upsert(self, output: str, key: str, **fields: Any) -> None:
-        fields["updated_at"] = time.time()
-        names = ", ".join(fields)
-        marks = ", ".join("?" for _ in fields)
-        updates = ", ".join(f"{name} = excluded.{name}" for name in fields)
-        self.db.execute(
-            f"INSERT INTO images (output, key, {names}) VALUES (?, ?, {marks}) "
-            f"ON CONFLICT(output) DO UPDATE SET key = excluded.key, {updates}",
-            (output, key, *fields.values()),
-        )
-
-    def submitting(self, output: str, key: str, provider: str, base_url: str | None) -> None:
-        self._upsert(output, key, status=SUBMITTING, provider=provider, base_url=base_url,
-                     task_id=None, polling_url=None, cost=None, submitted_at=None,
-                     reported_seed=None, reason=None)
-
-    def not_sent(self, output: str, key: str) -> None:
-        self._upsert(output, key, status=PLANNED)
-
-    def submitted(self, output: str, key: str, task_id: str, polling_url: str,
-                  cost: float | None, at: float) -> None:
-        self._upsert(output, key, status=SUBMITTED, task_id=task_id, polling_url=polling_url,
-                     cost=cost, submitted_at=at)
-
-    def ready(self, output: str, key: str, reported_seed: int | None) -> None:
-        self._upsert(output, key, status=READY, reported_seed=reported_seed)
-
-    def ended(self, output: str, key: str, status: str, reason: str | None) -> None:
-        """moderated | failed | unknown, or a pending task's reason (status unchanged)."""
-        if status in (SUBMITTED, READY):
-            self.db.execute("UPDATE images SET reason = ?, updated_at = ? WHERE output = ?",
-                            (reason, time.time(), output))
-        else:
-            self._upsert(output, key, status=status, reason=reason)
-
-    def written(self, output: str, key: str, entry: Mapping[str, Any], mtime_ns: int) -> None:
-        with self.transaction():
-            # Another output's record of this very file (written under another extension
-            # before) no longer describes it: the file now holds this image.
-            self.db.execute("UPDATE images SET written_key = NULL, entry = NULL, path = NULL, "
-                            "sha256 = NULL, bytes = NULL, mtime_ns = NULL "
-                            "WHERE path = ? AND output != ?", (entry["path"], output))
-            self._upsert(output, key, status=WRITTEN, reason=None, written_key=key,
-                         entry=json.dumps(entry, ensure_ascii=False, sort_keys=True),
-                         path=entry["path"], sha256=entry["sha256"], bytes=entry["bytes"],
-                         mtime_ns=mtime_ns)
-
-    def touch(self, output: str, mtime_ns: int) -> None:
-        """The file was verified by hash: remember its mtime for the fast path next time."""
-        self.db.execute("UPDATE images SET mtime_ns = ? WHERE output = ?", (mtime_ns, output))
-
-    def adopt(self, jobs: Iterable[Job]) -> int:
-        """Fill an empty store from the provenance inside images on disk (when the store and
-        the manifest were both lost); returns how many images were recognised."""
-        found = adoptable(self.root, jobs)
-        with self.transaction():
-            for entry in found:
-                mtime_ns = entry.pop("mtime_ns")
-                self.written(entry.get("output", entry["path"]), entry["key"], entry, mtime_ns)
-        return len(found)
-
-    def is_empty(self) -> bool:
-        return self.db.execute("SELECT 1 FROM images LIMIT 1").fetchone() is None
-
-    def forget(self, outputs: list[str]) -> None:
-        with self.transaction():
-            self.db.executemany("DELETE FROM images WHERE output = ?", [(o,) for o in outputs])
-
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """One committed transaction; nested uses join the outer one."""
@@ -330,54 +222,235 @@ class Store:
             raise
         self.db.execute("COMMIT")
 
-    # -- the recipe that owns this root ----------------------------------------------------
+    # -- reading ------------------------------------------------------------------------
 
-    def claim_root(self, recipe_name: str) -> None:
-        """One output root belongs to one recipe: `clean` on another would delete its images."""
-        owner = self.meta("recipe")
-        if owner is None:
-            self._set_meta("recipe", recipe_name)
-        elif owner != recipe_name:
-            raise StateError(
-                f"{self.root} holds the images of recipe {owner!r}, not {recipe_name!r}: give "
-                "each recipe its own output root (output_root: or --out)"
-            )
+    def tasks(self) -> dict[str, Task]:
+        return {row[0]: Task(*row) for row in
+                self.db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks")}
+
+    def task(self, key: str) -> Task | None:
+        row = self.db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE key = ?",
+                              (key,)).fetchone()
+        return None if row is None else Task(*row)
+
+    def placements(self, recipe: str | None = None) -> list[Placement]:
+        """One recipe's placements, or every recipe's."""
+        if recipe is None:
+            rows = self.db.execute(f"SELECT {_PLACEMENT_COLUMNS} FROM placements")
+        else:
+            rows = self.db.execute(f"SELECT {_PLACEMENT_COLUMNS} FROM placements "
+                                   "WHERE recipe = ?", (recipe,))
+        return [Placement(*row) for row in rows]
+
+    def entry(self, recipe: str, output: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT entry FROM placements WHERE recipe = ? AND output = ?",
+                              (recipe, output)).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def entries_json(self, recipe: str) -> Iterator[str]:
+        """The manifest entries of one recipe's images, as JSON text, by path (streamed: a
+        manifest of 100,000 images is written without holding them)."""
+        for (text,) in self.db.execute("SELECT entry FROM placements WHERE recipe = ? "
+                                       "ORDER BY path", (recipe,)):
+            yield text
+
+    def recipes(self) -> dict[str, str | None]:
+        return dict(self.db.execute("SELECT name, path FROM recipes").fetchall())
+
+    def is_empty(self) -> bool:
+        return self.db.execute("SELECT 1 FROM placements LIMIT 1").fetchone() is None and \
+            self.db.execute("SELECT 1 FROM tasks LIMIT 1").fetchone() is None
+
+    # -- the ledger (each call one committed transaction) ---------------------------------
+
+    def _task(self, key: str, **fields: Any) -> None:
+        fields["updated_at"] = time.time()
+        names = ", ".join(fields)
+        marks = ", ".join("?" for _ in fields)
+        updates = ", ".join(f"{name} = excluded.{name}" for name in fields)
+        self.db.execute(f"INSERT INTO tasks (key, {names}) VALUES (?, {marks}) "
+                        f"ON CONFLICT(key) DO UPDATE SET {updates}", (key, *fields.values()))
+
+    def submitting(self, key: str, provider: str, base_url: str | None,
+                   run: str | None = None) -> None:
+        self._task(key, status=TaskStatus.SUBMITTING, provider=provider, base_url=base_url,
+                   task_id=None, polling_url=None, cost=None, submitted_at=None,
+                   reported_seed=None, blob=None, reason=None, run=run)
+
+    def not_sent(self, key: str) -> None:
+        """The submit never left (or was refused unprocessed): nothing was paid."""
+        self.db.execute("DELETE FROM tasks WHERE key = ? AND status = ?",
+                        (key, TaskStatus.SUBMITTING))
+
+    def submitted(self, key: str, task_id: str, polling_url: str, cost: float | None,
+                  at: float) -> None:
+        self._task(key, status=TaskStatus.SUBMITTED, task_id=task_id, polling_url=polling_url,
+                   cost=cost, submitted_at=at)
+
+    def ready(self, key: str, reported_seed: int | None) -> None:
+        self._task(key, status=TaskStatus.READY, reported_seed=reported_seed)
+
+    def fetched(self, key: str, blob: str) -> None:
+        self._task(key, status=TaskStatus.FETCHED, blob=blob, reason=None)
+
+    def ended(self, key: str, status: str, reason: str | None) -> None:
+        """moderated | failed | unknown | gone; or, for a task in flight, only its reason."""
+        if status in IN_FLIGHT:
+            self.db.execute("UPDATE tasks SET reason = ?, updated_at = ? WHERE key = ?",
+                            (reason, time.time(), key))
+        else:
+            self._task(key, status=status, reason=reason)
+
+    # -- placements --------------------------------------------------------------------------
+
+    def placed(self, recipe: str, output: str, key: str, entry: Mapping[str, Any],
+               mtime_ns: int) -> None:
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO placements (recipe, output, path, key, entry, sha256, bytes, "
+                "mtime_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(recipe, output) DO "
+                "UPDATE SET path = excluded.path, key = excluded.key, entry = excluded.entry, "
+                "sha256 = excluded.sha256, bytes = excluded.bytes, "
+                "mtime_ns = excluded.mtime_ns",
+                (recipe, output, entry["path"], key,
+                 json.dumps(entry, ensure_ascii=False, sort_keys=True), entry["sha256"],
+                 entry["bytes"], mtime_ns))
+            # Another placement of this very file (the same path, under another output or
+            # recipe) with other bytes no longer describes it.
+            self.db.execute("DELETE FROM placements WHERE path = ? AND sha256 != ?",
+                            (entry["path"], entry["sha256"]))
+            self.db.execute("INSERT OR IGNORE INTO tasks (key, status, updated_at) "
+                            "VALUES (?, ?, ?)", (key, TaskStatus.PLACED, time.time()))
+
+    def touch(self, recipe: str, output: str, mtime_ns: int) -> None:
+        """The file was verified by hash: remember its mtime for the fast path next time."""
+        self.db.execute("UPDATE placements SET mtime_ns = ? WHERE recipe = ? AND output = ?",
+                        (mtime_ns, recipe, output))
+
+    def forget(self, recipe: str, outputs: Iterable[str]) -> None:
+        with self.transaction():
+            self.db.executemany("DELETE FROM placements WHERE recipe = ? AND output = ?",
+                                [(recipe, output) for output in outputs])
+
+    def others_at(self, path: str, recipe: str) -> list[str]:
+        """The other recipes whose image is the file at `path`."""
+        rows = self.db.execute("SELECT DISTINCT recipe FROM placements WHERE path = ? AND "
+                               "recipe != ?", (path, recipe))
+        return [name for (name,) in rows]
+
+    # -- recipes ------------------------------------------------------------------------
+
+    def use(self, recipe: str, path: Path) -> None:
+        """Record that `recipe` (the file at `path`) renders into this root. Two recipes of
+        one name cannot share a root: their images, manifest and orphans would mix. The path
+        is kept relative to the root, so a project moved or copied whole stays one."""
+        relative = os.path.relpath(os.path.abspath(path), os.path.abspath(self.root))
+        with self.transaction():
+            known = self.recipes()
+            other = known.get(recipe)
+            if other is not None and other != relative and (self.root / other).is_file():
+                raise StateError(
+                    f"{self.root} already holds the images of another recipe named "
+                    f"{recipe!r} ({self.root / other}): give this one ({path}) another name, "
+                    "or another output root")
+            self.db.execute("INSERT INTO recipes (name, path) VALUES (?, ?) ON CONFLICT(name) "
+                            "DO UPDATE SET path = excluded.path", (recipe, relative))
 
     # -- rebuilding ---------------------------------------------------------------------------
 
-    def import_manifest(self, document: Mapping[str, Any] | None = None) -> int:
-        """Fill a new store from manifest.json (written images only), and mark it filled in
-        the same transaction; returns how many."""
-        if document is None:
-            document = read_manifest(self.root) or {}
+    def import_manifest(self, document: Mapping[str, Any]) -> int:
+        """Placements from a manifest (its images only; mtime unknown, so the first look
+        verifies each file by its sha256); returns how many."""
+        recipe = (document.get("recipe") or {}).get("name") or ""
+        images = document.get("images", [])
         with self.transaction():
-            if self.meta("schema") is not None:
-                return 0  # check, lock, re-check: another process has just filled it
-            self._set_meta("schema", str(SCHEMA_VERSION))
-            for entry in document.get("images", []):
-                # mtime unknown: the first classification verifies the file by its sha256
-                self._upsert(entry.get("output", entry["path"]), entry["key"], status=WRITTEN,
-                             written_key=entry["key"],
-                             entry=json.dumps(entry, ensure_ascii=False, sort_keys=True),
-                             path=entry["path"], sha256=entry["sha256"], bytes=entry["bytes"],
-                             mtime_ns=None)
-            recipe = (document.get("recipe") or {}).get("name")
+            for entry in images:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO placements (recipe, output, path, key, entry, "
+                    "sha256, bytes, mtime_ns) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+                    (recipe, entry.get("output", entry["path"]), entry["path"], entry["key"],
+                     json.dumps(entry, ensure_ascii=False, sort_keys=True), entry["sha256"],
+                     entry["bytes"]))
+                self.db.execute("INSERT OR IGNORE INTO tasks (key, status, updated_at) "
+                                "VALUES (?, ?, ?)", (entry["key"], TaskStatus.PLACED, time.time()))
             if recipe:
-                self._set_meta("recipe", recipe)
-        return len(document.get("images", []))
+                self.db.execute("INSERT OR IGNORE INTO recipes (name, path) VALUES (?, NULL)",
+                                (recipe,))
+        return len(images)
+
+    def adopt(self, recipe: str, jobs: Iterable[Job]) -> int:
+        """Placements from the provenance inside images on disk (when the store and the
+        manifests were lost); returns how many images were recognised."""
+        found = adoptable(self.root, jobs)
+        with self.transaction():
+            for entry in found:
+                mtime_ns = entry.pop("mtime_ns")
+                self.placed(recipe, entry.get("output", entry["path"]), entry["key"], entry,
+                            mtime_ns)
+        return len(found)
 
 
 def unreadable_store(path: Path, error: sqlite3.DatabaseError) -> StateError:
     return StateError(
         f"{path}: the state store is unreadable ({error}). Move it away (for example "
-        f"`mv {path} {path}.broken`) and run again: fluxbatch rebuilds it from "
-        f"{path.parent.parent / MANIFEST}. No image is touched."
+        f"`mv {path} {path}.broken`) and run again: fluxbatch rebuilds it from the "
+        f"manifests in {path.parent.parent}. No image is touched."
     )
 
 
-def read_manifest(root: Path) -> dict[str, Any] | None:
-    """The manifest, or None when there is none; a clear error when it is damaged."""
-    path = root / MANIFEST
+# -- the content store -----------------------------------------------------------------------
+
+
+def blob_path(root: Path, sha256: str) -> Path:
+    return root / STATE_DIR / BLOBS / sha256[:2] / sha256
+
+
+def keep_blob(root: Path, spooled: Path, sha256: str) -> Path:
+    """Move a downloaded file (already flushed to disk) into the content store, durably."""
+    target = blob_path(root, sha256)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(spooled, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(spooled, target)
+    directory = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power cut
+    finally:
+        os.close(directory)
+    return target
+
+
+def has_blob(root: Path, task: Task | None) -> bool:
+    return task is not None and task.status == TaskStatus.FETCHED and task.blob is not None and \
+        blob_path(root, task.blob).is_file()
+
+
+# -- manifests -------------------------------------------------------------------------------
+
+
+def read_manifest(root: Path, recipe: str) -> dict[str, Any] | None:
+    """`recipe`'s manifest (or the first release's `manifest.json`, when it is this recipe's),
+    or None when there is none; a clear error when it is damaged."""
+    document = _read_manifest_file(root / manifest_name(recipe))
+    if document is None:
+        legacy = _read_manifest_file(root / LEGACY_MANIFEST)
+        if legacy is not None and (legacy.get("recipe") or {}).get("name") == recipe:
+            return legacy
+    return document
+
+
+def read_manifests(root: Path) -> list[dict[str, Any]]:
+    """Every manifest in the root (each recipe's, and a first-release `manifest.json`)."""
+    found = []
+    names = sorted(p.name for p in root.glob("*.manifest.json")) if root.is_dir() else []
+    for name in [*names, LEGACY_MANIFEST]:
+        document = _read_manifest_file(root / name)
+        if document is not None:
+            found.append(document)
+    return found
+
+
+def _read_manifest_file(path: Path) -> dict[str, Any] | None:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -386,17 +459,19 @@ def read_manifest(root: Path) -> dict[str, Any] | None:
         raise StateError(f"{path}: cannot read the manifest: {error}") from None
     try:
         document = json.loads(text)
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, RecursionError) as error:
+        where = f":{error.lineno}:{error.colno}" if isinstance(error, json.JSONDecodeError) \
+            else ""
+        detail = error.msg if isinstance(error, json.JSONDecodeError) else "nested too deeply"
         raise StateError(
-            f"{path}:{error.lineno}:{error.colno}: the manifest is not valid JSON "
-            f"({error.msg}). Restore it (from version control), or delete it: "
-            f"{_rewritten_from(root)}. No image is touched."
-        ) from None
+            f"{path}{where}: the manifest is not valid JSON ({detail}). Restore it (from "
+            f"version control), or delete it: {_rewritten_from(path.parent)}. No image is "
+            "touched.") from None
     problems = _manifest_shape_problems(document)
     if problems:
         raise StateError(f"{path}: the manifest is damaged: {problems}. Restore it (from "
-                         f"version control), or delete it: {_rewritten_from(root)}. No image "
-                         "is touched.")
+                         f"version control), or delete it: {_rewritten_from(path.parent)}. "
+                         "No image is touched.")
     return dict(document)
 
 
@@ -417,6 +492,9 @@ def _manifest_shape_problems(document: Any) -> str | None:
             if not isinstance(entry.get(name), kind):
                 return f"images[{index}].{name} is missing or not a {kind.__name__}"
     return None
+
+
+# -- the lock --------------------------------------------------------------------------------
 
 
 class RootLock:
@@ -466,43 +544,85 @@ def has_store(root: Path) -> bool:
     return (root / STATE_DIR / DATABASE).exists()
 
 
-def read_records(root: Path, jobs: Iterable[Job] = ()) -> dict[str, Record]:
-    """Records by output path, without creating anything (for `plan`, `status`, `gallery`).
-    With neither a store nor a manifest, images on disk that carry the provenance of a
-    planned job count as written."""
+# -- what is on disk, for a root without a store ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RootState:
+    """What planning needs from an output root, read once: the ledger, every recipe's
+    placements, and which recipe asks."""
+
+    recipe: str
+    tasks: Mapping[str, Task]
+    placements: Mapping[str, Placement]  # this recipe's, by output
+    by_key: Mapping[str, list[Placement]]  # every recipe's, by key
+
+    @classmethod
+    def of(cls, recipe: str, tasks: Mapping[str, Task],
+           placements: Iterable[Placement]) -> RootState:
+        own: dict[str, Placement] = {}
+        by_key: dict[str, list[Placement]] = {}
+        for placement in placements:
+            by_key.setdefault(placement.key, []).append(placement)
+            if placement.recipe == recipe:
+                own[placement.output] = placement
+        return cls(recipe, tasks, own, by_key)
+
+
+def read_state(root: Path, recipe: str, jobs: Iterable[Job] = ()) -> RootState:
+    """The root's state without creating anything (for `plan`, `status`, `gallery`). With no
+    store, the manifests stand in for it; with neither, images on disk that carry the
+    provenance of a planned job count as placed."""
     if has_store(root):
         with Store.open(root, create=False) as store:
-            return store.records()
-    document = read_manifest(root)
-    entries = document["images"] if document is not None else adoptable(root, jobs)
-    return {
-        entry.get("output", entry["path"]): Record(
-            key=entry["key"], status=WRITTEN, written_key=entry["key"], sha256=entry["sha256"],
-            size=entry["bytes"], mtime_ns=entry.get("mtime_ns"), path=entry["path"])
-        for entry in entries
-    }
+            return RootState.of(recipe, store.tasks(), store.placements())
+    documents = read_manifests(root)
+    placements: list[Placement] = []
+    for document in documents:
+        name = (document.get("recipe") or {}).get("name") or ""
+        placements.extend(_placement(name, entry) for entry in document["images"])
+    if not documents:
+        placements = [_placement(recipe, entry) for entry in adoptable(root, jobs)]
+    return RootState.of(recipe, {}, placements)
+
+
+def _placement(recipe: str, entry: Mapping[str, Any]) -> Placement:
+    return Placement(recipe, entry.get("output", entry["path"]), entry["path"], entry["key"],
+                     entry["sha256"], entry["bytes"], entry.get("mtime_ns"))
 
 
 _EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def adoptable(root: Path, jobs: Iterable[Job]) -> list[dict[str, Any]]:
-    """Manifest entries recovered from the provenance inside images already on disk: what a
-    lost store and manifest can be rebuilt from. Only an image whose embedded key is its
-    planned job's key counts."""
+    """Manifest entries recovered from the provenance inside images already on disk. Only an
+    image whose embedded key is its planned job's key counts. Each folder is listed once, and
+    only files that exist are opened (a first plan of 100,000 images opens nothing)."""
+    listings: dict[str, set[str]] = {}
     entries = []
     for job in jobs:
-        planned = root / job.output
-        candidates = [planned, *(planned.with_suffix(e) for e in _EXTENSIONS
-                                 if e != planned.suffix.lower())]
+        folder, name = os.path.split(job.output)
+        names = listings.get(folder)
+        if names is None:
+            try:
+                names = listings[folder] = set(os.listdir(root / folder))
+            except OSError:
+                names = listings[folder] = set()
+        if not names:
+            continue
+        stem = os.path.splitext(name)[0]
+        candidates = [name, *(stem + e for e in _EXTENSIONS if stem + e != name)]
         for candidate in candidates:
-            entry = _provenance(candidate)
+            if candidate not in names:
+                continue
+            path = root / folder / candidate
+            entry = _provenance(path)
             if entry is None or entry.get("key") != job.key:
                 continue
-            data = candidate.read_bytes()
-            entries.append(dict(entry, path=candidate.relative_to(root).as_posix(),
+            data = path.read_bytes()
+            entries.append(dict(entry, path=path.relative_to(root).as_posix(),
                                 sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
-                                mtime_ns=os.stat(candidate).st_mtime_ns))
+                                mtime_ns=os.stat(path).st_mtime_ns))
             break
     return entries
 
@@ -512,3 +632,8 @@ def _provenance(path: Path) -> dict[str, Any] | None:
         return imagemeta.extract(path.read_bytes())
     except (OSError, imagemeta.ImageFormatError):
         return None
+
+
+def new_run_id() -> str:
+    """An id for one render, recorded with each task it submits (what this run spent)."""
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"

@@ -13,9 +13,10 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,9 +25,10 @@ from typing import Any
 from fluxbatch import __version__, imagemeta, models
 from fluxbatch.expand import Job
 from fluxbatch.recipe import Recipe
-from fluxbatch.state import MANIFEST, STATE_DIR
+from fluxbatch.state import LEGACY_MANIFEST, STATE_DIR, Store, manifest_name
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+SCHEMA_URL = "https://github.com/fluxbatch/fluxbatch/blob/main/schemas/manifest.schema.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,13 @@ def real_path(planned: str, data: bytes) -> str:
     return f"{stem}.{extension}"
 
 
+def check_image(data: bytes) -> None:
+    """Raise NotAnImage or ImageFormatError unless `data` is an image fluxbatch can place
+    (checked before the bytes are kept, so that the store never holds what cannot be used)."""
+    real_path("x", data)
+    imagemeta.embed(data, {})
+
+
 def provenance(job: Job, *, recipe: Recipe, provider: str, task_id: str | None,
                cost: float | None, reported_seed: int | None, submitted_at: float | None,
                finished_at: float | None, path: str) -> dict[str, Any]:
@@ -106,43 +115,94 @@ def provenance(job: Job, *, recipe: Recipe, provider: str, task_id: str | None,
     }
 
 
-def write_image(root: Path, job: Job, data: bytes, entry: Mapping[str, Any],
-                previous_path: str | None) -> tuple[Written, dict[str, Any]]:
+def place(root: Path, job: Job, data: bytes, entry: Mapping[str, Any],
+          previous_path: str | None, shared: bool = False) -> tuple[Written, dict[str, Any]]:
     """Embed the provenance, write the file atomically, and return the full manifest entry.
-    A previous image of this output under another name (another extension) is removed."""
+    A previous image of this output under another name (another extension) is removed,
+    unless another recipe's image is that file (`shared`)."""
     path = real_path(job.output, data)
     payload = dict(entry, path=path)
     stamped = imagemeta.embed(data, payload)
     mtime_ns = atomic_write(root / path, stamped, temp_dir(root))
-    if previous_path and previous_path != path:
+    if previous_path and previous_path != path and not shared:
         with contextlib.suppress(OSError):
             os.unlink(root / previous_path)
     written = Written(path, hashlib.sha256(stamped).hexdigest(), len(stamped), mtime_ns)
     return written, dict(payload, sha256=written.sha256, bytes=written.size)
 
 
-def manifest_document(recipe: Recipe, entries: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+def manifest_path(recipe: Recipe) -> Path:
+    return recipe.output_root / manifest_name(recipe.name)
+
+
+def write_manifest(recipe: Recipe, store: Store) -> Path:
+    """The recipe's manifest, from the store: one image per line, so that a diff in review
+    shows the images that changed, written from the store's own JSON text (no entry is held
+    in memory). A first-release `manifest.json` of this recipe gives way to it."""
+    target = manifest_path(recipe)
     root = recipe.output_root
     try:
         recipe_path = os.path.relpath(recipe.path, root)
     except ValueError:
         recipe_path = str(recipe.path)
-    return {
-        "$schema": "https://github.com/fluxbatch/fluxbatch/blob/main/schemas/manifest.schema.json",
+    head = {
+        "$schema": SCHEMA_URL,
         "manifest_version": MANIFEST_VERSION,
         "fluxbatch": __version__,
         "recipe": {"name": recipe.name, "path": recipe_path, "sha256": recipe.sha256},
         "spec_date": models.SPEC_DATE,
         "updated_at": _iso(time.time()),
-        "images": sorted(entries, key=lambda e: str(e["path"])),
     }
-
-
-def write_manifest(recipe: Recipe, entries: Iterable[Mapping[str, Any]]) -> Path:
-    target = recipe.output_root / MANIFEST
-    text = json.dumps(manifest_document(recipe, entries), indent=2, ensure_ascii=False)
-    atomic_write(target, (text + "\n").encode("utf-8"), temp_dir(recipe.output_root))
+    temp_dir(root).mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                                     dir=temp_dir(root))
+    count = 0
+    size = credits = 0.0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(head, ensure_ascii=False)[:-1] + ',\n"images": [')
+            for text in store.entries_json(recipe.name):
+                handle.write(",\n" if count else "\n")
+                handle.write(text)
+                count += 1
+                size += _number(text, '"bytes":')
+                credits += _number(text, '"cost":')
+            totals = {"images": count, "bytes": int(size), "cost_credits": round(credits, 4)}
+            handle.write(("\n" if count else "") + '],\n"totals": '
+                         + json.dumps(totals) + "\n}\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    _retire_legacy_manifest(root, recipe.name)
     return target
+
+
+_NUMBER = re.compile(r"\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
+
+
+def _number(text: str, field: str) -> float:
+    """A top-level number in an entry's JSON text: the manifest's totals without parsing
+    every entry. Keys are sorted, so `bytes` and `cost` come before any nested object."""
+    at = text.find(field)
+    found = _NUMBER.match(text, at + len(field)) if at >= 0 else None
+    return float(found.group(1)) if found else 0.0
+
+
+def _retire_legacy_manifest(root: Path, recipe: str) -> None:
+    """A first-release `manifest.json` that was this recipe's is replaced by its own."""
+    legacy = root / LEGACY_MANIFEST
+    try:
+        document = json.loads(legacy.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(document, dict) and (document.get("recipe") or {}).get("name") == recipe:
+        with contextlib.suppress(OSError):
+            legacy.unlink()
 
 
 def temp_dir(root: Path) -> Path:
@@ -202,7 +262,7 @@ def manifest_schema() -> dict[str, Any]:
     }
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": "https://github.com/fluxbatch/fluxbatch/blob/main/schemas/manifest.schema.json",
+        "$id": SCHEMA_URL,
         "title": "fluxbatch manifest",
         "type": "object",
         "required": ["manifest_version", "fluxbatch", "recipe", "spec_date", "images"],
@@ -219,5 +279,16 @@ def manifest_schema() -> dict[str, Any]:
             "spec_date": {"type": "string", "description": "date of the vendored BFL spec"},
             "updated_at": timestamp,
             "images": {"type": "array", "items": entry},
+            "totals": {
+                "type": "object",
+                "required": ["images", "bytes", "cost_credits"],
+                "properties": {
+                    "images": {"type": "integer", "minimum": 0},
+                    "bytes": {"type": "integer", "minimum": 0},
+                    "cost_credits": {"type": "number", "minimum": 0,
+                                     "description": "what the images cost when they were "
+                                     "rendered, as reported (1 credit = $0.01)"},
+                },
+            },
         },
     }

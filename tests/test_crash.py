@@ -79,7 +79,7 @@ def check_outcome(tmp_path: Path, emulator_submissions: list[dict[str, object]])
     assert images == sorted(job.output for job in plan.jobs)
     debris = [p for p in tmp_path.rglob("*.tmp")]
     assert debris == []
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "crash.manifest.json").read_text())
     schema = json.loads((ROOT / "schemas" / "manifest.schema.json").read_text())
     jsonschema.Draft202012Validator(schema).validate(manifest)
     assert len(manifest["images"]) == len(plan.jobs)

@@ -361,12 +361,12 @@ def test_error_status_ends_failed_with_its_details(h: Harness) -> None:
     assert len(h.api.posts()) == 1
 
 
-def test_task_not_found_is_polled_again_a_few_times_then_fails(h: Harness) -> None:
+def test_task_not_found_is_polled_again_a_few_times_then_the_task_is_gone(h: Harness) -> None:
     h.api.polls["image 0"].extend([{"status": "Task not found"}] * 5)
 
     [outcome] = h.run([make_job(0)])
 
-    assert outcome.status == "failed"
+    assert outcome.status == "gone"  # (only now may the next run pay for it again)
     assert outcome.reason == ("the provider no longer knows task task-1 ('Task not found'; "
                               "results expire)")
     assert len(h.api.polls_of("task-1")) == h.settings.not_found_attempts == 3

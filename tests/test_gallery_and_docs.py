@@ -38,8 +38,8 @@ def test_gallery_crosses_the_two_best_variables_and_links_every_image(
     capsys.readouterr()
 
     assert main(["gallery", recipe]) == 0
-    assert capsys.readouterr().out == f"wrote {tmp_path / 'gallery.html'} (12 images)\n"
-    page = (tmp_path / "gallery.html").read_text()
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'sheet.gallery.html'} (12 images)\n"
+    page = (tmp_path / "sheet.gallery.html").read_text()
     # colour and tone advance together (zip): shape crosses colour, so it makes the columns
     assert "<h2>grid: colour × shape</h2>" in page
     headers = re.findall(r"<th>([^<]*)</th>", page)

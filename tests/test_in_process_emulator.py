@@ -29,14 +29,15 @@ def test_tasks_of_an_earlier_in_process_emulator_are_sent_again(
     build_file_tree(tmp_path, {"recipe.yaml": RECIPE})
     jobs = load_plan(str(tmp_path / "recipe.yaml")).jobs
     with Store.open(tmp_path) as store:  # as an interrupted run would have left it
-        store.submitted(jobs[0].output, jobs[0].key, "gone-1",
-                        "http://127.0.0.1:9/v1/get_result?id=gone-1", 4.0, 0.0)
-        store.submitting(jobs[1].output, jobs[1].key, "emulator", "http://127.0.0.1:9")
+        store.submitting(jobs[0].key, "emulator", "http://127.0.0.1:9")
+        store.submitted(jobs[0].key, "gone-1", "http://127.0.0.1:9/v1/get_result?id=gone-1",
+                        4.0, 0.0)
+        store.submitting(jobs[1].key, "emulator", "http://127.0.0.1:9")
 
     code = main(["render", str(tmp_path / "recipe.yaml"), "-q"])
 
     assert (code, capsys.readouterr().out) == (
         0, f"3 written; cost $0.12 (reported by the provider); manifest "
-           f"{tmp_path / 'manifest.json'}\n")
+           f"{tmp_path / 'inproc.manifest.json'}\n")
     assert sorted(p.name for p in tmp_path.rglob("*.png")) == [
         "circle-1.png", "square-1.png", "star-1.png"]

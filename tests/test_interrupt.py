@@ -66,40 +66,47 @@ def wait_for_first_submit(emulator: Emulator, process: subprocess.Popen[bytes]) 
         time.sleep(0.02)
 
 
-def store_rows(root: Path) -> list[tuple[str, str, str | None, str | None, str | None,
-                                         str | None, int | None, int | None]]:
+def store_rows(root: Path) -> tuple[list[tuple[str, str, str | None, str | None, str | None]],
+                                    list[tuple[str, str, str, int, int | None]]]:
+    """The ledger (key, status, task id, polling URL, blob) and the placements (output, path,
+    sha256, size, mtime)."""
     database = sqlite3.connect(root / ".fluxbatch" / "state.sqlite")
     try:
-        return database.execute(
-            "SELECT output, status, task_id, polling_url, path, sha256, bytes, mtime_ns "
-            "FROM images ORDER BY output").fetchall()
+        tasks = database.execute("SELECT key, status, task_id, polling_url, blob FROM tasks "
+                                 "ORDER BY key").fetchall()
+        placements = database.execute("SELECT output, path, sha256, bytes, mtime_ns FROM "
+                                      "placements ORDER BY output").fetchall()
+        return tasks, placements
     finally:
         database.close()
 
 
 def check_consistent(root: Path) -> Counter[str]:
-    """Every row in an allowed status; a task id on every paid one; every written file as
-    recorded; the manifest valid and naming exactly the written files. Returns the counts."""
-    rows = store_rows(root)
-    counts = Counter(row[1] for row in rows)
+    """Every task in an allowed status, with a task id on every paid one and its bytes in the
+    content store once fetched; every placed file as recorded; the manifest valid and naming
+    exactly the placed files. Returns the counts by status ('written': placed)."""
+    tasks, placements = store_rows(root)
+    counts = Counter(row[1] for row in tasks if row[1] != "fetched")
     assert set(counts) <= ALLOWED, counts
-    for output, status, task_id, polling_url, path, sha256, size, mtime_ns in rows:
-        if status in ("submitted", "ready", "written"):
-            assert task_id and polling_url, output
-        if status == "written":
-            assert path is not None
-            stat = (root / path).stat()
-            assert (stat.st_size, stat.st_mtime_ns) == (size, mtime_ns), output
-            assert file_sha256(root / path) == sha256, output
-    manifest = json.loads((root / "manifest.json").read_text())
+    for key, status, task_id, polling_url, blob in tasks:
+        if status in ("submitted", "ready", "fetched"):
+            assert task_id and polling_url, key
+        if status == "fetched":
+            assert blob is not None
+            assert file_sha256(root / ".fluxbatch" / "blobs" / blob[:2] / blob) == blob
+    for output, path, sha256, size, mtime_ns in placements:
+        stat = (root / path).stat()
+        assert (stat.st_size, stat.st_mtime_ns) == (size, mtime_ns), output
+        assert file_sha256(root / path) == sha256, output
+    counts["written"] = len(placements)
+    manifest = json.loads((root / "interrupt.manifest.json").read_text())
     schema = json.loads((ROOT / "schemas" / "manifest.schema.json").read_text())
     jsonschema.Draft202012Validator(schema).validate(manifest)
     for entry in manifest["images"]:
         assert file_sha256(root / entry["path"]) == entry["sha256"], entry["path"]
-    assert sorted(e["path"] for e in manifest["images"]) == sorted(
-        str(row[4]) for row in rows if row[1] == "written")
-    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png")) == sorted(
-        e["path"] for e in manifest["images"])
+    assert sorted(e["path"] for e in manifest["images"]) == sorted(row[1] for row in placements)
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png")
+                  if ".fluxbatch" not in p.parts) == sorted(e["path"] for e in manifest["images"])
     return counts
 
 
@@ -111,7 +118,7 @@ def summary(counts: Counter[str], root: Path) -> str:
     parts = [f"{n} {word}" for n, word in ((written, "written"), (pending, "pending"),
                                            (skipped, "skipped")) if n]
     return (f"{', '.join(parts)}; cost ${(written + pending) * 0.04:.2f} (reported by the "
-            f"provider); manifest {root / 'manifest.json'}")
+            f"provider); manifest {root / 'interrupt.manifest.json'}")
 
 
 @pytest.mark.slow
@@ -144,11 +151,13 @@ def test_ctrl_c_exits_130_with_consistent_state_and_the_rerun_pays_nothing_twice
         assert err.decode().splitlines()[0] == STOPPING
     assert counts["submitted"] + counts["ready"] > 0, "nothing was in flight"
 
-    done = counts["written"]
+    done, collected = counts["written"], counts["submitted"] + counts["ready"]
+    earlier = f", and ${collected * 0.04:.2f} paid by earlier runs for the tasks collected" \
+        if collected else ""
     assert (rerun.returncode, rerun.stdout.decode(), rerun.stderr.decode()) == (
         0, f"{JOBS - done} written{f', {done} up to date' if done else ''}; cost "
-           f"${(JOBS - done) * 0.04:.2f} (reported by the provider); manifest "
-           f"{tmp_path / 'manifest.json'}\n", "")
+           f"${(JOBS - done - collected) * 0.04:.2f} (reported by the provider){earlier}; "
+           f"manifest {tmp_path / 'interrupt.manifest.json'}\n", "")
     planned = {job.key for job in load_plan(str(recipe)).jobs}
     paid = Counter(job_key(str(s["model"]), s["request"]) for s in submissions)
     assert paid == Counter(planned), "a job was paid for twice, or never"

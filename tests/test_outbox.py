@@ -47,18 +47,18 @@ def test_a_request_a_dead_outbox_held_is_settled_from_what_it_committed(
         outbox = Outbox(tmp_path, provider, None, store)
         if row in ("submitted", "other-key", "older"):
             key = KEY if row != "other-key" else "e" * 64
-            store.submitting("a.png", key, "emulator", "http://127.0.0.1:9")
-            store.submitted("a.png", key, "task-9", "http://127.0.0.1:9/v1/get_result?id=task-9",
-                            4.0, time.time())
+            store.submitting(key, "emulator", "http://127.0.0.1:9")
+            store.submitted(key, "task-9", "http://127.0.0.1:9/v1/get_result?id=task-9", 4.0,
+                            time.time())
         elif row == "submitting":
-            store.submitting("a.png", KEY, "emulator", "http://127.0.0.1:9")
+            store.submitting(KEY, "emulator", "http://127.0.0.1:9")
         # as if committed by the child after the hand-over (or, "older", by an earlier run)
         moment = time.time() + (-60 if row == "older" else 60)
-        store.db.execute("UPDATE images SET updated_at = ?", (moment,))
+        store.db.execute("UPDATE tasks SET updated_at = ?", (moment,))
 
         async def send_to_a_dying_outbox() -> None:
             outbox.start = die_on_start(outbox)  # type: ignore[method-assign]
-            await outbox.send(request(), "a.png", KEY)
+            await outbox.send(request(), KEY)
 
         with pytest.raises(expected) as caught:
             asyncio.run(send_to_a_dying_outbox())
@@ -91,7 +91,7 @@ def test_an_outbox_that_keeps_dying_stops_the_run_with_one_line(tmp_path: Path) 
             outbox = Outbox(tmp_path, provider, None, store)
             for _ in range(MAX_STARTS + 1):
                 try:
-                    await outbox.send(request(), "a.png", KEY)
+                    await outbox.send(request(), KEY)
                 except httpx.ConnectError as error:  # died before sending: safe to retry
                     seen.append(f"ConnectError: {error}")
                 except OutboxGone as error:

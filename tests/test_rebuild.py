@@ -73,6 +73,7 @@ class Cli:
         self.capsys = capsys
         self.root = root
         self.recipe = root / "recipe.yaml"
+        self.name = "rebuild"
 
     def write(self, **edits: Any) -> None:
         build_file_tree(self.root, {"recipe.yaml": recipe_text(**edits)})
@@ -100,7 +101,14 @@ class Cli:
         """The report of a render that wrote `count` images at $0.04 each."""
         rest = f", {up_to_date} up to date" if up_to_date else ""
         return (f"{count} written{rest}; cost {money(count * 0.04)} (reported by the "
-                f"provider); manifest {self.root / 'manifest.json'}\n")
+                f"provider); manifest {self.root / (self.name + '.manifest.json')}\n")
+
+
+    def placed(self, count: int, up_to_date: int = 0) -> str:
+        """The report of a render that placed `count` images the root already held."""
+        rest = f", {up_to_date} up to date" if up_to_date else ""
+        return (f"{count} written ({count} from images already paid for){rest}; nothing paid; "
+                f"manifest {self.root / (self.name + '.manifest.json')}\n")
 
 
 def money(usd: float) -> str:
@@ -150,7 +158,7 @@ def images(root: Path) -> dict[str, tuple[int, str]]:
 def check_manifest(cli: Cli) -> dict[str, dict[str, Any]]:
     """The manifest validates, names only existing files with their sha256, and its keys are
     the plan's keys; returns its entries by path."""
-    document = json.loads((cli.root / "manifest.json").read_text())
+    document = json.loads((cli.root / "rebuild.manifest.json").read_text())
     jsonschema.Draft202012Validator(SCHEMA).validate(document)
     entries = {entry["path"]: entry for entry in document["images"]}
     on_disk = images(cli.root)
@@ -208,20 +216,38 @@ def test_rerender_of_an_unchanged_recipe_submits_nothing_and_rewrites_nothing(
     assert sorted(check_manifest(rendered)) == sorted(ALL)
 
 
-def test_a_deleted_image_is_missing_and_only_it_is_rendered_again(
+STORED = "its image is in the content store (paid earlier): placed at no cost"
+
+
+def test_a_deleted_image_is_placed_again_from_the_store_and_not_paid_again(
         rendered: Cli, emulator: Emulator) -> None:
     before, sent = images(rendered.root), len(emulator.submissions)
     (rendered.root / "grid" / "square.png").unlink()
 
     assert rendered.status("-v") == Run(1, status_verbose(
-        [("grid", "shape=square colour=green", "grid/square.png", "missing",
-          "the file was deleted")], [("up-to-date", 3), ("missing", 1)], rendered.root),
-        NOT_UP_TO_DATE)
-    assert rendered.render() == Run(0, rendered.written(1, up_to_date=3), "")
-    assert rendered.prompts_sent(sent) == ["a green square"]
+        [("grid", "shape=square colour=green", "grid/square.png", "stored", STORED)],
+        [("up-to-date", 3), ("stored", 1)], rendered.root), NOT_UP_TO_DATE)
+    assert rendered.render() == Run(0, rendered.placed(1, up_to_date=3), "")
+    assert rendered.prompts_sent(sent) == []
     after = images(rendered.root)
     assert {p: v for p, v in after.items() if p != "grid/square.png"} == \
         {p: v for p, v in before.items() if p != "grid/square.png"}
+    assert sorted(check_manifest(rendered)) == sorted(ALL)
+
+
+def test_a_deleted_image_without_its_store_copy_is_collected_again_for_free(
+        rendered: Cli, emulator: Emulator) -> None:
+    """The content store pruned (`clean --store`) and the file deleted: the task that made
+    it is polled again for a fresh URL and downloaded again; nothing is submitted."""
+    sent, polls = len(emulator.submissions), emulator.stats.polls
+    assert rendered.clean("--store", "--delete").code == 0
+    (rendered.root / "grid" / "square.png").unlink()
+
+    assert rendered.render() == Run(0, rendered.written(1, up_to_date=3).replace(
+        "cost $0.040 (reported by the provider)",
+        "nothing paid, and $0.040 paid by earlier runs for the tasks collected"), "")
+    assert rendered.prompts_sent(sent) == []
+    assert emulator.stats.polls > polls
     assert sorted(check_manifest(rendered)) == sorted(ALL)
 
 
@@ -262,6 +288,7 @@ def test_an_edit_makes_exactly_the_touched_images_stale_and_replaces_them(
 def test_a_stale_image_in_another_format_replaces_the_old_file(
         tmp_path: Path, emulator: Emulator, capsys: pytest.CaptureFixture[str]) -> None:
     cli = Cli(emulator, capsys, tmp_path)
+    cli.name = "formats"
     sent = len(emulator.submissions)
     text = """
         version: 1
@@ -280,8 +307,8 @@ def test_a_stale_image_in_another_format_replaces_the_old_file(
     assert cli.render() == Run(0, cli.written(1), "")
     assert sorted(images(tmp_path)) == ["img/one.png"]
     assert len(emulator.submissions) == sent + 2
-    assert [e["path"] for e in json.loads((tmp_path / "manifest.json").read_text())["images"]] \
-        == ["img/one.png"]
+    manifest = json.loads((tmp_path / "formats.manifest.json").read_text())
+    assert [e["path"] for e in manifest["images"]] == ["img/one.png"]
 
 
 def test_adding_a_matrix_value_renders_only_the_new_image(
@@ -391,7 +418,7 @@ def test_budget_below_the_estimate_refuses_and_sends_nothing(
                "budget of "
                "$0.01; nothing was sent\n")
     assert (len(emulator.submissions), images(cli.root)) == (sent, {})
-    assert not (cli.root / "manifest.json").exists()
+    assert not (cli.root / "rebuild.manifest.json").exists()
 
     assert cli.render("--budget", "0.16") == Run(0, cli.written(4), "")
 
@@ -408,7 +435,7 @@ def test_dry_run_after_an_edit_lists_only_the_stale_image_and_changes_nothing(
         rendered: Cli, emulator: Emulator) -> None:
     rendered.write(tolerance=5)
     state = rendered.root / ".fluxbatch" / "state.sqlite"
-    before = (images(rendered.root), (rendered.root / "manifest.json").read_bytes(),
+    before = (images(rendered.root), (rendered.root / "rebuild.manifest.json").read_bytes(),
               state.read_bytes(), len(emulator.submissions))
 
     assert rendered.render("--dry-run") == Run(0, (
@@ -417,7 +444,7 @@ def test_dry_run_after_an_edit_lists_only_the_stale_image_and_changes_nothing(
         "dry run: would submit 1 image (estimated $0.040), re-attach 0, skip 3 up to date; "
         "nothing was sent or written\n"), "")
     assert rendered.render("--dry-run") == Run(0, dry_run_text(["solo/tree.png"], 3), "")
-    assert before == (images(rendered.root), (rendered.root / "manifest.json").read_bytes(),
+    assert before == (images(rendered.root), (rendered.root / "rebuild.manifest.json").read_bytes(),
                       state.read_bytes(), len(emulator.submissions))
 
 
@@ -435,17 +462,16 @@ def change_bytes(path: Path, *, keep_mtime: bool) -> None:
     os.utime(path, ns=(stat.st_atime_ns, mtime))
 
 
-def test_changed_bytes_with_a_new_mtime_make_an_image_missing(
+def test_changed_bytes_with_a_new_mtime_are_replaced_from_the_store(
         rendered: Cli, emulator: Emulator) -> None:
     sent = len(emulator.submissions)
     change_bytes(rendered.root / "grid" / "circle.png", keep_mtime=False)
 
     assert rendered.status("-v") == Run(1, status_verbose(
-        [("grid", "shape=circle colour=red", "grid/circle.png", "missing",
-          "the file was changed after it was written")],
-        [("up-to-date", 3), ("missing", 1)], rendered.root), NOT_UP_TO_DATE)
-    assert rendered.render() == Run(0, rendered.written(1, up_to_date=3), "")
-    assert rendered.prompts_sent(sent) == ["a red circle"]
+        [("grid", "shape=circle colour=red", "grid/circle.png", "stored", STORED)],
+        [("up-to-date", 3), ("stored", 1)], rendered.root), NOT_UP_TO_DATE)
+    assert rendered.render() == Run(0, rendered.placed(1, up_to_date=3), "")
+    assert rendered.prompts_sent(sent) == []
     check_manifest(rendered)
 
 
@@ -461,7 +487,8 @@ def test_a_touched_image_is_up_to_date_by_sha256_and_its_new_mtime_is_remembered
     assert rendered.render() == Run(0, "nothing to render: 4 images up to date\n", "")
     assert len(emulator.submissions) == sent
     with Store.open(rendered.root, create=False) as store:
-        assert store.records()["solo/tree.png"].mtime_ns == touched
+        placed = {p.output: p for p in store.placements("rebuild")}
+        assert placed["solo/tree.png"].mtime_ns == touched
     assert target.stat().st_mtime_ns == touched
 
 
@@ -473,7 +500,7 @@ def test_verify_finds_changed_bytes_that_size_and_mtime_hide(
     assert rendered.status().code == 0  # the fast path trusts size and mtime
     assert rendered.render() == Run(0, "nothing to render: 4 images up to date\n", "")
     assert rendered.status("--verify").code == 1
-    assert rendered.render("--verify") == Run(0, rendered.written(1, up_to_date=3), "")
-    assert rendered.prompts_sent(sent) == ["a blue star"]
+    assert rendered.render("--verify") == Run(0, rendered.placed(1, up_to_date=3), "")
+    assert rendered.prompts_sent(sent) == []
     assert rendered.status("--verify").code == 0
     check_manifest(rendered)

@@ -62,7 +62,7 @@ def render(recipe: Path, emulator: Emulator) -> int:
 
 
 def manifest_images(root: Path) -> list[dict[str, Any]]:
-    images: list[dict[str, Any]] = json.loads((root / "manifest.json").read_text())["images"]
+    images: list[dict[str, Any]] = json.loads((root / "e2e.manifest.json").read_text())["images"]
     return images
 
 
@@ -80,7 +80,7 @@ def test_render_writes_images_and_manifest_then_rerun_sends_nothing(
         assert (emulator.stats.submits, emulator.stats.polls, emulator.stats.downloads) == sent
         assert emulator.stats.leaked_auth_downloads == 0
 
-    manifest = tmp_path / "manifest.json"
+    manifest = tmp_path / "e2e.manifest.json"
     assert first.out == f"3 written; cost $0.12 (reported by the provider); manifest {manifest}\n"
     assert first.err == ""
     assert second.out == "nothing to render: 3 images up to date\n"
@@ -151,7 +151,7 @@ def test_moderated_job_exits_1_with_a_summary_table_and_the_others_written(
 
     captured = capsys.readouterr()
     assert captured.out == ("2 written, 1 moderated; cost $0.12 (reported by the provider); "
-                            f"manifest {tmp_path / 'manifest.json'}\n")
+                            f"manifest {tmp_path / 'e2e.manifest.json'}\n")
     assert captured.err.splitlines() == [
         "JOB   VALUES" + " " * 32 + "OUTPUT" + " " * 29 + "STATUS     REASON",
         "pngs  subject=kettle [[request-moderated]]  pngs/kettle-request-moderated.png  "
@@ -179,7 +179,7 @@ def test_a_directory_at_an_output_path_leaves_the_image_in_flight_for_a_free_rer
         assert render(recipe, emulator) == 0
         assert len(emulator.submissions) == paid  # collected again, not paid again
     assert out == (f"2 written, 1 pending; cost $0.12 (reported by the provider); manifest "
-                   f"{tmp_path / 'manifest.json'}\n")
+                   f"{tmp_path / 'e2e.manifest.json'}\n")
     assert "internal error" not in err
     assert err.endswith("1 task still in flight: run again to collect them (they are not paid "
                         "for twice).\n")
@@ -193,18 +193,18 @@ def test_a_manifest_that_cannot_be_written_is_one_clear_line(
     with serve() as emulator:
         assert render(recipe, emulator) == 0
         (tmp_path / "pngs" / "teapot.png").unlink()
-        (tmp_path / "manifest.json").unlink()
-        (tmp_path / "manifest.json").mkdir()  # (as a full disk would, os.replace fails)
+        (tmp_path / "e2e.manifest.json").unlink()
+        (tmp_path / "e2e.manifest.json").mkdir()  # (as a full disk would, os.replace fails)
         capsys.readouterr()
         code = render(recipe, emulator)
     err = capsys.readouterr().err
     assert code == 1
-    assert err == (f"fluxbatch: cannot write {tmp_path / 'manifest.json'}: Is a directory. "
+    assert err == (f"fluxbatch: cannot write {tmp_path / 'e2e.manifest.json'}: Is a directory. "
                    "Every image written is recorded in the state store; free some space (or "
                    "make the folder writable) and run `fluxbatch render` again to write the "
                    "manifest. Nothing is paid twice.\n")
     assert len(list(tmp_path.rglob("*.png"))) == 2
-    (tmp_path / "manifest.json").rmdir()
+    (tmp_path / "e2e.manifest.json").rmdir()
     assert main(["status", str(recipe)]) == 0  # the store had it all
 
 
@@ -237,5 +237,5 @@ def test_a_store_damaged_past_its_header_is_one_clear_line(
     assert code == 1
     assert err.startswith(f"fluxbatch: {database}: the state store is unreadable (")
     assert err.endswith(f"Move it away (for example `mv {database} {database}.broken`) and run "
-                        f"again: fluxbatch rebuilds it from {tmp_path / 'manifest.json'}. No "
+                        f"again: fluxbatch rebuilds it from the manifests in {tmp_path}. No "
                         "image is touched.\n")

@@ -25,6 +25,7 @@ from tests.conftest import build_file_tree
 
 # The same fixtures as test_rebuild: one emulator per module, a fresh root, a rendered root.
 from tests.test_rebuild import (  # noqa: F401
+    STORED,
     Cli,
     Run,
     aligned,
@@ -68,8 +69,8 @@ def test_a_task_submitted_but_never_polled_is_collected_without_submitting_again
     cli.root.mkdir(parents=True, exist_ok=True)
     with Store.open(cli.root) as store:
         for output, answer in paid.items():
-            store.submitting(output, jobs[output].key, "emulator", emulator.base_url)
-            store.submitted(output, jobs[output].key, answer["id"], answer["polling_url"],
+            store.submitting(jobs[output].key, "emulator", emulator.base_url)
+            store.submitted(jobs[output].key, answer["id"], answer["polling_url"],
                             answer["cost"], time.time())
     sent = len(emulator.submissions)
 
@@ -77,8 +78,8 @@ def test_a_task_submitted_but_never_polled_is_collected_without_submitting_again
     assert status.code == 1
     document = json.loads(status.out)
     assert document["counts"] == {
-        "up-to-date": 0, "new": 2, "missing": 0, "stale": 0, "in-flight": 2, "failed": 0,
-        "moderated": 0, "unknown": 0, "orphaned": 0}
+        "up-to-date": 0, "stored": 0, "new": 2, "missing": 0, "stale": 0, "in-flight": 2,
+        "failed": 0, "moderated": 0, "unknown": 0, "orphaned": 0}
     attach = "submitted by an earlier run; the next render collects it without paying again"
     assert document["not_up_to_date"] == [
         {"output": "grid/circle.png", "state": "in-flight", "reason": attach},
@@ -89,7 +90,9 @@ def test_a_task_submitted_but_never_polled_is_collected_without_submitting_again
         "dry run: would submit 2 images (estimated $0.080), re-attach 2, skip 0 up to date; "
         "nothing was sent or written")
 
-    assert cli.render() == Run(0, cli.written(4), "")  # the cost includes the earlier submits
+    assert cli.render() == Run(0, cli.written(2).replace("2 written", "4 written").replace(
+        "(reported by the provider)", "(reported by the provider), and $0.080 paid by earlier "
+        "runs for the tasks collected"), "")
     assert cli.prompts_sent(sent) == ["a blue star", "a green square"]
     entries = check_manifest(cli)
     assert {p: entries[p]["task_id"] for p in paid} == {p: a["id"] for p, a in paid.items()}
@@ -101,7 +104,7 @@ def test_a_submit_recorded_but_never_answered_is_held_back_until_retry_unknown(
     rendered.write(colours=("red", "green", "violet"))  # the star is re-rendered ...
     star = planned(rendered)["grid/star.png"]
     with Store.open(rendered.root) as store:  # ... and that run died while submitting it
-        store.submitting(star.output, star.key, "emulator", emulator.base_url)
+        store.submitting(star.key, "emulator", emulator.base_url)
     sent = len(emulator.submissions)
 
     assert rendered.status("-v") == Run(1, status_table(
@@ -137,7 +140,7 @@ def test_submits_whose_answer_was_dropped_are_unknown_and_never_resent_silently(
 
     assert created == 4  # the provider made (and may bill) every task
     assert first == Run(1, "4 unknown; cost not reported by the provider; manifest "
-                           f"{cli.root / 'manifest.json'}\n",
+                           f"{cli.root / 'rebuild.manifest.json'}\n",
                         aligned(("JOB", "VALUES", "OUTPUT", "STATUS", "REASON"), rows) +
                         "4 submits ended without an answer and may have been billed; they are "
                         "not resubmitted unless you pass --retry-unknown.\n")
@@ -165,18 +168,18 @@ def test_status_json_counts_every_state_and_exits_0_only_when_up_to_date(
         "recipe": "rebuild",
         "output_root": str(rendered.root),
         "up_to_date": False,
-        "counts": {"up-to-date": 1, "new": 1, "missing": 1, "stale": 1, "in-flight": 0,
-                   "failed": 0, "moderated": 0, "unknown": 0, "orphaned": 1},
+        "counts": {"up-to-date": 1, "stored": 1, "new": 1, "missing": 0, "stale": 1,
+                   "in-flight": 0, "failed": 0, "moderated": 0, "unknown": 0, "orphaned": 1},
         "not_up_to_date": [
             {"output": "grid/square.png", "state": "stale",
              "reason": "the request changed (prompt, parameters, model or seed)"},
             {"output": "grid/heart.png", "state": "new", "reason": None},
-            {"output": "solo/tree.png", "state": "missing", "reason": "the file was deleted"},
+            {"output": "solo/tree.png", "state": "stored", "reason": STORED},
         ],
         "orphans": ["grid/star.png"],
     }
     assert rendered.status() == Run(1, status_table(rendered.root, [
-        ("up-to-date", 1), ("new", 1), ("missing", 1), ("stale", 1), ("orphaned", 1)]),
+        ("up-to-date", 1), ("stored", 1), ("new", 1), ("stale", 1), ("orphaned", 1)]),
         "not up to date: `fluxbatch render` makes what is missing; `fluxbatch clean --delete` "
         "removes orphans\n")
 
@@ -201,7 +204,7 @@ def test_clean_lists_orphans_and_delete_removes_exactly_them_and_their_entries(
     assert rendered.clean("--delete") == Run(
         0, "deleting: grid/star.png\ndeleted 1 orphan\n", "")
     assert rendered.clean() == Run(
-        0, "no orphans: every image in the manifest belongs to a job in the recipe\n", "")
+        0, "no orphans: every image of this recipe belongs to a job in it\n", "")
 
     del before["grid/star.png"]
     assert images(rendered.root) == before
@@ -243,11 +246,12 @@ def test_clean_keeps_a_file_that_a_job_in_the_recipe_has_written_since(cli: Cli)
     image = (cli.root / "img" / "x.jpg").read_bytes()
 
     # Writing job b's image there retired job a's record of the file: nothing is orphaned.
-    assert cli.clean("--delete") == Run(0, "no orphans: every image in the manifest belongs to "
-                                           "a job in the recipe\n", "")
+    assert cli.clean("--delete") == Run(0, "no orphans: every image of this recipe belongs to "
+                                           "a job in it\n", "")
     assert (cli.root / "img" / "x.jpg").read_bytes() == image
     assert cli.status().code == 0
-    assert [e["job"] for e in json.loads((cli.root / "manifest.json").read_text())["images"]] \
+    manifest = json.loads((cli.root / "rebuild.manifest.json").read_text())
+    assert [e["job"] for e in manifest["images"]] \
         == ["b"]
 
 
@@ -256,7 +260,7 @@ def test_clean_keeps_a_file_that_a_job_in_the_recipe_has_written_since(cli: Cli)
 
 def embedded_entry(cli: Cli, path: str) -> dict[str, Any]:
     """The manifest entry, minus what the image cannot carry (its own hash and size)."""
-    document = json.loads((cli.root / "manifest.json").read_text())
+    document = json.loads((cli.root / "rebuild.manifest.json").read_text())
     entry = next(e for e in document["images"] if e["path"] == path)
     return {k: v for k, v in entry.items() if k not in ("sha256", "bytes")}
 
@@ -301,7 +305,8 @@ def test_reproduce_writes_a_recipe_with_the_same_key(
     assert cli("reproduce", str(cli.root / "grid" / "star.png"), "-o", str(again)) == Run(
         0, f"wrote {again}: `fluxbatch render {again}` makes the image again (key "
            f"{star.key[:12]}…)\n", "")
-    from_manifest = cli("reproduce", str(cli.root / "manifest.json"), "--entry", "grid/star.png")
+    from_manifest = cli("reproduce", str(cli.root / "rebuild.manifest.json"), "--entry",
+                        "grid/star.png")
     assert from_manifest == Run(0, again.read_text(), "")
 
     result = cli("plan", str(again), "--json")
@@ -312,7 +317,7 @@ def test_reproduce_writes_a_recipe_with_the_same_key(
 
 
 def test_reproduce_from_a_manifest_needs_an_existing_entry(rendered: Cli) -> None:
-    manifest = str(rendered.root / "manifest.json")
+    manifest = str(rendered.root / "rebuild.manifest.json")
     assert rendered("reproduce", manifest) == Run(
         1, "", f"fluxbatch: {manifest} is a manifest: say which image with --entry PATH\n")
     assert rendered("reproduce", manifest, "--entry", "grid/moon.png") == Run(
@@ -330,14 +335,16 @@ def untouched(cli: Cli, before: dict[str, tuple[int, str]], sent: int) -> None:
 def test_a_truncated_manifest_without_a_store_is_an_error_that_says_how_to_recover(
         rendered: Cli, emulator: Emulator) -> None:
     shutil.rmtree(rendered.root / ".fluxbatch")
-    manifest = rendered.root / "manifest.json"
+    manifest = rendered.root / "rebuild.manifest.json"
     text = manifest.read_text()
-    manifest.write_text(text[:300])
-    line, column = 10, 3  # where the cut string starts
-    assert text[:300].splitlines()[line - 1][column - 1] == '"'
+    cut = text[:text.index('"images"') + 40]  # in the middle of the first entry
+    manifest.write_text(cut)
+    with pytest.raises(json.JSONDecodeError) as where:
+        json.loads(cut)
+    line, column, what = where.value.lineno, where.value.colno, where.value.msg
     before, sent = images(rendered.root), len(emulator.submissions)
     error = Run(1, "", f"fluxbatch: {manifest}:{line}:{column}: the manifest is not valid JSON "
-                       "(Unterminated string starting at). Restore it (from version control), "
+                       f"({what}). Restore it (from version control), "
                        "or delete it: fluxbatch then recognises your images by the provenance "
                        "embedded in them. No image is touched.\n")
 
@@ -345,7 +352,7 @@ def test_a_truncated_manifest_without_a_store_is_an_error_that_says_how_to_recov
     assert rendered.render() == error  # the failed run left no empty store behind
     assert rendered.status() == error
     assert not (rendered.root / ".fluxbatch" / "state.sqlite").exists()
-    assert manifest.read_text() == text[:300]
+    assert manifest.read_text() == cut
     untouched(rendered, before, sent)
 
     manifest.write_text(text)  # restored: everything is up to date again
@@ -355,7 +362,7 @@ def test_a_truncated_manifest_without_a_store_is_an_error_that_says_how_to_recov
 
 def test_a_manifest_of_the_wrong_shape_is_an_error_naming_the_entry(rendered: Cli) -> None:
     shutil.rmtree(rendered.root / ".fluxbatch")
-    manifest = rendered.root / "manifest.json"
+    manifest = rendered.root / "rebuild.manifest.json"
     document = json.loads(manifest.read_text())
     document["images"][1]["bytes"] = "many"
     manifest.write_text(json.dumps(document))
@@ -377,7 +384,7 @@ def test_a_garbage_store_is_an_error_naming_it(rendered: Cli, emulator: Emulator
     assert result == Run(1, "", (
         f"fluxbatch: {store}: the state store is unreadable (file is not a database). Move it "
         f"away (for example `mv {store} {store}.broken`) and run again: fluxbatch rebuilds it "
-        f"from {rendered.root / 'manifest.json'}. No image is touched.\n"))
+        f"from the manifests in {rendered.root}. No image is touched.\n"))
     untouched(rendered, before, sent)
 
 
@@ -392,7 +399,7 @@ def test_a_damaged_page_of_the_store_is_an_error_naming_it(rendered: Cli,
     error = Run(1, "", (
         f"fluxbatch: {store}: the state store is unreadable (database disk image is malformed). "
         f"Move it away (for example `mv {store} {store}.broken`) and run again: fluxbatch "
-        f"rebuilds it from {rendered.root / 'manifest.json'}. No image is touched.\n"))
+        f"rebuilds it from the manifests in {rendered.root}. No image is touched.\n"))
     assert rendered.render() == error
     assert rendered.status() == error
     untouched(rendered, before, sent)
@@ -413,30 +420,30 @@ def test_an_empty_store_file_is_rebuilt_from_the_manifest_without_rendering(
 def test_a_deleted_store_is_rebuilt_from_the_manifest_without_rendering(
         rendered: Cli, emulator: Emulator) -> None:
     shutil.rmtree(rendered.root / ".fluxbatch")
-    manifest = (rendered.root / "manifest.json").read_text()
+    manifest = (rendered.root / "rebuild.manifest.json").read_text()
     before, sent = images(rendered.root), len(emulator.submissions)
 
     assert rendered.status().code == 0
     assert rendered.render() == Run(0, "nothing to render: 4 images up to date\n", "")
     untouched(rendered, before, sent)
     with Store.open(rendered.root, create=False) as store:
-        records = store.records()
-    assert sorted(records) == ALL
-    assert {o: r.mtime_ns for o, r in records.items()} == {o: before[o][0] for o in ALL}
-    assert (rendered.root / "manifest.json").read_text() == manifest
+        placed = {p.output: p for p in store.placements("rebuild")}
+    assert sorted(placed) == ALL
+    assert {o: p.mtime_ns for o, p in placed.items()} == {o: before[o][0] for o in ALL}
+    assert (rendered.root / "rebuild.manifest.json").read_text() == manifest
 
 
 def test_a_deleted_store_and_manifest_are_recovered_from_the_images_themselves(
         rendered: Cli, emulator: Emulator) -> None:
-    original = json.loads((rendered.root / "manifest.json").read_text())["images"]
+    original = json.loads((rendered.root / "rebuild.manifest.json").read_text())["images"]
     shutil.rmtree(rendered.root / ".fluxbatch")
-    (rendered.root / "manifest.json").unlink()
+    (rendered.root / "rebuild.manifest.json").unlink()
     before, sent = images(rendered.root), len(emulator.submissions)
 
     assert rendered.status().code == 0
     assert rendered.render() == Run(0, "nothing to render: 4 images up to date\n", "")
     untouched(rendered, before, sent)
-    assert json.loads((rendered.root / "manifest.json").read_text())["images"] == original
+    assert json.loads((rendered.root / "rebuild.manifest.json").read_text())["images"] == original
 
 
 # -- 7. one render per output root -----------------------------------------------------------------

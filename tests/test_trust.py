@@ -137,8 +137,7 @@ def test_a_refused_account_stops_the_run_after_one_submit_with_one_line(
     out, err = capsys.readouterr()
     assert code == 1
     assert err == line + "\n"
-    assert out == f"30 skipped; cost not reported by the provider; manifest " \
-                  f"{tmp_path / 'manifest.json'}\n"
+    assert out == f"30 skipped; nothing paid; manifest {tmp_path / 'trust.manifest.json'}\n"
     assert requests == 1  # one submit, and nothing else
 
 
@@ -158,7 +157,7 @@ def test_an_unreachable_host_stops_the_run_with_one_line(
     [stopped] = err.splitlines()
     assert re.fullmatch(rf"fluxbatch: stopped: cannot reach {dead}: ConnectError: .*"
                         r"Connect call failed.*", stopped), stopped
-    assert out.startswith("20 skipped; cost not reported by the provider")
+    assert out.startswith("20 skipped; nothing paid")
 
 
 # -- what CI sees ----------------------------------------------------------------------------
@@ -175,9 +174,9 @@ def test_without_a_terminal_progress_comes_as_plain_lines_and_json_on_request(
     assert code == 0
     summary = json.loads(out)
     assert summary["counts"] == {"written": 6, "moderated": 0, "failed": 0, "unknown": 0,
-                                 "pending": 0, "skipped": 0}
+                                 "gone": 0, "pending": 0, "skipped": 0}
     assert (summary["spent_usd"], summary["exit_code"], summary["stopped"]) == (0.24, 0, None)
-    assert summary["manifest"] == str(tmp_path / "manifest.json")
+    assert summary["manifest"] == str(tmp_path / "trust.manifest.json")
     lines = err.splitlines()
     progress = [line for line in lines if line.startswith("fluxbatch: ")]
     assert progress, err  # the tasks take 0.4 s: a line every 0.05 s must have come
@@ -185,4 +184,4 @@ def test_without_a_terminal_progress_comes_as_plain_lines_and_json_on_request(
     assert re.fullmatch(r"fluxbatch: \d/6 images, done \d, in flight \d, failed 0, spent "
                         r"(not reported|\$0\.\d\d) of ~\$0\.24 \(0m0\ds\)", first), first
     assert lines[-1] == f"6 written; cost $0.24 (reported by the provider); manifest " \
-                        f"{tmp_path / 'manifest.json'}"
+                        f"{tmp_path / 'trust.manifest.json'}"

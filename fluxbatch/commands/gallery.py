@@ -12,7 +12,7 @@ from typing import Any
 from fluxbatch.errors import EXIT_OK, FluxbatchError
 from fluxbatch.expand import Job
 from fluxbatch.plan import UP_TO_DATE, classify, load_plan
-from fluxbatch.state import read_records
+from fluxbatch.state import manifest_name, read_state
 from fluxbatch.write import atomic_write
 
 STYLE = """
@@ -30,9 +30,10 @@ def gallery(*, recipe: str, out: str | None, yes: bool, rows: str | None, cols: 
             output: str | None) -> int:
     plan = load_plan(recipe, out=out, yes=yes)
     root = plan.recipe.output_root
-    records = read_records(root, plan.jobs)
-    classified = classify(plan, records)
-    target = Path(output) if output else root / "gallery.html"
+    root_state = read_state(root, plan.recipe.name, plan.jobs)
+    records = root_state.placements
+    classified = classify(plan, root_state)
+    target = Path(output) if output else root / gallery_name(plan.recipe.name)
     sections = []
     by_job: dict[str, list[tuple[Job, str]]] = {}
     for job, state in zip(plan.jobs, classified.states, strict=True):
@@ -115,12 +116,18 @@ def _figure(job: Job, state: str, records: Any, root: Path, target: Path,
     if state != UP_TO_DATE:
         return f"<figure><figcaption class=missing>{html.escape(state)}: {caption}" \
                "</figcaption></figure>"
-    record = records.get(job.output)
-    path = root / (record.path if record and record.path else job.output)
+    placement = records.get(job.output)
+    path = root / (placement.path if placement else job.output)
     source = html.escape(os.path.relpath(path, target.parent))
     prompt = html.escape(job.prompt or "")
     return (f'<figure><a href="{source}"><img loading=lazy src="{source}" alt="{prompt}" '
             f'title="{prompt}"></a><figcaption>{caption}</figcaption></figure>')
+
+
+def gallery_name(recipe: str) -> str:
+    """`<recipe>.gallery.html`, beside `<recipe>.manifest.json`: recipes sharing a folder each
+    have their own."""
+    return manifest_name(recipe).removesuffix(".manifest.json") + ".gallery.html"
 
 
 def _text(value: Any) -> str:

@@ -14,7 +14,6 @@ from fluxbatch import imagemeta
 from fluxbatch.errors import EXIT_OK, FluxbatchError
 from fluxbatch.identity import job_key
 from fluxbatch.models import NON_PIXEL_FIELDS
-from fluxbatch.state import MANIFEST, read_manifest
 
 _JINJA = re.compile(r"\{[{%#]")
 _END_RAW = re.compile(r"\{%[-+]?\s*endraw\s*[-+]?%\}")
@@ -48,11 +47,16 @@ def provenance_of(path: Path) -> dict[str, Any]:
     return entry
 
 
-def reproduce(*, source: str, entry_path: str | None, output: str | None) -> int:
+def reproduce(*, source: str, entry_path: str | None, output: str | None,
+              force: bool = False) -> int:
     entry = _entry(Path(source), entry_path)
     text = reproduction_recipe(entry)
     if output:
-        Path(output).write_text(text, encoding="utf-8")
+        target = Path(output)
+        if target.exists() and not force:
+            raise FluxbatchError(f"{output} exists: choose another file, or pass --force to "
+                                 "replace it")
+        target.write_text(text, encoding="utf-8")
         print(f"wrote {output}: `fluxbatch render {output}` makes the image again "
               f"(key {entry['key'][:12]}…)")
     else:
@@ -63,12 +67,12 @@ def reproduce(*, source: str, entry_path: str | None, output: str | None) -> int
 def _entry(source: Path, entry_path: str | None) -> dict[str, Any]:
     if source.suffix.lower() != ".json":
         return provenance_of(source)
-    document = read_manifest(source.parent) if source.name == MANIFEST else None
-    if document is None:
-        try:
-            document = json.loads(source.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise FluxbatchError(f"{source}: cannot read the manifest: {error}") from None
+    try:
+        document = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, RecursionError) as error:
+        raise FluxbatchError(f"{source}: cannot read the manifest: {error}") from None
+    if not isinstance(document, dict):
+        raise FluxbatchError(f"{source} is not a fluxbatch manifest")
     if not entry_path:
         raise FluxbatchError(f"{source} is a manifest: say which image with --entry PATH")
     for entry in document.get("images", []):
@@ -89,7 +93,7 @@ def reproduction_recipe(entry: dict[str, Any]) -> str:
     job["seed"] = seed
     recipe = {
         "version": 1,
-        "name": (entry.get("recipe") or {}).get("name") or "reproduce",
+        "name": reproduction_name(entry),
         "provider": entry.get("provider") or "bfl",
         "output": _literal(entry["path"]),
         "defaults": params,
@@ -105,6 +109,15 @@ def reproduction_recipe(entry: dict[str, Any]) -> str:
     if expected != entry["key"]:
         header += "# Note: the recorded request was redacted; the key may differ.\n"
     return header + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True, width=100)
+
+
+def reproduction_name(entry: dict[str, Any]) -> str:
+    """A name of its own (`mugs-mug-watercolor-1`): a recipe that shares the original's name
+    would share its manifest and take its other images for orphans."""
+    original = (entry.get("recipe") or {}).get("name") or "image"
+    stem = Path(str(entry.get("path") or "")).stem
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{original}-{stem}").strip("-.") or "reproduce"
+    return name[:100]
 
 
 def _literal(value: Any) -> Any:

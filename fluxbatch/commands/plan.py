@@ -17,12 +17,13 @@ from fluxbatch.plan import (
     redacted,
     summarise,
 )
-from fluxbatch.state import read_records
+from fluxbatch.state import read_state
 
 
 def plan(*, recipe: str, out: str | None, yes: bool, as_json: bool, explain: bool) -> int:
     the_plan = load_plan(recipe, out=out, yes=yes)
-    classified = classify(the_plan, read_records(the_plan.recipe.output_root, the_plan.jobs))
+    classified = classify(the_plan, read_state(the_plan.recipe.output_root,
+                                                  the_plan.recipe.name, the_plan.jobs))
     if as_json:
         print(json.dumps(plan_document(classified, explain=explain), indent=2, ensure_ascii=False))
     else:

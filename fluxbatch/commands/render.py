@@ -9,7 +9,6 @@ import signal
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
@@ -26,8 +25,8 @@ from fluxbatch.plan import (
     load_plan,
     select,
 )
-from fluxbatch.state import MANIFEST, RootLock, Store, has_store, read_manifest, read_records
-from fluxbatch.write import clear_debris, write_manifest
+from fluxbatch.state import RootLock, RootState, Store, new_run_id, read_manifest, read_state
+from fluxbatch.write import clear_debris, manifest_path, write_manifest
 
 if TYPE_CHECKING:
     from fluxbatch.execute import Event, Executor, Outcome
@@ -45,22 +44,17 @@ def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run
     try:
         root.mkdir(parents=True, exist_ok=True)
         with RootLock(root) as lock, Store.open(root) as store:
-            store.claim_root(plan.recipe.name)
+            store.use(plan.recipe.name, plan.recipe.path)
             clear_debris(root)
-            if store.is_empty() and not (root / MANIFEST).exists():
-                store.adopt(plan.jobs)  # the store and manifest were lost: read the images
-            classified = classify_with_store(plan, store, options)
-            selection = select(classified, store.in_flight(), options, plan.recipe.provider.name)
+            adopt_found_images(plan, store)
+            classified, state = classify_with_store(plan, store, options)
+            selection = select(classified, state, options, plan.recipe.provider.name)
             check_budget(selection, options.budget)
-            if not selection.jobs:
+            if not selection.jobs and not selection.place:
                 return _nothing_to_do(plan, selection, store, as_json)
-            # Only now, with work to do, load the network half (httpx, the executor).
-            from fluxbatch.render import provider_for
-
-            with provider_for(plan, options, os.environ) as provider:
-                progress = _Progress(selection, quiet=quiet, every=progress_every)
-                report = _run(plan, selection, store, provider, options, progress, lock)
-                progress.close()
+            progress = _Progress(selection, quiet=quiet, every=progress_every)
+            report = _run(plan, selection, state, store, options, progress, lock)
+            progress.close()
     except OSError as error:  # the output root itself: read-only, gone, not a folder
         reason = "it is a file, not a folder" if root.exists() and not root.is_dir() else \
             error.strerror or str(error)
@@ -68,14 +62,22 @@ def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run
     code = EXIT_INTERRUPTED if report.interrupted else EXIT_OK if report.ok else EXIT_FAILED
     if as_json:
         print(json.dumps(_summary(plan, report, code), ensure_ascii=False))
-    _print_report(report, root, out=sys.stderr if as_json else sys.stdout)
+    _print_report(report, plan, out=sys.stderr if as_json else sys.stdout)
     return code
 
 
+def adopt_found_images(plan: Plan, store: Store) -> None:
+    """Images at their planned paths that the store does not know (copied from a shard, or
+    the store and manifest were lost) are recognised by the key their provenance carries."""
+    placed = {p.output for p in store.placements(plan.recipe.name)}
+    unknown = [job for job in plan.jobs if job.output not in placed]
+    if unknown:
+        store.adopt(plan.recipe.name, unknown)
+
+
 def _nothing_to_do(plan: Plan, selection: Selection, store: Store, as_json: bool) -> int:
-    root = plan.recipe.output_root
-    if not _manifest_readable(root):
-        write_manifest(plan.recipe, store.entries())  # missing or damaged: from the store
+    if not _manifest_readable(plan):
+        write_manifest(plan.recipe, store)  # missing or damaged: from the store
     held = selection.held_unknown or selection.held_moderated
     code = EXIT_FAILED if held else EXIT_OK
     if as_json:
@@ -86,22 +88,30 @@ def _nothing_to_do(plan: Plan, selection: Selection, store: Store, as_json: bool
     return code
 
 
-def _manifest_readable(root: Path) -> bool:
+def _manifest_readable(plan: Plan) -> bool:
     try:
-        return read_manifest(root) is not None
+        return read_manifest(plan.recipe.output_root, plan.recipe.name) is not None and \
+            manifest_path(plan.recipe).exists()
     except StateError:
         return False
 
 
-def _run(plan: Plan, selection: Selection, store: Store, provider: Provider,
-         options: Options, progress: _Progress, lock: RootLock) -> Report:
-    from fluxbatch.render import Report, execute, settings_for
+def _run(plan: Plan, selection: Selection, state: RootState, store: Store, options: Options,
+         progress: _Progress, lock: RootLock) -> Report:
+    from fluxbatch.render import Report, execute, place_stored, provider_for, settings_for
 
+    placed = place_stored(plan, selection, state, store, progress.event)
+    if not selection.jobs:
+        from fluxbatch.render import finish_manifest
+
+        finish_manifest(plan.recipe, store)
+        return Report(selection, placed)
     settings = settings_for(plan, options)
     interrupted = [False]
     running: list[Executor] = []
+    run_id = new_run_id()
 
-    async def main() -> list[Outcome]:
+    async def main(provider: Provider) -> list[Outcome]:
         loop = asyncio.get_running_loop()
         current = asyncio.current_task()
 
@@ -123,19 +133,20 @@ def _run(plan: Plan, selection: Selection, store: Store, provider: Provider,
         ticker = asyncio.ensure_future(progress.tick_every())
         try:
             return await execute(plan, selection, store, provider, settings, progress.event,
-                                 started, lock=lock)
+                                 started, lock=lock, run=run_id)
         finally:
             ticker.cancel()
             loop.remove_signal_handler(signal.SIGINT)
             loop.remove_signal_handler(signal.SIGTERM)
 
-    try:
-        outcomes = asyncio.run(main())
-    except asyncio.CancelledError:
-        outcomes = []
-        interrupted[0] = True
+    with provider_for(plan, options, os.environ) as provider:
+        try:
+            outcomes = asyncio.run(main(provider))
+        except asyncio.CancelledError:
+            outcomes = []
+            interrupted[0] = True
     fatal = running[0].fatal if running else None
-    return Report(selection, outcomes, interrupted=interrupted[0], fatal=fatal)
+    return Report(selection, placed + outcomes, interrupted=interrupted[0], fatal=fatal)
 
 
 class _Progress:
@@ -145,7 +156,8 @@ class _Progress:
 
     def __init__(self, selection: Selection, *, quiet: bool, every: float) -> None:
         self.counts: Counter[str] = Counter()
-        self.total = len(selection.jobs)
+        self.total = len(selection.jobs) + len(selection.place) + \
+            sum(len(more) for more in selection.followers.values())
         self.estimate = selection.estimated_usd()
         self.spent: float | None = None
         self.every = every
@@ -196,7 +208,7 @@ class _Progress:
         self.bar.close()
 
 
-FINISHED = ("written", "moderated", "failed", "unknown")
+FINISHED = ("written", "moderated", "failed", "unknown", "gone")
 
 
 def _print_nothing_to_do(selection: Selection, out: TextIO = sys.stdout) -> None:
@@ -218,12 +230,12 @@ def _print_held(selection: Selection) -> None:
               file=sys.stderr)
 
 
-def _print_report(report: Report, root: Path, out: TextIO = sys.stdout) -> None:
+def _print_report(report: Report, plan: Plan, out: TextIO = sys.stdout) -> None:
     counts = Counter(o.status for o in report.outcomes)
     if report.fatal:  # one line says it all: the others were skipped for the same reason
         print(f"fluxbatch: stopped: {report.fatal}", file=sys.stderr)
     # Each failure gets a line; pending and skipped images (an interrupt) are only counted.
-    problems = [o for o in report.outcomes if o.status in ("moderated", "failed", "unknown")
+    problems = [o for o in report.outcomes if o.status in PROBLEMS
                 and not (report.fatal and o.reason == report.fatal)]
     if problems:
         rows = [[o.job.job, values_text(o.job.vars), o.job.output, o.status, o.reason or ""]
@@ -231,24 +243,39 @@ def _print_report(report: Report, root: Path, out: TextIO = sys.stdout) -> None:
         print(table(["JOB", "VALUES", "OUTPUT", "STATUS", "REASON"], rows), file=sys.stderr)
         if len(problems) > 50:
             print(f"… and {len(problems) - 50:,} more", file=sys.stderr)
-    parts = [f"{counts[s]:,} {s}" for s in ("written", "moderated", "failed", "unknown",
-                                             "pending", "skipped") if counts[s]]
+    placed = sum(1 for o in report.outcomes if o.status == "written" and o.submitted is None)
+    parts = [f"{counts[s]:,} {s}" for s in ("written", *PROBLEMS, "pending", "skipped")
+             if counts[s]]
+    if placed:
+        parts[0] += f" ({placed:,} from images already paid for)"
     selection = report.selection
     if selection.up_to_date:
         parts.append(f"{selection.up_to_date:,} up to date")
-    spent = report.reported_usd()
-    cost = "cost not reported by the provider" if spent is None else \
-        f"cost {money(spent)} (reported by the provider)"
-    print(f"{', '.join(parts) or 'nothing done'}; {cost}; manifest {root / 'manifest.json'}",
+    spent, collected = report.spent_usd(), report.collected_usd()
+    submitted = any(o.submitted_at is not None or o.status == "unknown"
+                    for o in report.outcomes)
+    cost = f"cost {money(spent)} (reported by the provider)" if spent is not None else \
+        "cost not reported by the provider" if submitted else "nothing paid"
+    if collected:
+        cost += f", and {money(collected)} paid by earlier runs for the tasks collected"
+    print(f"{', '.join(parts) or 'nothing done'}; {cost}; manifest {manifest_path(plan.recipe)}",
           file=out)
     _print_held(selection)
     if counts["unknown"]:
         print(f"{plural(counts['unknown'], 'submit')} ended without an answer and may have been "
               "billed; they are not resubmitted unless you pass --retry-unknown.",
               file=sys.stderr)
+    if counts["gone"]:
+        print(f"{plural(counts['gone'], 'image')} paid for earlier can no longer be collected: "
+              "the provider forgot the task before its image was kept. The next run renders "
+              f"{'it' if counts['gone'] == 1 else 'them'} again, and that is paid again.",
+              file=sys.stderr)
     if counts["pending"]:
         print(f"{plural(counts['pending'], 'task')} still in flight: run again to collect them "
               "(they are not paid for twice).", file=sys.stderr)
+
+
+PROBLEMS = ("moderated", "failed", "unknown", "gone")
 
 
 def _summary(plan: Plan, report: Report, code: int) -> dict[str, Any]:
@@ -258,43 +285,43 @@ def _summary(plan: Plan, report: Report, code: int) -> dict[str, Any]:
     return {
         "recipe": str(plan.recipe.path),
         "output_root": str(plan.recipe.output_root),
-        "manifest": str(plan.recipe.output_root / MANIFEST),
+        "manifest": str(manifest_path(plan.recipe)),
         "counts": {status: counts[status] for status in
-                   ("written", "moderated", "failed", "unknown", "pending", "skipped")},
+                   ("written", *PROBLEMS, "pending", "skipped")},
+        "placed_without_request": sum(1 for o in report.outcomes
+                                      if o.status == "written" and o.submitted is None),
         "up_to_date": selection.up_to_date,
         "held_unknown": len(selection.held_unknown),
         "held_moderated": len(selection.held_moderated),
         "not_selected": selection.filtered_out,
-        "spent_usd": report.reported_usd(),
+        "spent_usd": report.spent_usd(),
+        "collected_usd": report.collected_usd(),
         "interrupted": report.interrupted,
         "stopped": report.fatal,
         "exit_code": code,
         "failures": [{"output": o.job.output, "job": o.job.job, "vars": dict(o.job.vars),
                       "replicate": o.job.replicate, "status": o.status, "reason": o.reason}
-                     for o in report.outcomes if o.status in ("moderated", "failed", "unknown")],
+                     for o in report.outcomes if o.status in PROBLEMS],
     }
 
 
 def _dry_run(plan: Plan, options: Options) -> int:
     """The same classification and selection as a real run; nothing is sent or written."""
-    root = plan.recipe.output_root
-    in_flight = {}
-    if has_store(root):
-        with Store.open(root, create=False) as store:
-            records, in_flight = store.records(), store.in_flight()
-    else:
-        records = read_records(root, plan.jobs)
-    classified = classify(plan, records, verify=options.verify)
-    selection = select(classified, in_flight, options, plan.recipe.provider.name)
+    state = read_state(plan.recipe.output_root, plan.recipe.name, plan.jobs)
+    classified = classify(plan, state, verify=options.verify)
+    selection = select(classified, state, options, plan.recipe.provider.name)
     rows = [[job.job, values_text(job.vars), job.model, job.output, "submit"]
             for job in selection.submit]
     rows += [[job.job, values_text(job.vars), job.model, job.output, "re-attach (paid)"]
              for job, _ in selection.attach]
+    rows += [[job.job, values_text(job.vars), job.model, job.output, "place (paid earlier)"]
+             for job in selection.place]
     if rows:
         print(table(["JOB", "VALUES", "MODEL", "OUTPUT", "WOULD"], rows))
     estimate = selection.estimated_usd()
+    placed = f", place {len(selection.place):,} already paid for" if selection.place else ""
     print(f"dry run: would submit {plural(len(selection.submit), 'image')} "
-          f"(estimated {money(estimate)}), re-attach {len(selection.attach):,}, skip "
+          f"(estimated {money(estimate)}), re-attach {len(selection.attach):,}{placed}, skip "
           f"{selection.up_to_date:,} up to date; nothing was sent or written")
     _print_held(selection)
     if selection.jobs:

@@ -9,13 +9,14 @@ import sys
 from fluxbatch.commands.output import table, values_text
 from fluxbatch.errors import EXIT_FAILED, EXIT_OK
 from fluxbatch.plan import STATE_ORDER, UP_TO_DATE, classify, load_plan
-from fluxbatch.state import read_records
+from fluxbatch.state import read_state
 
 
 def status(*, recipe: str, out: str | None, yes: bool, as_json: bool, verify: bool,
            verbose: bool) -> int:
     plan = load_plan(recipe, out=out, yes=yes)
-    classified = classify(plan, read_records(plan.recipe.output_root, plan.jobs), verify=verify)
+    state = read_state(plan.recipe.output_root, plan.recipe.name, plan.jobs)
+    classified = classify(plan, state, verify=verify)
     counts = classified.count()
     clean = counts[UP_TO_DATE] == len(plan.jobs) and not classified.orphans
     if as_json:

@@ -1,0 +1,123 @@
+"""`fluxbatch merge RECIPE DIR...`: adopt what other output roots hold for this recipe (shards
+rendered on other machines, say) into its own output root, without a request.
+
+From each DIR, an image of a planned key is placed at its planned output (the file, from DIR's
+store, manifests or the provenance inside its images), and a task paid for there but not yet
+collected is recorded here, so that the next `render` collects it instead of paying again. An
+image in DIR of another request for a planned output (DIR rendered another version of the
+recipe) is reported as a conflict and left out.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fluxbatch.commands.output import plural
+from fluxbatch.errors import EXIT_FAILED, EXIT_OK, UsageError
+from fluxbatch.expand import Plan
+from fluxbatch.plan import UP_TO_DATE, classify, load_plan, source_placement
+from fluxbatch.state import (
+    IN_FLIGHT,
+    RootLock,
+    RootState,
+    Store,
+    Task,
+    blob_path,
+    has_blob,
+    has_store,
+    read_state,
+)
+from fluxbatch.write import manifest_path, write_manifest
+
+if TYPE_CHECKING:  # (the render module, and the network half it imports, load only here)
+    from fluxbatch.render import Placer
+
+
+@dataclass(slots=True)
+class Merged:
+    placed: int = 0
+    collectable: int = 0
+    conflicts: list[str] = field(default_factory=list)
+
+
+def merge(*, recipe: str, out: str | None, yes: bool, sources: list[str]) -> int:
+    plan = load_plan(recipe, out=out, yes=yes)
+    root = plan.recipe.output_root
+    roots = [Path(source) for source in sources]
+    for source in roots:
+        if not source.is_dir():
+            raise UsageError(f"merge: {source} is not a folder")
+        if os.path.realpath(source) == os.path.realpath(root):
+            raise UsageError(f"merge: {source} is this recipe's own output root")
+    from fluxbatch.render import Placer
+
+    root.mkdir(parents=True, exist_ok=True)
+    conflicts = 0
+    with RootLock(root), Store.open(root) as store:
+        store.use(plan.recipe.name, plan.recipe.path)
+        placer = Placer(plan.recipe, store, plan.recipe.provider.name)
+        for source in roots:
+            with RootLock(source):
+                merged = _merge_one(plan, store, placer, source)
+            print(f"{source}: {plural(merged.placed, 'image')} placed, "
+                  f"{plural(merged.collectable, 'task')} to collect" +
+                  (f", {plural(len(merged.conflicts), 'conflict')}" if merged.conflicts else ""))
+            for conflict in merged.conflicts:
+                print(f"  conflict: {conflict}")
+            conflicts += len(merged.conflicts)
+        write_manifest(plan.recipe, store)
+        state = RootState.of(plan.recipe.name, store.tasks(), store.placements())
+    classified = classify(plan, state)
+    missing = sum(1 for s in classified.states if s != UP_TO_DATE)
+    print(f"{plan.recipe.name}: {len(plan.jobs) - missing:,} of {len(plan.jobs):,} images "
+          f"present; manifest {manifest_path(plan.recipe)}" +
+          ("" if not missing else "; `fluxbatch render` makes (or collects) the rest"))
+    return EXIT_FAILED if conflicts else EXIT_OK
+
+
+def _merge_one(plan: Plan, store: Store, placer: Placer, source: Path) -> Merged:
+    merged = Merged()
+    ours = RootState.of(plan.recipe.name, store.tasks(), store.placements())
+    theirs = read_state(source, plan.recipe.name, plan.jobs)
+    mine = classify(plan, ours)
+    for job, state in zip(plan.jobs, mine.states, strict=True):
+        if state == UP_TO_DATE:
+            continue
+        found = source_placement(job.key, theirs, source)
+        task = theirs.tasks.get(job.key)
+        if found is not None:
+            entry = _entry(source, found.recipe, found.output)
+            placer.place(job, (source / found.path).read_bytes(), task, entry)
+            merged.placed += 1
+        elif has_blob(source, task):
+            assert task is not None and task.blob is not None
+            placer.place(job, blob_path(source, task.blob).read_bytes(), task, {})
+            merged.placed += 1
+        elif task is not None and task.status in IN_FLIGHT and job.key not in ours.tasks:
+            _record_task(store, task)
+            merged.collectable += 1
+        else:
+            other = theirs.placements.get(job.output)
+            if other is not None and other.key != job.key:
+                merged.conflicts.append(
+                    f"{job.output}: {source} holds an image of another request there (key "
+                    f"{other.key[:12]}…, planned {job.key[:12]}…); left out")
+    return merged
+
+
+def _entry(source: Path, recipe: str, output: str) -> dict[str, object]:
+    if not has_store(source):
+        return {}
+    with Store.open(source, create=False) as store:
+        return store.entry(recipe, output) or {}
+
+
+def _record_task(store: Store, task: Task) -> None:
+    """A task paid for in another root, to be collected from this one."""
+    assert task.task_id is not None and task.polling_url is not None
+    store.submitting(task.key, task.provider or "", task.base_url, task.run)
+    store.submitted(task.key, task.task_id, task.polling_url, task.cost,
+                    task.submitted_at or 0.0)
