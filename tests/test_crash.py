@@ -16,7 +16,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from fluxbatch.emulator import EmulatorConfig, EmulatorThread
+from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
 from fluxbatch.identity import job_key
 from fluxbatch.plan import file_sha256, load_plan
 from tests.conftest import build_file_tree
@@ -50,18 +50,30 @@ def start_render(recipe: Path, base_url: str) -> subprocess.Popen[bytes]:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
 
-def render_until_done(recipe: Path, base_url: str, rng: random.Random,
+def render_until_done(recipe: Path, emulator: Emulator, rng: random.Random,
                       kills: int) -> list[int]:
-    """Kill the render process `kills` times at random moments, then let one run finish."""
+    """Kill the render process `kills` times at random moments while it renders, then let
+    one run finish. Every kill lands mid-run, by construction: it comes after a random number
+    of new submits, at most half of those still to make, so the render has more to do."""
+    total = len(load_plan(str(recipe)).jobs)
     codes = []
     for _ in range(kills):
-        process = start_render(recipe, base_url)
-        time.sleep(rng.uniform(0.3, 2.0))
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
+        submitted = {job_key(str(s["model"]), s["request"])  # type: ignore[arg-type]
+                     for s in emulator.submissions}
+        left = total - len(submitted)
+        assert left >= 2, "too few jobs left to kill a render in the middle"
+        target = len(emulator.submissions) + rng.randint(1, left // 2)
+        process = start_render(recipe, emulator.base_url)
+        deadline = time.monotonic() + 60
+        while len(emulator.submissions) < target:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the render stopped submitting"
+            time.sleep(0.001)
+        process.send_signal(signal.SIGKILL)
         process.communicate()
+        assert process.returncode == -signal.SIGKILL, "the kill did not land"
         codes.append(process.returncode)
-    process = start_render(recipe, base_url)
+    process = start_render(recipe, emulator.base_url)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, (out + err).decode()
     codes.append(process.returncode)
@@ -93,8 +105,7 @@ def test_sigkill_at_random_points_never_pays_twice(tmp_path: Path, seed: int) ->
     build_file_tree(tmp_path, {"recipe.yaml": RECIPE})
     config = EmulatorConfig(latency=0.4, latency_sigma=0.3, seed=seed, max_side=64)
     with EmulatorThread(config) as emulator:
-        render_until_done(tmp_path / "recipe.yaml", emulator.base_url, random.Random(seed),
-                          kills=4)
+        render_until_done(tmp_path / "recipe.yaml", emulator, random.Random(seed), kills=4)
         submissions = list(emulator.submissions)
     check_outcome(tmp_path, submissions)
 
@@ -108,8 +119,7 @@ def test_sigkill_with_dropped_connections_and_server_errors(tmp_path: Path) -> N
                             fault_rate=0.1, faults=frozenset({"500", "drop"}),
                             submit_faults=False)
     with EmulatorThread(config) as emulator:
-        render_until_done(tmp_path / "recipe.yaml", emulator.base_url, random.Random(7),
-                          kills=3)
+        render_until_done(tmp_path / "recipe.yaml", emulator, random.Random(7), kills=3)
         submissions = list(emulator.submissions)
         assert sum(emulator.stats.faults.values()) > 0
     check_outcome(tmp_path, submissions)

@@ -27,6 +27,7 @@ from fluxbatch.execute import (
     LocalFault,
     Outcome,
     Settings,
+    Unusable,
 )
 from fluxbatch.expand import Job
 from fluxbatch.matrix import Combination
@@ -206,12 +207,16 @@ class FakeWriter:
         self.written: list[tuple[int, bytes, str | None]] = []
         self.failures: dict[int, str] = {}
         self.faults: dict[int, LocalFault] = {}
+        self.unusable: dict[int, int] = {}  # how many downloads of the job are garbage
 
     async def __call__(self, job: Job, image: Image, outcome: Outcome) -> Any:
         if job.index in self.failures:
             raise JobFailed(self.failures[job.index])
         if job.index in self.faults:
             raise self.faults[job.index]
+        if self.unusable.get(job.index):
+            self.unusable[job.index] -= 1
+            raise Unusable("the provider's image is unusable: PNG is truncated at byte 10")
         self.written.append((job.index, image.read(), image.content_type))
         return f"wrote {job.output}"
 
@@ -742,6 +747,30 @@ def test_a_state_store_that_cannot_record_stops_the_run(broken: str) -> None:
     assert [o.status for o in outcomes[1:]] == ["skipped", "skipped"]
     assert h.executor is not None and h.executor.fatal == reason
     assert len(h.api.posts()) == (0 if broken == "submitting" else 1)
+
+
+def test_an_unusable_download_is_fetched_again_from_a_fresh_url_not_paid_again(
+        h: Harness) -> None:
+    h.writer.unusable[0] = 1
+
+    [outcome] = h.run([make_job(0)])
+
+    assert outcome.status == "written"
+    assert len(h.api.posts()) == 1
+    assert len(h.api.polls_of("task-1")) == 2  # once to see it Ready, once for a fresh URL
+    assert len(h.api.downloads_made()) == 2
+
+
+def test_a_download_unusable_twice_stays_collectable_for_the_next_run(h: Harness) -> None:
+    h.writer.unusable[0] = 2
+
+    [outcome] = h.run([make_job(0)])
+
+    assert (outcome.status, outcome.reason) == (
+        "pending", "the provider's image is unusable: PNG is truncated at byte 10; the next "
+        "run downloads it again without paying (or --force pays for a new one)")
+    assert len(h.api.posts()) == 1
+    assert h.journal.of(0)[-1] == "finished"
 
 
 # -- where the key goes --------------------------------------------------------------------
