@@ -8,6 +8,7 @@ node it came from.
 from __future__ import annotations
 
 import gc
+import os
 import posixpath
 import re
 from collections.abc import Mapping
@@ -167,7 +168,7 @@ def _gist(message: str) -> str:
 
 
 def describe(values: Mapping[str, Any], replicate: int | None = None) -> str:
-    parts = [f"{k}={v}" for k, v in values.items()]
+    parts = [f"{k}={_short(str(v), 40)}" for k, v in values.items()]
     if replicate is not None:
         parts.append(f"replicate={replicate}")
     return ", ".join(parts) or "no matrix"
@@ -232,6 +233,7 @@ class _JobBuilder:
         self.required_checked: set[str] = set()  # the request's keys are the same per model
         self.param_values: dict[tuple[str, str, str], tuple[Any, str | None]] = {}
         self.hashers: dict[str, KeyHasher] = {}
+        self.root_bytes = len(os.fsencode(os.path.abspath(recipe.output_root))) + 1
 
     def check_reserved_params(self) -> None:
         if "prompt" in self.params and self.spec.prompt is not None:
@@ -369,6 +371,13 @@ class _JobBuilder:
             if checked_output is None:
                 return None
             output = checked_output
+        if len(output) * 4 + self.root_bytes > PATH_MAX and \
+                len(output.encode("utf-8", "surrogatepass")) + self.root_bytes > PATH_MAX:
+            self.problems.append(self.recipe.problem(
+                self.output_path, f"output path {_short(output)!r} makes a path of more than "
+                f"{PATH_MAX} bytes under the output root, over the file system's limit "
+                f"(for {describe(values, replicate)})"))
+            return None
         return Job(index, self.spec.name, values, replicate, model.name, request, seed, key,
                    output, combo)
 
@@ -430,8 +439,24 @@ class _JobBuilder:
         return self.recipe.problem(
             self.output_path, f"{_CLASH}{job.output!r}: {other.job} "
             f"({describe(other.vars, other.replicate)}) and {job.job} "
-            f"({describe(job.vars, job.replicate)}); put the varying values in the "
-            "output template")
+            f"({describe(job.vars, job.replicate)}); {_clash_hint(job, other)}")
+
+
+def _clash_hint(job: Job, other: Job) -> str:
+    """What to change. Values that differ only in case clash on file systems that ignore
+    case; values that slug alike (`🐱` and `🐶` are both `x`) need more than `slug`."""
+    for name, value in job.vars.items():
+        theirs = other.vars.get(name, value)
+        if theirs == value:
+            continue
+        if str(theirs).casefold() == str(value).casefold():
+            return (f"their {name} values ({theirs!r} and {value!r}) differ only in case, which "
+                    "macOS and Windows ignore: put something else that varies in the output "
+                    "template")
+        if slug(theirs) == slug(value):
+            return (f"their {name} values ({theirs!r} and {value!r}) are alike once slugged "
+                    f"({slug(value)!r}): add `{{{{ {name} | hash }}}}` to the output template")
+    return "put the varying values in the output template"
 
 
 _JINJA_GLOBALS = frozenset({"range", "dict", "lipsum", "cycler", "joiner", "namespace", "true",
@@ -441,10 +466,11 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 
 def _plainly_safe(path: str) -> bool:
     """A quick yes for the usual output path; anything unusual (a leading dot, which may be
-    the state directory) gets the full check."""
-    return bool(path) and path[0] not in "/ ." and ".." not in path and "\\" not in path \
-        and "//" not in path and "./" not in path and ":" not in path \
-        and "\x00" not in path and path[-1] not in "/."
+    the state directory; a long or non-ASCII name, which may be over the file system's
+    limit) gets the full check."""
+    return bool(path) and len(path) <= NAME_MAX and path.isascii() and path[0] not in "/ ." \
+        and ".." not in path and "\\" not in path and "//" not in path and "./" not in path \
+        and ":" not in path and "\x00" not in path and path[-1] not in "/."
 
 
 def output_path_problem(path: str) -> str | None:
@@ -465,7 +491,22 @@ def output_path_problem(path: str) -> str | None:
                 "output root's state; images may not be written there")
     if text.endswith("/") or parts[-1] in ("", "."):
         return f"output path {path!r} names a directory, not a file"
+    for part in parts:
+        size = len(part.encode("utf-8", "surrogatepass"))
+        if size > NAME_MAX:
+            return (f"output path {_short(path)!r} has a name of {size} bytes, over the file "
+                    f"system's limit of {NAME_MAX} for one file or folder name; shorten what "
+                    "the output template puts in it (`{{ value | hash }}` is 8 characters)")
     return None
+
+
+# Most file systems refuse a file or folder name over 255 bytes, and Linux a path over 4096.
+NAME_MAX = 255
+PATH_MAX = 4096
+
+
+def _short(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def _combo_slug(values: Mapping[str, Any]) -> str:

@@ -49,7 +49,8 @@ def atomic_write(target: Path, data: bytes, temp_dir: Path | None = None) -> int
     target.parent.mkdir(parents=True, exist_ok=True)
     if temp_dir is not None:
         temp_dir.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+    # (a short prefix: a name near the file system's limit must still leave room for it)
+    fd, temporary = tempfile.mkstemp(prefix=f".{target.name[:40]}.", suffix=".tmp",
                                      dir=temp_dir or target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:

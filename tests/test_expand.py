@@ -332,8 +332,32 @@ def test_paths_differing_only_in_case_clash() -> None:
           matrix: {n: [Owl, owl]}
           output: "{{ n }}.png"
     """) == ["recipe.yaml:8:13: jobs[0].output: two jobs write 'owl.png': a (n=Owl, "
-             "replicate=1) and a (n=owl, replicate=1); put the varying values in the output "
-             "template"]
+             "replicate=1) and a (n=owl, replicate=1); their n values ('Owl' and 'owl') differ "
+             "only in case, which macOS and Windows ignore: put something else that varies in "
+             "the output template"]
+
+
+@pytest.mark.parametrize(("values", "output", "message"), [
+    ('["🐱", "🐶"]', "{{ n | slug }}.png",
+     "two jobs write 'x.png': a (n=🐱, replicate=1) and a (n=🐶, replicate=1); their n values "
+     "('🐱' and '🐶') are alike once slugged ('x'): add `{{ n | hash }}` to the output template"),
+    ("[" + "a" * 252 + "]", "{{ n }}.png",
+     "output path '" + "a" * 59 + "…' has a name of 256 bytes, over the file system's limit "
+     "of 255 for one file or folder name; shorten what the output template puts in it "
+     "(`{{ value | hash }}` is 8 characters) (for n=" + "a" * 39 + "…, replicate=1)"),
+    ('["' + "é" * 127 + '"]', "{{ n }}.png",
+     "output path '" + "é" * 59 + "…' has a name of 258 bytes, over the file system's limit "
+     "of 255 for one file or folder name; shorten what the output template puts in it "
+     "(`{{ value | hash }}` is 8 characters) (for n=" + "é" * 39 + "…, replicate=1)"),
+])
+def test_outputs_the_disk_would_refuse_are_caught_by_validate(
+        values: str, output: str, message: str) -> None:
+    assert problems_of(f"""
+        - name: a
+          prompt: x
+          matrix: {{n: {values}}}
+          output: "{output}"
+    """) == [f"recipe.yaml:8:13: jobs[0].output: {message}"]
 
 
 def test_replicates_without_replicate_in_the_output_clash() -> None:
@@ -570,3 +594,16 @@ def test_order_is_job_then_combination_then_replicate() -> None:
         ("a", {"n": 2}, 1), ("a", {"n": 2}, 2), ("a", {"n": 1}, 1), ("a", {"n": 1}, 2),
         ("b", {}, 1)]
     assert list(itertools.accumulate(1 for _ in jobs)) == [j.index + 1 for j in jobs]
+
+
+def test_a_whole_path_over_the_limit_is_caught_by_validate() -> None:
+    deep = "/".join(["{{ n }}"] * 25) + ".png"
+    [problem] = problems_of(f"""
+        - name: a
+          prompt: x
+          matrix: {{n: [{"b" * 200}]}}
+          output: "{deep}"
+    """)
+    assert problem.startswith("recipe.yaml:8:13: jobs[0].output: output path 'bbbb")
+    assert problem.endswith("makes a path of more than 4096 bytes under the output root, over "
+                            "the file system's limit (for n=" + "b" * 39 + "…, replicate=1)")
