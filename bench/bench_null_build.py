@@ -52,16 +52,17 @@ def build(root: Path, images: int) -> Path:
     plan = load_plan(str(recipe))
     digest = hashlib.sha256(PNG).hexdigest()
     with Store.open(root) as store, store.transaction():
-        store.claim_root(plan.recipe.name)
+        store.use(plan.recipe.name, plan.recipe.path)
         for job in plan.jobs:
             target = root / job.output
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(PNG)
             entry = {"path": job.output, "output": job.output, "key": job.key,
                      "sha256": digest, "bytes": len(PNG)}
-            store.written(job.output, job.key, entry, os.stat(target).st_mtime_ns)
+            store.placed(plan.recipe.name, job.output, job.key, entry,
+                         os.stat(target).st_mtime_ns)
     with Store.open(root) as store:
-        write_manifest(plan.recipe, store.entries())
+        write_manifest(plan.recipe, store)
     return recipe
 
 

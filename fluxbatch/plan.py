@@ -74,19 +74,21 @@ def load_plan(path: str, *, out: str | None = None, yes: bool = False) -> Plan:
 
 def escape_problems(plan: Plan) -> list[Problem]:
     """Outputs that a symbolic link (a linked directory on the way, or a link where the file
-    goes) would send outside the output root, or into its state directory."""
-    root = plan.recipe.output_root
+    goes) would send outside the output root, or into its state directory. Each folder is
+    resolved and listed once; only a name that is there, as a link, is looked at again."""
+    root = os.fspath(plan.recipe.output_root)
     real_root = os.path.realpath(root)
-    verdicts: dict[str, str | None] = {}
+    folders: dict[str, tuple[str | None, frozenset[str]]] = {}
     problems = []
     for job in plan.jobs:
-        parent = os.path.dirname(job.output)
-        if parent not in verdicts:
-            verdicts[parent] = _link_problem(real_root, root / parent)
-        problem = verdicts[parent]
-        target = root / job.output
-        if problem is None and os.path.islink(target):
-            problem = _link_problem(real_root, target)
+        parent, name = os.path.split(job.output)
+        known = folders.get(parent)
+        if known is None:
+            folder = os.path.join(root, parent)
+            known = folders[parent] = (_link_problem(real_root, folder), _links_in(folder))
+        problem, links = known
+        if problem is None and name in links:
+            problem = _link_problem(real_root, os.path.join(root, job.output))
         if problem is None:
             continue
         spec = plan.recipe.job(job.job)
@@ -95,7 +97,16 @@ def escape_problems(plan: Plan) -> list[Problem]:
     return problems
 
 
-def _link_problem(real_root: str, path: Path) -> str | None:
+def _links_in(folder: str) -> frozenset[str]:
+    """The names of the symbolic links in `folder` (none when it does not exist)."""
+    try:
+        with os.scandir(folder) as entries:
+            return frozenset(entry.name for entry in entries if entry.is_symlink())
+    except OSError:
+        return frozenset()
+
+
+def _link_problem(real_root: str, path: str) -> str | None:
     real = os.path.realpath(path)
     if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
         return "leaves the output root through a symbolic link"
@@ -185,7 +196,7 @@ def source_placement(key: str, state: RootState, root: Path, *,
 
 def _intact(root: Path, placement: Placement, verify: bool,
             verified: Callable[[str, int], None] | None) -> bool:
-    target = root / placement.path
+    target = os.path.join(root, placement.path)  # (not Path: this runs once per image)
     try:
         stat = os.stat(target)
     except OSError:
@@ -194,7 +205,7 @@ def _intact(root: Path, placement: Placement, verify: bool,
         return False
     if not verify and stat.st_mtime_ns == placement.mtime_ns:
         return True
-    if file_sha256(target) != placement.sha256:
+    if file_sha256(Path(target)) != placement.sha256:
         return False
     if verified is not None:
         verified(placement.output, stat.st_mtime_ns)
@@ -365,7 +376,7 @@ def classify_with_store(plan: Plan, store: Store, options: Options) -> tuple[Cla
         store.touch(recipe_name, output, mtime_ns)
 
     with store.transaction():
-        state = RootState.of(recipe_name, store.tasks(), store.placements())
+        state = RootState.of(recipe_name, store.lazy_tasks(), store.placements())
         return classify(plan, state, verify=options.verify, verified=touch), state
 
 

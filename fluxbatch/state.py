@@ -188,6 +188,10 @@ class Store:
             if found is None:  # new, or created but never filled (an empty file)
                 for document in documents or read_manifests(self.root):
                     self.import_manifest(document)
+                    recipe = (document.get("recipe") or {}).get("name") or ""
+                    manifest = self.root / manifest_name(recipe)
+                    if recipe and manifest.is_file():  # (read whole just now: intact)
+                        self.wrote_manifest(recipe, manifest)
 
     def close(self) -> None:
         self.db.close()
@@ -228,10 +232,19 @@ class Store:
         return {row[0]: Task(*row) for row in
                 self.db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks")}
 
+    def lazy_tasks(self) -> Mapping[str, Task]:
+        """The ledger, read row by row as asked (a null build of 10,000 images reads none of
+        it); only while the store is open."""
+        return _LazyTasks(self)
+
     def task(self, key: str) -> Task | None:
         row = self.db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE key = ?",
                               (key,)).fetchone()
         return None if row is None else Task(*row)
+
+    def placed_outputs(self, recipe: str) -> set[str]:
+        return {output for (output,) in self.db.execute(
+            "SELECT output FROM placements WHERE recipe = ?", (recipe,))}
 
     def placements(self, recipe: str | None = None) -> list[Placement]:
         """One recipe's placements, or every recipe's."""
@@ -253,6 +266,19 @@ class Store:
         for (text,) in self.db.execute("SELECT entry FROM placements WHERE recipe = ? "
                                        "ORDER BY path", (recipe,)):
             yield text
+
+    def wrote_manifest(self, recipe: str, path: Path) -> None:
+        """Remember the manifest just written (size and mtime), so that a run with nothing
+        to do can tell it is intact without reading it."""
+        stat = os.stat(path)
+        self._set_meta(f"manifest:{recipe}", f"{stat.st_size}:{stat.st_mtime_ns}")
+
+    def manifest_intact(self, recipe: str, path: Path) -> bool:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return False
+        return self.meta(f"manifest:{recipe}") == f"{stat.st_size}:{stat.st_mtime_ns}"
 
     def recipes(self) -> dict[str, str | None]:
         return dict(self.db.execute("SELECT name, path FROM recipes").fetchall())
@@ -388,6 +414,41 @@ class Store:
                 self.placed(recipe, entry.get("output", entry["path"]), entry["key"], entry,
                             mtime_ns)
         return len(found)
+
+
+class _LazyTasks(Mapping[str, Task]):
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.seen: dict[str, Task | None] = {}
+        self.every: dict[str, Task] | None = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if self.every is not None:
+            return self.every.get(key, default)
+        if key not in self.seen:
+            self.seen[key] = self.store.task(key)
+        found = self.seen[key]
+        return default if found is None else found
+
+    def __getitem__(self, key: str) -> Task:
+        found = self.get(key)
+        if found is None:
+            raise KeyError(key)
+        return found  # type: ignore[no-any-return]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
+    def _all(self) -> dict[str, Task]:
+        if self.every is None:
+            self.every = self.store.tasks()
+        return self.every
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
 
 
 def unreadable_store(path: Path, error: sqlite3.DatabaseError) -> StateError:

@@ -179,6 +179,7 @@ def write_manifest(recipe: Recipe, store: Store) -> Path:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+    store.wrote_manifest(recipe.name, target)
     _retire_legacy_manifest(root, recipe.name)
     return target
 

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import signal
 import sys
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any, TextIO
 
-from tqdm import tqdm
-
-from fluxbatch import providers
+# asyncio, tqdm and the providers (httpx) are imported where a render needs the network: a
+# null build of 10,000 images loads none of them.
 from fluxbatch.commands.output import money, plural, table, values_text
 from fluxbatch.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError, StateError
 from fluxbatch.plan import (
@@ -25,7 +22,7 @@ from fluxbatch.plan import (
     load_plan,
     select,
 )
-from fluxbatch.state import RootLock, RootState, Store, new_run_id, read_manifest, read_state
+from fluxbatch.state import RootLock, RootState, Store, new_run_id, read_state
 from fluxbatch.write import clear_debris, manifest_path, write_manifest
 
 if TYPE_CHECKING:
@@ -69,15 +66,15 @@ def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run
 def adopt_found_images(plan: Plan, store: Store) -> None:
     """Images at their planned paths that the store does not know (copied from a shard, or
     the store and manifest were lost) are recognised by the key their provenance carries."""
-    placed = {p.output for p in store.placements(plan.recipe.name)}
+    placed = store.placed_outputs(plan.recipe.name)
     unknown = [job for job in plan.jobs if job.output not in placed]
     if unknown:
         store.adopt(plan.recipe.name, unknown)
 
 
 def _nothing_to_do(plan: Plan, selection: Selection, store: Store, as_json: bool) -> int:
-    if not _manifest_readable(plan):
-        write_manifest(plan.recipe, store)  # missing or damaged: from the store
+    if not store.manifest_intact(plan.recipe.name, manifest_path(plan.recipe)):
+        write_manifest(plan.recipe, store)  # missing, changed or damaged: from the store
     held = selection.held_unknown or selection.held_moderated
     code = EXIT_FAILED if held else EXIT_OK
     if as_json:
@@ -86,14 +83,6 @@ def _nothing_to_do(plan: Plan, selection: Selection, store: Store, as_json: bool
         print(json.dumps(_summary(plan, Report(selection, []), code), ensure_ascii=False))
     _print_nothing_to_do(selection, out=sys.stderr if as_json else sys.stdout)
     return code
-
-
-def _manifest_readable(plan: Plan) -> bool:
-    try:
-        return read_manifest(plan.recipe.output_root, plan.recipe.name) is not None and \
-            manifest_path(plan.recipe).exists()
-    except StateError:
-        return False
 
 
 def _run(plan: Plan, selection: Selection, state: RootState, store: Store, options: Options,
@@ -106,6 +95,9 @@ def _run(plan: Plan, selection: Selection, state: RootState, store: Store, optio
 
         finish_manifest(plan.recipe, store)
         return Report(selection, placed)
+    import asyncio
+    import signal
+
     settings = settings_for(plan, options)
     interrupted = [False]
     running: list[Executor] = []
@@ -164,6 +156,8 @@ class _Progress:
         self.bar_shown = not quiet and sys.stderr.isatty()
         self.lines_shown = not quiet and not self.bar_shown and every > 0
         self.started = time.monotonic()
+        from tqdm import tqdm
+
         self.bar = tqdm(total=self.total, unit="img", disable=not self.bar_shown,
                         file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
 
@@ -189,6 +183,8 @@ class _Progress:
                 f"failed {self.counts['failed'] + self.counts['unknown']:,}, spent {spent}{of}")
 
     async def tick_every(self) -> None:
+        import asyncio
+
         if not self.lines_shown:
             return
         while True:
@@ -332,6 +328,8 @@ def _dry_run(plan: Plan, options: Options) -> int:
 
 def _warn_if_no_key(plan: Plan) -> None:
     """A dry run needs no key, but says if the real run would stop for want of one."""
+    from fluxbatch import providers
+
     info = providers.REGISTRY[plan.recipe.provider.name]
     if info.key_env is None:
         return
