@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +29,7 @@ from fluxbatch.state import (
     Task,
     TaskStatus,
     has_blob,
+    read_entries,
 )
 
 NEW = "new"
@@ -182,6 +184,66 @@ _REASONS = {
              "have been billed",
     "gone": "paid before, but the provider no longer has the task and its bytes were lost",
 }
+
+
+def stale_changes(classified: Classified) -> dict[int, list[str]]:
+    """For each stale job (by index), what changed since the image at its output was made."""
+    plan = classified.plan
+    stale = [job for job, found in zip(plan.jobs, classified.states, strict=True)
+             if found == STALE]
+    entries = read_entries(plan.recipe.output_root, plan.recipe.name,
+                           (job.output for job in stale))
+    return {job.index: changes(entries[job.output], job) for job in stale
+            if job.output in entries}
+
+
+def changes(entry: Mapping[str, Any], job: Job) -> list[str]:
+    """What changed between the image placed at an output (its manifest entry) and the job
+    planned there, field by field: `width 512 → 576`, `prompt "…teapot…" → "…kettle…"`."""
+    found = []
+    if entry.get("model") != job.model:
+        found.append(f"model {entry.get('model')} → {job.model}")
+    before = entry.get("request") or {}
+    after = {k: ("***" if k in models.SECRET_FIELDS and v else v) for k, v in job.request.items()}
+    for name in sorted(set(before) | set(after), key=_field_order):
+        old, new = before.get(name, _ABSENT), after.get(name, _ABSENT)
+        if old != new:
+            found.append(f"{name} {_shown(old, new)}")
+    return found
+
+
+_ABSENT = object()
+
+
+def _field_order(name: str) -> tuple[int, str]:
+    return (0 if name == "prompt" else 2 if name == "seed" else 1, name)
+
+
+def _shown(old: Any, new: Any) -> str:
+    if isinstance(old, str) and isinstance(new, str):
+        a, b = _around_difference(old, new)
+        return f"{a} → {b}"
+    def text(value: Any) -> str:
+        return "(unset)" if value is _ABSENT else json.dumps(value, ensure_ascii=False)
+    return f"{text(old)} → {text(new)}"
+
+
+def _around_difference(old: str, new: str, context: int = 12) -> tuple[str, str]:
+    """The two strings shortened to where they differ, with a little context."""
+    start = 0
+    while start < min(len(old), len(new)) and old[start] == new[start]:
+        start += 1
+    end = 0
+    while end < min(len(old), len(new)) - start and old[-1 - end] == new[-1 - end]:
+        end += 1
+    lead = max(0, start - context)
+
+    def cut(text: str) -> str:
+        middle = text[lead:len(text) - max(0, end - context)]
+        shown = ("…" if lead else "") + middle[:80] + ("…" if len(middle) > 80 else "")
+        return json.dumps(shown + ("…" if end > context else ""), ensure_ascii=False)
+
+    return cut(old), cut(new)
 
 
 def source_placement(key: str, state: RootState, root: Path, *,

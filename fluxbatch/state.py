@@ -647,6 +647,21 @@ def read_state(root: Path, recipe: str, jobs: Iterable[Job] = ()) -> RootState:
     return RootState.of(recipe, {}, placements)
 
 
+def read_entries(root: Path, recipe: str, outputs: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The manifest entries of some of a recipe's placements, by output, without creating
+    anything (to say what changed at a stale output)."""
+    wanted = set(outputs)
+    if not wanted:
+        return {}
+    if has_store(root):
+        with Store.open(root, create=False) as store:
+            return {output: entry for output in wanted
+                    if (entry := store.entry(recipe, output)) is not None}
+    document = read_manifest(root, recipe) or {"images": []}
+    return {entry.get("output", entry["path"]): entry for entry in document["images"]
+            if entry.get("output", entry["path"]) in wanted}
+
+
 def _placement(recipe: str, entry: Mapping[str, Any]) -> Placement:
     return Placement(recipe, entry.get("output", entry["path"]), entry["path"], entry["key"],
                      entry["sha256"], entry["bytes"], entry.get("mtime_ns"))

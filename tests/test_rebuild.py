@@ -195,7 +195,11 @@ def status_verbose(rows: Sequence[tuple[str, ...]], counts: Sequence[tuple[str, 
         ("JOB", "VALUES", "OUTPUT", "STATE", "REASON"), rows)
 
 
-NOT_UP_TO_DATE = "not up to date: `fluxbatch render` makes what is missing\n"
+PLACE_ONE = "not up to date: `fluxbatch render` makes them (1 to place or collect, at no cost)\n"
+
+
+def to_render(count: int) -> str:
+    return f"not up to date: `fluxbatch render` makes them ({count} to render)\n"
 
 
 # -- 1. make-style rebuilds -----------------------------------------------------------------
@@ -226,7 +230,7 @@ def test_a_deleted_image_is_placed_again_from_the_store_and_not_paid_again(
 
     assert rendered.status("-v") == Run(1, status_verbose(
         [("grid", "shape=square colour=green", "grid/square.png", "stored", STORED)],
-        [("up-to-date", 3), ("stored", 1)], rendered.root), NOT_UP_TO_DATE)
+        [("up-to-date", 3), ("stored", 1)], rendered.root), PLACE_ONE)
     assert rendered.render() == Run(0, rendered.placed(1, up_to_date=3), "")
     assert rendered.prompts_sent(sent) == []
     after = images(rendered.root)
@@ -251,25 +255,30 @@ def test_a_deleted_image_without_its_store_copy_is_collected_again_for_free(
     assert sorted(check_manifest(rendered)) == sorted(ALL)
 
 
-@pytest.mark.parametrize(("edit", "touched", "prompts"), [
-    ({"colours": ("red", "green", "violet")}, ["grid/star.png"], ["a violet star"]),
-    ({"tolerance": 3}, ["solo/tree.png"], ["a lone tree"]),
+@pytest.mark.parametrize(("edit", "touched", "prompts", "changed"), [
+    ({"colours": ("red", "green", "violet")}, ["grid/star.png"], ["a violet star"],
+     ['prompt "a blue star" → "a violet star"; seed 1643153948 → 1684473033']),
+    ({"tolerance": 3}, ["solo/tree.png"], ["a lone tree"], ["safety_tolerance 2 → 3"]),
     ({"prompt": "a {{ colour }} {{ shape }}, flat"},
      ["grid/circle.png", "grid/square.png", "grid/star.png"],
-     ["a blue star, flat", "a green square, flat", "a red circle, flat"]),
+     ["a blue star, flat", "a green square, flat", "a red circle, flat"],
+     ['prompt "a red circle" → "a red circle, flat"',
+      'prompt "…green square" → "…green square, flat"',
+      'prompt "a blue star" → "a blue star, flat"']),
 ], ids=["matrix-value", "param", "prompt-template"])
 def test_an_edit_makes_exactly_the_touched_images_stale_and_replaces_them(
         rendered: Cli, emulator: Emulator, edit: dict[str, Any], touched: list[str],
-        prompts: list[str]) -> None:
+        prompts: list[str], changed: list[str]) -> None:
     before, sent = images(rendered.root), len(emulator.submissions)
     rendered.write(**edit)
     plan = {job.output: job for job in load_plan(str(rendered.recipe)).jobs}
     rows = [(plan[o].job, " ".join(f"{k}={v}" for k, v in plan[o].vars.items()) or "-", o,
-             "stale", STALE_REASON) for o in touched]
+             "stale", f"the request changed: {what}") for o, what in zip(touched, changed,
+                                                                          strict=True)]
 
     assert rendered.status("-v") == Run(1, status_verbose(
         rows, [("up-to-date", 4 - len(touched)), ("stale", len(touched))], rendered.root),
-        NOT_UP_TO_DATE)
+        to_render(len(touched)))
     assert rendered.render() == Run(0, rendered.written(len(touched), 4 - len(touched)), "")
     assert rendered.prompts_sent(sent) == prompts
     after = images(rendered.root)
@@ -469,7 +478,7 @@ def test_changed_bytes_with_a_new_mtime_are_replaced_from_the_store(
 
     assert rendered.status("-v") == Run(1, status_verbose(
         [("grid", "shape=circle colour=red", "grid/circle.png", "stored", STORED)],
-        [("up-to-date", 3), ("stored", 1)], rendered.root), NOT_UP_TO_DATE)
+        [("up-to-date", 3), ("stored", 1)], rendered.root), PLACE_ONE)
     assert rendered.render() == Run(0, rendered.placed(1, up_to_date=3), "")
     assert rendered.prompts_sent(sent) == []
     check_manifest(rendered)

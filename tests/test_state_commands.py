@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ALL = ["grid/circle.png", "grid/square.png", "grid/star.png", "solo/tree.png"]
 HELD_BACK = ("{n} held back: an earlier submit's outcome was never learned (it may have been "
              "billed). Re-run with --retry-unknown to submit them again.\n")
-NOT_UP_TO_DATE = "not up to date: `fluxbatch render` makes what is missing\n"
+UNKNOWN_ADVICE = ("{n} unknown: a submit's answer was never learned (it may have been billed); "
+                  "`fluxbatch render --retry-unknown` submits again\n")
 
 
 def planned(cli: Cli) -> dict[str, Job]:
@@ -113,7 +114,7 @@ def test_a_submit_recorded_but_never_answered_is_held_back_until_retry_unknown(
         [("grid", "shape=star colour=violet", "grid/star.png", "unknown",
           "a run stopped while submitting it: the answer was never recorded, and it may have "
           "been billed")]),
-        NOT_UP_TO_DATE)
+        UNKNOWN_ADVICE.format(n=1))
     held = Run(1, "nothing to render: 3 images up to date\n", HELD_BACK.format(n="1 image"))
     assert rendered.render() == held
     assert rendered.render() == held
@@ -145,7 +146,7 @@ def test_submits_whose_answer_was_dropped_are_unknown_and_never_resent_silently(
                         "4 submits ended without an answer and may have been billed; they are "
                         "not resubmitted unless you pass --retry-unknown.\n")
     assert cli.status("-v") == Run(1, status_table(cli.root, [("unknown", 4)]) + "\n" + aligned(
-        ("JOB", "VALUES", "OUTPUT", "STATE", "REASON"), rows), NOT_UP_TO_DATE)
+        ("JOB", "VALUES", "OUTPUT", "STATE", "REASON"), rows), UNKNOWN_ADVICE.format(n=4))
     sent = len(emulator.submissions)
     assert cli.render() == Run(1, "nothing to render: 0 images up to date\n",
                                HELD_BACK.format(n="4 images"))
@@ -172,16 +173,20 @@ def test_status_json_counts_every_state_and_exits_0_only_when_up_to_date(
                    "in-flight": 0, "failed": 0, "moderated": 0, "unknown": 0, "orphaned": 1},
         "not_up_to_date": [
             {"output": "grid/square.png", "state": "stale",
-             "reason": "the request changed (prompt, parameters, model or seed)"},
+             "reason": "the request changed (prompt, parameters, model or seed)",
+             "changes": ['prompt "a green square" → "a cyan square"',
+                         "seed 992147670 → 156120859"]},
             {"output": "grid/heart.png", "state": "new", "reason": None},
             {"output": "solo/tree.png", "state": "stored", "reason": STORED},
         ],
         "orphans": ["grid/star.png"],
+        "orphan_images": [{"output": "grid/star.png", "job": "grid",
+                           "vars": {"shape": "star", "colour": "blue"}}],
     }
     assert rendered.status() == Run(1, status_table(rendered.root, [
         ("up-to-date", 1), ("stored", 1), ("new", 1), ("stale", 1), ("orphaned", 1)]),
-        "not up to date: `fluxbatch render` makes what is missing; `fluxbatch clean --delete` "
-        "removes orphans\n")
+        "not up to date: `fluxbatch render` makes them (2 to render, 1 to place or collect, at "
+        "no cost)\norphans: `fluxbatch clean --delete` removes them\n")
 
     assert rendered.render().code == 0
     assert rendered.status().code == 1  # the orphan is still there
