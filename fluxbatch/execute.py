@@ -106,7 +106,8 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """For progress displays: `kind` is submitted | written | moderated | failed | unknown |
+    """For progress displays: `kind` is submitted | attached (a task of an earlier run) |
+    ready (rendered; the download starts) | written | moderated | failed | unknown | gone |
     pending | skipped | rate-limited | retry."""
 
     kind: str
@@ -290,6 +291,7 @@ class Executor:
                 self.on_event(Event("submitted", job, cost=outcome.submitted.cost))
             else:
                 outcome.submitted = earlier
+                self.on_event(Event("attached", job))
             outcome.polled = await self._poll(job, outcome.submitted)
         except _Unknown as error:
             outcome.status, outcome.reason = UNKNOWN, str(error)
@@ -329,6 +331,7 @@ class Executor:
             return self._finish(outcome)
         try:
             self.journal.ready(job, polled)
+            self.on_event(Event("ready", job))  # (its slot is free: only the download is left)
         except FluxbatchError as error:
             self.fatal = self.fatal or str(error)
             outcome.status, outcome.reason = PENDING, str(error)

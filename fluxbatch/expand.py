@@ -8,6 +8,7 @@ node it came from.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import posixpath
 import re
@@ -168,7 +169,8 @@ def _gist(message: str) -> str:
 
 
 def describe(values: Mapping[str, Any], replicate: int | None = None) -> str:
-    parts = [f"{k}={_short(str(v), 40)}" for k, v in values.items()]
+    parts = [f"{k}={_short(v if isinstance(v, str) else json.dumps(v), 40)}"
+             for k, v in values.items()]
     if replicate is not None:
         parts.append(f"replicate={replicate}")
     return ", ".join(parts) or "no matrix"

@@ -169,13 +169,16 @@ def check_manifest(cli: Cli) -> dict[str, dict[str, Any]]:
     return entries
 
 
-def aligned(headers: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
-    """A left-aligned table as the commands print it (empty when there are no rows)."""
+def aligned(headers: tuple[str, ...], rows: Sequence[tuple[str, ...]],
+            right: frozenset[int] = frozenset()) -> str:
+    """A table as the commands print it, columns in `right` right-aligned (empty when there
+    are no rows)."""
     if not rows:
         return ""
     widths = [max(len(header), *(len(row[i]) for row in rows))
               for i, header in enumerate(headers)]
-    return "".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(cells)).rstrip()
+    return "".join("  ".join(cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+                             for i, cell in enumerate(cells)).rstrip()
                    + "\n" for cells in (headers, *rows))
 
 
@@ -355,10 +358,11 @@ VALUES = {"grid/circle.png": "shape=circle colour=red",
 
 
 def dry_run_text(outputs: list[str], up_to_date: int = 0) -> str:
-    rows = [(output.split("/")[0], VALUES[output], "flux-pro-1.1", output, "submit")
+    rows = [(output.split("/")[0], VALUES[output], "1", "flux-pro-1.1", output, "submit")
             for output in outputs]
     noun = "image" if len(outputs) == 1 else "images"
-    return (aligned(("JOB", "VALUES", "MODEL", "OUTPUT", "WOULD"), rows) +
+    return (aligned(("JOB", "VALUES", "REP", "MODEL", "OUTPUT", "WOULD"), rows,
+                    right=frozenset({2})) +
             f"dry run: would submit {len(outputs)} {noun} (estimated "
             f"{money(len(outputs) * 0.04)}), re-attach 0, "
             f"skip {up_to_date} up to date; nothing was sent or written\n")
@@ -448,13 +452,14 @@ def test_dry_run_after_an_edit_lists_only_the_stale_image_and_changes_nothing(
               state.read_bytes(), len(emulator.submissions))
 
     assert rendered.render("--dry-run") == Run(0, (
-        "JOB   VALUES  MODEL         OUTPUT         WOULD\n"
-        "solo  -       flux-pro-1.1  solo/tree.png  submit\n"
+        "JOB   VALUES  REP  MODEL         OUTPUT         WOULD\n"
+        "solo  -         1  flux-pro-1.1  solo/tree.png  submit\n"
         "dry run: would submit 1 image (estimated $0.040), re-attach 0, skip 3 up to date; "
         "nothing was sent or written\n"), "")
     assert rendered.render("--dry-run") == Run(0, dry_run_text(["solo/tree.png"], 3), "")
-    assert before == (images(rendered.root), (rendered.root / "rebuild.manifest.json").read_bytes(),
-                      state.read_bytes(), len(emulator.submissions))
+    after = (images(rendered.root), (rendered.root / "rebuild.manifest.json").read_bytes(),
+             state.read_bytes(), len(emulator.submissions))
+    assert before == after
 
 
 # -- 2. trusting size and mtime, checking by sha256 -------------------------------------------

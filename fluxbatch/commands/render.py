@@ -27,7 +27,7 @@ from fluxbatch.write import clear_debris, manifest_path, write_manifest
 
 if TYPE_CHECKING:
     from fluxbatch.execute import Event, Executor, Outcome
-    from fluxbatch.expand import Plan
+    from fluxbatch.expand import Job, Plan
     from fluxbatch.providers import Provider
     from fluxbatch.render import Report
 
@@ -148,6 +148,7 @@ class _Progress:
 
     def __init__(self, selection: Selection, *, quiet: bool, every: float) -> None:
         self.counts: Counter[str] = Counter()
+        self.phase: dict[str, str] = {}  # job key → "rendering" | "downloading"
         self.total = len(selection.jobs) + len(selection.place) + \
             sum(len(more) for more in selection.followers.values())
         self.estimate = selection.estimated_usd()
@@ -158,29 +159,58 @@ class _Progress:
         self.started = time.monotonic()
         from tqdm import tqdm
 
+        # No rate in the bar: the postfix says more, and an 80-column terminal keeps a bar.
         self.bar = tqdm(total=self.total, unit="img", disable=not self.bar_shown,
-                        file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+                        file=sys.stderr, dynamic_ncols=True, smoothing=0.1,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]"
+                                   "{postfix}")
 
     def event(self, event: Event) -> None:
-        if event.kind == "submitted":
-            self.counts["in flight"] += 1
+        key = event.job.key
+        if event.kind in ("submitted", "attached"):
+            self.phase[key] = "rendering"
             if event.cost is not None:
                 self.spent = (self.spent or 0.0) + event.cost / 100
+        elif event.kind == "ready":
+            self.phase[key] = "downloading"
         elif event.kind in FINISHED or event.kind in ("pending", "skipped"):
-            if event.kind != "skipped" and self.counts["in flight"]:
-                self.counts["in flight"] -= 1
+            self.phase.pop(key, None)
             self.counts[event.kind] += 1
         else:
             return
-        self.bar.set_postfix_str(self.status(), refresh=False)
+        self.bar.set_postfix_str(self.fitted(), refresh=False)
         if event.kind in FINISHED:
             self.bar.update(1)  # (after the postfix, so that both show the same count)
 
-    def status(self) -> str:
+    def finished(self) -> int:
+        """Images finished (written, failed, moderated, unknown, gone): never skipped ones."""
+        return sum(self.counts[kind] for kind in FINISHED)
+
+    def fitted(self) -> str:
+        """The bar's postfix, shortened until the bar keeps some room: on an 80-column
+        terminal the numbers must not be cut off."""
+        import shutil
+
+        room = shutil.get_terminal_size((100, 20)).columns - 45  # (the bar and its counts)
+        for text in (self.status(compact=True), self.status(compact=True, total=False),
+                     self.status(compact=True, total=False, short=True)):
+            if len(text) <= room:
+                break
+        return text
+
+    def status(self, *, compact: bool = False, total: bool = True, short: bool = False) -> str:
+        """`done 12, rendering 24, downloading 3, failed 1, spent $3.95 of ~$8.00`; compact
+        (for the bar) leaves out the counts that are zero."""
+        phases = Counter(self.phase.values())
+        failed = self.counts["failed"] + self.counts["unknown"] + self.counts["gone"]
+        counts = [("done", self.counts["written"]), ("rendering", phases["rendering"]),
+                  ("downloading", phases["downloading"]), ("failed", failed)]
+        if short:
+            counts = [(word[:4] if word != "downloading" else "dl", n) for word, n in counts]
+        parts = [f"{word} {n:,}" for word, n in counts if n or not compact or word == "done"]
         spent = "not reported" if self.spent is None else money(self.spent)
-        of = f" of ~{money(self.estimate)}" if self.estimate else ""
-        return (f"done {self.counts['written']:,}, in flight {self.counts['in flight']:,}, "
-                f"failed {self.counts['failed'] + self.counts['unknown']:,}, spent {spent}{of}")
+        of = f" of ~{money(self.estimate)}" if self.estimate and total else ""
+        return ", ".join([*parts, f"{'' if short else 'spent '}{spent}{of}"])
 
     async def tick_every(self) -> None:
         import asyncio
@@ -189,7 +219,7 @@ class _Progress:
             return
         while True:
             await asyncio.sleep(self.every)
-            finished = sum(self.counts[kind] for kind in FINISHED)
+            finished = self.finished()
             elapsed = int(time.monotonic() - self.started)
             print(f"fluxbatch: {finished:,}/{self.total:,} images, {self.status()} "
                   f"({elapsed // 60}m{elapsed % 60:02d}s)", file=sys.stderr, flush=True)
@@ -306,14 +336,15 @@ def _dry_run(plan: Plan, options: Options) -> int:
     state = read_state(plan.recipe.output_root, plan.recipe.name, plan.jobs)
     classified = classify(plan, state, verify=options.verify)
     selection = select(classified, state, options, plan.recipe.provider.name)
-    rows = [[job.job, values_text(job.vars), job.model, job.output, "submit"]
-            for job in selection.submit]
-    rows += [[job.job, values_text(job.vars), job.model, job.output, "re-attach (paid)"]
-             for job, _ in selection.attach]
-    rows += [[job.job, values_text(job.vars), job.model, job.output, "place (paid earlier)"]
-             for job in selection.place]
+    def row(job: Job, would: str) -> list[str]:
+        return [job.job, values_text(job.vars), str(job.replicate), job.model, job.output, would]
+
+    rows = [row(job, "submit") for job in selection.submit]
+    rows += [row(job, "re-attach (paid)") for job, _ in selection.attach]
+    rows += [row(job, "place (paid earlier)") for job in selection.place]
     if rows:
-        print(table(["JOB", "VALUES", "MODEL", "OUTPUT", "WOULD"], rows))
+        print(table(["JOB", "VALUES", "REP", "MODEL", "OUTPUT", "WOULD"], rows,
+                    right=frozenset({2})))
     estimate = selection.estimated_usd()
     placed = f", place {len(selection.place):,} already paid for" if selection.place else ""
     print(f"dry run: would submit {plural(len(selection.submit), 'image')} "
