@@ -11,6 +11,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import posixpath
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -374,13 +375,17 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def matches_only(job: Job, patterns: Sequence[str]) -> bool:
-    """`--only`: a job name, `name=value` on a matrix value (globs allowed), or an output glob."""
+    """`--only`: a job name, `name=value` on a matrix value (globs allowed), or a glob on the
+    output path or on its file name (`teapot-*` matches `renders/mugs/teapot-1.png`). Several
+    patterns select what any of them matches."""
     for pattern in patterns:
         if "=" in pattern:
             name, _, wanted = pattern.partition("=")
             if name in job.vars and fnmatch.fnmatchcase(str(job.vars[name]), wanted):
                 return True
-        elif pattern == job.job or fnmatch.fnmatchcase(job.output, pattern):
+        elif pattern == job.job or fnmatch.fnmatchcase(job.output, pattern) or \
+                ("/" not in pattern and fnmatch.fnmatchcase(posixpath.basename(job.output),
+                                                            pattern)):
             return True
     return False
 

@@ -16,7 +16,7 @@ from fluxbatch.errors import Problem
 from fluxbatch.models import did_you_mean, unknown_model_message
 from fluxbatch.yamlsource import Path, Positions
 
-SCHEMA_ID = "https://github.com/fluxbatch/fluxbatch/blob/main/schemas/recipe.schema.json"
+SCHEMA_ID = "https://raw.githubusercontent.com/fluxbatch/fluxbatch/main/schemas/recipe.schema.json"
 DEFAULT_MAX_JOBS = 10_000
 DEFAULT_OUTPUT = "{{ job }}/{{ combo }}-{{ replicate }}.{{ ext }}"
 NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]*$"

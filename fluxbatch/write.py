@@ -28,7 +28,7 @@ from fluxbatch.recipe import Recipe
 from fluxbatch.state import LEGACY_MANIFEST, STATE_DIR, Store, manifest_name
 
 MANIFEST_VERSION = 2
-SCHEMA_URL = "https://github.com/fluxbatch/fluxbatch/blob/main/schemas/manifest.schema.json"
+SCHEMA_URL = "https://raw.githubusercontent.com/fluxbatch/fluxbatch/main/schemas/manifest.schema.json"
 
 
 @dataclass(frozen=True, slots=True)

@@ -375,8 +375,10 @@ def dry_run_text(outputs: list[str], up_to_date: int = 0) -> str:
     (["colour=red"], ["grid/circle.png"]),
     (["colour=[gb]*"], ["grid/square.png", "grid/star.png"]),
     (["colour=g*", "solo"], ["grid/square.png", "solo/tree.png"]),
+    (["c*"], ["grid/circle.png"]),
+    (["tree*"], ["solo/tree.png"]),
 ], ids=["job-name", "output-glob", "glob-across-jobs", "matrix-value", "value-glob",
-        "repeated"])
+        "repeated", "file-name-glob", "file-name-glob-no-extension"])
 def test_only_selects_exactly_the_matching_images(
         cli: Cli, emulator: Emulator, patterns: list[str], selected: list[str]) -> None:
     options = [part for pattern in patterns for part in ("--only", pattern)]

@@ -14,6 +14,7 @@ from fluxbatch import imagemeta
 from fluxbatch.errors import EXIT_OK, FluxbatchError
 from fluxbatch.identity import job_key
 from fluxbatch.models import NON_PIXEL_FIELDS
+from fluxbatch.recipe_schema import SCHEMA_ID  # (the raw JSON, which an editor can load)
 
 _JINJA = re.compile(r"\{[{%#]")
 _END_RAW = re.compile(r"\{%[-+]?\s*endraw\s*[-+]?%\}")
@@ -101,8 +102,7 @@ def reproduction_recipe(entry: dict[str, Any]) -> str:
     }
     expected = job_key(entry["model"], {**entry["request"]})
     header = (
-        "# yaml-language-server: $schema=https://github.com/fluxbatch/fluxbatch/blob/main/"
-        "schemas/recipe.schema.json\n"
+        f"# yaml-language-server: $schema={SCHEMA_ID}\n"
         f"# Reproduces {entry['path']} (key {entry['key']}).\n"
         "# Made by `fluxbatch reproduce`: `fluxbatch render` on it sends the same request.\n"
     )
