@@ -3,7 +3,8 @@
 Templates run in a `SandboxedEnvironment` with `StrictUndefined`: a recipe is code that may
 come from a pull request, and a typo must be an error, never an empty string. Each compiled
 template knows which variables it reads, so a template that reads only `style` is rendered
-once per distinct style, not once per job.
+once per distinct style, not once per job. A template is also bounded in time and memory (see
+the limits below): whatever a recipe holds, planning it costs seconds, not the machine.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ FILTERS: dict[str, Callable[..., Any]] = {
 # seconds or a few hundred MB. Each limit is far above what a prompt, a parameter or a path
 # needs, so an ordinary recipe never meets one.
 
-MAX_SOURCE = 50_000  # characters in one template; compiling costs up to ~60 µs and 3 kB a character
+MAX_SOURCE = 50_000  # characters in a template; compiling one costs up to ~50 µs and 4 kB
 MAX_TEXT = 100_000  # characters in any text a template makes, its result included
 MAX_ITEMS = 100_000  # items in a list a template makes (`*`, `+`, `append`, `split`, ...)
 MAX_INT_BITS = 100_000  # 30,000 digits (Python prints at most 4,300); multiplying stays fast
@@ -103,6 +104,9 @@ CHARS_PER_STEP = 2  # characters an operation reads or writes for one step (rege
 
 class TemplateLimit(Exception):
     """A template would take too much time or memory; the message names the limit."""
+
+
+_TOO_DEEP = "recursion too deep (a macro, block or loop calling itself, or lists in lists)"
 
 
 class _Budget(threading.local):
@@ -166,7 +170,7 @@ def _size(value: Any, limit: int = MAX_TEXT) -> int:
 
 def _charged_size(value: Any) -> int:
     size = _size(value, _BUDGET.steps * CHARS_PER_STEP)
-    _charge(size // CHARS_PER_STEP)
+    _charge(-(-size // CHARS_PER_STEP))  # (rounded up: a walk cut short is over the budget)
     return size
 
 
@@ -549,7 +553,8 @@ class _Sandbox(SandboxedEnvironment):
         _charge(1)
         owner = getattr(obj, "__self__", None)
         growing: Sized = ()
-        if isinstance(obj, BuiltinMethodType | type):  # (what Python runs without the sandbox)
+        # built-ins run in C, out of the sandbox's sight; `Markup`'s str methods call them
+        if isinstance(obj, BuiltinMethodType | type) or isinstance(owner, str | bytes):
             _charged_size(args)
             args = _method_args(owner, obj.__name__, args, kwargs)
             if isinstance(owner, list | dict):
@@ -672,7 +677,7 @@ class Template:
             except Exception:
                 pass  # (an undefined name under `default`, or the real error message)
             else:
-                if len(text) <= MAX_TEXT:
+                if len(text) <= MAX_TEXT:  # (else Jinja proper reports the limit)
                     return text
         return self.render_with_jinja(context)
 
@@ -695,9 +700,6 @@ class Template:
             raise TemplateProblem(f"template error: {error}") from None
         except Exception as error:  # any Python error raised while evaluating an expression
             raise TemplateProblem(f"{type(error).__name__}: {error}") from None
-
-
-_TOO_DEEP = "recursion too deep (a macro, block or loop calling itself, or lists in lists)"
 
 
 def compile_template(source: str) -> Template:

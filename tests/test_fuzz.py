@@ -3,6 +3,10 @@ never "internal error"."""
 
 from __future__ import annotations
 
+import json
+import resource
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +164,67 @@ def test_yaml_soup_is_answered(tmp_path: Path, capsys: pytest.CaptureFixture[str
     path = tmp_path / "recipe.yaml"
     path.write_text(text, encoding="utf-8")
     validate(path, capsys)
+
+
+# -- hostile templates: through the real command, in a process with hard limits -----------------
+# The rlimits are a safety net, not a measurement: the template limits stop each of these far
+# below them; without the template limits, each would run out of memory or CPU time instead.
+
+MEMORY_LIMIT = 1024**3
+CPU_SECONDS = 20
+LONG = "template limit: a text longer than 100,000 characters"
+STEPS = "template limit: more than 1,000,000 steps of work"
+
+
+def hard_limits() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+    resource.setrlimit(resource.RLIMIT_CPU, (CPU_SECONDS, CPU_SECONDS))
+
+
+def validate_within_hard_limits(tmp_path: Path, prompt: str) -> list[str]:
+    """`fluxbatch validate` of a recipe with this prompt: exit code 1, and what it said."""
+    (tmp_path / "recipe.yaml").write_text(
+        "version: 1\nname: r\ndefaults: {model: flux-dev}\njobs:\n  - name: a\n"
+        f"    prompt: {json.dumps(prompt)}\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "fluxbatch", "validate", "recipe.yaml"],
+                            cwd=tmp_path, capture_output=True, text=True,
+                            preexec_fn=hard_limits, timeout=300)
+    assert result.returncode == 1, result.stderr
+    return result.stderr.splitlines()
+
+
+@pytest.mark.parametrize("prompt,message", [
+    ("{{ lipsum(1000000) }}", LONG),
+    ("{{ (9**999)**999 }}", "template limit: a number larger than 100,000 bits"),
+    ("{{ 9**999**999 }}", "template limit: a number larger than 100,000 bits"),
+    ("{{ '%0900000000d' % 1 }}", LONG),
+    ("{{ 'x' | center(900000000) }}", LONG),
+    ("{{ 'x'.center(9e8) }}", LONG),
+    ("{{ '{:>900000000}'.format(1) }}", LONG),
+    ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+     "{% endfor %}{{ ns.s|length }}", LONG),
+    ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
+     "{% endfor %}{{ ns.s|length }}", LONG),
+    ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", STEPS),
+    ("{% for a in range(100000) %}{% for b in range(100000) %}{{ a }}{% endfor %}{% endfor %}",
+     LONG),
+    ("{% set s = 'x' * 100000 %}{{ ([s] * 100000) | join }}", LONG),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "template limit: recursion too deep "
+     "(a macro, block or loop calling itself, or lists in lists)"),
+])
+def test_hostile_template_is_a_located_error_within_hard_limits(
+        tmp_path: Path, prompt: str, message: str) -> None:
+    assert validate_within_hard_limits(tmp_path, prompt) == [
+        f"recipe.yaml:6:13: jobs[0].prompt: {message} (for replicate=1)",
+        "recipe.yaml: 1 problem"]
+
+
+@pytest.mark.parametrize("prompt,message", [
+    ("{{ " + "(" * 1000 + "1" + ")" * 1000 + " }}",
+     "template limit: the template is nested too deeply"),
+    ("{{ a }}" * 8000, "template limit: the template is longer than 50,000 characters"),
+])
+def test_hostile_template_source_is_a_located_error_within_hard_limits(
+        tmp_path: Path, prompt: str, message: str) -> None:
+    assert validate_within_hard_limits(tmp_path, prompt) == [
+        f"recipe.yaml:6:13: jobs[0].prompt: {message}", "recipe.yaml: 1 problem"]

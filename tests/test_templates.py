@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -201,3 +202,152 @@ def test_filters_table_is_what_templates_see() -> None:
     # templates see each filter wrapped in the size limits, the filter itself underneath
     assert all(templates.ENV.filters[name].__wrapped__ is f  # type: ignore[attr-defined]
                for name, f in templates.FILTERS.items())
+
+
+# -- limits: a recipe from a pull request cannot take the machine -----------------------------
+
+LONG = "template limit: a text longer than 100,000 characters"
+ITEMS = "template limit: a list longer than 100,000 items"
+BITS = "template limit: a number larger than 100,000 bits"
+STEPS = "template limit: more than 1,000,000 steps of work"
+DEEP = ("template limit: recursion too deep (a macro, block or loop calling itself, "
+        "or lists in lists)")
+S = "{% set s = 'x' * 100000 %}"  # the longest text a template may make
+ST = S + "{% set t = s ~ '' %}"  # another, equal: comparing them reads every character
+TUPLES = "{% set a = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10) %}" + "".join(  # 10,000,000 numbers
+    f"{{% set {name} = ({', '.join([part] * 10)}) %}}" for part, name in pairwise("abcdefg"))
+NESTED_LOOPS = ("{% for a in range(100000) %}{% for b in range(100000) BODY %}"
+                "{% endfor %}{% endfor %}")
+
+
+@pytest.mark.parametrize("source,message", [
+    # huge text in one operation
+    ("{{ lipsum(1000000) }}", LONG),
+    ("{{ lipsum(1, max=1e9) }}", LONG),
+    ("{{ '%0900000000d' % 1 }}", LONG),
+    ("{{ '%*d' % (900000000, 1) }}", LONG),
+    ("{{ '%(a).900000000f' % {'a': 1} }}", LONG),
+    ("{{ 'x' | center(900000000) }}", LONG),
+    ("{{ 'x' | pad(900000000) }}", LONG),
+    ("{{ 'x'.center(9e8) }}", LONG),
+    ("{{ 'x'.center(900000000) }}", LONG),
+    ("{{ 'x'.ljust(900000000) }}", LONG),
+    ("{{ 'x'.rjust(900000000) }}", LONG),
+    ("{{ '1'.zfill(900000000) }}", LONG),
+    ("{{ ('x' | e).center(900000000) }}", LONG),  # Markup's own str methods
+    ("{{ ('\\t' * 1000).expandtabs(1000) }}", LONG),
+    ("{{ ('x' * 1000).replace('', 'y' * 1000) }}", LONG),
+    ("{{ '{:>900000000}'.format(1) }}", LONG),
+    ("{{ '{:{}}'.format(1, 900000000) }}", LONG),
+    ("{{ '{x:>900000000}'.format_map({'x': 1}) }}", LONG),
+    ("{% set l = [0] %}{{ l.sort(key='{:>900000000}'.format) }}", LONG),
+    ("{{ 'ab'.translate({97: 'x' * 100000}) }}", LONG),
+    ("{{ (1).to_bytes(900000000, 'big') }}", LONG),
+    ("{{ ('x\\n' * 1000) | indent(1000) }}", LONG),
+    ("{{ ('x ' * 1000) | wordwrap(1, wrapstring='y' * 1000) }}", LONG),
+    ("{{ '%0900000000d' | format(1) }}", LONG),
+    ("{{ ('x' * 1000) | replace('x', 'y' * 1000) }}", LONG),
+    ("{{ ('a.com ' * 1000) | urlize(target='x' * 1000) }}", LONG),
+    ("{{ {'a': 1} | tojson(indent=900000000) }}", LONG),
+    (S + "{{ s ~ 'y' }}", LONG),
+    (S + "{{ s + 'y' }}", LONG),
+    # a list of references to one long text, printed or joined
+    (S + "{{ ([s] * 100000) | join }}", LONG),
+    (S + "{{ [s] * 100000 }}", LONG),
+    (S + "{{ ''.join([s] * 100000) }}", STEPS),
+    (S + "{{ ([s] * 100000) | string }}", STEPS),
+    ("{{ range(100000) | list | string }}", LONG),
+    # doubling in a loop
+    ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+     "{% endfor %}{{ ns.s | length }}", LONG),
+    ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
+     "{% endfor %}{{ ns.s | length }}", LONG),
+    ("{% set ns = namespace(l=[1]) %}{% for i in range(40) %}{% set ns.l = ns.l + ns.l %}"
+     "{% endfor %}", ITEMS),
+    ("{% set l = [1] %}{% for i in range(40) %}{{ l.extend(l) }}{% endfor %}", ITEMS),
+    ("{{ [1] * 100001 }}", ITEMS),
+    ("{{ [1] | batch(900000000, 0) | list }}", ITEMS),
+    ("{{ [1] | slice(900000000) | list }}", ITEMS),
+    # numbers
+    ("{{ (9**999)**999 }}", BITS),
+    ("{{ 9**999**999 }}", BITS),
+    ("{{ 2 ** 100001 }}", BITS),
+    ("{{ (2**60000) * (2**60000) }}", BITS),
+    # loops: with and without output, filtered
+    (NESTED_LOOPS.replace(" BODY %}", " %}"), STEPS),
+    (NESTED_LOOPS.replace(" BODY %}", " %}x"), LONG),
+    (NESTED_LOOPS.replace(" BODY %}", " if b < 0 %}"), STEPS),
+    (S + "{% for i in range(100000) %}{% if 'y' in s %}{% endif %}{% endfor %}", STEPS),
+    (S + "{% for i in range(100000) %}{% set x = s[1:] %}{% endfor %}", STEPS),
+    (S + "{% for i in range(100000) %}{% set x = s | upper %}{% endfor %}", STEPS),
+    ("{% set l = [[1]] * 100000 %}{{ l | sum(start=[]) | length }}", STEPS),
+    # comparing or hashing what is cheap to build and costly to read
+    (ST + "{{ [s, t] * 50000 == [t, s] * 50000 }}", STEPS),
+    (ST + "{{ ([s, t] * 50000) | sort | length }}", STEPS),
+    (ST + "{{ ([s, t] * 50000).count(s) }}", STEPS),
+    (ST + "{{ t in [s] * 100000 }}", STEPS),
+    (TUPLES + "{% set d = {g: 1} %}", STEPS),
+    (TUPLES + "{{ dict([(g, 1)]) }}", STEPS),
+    # recursion: endless, or exponential
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", DEEP),
+    ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}",
+     STEPS),
+    ("{% macro f() %}{{ caller() }}{% endmacro %}"
+     "{% macro g() %}{% call f() %}{{ g() }}{% endcall %}{% endmacro %}{{ g() }}", DEEP),
+    ("{% for x in [[1]] recursive %}{{ loop([x]) }}{% endfor %}", DEEP),
+    ("{% block a %}{{ self.a() }}{% endblock %}", DEEP),
+    ("{% set ns = namespace(l=[]) %}{% for i in range(5000) %}{% set ns.l = [ns.l] %}"
+     "{% endfor %}{{ ns.l }}", DEEP),
+])
+def test_hostile_templates_stop_at_a_limit_with_a_clean_message(source: str, message: str) -> None:
+    assert problem(source) == message
+
+
+@pytest.mark.parametrize("source,context", [
+    ("{{ a | center(900000000) }}", {"a": "x"}),  # a filter with a constant argument
+    ("{{ a }}{{ a }}", {"a": "x" * 60000}),  # values from the recipe, together too long
+])
+def test_the_direct_rendering_keeps_the_limits(source: str, context: dict[str, Any]) -> None:
+    assert compile_template(source)._direct is not None
+    assert problem(source, **context) == LONG
+
+
+@pytest.mark.parametrize("source,within,over,message", [
+    ("{{ 'x' * n }}", 100000, 100001, LONG),
+    ("{{ a }}{{ 'x' * n }}", 99997, 99998, LONG),  # (a is "owl")
+    ("{{ ([1] * n) | length }}", 100000, 100001, ITEMS),
+    ("{{ 2 ** n > 0 }}", 100000, 100001, BITS),
+    ("{% for i in range(n) %}{% for j in range(100) %}{% endfor %}{% endfor %}", 1000, 10000,
+     STEPS),
+    ("{% for i in range(n) %}{{ 'red fox' | title }}, {% endfor %}", 1000, 100000, LONG),
+    ("{% for i in range(n) %}{% set x = 'red fox' | title %}{% endfor %}", 1000, 100000, STEPS),
+])
+def test_limits_are_far_above_ordinary_templates(source: str, within: int, over: int,
+                                                 message: str) -> None:
+    render(source, a="owl", n=within)  # no problem
+    assert problem(source, a="owl", n=over) == message
+
+
+def test_each_rendering_has_its_own_budget() -> None:
+    loop = "{% for i in range(100000) %}{% endfor %}"  # over half of the budget
+    template = compile_template(loop)
+    for _ in range(5):
+        assert template.render_with_jinja({}) == ""
+    assert problem(loop + loop) == STEPS
+
+
+@pytest.mark.parametrize("source,message", [
+    ("{{ x }}" + " " * 50000, "template limit: the template is longer than 50,000 characters"),
+    ("{{ " + "(" * 1000 + "x" + ")" * 1000 + " }}",
+     "template limit: the template is nested too deeply"),
+    ("{{ x" + " | e" * 1000 + " }}", "template limit: the template is nested too deeply"),
+    ("{% for x in y %}" * 30 + "{% endfor %}" * 30,
+     "template limit: the template is nested too deeply"),
+    ("{{ " + "9" * 5000 + " }}", "template error: Exceeds the limit (4300 digits) for integer "
+     "string conversion: value has 5000 digits; use sys.set_int_max_str_digits() to increase "
+     "the limit"),
+])
+def test_hostile_template_sources_are_refused_at_compile_time(source: str, message: str) -> None:
+    with pytest.raises(TemplateProblem) as caught:
+        compile_template(source)
+    assert str(caught.value) == message
