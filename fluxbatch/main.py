@@ -134,8 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_arguments(p)
     p.add_argument("--rows", metavar="VAR", help="matrix variable for the rows")
     p.add_argument("--cols", metavar="VAR", help="matrix variable for the columns")
+    p.add_argument("--replicates", choices=("across", "down"), default="across",
+                   help="a combination's replicates side by side (default) or stacked")
+    p.add_argument("--thumb", type=int, default=200, metavar="PX",
+                   help="thumbnail size, longer side, 64 to 1024 (default 200)")
+    p.add_argument("--png", metavar="FILE",
+                   help="also draw the contact sheet as one PNG image, for a pull request "
+                   "or a chat message")
     p.add_argument("-o", "--output", metavar="FILE",
-                   help="where to write it (default: gallery.html in the output root)")
+                   help="where to write it (default: NAME.gallery.html in the output root)")
 
     p = sub.add_parser("models", help="list known models, their parameters and prices")
     p.add_argument("model", nargs="?", help="show one model's parameters")
@@ -256,7 +263,8 @@ def _gallery(args: argparse.Namespace) -> int:
     from fluxbatch.commands.gallery import gallery
 
     return gallery(recipe=args.recipe, out=args.out, yes=args.yes, rows=args.rows,
-                   cols=args.cols, output=args.output)
+                   cols=args.cols, output=args.output, png=args.png,
+                   replicates=args.replicates, thumb=args.thumb)
 
 
 def _models(args: argparse.Namespace) -> int:

@@ -1,127 +1,94 @@
-"""`fluxbatch gallery RECIPE`: an HTML contact sheet of the rendered images, any two matrix
-variables as rows and columns (the others, and replicates, share a cell)."""
+"""`fluxbatch gallery RECIPE`: a contact sheet of the rendered images, as an HTML page and,
+with `--png FILE`, as one PNG image.
+
+Each job is a table with two matrix variables as rows and columns (the others, and the
+replicates, share a cell), or, with one variable or none, a strip of labelled slots that
+wraps. Images not rendered yet and combinations the matrix's `exclude` removed are marked.
+This module decides what goes where; `contact_sheet` draws it.
+"""
 
 from __future__ import annotations
 
-import html
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from fluxbatch.errors import EXIT_OK, FluxbatchError
-from fluxbatch.expand import Job
+from fluxbatch.commands.contact_sheet import (
+    MAX_THUMB,
+    MIN_THUMB,
+    Group,
+    Label,
+    Mark,
+    Sheet,
+    Tile,
+    html_page,
+    png_sheet,
+)
+from fluxbatch.commands.output import plural, short_value
+from fluxbatch.errors import EXIT_OK, FluxbatchError, UsageError
+from fluxbatch.expand import Job, Plan
+from fluxbatch.models import did_you_mean
 from fluxbatch.plan import UP_TO_DATE, classify, load_plan
+from fluxbatch.recipe import JobSpec
 from fluxbatch.state import manifest_name, read_state
 from fluxbatch.write import atomic_write
 
-STYLE = """
-body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; background: #f6f6f4; color: #222; }
-h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 32px; }
-table { border-collapse: collapse; } th, td { border: 1px solid #ddd; padding: 6px;
-vertical-align: top; background: #fff; } th { background: #eee; font-weight: 600; }
-.cell { display: flex; flex-wrap: wrap; gap: 8px; }
-figure { margin: 0; } img { width: 200px; display: block; border-radius: 3px; }
-figcaption { font-size: 12px; color: #555; max-width: 200px; } .missing { color: #b00; }
-"""
+ABSENT = "\x00absent"  # the key of a variable that a combination does not have
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """A planned image, or (with `job` None) a combination that `exclude` removed."""
+
+    values: Mapping[str, Any]
+    job: Job | None
+    state: str
+    path: str | None = None  # an up-to-date image's file, relative to the output root
+    rule: int | None = None  # the index of the exclude entry that removed it
 
 
 def gallery(*, recipe: str, out: str | None, yes: bool, rows: str | None, cols: str | None,
-            output: str | None) -> int:
+            output: str | None, png: str | None, replicates: str, thumb: int) -> int:
+    if not MIN_THUMB <= thumb <= MAX_THUMB:
+        raise UsageError(f"gallery --thumb: {thumb} is not between {MIN_THUMB} and "
+                         f"{MAX_THUMB} (pixels)")
     plan = load_plan(recipe, out=out, yes=yes)
+    _check_axes(_variables(plan), rows, cols)
     root = plan.recipe.output_root
     root_state = read_state(root, plan.recipe.name, plan.jobs)
-    records = root_state.placements
-    classified = classify(plan, root_state)
-    target = Path(output) if output else root / gallery_name(plan.recipe.name)
-    sections = []
-    by_job: dict[str, list[tuple[Job, str]]] = {}
-    for job, state in zip(plan.jobs, classified.states, strict=True):
-        by_job.setdefault(job.job, []).append((job, state))
-    for name, jobs in by_job.items():
-        axes = _varying(jobs)
-        row_axis = rows if rows in axes else (axes[0] if axes else None)
-        col_axis = cols if cols in axes and cols != row_axis else _crossing(jobs, axes, row_axis)
-        sections.append(_section(name, jobs, row_axis, col_axis, records, root, target))
-    done = sum(1 for s in classified.states if s == UP_TO_DATE)
+    states = classify(plan, root_state).states
+    done = sum(1 for s in states if s == UP_TO_DATE)
     if not done:
         raise FluxbatchError(f"nothing rendered yet in {root}: run `fluxbatch render` first")
-    page = (f"<!doctype html><meta charset=utf-8><title>{html.escape(plan.recipe.name)}</title>"
-            f"<style>{STYLE}</style><h1>{html.escape(plan.recipe.name)}: {done} of "
-            f"{len(plan.jobs)} images</h1>" + "".join(sections))
+    items: dict[str, list[_Item]] = {spec.name: [] for spec in plan.recipe.jobs}
+    for job, state in zip(plan.jobs, states, strict=True):
+        # the placed file: its extension follows the real format, not always the planned one
+        placement = root_state.placements.get(job.output)
+        path = (placement.path if placement else job.output) if state == UP_TO_DATE else None
+        items[job.job].append(_Item(job.vars, job, state, path))
+    for name, removed in plan.removed:
+        items[name].append(_Item(removed.values, None, "excluded", rule=removed.exclude))
+    sheets = [_sheet(plan.recipe.job(name), found, rows, cols, root)
+              for name, found in items.items() if found]
+    heading = f"{plan.recipe.name}: {done:,} of {plural(len(plan.jobs), 'image')}"
+    across = replicates == "across"
+    # drawn before anything is written: a sheet too large for one PNG writes nothing
+    picture = png_sheet(heading, sheets, thumb=thumb, across=across) if png else None
+    target = Path(output) if output else root / gallery_name(plan.recipe.name)
+    page = html_page(plan.recipe.name, heading, sheets, thumb=thumb, across=across,
+                     href=lambda path: quote(Path(os.path.relpath(path, target.parent))
+                                             .as_posix()))
     atomic_write(target, page.encode("utf-8"))
-    print(f"wrote {target} ({done} images)")
+    print(f"wrote {target} ({plural(done, 'image')})")
+    if png and picture:
+        atomic_write(Path(png), picture.data)
+        shrunk = f"; {picture.thumb} px thumbnails, to fit" if picture.thumb < thumb else ""
+        print(f"wrote {png} ({picture.width:,} × {picture.height:,} px{shrunk})")
     return EXIT_OK
-
-
-def _varying(jobs: Sequence[tuple[Job, str]]) -> list[str]:
-    names: list[str] = []
-    for job, _ in jobs:
-        names.extend(k for k in job.vars if k not in names)
-    return [n for n in names if len({repr(job.vars.get(n)) for job, _ in jobs}) > 1]
-
-
-def _crossing(jobs: Sequence[tuple[Job, str]], axes: list[str],
-              row_axis: str | None) -> str | None:
-    """The variable that best crosses the rows: the one filling most cells (one from the same
-    CSV row or zip group would make a diagonal table)."""
-    others = [a for a in axes if a != row_axis]
-    if row_axis is None or not others:
-        return others[0] if others else None
-    rows = len(_values(jobs, row_axis))
-
-    def fill(axis: str) -> float:
-        pairs = {(repr(j.vars.get(row_axis)), repr(j.vars.get(axis))) for j, _ in jobs}
-        return len(pairs) / (rows * len(_values(jobs, axis)))
-
-    return max(others, key=fill)  # the first of the best: max keeps the earliest on ties
-
-
-def _section(name: str, jobs: Sequence[tuple[Job, str]], row_axis: str | None,
-             col_axis: str | None, records: Any, root: Path, target: Path) -> str:
-    row_values = _values(jobs, row_axis)
-    col_values = _values(jobs, col_axis)
-    cells: dict[tuple[str, str], list[str]] = {}
-    for job, state in jobs:
-        key = (_text(job.vars.get(row_axis, "")) if row_axis else "",
-               _text(job.vars.get(col_axis, "")) if col_axis else "")
-        cells.setdefault(key, []).append(_figure(job, state, records, root, target,
-                                                 {row_axis, col_axis}))
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in col_values)
-    body = ""
-    for row in row_values:
-        body += f"<tr><th>{html.escape(row)}</th>" + "".join(
-            f"<td><div class=cell>{''.join(cells.get((row, col), []))}</div></td>"
-            for col in col_values) + "</tr>"
-    title = f"{name}" + (f": {row_axis} × {col_axis}" if row_axis and col_axis else "")
-    corner = html.escape(f"{row_axis or ''} \\ {col_axis or ''}")
-    return f"<h2>{html.escape(title)}</h2><table><tr><th>{corner}</th>{head}</tr>{body}</table>"
-
-
-def _values(jobs: Sequence[tuple[Job, str]], axis: str | None) -> list[str]:
-    if axis is None:
-        return [""]
-    seen: list[str] = []
-    for job, _ in jobs:
-        value = _text(job.vars.get(axis, ""))
-        if value not in seen:
-            seen.append(value)
-    return seen
-
-
-def _figure(job: Job, state: str, records: Any, root: Path, target: Path,
-            shown: set[str | None]) -> str:
-    others = [f"{k}={_text(v)}" for k, v in job.vars.items() if k not in shown]
-    caption = html.escape(", ".join([*others, f"#{job.replicate}", f"seed {job.seed}"]))
-    if state != UP_TO_DATE:
-        return f"<figure><figcaption class=missing>{html.escape(state)}: {caption}" \
-               "</figcaption></figure>"
-    placement = records.get(job.output)
-    path = root / (placement.path if placement else job.output)
-    source = html.escape(os.path.relpath(path, target.parent))
-    prompt = html.escape(job.prompt or "")
-    return (f'<figure><a href="{source}"><img loading=lazy src="{source}" alt="{prompt}" '
-            f'title="{prompt}"></a><figcaption>{caption}</figcaption></figure>')
 
 
 def gallery_name(recipe: str) -> str:
@@ -130,5 +97,181 @@ def gallery_name(recipe: str) -> str:
     return manifest_name(recipe).removesuffix(".manifest.json") + ".gallery.html"
 
 
-def _text(value: Any) -> str:
-    return value if isinstance(value, str) else str(value)
+def _variables(plan: Plan) -> list[str]:
+    names: dict[str, None] = {}
+    for spec in plan.recipe.jobs:
+        names.update((n, None) for axis in spec.matrix.axes for n in axis.names)
+    for job in plan.jobs:
+        names.update((n, None) for n in job.vars)
+    for _, removed in plan.removed:
+        names.update((n, None) for n in removed.values)
+    return list(names)
+
+
+def _check_axes(names: list[str], rows: str | None, cols: str | None) -> None:
+    unknown = [f"--{option} {name!r} is not a matrix variable{did_you_mean(name, names)}"
+               for option, name in (("rows", rows), ("cols", cols))
+               if name is not None and name not in names]
+    if unknown:
+        choices = f"choose from {', '.join(names)}" if names else \
+            "the recipe's jobs have no matrix variables"
+        raise UsageError(f"gallery: {'; '.join(unknown)}; {choices}")
+    if rows is not None and rows == cols:
+        raise UsageError(f"gallery: --rows and --cols both name {rows!r}; choose two "
+                         f"different ones from {', '.join(names)}")
+
+
+def _key(values: Mapping[str, Any], name: str) -> str:
+    if name not in values:
+        return ABSENT
+    return json.dumps(values[name], sort_keys=True, ensure_ascii=False, default=str)
+
+
+def _label(values: Mapping[str, Any], name: str) -> str:
+    return short_value(values[name]) if name in values else "(none)"
+
+
+class _Job:
+    """One job's items, each variable's value keys worked out once, and the questions the
+    layout asks of them."""
+
+    def __init__(self, spec: JobSpec, items: Sequence[_Item]) -> None:
+        self.spec, self.items = spec, items
+        labels: dict[str, dict[str, str]] = {}  # name → value key → label, declared order
+        for axis in spec.matrix.axes:
+            for row in axis.rows:
+                for name, value in zip(axis.names, row, strict=True):
+                    labels.setdefault(name, {}).setdefault(_key({name: value}, name),
+                                                           short_value(value))
+        for item in items:
+            for name in item.values:
+                labels.setdefault(name, {})
+        self.keys = [{name: _key(item.values, name) for name in labels} for item in items]
+        for item, keys in zip(items, self.keys, strict=True):
+            for name, key in keys.items():
+                labels[name].setdefault(key, _label(item.values, name))
+        self.present = {name: {keys[name] for keys in self.keys} for name in labels}
+        self.values = {name: {key: text for key, text in texts.items()
+                              if key in self.present[name]} for name, texts in labels.items()}
+        self.varying = [name for name in labels if len(self.present[name]) > 1]
+
+    def follows(self, name: str, axis: str) -> bool:
+        """Whether each value of `axis` comes with one value of `name` (a CSV row's other
+        columns, a zip partner): then `name` belongs beside the axis's label."""
+        seen: dict[str, str] = {}
+        return all(seen.setdefault(k[axis], k[name]) == k[name] for k in self.keys)
+
+    def crossing(self, axis: str) -> str | None:
+        """The variable that best crosses `axis`: the one filling most cells. One that follows
+        from it (its zip partner, its CSV row's column) would only make a diagonal."""
+        others = [a for a in self.varying if a != axis and not self.follows(a, axis)]
+
+        def fill(other: str) -> float:
+            pairs = {(k[axis], k[other]) for k in self.keys}
+            return len(pairs) / (len(self.present[axis]) * len(self.present[other]))
+
+        return max(others, key=fill) if others else None  # max keeps the first of the best
+
+    def axes(self, rows: str | None, cols: str | None) -> tuple[str | None, str | None]:
+        """(rows, columns); no rows means a strip along the columns' variable."""
+        row = rows if rows in self.values else None
+        col = cols if cols in self.values else None
+        if row is None and col is None and self.varying:
+            row = self.varying[0]
+            col = self.crossing(row)
+            return (row, col) if col else (None, row)
+        if row is not None and col is None:
+            col = self.crossing(row)
+        elif col is not None and row is None:
+            row = self.crossing(col)
+        return row, col
+
+    def labels(self, axis: str, notes: Sequence[str]) -> tuple[Label, ...]:
+        first: dict[str, Mapping[str, Any]] = {}
+        for item, keys in zip(self.items, self.keys, strict=True):
+            first.setdefault(keys[axis], item.values)
+        return tuple(Label(text, tuple(f"{n}={_label(first[key], n)}" for n in notes
+                                       if n in first[key]))
+                     for key, text in self.values[axis].items())
+
+
+def _sheet(spec: JobSpec, items: Sequence[_Item], rows: str | None, cols: str | None,
+           root: Path) -> Sheet:
+    job = _Job(spec, items)
+    row, col = job.axes(rows, cols)
+    rest = [n for n in job.varying if n not in (row, col)]
+    row_notes = [n for n in rest if row and job.follows(n, row)]
+    col_notes = [n for n in rest if n not in row_notes and col and job.follows(n, col)]
+    free = [n for n in rest if n not in row_notes and n not in col_notes]
+    row_at = {key: i for i, key in enumerate(job.values[row])} if row else {}
+    col_at = {key: j for j, key in enumerate(job.values[col])} if col else {}
+    shape = next((_shape(i.job.request) for i in items if i.job), (1, 1))
+    cells: dict[tuple[int, int], dict[str, list[Tile]]] = {}
+    for item, keys in zip(items, job.keys, strict=True):
+        at = (row_at[keys[row]] if row else 0, col_at[keys[col]] if col else 0)
+        combination = json.dumps(item.values, sort_keys=True, default=str)
+        tile = _tile(item, free, spec.replicates, shape, root)
+        cells.setdefault(at, {}).setdefault(combination, []).append(tile)
+    grouped: dict[tuple[int, int], tuple[Group, ...]] = {
+        at: tuple(tuple(g) for g in groups.values()) for at, groups in cells.items()}
+    return Sheet(_title(spec.name, job, row, col), _summary(job), _corner(row, col),
+                 job.labels(row, row_notes) if row else (),
+                 job.labels(col, col_notes) if col else (Label(""),), grouped)
+
+
+def _title(name: str, job: _Job, row: str | None, col: str | None) -> str:
+    if row and col:
+        return f"{name}: {row} × {col}"
+    if row or col:
+        return f"{name}: by {row or col}"
+    prompts = {i.job.prompt for i in job.items if i.job}
+    prompt = prompts.pop() if len(prompts) == 1 else None
+    return f"{name}: “{short_value(prompt, 80)}”" if prompt else name
+
+
+def _corner(row: str | None, col: str | None) -> str:
+    return f"{row} \\ {col}" if row and col else (row or "")
+
+
+def _summary(job: _Job) -> str:
+    planned = [i for i in job.items if i.job]
+    done = sum(1 for i in planned if i.path is not None)
+    parts = [plural(len(planned), "image") if done == len(planned) else
+             f"{done:,} of {plural(len(planned), 'image')} rendered"]
+    if job.spec.replicates > 1:
+        parts.append(f"{job.spec.replicates} replicates each")
+    excluded = len(job.items) - len(planned)
+    if excluded:
+        parts.append(f"{plural(excluded, 'combination')} excluded")
+    constant = [n for n in job.values if n not in job.varying and job.present[n] != {ABSENT}]
+    parts.extend(f"{n}={_label(job.items[0].values, n)}" for n in constant)
+    return " · ".join(parts)
+
+
+def _tile(item: _Item, free: Sequence[str], replicates: int, shape: tuple[int, int],
+          root: Path) -> Tile:
+    caption = [f"{n}={_label(item.values, n)}" for n in free if n in item.values]
+    if item.job is None:
+        return Tile(Mark.EXCLUDED, ", ".join([*caption, f"exclude[{item.rule}]"]), shape,
+                    state="excluded", hint=f"removed by the matrix's exclude[{item.rule}]")
+    job = item.job
+    if replicates > 1:
+        caption.append(f"#{job.replicate}")
+    caption.append(f"seed {job.seed}")
+    own = _shape(job.request)
+    if item.path is not None:
+        return Tile(Mark.IMAGE, ", ".join(caption), own, root / item.path,
+                    hint=job.prompt or "")
+    return Tile(Mark.MISSING, ", ".join(caption), own, state=item.state, hint=job.prompt or "")
+
+
+def _shape(request: Mapping[str, Any]) -> tuple[int, int]:
+    width, height = request.get("width"), request.get("height")
+    if isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0:
+        return width, height
+    ratio = request.get("aspect_ratio")
+    if isinstance(ratio, str) and ratio.count(":") == 1:
+        w, h = ratio.split(":")
+        if w.isdigit() and h.isdigit() and int(w) and int(h):
+            return int(w), int(h)
+    return 1, 1
