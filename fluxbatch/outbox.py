@@ -232,9 +232,12 @@ class Outbox:
         self._process = None
 
     def _running(self) -> bool:
+        """Alive as far as we can tell: its answers pipe still open (it closes the moment
+        the child dies, before the child is even reaped)."""
         process = self._process
         return process is not None and process.returncode is None and \
-            process.stdin is not None and not process.stdin.is_closing()
+            process.stdin is not None and not process.stdin.is_closing() and \
+            self._reader is not None and not self._reader.done()
 
     async def _ensure_running(self) -> None:
         """Start a new outbox if the last one died (a few times at most)."""
@@ -269,6 +272,8 @@ class Outbox:
             "url": str(request.url), "headers": list(request.headers.multi_items()),
             "body": base64.b64encode(request.content).decode(),
         })
+        if self._reader is not None and self._reader.done():
+            self._settle_waiting()  # the child died before this was handed over
         answer = await asyncio.shield(future)
         if "recovered" in answer:
             raise Recovered(Submitted(**answer["recovered"]))
@@ -296,6 +301,9 @@ class Outbox:
             handed = self._waiting.pop(answer["id"], None)
             if handed is not None and not handed.answer.done():
                 handed.answer.set_result(answer)
+        self._settle_waiting()
+
+    def _settle_waiting(self) -> None:
         for handed in self._waiting.values():
             if not handed.answer.done():
                 handed.answer.set_result(self._settle(handed))
