@@ -58,6 +58,8 @@ class Plan:
     recipe: Recipe
     jobs: tuple[Job, ...]
     removed: tuple[tuple[str, matrix_rules.Removed], ...]
+    # What works, but not as the recipe reads (a `.png` written as `.jpg`): said, not refused.
+    notes: tuple[Problem, ...] = ()
 
     def explain(self, job: Job) -> str:
         spec = self.recipe.job(job.job)
@@ -105,12 +107,13 @@ def _guard_size(recipe: Recipe) -> None:
 
 def _expand(recipe: Recipe) -> Plan:
     problems: list[Problem] = list(recipe.problems)
+    notes: list[Problem] = []
     jobs: list[Job] = []
     outputs: dict[str, Job] = {}
     folded: dict[str, Job] = {}
     removed_all: list[tuple[str, matrix_rules.Removed]] = []
     for spec in recipe.jobs:
-        builder = _JobBuilder(recipe, spec, problems)
+        builder = _JobBuilder(recipe, spec, problems, notes)
         if not spec.matrix.loaded:
             continue  # its problem is reported; rendering would only add follow-on errors
         combos, removed = matrix_rules.combinations(spec.matrix)
@@ -135,7 +138,7 @@ def _expand(recipe: Recipe) -> Plan:
                 jobs.append(job)
     if problems:
         raise RecipeError(_dedupe(problems))
-    return Plan(recipe, tuple(jobs), tuple(removed_all))
+    return Plan(recipe, tuple(jobs), tuple(removed_all), tuple(_dedupe(notes)))
 
 
 def _dedupe(problems: list[Problem]) -> list[Problem]:
@@ -184,10 +187,12 @@ class _JobBuilder:
     `build` does only the per-image work. This is the hot loop of planning.
     """
 
-    def __init__(self, recipe: Recipe, spec: JobSpec, problems: list[Problem]) -> None:
+    def __init__(self, recipe: Recipe, spec: JobSpec, problems: list[Problem],
+                 notes: list[Problem]) -> None:
         self.recipe = recipe
         self.spec = spec
         self.problems = problems
+        self.notes = notes
         self.path: Path = ("jobs", spec.index)
         self.ready = True
         self.templates: dict[Path, Template] = {}
@@ -373,6 +378,21 @@ class _JobBuilder:
             if checked_output is None:
                 return None
             output = checked_output
+        ext = context["ext"]
+        if not output.endswith(ext) and output.rpartition(".")[2].lower() in _IMAGE_SUFFIXES:
+            suffix = output.rpartition(".")[2]
+            if suffix.lower() not in ("jpg", "jpeg") or ext != "jpg":
+                self.notes.append(self.recipe.problem(
+                    self.output_path, f"the output path ends in .{suffix}, but the image will "
+                    f"be {fmt} (output_format), so it is written as .{ext}; end "
+                    "the output template with `.{{ ext }}`, or set output_format to match "
+                    f"(for {describe(values, replicate)})"))
+        if self.prompt is not None and not str(request.get("prompt", "x")).strip() and \
+                not any(value for name, value in request.items() if "image" in name):
+            self.problems.append(self.recipe.problem(
+                self.prompt_path, "the prompt is empty, and no image is given: the model "
+                f"would draw anything at all (for {describe(values, replicate)})"))
+            return None
         if len(output) * 4 + self.root_bytes > PATH_MAX and \
                 len(output.encode("utf-8", "surrogatepass")) + self.root_bytes > PATH_MAX:
             self.problems.append(self.recipe.problem(
@@ -415,17 +435,24 @@ class _JobBuilder:
              replicate: int) -> int | None:
         """An integer or templated seed (`auto` seeds are computed inline in `build`)."""
         raw = self.spec.seed
+        for_what = f" (for {describe(combo.values, replicate)})"
         if isinstance(raw, int):
-            return raw
-        assert self.seed_template is not None
-        text = self.seed_template.render(context)
-        value = models.coerce_text(text, ("integer",))
-        if isinstance(value, int) and value >= 0:
-            return value
-        self.problems.append(self.recipe.problem(
-            self.seed_path, f"the seed template gave {text!r}, not a non-negative integer "
-            f"(for {describe(combo.values, replicate)})"))
-        return None
+            value: Any = raw
+            for_what = ""
+        else:
+            assert self.seed_template is not None
+            text = self.seed_template.render(context)
+            value = models.coerce_text(text, ("integer",))
+            if not isinstance(value, int) or value < 0:
+                self.problems.append(self.recipe.problem(
+                    self.seed_path, f"the seed template gave {text!r}, not a non-negative "
+                    f"integer{for_what}"))
+                return None
+        refused = models.documented_rule("seed", value)
+        if refused is not None:
+            self.problems.append(self.recipe.problem(self.seed_path, refused + for_what))
+            return None
+        return int(value)
 
     def check_output(self, rendered: str, values: Mapping[str, Any], replicate: int) -> str | None:
         problem = output_path_problem(rendered)
@@ -502,6 +529,7 @@ def output_path_problem(path: str) -> str | None:
     return None
 
 
+_IMAGE_SUFFIXES = frozenset({"png", "jpg", "jpeg", "webp"})
 # Most file systems refuse a file or folder name over 255 bytes, and Linux a path over 4096.
 NAME_MAX = 255
 PATH_MAX = 4096

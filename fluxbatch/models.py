@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -124,7 +125,7 @@ class Model:
             if check is None:
                 problems.append((field, self.unknown_field_message(field)))
                 continue
-            message = check(value)
+            message = check(value) or documented_rule(field, value)
             if message is not None:
                 problems.append((field, message))
         return problems
@@ -140,6 +141,29 @@ class Model:
         if field not in self.properties:
             return text
         return coerce_text(text, self.field_types[field])
+
+
+_RATIO = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+SEED_MAX = 2**32 - 1  # the seeds BFL reports back are 32-bit
+
+
+def documented_rule(field: str, value: Any) -> str | None:
+    """What the vendor documents in prose but its schema does not encode: an aspect ratio
+    `W:H` between 21:9 and 9:21, and a seed that fits the 32 bits the API reports."""
+    if field == "aspect_ratio" and isinstance(value, str):
+        found = _RATIO.match(value)
+        if found is None or not int(found[1]) or not int(found[2]):
+            return f"{value!r} is not an aspect ratio like '16:9'"
+        ratio = int(found[1]) / int(found[2])
+        if not 9 / 21 - 1e-9 <= ratio <= 21 / 9 + 1e-9:
+            side = "wider" if ratio > 1 else "taller"
+            return f"{value!r} is {side} than the documented range of 21:9 to 9:21"
+    if field == "seed" and isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            return f"{value!r} is less than the minimum of 0"
+        if value > SEED_MAX:
+            return f"{value!r} is greater than the maximum of {SEED_MAX} (seeds are 32-bit)"
+    return None
 
 
 def coerce_text(text: str, types: tuple[str, ...]) -> Any:
@@ -228,7 +252,14 @@ def get(name: str) -> Model | None:
 
 
 def unknown_model_message(name: object) -> str:
-    return f"unknown model {name!r}" + did_you_mean(str(name), list(catalogue()))
+    """`unknown model 'flux-pro-2' (did you mean 'flux-2-pro'?)`: a current model is
+    suggested before a deprecated one."""
+    current = [n for n, model in catalogue().items() if not model.deprecated]
+    words = sorted(str(name).lower().split("-"))
+    same_words = [n for n in current if sorted(n.split("-")) == words]  # flux-pro-2, flux-2-pro
+    hint = f" (did you mean {same_words[0]!r}?)" if same_words else \
+        did_you_mean(str(name), current) or did_you_mean(str(name), list(catalogue()))
+    return f"unknown model {name!r}{hint}"
 
 
 @cache

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from fluxbatch import yamlsource
+from fluxbatch import models, yamlsource
 from fluxbatch.errors import Problem, RecipeError
 from fluxbatch.models import did_you_mean
 from fluxbatch.project import (
@@ -244,6 +244,10 @@ class _Builder:
             refused = recipe_base_url_problem(REGISTRY[name], base_url)
             if refused is not None:
                 self.problem(("provider", "base_url"), refused)
+        for model in spec.get("model_concurrency") or {}:
+            if models.get(model) is None:  # a typo would silently leave the cap unset
+                self.problem(("provider", "model_concurrency", model),
+                             models.unknown_model_message(model), key=True)
         return ProviderSpec(
             name=name,
             base_url=spec.get("base_url"),

@@ -89,7 +89,7 @@ recipe.yaml:12:14: jobs[0].params.width: 2000 is greater than the maximum of 144
 recipe.yaml:13:14: jobs[0].params.stepz: unknown parameter 'stepz' for flux-pro-1.1
 recipe.yaml:15:13: jobs[1].prompt: 5 is not of type 'string'
 recipe.yaml:16:17: jobs[1].replicates: 'two' is not of type 'integer'
-recipe.yaml:20:14: jobs[2].params.model: unknown model 'flux-pro-2' (did you mean 'flux-pro'?)
+recipe.yaml:20:14: jobs[2].params.model: unknown model 'flux-pro-2' (did you mean 'flux-2-pro'?)
 recipe.yaml:22:13: jobs[3].prompt: template syntax error: unknown filter 'slugify' (did you mean \
 'slug'?) (template line 1)
 recipe.yaml:27:21: jobs[4].matrix.light.from: file not found: lights.txt (relative to .)

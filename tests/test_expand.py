@@ -607,3 +607,105 @@ def test_a_whole_path_over_the_limit_is_caught_by_validate() -> None:
     assert problem.startswith("recipe.yaml:8:13: jobs[0].output: output path 'bbbb")
     assert problem.endswith("makes a path of more than 4096 bytes under the output root, over "
                             "the file system's limit (for n=" + "b" * 39 + "…, replicate=1)")
+
+
+# -- the validation edges: what the API would refuse, or what would surprise ------------------
+
+ULTRA = "version: 1\nname: r\ndefaults: {model: flux-pro-1.1-ultra}\n"
+
+
+@pytest.mark.parametrize(("ratio", "message"), [
+    ("banana", "'banana' is not an aspect ratio like '16:9'"),
+    ("16:0", "'16:0' is not an aspect ratio like '16:9'"),
+    ("32:9", "'32:9' is wider than the documented range of 21:9 to 9:21"),
+    ("1:3", "'1:3' is taller than the documented range of 21:9 to 9:21"),
+])
+def test_an_aspect_ratio_outside_the_documented_range_is_refused(ratio: str,
+                                                                 message: str) -> None:
+    assert problems_of(f"""
+        - {{name: a, prompt: x, params: {{aspect_ratio: "{ratio}"}}}}
+    """, ULTRA) == [f"recipe.yaml:5:49: jobs[0].params.aspect_ratio: {message}"]
+
+
+@pytest.mark.parametrize("ratio", ["21:9", "9:21", "16:9", "1:1", " 4 : 3 "])
+def test_the_documented_aspect_ratios_pass(ratio: str) -> None:
+    assert single(f"""
+        - {{name: a, prompt: x, params: {{aspect_ratio: "{ratio}"}}}}
+    """, ULTRA).request["aspect_ratio"] == ratio
+
+
+def test_an_output_extension_that_disagrees_with_the_format_is_a_note() -> None:
+    plan = plan_of("""
+        - {name: a, prompt: x, params: {output_format: jpeg}, output: "a.png"}
+    """)
+    assert [job.output for job in plan.jobs] == ["a.png"]  # (written as a.jpg)
+    assert [str(note) for note in plan.notes] == [
+        "recipe.yaml:5:65: jobs[0].output: the output path ends in .png, but the image will "
+        "be jpeg (output_format), so it is written as .jpg; end the output template with "
+        "`.{{ ext }}`, or set output_format to match (for replicate=1)"]
+    assert not plan_of("""
+        - {name: a, prompt: x, params: {output_format: jpeg}, output: "a.jpeg"}
+    """).notes  # (either spelling of JPEG is fine)
+
+
+def test_validate_prints_notes_and_still_says_ok(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fluxbatch.main import main
+
+    build_file_tree(tmp_path, {"recipe.yaml": recipe_text("""
+        - {name: a, prompt: x, output: "{{ n }}.png", matrix: {n: [1, 2]}}
+    """)})
+    assert main(["validate", str(tmp_path / "recipe.yaml")]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{tmp_path / 'recipe.yaml'}: ok (2 images; flux-dev)\n"
+    assert err == (f"{tmp_path / 'recipe.yaml'}:5:34: note: jobs[0].output: the output path "
+                   "ends in .png, but the image will be jpeg (output_format), so it is "
+                   "written as .jpg; end the output template with `.{{ ext }}`, or set "
+                   "output_format to match (for n=1, replicate=1) and 1 more\n")
+
+
+@pytest.mark.parametrize("prompt", ['""', '"   "'])
+def test_an_empty_prompt_without_an_image_is_refused(prompt: str) -> None:
+    assert problems_of(f"""
+        - {{name: a, prompt: {prompt}}}
+    """) == ["recipe.yaml:5:23: jobs[0].prompt: the prompt is empty, and no image is given: "
+             "the model would draw anything at all (for replicate=1)"]
+
+
+def test_an_integral_float_for_an_integer_parameter_is_the_integer() -> None:
+    """`width: 512.0` is what YAML makes of a value someone typed with a point: the API takes
+    the integer, so it is accepted, and keyed as the integer."""
+    job = single("""
+        - {name: a, prompt: x, params: {width: 512.0, height: 512}}
+    """)
+    assert job.request["width"] == 512 and isinstance(job.request["width"], int)
+    assert job.key == single("""
+        - {name: a, prompt: x, params: {width: 512, height: 512}}
+    """).key
+    assert problems_of("""
+        - {name: a, prompt: x, params: {width: 512.5, height: 512}}
+    """) == ["recipe.yaml:5:42: jobs[0].params.width: 512.5 is not of type 'integer'"]
+
+
+@pytest.mark.parametrize(("seed", "message"), [
+    ("-1", "-1 is less than the minimum of 0"),
+    ("4294967296", "4294967296 is greater than the maximum of 4294967295 (seeds are 32-bit)"),
+    ('"{{ 2 ** 32 }}"', "4294967296 is greater than the maximum of 4294967295 (seeds are "
+     "32-bit) (for replicate=1)"),
+])
+def test_a_seed_outside_32_bits_is_refused(seed: str, message: str) -> None:
+    [problem] = problems_of(f"""
+        - {{name: a, prompt: x, seed: {seed}}}
+    """)
+    assert problem.endswith(f"jobs[0].seed: {message}")
+
+
+def test_an_unknown_model_suggests_a_current_one_and_model_concurrency_is_checked() -> None:
+    assert problems_of("""
+        - {name: a, prompt: x, params: {model: flux-pro-2}}
+    """, "version: 1\nname: r\nprovider: {name: emulator, model_concurrency: {flux-dve: 2}}\n"
+         "defaults: {model: flux-dev}\n") == [
+        "recipe.yaml:3:48: provider.model_concurrency.flux-dve: unknown model 'flux-dve' (did "
+        "you mean 'flux-dev'?)",
+        "recipe.yaml:6:42: jobs[0].params.model: unknown model 'flux-pro-2' (did you mean "
+        "'flux-2-pro'?)"]

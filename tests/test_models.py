@@ -254,4 +254,4 @@ def test_models_command_shows_one_models_parameters(capsys: pytest.CaptureFixtur
 def test_models_command_rejects_an_unknown_model(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "flux-pro-2"]) == 1
     assert capsys.readouterr().err == (
-        "fluxbatch: unknown model 'flux-pro-2' (did you mean 'flux-pro'?)\n")
+        "fluxbatch: unknown model 'flux-pro-2' (did you mean 'flux-2-pro'?)\n")

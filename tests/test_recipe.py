@@ -120,7 +120,7 @@ HEAD = "version: 1\nname: r\n"
      ["recipe.yaml:3:38: provider.base_url: provider 'emulator' takes no base_url"]),
     (HEAD + "defaults: {model: flux-pro-2}\njobs: [{name: a}]\n",
      ["recipe.yaml:3:19: defaults.model: unknown model 'flux-pro-2' (did you mean "
-      "'flux-pro'?)"]),
+      "'flux-2-pro'?)"]),
     (HEAD + "jobs:\n  - name: a\n    params: {model: 5}\n",
      ["recipe.yaml:5:21: jobs[0].params.model: unknown model 5"]),
     (HEAD + "max_jobs: 0\njobs: [{name: a}]\n",

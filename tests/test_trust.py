@@ -181,7 +181,8 @@ def test_without_a_terminal_progress_comes_as_plain_lines_and_json_on_request(
     progress = [line for line in lines if line.startswith("fluxbatch: ")]
     assert progress, err  # the tasks take 0.4 s: a line every 0.05 s must have come
     first = progress[0]
-    assert re.fullmatch(r"fluxbatch: \d/6 images, done \d, in flight \d, failed 0, spent "
-                        r"(not reported|\$0\.\d\d) of ~\$0\.24 \(0m0\ds\)", first), first
+    assert re.fullmatch(r"fluxbatch: \d/6 images, done \d, rendering \d, downloading \d, "
+                        r"failed 0, spent (not reported|\$0\.\d\d) of ~\$0\.24 \(0m0\ds\)",
+                        first), first
     assert lines[-1] == f"6 written; cost $0.24 (reported by the provider); manifest " \
                         f"{tmp_path / 'trust.manifest.json'}"

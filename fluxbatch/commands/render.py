@@ -9,9 +9,11 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any, TextIO
 
+from fluxbatch.commands.output import money, plural, table, values_text
+
 # asyncio, tqdm and the providers (httpx) are imported where a render needs the network: a
 # null build of 10,000 images loads none of them.
-from fluxbatch.commands.output import money, plural, table, values_text
+from fluxbatch.commands.validate import print_notes
 from fluxbatch.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError, StateError
 from fluxbatch.plan import (
     Options,
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run: bool,
            quiet: bool, as_json: bool = False, progress_every: float = 5.0) -> int:
     plan = load_plan(recipe, out=out, yes=yes)
+    print_notes(plan)
     root = plan.recipe.output_root
     if dry_run:
         return _dry_run(plan, options)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import sys
 
 from fluxbatch.errors import EXIT_FAILED, EXIT_OK, PlanTooLargeError, RecipeError
+from fluxbatch.expand import Plan
 from fluxbatch.plan import load_plan
+
+
+def print_notes(plan: Plan) -> None:
+    """What works, but not as the recipe reads: located like a problem, marked as a note."""
+    for note in plan.notes:
+        where, _, rest = str(note).partition(": ")
+        print(f"{where}: note: {rest}", file=sys.stderr)
 
 
 def validate(*, recipes: list[str], yes: bool = False) -> int:
@@ -26,5 +34,6 @@ def validate(*, recipes: list[str], yes: bool = False) -> int:
             continue
         jobs = len(plan.jobs)
         model_names = sorted({job.model for job in plan.jobs})
+        print_notes(plan)
         print(f"{path}: ok ({jobs} image{'s' if jobs != 1 else ''}; {', '.join(model_names)})")
     return EXIT_FAILED if failed else EXIT_OK
