@@ -34,7 +34,9 @@ from fluxbatch.models import did_you_mean
 
 
 def slug(value: Any, separator: str = "-") -> str:
-    """`"Crème Brûlée, 2 cups!"` → `creme-brulee-2-cups` (ASCII, lower case, safe in paths)."""
+    """`"Crème Brûlée, 2 cups!"` → `creme-brulee-2-cups`: lower case and safe in paths.
+    Latin letters lose their accents; other letters (`猫`, `кот`) are kept, so values in
+    other scripts do not all become `x`. Symbols and emoji are dropped."""
     if isinstance(value, Mapping):
         value = separator.join(str(v) for v in value.values())
     elif isinstance(value, list | tuple):
@@ -44,8 +46,17 @@ def slug(value: Any, separator: str = "-") -> str:
 
 @functools.lru_cache(maxsize=65536)
 def _slug_text(text: str, separator: str) -> str:
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    return re.sub(r"[^A-Za-z0-9]+", separator, ascii_text).strip(separator).lower() or "x"
+    kept = []
+    for char in unicodedata.normalize("NFKC", text):
+        base = unicodedata.normalize("NFKD", char).encode("ascii", "ignore").decode()
+        if base.isalnum():
+            kept.append(base)  # é → e, ﬁ → fi
+        elif char.isalnum():
+            kept.append(char)  # 猫, к: a letter of another script
+        else:
+            kept.append(" ")
+    words = re.split(r"[^\w]+|_+", "".join(kept).lower())
+    return separator.join(word for word in words if word) or "x"
 
 
 def article(word: Any) -> str:

@@ -35,6 +35,10 @@ def problem(source: str, **context: Any) -> str:
     ("{{ x | slug }}", {"x": "!!!"}, "x"),
     ("{{ x | slug }}", {"x": ["Red", "Blue Sky"]}, "red-blue-sky"),
     ("{{ x | slug }}", {"x": {"a": "Wide", "b": 24}}, "wide-24"),
+    ("{{ x | slug }}", {"x": "猫"}, "猫"),  # other scripts keep their letters...
+    ("{{ x | slug }}", {"x": "кот в сапогах"}, "кот-в-сапогах"),
+    ("{{ x | slug }}", {"x": "Ärger_über ﬁne"}, "arger-uber-fine"),  # ...Latin loses accents
+    ("{{ x | slug }}", {"x": "🐱"}, "x"),  # symbols and emoji are dropped
     ("{{ x | article }}", {"x": "owl"}, "an owl"),
     ("{{ x | article }}", {"x": "unicorn"}, "a unicorn"),
     ("{{ x | article }}", {"x": "umbrella"}, "an umbrella"),
