@@ -192,7 +192,8 @@ class Executor:
                  clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None,
                  submit_via: Callable[[Job], Sender] | None = None,
-                 spool: Path | None = None) -> None:
+                 spool: Path | None = None,
+                 prepare: Callable[[Job], Awaitable[Mapping[str, Any]]] | None = None) -> None:
         self.provider = provider
         self.wire = wire
         self.journal = journal
@@ -206,6 +207,10 @@ class Executor:
         # outbox, which commits each answer in the state store before returning it.
         self.submit_via = submit_via
         self.spool = spool  # where downloads land before the writer reads them
+        # The body as sent, made when the job's turn comes (its image inputs read, checked
+        # and encoded then, so no more of them are in memory than requests in flight); it
+        # raises JobFailed when an input cannot be sent.
+        self.prepare = prepare
         self.account = Slots(self.settings.account_cap)
         self.model_slots: dict[str, Slots] = {}
         self.durations = Durations()
@@ -402,7 +407,9 @@ class Executor:
     # -- submit --------------------------------------------------------------------------
 
     async def _submit(self, job: Job) -> Submitted:
-        request = self.provider.submit_request(job.model, job.request)
+        body = job.request if self.prepare is None else await self.prepare(job)
+        request = self.provider.submit_request(job.model, body)
+        del body  # (the request holds the encoded body; this would be a second copy)
         send = self.submit_via(job) if self.submit_via is not None else self.wire.send
         started = self.clock()
         connect_failures = 0

@@ -1,8 +1,9 @@
 """Stage 2: a `Recipe` becomes a `Plan`: frozen `Job`s, each with its request, seed and key.
 
-Pure and deterministic: no I/O, no clock, no randomness. Every template problem and every
-request the model's schema rejects is collected and reported together, located at the recipe
-node it came from.
+Deterministic: no clock, no randomness, and no I/O but one: the image inputs a request names
+are looked at (through `inputs.Inputs`, which hashes each file once and remembers it), since
+a job's key holds their content. Every template problem and every request the model's schema
+rejects is collected and reported together, located at the recipe node it came from.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from fluxbatch import models
 from fluxbatch.errors import PlanTooLargeError, Problem, RecipeError
 from fluxbatch.identity import SEED_MODULUS, KeyHasher, ObjectJson, canonical_json
 from fluxbatch.imagemeta import EXTENSIONS
+from fluxbatch.inputs import InputProblem, Inputs
+from fluxbatch.project import Project
 from fluxbatch.recipe import JobSpec, Recipe
 from fluxbatch.state import STATE_DIR
 from fluxbatch.templates import Template, TemplateProblem, compile_template, slug
@@ -212,10 +215,19 @@ class _JobBuilder:
         self.check_matrix_names()
         if spec.matrix.complete:
             self.static_names()  # else a row table failed to load: its columns are unknown
+        self.inputs = recipe.inputs or Inputs(Project.of_recipe(recipe.path))
+        self.images = {name: (where, raw) for name, (where, raw) in self.params.items()
+                       if models.is_image_field(name) and raw is not None}
         self.dynamic = [(name, where) for name, (where, raw) in self.params.items()
-                        if name != "model" and self.is_template(where, raw)]
+                        if name != "model" and name not in self.images
+                        and self.is_template(where, raw)]
         self.constant_params = {name: raw for name, (where, raw) in self.params.items()
-                                if name != "model" and not self.is_template(where, raw)}
+                                if name != "model" and name not in self.images
+                                and not self.is_template(where, raw)}
+        self.constant_images = self.resolve_constant_images()
+        self.image_templates = [(name, where, self.templates[where])
+                                for name, (where, raw) in self.images.items()
+                                if name not in self.constant_images and where in self.templates]
         self.constants_by_model: dict[str, dict[str, Any] | None] = {}
         model_where, model_raw = self.params.get("model", ((), None))
         self.model = None
@@ -286,6 +298,24 @@ class _JobBuilder:
                     self.fail(where, f"undefined variable {name!r}"
                               + models.did_you_mean(name, sorted(known)))
 
+    def resolve_constant_images(self) -> dict[str, dict[str, Any] | None]:
+        """The image inputs that are the same for every image, resolved once (None: the
+        field is left out, as an empty value asks)."""
+        found: dict[str, dict[str, Any] | None] = {}
+        for name, (where, raw) in self.images.items():
+            if self.is_template(where, raw):
+                continue
+            if isinstance(raw, str) and where in self.templates:
+                raw = self.templates[where].render({})  # a constant template: its text
+            if isinstance(raw, str) and not raw.strip():
+                found[name] = None
+                continue
+            try:
+                found[name] = self.inputs.resolve(raw, name)
+            except InputProblem as problem:
+                self.fail(where, str(problem))
+        return found
+
     def resolve_model(self, name: Any, where: Path, suffix: str) -> models.Model | None:
         model = models.get(name.strip()) if isinstance(name, str) else None
         if model is None:
@@ -303,12 +333,17 @@ class _JobBuilder:
         }
         assert constants is not None
         found = model.check_fields(constants)
+        found.extend((name, model.unknown_field_message(name)) for name in self.images
+                     if name not in model.properties)
         for field, message in found:
             self.problems.append(self.recipe.problem(self.params[field or ""][0], message))
         if found:
             constants = None
-        elif "output_format" in model.properties and constants.get("output_format") is None:
-            constants["output_format"] = model.default_format
+        else:
+            if "output_format" in model.properties and constants.get("output_format") is None:
+                constants["output_format"] = model.default_format
+            constants.update((name, value) for name, value in self.constant_images.items()
+                             if value is not None)
         self.constants_by_model[model.name] = constants
         return constants
 
@@ -341,6 +376,12 @@ class _JobBuilder:
                         where, f"{message} (for {describe(values, replicate)})"))
                     return None
                 request[name] = value
+            for name, where, template in self.image_templates:
+                text = template.render(context)
+                if text.strip():  # (an empty value: no image for this combination)
+                    request[name] = self.image(name, text, where, values, replicate)
+            if "mask" in request and not self.same_size(request, values, replicate):
+                return None
             if self.format_varies and request.get("output_format", "") is None:
                 request["output_format"] = model.default_format
             where = self.seed_path
@@ -373,6 +414,8 @@ class _JobBuilder:
             self.problems.append(self.recipe.problem(
                 where, f"{problem} (for {describe(values, replicate)})"))
             return None
+        except _Refused:
+            return None
         if not _plainly_safe(output):
             checked_output = self.check_output(output, values, replicate)
             if checked_output is None:
@@ -402,6 +445,30 @@ class _JobBuilder:
             return None
         return Job(index, self.spec.name, values, replicate, model.name, request, seed, key,
                    output, combo)
+
+    def image(self, name: str, text: str, where: Path, values: Mapping[str, Any],
+              replicate: int) -> dict[str, Any]:
+        try:
+            return self.inputs.resolve(text, name)
+        except InputProblem as problem:
+            self.problems.append(self.recipe.problem(
+                where, f"{problem} (for {describe(values, replicate)})"))
+            raise _Refused from None
+
+    def same_size(self, request: Mapping[str, Any], values: Mapping[str, Any],
+                  replicate: int) -> bool:
+        """Fill's mask must match its image, as the API checks: said here, before paying."""
+        image, mask = request.get("image"), request.get("mask")
+        if not (isinstance(image, Mapping) and isinstance(mask, Mapping)) or \
+                "width" not in image or "width" not in mask:
+            return True  # (a URL's size is unknown here: the API checks it)
+        if (image["width"], image["height"]) == (mask["width"], mask["height"]):
+            return True
+        self.problems.append(self.recipe.problem(
+            self.images["mask"][0], f"the mask is {mask['width']}×{mask['height']} but the "
+            f"image is {image['width']}×{image['height']}; the API needs them the same size "
+            f"(for {describe(values, replicate)})"))
+        return False
 
     def key_hasher(self, model: str, constants: Mapping[str, Any]) -> KeyHasher:
         # A templated parameter may shadow a constant (the default output_format): the
@@ -469,6 +536,10 @@ class _JobBuilder:
             self.output_path, f"{_CLASH}{job.output!r}: {other.job} "
             f"({describe(other.vars, other.replicate)}) and {job.job} "
             f"({describe(job.vars, job.replicate)}); {_clash_hint(job, other)}")
+
+
+class _Refused(Exception):
+    """An image of a request was refused; the problem is already recorded."""
 
 
 def _clash_hint(job: Job, other: Job) -> str:

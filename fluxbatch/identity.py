@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from fluxbatch import models
+from fluxbatch.inputs import InputFile, input_identity
+from fluxbatch.models import is_image_field
 
 SEED_MODULUS = 2**31  # auto seeds lie in [0, 2**31 - 1]: valid for every Flux endpoint
 
@@ -27,8 +29,10 @@ def canonical_json(value: Any) -> str:
 
 
 def job_key(model: str, request: Mapping[str, Any]) -> str:
-    """sha256 of what determines the pixels: the model and the body minus webhooks."""
-    pixels = {k: v for k, v in request.items() if k not in models.NON_PIXEL_FIELDS}
+    """sha256 of what determines the pixels: the model and the body minus webhooks, with
+    each image input standing for its content (its sha256) or its URL, never its path."""
+    pixels = {k: input_identity(v) if is_image_field(k) else v for k, v in request.items()
+              if k not in models.NON_PIXEL_FIELDS}
     return hashlib.sha256(canonical_json({"model": model, "request": pixels}).encode()).hexdigest()
 
 
@@ -44,6 +48,8 @@ def _scalar_json(value: Any) -> str:
         return int.__repr__(value)
     if kind is float and math.isfinite(value):
         return float.__repr__(value)
+    if kind is InputFile:  # a file of a `files:` variable: its content, not its name
+        return _encode_string(value.identity)
     return canonical_json(value)
 
 
@@ -91,16 +97,24 @@ class KeyHasher:
     def __init__(self, model: str, constants: Mapping[str, Any]) -> None:
         self.prefix = f'{{"model":{_scalar_json(model)},"request":'
         self.request_json = ObjectJson(constants, models.NON_PIXEL_FIELDS)
+        known = models.get(model)
+        self.images = frozenset(name for name in (known.properties if known else ())
+                                if is_image_field(name))
 
     def __call__(self, request: Mapping[str, Any]) -> str:
+        if self.images and not self.images.isdisjoint(request):
+            request = {k: input_identity(v) if k in self.images else v
+                       for k, v in request.items()}
         text = f"{self.prefix}{self.request_json(request)}}}"
         return hashlib.sha256(text.encode()).hexdigest()
 
 
 def auto_seed(recipe_name: str, job_name: str, combination: Mapping[str, Any],
               replicate: int) -> int:
-    """Derived from content, never from position: reordering values changes no seed."""
-    text = canonical_json([recipe_name, job_name, combination, replicate])
+    """Derived from content, never from position: reordering values changes no seed. A file
+    of a `files:` variable counts by its content: renaming it changes no seed."""
+    values = {k: v.identity if isinstance(v, InputFile) else v for k, v in combination.items()}
+    text = canonical_json([recipe_name, job_name, values, replicate])
     digest = hashlib.sha256(text.encode()).digest()
     return int.from_bytes(digest[:8], "big") % SEED_MODULUS
 

@@ -28,6 +28,14 @@ NON_PIXEL_FIELDS = frozenset({"webhook_url", "webhook_secret"})
 SECRET_FIELDS = frozenset({"webhook_secret"})
 # Documented internal field of flux-2-flex that callers must not send.
 INTERNAL_FIELDS = frozenset({"input_image_blob_path"})
+# The fields that take an image (Kontext's and FLUX.2's references, Fill's image and mask,
+# Redux's image_prompt, Canny/Depth's control images): a recipe names a file, URL or data: URI.
+IMAGE_FIELD = re.compile(
+    r"^(?:image|mask|image_prompt|control_image|preprocessed_image|input_image(?:_\d+)?)$")
+
+
+def is_image_field(name: str) -> bool:
+    return IMAGE_FIELD.match(name) is not None
 
 
 
@@ -130,9 +138,28 @@ class Model:
                 problems.append((field, message))
         return problems
 
+    @property
+    def image_fields(self) -> tuple[str, ...]:
+        return tuple(name for name in self.properties if is_image_field(name))
+
     def unknown_field_message(self, field: str) -> str:
         if field in INTERNAL_FIELDS:
             return f"{field!r} is internal to the API and must not be sent"
+        if is_image_field(field):
+            own = self.image_fields
+            references = [name for name in own if name.startswith("input_image")]
+            if field.startswith("input_image") and references:
+                return (f"{self.name} takes at most {len(references)} input images "
+                        f"({references[0]} … {references[-1]}), so not {field!r}"
+                        if len(references) > 1 else
+                        f"{self.name} takes one input image ({references[0]}), not {field!r}")
+            named = [name for name in own if name not in references]
+            if references:
+                named.append(references[0] if len(references) == 1 else
+                             f"{references[0]} … {references[-1]}")
+            takes = (f"its image input{'s are' if len(own) > 1 else ' is'} "
+                     f"{' and '.join(named)}") if own else "it takes no image"
+            return f"{self.name} has no {field!r} parameter: {takes}"
         message = f"unknown parameter {field!r} for {self.name}"
         return message + did_you_mean(field, [*self.properties, "model"])
 
@@ -285,9 +312,17 @@ def estimate_cost(name: str, request: Mapping[str, Any]) -> float | None:
         return price.usd
     width, height = request.get("width") or 0, request.get("height") or 0
     output_mp = (width * height) / 1_000_000 if width and height else 1.0
-    input_mp = float(sum(1 for k in request if k.startswith("input_image") and request[k]))
+    input_mp = sum(_megapixels(value) for name, value in request.items()
+                   if name.startswith("input_image") and value)
     extra = max(0.0, math.ceil(output_mp * 100) / 100 - 1.0) + input_mp
     return round(price.usd + extra * price.per_extra_mp, 6)
+
+
+def _megapixels(value: Any) -> float:
+    """An input's megapixels as billed (two decimals, up), when its size is known; else 1."""
+    if isinstance(value, Mapping) and value.get("width") and value.get("height"):
+        return float(math.ceil(value["width"] * value["height"] / 10_000)) / 100
+    return 1.0
 
 
 def _load_spec(filename: str) -> dict[str, Any]:

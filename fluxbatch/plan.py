@@ -21,6 +21,8 @@ from typing import Any
 from fluxbatch import models, recipe
 from fluxbatch.errors import ConfigError, FluxbatchError, Problem, RecipeError
 from fluxbatch.expand import Job, Plan, expand
+from fluxbatch.inputs import describe as describe_input
+from fluxbatch.inputs import input_identity, is_descriptor
 from fluxbatch.state import IN_FLIGHT as TASK_IN_FLIGHT
 from fluxbatch.state import (
     STATE_DIR,
@@ -208,6 +210,8 @@ def changes(entry: Mapping[str, Any], job: Job) -> list[str]:
     after = {k: ("***" if k in models.SECRET_FIELDS and v else v) for k, v in job.request.items()}
     for name in sorted(set(before) | set(after), key=_field_order):
         old, new = before.get(name, _ABSENT), after.get(name, _ABSENT)
+        if models.is_image_field(name) and input_identity(old) == input_identity(new):
+            continue  # the same content under another name: not what makes it stale
         if old != new:
             found.append(f"{name} {_shown(old, new)}")
     return found
@@ -221,6 +225,10 @@ def _field_order(name: str) -> tuple[int, str]:
 
 
 def _shown(old: Any, new: Any) -> str:
+    if is_descriptor(old) or is_descriptor(new):  # an image input: its name and content
+        def image(value: Any) -> str:
+            return "(unset)" if value is _ABSENT else describe_input(value)
+        return f"{image(old)} → {image(new)}"
     if isinstance(old, str) and isinstance(new, str):
         a, b = _around_difference(old, new)
         return f"{a} → {b}"

@@ -21,6 +21,7 @@ import yaml
 
 from fluxbatch import models, yamlsource
 from fluxbatch.errors import Problem, RecipeError
+from fluxbatch.inputs import FactsCache, InputProblem, Inputs
 from fluxbatch.models import did_you_mean
 from fluxbatch.project import (
     MAX_RECIPE_BYTES,
@@ -35,9 +36,11 @@ from fluxbatch.recipe_schema import (
     DEFAULT_OUTPUT,
     schema_problems,
 )
+from fluxbatch.state import STATE_DIR
 from fluxbatch.yamlsource import Path, Positions
 
 _FAILED = object()
+INPUT_FACTS = "inputs.json"  # in the output root's state directory: facts of image inputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +108,8 @@ class Recipe:
     jobs: tuple[JobSpec, ...]
     positions: Positions
     problems: tuple[Problem, ...] = ()
+    # the recipe's image inputs: the facts of its files, and the bytes of its data: URIs
+    inputs: Inputs | None = None
 
     def problem(self, path: Path, message: str) -> Problem:
         return self.positions.problem(path, message)
@@ -183,6 +188,7 @@ class _Builder:
         self.project = Project.of_recipe(path)
         self.positions = positions
         self.problems: list[Problem] = []
+        self.inputs = Inputs(self.project)
 
     def problem(self, path: Path, message: str, *, key: bool = False) -> None:
         self.problems.append(self.positions.problem(path, message, key=key))
@@ -190,6 +196,8 @@ class _Builder:
     def recipe(self, doc: dict[str, Any], sha256: str, output_root: str | None,
                skip: frozenset[int]) -> Recipe:
         output = doc.get("output", DEFAULT_OUTPUT)
+        root = self.output_root(output_root, doc.get("output_root"))
+        self.inputs.cache = FactsCache(root / STATE_DIR / INPUT_FACTS)
         jobs = tuple(self.job(i, spec, output) for i, spec in enumerate(doc["jobs"])
                      if i not in skip)
         names: dict[str, int] = {}
@@ -203,12 +211,13 @@ class _Builder:
             name=doc["name"],
             sha256=sha256,
             provider=self.provider(doc.get("provider", "bfl")),
-            output_root=self.output_root(output_root, doc.get("output_root")),
+            output_root=root,
             max_jobs=doc.get("max_jobs", DEFAULT_MAX_JOBS),
             defaults=dict(doc.get("defaults") or {}),
             vars=dict(doc.get("vars") or {}),
             jobs=jobs,
             positions=self.positions,
+            inputs=self.inputs,
         )
 
     def output_root(self, from_command_line: str | None, from_recipe: str | None) -> FsPath:
@@ -289,7 +298,9 @@ class _Builder:
                 declared.append(key)
                 values = self.values(value, (*path, key))
                 if values:
-                    axes.append(Axis("values", (key,), tuple((v,) for v in values), key))
+                    origin = f"{key} (files {value['files']})" \
+                        if isinstance(value, dict) and "files" in value else key
+                    axes.append(Axis("values", (key,), tuple((v,) for v in values), origin))
         exclude = tuple(spec.get("exclude") or ())
         self.check_exclude(exclude, axes, path)
         complete = "rows" not in spec or any(axis.kind == "rows" for axis in axes)
@@ -321,6 +332,8 @@ class _Builder:
         if isinstance(spec, dict):
             table = self.read_table(spec["from"], (*path, "from"))
             origin = f"rows from {spec['from']}"
+            if table and spec.get("files"):
+                table = self.file_columns(table, spec["files"], spec["from"], path)
         else:
             table = spec
             origin = "rows"
@@ -337,9 +350,35 @@ class _Builder:
         return [Axis("rows", tuple(names), tuple(tuple(r.get(n) for n in names) for r in table),
                      origin)]
 
+    def file_columns(self, table: list[dict[str, Any]], columns: list[str], source: str,
+                     path: Path) -> list[dict[str, Any]]:
+        """The table with each value of `columns` an `InputFile` (checked, hashed), or []."""
+        for column in columns:
+            if column not in table[0]:
+                self.problem((*path, "files"), f"{source} has no column {column!r}"
+                             + did_you_mean(column, list(table[0])))
+                return []
+        failed = False
+        for i, row in enumerate(table):
+            for column in columns:
+                try:
+                    row[column] = self.inputs.file(str(row[column]))
+                except InputProblem as problem:
+                    line = f"{source}:{i + 2}" if source.lower().endswith(".csv") \
+                        else f"{source} row {i + 1}"
+                    self.problem((*path, "from"), f"{line}: {column}: {problem}")
+                    failed = True
+        return [] if failed else table
+
     def values(self, spec: list[Any] | dict[str, Any], path: Path) -> list[Any]:
         if isinstance(spec, list):
             return spec
+        if "files" in spec:
+            try:
+                return list(self.inputs.files(spec["files"]))
+            except InputProblem as problem:
+                self.problem((*path, "files"), str(problem))
+                return []
         source = spec["from"]
         suffix = FsPath(source).suffix.lower()
         where = (*path, "from")

@@ -54,9 +54,38 @@ def recipe_schema() -> dict[str, Any]:
             "column": {"type": "string", "minLength": 1, "description": "CSV column name"},
         },
     }
+    files = {
+        "type": "object",
+        "description": "Image files matching a glob relative to the recipe (`photos/*.png`; "
+        "`**` spans folders), sorted. Each renders as its path and offers .stem, .name and "
+        ".path; its content, not its name, counts in seeds and keys.",
+        "required": ["files"],
+        "additionalProperties": False,
+        "properties": {"files": {"type": "string", "minLength": 1}},
+    }
     axis = {
-        "description": "A matrix variable: a list of values, or values from a file.",
-        "anyOf": [{"type": "array", "minItems": 1}, {"$ref": "#/$defs/from_file"}],
+        "description": "A matrix variable: a list of values, values from a file, or image "
+        "files.",
+        "anyOf": [{"type": "array", "minItems": 1}, {"$ref": "#/$defs/from_file"},
+                  {"$ref": "#/$defs/files"}],
+    }
+    rows_file = {
+        "type": "object",
+        "description": "Rows read from a .csv (one per line, under a header), .yaml, .yml or "
+        ".json file next to the recipe.",
+        "required": ["from"],
+        "additionalProperties": False,
+        "properties": {
+            "from": {"type": "string", "minLength": 1},
+            "files": {
+                "type": "array",
+                "minItems": 1,
+                "uniqueItems": True,
+                "items": {"type": "string", "minLength": 1},
+                "description": "Columns that name image files: each is checked, and counts "
+                "by its content in seeds, like a files: variable.",
+            },
+        },
     }
     combination = {"type": "object", "minProperties": 1}
     return {
@@ -126,6 +155,8 @@ def recipe_schema() -> dict[str, Any]:
                 "properties": _parameter_properties(),
             },
             "from_file": from_file,
+            "files": files,
+            "rows_file": rows_file,
             "axis": axis,
             "job": {
                 "type": "object",
@@ -170,7 +201,7 @@ def recipe_schema() -> dict[str, Any]:
                         "description": "A table whose rows are combinations.",
                         "anyOf": [
                             {"type": "array", "minItems": 1, "items": combination},
-                            {"$ref": "#/$defs/from_file"},
+                            {"$ref": "#/$defs/rows_file"},
                         ],
                     },
                 },
@@ -250,11 +281,12 @@ _JSON_TYPES: dict[str, type | tuple[type, ...]] = {
 
 def _matching_branch(error: jsonschema.ValidationError) -> list[jsonschema.ValidationError] | None:
     """Of an anyOf's branches, the one meant for this kind of value (the only one whose
-    top-level type fits), so the user sees that branch's real errors."""
+    top-level type fits, or of several mappings, whose required keys are there), so the user
+    sees that branch's real errors."""
     by_branch: dict[int, list[jsonschema.ValidationError]] = {}
     for sub in error.context or ():
         by_branch.setdefault(int(sub.relative_schema_path[0]), []).append(sub)
-    fitting = []
+    fitting: list[tuple[int, dict[str, Any]]] = []
     for index, branch_schema in enumerate(error.validator_value):
         schema = branch_schema
         if "$ref" in schema:
@@ -262,9 +294,12 @@ def _matching_branch(error: jsonschema.ValidationError) -> list[jsonschema.Valid
         kind = schema.get("type")
         if kind is None or not _is_type(error.instance, kind) or schema == TEMPLATE:
             continue  # (a plain string is no broken template: the message lists what fits)
-        fitting.append(index)
-    if len(fitting) == 1 and fitting[0] in by_branch:
-        return by_branch[fitting[0]]
+        fitting.append((index, schema))
+    if len(fitting) > 1 and isinstance(error.instance, dict):  # mappings told by their keys
+        fitting = [(index, schema) for index, schema in fitting
+                   if set(schema.get("required", ())) <= set(error.instance)]
+    if len(fitting) == 1 and fitting[0][0] in by_branch:
+        return by_branch[fitting[0][0]]
     return None
 
 
@@ -284,6 +319,8 @@ def _describe_alternatives(error: jsonschema.ValidationError) -> str:
             descriptions.append(" or ".join(repr(v) for v in branch["enum"]))
         elif "$ref" in branch:
             descriptions.append({"from_file": "a mapping with 'from'",
+                                 "rows_file": "a mapping with 'from'",
+                                 "files": "a mapping with 'files'",
                                  "zip_group": "a mapping of lists"}.get(
                 branch["$ref"].rsplit("/", 1)[-1], "a mapping"))
         elif branch.get("type") == "string" and "pattern" in branch:
@@ -292,7 +329,9 @@ def _describe_alternatives(error: jsonschema.ValidationError) -> str:
             kind = branch.get("type", "value")
             descriptions.append({"object": "a mapping", "array": "a list"}.get(kind, f"an {kind}"
                                 if kind[0] in "aeiou" else f"a {kind}"))
-    return f"{error.instance!r} is not valid here: expected {' or '.join(descriptions)}"
+    listed = ", ".join(descriptions[:-1]) + " or " + descriptions[-1] \
+        if len(descriptions) > 1 else descriptions[0]
+    return f"{error.instance!r} is not valid here: expected {listed}"
 
 
 # -- building the typed recipe --------------------------------------------------------------

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ from fluxbatch.execute import (
     Unusable,
 )
 from fluxbatch.expand import Job, Plan
+from fluxbatch.inputs import InputProblem, is_descriptor
 from fluxbatch.outbox import Outbox
 from fluxbatch.plan import Options, Selection, source_placement
 from fluxbatch.providers import Polled, Submitted
@@ -341,7 +342,7 @@ async def execute(plan: Plan, selection: Selection, store: Store,
                                                    outbox=outbox is not None, run=run),
             writer=writer, settings=settings, on_event=on_event,
             submit_via=(lambda job: outbox.sender(job.key)) if outbox else None,
-            spool=spool)
+            spool=spool, prepare=_preparer(recipe))
         started(executor)
         try:
             ran = await executor.run(selection.jobs, attach)
@@ -354,6 +355,24 @@ async def execute(plan: Plan, selection: Selection, store: Store,
             outcomes.append(dataclasses.replace(outcome, job=follower, submitted_at=None,
                                                 submitted=None))
     return outcomes + ran
+
+
+def _preparer(recipe: Recipe) -> Callable[[Job], Awaitable[Mapping[str, Any]]] | None:
+    """The submit body of a job whose request names image inputs: each read (off the event
+    loop), checked against the sha256 it was planned with, and base64-encoded."""
+    inputs = recipe.inputs
+    if inputs is None:
+        return None
+
+    async def prepare(job: Job) -> Mapping[str, Any]:
+        if not any(map(is_descriptor, job.request.values())):
+            return job.request
+        try:
+            return await asyncio.to_thread(inputs.materialize, job.request)
+        except InputProblem as problem:
+            raise JobFailed(f"not sent: {problem}") from None
+
+    return prepare
 
 
 class _ManifestPacer:

@@ -245,7 +245,10 @@ def manifest_schema() -> dict[str, Any]:
             "replicate": {"type": "integer", "minimum": 1},
             "prompt": {"type": ["string", "null"]},
             "model": {"type": "string"},
-            "request": {"type": "object", "description": "the body sent (secrets as ***)"},
+            "request": {"type": "object", "description": "the body sent (secrets as "
+                        "***), with each image input recorded as {file, sha256, bytes, "
+                        "format, width, height}, {url}, or {data: sha256, …}, never its "
+                        "bytes"},
             "seed": {"type": "integer"},
             "reported_seed": {"type": ["integer", "null"]},
             "provider": {"type": "string"},

@@ -66,7 +66,6 @@ def test_request_holds_defaults_params_prompt_and_seed() -> None:
     ("guidance", "{{ n / 2 }}", 2.0),
     ("prompt_upsampling", "{{ n > 3 }}", True),
     ("output_format", "{{ 'png' }}", "png"),
-    ("image_prompt", "{{ n }}", "4"),
     ("steps", "{{ none }}", None),
 ])
 def test_parameter_templates_take_the_schema_type(param: str, template: str, value: Any) -> None:

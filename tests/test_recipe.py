@@ -102,10 +102,10 @@ HEAD = "version: 1\nname: r\n"
     (HEAD + "jobs:\n  - name: a\n    seed: -1\n",
      ["recipe.yaml:5:11: jobs[0].seed: -1 is less than the minimum of 0"]),
     (HEAD + "jobs:\n  - name: a\n    seed: random\n",
-     ["recipe.yaml:5:11: jobs[0].seed: 'random' is not valid here: expected 'auto' or an "
+     ["recipe.yaml:5:11: jobs[0].seed: 'random' is not valid here: expected 'auto', an "
       "integer or a template string"]),
     (HEAD + "jobs:\n  - name: a\n    seed: 1.5\n",
-     ["recipe.yaml:5:11: jobs[0].seed: 1.5 is not valid here: expected 'auto' or an integer "
+     ["recipe.yaml:5:11: jobs[0].seed: 1.5 is not valid here: expected 'auto', an integer "
       "or a template string"]),
     (HEAD + "jobs:\n  - name: a\n    prompt: 5\n",
      ["recipe.yaml:5:13: jobs[0].prompt: 5 is not of type 'string'"]),
@@ -131,8 +131,8 @@ HEAD = "version: 1\nname: r\n"
     (HEAD + "jobs:\n  - name: a\n    params: [1]\n",
      ["recipe.yaml:5:13: jobs[0].params: [1] is not of type 'object'"]),
     (HEAD + "jobs:\n  - name: a\n    matrix: {x: abc}\n",
-     ["recipe.yaml:5:17: jobs[0].matrix.x: 'abc' is not valid here: expected a list or a "
-      "mapping with 'from'"]),
+     ["recipe.yaml:5:17: jobs[0].matrix.x: 'abc' is not valid here: expected a list, a "
+      "mapping with 'from' or a mapping with 'files'"]),
     (HEAD + "jobs:\n  - name: a\n    matrix: {x: []}\n",
      ["recipe.yaml:5:17: jobs[0].matrix.x: [] should be non-empty"]),
     (HEAD + "jobs:\n  - name: a\n    matrix: {x: {from: a.txt, colum: b}}\n",

@@ -13,6 +13,7 @@ import yaml
 from fluxbatch import imagemeta
 from fluxbatch.errors import EXIT_OK, FluxbatchError
 from fluxbatch.identity import job_key
+from fluxbatch.inputs import is_descriptor
 from fluxbatch.models import NON_PIXEL_FIELDS
 from fluxbatch.recipe_schema import SCHEMA_ID  # (the raw JSON, which an editor can load)
 
@@ -84,7 +85,8 @@ def _entry(source: Path, entry_path: str | None) -> dict[str, Any]:
 
 def reproduction_recipe(entry: dict[str, Any]) -> str:
     """A recipe whose single job has exactly the entry's request, hence its key."""
-    request = {k: v for k, v in entry["request"].items() if k not in NON_PIXEL_FIELDS}
+    request = {k: _pinned(k, v) for k, v in entry["request"].items()
+               if k not in NON_PIXEL_FIELDS}
     prompt = request.pop("prompt", None)
     seed = request.pop("seed")
     params = {"model": entry["model"], **{k: _literal(v) for k, v in request.items()}}
@@ -106,9 +108,27 @@ def reproduction_recipe(entry: dict[str, Any]) -> str:
         f"# Reproduces {entry['path']} (key {entry['key']}).\n"
         "# Made by `fluxbatch reproduce`: `fluxbatch render` on it sends the same request.\n"
     )
+    files = [value["file"] for value in request.values() if isinstance(value, dict)]
+    if files:
+        header += ("# Its image inputs are named relative to the folder of the recipe that made "
+                   "it:\n# keep this file there. Each is pinned by its sha256, which is checked "
+                   "before anything is paid.\n")
     if expected != entry["key"]:
         header += "# Note: the recorded request was redacted; the key may differ.\n"
     return header + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True, width=100)
+
+
+def _pinned(field: str, value: Any) -> Any:
+    """An image input as a recipe names it again: a file pinned by its content, or the URL."""
+    if not is_descriptor(value):
+        return value
+    if "url" in value:
+        return value["url"]
+    if "file" in value:
+        return {"file": value["file"], "sha256": value["sha256"]}
+    raise FluxbatchError(f"this image was made from a data: URI in {field} (sha256 "
+                         f"{str(value.get('data'))[:12]}…), whose bytes fluxbatch does not keep; "
+                         "copy the URI from the recipe that made it")
 
 
 def reproduction_name(entry: dict[str, Any]) -> str:

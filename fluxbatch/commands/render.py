@@ -45,6 +45,8 @@ def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run
         root.mkdir(parents=True, exist_ok=True)
         with RootLock(root) as lock, Store.open(root) as store:
             store.use(plan.recipe.name, plan.recipe.path)
+            if plan.recipe.inputs is not None:  # what the plan learnt of its image inputs
+                plan.recipe.inputs.cache.save()
             clear_debris(root)
             adopt_found_images(plan, store)
             classified, state = classify_with_store(plan, store, options)
