@@ -32,6 +32,9 @@ BFL_PREFIX = "/v1/"
 COMET_PREFIX = "/flux/v1/"
 DELIVERY_PREFIX = "/delivery/"
 DURABLE = "durable"
+# Bodies past this size carry images, whose checks decode them: off the event loop, so that
+# other connections are not kept waiting. Smaller bodies are parsed in line, in arrival order.
+PARSE_IN_THREAD = 64 * 1024
 BFL_AUTH_FAILED = "Not authenticated - Invalid Authentication"
 
 
@@ -164,7 +167,10 @@ class Api:
 
     async def _submit(self, model: str, raw: bytes, route: str) -> Reply:
         comet = route == "comet"
-        body, errors = parse_body(model, raw)
+        if len(raw) > PARSE_IN_THREAD:
+            body, errors = await asyncio.to_thread(parse_body, model, raw)
+        else:
+            body, errors = parse_body(model, raw)
         if body is None:
             self.stats.rejected_422 += 1
             if comet:

@@ -1,5 +1,9 @@
 """Deterministic stand-in images: the bytes depend only on the model and the pixel fields.
 
+Each image input is drawn as a labelled thumbnail in a strip along the top-left corner, in
+the schema's field order, so that the output shows which inputs made it; a URL input is a
+grey placeholder box naming its host, since the emulator never fetches it.
+
 A test can recompute what the emulator served with `render_image(model, request, max_side)`,
 where `request` is the body as submitted with `seed` set to the seed the task reported (the
 emulator fills one in when none was sent, as the real API does).
@@ -20,6 +24,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from fluxbatch import models
+from fluxbatch.emulator import inputs
 from fluxbatch.identity import job_key
 from fluxbatch.imagemeta import EXTENSIONS
 
@@ -33,6 +38,8 @@ _SAVE_OPTIONS: dict[str, dict[str, Any]] = {
 _ONE_MP_SIDE = 1024
 _INPUT_SIZED = (1024, 768)
 _CACHE_SIZE = 128
+URL_PLACEHOLDER = (96, 104, 118)  # the box drawn for a URL input
+_MIN_DRAWN_SIDE = 64  # smaller images (a tiny Fill input) have no room for text or thumbnails
 
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
@@ -50,7 +57,11 @@ def output_format(model: str, request: Mapping[str, Any]) -> str:
 
 
 def requested_size(model: str, request: Mapping[str, Any]) -> tuple[int, int]:
-    """The size the real API would produce; 0 or absent FLUX.2 sizes mean 1024x1024."""
+    """The size the real API would produce; 0 or absent FLUX.2 sizes mean 1024x1024.
+
+    Models sized by their input (Fill, Expand, Canny, Depth) take its size, plus Expand's
+    padding; 1024x768 when the input is a URL, which the emulator does not fetch.
+    """
     spec = models.get(model)
     sized_by = spec.sized_by if spec is not None else "input"
     if spec is not None and sized_by == "size":
@@ -58,7 +69,7 @@ def requested_size(model: str, request: Mapping[str, Any]) -> tuple[int, int]:
     if spec is not None and sized_by == "aspect":
         ratio = request.get("aspect_ratio") or spec.properties["aspect_ratio"].get("default")
         return _aspect_size(ratio if isinstance(ratio, str) else "1:1")
-    return _INPUT_SIZED
+    return inputs.sized_output(model, request) or _INPUT_SIZED
 
 
 def shown_size(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -132,6 +143,7 @@ def _render(
     shown = shown_size(width, height, max_side)
     rng = random.Random(digest)
     image = _background(shown, rng)
+    _draw_inputs(image, inputs.given(model, request))
     _draw_caption(image, model, request, (width, height), shown)
     buffer = io.BytesIO()
     image.save(buffer, _PIL_FORMATS[fmt], **_SAVE_OPTIONS[fmt])
@@ -174,6 +186,99 @@ def _gradient_mask(size: tuple[int, int], angle: float) -> Image.Image:
     return square.crop((left, top, left + size[0], top + size[1]))
 
 
+def _draw_inputs(image: Image.Image, fields: list[tuple[str, str]]) -> None:
+    """A tile per input along the top, wrapping into rows: thumbnail above, field name below.
+    Tiles share one width, wide enough for the longest name where the image has room."""
+    width, height = image.size
+    if not fields or min(width, height) < _MIN_DRAWN_SIDE:
+        return
+    side = max(40, min(160, min(width, height) // 6))
+    pad = max(2, side // 16)
+    label_size = max(8, side // 8)
+    longest = max(_font(label_size).getlength(name) for name, _ in fields)
+    inner = min(max(side, math.ceil(longest)), width - 4 * pad)
+    cell = (inner + 2 * pad, side + 3 * pad + label_size)
+    per_row = max(1, (width - pad) // (cell[0] + pad))
+    corners = [
+        (pad + (i % per_row) * (cell[0] + pad), pad + (i // per_row) * (cell[1] + pad))
+        for i in range(len(fields))
+    ]
+    backing = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    backing_draw = ImageDraw.Draw(backing)
+    for x, y in corners:
+        box = (x, y, x + cell[0] - 1, y + cell[1] - 1)
+        backing_draw.rounded_rectangle(box, radius=pad, fill=(10, 12, 20, 170))
+    image.paste(Image.alpha_composite(image.convert("RGBA"), backing).convert("RGB"))
+    draw = ImageDraw.Draw(image)
+    for (name, value), (x, y) in zip(fields, corners, strict=True):
+        thumb_corner = (x + pad + (inner - side) // 2, y + pad)
+        _draw_thumbnail(image, inputs.thumbnail(value, side), thumb_corner, side)
+        label, font, _ = _fitted(name, inner, label_size)
+        left = x + pad + (inner - round(font.getlength(label))) // 2
+        draw.text((left, y + 2 * pad + side), label, font=font, fill=(235, 238, 245))
+
+
+def _draw_thumbnail(
+    image: Image.Image,
+    picture: Image.Image | inputs.Url | None,
+    corner: tuple[int, int],
+    side: int,
+) -> None:
+    x, y = corner
+    if isinstance(picture, Image.Image):
+        left, top = x + (side - picture.width) // 2, y + (side - picture.height) // 2
+        lowest_alpha, _ = picture.getchannel("A").getextrema()
+        if not isinstance(lowest_alpha, tuple) and lowest_alpha < 255:  # show it on a checker
+            image.paste(_checker(picture.size, max(4, side // 12)), (left, top))
+        image.paste(picture, (left, top), picture)
+        return
+    draw = ImageDraw.Draw(image)
+    box = (x, y, x + side - 1, y + side - 1)
+    if isinstance(picture, inputs.Url):
+        draw.rectangle(box, fill=URL_PLACEHOLDER, outline=(200, 204, 212))
+        _centred(draw, "URL", side, corner, y + side // 3, side // 4)
+        host = picture.host or picture.text
+        label, font, size = _fitted(host, side - 4, max(8, side // 9))
+        _centred(draw, label, side, corner, y + side * 2 // 3, size, font)
+    else:  # only when render_image is called with a value the API would refuse
+        draw.rectangle(box, fill=(120, 40, 40), outline=(220, 120, 120))
+        _centred(draw, "?", side, corner, y + side // 3, side // 3)
+
+
+def _centred(
+    draw: ImageDraw.ImageDraw,
+    text: str,
+    side: int,
+    corner: tuple[int, int],
+    top: int,
+    size: int,
+    font: Font | None = None,
+) -> None:
+    font = font or _font(size)
+    left = corner[0] + (side - round(font.getlength(text))) // 2
+    draw.text((left, top - size // 2), text, font=font, fill=(245, 246, 250))
+
+
+def _fitted(text: str, room: int, size: int) -> tuple[str, Font, int]:
+    """`text` in the largest font size from `size` down to 7 that fits `room`, else cut."""
+    for candidate in range(size, 6, -1):
+        font = _font(candidate)
+        if font.getlength(text) <= room:
+            return text, font, candidate
+    while len(text) > 1 and font.getlength(text + "…") > room:
+        text = text[:-1]
+    return text + "…", font, 7
+
+
+def _checker(size: tuple[int, int], square: int) -> Image.Image:
+    tile = Image.new("RGB", size, (235, 235, 235))
+    draw = ImageDraw.Draw(tile)
+    for top in range(0, size[1], square):
+        for left in range((top // square) % 2 * square, size[0], 2 * square):
+            draw.rectangle((left, top, left + square - 1, top + square - 1), fill=(200, 200, 200))
+    return tile
+
+
 def _draw_caption(
     image: Image.Image,
     model: str,
@@ -182,16 +287,16 @@ def _draw_caption(
     shown: tuple[int, int],
 ) -> None:
     width, height = shown
+    if min(width, height) < _MIN_DRAWN_SIDE:
+        return
     size_line = f"{requested[0]}x{requested[1]}"
     if requested != shown:
         size_line += f" shown at {width}x{height}"
     seed = request.get("seed")
     details = [model, f"seed {seed}" if seed is not None else "no seed", size_line]
-    inputs = sum(
-        1 for k, v in request.items() if v and (k.startswith("input_image") or k == "image")
-    )
-    if inputs:
-        details.append(f"{inputs} input image{'s' if inputs > 1 else ''}")
+    count = len(inputs.given(model, request))
+    if count:
+        details.append(f"{count} input image{'s' if count > 1 else ''}")
     font_size = max(9, min(max(width, height) // 30, width // 16))
     font, small = _font(font_size), _font(max(8, font_size * 4 // 5))
     margin = max(4, font_size // 2)

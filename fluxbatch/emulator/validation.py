@@ -3,6 +3,8 @@
 The body is checked with jsonschema (Draft 2020-12) against the vendored request schema;
 each failure is then worded the way FastAPI with pydantic v2 words it, one entry per field,
 in the schema's field order: `{"loc": ["body", "width"], "msg": "...", "type": "..."}`.
+Image fields that pass the schema are then decoded and checked (inputs.py), their failures
+worded as pydantic words a validator's ValueError: `"Value error, ..."`, type `value_error`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from jsonschema import Draft202012Validator, ValidationError
 
 from fluxbatch import models
+from fluxbatch.emulator import inputs
 
 FieldError = dict[str, Any]
 
@@ -66,6 +69,8 @@ def validate(model: str, body: dict[str, Any]) -> list[FieldError]:
         if name not in found:
             message, kind = _describe(_innermost(error))
             found[name] = _error(["body", *error.absolute_path], message, kind)
+    for name, message in inputs.problems(model, body, skip=frozenset(found)).items():
+        found[name] = _error(["body", name], message, "value_error")
     return [found[name] for name in sorted(found, key=lambda n: order.get(n, len(order)))]
 
 
