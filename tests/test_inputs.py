@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from fluxbatch import inputs as inputs_module
 from fluxbatch import imagemeta, models
+from fluxbatch import inputs as inputs_module
 from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
 from fluxbatch.errors import RecipeError
 from fluxbatch.identity import auto_seed, job_key
-from fluxbatch.inputs import FactsCache, InputFile, Inputs, InputProblem
+from fluxbatch.inputs import FactsCache, InputFile, InputProblem, Inputs
 from fluxbatch.main import main
 from fluxbatch.plan import load_plan
 from fluxbatch.project import Project
@@ -206,7 +206,7 @@ def test_files_patterns_skip_hidden_files_take_braces_and_do_not_follow_linked_f
         found.files("a/linked/*.png")  # named through the link: its target is outside
     with pytest.raises(InputProblem, match="outside the recipe's project"):
         found.files("../outside/*.png")
-    with pytest.raises(InputProblem, match="a/b/notes.txt is not an image"):
+    with pytest.raises(InputProblem, match=r"a/b/notes\.txt is not an image"):
         found.files("a/b/*")
 
 
@@ -237,7 +237,7 @@ def test_every_bad_input_is_a_located_problem_and_nothing_is_sent(tmp_path: Path
           - {name: ftp, prompt: x, params: {input_image: "ftp://example.com/a.png"}}
           - {name: creds, prompt: x, params: {input_image: "https://u:p@example.com/a.png"}}
           - {name: datauri, prompt: x, params: {input_image: "data:image/png;base64,!!"}}
-          - {name: pasted, prompt: x, params: {input_image: "%s"}}
+          - {name: pasted, prompt: x, params: {input_image: "PASTED"}}
           - {name: pin, prompt: x, params: {input_image: {file: photos/mug.png, sha256: "00"}}}
           - name: per-image
             prompt: x
@@ -246,7 +246,7 @@ def test_every_bad_input_is_a_located_problem_and_nothing_is_sent(tmp_path: Path
             output: "{{ p | slug }}.png"
           - name: mask
             params: {model: flux-pro-1.0-fill, image: photos/mug.png, mask: small.png}
-        """ % base64.b64encode(image_bytes() * 3).decode(), {
+        """.replace("PASTED", base64.b64encode(image_bytes() * 3).decode()), {
         "photos/mug.png": image_bytes(), "notes.txt": "hello", "huge.png": buffer.getvalue(),
         "cut.png": image_bytes()[:60], "small.png": image_bytes(size=(32, 32)),
         "anim.gif": b"GIF89a" + bytes(40)})
@@ -414,7 +414,7 @@ def test_a_photo_changed_after_planning_is_not_sent(tmp_path: Path) -> None:
     assert plan.recipe.inputs.materialize(request)["input_image"] == \
         base64.b64encode((tmp_path / "photos/mug.png").read_bytes()).decode()
     (tmp_path / "photos/mug.png").write_bytes(image_bytes((1, 2, 3)))
-    with pytest.raises(InputProblem, match="photos/mug.png changed after the plan was made"):
+    with pytest.raises(InputProblem, match=r"photos/mug\.png changed after the plan was made"):
         plan.recipe.inputs.materialize(request)
     (tmp_path / "photos/mug.png").unlink()
     os.symlink("/etc/hostname", tmp_path / "photos/mug.png")
@@ -481,3 +481,21 @@ def test_a_damaged_facts_cache_is_ignored(tmp_path: Path) -> None:
     path.write_text('{"x": [1, 2]}')
     stat = os.stat(path)
     assert FactsCache(path).get("x", stat) is None
+
+
+def test_the_emulator_bills_input_megapixels_as_the_client_estimates(tmp_path: Path) -> None:
+    recipe = photo_project(tmp_path, """
+        version: 1
+        name: wide
+        provider: emulator
+        defaults: {model: flux-2-pro, width: 512, height: 512}
+        jobs:
+          - {name: wide, prompt: x, seed: 3, params: {input_image: wide.png}}
+        """, {"wide.png": image_bytes(size=(2000, 1000))})
+    (job,) = load_plan(str(recipe)).jobs
+    estimate = models.estimate_cost(job.model, job.request)
+    assert estimate == 0.03 + 2 * 0.015
+    with serve() as emulator:
+        assert render(recipe, emulator) == 0
+    entry = json.loads((tmp_path / "wide.manifest.json").read_text().splitlines()[2].rstrip(","))
+    assert entry["cost"] == pytest.approx(estimate * 100)

@@ -22,7 +22,7 @@ from typing import IO, Any
 from urllib.parse import parse_qs, urlsplit
 
 from fluxbatch import models
-from fluxbatch.emulator import tasks
+from fluxbatch.emulator import inputs, tasks
 from fluxbatch.emulator.config import EmulatorConfig
 from fluxbatch.emulator.images import render_image, requested_size
 from fluxbatch.emulator.validation import comet_message, parse_body
@@ -108,6 +108,7 @@ class Api:
         self.credits = config.credits
         self._log = log
         self._secret = secrets.token_bytes(32)
+        self._inputs: dict[str, str] = {}
 
     # -- routing -------------------------------------------------------------------------
 
@@ -177,7 +178,15 @@ class Api:
                 param = str(errors[0]["loc"][-1]) if errors else ""
                 return comet_error(422, comet_message(errors), "invalid_request", param)
             return json_reply(422, {"detail": errors})
-        cost = models.estimate_cost(model, body)
+        # One copy of each distinct input however many tasks send it (a batch of 10 looks
+        # over 1,000 photos sends each photo 10 times); a task keeps its body until served.
+        for name in inputs.image_fields(model):
+            if isinstance(body.get(name), str):
+                body[name] = self._inputs.setdefault(body[name], body[name])
+        sizes = {name: inputs.size_of(value) for name, value in inputs.given(model, body)}
+        billed = {**body, **{name: {"width": size[0], "height": size[1]}
+                             for name, size in sizes.items() if size is not None}}
+        cost = models.estimate_cost(model, billed)
         credits = round(cost * 100, 4) if cost is not None else None
         if credits is not None and credits > self.credits:
             message = "Insufficient credits"
@@ -196,7 +205,8 @@ class Api:
             self.credits -= credits
         self._record(task)
         width, height = requested_size(model, body)
-        inputs = sum(1 for k, v in body.items() if v and k.startswith("input_image"))
+        input_mp = sum(math.ceil(size[0] * size[1] / 10_000) / 100 if size else 1.0
+                       for name, size in sizes.items() if name.startswith("input_image"))
         return json_reply(
             200,
             {
@@ -205,7 +215,7 @@ class Api:
                 # through (it wants an x-key), so clients must poll /flux/v1/get_result?id=.
                 "polling_url": f"{self.base_url}/v1/get_result?id={task.id}",
                 "cost": credits,
-                "input_mp": float(inputs),
+                "input_mp": round(input_mp, 2),
                 "output_mp": round(width * height / 1_000_000, 2),
             },
         )

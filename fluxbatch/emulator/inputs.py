@@ -30,9 +30,6 @@ MAX_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = 25_000_000
 
 ACCEPTED = "PNG, JPEG or WebP"
-_IMAGE_FIELD = re.compile(
-    r"input_image(_[2-9])?|image|mask|image_prompt|control_image|preprocessed_image"
-)
 _PADDING = ("top", "bottom", "left", "right")  # Expand's extra pixels per side
 _DATA_URI = re.compile(
     r"data:image/[\w.+-]+(?:;[\w.+-]+=[^;,]*)*;base64,(.*)", re.DOTALL | re.IGNORECASE
@@ -81,7 +78,7 @@ def image_fields(model: str) -> tuple[str, ...]:
     spec = models.get(model)
     if spec is None:
         return ()
-    return tuple(name for name in spec.properties if _IMAGE_FIELD.fullmatch(name))
+    return spec.image_fields
 
 
 def given(model: str, request: Mapping[str, Any]) -> list[tuple[str, str]]:

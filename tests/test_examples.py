@@ -1,0 +1,51 @@
+"""The examples plan cleanly, and the README shows them as they are."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fluxbatch.emulator import EmulatorConfig, EmulatorThread
+from fluxbatch.main import main
+from fluxbatch.plan import load_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*/recipe.yaml"))
+
+
+@pytest.mark.parametrize("recipe", EXAMPLES, ids=lambda path: path.parent.name)
+def test_every_example_plans_without_a_problem(recipe: Path) -> None:
+    plan = load_plan(str(recipe))
+    assert plan.jobs
+    assert not plan.notes
+
+
+def test_the_readme_shows_the_examples_as_they_are() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```(?:yaml|csv)\n(.*?)```", readme, re.DOTALL)
+    quickstart = (ROOT / "examples/quickstart/recipe.yaml").read_text(encoding="utf-8")
+    edit = (ROOT / "examples/edit/recipe.yaml").read_text(encoding="utf-8")
+    fixes = (ROOT / "examples/edit/fixes.csv").read_text(encoding="utf-8")
+    assert quickstart in blocks
+    assert any(block.startswith("defaults:") and block in edit for block in blocks)
+    assert fixes in blocks
+
+
+def test_the_edit_example_renders_and_a_renamed_photo_costs_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copytree(ROOT / "examples/edit", tmp_path / "edit",
+                    ignore=shutil.ignore_patterns("renders", ".fluxbatch", "*.json"))
+    recipe = tmp_path / "edit" / "recipe.yaml"
+    with EmulatorThread(EmulatorConfig(latency=0.0)) as emulator:
+        command = ["render", str(recipe), "--base-url", emulator.base_url]
+        assert main(command) == 0
+        assert capsys.readouterr().out.startswith("12 written")
+        (tmp_path / "edit/photos/vase.png").rename(tmp_path / "edit/photos/urn.png")
+        table = tmp_path / "edit/fixes.csv"
+        table.write_text(table.read_text().replace("photos/vase.png", "photos/urn.png"))
+        assert main(command) == 0
+        assert emulator.stats.submits == 12
+    assert "4 written (4 from images already paid for)" in capsys.readouterr().out
