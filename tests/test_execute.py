@@ -8,7 +8,7 @@ import asyncio
 import json
 import random
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -230,6 +230,7 @@ class Harness:
     settings: Settings = field(default_factory=Settings)
     api: FakeApi = field(init=False)
     executor: Executor | None = None
+    prepare: Callable[[Job], Awaitable[Mapping[str, Any]]] | None = None
     provider: providers.Provider = field(
         default_factory=lambda: Bfl(providers.REGISTRY["bfl"], BASE, Secret(KEY)))
 
@@ -244,7 +245,8 @@ class Harness:
                 self.executor = Executor(
                     self.provider, wire, journal=self.journal, writer=self.writer,
                     settings=self.settings, on_event=self.events.append,
-                    sleep=self.time.sleep, clock=self.time.clock, rng=random.Random(0))
+                    sleep=self.time.sleep, clock=self.time.clock, rng=random.Random(0),
+                    prepare=self.prepare)
                 started(self.executor)
                 return await self.executor.run(list(jobs), attach)
 
@@ -1132,3 +1134,38 @@ def test_attached_task_is_still_polled_after_stop_and_stays_pending() -> None:
 
     assert statuses(outcomes) == ["pending", "skipped"]
     assert h.api.posts() == []
+
+
+# -- the body as sent is made when the job's turn comes ---------------------------------------
+
+
+def test_bodies_are_prepared_only_when_a_slot_is_free_and_a_refused_one_is_not_sent() -> None:
+    """Image inputs are read and encoded by `prepare`: a render must hold no more of them
+    than it has submits in flight, and an input that cannot be sent fails its job unsent."""
+    h = Harness(settings=Settings(account_cap=2))
+    alive, peak = [0], [0]
+
+    async def prepare(job: Job) -> Mapping[str, Any]:
+        if job.index == 3:
+            raise JobFailed("not sent: photos/c.png changed after the plan was made")
+        alive[0] += 1
+        peak[0] = max(peak[0], alive[0])
+        return {**job.request, "input_image": f"base64-of-{job.index}"}
+
+    def sent(request: httpx.Request) -> None:
+        if request.method == "POST":
+            alive[0] -= 1
+
+    h.prepare = prepare
+    h.api.on_request = sent
+    for index in range(6):
+        h.api.durations[f"image {index}"] = 3.0
+    outcomes = h.run(make_job(i, f"image {i}") for i in range(6))
+    by_index = {o.job.index: o for o in outcomes}
+    assert [by_index[i].status for i in range(6)] == ["written"] * 3 + ["failed"] + \
+        ["written"] * 2
+    assert peak[0] <= 2
+    assert [_json(q)["input_image"] for q in h.api.posts()] == [
+        f"base64-of-{i}" for i in (0, 1, 2, 4, 5)]
+    assert h.journal.of(3) == ["finished"]
+    assert "changed after the plan was made" in (by_index[3].reason or "")
