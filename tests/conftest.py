@@ -1,13 +1,17 @@
-"""Shared fixtures. Every test runs away from the real home directory and real API keys."""
+"""Shared fixtures (helpers are in helpers.py). Every test runs away from the real home
+directory and real API keys."""
 
 from __future__ import annotations
 
 import os
-import textwrap
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
+from tests.helpers import Cli, Run
 
 KEY_VARIABLES = ("BFL_API_KEY", "BFL_API_KEY_FILE", "COMETAPI_KEY", "COMETAPI_KEY_FILE")
 
@@ -27,13 +31,37 @@ def isolated_environment(tmp_path_factory: pytest.TempPathFactory,
             monkeypatch.delenv(name, raising=False)
 
 
-def build_file_tree(root: Path, files: Mapping[str, str | bytes]) -> Path:
-    """Write `files` (relative path → text, dedented, or bytes) under `root`."""
-    for relative, content in files.items():
-        target = root / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            target.write_bytes(content)
-        else:
-            target.write_text(textwrap.dedent(content).lstrip("\n"), encoding="utf-8")
-    return root
+# -- an emulator per module, and the rebuild output root (helpers.Cli drives it) ------------
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[Emulator]:
+    """One emulator per module (tests count submissions from their own start)."""
+    with EmulatorThread(EmulatorConfig(latency=0.02, latency_sigma=0.1, max_side=64)) as emu:
+        yield emu
+
+
+@pytest.fixture
+def cli(emulator: Emulator, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Cli:
+    cli = Cli(emulator, capsys, tmp_path / "root")
+    cli.write()
+    return cli
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("template") / "root"
+
+
+@pytest.fixture
+def rendered(cli: Cli, template: Path) -> Cli:
+    """An output root with the recipe's 4 images rendered: rendered once per module, then
+    copied with its mtimes (a copy is as up to date as the original)."""
+    if not template.exists():
+        sent = len(cli.emulator.submissions)
+        assert cli.render() == Run(0, cli.written(4), "")
+        assert len(cli.emulator.submissions) == sent + 4
+        shutil.copytree(cli.root, template)
+    else:
+        shutil.copytree(template, cli.root, dirs_exist_ok=True)
+    return cli

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fluxbatch.main import main
-from tests.conftest import build_file_tree
+from tests.helpers import build_file_tree
 
 Capsys = pytest.CaptureFixture[str]
 

@@ -16,7 +16,7 @@ import pytest
 
 from fluxbatch.main import main
 from fluxbatch.project import MAX_FILE_BYTES, MAX_RECIPE_BYTES, Project, ProjectFileError
-from tests.conftest import build_file_tree
+from tests.helpers import build_file_tree
 
 Capsys = pytest.CaptureFixture[str]
 

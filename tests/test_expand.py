@@ -18,7 +18,7 @@ from fluxbatch import identity, recipe
 from fluxbatch.errors import PlanTooLargeError, RecipeError
 from fluxbatch.expand import Job, Plan, expand
 from fluxbatch.plan import load_plan
-from tests.conftest import build_file_tree
+from tests.helpers import build_file_tree
 
 HEAD = "version: 1\nname: r\ndefaults: {model: flux-dev}\n"
 

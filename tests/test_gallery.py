@@ -15,7 +15,7 @@ from PIL import Image
 from fluxbatch.emulator import EmulatorConfig, EmulatorThread
 from fluxbatch.main import main
 from fluxbatch.plan import load_plan
-from tests.conftest import build_file_tree
+from tests.helpers import build_file_tree
 
 RECIPE = """\
 version: 1

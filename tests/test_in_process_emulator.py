@@ -10,7 +10,7 @@ import pytest
 from fluxbatch.main import main
 from fluxbatch.plan import load_plan
 from fluxbatch.state import Store
-from tests.conftest import build_file_tree
+from tests.helpers import build_file_tree
 
 RECIPE = """\
 version: 1

@@ -25,7 +25,7 @@ from fluxbatch.inputs import FactsCache, InputFile, InputProblem, Inputs
 from fluxbatch.main import main
 from fluxbatch.plan import load_plan
 from fluxbatch.project import Project
-from tests.conftest import build_file_tree
+from tests.helpers import build_file_tree
 
 
 def image_bytes(color: tuple[int, int, int] = (200, 40, 40), size: tuple[int, int] = (64, 48),

@@ -7,23 +7,16 @@ import json
 import shutil
 import sqlite3
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
+from fluxbatch.emulator import Emulator
 from fluxbatch.main import main
 from fluxbatch.plan import load_plan
-from tests.conftest import build_file_tree
+from tests.helpers import build_file_tree
 
 Capsys = pytest.CaptureFixture[str]
-
-
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[Emulator]:
-    with EmulatorThread(EmulatorConfig(latency=0.02, latency_sigma=0.1, max_side=64)) as emu:
-        yield emu
 
 
 def recipe(name: str = "mugs", output: str = "renders/{{ subject }}-{{ style }}.{{ ext }}",

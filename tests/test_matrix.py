@@ -12,7 +12,7 @@ import yaml
 
 from fluxbatch import matrix, recipe
 from fluxbatch.errors import RecipeError
-from tests.conftest import build_file_tree
+from tests.helpers import build_file_tree
 
 
 def combos(matrix_yaml: str, tmp_path: Path | None = None,

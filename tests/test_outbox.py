@@ -23,7 +23,7 @@ from fluxbatch.outbox import MAX_STARTS, Outbox, OutboxGone, Recovered
 from fluxbatch.plan import load_plan
 from fluxbatch.providers import ProviderInfo
 from fluxbatch.state import Store
-from tests.conftest import build_file_tree
+from tests.helpers import build_file_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "k" * 64

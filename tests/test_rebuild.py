@@ -4,191 +4,32 @@ re-renders exactly the images it touches, and `--only`, `--shard`, `--budget`, `
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
 
 from fluxbatch import imagemeta
-from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
-from fluxbatch.main import main
+from fluxbatch.emulator import Emulator
 from fluxbatch.plan import load_plan
 from fluxbatch.state import Store
-from tests.conftest import build_file_tree
+from tests.helpers import (
+    STORED,
+    Cli,
+    Run,
+    aligned,
+    build_file_tree,
+    check_manifest,
+    images,
+    money,
+    status_table,
+)
 
-SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "schemas" /
-                     "manifest.schema.json").read_text())
-IMAGE_SUFFIXES = (".png", ".jpg", ".webp")
 ALL = ("grid/circle.png", "grid/square.png", "grid/star.png", "solo/tree.png")
 STALE_REASON = "the request changed (prompt, parameters, model or seed)"
-
-
-def recipe_text(*, shapes: tuple[str, ...] = ("circle", "square", "star"),
-                colours: tuple[str, ...] = ("red", "green", "blue"),
-                prompt: str = "a {{ colour }} {{ shape }}", tolerance: int = 2) -> str:
-    return f"""
-        version: 1
-        name: rebuild
-        provider: emulator
-        output: "{{{{ job }}}}/{{{{ shape }}}}.{{{{ ext }}}}"
-        defaults:
-          model: flux-pro-1.1
-          width: 256
-          height: 256
-          output_format: png
-        jobs:
-          - name: grid
-            prompt: "{prompt}"
-            matrix:
-              zip:
-                shape: {json.dumps(list(shapes))}
-                colour: {json.dumps(list(colours))}
-          - name: solo
-            prompt: "a lone tree"
-            output: "{{{{ job }}}}/tree.{{{{ ext }}}}"
-            params: {{safety_tolerance: {tolerance}}}
-        """
-
-
-@dataclass(frozen=True, slots=True)
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-class Cli:
-    """`fluxbatch ...` in-process, its output captured; `render` talks to the emulator."""
-
-    def __init__(self, emulator: Emulator, capsys: pytest.CaptureFixture[str],
-                 root: Path) -> None:
-        self.emulator = emulator
-        self.capsys = capsys
-        self.root = root
-        self.recipe = root / "recipe.yaml"
-        self.name = "rebuild"
-
-    def write(self, **edits: Any) -> None:
-        build_file_tree(self.root, {"recipe.yaml": recipe_text(**edits)})
-
-    def __call__(self, *argv: str) -> Run:
-        self.capsys.readouterr()
-        code = main(list(argv))
-        captured = self.capsys.readouterr()
-        return Run(code, captured.out, captured.err)
-
-    def render(self, *options: str) -> Run:
-        return self("render", str(self.recipe), "--base-url", self.emulator.base_url, "-q",
-                    *options)
-
-    def status(self, *options: str) -> Run:
-        return self("status", str(self.recipe), *options)
-
-    def clean(self, *options: str) -> Run:
-        return self("clean", str(self.recipe), *options)
-
-    def prompts_sent(self, since: int) -> list[str]:
-        return sorted(str(s["request"]["prompt"]) for s in self.emulator.submissions[since:])
-
-    def written(self, count: int, up_to_date: int = 0) -> str:
-        """The report of a render that wrote `count` images at $0.04 each."""
-        rest = f", {up_to_date} up to date" if up_to_date else ""
-        return (f"{count} written{rest}; cost {money(count * 0.04)} (reported by the "
-                f"provider); manifest {self.root / (self.name + '.manifest.json')}\n")
-
-
-    def placed(self, count: int, up_to_date: int = 0) -> str:
-        """The report of a render that placed `count` images the root already held."""
-        rest = f", {up_to_date} up to date" if up_to_date else ""
-        return (f"{count} written ({count} from images already paid for){rest}; nothing paid; "
-                f"manifest {self.root / (self.name + '.manifest.json')}\n")
-
-
-def money(usd: float) -> str:
-    return f"${usd:.3f}" if 0 < usd < 0.1 else f"${usd:.2f}"
-
-
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[Emulator]:
-    """One emulator per module (tests count submissions from their own start)."""
-    with EmulatorThread(EmulatorConfig(latency=0.02, latency_sigma=0.1, max_side=64)) as emu:
-        yield emu
-
-
-@pytest.fixture
-def cli(emulator: Emulator, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Cli:
-    cli = Cli(emulator, capsys, tmp_path / "root")
-    cli.write()
-    return cli
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("template") / "root"
-
-
-@pytest.fixture
-def rendered(cli: Cli, template: Path) -> Cli:
-    """An output root with the recipe's 4 images rendered: rendered once per module, then
-    copied with its mtimes (a copy is as up to date as the original)."""
-    if not template.exists():
-        sent = len(cli.emulator.submissions)
-        assert cli.render() == Run(0, cli.written(4), "")
-        assert len(cli.emulator.submissions) == sent + 4
-        shutil.copytree(cli.root, template)
-    else:
-        shutil.copytree(template, cli.root, dirs_exist_ok=True)
-    return cli
-
-
-def images(root: Path) -> dict[str, tuple[int, str]]:
-    """Every image under the root: its mtime and sha256."""
-    return {path.relative_to(root).as_posix(): (path.stat().st_mtime_ns,
-                                                hashlib.sha256(path.read_bytes()).hexdigest())
-            for path in sorted(root.rglob("*")) if path.suffix in IMAGE_SUFFIXES}
-
-
-def check_manifest(cli: Cli) -> dict[str, dict[str, Any]]:
-    """The manifest validates, names only existing files with their sha256, and its keys are
-    the plan's keys; returns its entries by path."""
-    document = json.loads((cli.root / "rebuild.manifest.json").read_text())
-    jsonschema.Draft202012Validator(SCHEMA).validate(document)
-    entries = {entry["path"]: entry for entry in document["images"]}
-    on_disk = images(cli.root)
-    for path, entry in entries.items():
-        assert on_disk[path][1] == entry["sha256"]
-    keys = {job.output: job.key for job in load_plan(str(cli.recipe)).jobs}
-    assert {path: entry["key"] for path, entry in entries.items()} == keys
-    return entries
-
-
-def aligned(headers: tuple[str, ...], rows: Sequence[tuple[str, ...]],
-            right: frozenset[int] = frozenset()) -> str:
-    """A table as the commands print it, columns in `right` right-aligned (empty when there
-    are no rows)."""
-    if not rows:
-        return ""
-    widths = [max(len(header), *(len(row[i]) for row in rows))
-              for i, header in enumerate(headers)]
-    return "".join("  ".join(cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
-                             for i, cell in enumerate(cells)).rstrip()
-                   + "\n" for cells in (headers, *rows))
-
-
-def status_table(root: Path, counts: Sequence[tuple[str, int]]) -> str:
-    """The first lines of `status`: the root, then the counts by state."""
-    number = max(len("IMAGES"), *(len(str(n)) for _, n in counts))
-    state = max(len("STATE"), *(len(s) for s, _ in counts))
-    return "\n".join([f"recipe rebuild, output root {root}",
-                      f"{'STATE'.ljust(state)}  {'IMAGES'.rjust(number)}",
-                      *(f"{s.ljust(state)}  {str(n).rjust(number)}" for s, n in counts), ""])
 
 
 def status_verbose(rows: Sequence[tuple[str, ...]], counts: Sequence[tuple[str, int]],
@@ -221,9 +62,6 @@ def test_rerender_of_an_unchanged_recipe_submits_nothing_and_rewrites_nothing(
         sent, polls, downloads)
     assert images(rendered.root) == before
     assert sorted(check_manifest(rendered)) == sorted(ALL)
-
-
-STORED = "its image is in the content store (paid earlier): placed at no cost"
 
 
 def test_a_deleted_image_is_placed_again_from_the_store_and_not_paid_again(

@@ -12,7 +12,7 @@ import pytest
 from fluxbatch import recipe, yamlsource
 from fluxbatch.errors import RecipeError
 from fluxbatch.recipe_schema import DEFAULT_MAX_JOBS, DEFAULT_OUTPUT
-from tests.conftest import build_file_tree
+from tests.helpers import build_file_tree
 
 
 def problems(text: str, filename: str = "recipe.yaml") -> list[str]:

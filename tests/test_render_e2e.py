@@ -14,7 +14,7 @@ import pytest
 from fluxbatch import imagemeta
 from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
 from fluxbatch.main import main
-from tests.conftest import build_file_tree
+from tests.helpers import build_file_tree
 
 SECRET = "sk-test-SECRET"
 MAGIC = {".png": b"\x89PNG\r\n\x1a\n", ".jpg": b"\xff\xd8\xff"}

@@ -21,21 +21,15 @@ from fluxbatch.errors import StateError
 from fluxbatch.expand import Job
 from fluxbatch.plan import load_plan
 from fluxbatch.state import RootLock, Store
-from tests.conftest import build_file_tree
-
-# The same fixtures as test_rebuild: one emulator per module, a fresh root, a rendered root.
-from tests.test_rebuild import (  # noqa: F401
+from tests.helpers import (
     STORED,
     Cli,
     Run,
     aligned,
+    build_file_tree,
     check_manifest,
-    cli,
-    emulator,
     images,
-    rendered,
     status_table,
-    template,
 )
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,7 +18,7 @@ from fluxbatch.emulator import EmulatorConfig, EmulatorThread
 from fluxbatch.main import main
 from fluxbatch.plan import Options, load_plan
 from fluxbatch.render import base_url_for
-from tests.conftest import build_file_tree
+from tests.helpers import build_file_tree
 
 KEY = "sk-operator-key"
 

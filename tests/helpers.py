@@ -1,0 +1,170 @@
+"""Helpers shared by test modules (fixtures live in conftest.py): a file tree built from a
+mapping, and the "rebuild" output root that the rebuild and state-command tests drive through
+the CLI against the emulator, with the exact text its commands print."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from fluxbatch.emulator import Emulator
+from fluxbatch.main import main
+from fluxbatch.plan import load_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFEST_SCHEMA = json.loads((ROOT / "schemas" / "manifest.schema.json").read_text())
+IMAGE_SUFFIXES = (".png", ".jpg", ".webp")
+
+
+def build_file_tree(root: Path, files: Mapping[str, str | bytes]) -> Path:
+    """Write `files` (relative path → text, dedented, or bytes) under `root`."""
+    for relative, content in files.items():
+        target = root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            target.write_text(textwrap.dedent(content).lstrip("\n"), encoding="utf-8")
+    return root
+
+
+# -- the rebuild root -------------------------------------------------------------------------
+
+
+def recipe_text(*, shapes: tuple[str, ...] = ("circle", "square", "star"),
+                colours: tuple[str, ...] = ("red", "green", "blue"),
+                prompt: str = "a {{ colour }} {{ shape }}", tolerance: int = 2) -> str:
+    return f"""
+        version: 1
+        name: rebuild
+        provider: emulator
+        output: "{{{{ job }}}}/{{{{ shape }}}}.{{{{ ext }}}}"
+        defaults:
+          model: flux-pro-1.1
+          width: 256
+          height: 256
+          output_format: png
+        jobs:
+          - name: grid
+            prompt: "{prompt}"
+            matrix:
+              zip:
+                shape: {json.dumps(list(shapes))}
+                colour: {json.dumps(list(colours))}
+          - name: solo
+            prompt: "a lone tree"
+            output: "{{{{ job }}}}/tree.{{{{ ext }}}}"
+            params: {{safety_tolerance: {tolerance}}}
+        """
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+class Cli:
+    """`fluxbatch ...` in-process, its output captured; `render` talks to the emulator."""
+
+    def __init__(self, emulator: Emulator, capsys: pytest.CaptureFixture[str],
+                 root: Path) -> None:
+        self.emulator = emulator
+        self.capsys = capsys
+        self.root = root
+        self.recipe = root / "recipe.yaml"
+        self.name = "rebuild"
+
+    def write(self, **edits: Any) -> None:
+        build_file_tree(self.root, {"recipe.yaml": recipe_text(**edits)})
+
+    def __call__(self, *argv: str) -> Run:
+        self.capsys.readouterr()
+        code = main(list(argv))
+        captured = self.capsys.readouterr()
+        return Run(code, captured.out, captured.err)
+
+    def render(self, *options: str) -> Run:
+        return self("render", str(self.recipe), "--base-url", self.emulator.base_url, "-q",
+                    *options)
+
+    def status(self, *options: str) -> Run:
+        return self("status", str(self.recipe), *options)
+
+    def clean(self, *options: str) -> Run:
+        return self("clean", str(self.recipe), *options)
+
+    def prompts_sent(self, since: int) -> list[str]:
+        return sorted(str(s["request"]["prompt"]) for s in self.emulator.submissions[since:])
+
+    def written(self, count: int, up_to_date: int = 0) -> str:
+        """The report of a render that wrote `count` images at $0.04 each."""
+        rest = f", {up_to_date} up to date" if up_to_date else ""
+        return (f"{count} written{rest}; cost {money(count * 0.04)} (reported by the "
+                f"provider); manifest {self.root / (self.name + '.manifest.json')}\n")
+
+    def placed(self, count: int, up_to_date: int = 0) -> str:
+        """The report of a render that placed `count` images the root already held."""
+        rest = f", {up_to_date} up to date" if up_to_date else ""
+        return (f"{count} written ({count} from images already paid for){rest}; nothing paid; "
+                f"manifest {self.root / (self.name + '.manifest.json')}\n")
+
+
+def money(usd: float) -> str:
+    return f"${usd:.3f}" if 0 < usd < 0.1 else f"${usd:.2f}"
+
+
+def images(root: Path) -> dict[str, tuple[int, str]]:
+    """Every image under the root: its mtime and sha256."""
+    return {path.relative_to(root).as_posix(): (path.stat().st_mtime_ns,
+                                                hashlib.sha256(path.read_bytes()).hexdigest())
+            for path in sorted(root.rglob("*")) if path.suffix in IMAGE_SUFFIXES}
+
+
+def check_manifest(cli: Cli) -> dict[str, dict[str, Any]]:
+    """The manifest validates, names only existing files with their sha256, and its keys are
+    the plan's keys; returns its entries by path."""
+    document = json.loads((cli.root / "rebuild.manifest.json").read_text())
+    jsonschema.Draft202012Validator(MANIFEST_SCHEMA).validate(document)
+    entries = {entry["path"]: entry for entry in document["images"]}
+    on_disk = images(cli.root)
+    for path, entry in entries.items():
+        assert on_disk[path][1] == entry["sha256"]
+    keys = {job.output: job.key for job in load_plan(str(cli.recipe)).jobs}
+    assert {path: entry["key"] for path, entry in entries.items()} == keys
+    return entries
+
+
+def aligned(headers: tuple[str, ...], rows: Sequence[tuple[str, ...]],
+            right: frozenset[int] = frozenset()) -> str:
+    """A table as the commands print it, columns in `right` right-aligned (empty when there
+    are no rows)."""
+    if not rows:
+        return ""
+    widths = [max(len(header), *(len(row[i]) for row in rows))
+              for i, header in enumerate(headers)]
+    return "".join("  ".join(cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+                             for i, cell in enumerate(cells)).rstrip()
+                   + "\n" for cells in (headers, *rows))
+
+
+def status_table(root: Path, counts: Sequence[tuple[str, int]]) -> str:
+    """The first lines of `status`: the root, then the counts by state."""
+    number = max(len("IMAGES"), *(len(str(n)) for _, n in counts))
+    state = max(len("STATE"), *(len(s) for s, _ in counts))
+    return "\n".join([f"recipe rebuild, output root {root}",
+                      f"{'STATE'.ljust(state)}  {'IMAGES'.rjust(number)}",
+                      *(f"{s.ljust(state)}  {str(n).rjust(number)}" for s, n in counts), ""])
+
+
+# what `status` says of an image the content store holds
+STORED = "its image is in the content store (paid earlier): placed at no cost"
