@@ -70,9 +70,3 @@ class ConfigError(FluxbatchError):
 
 class StateError(FluxbatchError):
     """The state store or manifest is unreadable; the message says how to recover."""
-
-
-class Interrupted(FluxbatchError):
-    """The user pressed Ctrl-C; what was finished has been written."""
-
-    exit_code = EXIT_INTERRUPTED

@@ -102,10 +102,6 @@ class Model:
         return str(fmt)
 
     @property
-    def formats(self) -> tuple[str, ...]:
-        return tuple(_enum_of(self.properties.get("output_format", {})) or ("jpeg", "png"))
-
-    @property
     def sized_by(self) -> str:
         """'size' (width/height), 'aspect' (aspect_ratio) or 'input' (from the input image)."""
         if "width" in self.properties:
@@ -162,12 +158,6 @@ class Model:
             return f"{self.name} has no {field!r} parameter: {takes}"
         message = f"unknown parameter {field!r} for {self.name}"
         return message + did_you_mean(field, [*self.properties, "model"])
-
-    def coerce(self, field: str, text: str) -> Any:
-        """Turn a rendered template into the type the schema wants (`"6"` → 6 for steps)."""
-        if field not in self.properties:
-            return text
-        return coerce_text(text, self.field_types[field])
 
 
 _RATIO = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -369,16 +359,6 @@ def _types_of(schema: Mapping[str, Any]) -> tuple[str, ...]:
     if "enum" in schema:
         return ("string",)
     return ()
-
-
-def _enum_of(schema: Mapping[str, Any]) -> list[Any] | None:
-    if "enum" in schema:
-        return list(schema["enum"])
-    for branch in schema.get("anyOf", ()):
-        found = _enum_of(branch)
-        if found:
-            return found
-    return None
 
 
 # -- the compiled checks ------------------------------------------------------------------

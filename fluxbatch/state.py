@@ -283,10 +283,6 @@ class Store:
     def recipes(self) -> dict[str, str | None]:
         return dict(self.db.execute("SELECT name, path FROM recipes").fetchall())
 
-    def is_empty(self) -> bool:
-        return self.db.execute("SELECT 1 FROM placements LIMIT 1").fetchone() is None and \
-            self.db.execute("SELECT 1 FROM tasks LIMIT 1").fetchone() is None
-
     # -- the ledger (each call one committed transaction) ---------------------------------
 
     def _task(self, key: str, **fields: Any) -> None:

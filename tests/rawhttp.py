@@ -50,13 +50,6 @@ class Peer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.writer.transport.abort()
 
-    async def until_client_closes(self) -> None:
-        try:
-            while await self.reader.read(65536):
-                pass
-        except ConnectionError:
-            pass
-
 
 # A handler answers one request (or doesn't); True keeps reading requests on the connection.
 Handler = Callable[[Received, Peer], Awaitable[bool]]

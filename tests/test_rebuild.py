@@ -29,7 +29,6 @@ from tests.helpers import (
 )
 
 ALL = ("grid/circle.png", "grid/square.png", "grid/star.png", "solo/tree.png")
-STALE_REASON = "the request changed (prompt, parameters, model or seed)"
 
 
 def status_verbose(rows: Sequence[tuple[str, ...]], counts: Sequence[tuple[str, int]],
