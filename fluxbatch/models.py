@@ -26,6 +26,16 @@ DEPRECATED_FILE = "bfl-deprecated-flux1.reconstructed.json"
 # Fields that never change the pixels: excluded from job keys, secrets redacted from output.
 NON_PIXEL_FIELDS = frozenset({"webhook_url", "webhook_secret"})
 SECRET_FIELDS = frozenset({"webhook_secret"})
+REDACTED = "***"
+
+
+def redact(request: Mapping[str, Any]) -> dict[str, Any]:
+    """`request` as fluxbatch prints or records it (plan, status, manifest, provenance): each
+    secret field that is there reads `***`, whatever its value. An empty or null secret is
+    masked too, so that every output agrees and none tells what a secret holds."""
+    return {name: REDACTED if name in SECRET_FIELDS else value
+            for name, value in request.items()}
+
 # Documented internal field of flux-2-flex that callers must not send.
 INTERNAL_FIELDS = frozenset({"input_image_blob_path"})
 # The fields that take an image (Kontext's and FLUX.2's references, Fill's image and mask,

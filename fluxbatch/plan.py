@@ -207,7 +207,7 @@ def changes(entry: Mapping[str, Any], job: Job) -> list[str]:
     if entry.get("model") != job.model:
         found.append(f"model {entry.get('model')} → {job.model}")
     before = entry.get("request") or {}
-    after = {k: ("***" if k in models.SECRET_FIELDS and v else v) for k, v in job.request.items()}
+    after = models.redact(job.request)  # as the entry recorded it
     for name in sorted(set(before) | set(after), key=_field_order):
         old, new = before.get(name, _ABSENT), after.get(name, _ABSENT)
         if models.is_image_field(name) and input_identity(old) == input_identity(new):
@@ -320,8 +320,8 @@ def summarise(jobs: Sequence[Job], states: Sequence[str]) -> dict[str, ModelSumm
     return summary
 
 
-def redacted(request: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: ("***" if k in models.SECRET_FIELDS and v else v) for k, v in request.items()}
+# (commands/plan.py imports this name; once it imports models.redact itself, it goes)
+redacted = models.redact
 
 
 # -- selecting what a render does ---------------------------------------------------------

@@ -41,7 +41,11 @@ def build_file_tree(root: Path, files: Mapping[str, str | bytes]) -> Path:
 
 def recipe_text(*, shapes: tuple[str, ...] = ("circle", "square", "star"),
                 colours: tuple[str, ...] = ("red", "green", "blue"),
-                prompt: str = "a {{ colour }} {{ shape }}", tolerance: int = 2) -> str:
+                prompt: str = "a {{ colour }} {{ shape }}", tolerance: int = 2,
+                secret: str | None = None) -> str:
+    """The rebuild recipe: three shapes in a grid and a lone tree; `secret` is every job's
+    webhook_secret."""
+    webhook = "" if secret is None else f"\n          webhook_secret: {json.dumps(secret)}"
     return f"""
         version: 1
         name: rebuild
@@ -51,7 +55,7 @@ def recipe_text(*, shapes: tuple[str, ...] = ("circle", "square", "star"),
           model: flux-pro-1.1
           width: 256
           height: 256
-          output_format: png
+          output_format: png{webhook}
         jobs:
           - name: grid
             prompt: "{prompt}"
