@@ -12,7 +12,8 @@ recipe and output; and the bytes that were downloaded.
   - `recipes`: the recipes that use this root.
 - `blobs/ab/abcd…`: the bytes as downloaded, named by their sha256, fsync'd before the ledger
   says "fetched" (the content store);
-- `tmp/`, `lock`, `outbox.log`.
+- `tmp/`, `lock`, `outbox.log`;
+- `.gitignore` (`*`), so that `git add -A` in a project never commits any of it.
 
 An image is its key: a key whose bytes the root holds (in the content store or in any placed
 file) is placed, never paid for again; a key with a task in flight is collected.
@@ -29,6 +30,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -47,6 +49,8 @@ DATABASE = "state.sqlite"
 LOCK = "lock"
 BLOBS = "blobs"
 LEGACY_MANIFEST = "manifest.json"  # the first release's name, for a root of one recipe
+GITIGNORE = ".gitignore"
+_GITIGNORE_TEXT = "# Written by fluxbatch: its state stays out of version control.\n*\n"
 
 class TaskStatus(StrEnum):
     """Where a job key's latest task stands, in the ledger (`tasks.status`)."""
@@ -148,7 +152,8 @@ class Store:
             raise FileNotFoundError(path)
         documents = None if path.exists() else read_manifests(root)  # damaged: stop here
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            if create:
+                make_state_dir(root)
             connection = sqlite3.connect(path, timeout=30, isolation_level=None,
                                          factory=_Connection)
             connection.path = path
@@ -565,7 +570,7 @@ class RootLock:
         self.fd: int | None = None
 
     def __enter__(self) -> RootLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_state_dir(self.path.parent.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + self.wait
         while True:
@@ -599,6 +604,34 @@ class RootLock:
 
 def has_store(root: Path) -> bool:
     return (root / STATE_DIR / DATABASE).exists()
+
+
+def make_state_dir(root: Path) -> Path:
+    """The root's state directory, made if need be, with a `.gitignore` in it (as pytest does
+    for its cache): a project's `git add -A` commits no ledger, blob or lock. A root made by an
+    earlier release gets one the first time it is written to."""
+    directory = root / STATE_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    ignore_in_git(directory)
+    return directory
+
+
+def ignore_in_git(directory: Path) -> None:
+    """Write `directory/.gitignore` (`*`) unless a file of that name is there: one the user
+    wrote is theirs, and never replaced. Written whole, then linked into place (so no one sees
+    half of it, and a file that appears meanwhile wins). Not worth failing a render for: an
+    OSError leaves it unwritten."""
+    target = directory / GITIGNORE
+    if os.path.lexists(target):
+        return
+    with contextlib.suppress(OSError):
+        fd, temporary = tempfile.mkstemp(prefix=f"{GITIGNORE}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(_GITIGNORE_TEXT)
+            os.link(temporary, target)
+        finally:
+            os.unlink(temporary)
 
 
 # -- what is on disk, for a root without a store ------------------------------------------
