@@ -1,5 +1,66 @@
-"""fluxbatch: a declarative, make-style batch renderer for the Flux image APIs."""
+"""fluxbatch: a declarative, make-style batch renderer for the Flux image APIs.
+
+The Python API (see `fluxbatch.api` for a tour):
+
+- `load(path) -> Recipe`: read and check a recipe; `RecipeError.problems` lists every problem.
+- `plan(recipe_or_path) -> Planned`: the images, each with its key, seed, output, request and
+  state, read against the output root (nothing written or sent).
+- `render(recipe_or_path, ...) -> Report`, `await arender(...)`: make what is missing.
+
+These names, and the types they return or raise, are the stable surface; every other module
+is internal. Importing `fluxbatch` loads none of them until one is used, so the command line
+starts fast.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "Event",
+    "FluxbatchError",
+    "Outcome",
+    "Planned",
+    "PlannedJob",
+    "Problem",
+    "Recipe",
+    "RecipeError",
+    "Report",
+    "StateError",
+    "__version__",
+    "arender",
+    "load",
+    "plan",
+    "render",
+]
+
+if TYPE_CHECKING:
+    from fluxbatch.api import Planned, PlannedJob, arender, load, plan, render
+    from fluxbatch.errors import ConfigError, FluxbatchError, Problem, RecipeError, StateError
+    from fluxbatch.execute import Event, Outcome
+    from fluxbatch.recipe import Recipe
+    from fluxbatch.session import Report
+
+_WHERE = {
+    "Planned": "fluxbatch.api", "PlannedJob": "fluxbatch.api", "arender": "fluxbatch.api",
+    "load": "fluxbatch.api", "plan": "fluxbatch.api", "render": "fluxbatch.api",
+    "ConfigError": "fluxbatch.errors", "FluxbatchError": "fluxbatch.errors",
+    "Problem": "fluxbatch.errors", "RecipeError": "fluxbatch.errors",
+    "StateError": "fluxbatch.errors", "Event": "fluxbatch.execute",
+    "Outcome": "fluxbatch.execute", "Recipe": "fluxbatch.recipe", "Report": "fluxbatch.session",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The public names, each imported when first used (PEP 562)."""
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fluxbatch' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

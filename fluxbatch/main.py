@@ -214,7 +214,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _render(args: argparse.Namespace) -> int:
     from fluxbatch.commands.render import render
-    from fluxbatch.plan import Options, parse_shard
+    from fluxbatch.selection import Options, parse_shard
 
     options = Options(concurrency=args.jobs, base_url=args.base_url, force=args.force,
                       only=tuple(args.only), retry_unknown=args.retry_unknown,

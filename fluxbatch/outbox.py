@@ -114,7 +114,7 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
                "headers": list(response.headers.multi_items()),
                "body": base64.b64encode(response.content).decode()})
 
-    async with Wire.open(16) as wire:  # as many connections as render.py's smallest pool
+    async with Wire.open(16) as wire:  # as many connections as network.py's smallest pool
         while True:
             line = await stdin.readline()
             if not line:

@@ -17,7 +17,7 @@ import pytest
 
 from fluxbatch.emulator import Emulator
 from fluxbatch.main import main
-from fluxbatch.plan import load_plan
+from fluxbatch.selection import load_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST_SCHEMA = json.loads((ROOT / "schemas" / "manifest.schema.json").read_text())

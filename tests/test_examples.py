@@ -10,7 +10,7 @@ import pytest
 
 from fluxbatch.emulator import EmulatorConfig, EmulatorThread
 from fluxbatch.main import main
-from fluxbatch.plan import load_plan
+from fluxbatch.selection import load_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*/recipe.yaml"))

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from fluxbatch import identity, recipe
 from fluxbatch.errors import PlanTooLargeError, RecipeError
 from fluxbatch.expand import Job, Plan, expand
-from fluxbatch.plan import load_plan
+from fluxbatch.selection import load_plan
 from tests.helpers import build_file_tree
 
 HEAD = "version: 1\nname: r\ndefaults: {model: flux-dev}\n"

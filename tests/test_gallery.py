@@ -14,7 +14,7 @@ from PIL import Image
 
 from fluxbatch.emulator import EmulatorConfig, EmulatorThread
 from fluxbatch.main import main
-from fluxbatch.plan import load_plan
+from fluxbatch.selection import load_plan
 from tests.helpers import build_file_tree
 
 RECIPE = """\

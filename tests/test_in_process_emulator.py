@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fluxbatch.main import main
-from fluxbatch.plan import load_plan
+from fluxbatch.selection import load_plan
 from fluxbatch.state import Store
 from tests.helpers import build_file_tree
 

@@ -23,8 +23,8 @@ from fluxbatch.errors import RecipeError
 from fluxbatch.identity import auto_seed, job_key
 from fluxbatch.inputs import FactsCache, InputFile, InputProblem, Inputs
 from fluxbatch.main import main
-from fluxbatch.plan import load_plan
 from fluxbatch.project import Project
+from fluxbatch.selection import load_plan
 from tests.helpers import build_file_tree
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
 from fluxbatch.identity import job_key
-from fluxbatch.plan import file_sha256, load_plan
+from fluxbatch.selection import file_sha256, load_plan
 from tests.helpers import build_file_tree
 
 ROOT = Path(__file__).resolve().parent.parent

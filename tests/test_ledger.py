@@ -13,7 +13,7 @@ import pytest
 
 from fluxbatch.emulator import Emulator
 from fluxbatch.main import main
-from fluxbatch.plan import load_plan
+from fluxbatch.selection import load_plan
 from tests.helpers import build_file_tree
 
 Capsys = pytest.CaptureFixture[str]

@@ -20,8 +20,8 @@ from fluxbatch import providers
 from fluxbatch.emulator import EmulatorConfig, EmulatorThread
 from fluxbatch.identity import job_key
 from fluxbatch.outbox import MAX_STARTS, Outbox, OutboxGone, Recovered
-from fluxbatch.plan import load_plan
 from fluxbatch.providers import ProviderInfo
+from fluxbatch.selection import load_plan
 from fluxbatch.state import Store
 from tests.helpers import build_file_tree
 

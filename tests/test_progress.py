@@ -10,8 +10,8 @@ from fluxbatch.commands.render import _Progress
 from fluxbatch.execute import Event
 from fluxbatch.expand import Job
 from fluxbatch.matrix import Combination
-from fluxbatch.plan import Classified, Selection
 from fluxbatch.recipe import Recipe
+from fluxbatch.selection import Classified, Selection
 
 
 def job(index: int) -> Job:

@@ -14,7 +14,7 @@ import pytest
 
 from fluxbatch import imagemeta
 from fluxbatch.emulator import Emulator
-from fluxbatch.plan import load_plan
+from fluxbatch.selection import load_plan
 from fluxbatch.state import Store
 from tests.helpers import (
     STORED,

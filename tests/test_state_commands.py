@@ -19,7 +19,7 @@ import pytest
 from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
 from fluxbatch.errors import StateError
 from fluxbatch.expand import Job
-from fluxbatch.plan import load_plan
+from fluxbatch.selection import load_plan
 from fluxbatch.state import RootLock, Store
 from tests.helpers import (
     STORED,

@@ -16,8 +16,8 @@ import pytest
 from fluxbatch import wire
 from fluxbatch.emulator import EmulatorConfig, EmulatorThread
 from fluxbatch.main import main
-from fluxbatch.plan import Options, load_plan
-from fluxbatch.render import base_url_for
+from fluxbatch.network import base_url_for
+from fluxbatch.selection import Options, load_plan
 from tests.helpers import build_file_tree
 
 KEY = "sk-operator-key"

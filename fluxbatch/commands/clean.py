@@ -16,7 +16,7 @@ from pathlib import Path
 from fluxbatch.commands.output import plural
 from fluxbatch.errors import EXIT_OK, FluxbatchError
 from fluxbatch.expand import Plan
-from fluxbatch.plan import classify, load_plan, source_placement
+from fluxbatch.selection import classify, load_plan, source_placement
 from fluxbatch.state import (
     RootLock,
     RootState,

@@ -32,8 +32,8 @@ from fluxbatch.commands.output import plural, short_value
 from fluxbatch.errors import EXIT_OK, FluxbatchError, UsageError
 from fluxbatch.expand import Job, Plan
 from fluxbatch.models import did_you_mean
-from fluxbatch.plan import UP_TO_DATE, classify, load_plan
 from fluxbatch.recipe import JobSpec
+from fluxbatch.selection import UP_TO_DATE, classify, load_plan
 from fluxbatch.state import manifest_name, read_state
 from fluxbatch.write import atomic_write
 

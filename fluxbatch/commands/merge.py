@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from fluxbatch.commands.output import plural
 from fluxbatch.errors import EXIT_FAILED, EXIT_OK, UsageError
 from fluxbatch.expand import Plan
-from fluxbatch.plan import UP_TO_DATE, classify, load_plan, source_placement
+from fluxbatch.selection import UP_TO_DATE, classify, load_plan, source_placement
 from fluxbatch.state import (
     IN_FLIGHT,
     RootLock,
@@ -33,7 +33,7 @@ from fluxbatch.state import (
 from fluxbatch.write import manifest_path, write_manifest
 
 if TYPE_CHECKING:  # (the render module, and the network half it imports, load only here)
-    from fluxbatch.render import Placer
+    from fluxbatch.network import Placer
 
 
 @dataclass(slots=True)
@@ -52,7 +52,7 @@ def merge(*, recipe: str, out: str | None, yes: bool, sources: list[str]) -> int
             raise UsageError(f"merge: {source} is not a folder")
         if os.path.realpath(source) == os.path.realpath(root):
             raise UsageError(f"merge: {source} is this recipe's own output root")
-    from fluxbatch.render import Placer
+    from fluxbatch.network import Placer
 
     root.mkdir(parents=True, exist_ok=True)
     conflicts = 0

@@ -8,7 +8,7 @@ from typing import Any
 from fluxbatch import models
 from fluxbatch.commands.output import money, plural, table, values_text
 from fluxbatch.errors import EXIT_OK
-from fluxbatch.plan import (
+from fluxbatch.selection import (
     STATE_ORDER,
     TO_RENDER,
     Classified,

@@ -10,57 +10,74 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any, TextIO
 
 from fluxbatch.commands.output import money, plural, table, values_text
-
-# asyncio, tqdm and the providers (httpx) are imported where a render needs the network: a
-# null build of 10,000 images loads none of them.
 from fluxbatch.commands.validate import print_notes
-from fluxbatch.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError, StateError
-from fluxbatch.plan import (
-    Options,
-    Selection,
-    check_budget,
-    classify,
-    classify_with_store,
-    load_plan,
-    select,
-)
-from fluxbatch.state import RootLock, RootState, Store, new_run_id, read_state
-from fluxbatch.write import clear_debris, manifest_path, write_manifest
+from fluxbatch.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError
+from fluxbatch.selection import Options, Selection, check_budget, load_plan
+
+# The render itself runs in `session`; asyncio, tqdm and the providers (httpx) are imported
+# only where a render needs the network: a null build of 10,000 images loads none of them.
+from fluxbatch.session import Render, Report, preview
+from fluxbatch.write import manifest_path
 
 if TYPE_CHECKING:
-    from fluxbatch.execute import Event, Executor, Outcome
+    from fluxbatch.execute import Event
     from fluxbatch.expand import Job, Plan
-    from fluxbatch.providers import Provider
-    from fluxbatch.render import Report
 
 
 def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run: bool,
            quiet: bool, as_json: bool = False, progress_every: float = 5.0) -> int:
     plan = load_plan(recipe, out=out, yes=yes)
     print_notes(plan)
-    root = plan.recipe.output_root
     if dry_run:
         return _dry_run(plan, options)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with RootLock(root) as lock, Store.open(root) as store:
-            store.use(plan.recipe.name, plan.recipe.path)
-            if plan.recipe.inputs is not None:  # what the plan learnt of its image inputs
-                plan.recipe.inputs.cache.save()
-            clear_debris(root)
-            adopt_found_images(plan, store)
-            classified, state = classify_with_store(plan, store, options)
-            selection = select(classified, state, options, plan.recipe.provider.name)
-            check_budget(selection, options.budget)
-            if not selection.jobs and not selection.place:
-                return _nothing_to_do(plan, selection, store, as_json)
+    import asyncio
+    import signal
+
+    progress: _Progress | None = None
+    ticker: asyncio.Future[None] | None = None
+
+    def on_selected(selection: Selection) -> None:  # (called in the render's event loop)
+        nonlocal progress, ticker
+        if selection.jobs or selection.place:
             progress = _Progress(selection, quiet=quiet, every=progress_every)
-            report = _run(plan, selection, state, store, options, progress, lock)
-            progress.close()
-    except OSError as error:  # the output root itself: read-only, gone, not a folder
-        reason = "it is a file, not a folder" if root.exists() and not root.is_dir() else \
-            error.strerror or str(error)
-        raise StateError(f"cannot use the output root {root}: {reason}") from None
+            ticker = asyncio.ensure_future(progress.tick_every())
+
+    def on_event(event: Event) -> None:
+        if progress is not None:
+            progress.event(event)
+
+    session = Render(plan, options, on_event=on_event, on_selected=on_selected)
+
+    async def run() -> Report:
+        loop = asyncio.get_running_loop()
+
+        def on_interrupt() -> None:
+            if session.stopping:
+                session.stop(now=True)  # a second Ctrl-C: stop now
+                return
+            session.stop()
+            message = ("stopping: nothing new is submitted; tasks already paid for are "
+                       "recorded and picked up by the next run (Ctrl-C again to quit now)")
+            if progress is not None:
+                progress.write(message)
+            else:
+                print(message, file=sys.stderr)
+
+        for number in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(number, on_interrupt)
+        try:
+            return await session.run()
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+            for number in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(number)
+
+    report = asyncio.run(run())
+    if progress is not None:
+        progress.close()
+    if report.nothing_to_do:
+        return _nothing_to_do(plan, report, as_json)
     code = EXIT_INTERRUPTED if report.interrupted else EXIT_OK if report.ok else EXIT_FAILED
     if as_json:
         print(json.dumps(_summary(plan, report, code), ensure_ascii=False))
@@ -68,82 +85,14 @@ def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run
     return code
 
 
-def adopt_found_images(plan: Plan, store: Store) -> None:
-    """Images at their planned paths that the store does not know (copied from a shard, or
-    the store and manifest were lost) are recognised by the key their provenance carries."""
-    placed = store.placed_outputs(plan.recipe.name)
-    unknown = [job for job in plan.jobs if job.output not in placed]
-    if unknown:
-        store.adopt(plan.recipe.name, unknown)
-
-
-def _nothing_to_do(plan: Plan, selection: Selection, store: Store, as_json: bool) -> int:
-    if not store.manifest_intact(plan.recipe.name, manifest_path(plan.recipe)):
-        write_manifest(plan.recipe, store)  # missing, changed or damaged: from the store
+def _nothing_to_do(plan: Plan, report: Report, as_json: bool) -> int:
+    selection = report.selection
     held = selection.held_unknown or selection.held_moderated
     code = EXIT_FAILED if held else EXIT_OK
     if as_json:
-        from fluxbatch.render import Report
-
-        print(json.dumps(_summary(plan, Report(selection, []), code), ensure_ascii=False))
+        print(json.dumps(_summary(plan, report, code), ensure_ascii=False))
     _print_nothing_to_do(selection, out=sys.stderr if as_json else sys.stdout)
     return code
-
-
-def _run(plan: Plan, selection: Selection, state: RootState, store: Store, options: Options,
-         progress: _Progress, lock: RootLock) -> Report:
-    from fluxbatch.render import Report, execute, place_stored, provider_for, settings_for
-
-    placed = place_stored(plan, selection, state, store, progress.event)
-    if not selection.jobs:
-        from fluxbatch.render import finish_manifest
-
-        finish_manifest(plan.recipe, store)
-        return Report(selection, placed)
-    import asyncio
-    import signal
-
-    settings = settings_for(plan, options)
-    interrupted = [False]
-    running: list[Executor] = []
-    run_id = new_run_id()
-
-    async def main(provider: Provider) -> list[Outcome]:
-        loop = asyncio.get_running_loop()
-        current = asyncio.current_task()
-
-        def on_interrupt(executor: Executor) -> None:
-            if interrupted[0]:
-                if current is not None:
-                    current.cancel()  # a second Ctrl-C: stop now
-                return
-            interrupted[0] = True
-            executor.stop()
-            progress.write("stopping: nothing new is submitted; tasks already paid for are "
-                           "recorded and picked up by the next run (Ctrl-C again to quit now)")
-
-        def started(executor: Executor) -> None:
-            running.append(executor)
-            loop.add_signal_handler(signal.SIGINT, on_interrupt, executor)
-            loop.add_signal_handler(signal.SIGTERM, on_interrupt, executor)
-
-        ticker = asyncio.ensure_future(progress.tick_every())
-        try:
-            return await execute(plan, selection, store, provider, settings, progress.event,
-                                 started, lock=lock, run=run_id)
-        finally:
-            ticker.cancel()
-            loop.remove_signal_handler(signal.SIGINT)
-            loop.remove_signal_handler(signal.SIGTERM)
-
-    with provider_for(plan, options, os.environ) as provider:
-        try:
-            outcomes = asyncio.run(main(provider))
-        except asyncio.CancelledError:
-            outcomes = []
-            interrupted[0] = True
-    fatal = running[0].fatal if running else None
-    return Report(selection, placed + outcomes, interrupted=interrupted[0], fatal=fatal)
 
 
 class _Progress:
@@ -338,9 +287,8 @@ def _summary(plan: Plan, report: Report, code: int) -> dict[str, Any]:
 
 def _dry_run(plan: Plan, options: Options) -> int:
     """The same classification and selection as a real run; nothing is sent or written."""
-    state = read_state(plan.recipe.output_root, plan.recipe.name, plan.jobs)
-    classified = classify(plan, state, verify=options.verify)
-    selection = select(classified, state, options, plan.recipe.provider.name)
+    selection = preview(plan, options)
+
     def row(job: Job, would: str) -> list[str]:
         return [job.job, values_text(job.vars), str(job.replicate), job.model, job.output, would]
 

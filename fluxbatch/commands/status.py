@@ -11,7 +11,7 @@ from typing import Any
 
 from fluxbatch.commands.output import table, values_text
 from fluxbatch.errors import EXIT_FAILED, EXIT_OK
-from fluxbatch.plan import (
+from fluxbatch.selection import (
     FAILED,
     IN_FLIGHT,
     MISSING,

@@ -6,7 +6,7 @@ import sys
 
 from fluxbatch.errors import EXIT_FAILED, EXIT_OK, PlanTooLargeError, RecipeError
 from fluxbatch.expand import Plan
-from fluxbatch.plan import load_plan
+from fluxbatch.selection import load_plan
 
 
 def print_notes(plan: Plan) -> None:

@@ -1,6 +1,7 @@
-"""The network half of `render`: the provider, the executor and the writer wired together,
-with the state store journaling every step (what to render is decided in `plan`). No printing
-here: the command layer shows progress from events. Loaded only when there is work to do.
+"""The network half of a render: the provider, the executor and the writer wired together,
+with the state store journaling every step. What to render is decided in `selection`, and the
+whole render is driven from `session`; no printing here. Loaded only when there is work to
+do.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ from fluxbatch.execute import (
 from fluxbatch.expand import Job, Plan
 from fluxbatch.inputs import InputProblem, is_descriptor
 from fluxbatch.outbox import Outbox
-from fluxbatch.plan import Options, Selection, source_placement
 from fluxbatch.providers import Polled, Submitted
 from fluxbatch.recipe import Recipe
+from fluxbatch.selection import Options, Selection, source_placement
 from fluxbatch.state import (
     RootLock,
     RootState,
@@ -100,33 +101,6 @@ class StoreJournal:
             self.store.ended(key, TaskStatus.SUBMITTED, outcome.reason)
         elif outcome.status in (MODERATED, FAILED, UNKNOWN, GONE):
             self.store.ended(key, outcome.status, outcome.reason)
-
-
-@dataclass(slots=True)
-class Report:
-    selection: Selection
-    outcomes: list[Outcome]
-    interrupted: bool = False
-    manifest: str | None = None
-    fatal: str | None = None  # why the run stopped early (a refused key, an unreachable host)
-
-    def spent_usd(self) -> float | None:
-        """What the provider reported for the tasks submitted in this run; None when it
-        reported none."""
-        costs = [o.submitted.cost for o in self.outcomes if o.submitted is not None
-                 and o.submitted_at is not None and o.submitted.cost is not None]
-        return sum(costs) / 100 if costs else None
-
-    def collected_usd(self) -> float | None:
-        """What tasks paid for by earlier runs, and collected by this one, had cost."""
-        costs = [o.submitted.cost for o in self.outcomes if o.submitted is not None
-                 and o.submitted_at is None and o.submitted.cost is not None]
-        return sum(costs) / 100 if costs else None
-
-    @property
-    def ok(self) -> bool:
-        return not self.interrupted and all(o.status == WRITTEN for o in self.outcomes) \
-            and not self.selection.held_unknown and not self.selection.held_moderated
 
 
 def base_url_for(plan: Plan, options: Options, environ: Mapping[str, str]) -> str | None:

@@ -1,8 +1,10 @@
-"""Stage 3: compare the plan with what is already on disk and say what each job needs.
+"""Stage 3: compare the plan with what is already on disk, say what each image needs, and
+select what a render does (`--only`, `--shard`, `--force`, `--budget`).
 
-`build(recipe_path, ...)` is the shared front half of `plan`, `render`, `status` and `clean`:
-load → expand → classify. The classification reads the state (which images exist, under
-which key) but never changes anything.
+`load_plan(recipe_path, ...)` is the shared front half of the `plan`, `render`, `status`,
+`clean` and `gallery` commands: load → expand → check the outputs' links. `classify` reads
+the state (which images exist, under which key) but never changes anything; `select` turns
+the classification into a `Selection`, which `session.Render` carries out.
 """
 
 from __future__ import annotations

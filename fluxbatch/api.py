@@ -1,0 +1,198 @@
+"""The Python API: what the command line does, for scripts, notebooks and CI glue.
+
+    import fluxbatch
+
+    recipe = fluxbatch.load("recipe.yaml")              # RecipeError lists every problem
+    planned = fluxbatch.plan(recipe)                    # offline: reads the output root only
+    for job in planned.jobs:
+        print(job.output, job.state, job.key[:12])
+    report = fluxbatch.render(recipe, on_event=print)   # or: await fluxbatch.arender(...)
+    print(report.ok, report.spent_usd())
+
+Nothing here prints, exits or reads the terminal: problems are `FluxbatchError`s (a
+`RecipeError` carries each problem's file, line, column, path and message), progress comes
+as `Event`s, and the outcome as a `Report`. The API key is read from the environment, as
+the command line reads it (pass `environ=` to give another mapping); it is never read from
+a recipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fluxbatch import models
+from fluxbatch import recipe as recipes
+from fluxbatch.errors import RecipeError
+from fluxbatch.expand import Job, Plan, expand
+from fluxbatch.recipe import Recipe
+from fluxbatch.selection import (
+    STATE_ORDER,
+    Options,
+    Selection,
+    classify,
+    escape_problems,
+    select,
+    stale_changes,
+)
+from fluxbatch.session import Render, Report
+from fluxbatch.state import read_state
+
+if TYPE_CHECKING:
+    import httpx
+
+    from fluxbatch.execute import Event
+
+RecipeLike = Recipe | str | os.PathLike[str]
+
+
+def load(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = None) -> Recipe:
+    """Read and check the recipe at `path`. `out` overrides its output root (relative to
+    the working directory), as `--out` does. Raises `RecipeError` with every problem the
+    recipe has on its own (problems of its combinations are found by `plan`)."""
+    return recipes.load(path, output_root=None if out is None else os.fspath(out))
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedJob:
+    """One image of the plan, and what its output root says of it."""
+
+    job: str  # the recipe's job (a group of images), by name
+    vars: Mapping[str, Any]  # the combination's values
+    replicate: int
+    model: str
+    request: Mapping[str, Any]  # the body to send (image inputs as descriptors, no bytes)
+    seed: int
+    key: str  # the image's identity: the same key is the same image
+    output: str  # relative to the output root
+    state: str  # up-to-date, stored, new, missing, stale, in-flight, failed, ...
+    action: str  # what `render` would do: submit, attach, place, skip or hold
+    changes: tuple[str, ...] = ()  # for a stale image: what changed, field by field
+
+    @property
+    def prompt(self) -> str | None:
+        prompt = self.request.get("prompt")
+        return prompt if isinstance(prompt, str) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """A plan, read against its output root: what `render` would do, and what it would
+    cost. `plan` is the plan itself (for `render`)."""
+
+    plan: Plan
+    jobs: tuple[PlannedJob, ...]
+    orphans: tuple[str, ...]  # outputs of images that left the recipe
+    estimated_usd: float | None  # of the images to submit; None when a price is unknown
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.plan.recipe
+
+    def counts(self) -> dict[str, int]:
+        """Images by state, in the order `fluxbatch status` lists them."""
+        found = {state: 0 for state in STATE_ORDER}
+        for job in self.jobs:
+            found[job.state] = found.get(job.state, 0) + 1
+        if self.orphans:
+            found["orphaned"] = len(self.orphans)
+        return {state: count for state, count in found.items() if count}
+
+
+def plan(recipe: RecipeLike, *, out: str | os.PathLike[str] | None = None, yes: bool = False,
+         only: Sequence[str] = (), shard: tuple[int, int] | None = None, force: bool = False,
+         retry_unknown: bool = False, verify: bool = False) -> Planned:
+    """Expand the recipe and read its output root (nothing is written or sent). `yes`
+    accepts a plan over the recipe's `max_jobs`; `only`, `shard`, `force` and
+    `retry_unknown` select as `render` would, and each job's `action` says what it would do.
+    Raises `RecipeError` (every problem at once) or another `FluxbatchError`."""
+    built = _plan(recipe, out, yes)
+    options = Options(only=tuple(only), shard=shard, force=force, retry_unknown=retry_unknown,
+                      verify=verify)
+    state = read_state(built.recipe.output_root, built.recipe.name, built.jobs)
+    classified = classify(built, state, verify=verify)
+    selection = select(classified, state, options, built.recipe.provider.name)
+    actions = _actions(selection)
+    changes = stale_changes(classified)
+    jobs = tuple(_planned(job, found, actions.get(id(job), "skip"),
+                          tuple(changes.get(job.index, ())))
+                 for job, found in zip(built.jobs, classified.states, strict=True))
+    return Planned(built, jobs, classified.orphans, selection.estimated_usd())
+
+
+def render(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] | None = None,
+           yes: bool = False, base_url: str | None = None, jobs: int | None = None,
+           only: Sequence[str] = (), shard: tuple[int, int] | None = None,
+           force: bool = False, retry_unknown: bool = False, verify: bool = False,
+           budget: float | None = None, timeout: float | None = None,
+           on_event: Callable[[Event], None] | None = None,
+           environ: Mapping[str, str] | None = None,
+           transport: httpx.AsyncBaseTransport | None = None) -> Report:
+    """Render every missing or stale image of the recipe, and its manifest, as
+    `fluxbatch render` does; returns the `Report`. Must not be called from a running event
+    loop: use `arender` there. See `arender` for the arguments."""
+    return asyncio.run(arender(
+        recipe, out=out, yes=yes, base_url=base_url, jobs=jobs, only=only, shard=shard,
+        force=force, retry_unknown=retry_unknown, verify=verify, budget=budget,
+        timeout=timeout, on_event=on_event, environ=environ, transport=transport))
+
+
+async def arender(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] | None = None,
+                  yes: bool = False, base_url: str | None = None, jobs: int | None = None,
+                  only: Sequence[str] = (), shard: tuple[int, int] | None = None,
+                  force: bool = False, retry_unknown: bool = False, verify: bool = False,
+                  budget: float | None = None, timeout: float | None = None,
+                  on_event: Callable[[Event], None] | None = None,
+                  environ: Mapping[str, str] | None = None,
+                  transport: httpx.AsyncBaseTransport | None = None) -> Report:
+    """Render the recipe (a path, a loaded `Recipe`, or what `plan` returned: then that
+    very plan, not expanded again). `base_url` sends the requests (and the key) elsewhere (loopback,
+    or the provider's own hosts); `jobs` caps the tasks in flight (default: the provider's
+    cap, 24); `budget` refuses to start above an estimated cost in USD; `timeout` gives up on
+    one task after so many seconds; `on_event` is called with each `Event` (submitted,
+    ready, written, failed, ...) on the event loop's thread. Cancelling the call stops at
+    once: every task already paid for is in the state store, and the next render collects
+    it without paying again."""
+    built = recipe.plan if isinstance(recipe, Planned) else _plan(recipe, out, yes)
+    options = Options(concurrency=jobs, base_url=base_url, force=force, only=tuple(only),
+                      retry_unknown=retry_unknown, verify=verify, budget=budget, shard=shard,
+                      task_timeout=timeout)
+    return await Render(built, options, environ=environ, on_event=on_event,
+                        transport=transport).run()
+
+
+def _plan(recipe: RecipeLike, out: str | os.PathLike[str] | None, yes: bool) -> Plan:
+    if isinstance(recipe, Recipe):
+        if out is not None:
+            raise ValueError("out= applies to a recipe path; load(path, out=...) for a Recipe")
+        built = expand(recipe, yes=yes)
+    else:
+        built = expand(recipes.load(recipe, strict=False,
+                                    output_root=None if out is None else os.fspath(out)),
+                       yes=yes)
+    problems = escape_problems(built)
+    if problems:
+        raise RecipeError(problems)
+    return built
+
+
+def _actions(selection: Selection) -> dict[int, str]:
+    """What render would do with each job, by the job's identity."""
+    found = {id(job): "submit" for job in selection.submit}
+    found.update((id(job), "attach") for job, _ in selection.attach)
+    found.update((id(job), "place") for job in selection.place)
+    for followers in selection.followers.values():
+        found.update((id(job), "place") for job in followers)
+    found.update((id(job), "hold") for job in selection.held_unknown)
+    found.update((id(job), "hold") for job in selection.held_moderated)
+    return found
+
+
+def _planned(job: Job, state: str, action: str, changes: tuple[str, ...]) -> PlannedJob:
+    request = models.redact(job.request)
+    return PlannedJob(job=job.job, vars=dict(job.vars), replicate=job.replicate,
+                      model=job.model, request=request, seed=job.seed, key=job.key,
+                      output=job.output, state=state, action=action, changes=changes)

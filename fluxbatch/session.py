@@ -1,0 +1,190 @@
+"""One render of a plan into its output root, end to end: the composition root.
+
+Open the root (its lock, its state store) → classify and select → place the images the root
+already holds → submit, collect and place the rest → report. The CLI's `render`, its dry run
+(`preview`) and the Python API (`fluxbatch.render`) all come through here, so that they
+cannot drift apart. Nothing here prints, exits, reads the terminal or installs a signal
+handler: progress leaves as `Event`s, the outcome as a `Report`, problems as
+`FluxbatchError`s; a caller stops a render with `Render.stop()`.
+
+The network half (`fluxbatch.network`: the provider, the executor, the writer) is imported
+only when there is something to send: a null build of 10,000 images loads no HTTP stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from fluxbatch.errors import StateError
+from fluxbatch.expand import Plan
+from fluxbatch.selection import (
+    Options,
+    Selection,
+    check_budget,
+    classify,
+    classify_with_store,
+    select,
+)
+from fluxbatch.state import RootLock, Store, new_run_id, read_state
+from fluxbatch.write import clear_debris, manifest_path, write_manifest
+
+if TYPE_CHECKING:
+    import httpx
+
+    from fluxbatch.execute import Event, Executor, Outcome
+
+
+@dataclass(slots=True)
+class Report:
+    """What a render did: one `Outcome` per image it wrote or tried to (placed from the
+    store, submitted, or collected), with what it left alone in `selection`."""
+
+    selection: Selection
+    outcomes: list[Outcome] = field(default_factory=list)
+    interrupted: bool = False
+    fatal: str | None = None  # why the run stopped early (a refused key, an unreachable host)
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return not self.selection.jobs and not self.selection.place
+
+    def spent_usd(self) -> float | None:
+        """What the provider reported for the tasks submitted in this run; None when it
+        reported none."""
+        costs = [o.submitted.cost for o in self.outcomes if o.submitted is not None
+                 and o.submitted_at is not None and o.submitted.cost is not None]
+        return sum(costs) / 100 if costs else None
+
+    def collected_usd(self) -> float | None:
+        """What tasks paid for by earlier runs, and collected by this one, had cost."""
+        costs = [o.submitted.cost for o in self.outcomes if o.submitted is not None
+                 and o.submitted_at is None and o.submitted.cost is not None]
+        return sum(costs) / 100 if costs else None
+
+    @property
+    def ok(self) -> bool:
+        """Every image wanted is in place: nothing failed, was held back or interrupted."""
+        return not self.interrupted and not self.fatal \
+            and all(o.status == "written" for o in self.outcomes) \
+            and not self.selection.held_unknown and not self.selection.held_moderated
+
+
+def preview(plan: Plan, options: Options | None = None) -> Selection:
+    """What `Render(plan, options).run()` would do, from the same classification and
+    selection, reading the output root and writing nothing (the dry run). Raises
+    `FluxbatchError` when `options.budget` would refuse the render."""
+    options = options or Options()
+    state = read_state(plan.recipe.output_root, plan.recipe.name, plan.jobs)
+    classified = classify(plan, state, verify=options.verify)
+    return select(classified, state, options, plan.recipe.provider.name)
+
+
+class Render:
+    """`await Render(plan, options).run()` renders the plan; `stop()` (from a signal
+    handler or another task on the same loop) asks it to finish early.
+
+    `environ` is where the API key (and the proxies, and the provider's base-URL variable)
+    are read: the process environment unless given. `transport` replaces the network (tests
+    pass an `httpx.MockTransport`)."""
+
+    def __init__(self, plan: Plan, options: Options | None = None, *,
+                 environ: Mapping[str, str] | None = None,
+                 on_event: Callable[[Event], None] | None = None,
+                 on_selected: Callable[[Selection], None] | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.plan = plan
+        self.options = options or Options()
+        self.environ = os.environ if environ is None else environ
+        self.on_event: Callable[[Event], None] = on_event or (lambda event: None)
+        # Called once the root is read, before anything is placed or sent: what will be done.
+        self.on_selected: Callable[[Selection], None] = on_selected or (lambda selection: None)
+        self.transport = transport
+        self.selection: Selection | None = None  # known once the root is read
+        self._executor: Executor | None = None
+        self._executing: asyncio.Future[list[Outcome]] | None = None
+        self._stopping = False
+        self._aborted = False
+
+    def stop(self, *, now: bool = False) -> None:
+        """Submit nothing new; tasks already paid for are recorded and collected by the next
+        run. With `now`, do not wait for the tasks in flight either (what they cost is known
+        to the state store, and the next run collects them without paying again)."""
+        self._stopping = True
+        if self._executor is not None:
+            self._executor.stop()
+        if now:
+            self._aborted = True
+            if self._executing is not None:
+                self._executing.cancel()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    async def run(self) -> Report:
+        root = self.plan.recipe.output_root
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            with RootLock(root) as lock, Store.open(root) as store:
+                return await self._run(store, lock)
+        except OSError as error:  # the output root itself: read-only, gone, not a folder
+            reason = "it is a file, not a folder" if root.exists() and not root.is_dir() \
+                else error.strerror or str(error)
+            raise StateError(f"cannot use the output root {root}: {reason}") from None
+
+    async def _run(self, store: Store, lock: RootLock) -> Report:
+        plan, options = self.plan, self.options
+        recipe = plan.recipe
+        store.use(recipe.name, recipe.path)
+        if recipe.inputs is not None:  # what planning learnt of the image inputs
+            recipe.inputs.cache.save()
+        clear_debris(recipe.output_root)
+        adopt_found_images(plan, store)
+        classified, state = classify_with_store(plan, store, options)
+        selection = self.selection = select(classified, state, options,
+                                            recipe.provider.name)
+        check_budget(selection, options.budget)
+        report = Report(selection)
+        self.on_selected(selection)
+        if report.nothing_to_do:
+            if not store.manifest_intact(recipe.name, manifest_path(recipe)):
+                write_manifest(recipe, store)  # missing, changed or damaged: from the store
+            return report
+        from fluxbatch import network
+
+        report.outcomes = network.place_stored(plan, selection, state, store, self.on_event)
+        if not selection.jobs or self._stopping:
+            network.finish_manifest(recipe, store)
+            report.interrupted = self._stopping
+            return report
+        settings = network.settings_for(plan, options)
+        with network.provider_for(plan, options, self.environ) as provider:
+            self._executing = asyncio.ensure_future(network.execute(
+                plan, selection, store, provider, settings, self.on_event, self._started,
+                transport=self.transport, lock=lock, run=new_run_id()))
+            try:
+                report.outcomes += await self._executing
+            except asyncio.CancelledError:
+                if not self._aborted:
+                    raise  # cancelled from outside: not ours to swallow
+        report.interrupted = self._stopping
+        report.fatal = self._executor.fatal if self._executor is not None else None
+        return report
+
+    def _started(self, executor: Executor) -> None:
+        self._executor = executor
+        if self._stopping:
+            executor.stop()
+
+
+def adopt_found_images(plan: Plan, store: Store) -> None:
+    """Images at their planned paths that the store does not know (copied from a shard, or
+    the store and manifest were lost) are recognised by the key their provenance carries."""
+    placed = store.placed_outputs(plan.recipe.name)
+    unknown = [job for job in plan.jobs if job.output not in placed]
+    if unknown:
+        store.adopt(plan.recipe.name, unknown)
