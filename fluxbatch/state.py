@@ -6,12 +6,14 @@ recipe and output; and the bytes that were downloaded.
 - `state.sqlite` (WAL, one committed transaction per change; schema in `migrations.py`):
   - `tasks`, the ledger: per job key, its latest task — submitting → submitted (task id,
     polling URL, cost: committed before the first poll) → ready (reported seed) → fetched
-    (the bytes' sha256) — or moderated / failed / unknown / gone, with the reason;
+    (the bytes' sha256) — or moderated / failed / unknown / gone, with the reason (placed:
+    the bytes are only in placed files);
   - `placements`: per (recipe, output), the file written there (path, sha256, size, mtime)
     and its manifest entry;
   - `recipes`: the recipes that use this root.
 - `blobs/ab/abcd…`: the bytes as downloaded, named by their sha256, fsync'd before the ledger
   says "fetched" (the content store);
+- `inputs.json`, the facts of image inputs (hash, format, size) by path, size and mtime;
 - `tmp/`, `lock`, `outbox.log`;
 - `.gitignore` (`*`), so that `git add -A` in a project never commits any of it.
 

@@ -1,9 +1,11 @@
 """Stage 5: write images and the manifest — atomically, and only what really arrived.
 
-An image is written to a temporary file beside its target, flushed to disk, and renamed over
-it (`os.replace`), so a reader (or a crash) never sees half a file. Its extension follows the
+An image is written to a temporary file in the output root's `.fluxbatch/tmp/` (the same
+file system, and no debris beside images), flushed to disk, and renamed over its target
+(`os.replace`), so a reader (or a crash) never sees half a file. Its extension follows the
 bytes, not the request: a JPEG is never saved as `.png`. The manifest entry travels inside
-the image too (see `imagemeta`), minus what cannot be known before writing (its own hash).
+the image too (see `imagemeta`), minus what cannot be known before writing (its own hash
+and size).
 """
 
 from __future__ import annotations
@@ -226,7 +228,7 @@ def _iso(moment: float | None) -> str | None:
 
 
 def manifest_schema() -> dict[str, Any]:
-    """The JSON Schema of `manifest.json` (published as schemas/manifest.schema.json)."""
+    """The JSON Schema of `<recipe>.manifest.json` (published as schemas/manifest.schema.json)."""
     nullable_number = {"type": ["number", "null"]}
     timestamp = {"type": ["string", "null"], "description": "ISO 8601, UTC"}
     entry = {

@@ -1,4 +1,5 @@
-"""A loopback HTTP server that speaks BFL's and CometAPI's Flux routes, for dry runs and tests.
+"""A loopback HTTP server that speaks BFL's and CometAPI's Flux routes: renders without a key
+or a bill (`provider: emulator`), and tests.
 
 `Emulator` runs on the caller's event loop (`async with Emulator(config) as emu`);
 `EmulatorThread` runs one on its own loop in a background thread for synchronous callers

@@ -1,4 +1,5 @@
-"""Providers: how one API host is spoken to. A new provider is one module and one entry here.
+"""Providers: how one API host is spoken to. A new provider is one module, one entry in
+`REGISTRY` and its branch in `build`.
 
 A provider only *builds* requests and *reads* responses (plain, synchronous functions); the
 executor owns the sending, retrying and waiting. The recipe schema's list of providers
