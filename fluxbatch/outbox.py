@@ -10,8 +10,8 @@ so the next run waits for it instead of racing it. (If both processes die togeth
 loss, `kill` of the whole group — the next run reports the job as *unknown*, never silently
 pays again.)
 
-Protocol: JSON lines. The parent writes one `hello` line (database path, provider, base
-URL), then one line per request; the child answers each with the response (or the transport
+Protocol: JSON lines. The parent writes one `hello` line (output root, provider, base URL,
+run id), then one line per request; the child answers each with the response (or the transport
 error's class and message), after committing it.
 
 The parent watches the child: if it dies, the parent hears of it at once (its pipe closes),
