@@ -11,8 +11,11 @@ loss, `kill` of the whole group — the next run reports the job as *unknown*, n
 pays again.)
 
 Protocol: JSON lines. The parent writes one `hello` line (output root, provider, base URL,
-run id), then one line per request; the child answers each with the response (or the transport
-error's class and message), after committing it.
+run id), then per request a line (method, URL, headers and the body's `size`) followed by the
+body's raw bytes: a body with image inputs is megabytes, and base64 inside JSON would hold
+several copies of it at once in each process. The child answers each request with a line
+(the response, or the transport error's class and message), after committing it. A body cut
+short (the parent died while writing it) is never sent.
 
 The parent watches the child: if it dies, the parent hears of it at once (its pipe closes),
 settles each request it had handed over from what the store says (the answer was committed:
@@ -77,17 +80,17 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
         except (BrokenPipeError, OSError):
             parent_alive[0] = False
 
-    async def handle(message: dict[str, Any], wire: Wire) -> None:
+    async def handle(message: dict[str, Any], body: bytes, wire: Wire) -> None:
         try:
-            await exchange(message, wire)
+            await exchange(message, body, wire)
         except Exception as error:  # never a stray traceback: the parent hears of it
             print(f"outbox: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
             reply({"id": message["id"], "error": "Outbox", "message": str(error)})
 
-    async def exchange(message: dict[str, Any], wire: Wire) -> None:
+    async def exchange(message: dict[str, Any], body: bytes, wire: Wire) -> None:
         key = message["key"]
         request = httpx.Request(message["method"], message["url"], headers=message["headers"],
-                                content=base64.b64decode(message["body"]))
+                                content=body)
         # Recorded by the process that sends, just before sending: a request that never left
         # is never mistaken for one that may have been billed.
         try:
@@ -117,9 +120,14 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
     async with Wire.open(16) as wire:  # as many connections as network.py's smallest pool
         while True:
             line = await stdin.readline()
-            if not line:
+            if not line.endswith(b"\n"):
                 break  # the parent closed the pipe (finished, or died): finish and leave
-            task = asyncio.ensure_future(handle(json.loads(line), wire))
+            message = json.loads(line)
+            try:
+                body = await stdin.readexactly(message["size"])
+            except asyncio.IncompleteReadError:
+                break  # the parent died while handing this one over: it is not sent
+            task = asyncio.ensure_future(handle(message, body, wire))
             pending.add(task)
             task.add_done_callback(pending.discard)
         parent_alive[0] = False
@@ -270,8 +278,8 @@ class Outbox:
         await self._write({
             "id": ident, "key": key, "method": request.method,
             "url": str(request.url), "headers": list(request.headers.multi_items()),
-            "body": base64.b64encode(request.content).decode(),
-        })
+            "size": len(request.content),
+        }, request.content)
         if self._reader is not None and self._reader.done():
             self._settle_waiting()  # the child died before this was handed over
         answer = await asyncio.shield(future)
@@ -285,9 +293,12 @@ class Outbox:
         return httpx.Response(answer["status"], headers=answer["headers"],
                               content=base64.b64decode(answer["body"]), request=request)
 
-    async def _write(self, message: dict[str, Any]) -> None:
+    async def _write(self, message: dict[str, Any], body: bytes = b"") -> None:
         assert self._process is not None and self._process.stdin is not None
+        # (no await between the two writes: another request's bytes cannot come between)
         self._process.stdin.write((json.dumps(message) + "\n").encode())
+        if body:
+            self._process.stdin.write(body)
         with contextlib.suppress(ConnectionError):  # (a dead child: its reader settles it)
             await self._process.stdin.drain()
 

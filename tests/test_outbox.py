@@ -177,3 +177,28 @@ def test_an_outbox_killed_mid_render_is_replaced_and_nothing_is_paid_twice(
     assert len(written) >= len(plan.jobs) - 4
     assert process.returncode == 0 or b"unknown" in out + err
     assert "internal error" not in (out + err).decode()
+
+
+def test_a_request_cut_short_by_a_dying_parent_is_never_sent(tmp_path: Path) -> None:
+    """The parent hands a request over as a line and then the body's bytes; if it dies in
+    between, the child has a body too short, and must send nothing of it (and record no
+    "submitting", which would hold the image back as maybe billed)."""
+    import json
+
+    with EmulatorThread(EmulatorConfig(latency=0.0)) as emulator:
+        Store.open(tmp_path).close()
+        hello = {"root": str(tmp_path), "provider": "emulator",
+                 "base_url": emulator.base_url, "run": "r"}
+        header = {"id": 1, "key": KEY, "method": "POST",
+                  "url": f"{emulator.base_url}/v1/flux-dev",
+                  "headers": [["content-type", "application/json"]], "size": 1000}
+        child = subprocess.run(
+            [sys.executable, "-m", "fluxbatch.outbox"], cwd=ROOT, timeout=60,
+            input=(json.dumps(hello) + "\n" + json.dumps(header) + "\n").encode()
+            + b'{"prompt": "a',  # 13 of the 1,000 bytes promised
+            capture_output=True)
+        assert child.returncode == 0, child.stderr
+        assert child.stdout == b""
+        assert emulator.stats.requests == 0
+    with Store.open(tmp_path) as store:
+        assert store.task(KEY) is None
