@@ -694,17 +694,16 @@ class Executor:
 
 
 def _submit_error(response: httpx.Response, key_env: str | None) -> Exception:
+    """A submit that was not accepted, by `responses.submit_answer` (the outbox's rule too)."""
     message = r.error_message(response)
     status = response.status_code
+    if r.submit_answer(response) == r.SubmitAnswer.MAYBE_BILLED:
+        return _Unknown(f"the provider answered {message}; the task may have been created "
+                        "and billed")
     if status in (401, 403):
         return _Fatal(f"the provider refused the API key ({message}){_check_key(key_env)}")
     if status == 402:
         return _Fatal(f"out of credits ({message})")
-    if status >= 500:
-        if "invalid_request" in message:  # CometAPI: a 500 that is really a bad body
-            return JobFailed(f"rejected: {message}")
-        return _Unknown(f"the provider answered {message}; the task may have been created "
-                        "and billed")
     return JobFailed(f"rejected: {message}")
 
 

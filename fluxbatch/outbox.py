@@ -138,15 +138,16 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
 
 def _record(store: Store, reader: providers.Provider, key: str, response: httpx.Response,
             parent_alive: bool) -> None:
-    if response.is_success:
+    answer = responses.submit_answer(response)  # (the executor's rule too)
+    if answer == responses.SubmitAnswer.ACCEPTED:
         try:
             submitted = reader.read_submitted(response)
         except responses.BadResponse:
             return  # left as "submitting": the parent (or the next run) reports it unknown
         store.submitted(key, submitted.task_id, submitted.polling_url, submitted.cost,
                         time.time())
-    elif response.status_code == 429 or 400 <= response.status_code < 500:
-        store.not_sent(key)  # refused: nothing was created
+    elif answer == responses.SubmitAnswer.REFUSED:
+        store.not_sent(key)  # nothing was created
     elif not parent_alive:
         store.ended(key, TaskStatus.UNKNOWN, f"the provider answered HTTP "
                     f"{response.status_code} and the render process had gone")

@@ -202,3 +202,37 @@ def test_a_request_cut_short_by_a_dying_parent_is_never_sent(tmp_path: Path) -> 
         assert emulator.stats.requests == 0
     with Store.open(tmp_path) as store:
         assert store.task(KEY) is None
+
+
+# CometAPI's documented envelope; "500 with error.code invalid_request: do not retry, fix body"
+COMET_BAD_BODY = {"error": {"message": "invalid size", "type": "comet_api_error", "param": "",
+                            "code": "invalid_request"}}
+
+
+@pytest.mark.parametrize(("status", "body", "recorded", "raised"), [
+    (422, {"detail": "bad width"}, None, "JobFailed"),
+    (429, {"detail": "busy"}, None, "JobFailed"),
+    (500, COMET_BAD_BODY, None, "JobFailed"),  # CometAPI's 500 for a body it refuses
+    (500, {"detail": "oops"}, "unknown", "_Unknown"),
+    (500, {"error": {"message": "busy", "type": "comet_api_error", "code": ""}}, "unknown",
+     "_Unknown"),
+    (502, {"detail": "bad gateway"}, "unknown", "_Unknown"),
+])
+def test_the_outbox_and_the_executor_read_a_refused_submit_alike(
+        tmp_path: Path, status: int, body: dict[str, object], recorded: str | None,
+        raised: str) -> None:
+    """One rule (`responses.submit_answer`): what the outbox commits for an answer, when the
+    render process is gone, is what the executor concludes from it."""
+    from fluxbatch.execute import _submit_error
+    from fluxbatch.outbox import _record
+
+    reader = providers.build("cometapi", base_url="https://api.cometapi.com", environ={},
+                             key=providers.Secret("k"))
+    response = httpx.Response(status, json=body, request=request())
+    with Store.open(tmp_path) as store:
+        store.submitting(KEY, "cometapi", "https://api.cometapi.com")
+        _record(store, reader, KEY, response, parent_alive=False)
+        task = store.task(KEY)
+        assert (task.status if task else None) == recorded
+    if status != 429:  # (the executor retries a 429 before it reads it as a refusal)
+        assert type(_submit_error(response, None)).__name__ == raised

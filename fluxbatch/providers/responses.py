@@ -15,6 +15,7 @@ import html
 import json
 import os
 import re
+from enum import StrEnum
 from typing import Any, TypeGuard
 
 import httpx
@@ -33,6 +34,37 @@ FAILED = frozenset({ERROR, "Failed"})
 
 class BadResponse(Exception):
     """A 2xx response whose body is not what the protocol promises."""
+
+
+class SubmitAnswer(StrEnum):
+    """What a submit's HTTP answer says about money: the one rule, read by the executor and
+    by the outbox (which commits it before the executor hears of it)."""
+
+    ACCEPTED = "accepted"  # 2xx: a task exists, and may be billed
+    REFUSED = "refused"  # nothing was created: 4xx (429 included), and a body refused as 500
+    MAYBE_BILLED = "maybe-billed"  # 5xx: the task may have been created and billed
+
+
+def submit_answer(response: httpx.Response) -> SubmitAnswer:
+    status = response.status_code
+    if response.is_success:
+        return SubmitAnswer.ACCEPTED
+    if 400 <= status < 500:
+        return SubmitAnswer.REFUSED
+    if _error_code(response) == "invalid_request":
+        return SubmitAnswer.REFUSED  # CometAPI: "500 with error.code invalid_request: fix body"
+    return SubmitAnswer.MAYBE_BILLED
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    """CometAPI's `{"error": {"code": ...}}`, if the body has that shape."""
+    try:
+        body = json_body(response)
+    except BadResponse:
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
 
 
 def json_body(response: httpx.Response) -> Any:
