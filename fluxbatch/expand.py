@@ -70,7 +70,11 @@ class Plan:
 
 
 def count_upper_bound(recipe: Recipe) -> int:
-    return sum(matrix_rules.upper_bound(s.matrix) * s.replicates for s in recipe.jobs)
+    return sum(matrix_rules.upper_bound(s.matrix) * s.replicates for s in _built(recipe))
+
+
+def _built(recipe: Recipe) -> list[JobSpec]:
+    return [spec for spec in recipe.jobs if not spec.damaged]
 
 
 def expand(recipe: Recipe, *, yes: bool = False) -> Plan:
@@ -95,7 +99,7 @@ def _guard_size(recipe: Recipe) -> None:
         return
     if bound <= 50 * recipe.max_jobs:
         total = sum(len(matrix_rules.combinations(s.matrix)[0]) * s.replicates
-                    for s in recipe.jobs)
+                    for s in _built(recipe))
         if total <= recipe.max_jobs:
             return
         count = f"{total:,} jobs"
@@ -204,6 +208,8 @@ class _JobBuilder:
             self.params[name] = (("defaults", name), value)
         for name, value in spec.params.items():
             self.params[name] = ((*self.path, "params", name), value)
+        if not spec.model_known:
+            self.params.pop("model", None)  # (not the default's: the job may have named another)
         self.prompt_path: Path = (*self.path, "prompt")
         self.output_path: Path = (*self.path, "output")
         self.seed_path: Path = (*self.path, "seed")
@@ -213,7 +219,7 @@ class _JobBuilder:
             if isinstance(value, str):
                 self.compile(where, value)
         self.check_matrix_names()
-        if spec.matrix.complete:
+        if spec.matrix.complete and spec.names_known:
             self.static_names()  # else a row table failed to load: its columns are unknown
         self.inputs = recipe.inputs or Inputs(Project.of_recipe(recipe.path))
         self.images = {name: (where, raw) for name, (where, raw) in self.params.items()
@@ -235,6 +241,8 @@ class _JobBuilder:
             self.model = self.resolve_model(model_raw, model_where, "")
             if self.model is None or self.constants_for(self.model) is None:
                 self.ready = False
+        if spec.damaged:
+            self.ready = False  # checked above; its images would only repeat its problem
         self.base_context = {**recipe.vars, "job": spec.name, "replicates": spec.replicates}
         uses_combo = any("combo" in t.names for t in self.templates.values())
         self.combo_slug = _combo_slug if uses_combo else None
@@ -260,7 +268,7 @@ class _JobBuilder:
                       "'prompt' key, not a 'prompt' parameter")
         if "seed" in self.params:
             self.fail(self.params["seed"][0], "set the seed with the job's 'seed' key")
-        if "model" not in self.params:
+        if "model" not in self.params and self.spec.model_known:
             self.fail((*self.path, "params"), "no model: set 'model' in defaults or params")
 
     def is_template(self, where: Path, raw: Any) -> bool:

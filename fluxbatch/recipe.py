@@ -34,6 +34,11 @@ from fluxbatch.providers import REGISTRY, recipe_base_url_problem
 from fluxbatch.recipe_schema import (
     DEFAULT_MAX_JOBS,
     DEFAULT_OUTPUT,
+    Fault,
+    Harm,
+    Loss,
+    Salvage,
+    salvage,
     schema_problems,
 )
 from fluxbatch.state import STATE_DIR
@@ -84,6 +89,11 @@ class JobSpec:
     params: Mapping[str, Any]
     seed: int | str  # an integer, "auto", or a template
     output: str
+    # Set when a fault took out one of its values (and is reported): the job is still
+    # checked, but no image is built from it. `recipe_schema.Loss` says what else was lost.
+    damaged: bool = False
+    model_known: bool = True
+    names_known: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +132,9 @@ def load(path: str | os.PathLike[str], *, output_root: str | None = None,
          strict: bool = True) -> Recipe:
     """Read and validate the recipe at `path`; raise `RecipeError` listing every problem.
 
-    With `strict=False`, problems confined to some jobs leave those jobs out and are carried
-    in `Recipe.problems`, so the next stage can report its own problems in the same run.
+    With `strict=False`, problems that leave something to check are carried in
+    `Recipe.problems` (the jobs they touch marked `damaged`), so the next stage can report
+    its own problems in the same run.
     """
     filename = os.fspath(path)
     try:  # the operator named this file, so it may be anywhere; but no FIFO, no huge file
@@ -144,41 +155,26 @@ def load(path: str | os.PathLike[str], *, output_root: str | None = None,
 
 def parse(text: str, filename: str, *, sha256: str | None = None,
           output_root: str | None = None, strict: bool = True) -> Recipe:
-    damaged: list[tuple[Path, Problem]] = []
+    faults: list[Fault] = []
     try:
         document, positions = yamlsource.load(text, filename)
     except yamlsource.DocumentError as error:
         if error.partial is None:
             raise RecipeError(error.problems) from None
-        document, positions, damaged = error.partial  # e.g. a duplicate key: report the rest too
-    located = damaged + schema_problems(document, positions)
-    problems = [problem for _, problem in located]
-    broken = _broken_jobs(located)
-    if broken is None:
+        document, positions, damage = error.partial  # e.g. a duplicate key: report the rest too
+        faults = [Fault(d.path, d.problem, Harm.KEPT if d.kept else Harm.BAD) for d in damage]
+    faults += schema_problems(document, positions)
+    problems = [fault.problem for fault in faults]
+    salvaged = salvage(document, faults)
+    if salvaged is None:
         raise RecipeError(problems)
     builder = _Builder(FsPath(filename), positions)
-    recipe = builder.recipe(document, sha256 or hashlib.sha256(text.encode()).hexdigest(),
-                            output_root, skip=broken)
+    recipe = builder.recipe(salvaged, sha256 or hashlib.sha256(text.encode()).hexdigest(),
+                            output_root)
     problems.extend(builder.problems)
     if problems and (strict or not recipe.jobs):
         raise RecipeError(problems)
     return dataclasses.replace(recipe, problems=tuple(problems))
-
-
-def _broken_jobs(located: list[tuple[Path, Problem]]) -> frozenset[int] | None:
-    """Indices of jobs with schema problems, or None when a problem outside any single job
-    (or a missing/invalid top-level key) makes the whole recipe unusable."""
-    broken = set()
-    for path, problem in located:
-        if len(path) >= 2 and path[0] == "jobs" and isinstance(path[1], int):
-            broken.add(path[1])
-        elif len(path) == 1 and problem.message.startswith("unknown key"):
-            continue  # a misspelt optional key: reported, and ignoring it is harmless
-        elif path[:1] in (("name",), ("description",)):
-            continue
-        else:
-            return None
-    return frozenset(broken)
 
 
 class _Builder:
@@ -193,15 +189,17 @@ class _Builder:
     def problem(self, path: Path, message: str, *, key: bool = False) -> None:
         self.problems.append(self.positions.problem(path, message, key=key))
 
-    def recipe(self, doc: dict[str, Any], sha256: str, output_root: str | None,
-               skip: frozenset[int]) -> Recipe:
+    def recipe(self, salvaged: Salvage, sha256: str, output_root: str | None) -> Recipe:
+        doc = salvaged.document
         output = doc.get("output", DEFAULT_OUTPUT)
         root = self.output_root(output_root, doc.get("output_root"))
         self.inputs.cache = FactsCache(root / STATE_DIR / INPUT_FACTS)
-        jobs = tuple(self.job(i, spec, output) for i, spec in enumerate(doc["jobs"])
-                     if i not in skip)
+        jobs = tuple(self.job(i, spec, output, salvaged.losses.get(i))
+                     for i, spec in enumerate(doc["jobs"]) if i not in salvaged.skipped)
         names: dict[str, int] = {}
         for job in jobs:
+            if not job.name:
+                continue  # (its own problem says why it has none)
             if job.name in names:
                 self.problem(("jobs", job.index, "name"),
                              f"duplicate job name {job.name!r} (also jobs[{names[job.name]}])")
@@ -265,7 +263,7 @@ class _Builder:
             timeout=spec.get("timeout"),
         )
 
-    def job(self, index: int, spec: dict[str, Any], output: str) -> JobSpec:
+    def job(self, index: int, spec: dict[str, Any], output: str, loss: Loss | None) -> JobSpec:
         path: Path = ("jobs", index)
         return JobSpec(
             index=index,
@@ -276,6 +274,9 @@ class _Builder:
             params=dict(spec.get("params") or {}),
             seed=spec.get("seed", "auto"),
             output=spec.get("output", output),
+            damaged=loss is not None,
+            model_known=loss is None or not loss.model,
+            names_known=loss is None or not loss.names,
         )
 
     def matrix(self, spec: dict[str, Any], path: Path) -> Matrix:

@@ -1,13 +1,18 @@
 """The recipe's JSON Schema (draft 2020-12), built from the provider registry and the model
 catalogue so it never drifts from the code. `schemas/recipe.schema.json` is this, written
 out for editors (`fluxbatch schema > schemas/recipe.schema.json`); a test keeps them equal.
-`schema_problems` reads jsonschema's verdicts back as located, readable problems.
+`schema_problems` reads jsonschema's verdicts back as located, readable problems, and
+`salvage` takes the values they condemn out of the document, so that everything else in it
+is still checked in the same run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import Enum
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import jsonschema
 
@@ -224,38 +229,55 @@ def _validator() -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(recipe_schema())
 
 
-def schema_problems(document: Any, positions: Positions) -> list[tuple[Path, Problem]]:
-    """Every schema violation as (path, located problem)."""
+class Harm(Enum):
+    """What a fault leaves of the document at its path."""
+
+    EXTRA = "a key the schema does not know: left out, nothing else is lost"
+    MISSING = "the mapping at the path lacks a required key"
+    BAD = "the value at the path is unusable"
+    KEPT = "reported, but the value is usable as written (a duplicate key's last value)"
+
+
+class Fault(NamedTuple):
+    path: Path
+    problem: Problem
+    harm: Harm
+
+
+def schema_problems(document: Any, positions: Positions) -> list[Fault]:
+    """Every schema violation, located."""
     if not isinstance(document, dict):
         kind = "empty" if document is None else f"a {type(document).__name__}"
         message = f"a recipe must be a mapping, but this document is {kind}"
-        return [((), positions.problem((), message))]
-    located: list[tuple[Path, Problem]] = []
+        return [Fault((), positions.problem((), message), Harm.BAD)]
+    faults: list[Fault] = []
     for error in _validator().iter_errors(document):
-        located.extend(_explain(error, positions))
-    return located
+        faults.extend(_explain(error, positions))
+    return faults
 
 
-def _explain(error: jsonschema.ValidationError,
-             positions: Positions) -> list[tuple[Path, Problem]]:
+def _explain(error: jsonschema.ValidationError, positions: Positions) -> list[Fault]:
     path: Path = tuple(error.absolute_path)
     if error.validator == "additionalProperties":
         allowed = list(error.schema.get("properties", {}))
         extras = [k for k in error.instance if k not in error.schema.get("properties", {})]
         return [
-            ((*path, k), positions.problem((*path, k), f"unknown key {k!r}"
-                                           + did_you_mean(k, allowed), key=True))
+            Fault((*path, k), positions.problem((*path, k), f"unknown key {k!r}"
+                                                + did_you_mean(k, allowed), key=True),
+                  Harm.EXTRA)
             for k in extras
         ]
     if error.validator == "anyOf" and path[-2:-1] in (("params",), ("defaults",)) \
             and path[-1] == "model":  # a name from the catalogue, or a template
-        return [(path, positions.problem(path, unknown_model_message(error.instance)))]
+        message = unknown_model_message(error.instance)
+        return [Fault(path, positions.problem(path, message), Harm.BAD)]
     if error.validator in ("anyOf", "oneOf"):
         branch = _matching_branch(error)
         if branch is not None:
             return [p for sub in branch for p in _explain(sub, positions)]
-        return [(path, positions.problem(path, _describe_alternatives(error)))]
-    return [(path, positions.problem(path, _message(error, path)))]
+        return [Fault(path, positions.problem(path, _describe_alternatives(error)), Harm.BAD)]
+    harm = Harm.MISSING if error.validator == "required" else Harm.BAD
+    return [Fault(path, positions.problem(path, _message(error, path)), harm)]
 
 
 def _message(error: jsonschema.ValidationError, path: Path) -> str:
@@ -334,4 +356,146 @@ def _describe_alternatives(error: jsonschema.ValidationError) -> str:
     return f"{error.instance!r} is not valid here: expected {listed}"
 
 
-# -- building the typed recipe --------------------------------------------------------------
+# -- what a damaged document still lets us check ---------------------------------------------
+
+
+@dataclass(slots=True)
+class Loss:
+    """What faults took out of one job. Its problems are reported, so the job is still checked
+    (templates, names, parameters, matrix files), but no image is built from it: its images
+    would only repeat those problems."""
+
+    model: bool = False  # its model: nothing model-specific can be checked
+    names: bool = False  # some of its variables' names: none can be called undefined
+
+
+@dataclass(frozen=True, slots=True)
+class Salvage:
+    document: dict[str, Any]  # every condemned value taken out or emptied
+    losses: Mapping[int, Loss]  # by job index
+    skipped: frozenset[int]  # jobs that are not mappings: nothing in them to check
+
+
+# Recipe keys whose default is as good as anything for checking the rest.
+_DEFAULTED = ("$schema", "version", "description", "output_root", "max_jobs", "provider")
+
+
+def salvage(document: Any, faults: Iterable[Fault]) -> Salvage | None:
+    """`document` (changed in place) with each value a fault condemns taken out, so that its
+    default applies, or None when no list of jobs is left to check."""
+    if not isinstance(document, dict):
+        return None
+    shared = _Shared()
+    losses: dict[int, Loss] = {}
+    for path, _, harm in faults:
+        if harm is Harm.KEPT:
+            continue
+        if path[:1] == ("jobs",) and len(path) >= 2 and isinstance(path[1], int):
+            job = document["jobs"][path[1]]
+            if isinstance(job, dict) and _job_fault(job, path[2:], harm, losses, path[1]):
+                losses.setdefault(path[1], Loss())
+        elif not _recipe_fault(document, path, harm, shared):
+            return None
+    skipped = set()
+    for index, job in enumerate(document["jobs"]):
+        if not isinstance(job, dict):
+            skipped.add(index)
+        elif shared.damaged or index in losses or (shared.output and "output" not in job):
+            loss = losses.setdefault(index, Loss())
+            loss.names |= shared.names
+            own_model = isinstance(job.get("params"), dict) and "model" in job["params"]
+            loss.model |= shared.model and not own_model
+    return Salvage(document, losses, frozenset(skipped))
+
+
+@dataclass(slots=True)
+class _Shared:
+    """What recipe-level faults took from every job."""
+
+    damaged: bool = False
+    output: bool = False  # from the jobs that use the recipe's output template
+    model: bool = False  # from the jobs that do not name their own model
+    names: bool = False
+
+
+def _recipe_fault(document: dict[str, Any], path: Path, harm: Harm, shared: _Shared) -> bool:
+    if harm is Harm.EXTRA:
+        _take_out(document, path)
+        return True
+    key = path[0] if path else None
+    if key is None:  # a required key is missing
+        document.setdefault("name", "")
+        return isinstance(document.get("jobs"), list)
+    if key in _DEFAULTED or key == "output":
+        document.pop(key, None)
+        shared.output |= key == "output"
+    elif key == "name":
+        document["name"] = str(document["name"])
+    elif key in ("defaults", "vars"):
+        shared.damaged = True
+        if len(path) == 1 or not isinstance(document[key], dict):
+            document[key] = {}
+            shared.model |= key == "defaults"
+            shared.names |= key == "vars"
+        elif key == "defaults":  # (a parameter: only the model has a schema of its own here)
+            _take_out(document, path[:2])
+            shared.model |= path[1] == "model"
+        else:  # (a constant whose YAML is damaged: the name stays known)
+            document["vars"][path[1]] = None
+    else:  # the list of jobs itself
+        return False
+    return True
+
+
+def _job_fault(job: dict[Any, Any], rest: Path, harm: Harm, losses: dict[int, Loss],
+               index: int) -> bool:
+    """Take out what the fault condemns; True when the job lost something that matters."""
+    key = rest[0] if rest else None
+    if (harm is Harm.EXTRA and len(rest) == 1) or key == "description":
+        job.pop(key, None)
+        return False
+    loss = losses.setdefault(index, Loss())
+    if key is None:  # (its name, the only required key, is missing)
+        job["name"] = ""
+    elif key == "name":
+        job["name"] = str(job["name"])
+    elif key == "params":
+        params = job["params"]
+        if len(rest) == 1 or not isinstance(params, dict):
+            job["params"] = {}
+            loss.model = True
+        else:
+            params.pop(rest[1], None)
+            loss.model |= rest[1] == "model"
+    elif key == "matrix":
+        _matrix_fault(job, rest[1:], loss)
+    else:  # prompt, replicates, seed, output
+        job.pop(key, None)
+    return True
+
+
+def _matrix_fault(job: dict[Any, Any], rest: Path, loss: Loss) -> None:
+    matrix = job["matrix"]
+    if not rest or not isinstance(matrix, dict):
+        job["matrix"] = {}
+        loss.names = True
+    elif rest[0] == "exclude":
+        matrix.pop("exclude", None)
+    elif rest[0] in ("include", "zip", "rows"):
+        matrix.pop(rest[0], None)
+        loss.names = True
+    else:  # a variable: still named, with no values, so the job is not built
+        matrix[rest[0]] = []
+
+
+def _take_out(document: dict[str, Any], path: Path) -> None:
+    parent: Any = document
+    for part in path[:-1]:
+        if isinstance(parent, dict):
+            parent = parent.get(part)
+        elif isinstance(parent, list) and isinstance(part, int) and part < len(parent):
+            parent = parent[part]
+        else:
+            return
+    if isinstance(parent, dict):
+        parent.pop(path[-1], None)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -123,22 +123,31 @@ def load(text: str, filename: str) -> tuple[Any, Positions]:
     except _TooLarge:
         message = f"YAML error: the document expands to more than {MAX_NODES:,} values (aliases?)"
         raise DocumentError([Problem(filename, None, None, "", message)]) from None
-    if builder.located:
-        raise DocumentError([p for _, p in builder.located], (value, positions, builder.located))
+    if builder.damage:
+        raise DocumentError([d.problem for d in builder.damage], (value, positions, builder.damage))
     return value, positions
+
+
+class Damage(NamedTuple):
+    """A problem in one key or value of a document that was still read to the end."""
+
+    path: Path
+    problem: Problem
+    # The value at `path` is one the text holds (a duplicate key's last value), usable as is;
+    # otherwise it is a stand-in that nothing should be checked against.
+    kept: bool = False
 
 
 class DocumentError(Exception):
     """The text is not a well-formed YAML document (syntax, duplicate keys, bad tags).
 
     `partial` is set when the text was still read to the end (the problems are in single
-    keys or values): the document, its positions, and each problem with its path, so the
-    recipe stage can report its own problems in the same run.
+    keys or values): the document, its positions, and the damage, so the recipe stage can
+    report its own problems in the same run.
     """
 
     def __init__(self, problems: list[Problem],
-                 partial: tuple[Any, Positions, list[tuple[Path, Problem]]] | None = None
-                 ) -> None:
+                 partial: tuple[Any, Positions, list[Damage]] | None = None) -> None:
         self.problems = problems
         self.partial = partial
         super().__init__("\n".join(str(p) for p in problems))
@@ -192,12 +201,12 @@ class _Builder:
         self.positions = positions
         self.written = written
         self.constructor = _Loader("")
-        self.located: list[tuple[Path, Problem]] = []
+        self.damage: list[Damage] = []
         self.building: set[int] = set()  # ids of the collections being built (alias cycles)
         self.nodes = 0
 
-    def problem(self, path: Path, message: str, *, key: bool = False) -> None:
-        self.located.append((path, self.positions.problem(path, message, key=key)))
+    def problem(self, path: Path, message: str, *, key: bool = False, kept: bool = False) -> None:
+        self.damage.append(Damage(path, self.positions.problem(path, message, key=key), kept))
 
     def build(self, node: yaml.Node, path: Path) -> Any:
         self.positions.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
@@ -248,7 +257,7 @@ class _Builder:
         for key_node, value_node in node.value:
             key = self.build(key_node, (*path, "<key>"))
             if isinstance(key, list | dict):
-                self.problem(path, "a mapping key must be a scalar")
+                self.problem(path, "a mapping key must be a scalar", kept=True)  # (entry left out)
                 continue
             if not isinstance(key, str):
                 key = str(key) if key is not None else "null"
@@ -259,7 +268,7 @@ class _Builder:
             )
             if id(key_node) in written:  # (a merged key may be overridden)
                 if key in own:
-                    self.problem(child, f"duplicate key {key!r}", key=True)
+                    self.problem(child, f"duplicate key {key!r}", key=True, kept=True)
                 own.add(key)
             result[key] = self.build(value_node, child)
         self.positions.values.pop((*path, "<key>"), None)

@@ -109,6 +109,119 @@ recipe.yaml: 16 problems
 """)
 
 
+# Each file has a structural (schema) problem in a job *and* semantic ones in the same job:
+# all of them come in one run, and nothing follows from a value the schema refused.
+MIXED_PROBLEMS = [
+    pytest.param("""
+        version: 1
+        name: r
+        defaults: {model: flux-pro-1.1}
+        jobs:
+          - name: owls
+            promt: at dusk
+            prompt: "{{ subjct }} at dusk"
+            matrix: {subject: [owl, fox]}
+            params: {width: 2000}
+    """, """\
+recipe.yaml:6:5: jobs[0].promt: unknown key 'promt' (did you mean 'prompt'?)
+recipe.yaml:7:13: jobs[0].prompt: undefined variable 'subjct' (did you mean 'subject'?)
+recipe.yaml:9:21: jobs[0].params.width: 2000 is greater than the maximum of 1440
+recipe.yaml: 3 problems
+""", id="unknown-key-width-and-undefined-variable"),
+    pytest.param("""
+        version: 1
+        name: r
+        defaults: {model: flux-dev}
+        jobs:
+          - prompt: "{{ n | slugify }}"
+            matrix: {n: [1]}
+            params: {stepz: 3}
+          - name: b
+            prompt: "{{ v }}"
+            matrix: {v: [1, 2]}
+            params: {height: "{{ 64 * v }}"}
+    """, """\
+recipe.yaml:5:5: jobs[0]: 'name' is a required key
+recipe.yaml:5:13: jobs[0].prompt: template syntax error: unknown filter 'slugify' (did you \
+mean 'slug'?) (template line 1)
+recipe.yaml:7:21: jobs[0].params.stepz: unknown parameter 'stepz' for flux-dev (did you mean \
+'steps'?)
+recipe.yaml:11:22: jobs[1].params.height: 128 is less than the minimum of 256 (for v=2, \
+replicate=1)
+recipe.yaml:11:22: jobs[1].params.height: 64 is less than the minimum of 256 (for v=1, \
+replicate=1)
+recipe.yaml: 5 problems
+""", id="no-name-syntax-error-and-unknown-parameter"),
+    pytest.param("""
+        version: 1
+        name: r
+        defaults: {model: flux-dev}
+        jobs:
+          - name: a
+            prompt: "{{ colour }} {{ size }}"
+            replicates: 0
+            seed: random
+            matrix: {color: [red], size: abc, exclude: [{colour: red}]}
+            params: {guidance: 99}
+    """, """\
+recipe.yaml:6:13: jobs[0].prompt: undefined variable 'colour' (did you mean 'color'?)
+recipe.yaml:7:17: jobs[0].replicates: 0 is less than the minimum of 1
+recipe.yaml:8:11: jobs[0].seed: 'random' is not valid here: expected 'auto', an integer or a \
+template string
+recipe.yaml:9:34: jobs[0].matrix.size: 'abc' is not valid here: expected a list, a mapping with \
+'from' or a mapping with 'files'
+recipe.yaml:9:50: jobs[0].matrix.exclude[0].colour: exclude names 'colour', which is not a \
+matrix variable (did you mean 'color'?)
+recipe.yaml:10:24: jobs[0].params.guidance: 99.0 is greater than the maximum of 5
+recipe.yaml: 6 problems
+""", id="bad-values-and-a-misnamed-variable"),
+    pytest.param("""
+        version: 1
+        name: r
+        providr: bfl
+        defaults: {model: flux-pro-2, width: 4000}
+        jobs:
+          - name: own-model
+            prompt: "{{ x }}"
+            params: {model: flux-dev}
+          - name: default-model
+            prompt: x
+            params: {steps: 500}
+    """, """\
+recipe.yaml:3:1: providr: unknown key 'providr' (did you mean 'provider'?)
+recipe.yaml:4:19: defaults.model: unknown model 'flux-pro-2' (did you mean 'flux-2-pro'?)
+recipe.yaml:4:38: defaults.width: 4000 is greater than the maximum of 1440
+recipe.yaml:7:13: jobs[0].prompt: undefined variable 'x'
+recipe.yaml: 4 problems
+""", id="bad-default-model-leaves-jobs-with-their-own"),
+    pytest.param("""
+        version: 1
+        name: r
+        vars: [acme]
+        defaults: {model: flux-dev}
+        jobs:
+          - name: a
+            prompt: "{{ brand }} {{ n }}"
+            matrix: [1, 2]
+            params: {width: 100}
+          - 5
+    """, """\
+recipe.yaml:3:7: vars: ['acme'] is not of type 'object'
+recipe.yaml:8:13: jobs[0].matrix: [1, 2] is not of type 'object'
+recipe.yaml:9:21: jobs[0].params.width: 100 is less than the minimum of 256
+recipe.yaml:10:5: jobs[1]: 5 is not of type 'object'
+recipe.yaml: 4 problems
+""", id="unknown-names-are-not-called-undefined"),
+]
+
+
+@pytest.mark.parametrize("content,expected", MIXED_PROBLEMS)
+def test_validate_reports_structural_and_semantic_problems_in_one_run(
+        workdir: Path, capsys: Capsys, content: str, expected: str) -> None:
+    build_file_tree(workdir, {"recipe.yaml": content})
+    assert run(capsys, "validate", "recipe.yaml") == (1, "", expected)
+
+
 @pytest.mark.parametrize("content,expected", [
     (b"version: 1\nname: r\njobs: [\n  {name: a}\n",
      "recipe.yaml:5:1: YAML syntax error: expected ',' or ']', but got '<stream end>' (while "

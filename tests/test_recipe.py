@@ -157,12 +157,14 @@ def test_model_may_be_a_template_in_params_and_defaults() -> None:
     assert loaded.jobs[0].params == {"model": "flux-{{ v }}"}
 
 
-def test_unlenient_load_skips_broken_jobs_and_carries_their_problems() -> None:
-    loaded = recipe.parse(HEAD + "jobs:\n  - {name: a, replicates: 0}\n  - {name: b}\n",
-                          "recipe.yaml", strict=False)
-    assert [job.name for job in loaded.jobs] == ["b"]
+def test_unlenient_load_keeps_damaged_jobs_to_check_and_carries_their_problems() -> None:
+    loaded = recipe.parse(HEAD + "jobs:\n  - {name: a, replicates: 0}\n  - {name: b}\n"
+                          "  - {name: c, prompt: x, stray: 1}\n", "recipe.yaml", strict=False)
+    assert [(job.name, job.replicates, job.damaged) for job in loaded.jobs] == [
+        ("a", 1, True), ("b", 1, False), ("c", 1, False)]
     assert [str(p) for p in loaded.problems] == [
-        "recipe.yaml:4:27: jobs[0].replicates: 0 is less than the minimum of 1"]
+        "recipe.yaml:4:27: jobs[0].replicates: 0 is less than the minimum of 1",
+        "recipe.yaml:6:26: jobs[2].stray: unknown key 'stray'"]
 
 
 # -- the document itself ----------------------------------------------------------------------
