@@ -8,12 +8,13 @@ rejects is collected and reported together, located at the recipe node it came f
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any
@@ -79,14 +80,22 @@ def _built(recipe: Recipe) -> list[JobSpec]:
 
 def expand(recipe: Recipe, *, yes: bool = False) -> Plan:
     """Build the plan; raise `RecipeError` with every problem, or `PlanTooLargeError`."""
-    if not yes:
-        _guard_size(recipe)
-    # Planning allocates hundreds of thousands of small objects and frees none of them:
-    # the cyclic collector would only walk them again and again (about 12% of the time).
+    expansion = Expansion(recipe, yes=yes)
+    with collector_paused():
+        jobs = tuple(expansion)
+    expansion.check()
+    return Plan(recipe, jobs, tuple(expansion.removed), tuple(expansion.notes.found()))
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Planning allocates hundreds of thousands of small objects and frees none of them (or,
+    streaming, frees them by reference count): the cyclic collector would only walk them
+    again and again (about 12% of the time)."""
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _expand(recipe)
+        yield
     finally:
         if collecting:
             gc.enable()
@@ -112,61 +121,102 @@ def _guard_size(recipe: Recipe) -> None:
     raise PlanTooLargeError(f"{recipe.path}: {message}")
 
 
-def _expand(recipe: Recipe) -> Plan:
-    problems: list[Problem] = list(recipe.problems)
-    notes: list[Problem] = []
-    jobs: list[Job] = []
-    outputs: dict[str, Job] = {}
-    folded: dict[str, Job] = {}
-    removed_all: list[tuple[str, matrix_rules.Removed]] = []
-    for spec in recipe.jobs:
-        builder = _JobBuilder(recipe, spec, problems, notes)
-        if not spec.matrix.loaded:
-            continue  # its problem is reported; rendering would only add follow-on errors
-        combos, removed = matrix_rules.combinations(spec.matrix)
-        removed_all.extend((spec.name, r) for r in removed)
-        if not combos:
-            problems.append(recipe.problem(("jobs", spec.index, "matrix"),
-                                           "the matrix produces no combinations "
-                                           "(every one is excluded)"))
-        if not builder.ready:
-            continue
-        for combo in combos:
-            for replicate in range(1, spec.replicates + 1):
-                job = builder.build(len(jobs), combo, replicate)
-                if job is None:
-                    continue
-                clash = outputs.get(job.output) or folded.get(job.output.casefold())
-                if clash is not None:
-                    problems.append(builder.output_clash(job, clash))
-                    continue
-                outputs[job.output] = job
-                folded[job.output.casefold()] = job
-                jobs.append(job)
-    if problems:
-        raise RecipeError(_dedupe(problems))
-    return Plan(recipe, tuple(jobs), tuple(removed_all), tuple(_dedupe(notes)))
+class Expansion:
+    """A recipe's jobs, made one at a time, and every problem found making them.
+
+    Iterate to get the jobs, in plan order, then call `check()`, which raises `RecipeError`
+    if there was any problem. What stays in memory is the combinations of one job at a time
+    and, per image, its output path (for clashes): the jobs themselves are the caller's to
+    keep or drop, so `plan --jsonl` can print a million of them in constant memory. Every
+    job's own checks (templates, variable names, constant parameters) run before the first
+    job is made; only per-image problems can come after it.
+    """
+
+    def __init__(self, recipe: Recipe, *, yes: bool = False) -> None:
+        if not yes:
+            _guard_size(recipe)
+        self.recipe = recipe
+        self.problems = Findings(recipe.problems)
+        self.notes = Findings()
+        self.removed: list[tuple[str, matrix_rules.Removed]] = []
+        self.builders = [_JobBuilder(recipe, spec, self.problems, self.notes)
+                         for spec in recipe.jobs]
+
+    def __iter__(self) -> Iterator[Job]:
+        # output → (job, values, replicate) of the image that claimed it; case-folded paths
+        # only where folding changes them (rarely), so the usual path is held once
+        outputs: dict[str, tuple[str, Mapping[str, Any], int]] = {}
+        folded: dict[str, tuple[str, Mapping[str, Any], int]] = {}
+        index = 0
+        for builder in self.builders:
+            spec = builder.spec
+            if not spec.matrix.loaded:
+                continue  # its problem is reported; rendering would only add follow-on errors
+            combos, removed = matrix_rules.combinations(spec.matrix)
+            self.removed.extend((spec.name, r) for r in removed)
+            if not combos:
+                self.problems.append(self.recipe.problem(("jobs", spec.index, "matrix"),
+                                                         "the matrix produces no combinations "
+                                                         "(every one is excluded)"))
+            if not builder.ready:
+                continue
+            for combo in combos:
+                for replicate in range(1, spec.replicates + 1):
+                    job = builder.build(index, combo, replicate)
+                    if job is None:
+                        continue
+                    output = job.output
+                    clash = outputs.get(output)
+                    if clash is None:
+                        fold = output.casefold()
+                        if fold != output:
+                            clash = folded.get(fold) or outputs.get(fold)
+                            folded.setdefault(fold, (job.job, job.vars, replicate))
+                        else:
+                            clash = folded.get(fold)
+                    if clash is not None:
+                        self.problems.append(builder.output_clash(job, *clash))
+                        continue
+                    outputs[output] = (job.job, job.vars, replicate)
+                    index += 1
+                    yield job
+
+    def check(self) -> None:
+        if self.problems:
+            raise RecipeError(self.problems.found())
 
 
-def _dedupe(problems: list[Problem]) -> list[Problem]:
-    """One problem per place and message: a template failing for 10,000 combinations is
-    reported once, for the first combination, with the count of the others."""
-    first: dict[tuple[Any, ...], Problem] = {}
-    others: dict[tuple[Any, ...], int] = {}
-    for problem in problems:
+class Findings:
+    """Problems (or notes) as they are found, each place and message kept once, with a count
+    of the others: a template failing for 10,000 combinations is reported once, for the
+    first combination, and a stream of a million images holds one note, not a million."""
+
+    def __init__(self, problems: Iterable[Problem] = ()) -> None:
+        self.first: dict[tuple[Any, ...], Problem] = {}
+        self.others: dict[tuple[Any, ...], int] = {}
+        for problem in problems:
+            self.append(problem)
+
+    def append(self, problem: Problem) -> None:
         key = (problem.file, problem.line, problem.column, problem.path, _gist(problem.message))
-        if key in first:
-            others[key] += problem != first[key]
+        first = self.first.get(key)
+        if first is None:
+            self.first[key], self.others[key] = problem, 0
         else:
-            first[key], others[key] = problem, 0
-    result = []
-    for key, problem in first.items():
-        if others[key]:
-            more = others[key]
-            problem = Problem(problem.file, problem.line, problem.column, problem.path,
-                              f"{problem.message} and {more:,} more")
-        result.append(problem)
-    return result
+            self.others[key] += problem != first
+
+    def __bool__(self) -> bool:
+        return bool(self.first)
+
+    def found(self) -> list[Problem]:
+        result = []
+        for key, problem in self.first.items():
+            if self.others[key]:
+                more = self.others[key]
+                problem = Problem(problem.file, problem.line, problem.column, problem.path,
+                                  f"{problem.message} and {more:,} more")
+            result.append(problem)
+        return result
 
 
 _CLASH = "two jobs write "
@@ -194,8 +244,8 @@ class _JobBuilder:
     `build` does only the per-image work. This is the hot loop of planning.
     """
 
-    def __init__(self, recipe: Recipe, spec: JobSpec, problems: list[Problem],
-                 notes: list[Problem]) -> None:
+    def __init__(self, recipe: Recipe, spec: JobSpec, problems: Findings,
+                 notes: Findings) -> None:
         self.recipe = recipe
         self.spec = spec
         self.problems = problems
@@ -539,22 +589,23 @@ class _JobBuilder:
             self.output_path, f"{problem} (for {describe(values, replicate)})"))
         return None
 
-    def output_clash(self, job: Job, other: Job) -> Problem:
+    def output_clash(self, job: Job, other: str, values: Mapping[str, Any],
+                     replicate: int) -> Problem:
         return self.recipe.problem(
-            self.output_path, f"{_CLASH}{job.output!r}: {other.job} "
-            f"({describe(other.vars, other.replicate)}) and {job.job} "
-            f"({describe(job.vars, job.replicate)}); {_clash_hint(job, other)}")
+            self.output_path, f"{_CLASH}{job.output!r}: {other} "
+            f"({describe(values, replicate)}) and {job.job} "
+            f"({describe(job.vars, job.replicate)}); {_clash_hint(job.vars, values)}")
 
 
 class _Refused(Exception):
     """An image of a request was refused; the problem is already recorded."""
 
 
-def _clash_hint(job: Job, other: Job) -> str:
+def _clash_hint(ours: Mapping[str, Any], others: Mapping[str, Any]) -> str:
     """What to change. Values that differ only in case clash on file systems that ignore
     case; values that slug alike (`🐱` and `🐶` are both `x`) need more than `slug`."""
-    for name, value in job.vars.items():
-        theirs = other.vars.get(name, value)
+    for name, value in ours.items():
+        theirs = others.get(name, value)
         if theirs == value:
             continue
         if str(theirs).casefold() == str(value).casefold():

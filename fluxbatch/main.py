@@ -19,6 +19,7 @@ from fluxbatch.errors import (
     EXIT_BUG,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
+    ConfigError,
     FluxbatchError,
     RecipeError,
 )
@@ -42,6 +43,16 @@ def _non_negative_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be zero or more")
     return value
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """`--shard I/N`; a bad one is a usage error (exit 2), found before anything is read."""
+    from fluxbatch.selection import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--shard ")) from None
 
 
 def _probability(text: str) -> float:
@@ -70,9 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="show what would be rendered, why, and what it costs")
     _recipe_arguments(p)
-    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_const", dest="form", const="json",
+                      default="table", help="print the plan as one JSON object")
+    form.add_argument("--jsonl", action="store_const", dest="form", const="jsonl",
+                      help="print one JSON object per job, then a summary line, as the jobs "
+                      "are planned")
     p.add_argument("--explain", action="store_true",
                    help="say which matrix rule produced or removed each combination")
+    _selection_arguments(p)
 
     p = sub.add_parser("render", help="render every missing or stale image, and the manifest")
     _recipe_arguments(p)
@@ -84,16 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="show what would be submitted and what it would cost; send nothing")
     p.add_argument("--force", action="store_true", help="re-render every selected image")
-    p.add_argument("--only", action="append", default=[], metavar="PATTERN",
-                   help="only jobs named PATTERN, outputs matching the glob, or NAME=VALUE "
-                   "on matrix values (repeatable)")
+    _selection_arguments(p)
     p.add_argument("--retry-unknown", action="store_true",
                    help="resubmit images whose earlier submit had no answer (may pay twice)")
     p.add_argument("--verify", action="store_true",
                    help="check every existing image by its sha256, not size and mtime")
     p.add_argument("--budget", type=_non_negative_float, metavar="USD",
                    help="refuse to start if the estimated cost is higher")
-    p.add_argument("--shard", metavar="I/N", help="render only shard I of N (by job key)")
     p.add_argument("--timeout", type=_non_negative_float, metavar="SECONDS",
                    help="give up waiting for one task after this long (default 900)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or lines")
@@ -180,6 +194,14 @@ def _recipe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--yes", action="store_true", help="accept a plan larger than max_jobs")
 
 
+def _selection_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                   help="only jobs named PATTERN, outputs matching the glob, or NAME=VALUE "
+                   "on matrix values (repeatable)")
+    p.add_argument("--shard", type=_shard, metavar="I/N",
+                   help="only shard I of N (a stable split by job key)")
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     command = args.command
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -208,18 +230,17 @@ def _validate(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from fluxbatch.commands.plan import plan
 
-    return plan(recipe=args.recipe, out=args.out, yes=args.yes, as_json=args.json,
-                explain=args.explain)
+    return plan(recipe=args.recipe, out=args.out, yes=args.yes, form=args.form,
+                explain=args.explain, only=args.only, shard=args.shard)
 
 
 def _render(args: argparse.Namespace) -> int:
     from fluxbatch.commands.render import render
-    from fluxbatch.selection import Options, parse_shard
+    from fluxbatch.selection import Options
 
     options = Options(concurrency=args.jobs, base_url=args.base_url, force=args.force,
                       only=tuple(args.only), retry_unknown=args.retry_unknown,
-                      verify=args.verify, budget=args.budget,
-                      shard=parse_shard(args.shard) if args.shard else None,
+                      verify=args.verify, budget=args.budget, shard=args.shard,
                       task_timeout=args.timeout)
     return render(recipe=args.recipe, out=args.out, yes=args.yes, options=options,
                   dry_run=args.dry_run, quiet=args.quiet, as_json=args.json,

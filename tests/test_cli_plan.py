@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -469,3 +470,179 @@ def test_plan_of_an_invalid_recipe_lists_its_problems(workdir: Path, capsys: Cap
     """})
     assert run(capsys, "plan", "recipe.yaml") == (
         1, "", "recipe.yaml:3:36: defaults.width: 2000 is greater than the maximum of 1440\n")
+
+
+# -- plan --json layout, --jsonl, --only and --shard ------------------------------------------
+
+ONE = """
+    version: 1
+    name: one
+    defaults: {model: flux-dev}
+    jobs:
+      - {name: owl, prompt: "an owl", seed: 7, matrix: {mood: [calm, "é"], exclude: [{mood: "é"}]}}
+"""
+
+
+def test_plan_json_puts_each_job_on_a_line_of_its_own(workdir: Path, capsys: Capsys) -> None:
+    build_file_tree(workdir, {"one.yaml": ONE})
+    sha256 = hashlib.sha256((workdir / "one.yaml").read_bytes()).hexdigest()
+    assert run(capsys, "plan", "one.yaml", "--json", "--explain") == (0, f"""\
+{{
+  "recipe": {{"name": "one", "path": "one.yaml", "sha256": "{sha256}", "provider": "bfl", \
+"output_root": ".", "spec_date": "2026-04-23"}},
+  "jobs": [
+    {{"job": "owl", "vars": {{"mood": "calm"}}, "replicate": 1, "model": "flux-dev", "request": \
+{{"output_format": "jpeg", "prompt": "an owl", "seed": 7}}, "seed": 7, "key": \
+"5dc9f87c95fa3d95f0ce0c6f13a9ddd605fde186b9e243a15736134d3d4e8fff", "output": \
+"owl/calm-1.jpg", "state": "new", "explain": "product mood[0]"}}
+  ],
+  "summary": {{"jobs": 1, "to_render": 1, "states": {{"new": 1}}, "models": {{"flux-dev": \
+{{"jobs": 1, "to_render": 1, "estimated_usd": 0.025, "price_source": "https://flux-1.ai (third \
+party, unverified)"}}}}, "estimated_usd": 0.025}},
+  "removed": [
+    {{"job": "owl", "vars": {{"mood": "é"}}, "explain": "exclude[0]"}}
+  ]
+}}
+""", "")
+
+
+def jsonl_of(document: dict[str, Any]) -> str:
+    """What `--jsonl` prints for the plan `--json` printed as `document`."""
+    last = {key: value for key, value in document.items() if key != "jobs"}
+    lines = [*document["jobs"], last]
+    return "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+
+
+@pytest.mark.parametrize("options", [(), ("--explain",), ("--only", "owls"),
+                                     ("--shard", "2/2", "--explain")])
+def test_plan_jsonl_prints_the_json_plans_jobs_a_line_each_then_the_rest(
+        workdir: Path, capsys: Capsys, options: tuple[str, ...]) -> None:
+    build_file_tree(workdir, {"small.yaml": SMALL})
+    code, out, err = run(capsys, "plan", "small.yaml", "--json", *options)
+    assert (code, err) == (0, "")
+    assert run(capsys, "plan", "small.yaml", "--jsonl", *options) == (
+        0, jsonl_of(json.loads(out)), "")
+
+
+RENDERED = """
+    version: 1
+    name: shapes
+    provider: emulator
+    defaults: {model: flux-dev, width: 256, height: 256}
+    jobs: [{name: s, prompt: "a {{ shape }}", matrix: {shape: [circle, square, star]}}]
+"""
+
+
+def test_plan_jsonl_reads_the_same_state_as_json(workdir: Path, capsys: Capsys) -> None:
+    build_file_tree(workdir, {"recipe.yaml": RENDERED})
+    assert run(capsys, "render", "recipe.yaml", "-q")[0] == 0  # (in-process emulator)
+    build_file_tree(workdir, {"recipe.yaml": RENDERED.replace(
+        "[circle, square, star]", "[circle, star, moon]").replace('"a {{', '"one {{')})
+    code, out, err = run(capsys, "plan", "recipe.yaml", "--json")
+    assert (code, err) == (0, "")
+    document = json.loads(out)
+    assert [job["state"] for job in document["jobs"]] == ["stale", "stale", "new"]
+    assert document["summary"]["states"] == {"new": 1, "stale": 2, "orphaned": 1}
+    assert run(capsys, "plan", "recipe.yaml", "--jsonl") == (0, jsonl_of(document), "")
+
+
+def test_plan_jsonl_streams_and_a_late_problem_ends_it_without_a_summary(
+        workdir: Path, capsys: Capsys) -> None:
+    count = 10_001  # a chunk of 10,000 is printed before the last image is made
+    build_file_tree(workdir, {"recipe.yaml": f"""
+        version: 1
+        name: r
+        defaults: {{model: flux-dev}}
+        jobs:
+          - name: a
+            prompt: "{{{{ n }}}}"
+            matrix: {{n: {list(range(count))}}}
+            params: {{height: "{{{{ 256 if n < {count - 1} else 100 }}}}"}}
+    """})
+    code, out, err = run(capsys, "plan", "recipe.yaml", "--jsonl", "--yes")
+    assert (code, err) == (1, "recipe.yaml:8:22: jobs[0].params.height: 100 is less than the "
+                              f"minimum of 256 (for n={count - 1}, replicate=1)\n")
+    lines = out.splitlines()
+    assert len(lines) == 10_000
+    assert [json.loads(lines[i])["vars"] for i in (0, -1)] == [{"n": 0}, {"n": 9999}]
+
+
+def test_plan_jsonl_prints_nothing_for_a_recipe_with_a_problem(workdir: Path,
+                                                               capsys: Capsys) -> None:
+    build_file_tree(workdir, {"recipe.yaml": """
+        version: 1
+        name: r
+        defaults: {model: flux-dev}
+        jobs:
+          - {name: a, prompt: "{{ n }}", matrix: {n: [1, 2]}}
+          - {name: b, prompt: "{{ nn }}"}
+    """})
+    assert run(capsys, "plan", "recipe.yaml", "--jsonl") == (
+        1, "", "recipe.yaml:6:23: jobs[1].prompt: undefined variable 'nn'\n")
+
+
+def test_plan_only_and_shard_select_what_render_would_and_cost_only_that(
+        workdir: Path, capsys: Capsys) -> None:
+    build_file_tree(workdir, {"small.yaml": SMALL})
+    assert run(capsys, "plan", "small.yaml", "--shard", "1/2") == (0, """\
+recipe small (small.yaml), provider bfl, output root .
+JOB   VALUES              REP  MODEL             SEED  OUTPUT                STATE
+owls  mood=calm hat=true    1  flux-dev    1263208043  owls/calm-true-1.jpg  new
+owls  mood=sleepy           1  flux-dev    1626753431  owls/sleepy-1.jpg     new
+fox   -                     1  flux-2-pro           7  fox/default-1.jpg     new
+
+3 jobs (of 4, selected by --shard 1/2): 3 new
+MODEL       JOBS  TO RENDER  EST. COST  PRICE SOURCE
+flux-dev       2          2     $0.050  https://flux-1.ai (third party, unverified)
+flux-2-pro     1          1     $0.031  black-forest-labs/skills:skills/bfl-api/SKILL.md@172fdcf
+total          3          3     $0.081
+""", "")
+    code, out, err = run(capsys, "plan", "small.yaml", "--json", "--only", "mood=*s*",
+                         "--only", "fox")
+    assert (code, err) == (0, "")
+    document = json.loads(out)
+    assert [job["output"] for job in document["jobs"]] == ["owls/sleepy-1.jpg", "owls/wise-1.jpg",
+                                                          "fox/default-1.jpg"]
+    assert document["summary"] == {
+        "jobs": 3, "to_render": 3, "states": {"new": 3},
+        "models": {"flux-dev": {"jobs": 2, "to_render": 2, "estimated_usd": 0.05,
+                                "price_source": "https://flux-1.ai (third party, unverified)"},
+                   "flux-2-pro": {"jobs": 1, "to_render": 1, "estimated_usd": 0.0307,
+                                  "price_source":
+                                      "black-forest-labs/skills:skills/bfl-api/SKILL.md@172fdcf"}},
+        "estimated_usd": 0.0807,
+        "selection": {"only": ["mood=*s*", "fox"], "shard": None, "planned": 4}}
+
+
+def test_plan_shards_partition_the_plan(workdir: Path, capsys: Capsys) -> None:
+    build_file_tree(workdir, {"small.yaml": SMALL})
+    everything = json.loads(run(capsys, "plan", "small.yaml", "--json")[1])["jobs"]
+    shards = [json.loads(run(capsys, "plan", "small.yaml", "--json", "--shard", f"{i}/2")[1])
+              for i in (1, 2)]
+    assert sorted(job["key"] for shard in shards for job in shard["jobs"]) == \
+        sorted(job["key"] for job in everything)
+    assert [shard["summary"]["jobs"] for shard in shards] == [3, 1]
+
+
+@pytest.mark.parametrize("form", ["--json", "--jsonl", "--explain"])
+def test_plan_only_matching_nothing_is_an_error(workdir: Path, capsys: Capsys,
+                                                form: str) -> None:
+    build_file_tree(workdir, {"small.yaml": SMALL})
+    assert run(capsys, "plan", "small.yaml", form, "--only", "mood=furious") == (
+        1, "", "fluxbatch: --only mood=furious: no job matches (give a job name, an output "
+               "glob, or NAME=VALUE on a matrix value)\n")
+
+
+@pytest.mark.parametrize("command", ["plan", "render"])
+@pytest.mark.parametrize("shard,message", [
+    ("0/2", "'0/2': I must be between 1 and N"),
+    ("3/2", "'3/2': I must be between 1 and N"),
+    ("x", "'x': expected I/N, like 2/4"),
+    ("1/2/3", "'1/2/3': expected I/N, like 2/4"),
+])
+def test_a_bad_shard_is_a_usage_error(workdir: Path, capsys: Capsys, command: str, shard: str,
+                                      message: str) -> None:
+    build_file_tree(workdir, {"small.yaml": SMALL})
+    code, out, err = run(capsys, command, "small.yaml", "--shard", shard)
+    assert (code, out, err.splitlines()[-1]) == (
+        2, "", f"fluxbatch {command}: error: argument --shard: {message}")

@@ -1,68 +1,218 @@
-"""`fluxbatch plan RECIPE`: what would be rendered, why, and what it would cost."""
+"""`fluxbatch plan RECIPE`: what would be rendered, why, and what it would cost.
+
+Three forms: a table (the default); `--json`, one document whose shape is a contract (see the
+README); and `--jsonl`, one line per job and then a summary line, printed while the jobs are
+planned, so memory stays flat however many there are. `--only` and `--shard` select the jobs
+`render` would, and the summary covers the selection.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, TextIO
 
 from fluxbatch import models
+from fluxbatch import recipe as recipes
 from fluxbatch.commands.output import money, plural, table, values_text
-from fluxbatch.errors import EXIT_OK
+from fluxbatch.errors import EXIT_OK, FluxbatchError, Problem, RecipeError
+from fluxbatch.expand import Expansion, Job, Plan, collector_paused
 from fluxbatch.selection import (
+    ORPHANED,
     STATE_ORDER,
     TO_RENDER,
-    Classified,
+    ModelSummary,
     classify,
+    escape_problems,
+    in_shard,
     load_plan,
+    matches_only,
     redacted,
-    summarise,
 )
-from fluxbatch.state import read_state
+from fluxbatch.state import RootState, read_state
+
+TABLE, JSON, JSONL = "table", "json", "jsonl"
+
+# `indent=2` would send every value through json's pure-Python encoder (3-4 times slower):
+# each job is encoded compactly, by the C encoder, on a line of its own instead.
+_encode = json.JSONEncoder(ensure_ascii=False).encode
+
+_CHUNK = 10_000  # jobs classified and printed at a time by --jsonl
 
 
-def plan(*, recipe: str, out: str | None, yes: bool, as_json: bool, explain: bool) -> int:
+@dataclass(frozen=True, slots=True)
+class Pick:
+    """`--only` and `--shard`: the jobs `render` would take (`selection.matches_only`, `in_shard`)."""
+
+    only: tuple[str, ...] = ()
+    shard: tuple[int, int] | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.only) or self.shard is not None
+
+    def describe(self) -> str:
+        parts = [f"--only {pattern}" for pattern in self.only]
+        if self.shard is not None:
+            parts.append(f"--shard {self.shard[0]}/{self.shard[1]}")
+        return " ".join(parts)
+
+    def document(self, planned: int) -> dict[str, Any]:
+        shard = None if self.shard is None else f"{self.shard[0]}/{self.shard[1]}"
+        return {"only": list(self.only), "shard": shard, "planned": planned}
+
+
+def plan(*, recipe: str, out: str | None, yes: bool, form: str = TABLE, explain: bool = False,
+         only: Sequence[str] = (), shard: tuple[int, int] | None = None) -> int:
+    pick = Pick(tuple(only), shard)
+    if form == JSONL:
+        _stream(recipe, out=out, yes=yes, explain=explain, pick=pick)
+        return EXIT_OK
     the_plan = load_plan(recipe, out=out, yes=yes)
     classified = classify(the_plan, read_state(the_plan.recipe.output_root,
                                                   the_plan.recipe.name, the_plan.jobs))
-    if as_json:
-        print(json.dumps(plan_document(classified, explain=explain), indent=2, ensure_ascii=False))
+    tally = Tally(pick)
+    shown = [(job, state) for job, state in zip(the_plan.jobs, classified.states, strict=True)
+             if tally.selects(job)]
+    tally.add_all(shown)
+    tally.finish(planned=len(the_plan.jobs), orphans=len(classified.orphans))
+    if form == JSON:
+        write_document(sys.stdout, the_plan, shown, tally, explain=explain)
     else:
-        print(plan_text(classified, explain=explain))
+        print(plan_text(the_plan, shown, tally, explain=explain))
     return EXIT_OK
 
 
-def plan_document(classified: Classified, *, explain: bool = False) -> dict[str, Any]:
-    """The public `plan --json` shape (documented in the README; a contract)."""
-    the_plan = classified.plan
-    recipe = the_plan.recipe
-    jobs = []
-    for job, state in zip(the_plan.jobs, classified.states, strict=True):
-        entry: dict[str, Any] = {
-            "job": job.job,
-            "vars": dict(job.vars),
-            "replicate": job.replicate,
-            "model": job.model,
-            "request": redacted(job.request),
-            "seed": job.seed,
-            "key": job.key,
-            "output": job.output,
-            "state": state,
-        }
-        if explain:
-            entry["explain"] = the_plan.explain(job)
-        jobs.append(entry)
+# -- the summary --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _ModelTally:
+    jobs: int = 0
+    to_render: int = 0
+    usd: float = 0.0
+    priced: bool = True
+
+
+@dataclass(slots=True)
+class Tally:
+    """What the summary says of the jobs shown, gathered one job at a time (a stream does not
+    keep its jobs): counts by state, and per model the jobs, those that would be paid for,
+    and their estimated cost (summed in plan order, then rounded, as `selection.summarise` does)."""
+
+    pick: Pick = field(default_factory=Pick)
+    jobs: int = 0
+    states: Counter[str] = field(default_factory=Counter)
+    models: dict[str, _ModelTally] = field(default_factory=dict)
+    matched_only: int = 0  # jobs `--only` matched, shard or not
+    planned: int = 0
+
+    def selects(self, job: Job) -> bool:
+        """Whether the selection takes `job` (and count what `--only` matched)."""
+        if not self.pick:
+            return True
+        if self.pick.only and not matches_only(job, self.pick.only):
+            return False
+        self.matched_only += 1
+        return in_shard(job, self.pick.shard)
+
+    def add_all(self, shown: Iterable[tuple[Job, str]]) -> None:
+        for job, state in shown:
+            self.jobs += 1
+            self.states[state] += 1
+            model = self.models.get(job.model)
+            if model is None:
+                model = self.models[job.model] = _ModelTally()
+            model.jobs += 1
+            if state in TO_RENDER:
+                model.to_render += 1
+                cost = models.estimate_cost(job.model, job.request)
+                if cost is None:
+                    model.priced = False
+                else:
+                    model.usd += cost
+
+    def finish(self, *, planned: int, orphans: int) -> None:
+        """Close the count; `--only` that matches nothing is an error, as in `render`.
+        Orphans are images no job of the recipe makes, so no selection holds them."""
+        if self.pick.only and not self.matched_only:
+            raise FluxbatchError(f"--only {' '.join(self.pick.only)}: no job matches (give a "
+                                 "job name, an output glob, or NAME=VALUE on a matrix value)")
+        self.planned = planned
+        if orphans and not self.pick:
+            self.states[ORPHANED] = orphans
+
+    def per_model(self) -> dict[str, ModelSummary]:
+        result = {}
+        for name, model in self.models.items():
+            price = models.PRICES.get(name)
+            result[name] = ModelSummary(model.jobs, model.to_render,
+                                        round(model.usd, 4) if model.priced else None,
+                                        price.source if price else None)
+        return result
+
+    def to_render(self) -> int:
+        return sum(self.states[s] for s in TO_RENDER)
+
+
+def summary_document(tally: Tally) -> dict[str, Any]:
+    per_model = tally.per_model()
+    known = [s.estimated_usd for s in per_model.values()]
     document: dict[str, Any] = {
-        "recipe": {
-            "name": recipe.name,
-            "path": str(recipe.path),
-            "sha256": recipe.sha256,
-            "provider": recipe.provider.name,
-            "output_root": str(recipe.output_root),
-            "spec_date": models.SPEC_DATE,
+        "jobs": tally.jobs,
+        "to_render": tally.to_render(),
+        "states": {s: tally.states[s] for s in STATE_ORDER if tally.states[s]},
+        "models": {
+            name: {"jobs": s.jobs, "to_render": s.to_render, "estimated_usd": s.estimated_usd,
+                   "price_source": s.price_source}
+            for name, s in per_model.items()
         },
-        "jobs": jobs,
-        "summary": summary_document(classified),
+        "estimated_usd": None if None in known else round(sum(k or 0 for k in known), 4),
     }
+    if tally.pick:
+        document["selection"] = tally.pick.document(tally.planned)
+    return document
+
+
+# -- JSON -------------------------------------------------------------------------------------
+
+
+def job_document(the_plan: Plan, job: Job, state: str, *, explain: bool) -> dict[str, Any]:
+    """One job of the public `plan --json` shape (documented in the README; a contract)."""
+    entry: dict[str, Any] = {
+        "job": job.job,
+        "vars": dict(job.vars),
+        "replicate": job.replicate,
+        "model": job.model,
+        "request": redacted(job.request),
+        "seed": job.seed,
+        "key": job.key,
+        "output": job.output,
+        "state": state,
+    }
+    if explain:
+        entry["explain"] = the_plan.explain(job)
+    return entry
+
+
+def recipe_document(recipe: recipes.Recipe) -> dict[str, Any]:
+    return {
+        "name": recipe.name,
+        "path": str(recipe.path),
+        "sha256": recipe.sha256,
+        "provider": recipe.provider.name,
+        "output_root": str(recipe.output_root),
+        "spec_date": models.SPEC_DATE,
+    }
+
+
+def tail_document(the_plan: Plan, tally: Tally, *, explain: bool) -> dict[str, Any]:
+    """The document's keys after `jobs`: what `--jsonl` prints on its last line."""
+    document: dict[str, Any] = {"summary": summary_document(tally)}
     if explain:
         document["removed"] = [
             {"job": name, "vars": dict(removed.values), "explain": f"exclude[{removed.exclude}]"}
@@ -71,59 +221,147 @@ def plan_document(classified: Classified, *, explain: bool = False) -> dict[str,
     return document
 
 
-def summary_document(classified: Classified) -> dict[str, Any]:
-    counts = classified.count()
-    per_model = summarise(classified.plan.jobs, classified.states)
-    known = [s.estimated_usd for s in per_model.values()]
-    return {
-        "jobs": len(classified.plan.jobs),
-        "to_render": sum(counts[s] for s in TO_RENDER),
-        "states": {s: counts[s] for s in STATE_ORDER if counts[s]},
-        "models": {
-            name: {"jobs": s.jobs, "to_render": s.to_render, "estimated_usd": s.estimated_usd,
-                   "price_source": s.price_source}
-            for name, s in per_model.items()
-        },
-        "estimated_usd": None if None in known else round(sum(k or 0 for k in known), 4),
-    }
+def write_document(out: TextIO, the_plan: Plan, shown: Iterable[tuple[Job, str]], tally: Tally,
+                   *, explain: bool) -> None:
+    """`plan --json`: one object, with a job (and a removed combination) per line."""
+    out.write('{\n  "recipe": ' + _encode(recipe_document(the_plan.recipe)) + ',\n  "jobs": [')
+    _write_items(out, (job_document(the_plan, job, state, explain=explain)
+                       for job, state in shown))
+    for key, value in tail_document(the_plan, tally, explain=explain).items():
+        out.write(f",\n  {_encode(key)}: ")
+        if isinstance(value, list):
+            out.write("[")
+            _write_items(out, value)
+        else:
+            out.write(_encode(value))
+    out.write("\n}\n")
 
 
-def plan_text(classified: Classified, *, explain: bool = False) -> str:
-    the_plan = classified.plan
+def _write_items(out: TextIO, items: Iterable[Any]) -> None:
+    """The items of a list, one per line, and its closing bracket."""
+    separator = "\n    "
+    for item in items:
+        out.write(separator + _encode(item))
+        separator = ",\n    "
+    out.write("]" if separator == "\n    " else "\n  ]")
+
+
+# -- JSON lines, streamed -------------------------------------------------------------------
+
+
+def _stream(path: str, *, out: str | None, yes: bool, explain: bool, pick: Pick) -> None:
+    """`plan --jsonl`: jobs are made, checked, classified and printed a chunk at a time.
+
+    Nothing is printed once a problem is known, and every job's own checks run before the
+    first line; but a problem of one image (a template that fails for one combination, two
+    images with one path) can end the output after some lines, without the summary line.
+    """
+    recipe = recipes.load(path, output_root=out, strict=False)
+    expansion = Expansion(recipe, yes=yes)
+    states = _StateReader(recipe)
+    tally = Tally(pick)
+    escapes: list[Problem] = []
+    planned = 0
+    with collector_paused():
+        for chunk in _chunks(expansion, _CHUNK):
+            planned += len(chunk)
+            part = Plan(recipe, chunk, ())
+            escapes += escape_problems(part)
+            if expansion.problems or escapes:
+                continue  # (still made, for every problem in one run)
+            classified = classify(part, states.state_of(chunk))
+            shown = [(job, state) for job, state in zip(chunk, classified.states, strict=True)
+                     if tally.selects(job)]
+            tally.add_all(shown)
+            lines = [_encode(job_document(part, job, state, explain=explain))
+                     for job, state in shown]
+            if lines:
+                sys.stdout.write("\n".join(lines) + "\n")
+                sys.stdout.flush()
+    problems = expansion.problems.found() + escapes
+    if problems:
+        raise RecipeError(problems)
+    tally.finish(planned=planned, orphans=states.orphans())
+    the_plan = Plan(recipe, (), tuple(expansion.removed))
+    last = {"recipe": recipe_document(recipe), **tail_document(the_plan, tally, explain=explain)}
+    sys.stdout.write(_encode(last) + "\n")
+
+
+def _chunks(jobs: Iterable[Job], size: int) -> Iterator[tuple[Job, ...]]:
+    iterator = iter(jobs)
+    while chunk := tuple(islice(iterator, size)):
+        yield chunk
+
+
+class _StateReader:
+    """The output root's state, a chunk of jobs at a time. A store or the manifests are read
+    once, and each chunk is classified against its own placements (so that no chunk counts
+    the others' as orphans). A root with neither is searched, chunk by chunk, for images
+    that carry their job's provenance, as `read_state` does for a whole plan."""
+
+    def __init__(self, recipe: recipes.Recipe) -> None:
+        self.root, self.name = recipe.output_root, recipe.name
+        whole = read_state(self.root, self.name)
+        self.whole = whole if whole.tasks or whole.by_key else None
+        # every image placed for the recipe, less those planned so far: the orphans, once
+        # all are planned
+        self.unplanned = set(classify(Plan(recipe, (), ()), whole).orphans)
+
+    def state_of(self, chunk: Sequence[Job]) -> RootState:
+        for job in chunk:
+            self.unplanned.discard(job.output)
+        if self.whole is None:
+            return read_state(self.root, self.name, chunk)
+        own = self.whole.placements
+        return dataclasses.replace(self.whole, placements={
+            job.output: own[job.output] for job in chunk if job.output in own})
+
+    def orphans(self) -> int:
+        return len(self.unplanned)
+
+
+# -- the table --------------------------------------------------------------------------------
+
+
+def plan_text(the_plan: Plan, shown: Sequence[tuple[Job, str]], tally: Tally, *,
+              explain: bool = False) -> str:
     recipe = the_plan.recipe
     lines = [f"recipe {recipe.name} ({recipe.path}), provider {recipe.provider.name}, "
              f"output root {recipe.output_root}"]
     rows = [[job.job, values_text(job.vars), str(job.replicate), job.model, str(job.seed),
-             job.output, state]
-            for job, state in zip(the_plan.jobs, classified.states, strict=True)]
+             job.output, state] for job, state in shown]
     text = table(["JOB", "VALUES", "REP", "MODEL", "SEED", "OUTPUT", "STATE"], rows,
                  right=frozenset({2, 4})).split("\n")
     lines.append(text[0])
-    for job, line in zip(the_plan.jobs, text[1:], strict=True):
-        lines.append(line)
-        if explain:  # under its row, outside the table, so the columns stay narrow
+    if explain:  # under its row, outside the table, so the columns stay narrow
+        for (job, _), line in zip(shown, text[1:], strict=True):
+            lines.append(line)
             lines.append(f"  ↳ {the_plan.explain(job)}")
+    else:
+        lines.extend(text[1:])
     if explain and the_plan.removed:
         lines.append("")
         for name, removed in the_plan.removed:
             lines.append(f"removed: {name} {values_text(removed.values)} "
                          f"(exclude[{removed.exclude}])")
     lines.append("")
-    lines.append(summary_text(classified))
+    lines.append(summary_text(tally))
     return "\n".join(lines)
 
 
-def summary_text(classified: Classified) -> str:
-    counts = classified.count()
-    states = ", ".join(f"{counts[s]:,} {s}" for s in STATE_ORDER if counts[s])
-    lines = [f"{plural(len(classified.plan.jobs), 'job')}: {states or 'none'}"]
-    per_model = summarise(classified.plan.jobs, classified.states)
+def summary_text(tally: Tally) -> str:
+    states = ", ".join(f"{tally.states[s]:,} {s}" for s in STATE_ORDER if tally.states[s])
+    count = plural(tally.jobs, "job")
+    if tally.pick:
+        count += f" (of {tally.planned:,}, selected by {tally.pick.describe()})"
+    lines = [f"{count}: {states or 'none'}"]
+    per_model = tally.per_model()
     rows = [[name, f"{s.jobs:,}", f"{s.to_render:,}", money(s.estimated_usd),
              s.price_source or "no published price"] for name, s in per_model.items()]
     known = [s.estimated_usd for s in per_model.values()]
     total = None if None in known else sum(k or 0 for k in known)
     to_render = sum(s.to_render for s in per_model.values())
-    rows.append(["total", f"{len(classified.plan.jobs):,}", f"{to_render:,}", money(total), ""])
+    rows.append(["total", f"{tally.jobs:,}", f"{to_render:,}", money(total), ""])
     lines.append(table(["MODEL", "JOBS", "TO RENDER", "EST. COST", "PRICE SOURCE"], rows,
                        right=frozenset({1, 2, 3})))
     return "\n".join(lines)
