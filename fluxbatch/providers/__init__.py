@@ -14,11 +14,12 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
-
-import httpx
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fluxbatch.errors import ConfigError
+
+if TYPE_CHECKING:  # `validate` and `plan` load this module for the registry, and send nothing
+    import httpx
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +170,8 @@ def parsed_url(url: str) -> httpx.URL:
     """`httpx.URL(url)`, remembered: a task's polling URL is parsed once, not at every poll
     (httpx checks each character, which costs more than building the rest of the request).
     URLs are immutable, so sharing one is safe."""
+    import httpx
+
     return httpx.URL(url)
 
 
@@ -179,6 +182,8 @@ def check_base_url(url: str, info: ProviderInfo, *, where: str) -> str:
     """`url` as a base URL for `info`, or a ConfigError saying why not. `where` says who named
     it: the operator ("--base-url", an environment variable) may name any https host; a
     recipe only the provider's own hosts or loopback (`recipe_base_url_problem`)."""
+    import httpx
+
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as error:
@@ -195,6 +200,8 @@ def recipe_base_url_problem(info: ProviderInfo, url: str) -> str | None:
     """Why a recipe may not name `url` as its base URL, or None. A recipe may come from a
     pull request, so it may not decide where the key goes: only the provider's own hosts
     (https) or loopback."""
+    import httpx  # (here, not above: only a recipe that names a base URL needs it)
+
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as error:

@@ -1,0 +1,49 @@
+"""`validate` and `plan` run in every pull request and send nothing: they load no HTTP client
+and no progress bar. Checked in a fresh interpreter, from Python's own import log."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fluxbatch
+from tests.helpers import build_file_tree
+
+SOURCE_ROOT = Path(fluxbatch.__file__).resolve().parents[1]
+UNUSED = {"httpx", "httpx_aiohttp", "aiohttp", "tqdm"}
+
+
+def imported(argv: list[str], cwd: Path) -> set[str]:
+    """The top-level packages `python -m fluxbatch ARGV` imports."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "fluxbatch", *argv], cwd=cwd,
+        capture_output=True, text=True, check=False,
+        env={**os.environ, "PYTHONPATH": str(SOURCE_ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    return {line.rsplit("|", 1)[1].strip().split(".")[0] for line in lines}
+
+
+@pytest.mark.parametrize("argv", [
+    ["validate", "recipe.yaml"],
+    ["plan", "recipe.yaml"],
+    ["plan", "recipe.yaml", "--json", "--shard", "1/2"],
+    ["plan", "recipe.yaml", "--jsonl", "--only", "owls"],
+], ids=["validate", "plan", "plan-json", "plan-jsonl"])
+def test_validate_and_plan_load_no_http_client_and_no_progress_bar(
+        tmp_path: Path, argv: list[str]) -> None:
+    build_file_tree(tmp_path, {"recipe.yaml": """
+        version: 1
+        name: r
+        provider: bfl
+        defaults: {model: flux-dev}
+        jobs:
+          - {name: owls, prompt: "a {{ mood }} owl", matrix: {mood: [calm, wise]}}
+    """})
+    loaded = imported(argv, tmp_path)
+    assert {"fluxbatch", "jinja2", "jsonschema"} <= loaded  # (the log is read right)
+    assert loaded & UNUSED == set()
