@@ -26,7 +26,6 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from xml.sax.saxutils import escape, unescape
 
 from fluxbatch.errors import FluxbatchError
 
@@ -142,6 +141,10 @@ _XMP_CLOSE = b"</fluxbatch:provenance>"
 
 
 def _xmp_packet(text: str) -> bytes:
+    # (imported here: xml.sax.saxutils loads urllib.request, http.client, ssl and email,
+    # ~20 ms that every `plan` and `validate` would pay without writing an image)
+    from xml.sax.saxutils import escape
+
     return (
         '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
         '<x:xmpmeta xmlns:x="adobe:ns:meta/">'
@@ -163,6 +166,8 @@ def _xmp_extract(packet: bytes, where: str) -> dict[str, Any] | None:
     if end < 0:
         raise ImageFormatError(f"{where}: the fluxbatch:provenance XMP element is not closed")
     body = packet[start + len(_XMP_OPEN) : end]
+    from xml.sax.saxutils import unescape
+
     try:
         text = unescape(body.decode("utf-8"), {"&quot;": '"', "&apos;": "'"})
     except UnicodeDecodeError as error:

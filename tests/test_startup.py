@@ -14,7 +14,7 @@ import fluxbatch
 from tests.helpers import build_file_tree
 
 SOURCE_ROOT = Path(fluxbatch.__file__).resolve().parents[1]
-UNUSED = {"httpx", "httpx_aiohttp", "aiohttp", "tqdm"}
+UNUSED = {"httpx", "httpx_aiohttp", "aiohttp", "tqdm", "http", "ssl"}  # http: http.client
 
 
 def imported(argv: list[str], cwd: Path) -> set[str]:
