@@ -25,17 +25,13 @@ def values_text(values: Mapping[str, Any]) -> str:
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *,
           right: frozenset[int] = frozenset()) -> str:
     """A plain aligned table; columns listed in `right` are right-aligned."""
-    widths = [len(h) for h in headers]
-    for row in rows:
-        for i, cell in enumerate(row):
-            widths[i] = max(widths[i], len(cell))
-
-    def line(cells: Sequence[str]) -> str:
-        parts = [c.rjust(widths[i]) if i in right else c.ljust(widths[i])
-                 for i, c in enumerate(cells)]
-        return "  ".join(parts).rstrip()
-
-    return "\n".join([line(headers), *(line(r) for r in rows)])
+    columns = zip(*rows, strict=True) if rows else [()] * len(headers)
+    widths = [max(len(header), max(map(len, column), default=0))
+              for header, column in zip(headers, columns, strict=True)]
+    # one format string for every line: a plan's table may have a million of them
+    line = "  ".join(f"{{:{'>' if i in right else '<'}{width}}}"
+                     for i, width in enumerate(widths)).format
+    return "\n".join([line(*headers).rstrip(), *(line(*row).rstrip() for row in rows)])
 
 
 def plural(count: int, word: str) -> str:

@@ -32,7 +32,6 @@ from fluxbatch.selection import (
     in_shard,
     load_plan,
     matches_only,
-    redacted,
 )
 from fluxbatch.state import RootState, read_state
 
@@ -183,12 +182,14 @@ def summary_document(tally: Tally) -> dict[str, Any]:
 
 def job_document(the_plan: Plan, job: Job, state: str, *, explain: bool) -> dict[str, Any]:
     """One job of the public `plan --json` shape (documented in the README; a contract)."""
+    request = job.request
     entry: dict[str, Any] = {
         "job": job.job,
-        "vars": dict(job.vars),
+        "vars": job.vars,
         "replicate": job.replicate,
         "model": job.model,
-        "request": redacted(job.request),
+        # (a copy only when there is a secret to hide: most requests carry none)
+        "request": request if models.SECRET_FIELDS.isdisjoint(request) else models.redact(request),
         "seed": job.seed,
         "key": job.key,
         "output": job.output,
