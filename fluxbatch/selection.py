@@ -322,8 +322,6 @@ def summarise(jobs: Sequence[Job], states: Sequence[str]) -> dict[str, ModelSumm
     return summary
 
 
-# (commands/plan.py imports this name; once it imports models.redact itself, it goes)
-redacted = models.redact
 
 
 # -- selecting what a render does ---------------------------------------------------------

@@ -46,7 +46,7 @@ _CHUNK = 10_000  # jobs classified and printed at a time by --jsonl
 
 @dataclass(frozen=True, slots=True)
 class Pick:
-    """`--only` and `--shard`: the jobs `render` would take (`selection.matches_only`, `in_shard`)."""
+    """`--only` and `--shard`: the jobs `render` would take (`selection.matches_only`)."""
 
     only: tuple[str, ...] = ()
     shard: tuple[int, int] | None = None
