@@ -193,7 +193,8 @@ def verdict(ok: bool) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5,
                         help="rounds of whole processes, and in-process runs (default 5)")
     parser.add_argument("--no-million", action="store_true",
