@@ -3,8 +3,8 @@ provider's active-task caps, never paying twice for one image.
 
 One `Executor.run` call handles a whole batch, in the render's one event loop (with the
 wire under it and the outbox beside it). Each job ends in an `Outcome`, slotted by plan
-index; one job's failure never cancels another. Retry rules (see README, "How requests are
-retried"):
+index; one job's failure never cancels another. Retry rules (see docs/providers.md, "How
+requests are retried"):
 
 - slow start: the run's first submit goes alone; the others wait until one was accepted, so a
   bad key, an empty account or a dead host costs one request and one line, not one per image.

@@ -2,9 +2,10 @@
 
 Requests and responses are httpx's, so a test fakes the network with `httpx.MockTransport`.
 Underneath is aiohttp, through httpx-aiohttp's transport (by httpx's maintainer). Measured on
-the same machine (submit, poll, redirect, download; 24 images at once, README "Dependencies"):
-httpx's own transport (httpcore) spent 6–12 ms of CPU per image, more as its pool grows,
-because it checks every pooled connection before every request; aiohttp spent 2.5 ms.
+the same machine (submit, poll, redirect, download; 24 images at once; docs/design.md,
+"Dependencies"): httpx's own transport (httpcore) spent 6–12 ms of CPU per image, more as its
+pool grows, because it checks every pooled connection before every request; aiohttp spent
+2.5 ms.
 
 Three rules keep a paid request paid once:
 

@@ -1,4 +1,4 @@
-"""The examples plan cleanly, and the README shows them as they are."""
+"""The examples plan cleanly, and the README and docs/recipes.md show them as they are."""
 
 from __future__ import annotations
 
@@ -23,15 +23,22 @@ def test_every_example_plans_without_a_problem(recipe: Path) -> None:
     assert not plan.notes
 
 
-def test_the_readme_shows_the_examples_as_they_are() -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```(?:yaml|csv)\n(.*?)```", readme, re.DOTALL)
+def blocks(page: str) -> list[str]:
+    text = (ROOT / page).read_text(encoding="utf-8")
+    return re.findall(r"```(?:yaml|csv)\n(.*?)```", text, re.DOTALL)
+
+
+def test_the_readme_shows_the_quickstart_as_it_is() -> None:
     quickstart = (ROOT / "examples/quickstart/recipe.yaml").read_text(encoding="utf-8")
+    assert quickstart in blocks("README.md")
+
+
+def test_the_recipe_reference_shows_the_edit_example_as_it_is() -> None:
     edit = (ROOT / "examples/edit/recipe.yaml").read_text(encoding="utf-8")
     fixes = (ROOT / "examples/edit/fixes.csv").read_text(encoding="utf-8")
-    assert quickstart in blocks
-    assert any(block.startswith("defaults:") and block in edit for block in blocks)
-    assert fixes in blocks
+    shown = blocks("docs/recipes.md")
+    assert any(block.startswith("defaults:") and block in edit for block in shown)
+    assert fixes in shown
 
 
 def test_the_edit_example_renders_and_a_renamed_photo_costs_nothing(

@@ -1,9 +1,9 @@
 """`fluxbatch plan RECIPE`: what would be rendered, why, and what it would cost.
 
-Three forms: a table (the default); `--json`, one document whose shape is a contract (see the
-README); and `--jsonl`, one line per job and then a summary line, printed while the jobs are
-planned, so memory stays flat however many there are. `--only` and `--shard` select the jobs
-`render` would, and the summary covers the selection.
+Three forms: a table (the default); `--json`, one document whose shape is a contract (see
+docs/commands.md); and `--jsonl`, one line per job and then a summary line, printed while the
+jobs are planned, so memory stays flat however many there are. `--only` and `--shard` select
+the jobs `render` would, and the summary covers the selection.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def summary_document(tally: Tally) -> dict[str, Any]:
 
 
 def job_document(the_plan: Plan, job: Job, state: str, *, explain: bool) -> dict[str, Any]:
-    """One job of the public `plan --json` shape (documented in the README; a contract)."""
+    """One job of the public `plan --json` shape (documented in docs/commands.md; a contract)."""
     request = job.request
     entry: dict[str, Any] = {
         "job": job.job,
