@@ -1,8 +1,9 @@
 """The null build: `fluxbatch render` on 10,000 up-to-date images, beside `make -q` on 10,000
-up-to-date targets, measured in the same run (wall time including interpreter start-up).
+up-to-date targets, measured in the same run (whole processes, interpreter start-up included).
 
-Target (issue "Make-style rebuilds and pay-once resume"): under 1 s for fluxbatch, without
-hashing every file (size + mtime is the fast path). Run:
+Target (issue "Planning at a million images"): under 0.5 s for fluxbatch, without hashing
+every file (size + mtime is the fast path). The verdict is taken on CPU time (user + system),
+which a busy machine does not inflate the way it does wall time; both are printed. Run:
 `.venv/bin/python bench/bench_null_build.py [--images 10000] [--repeat 5]`
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -76,14 +78,18 @@ def make_tree(root: Path, targets: int) -> Path:
     return makefile
 
 
-def timed(command: list[str], *, expect: int) -> float:
+def timed(command: list[str], *, expect: int) -> tuple[float, float]:
+    """Wall and CPU seconds of one whole process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != expect:
         raise SystemExit(f"{' '.join(command)} exited {result.returncode}:\n"
                          f"{result.stdout.decode()}{result.stderr.decode()}")
-    return seconds
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return seconds, cpu
 
 
 def main() -> int:
@@ -104,16 +110,18 @@ def main() -> int:
         make_q = ["make", "-q", "-C", str(make_root)]
         ours = [timed(render, expect=0) for _ in range(args.repeat)]
         theirs = [timed(make_q, expect=0) for _ in range(args.repeat)]
-        verified = timed(verify, expect=0)
-    ours_s, make_s = statistics.median(ours), statistics.median(theirs)
+        verified, _ = timed(verify, expect=0)
+    ours_s, make_s = (statistics.median(wall for wall, _ in ours),
+                      statistics.median(wall for wall, _ in theirs))
+    ours_cpu = statistics.median(cpu for _, cpu in ours)
     print(f"up-to-date images:                 {args.images:,}")
-    print(f"fluxbatch render (null build):     {ours_s:.3f} s (median of {args.repeat}, "
-          "includes interpreter start-up)")
-    print(f"make -q on {args.images:,} targets:       {make_s:.3f} s")
+    print(f"fluxbatch render (null build):     {ours_s:.3f} s wall, {ours_cpu:.3f} s CPU "
+          f"(medians of {args.repeat}, interpreter start-up included)")
+    print(f"make -q on {args.images:,} targets:       {make_s:.3f} s wall")
     print(f"ratio fluxbatch / make -q:         {ours_s / make_s:.2f}")
-    print(f"fluxbatch render --verify (sha256 of every file): {verified:.3f} s")
-    print(f"target: under 1 s -> {'PASS' if ours_s < 1.0 else 'FAIL'}")
-    return 0 if ours_s < 1.0 else 1
+    print(f"fluxbatch render --verify (sha256 of every file): {verified:.3f} s wall")
+    print(f"target: under 0.5 s of CPU -> {'PASS' if ours_cpu < 0.5 else 'FAIL'}")
+    return 0 if ours_cpu < 0.5 else 1
 
 
 if __name__ == "__main__":
