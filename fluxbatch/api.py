@@ -70,7 +70,9 @@ class PlannedJob:
     output: str  # relative to the output root
     state: str  # up-to-date, stored, new, missing, stale, in-flight, failed, ...
     action: str  # what `render` would do: submit, attach, place, skip or hold
-    changes: tuple[str, ...] = ()  # for a stale image: what changed, field by field
+    # for a stale image, what changed, field by field (`width 512 → 576`): the same list as
+    # `plan --json`'s `changes` and `status -v`'s reason, from `selection.stale_changes`
+    changes: tuple[str, ...] = ()
 
     @property
     def prompt(self) -> str | None:

@@ -61,7 +61,8 @@ class RecipeError(FluxbatchError):
 
 
 class PlanTooLargeError(FluxbatchError):
-    """The plan has more jobs than the size guard allows and `--yes` was not given."""
+    """The plan has more images than the size guard (`max_jobs`) allows and `--yes` was not
+    given."""
 
 
 class ConfigError(FluxbatchError):

@@ -111,11 +111,11 @@ def _guard_size(recipe: Recipe) -> None:
                     for s in _built(recipe))
         if total <= recipe.max_jobs:
             return
-        count = f"{total:,} jobs"
+        count = f"{total:,} images"
     else:
-        count = f"up to {bound:,} jobs"
-    message = (f"the plan has {count}, more than the limit of {recipe.max_jobs:,}; "
-               "pass --yes to go ahead, or raise max_jobs in the recipe")
+        count = f"up to {bound:,} images"
+    message = (f"the plan has {count}, more than the recipe's limit of {recipe.max_jobs:,} "
+               "(max_jobs); pass --yes to go ahead, or raise max_jobs in the recipe")
     if recipe.problems:  # one problem among several: report them all
         raise RecipeError([*recipe.problems, Problem(str(recipe.path), None, None, "", message)])
     raise PlanTooLargeError(f"{recipe.path}: {message}")
@@ -219,7 +219,7 @@ class Findings:
         return result
 
 
-_CLASH = "two jobs write "
+_CLASH = "two images would be written to "
 
 
 def _gist(message: str) -> str:

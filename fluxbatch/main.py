@@ -62,6 +62,14 @@ def _probability(text: str) -> float:
     return value
 
 
+# What the help (and every message) means by these three words, one meaning each.
+WORDS = """\
+words:
+  image  one picture the plan makes, at one output path (what plans count)
+  job    a group of images in the recipe's `jobs:` list: a prompt over a matrix
+  task   a request in flight at the provider (what `render -j/--jobs` caps)"""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors through our exit code 2 (it already does) and
     never prints a traceback."""
@@ -71,13 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fluxbatch",
         description="Declarative, make-style batch renderer for the Flux image APIs.",
+        epilog=WORDS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"fluxbatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("validate", help="check recipes and report every problem")
     p.add_argument("recipes", nargs="+", metavar="RECIPE")
-    p.add_argument("--yes", action="store_true", help="accept plans larger than max_jobs")
+    p.add_argument("--yes", action="store_true",
+                   help="accept plans of more images than the recipe's max_jobs")
 
     p = sub.add_parser("plan", help="show what would be rendered, why, and what it costs")
     _recipe_arguments(p)
@@ -85,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     form.add_argument("--json", action="store_const", dest="form", const="json",
                       default="table", help="print the plan as one JSON object")
     form.add_argument("--jsonl", action="store_const", dest="form", const="jsonl",
-                      help="print one JSON object per job, then a summary line, as the jobs "
-                      "are planned")
+                      help="print one JSON object per image, then a summary line, as the "
+                      "images are planned")
     p.add_argument("--explain", action="store_true",
                    help="say which matrix rule produced or removed each combination")
     _selection_arguments(p)
@@ -94,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="render every missing or stale image, and the manifest")
     _recipe_arguments(p)
     p.add_argument("-j", "--jobs", type=_positive_int, metavar="N",
-                   help="at most N tasks in flight (default: the provider's cap, 24)")
+                   help="at most N tasks in flight at the provider at once (default: its "
+                   "cap, 24); the name is historical: these are tasks, not recipe jobs")
     p.add_argument("--base-url", metavar="URL",
                    help="send requests (and the API key) here instead of the provider's "
                    "default; also BFL_BASE_URL / COMETAPI_BASE_URL")
@@ -191,15 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _recipe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", metavar="RECIPE")
     p.add_argument("--out", metavar="DIR", help="output root (default: the recipe's directory)")
-    p.add_argument("--yes", action="store_true", help="accept a plan larger than max_jobs")
+    p.add_argument("--yes", action="store_true",
+                   help="accept a plan of more images than the recipe's max_jobs")
 
 
 def _selection_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", action="append", default=[], metavar="PATTERN",
-                   help="only jobs named PATTERN, outputs matching the glob, or NAME=VALUE "
-                   "on matrix values (repeatable)")
+                   help="only the images of the job named PATTERN, those whose output path "
+                   "or file name matches the glob, or NAME=VALUE on matrix values; repeated, "
+                   "what any of them matches")
     p.add_argument("--shard", type=_shard, metavar="I/N",
-                   help="only shard I of N (a stable split by job key)")
+                   help="only shard I of N (a stable split of the images by key)")
 
 
 def _dispatch(args: argparse.Namespace) -> int:

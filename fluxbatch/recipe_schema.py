@@ -146,12 +146,14 @@ def recipe_schema() -> dict[str, Any]:
             "max_jobs": {
                 "type": "integer",
                 "minimum": 1,
-                "description": "Size guard: larger plans need --yes.",
+                "description": "Size guard: a plan of more images than this needs --yes.",
                 "default": DEFAULT_MAX_JOBS,
             },
             "defaults": {"$ref": "#/$defs/params"},
             "vars": {"type": "object", "description": "Constants available to every template."},
-            "jobs": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/job"}},
+            "jobs": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/job"},
+                     "description": "Groups of images: each job is a prompt template over a "
+                     "matrix of values, one image per combination and replicate."},
         },
         "$defs": {
             "params": {

@@ -15,7 +15,7 @@ import json
 import os
 import posixpath
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,15 +191,29 @@ _REASONS = {
 }
 
 
-def stale_changes(classified: Classified) -> dict[int, list[str]]:
-    """For each stale job (by index), what changed since the image at its output was made."""
+EntryReader = Callable[[Iterable[str]], Mapping[str, Mapping[str, Any]]]
+
+
+def stale_changes(classified: Classified, *,
+                  read: EntryReader | None = None) -> dict[int, list[str]]:
+    """For each stale job (by index), what changed since the image at its output was made:
+    what `status`, `plan` and the Python API say of it. `read(outputs)` gives the manifest
+    entries of those outputs (default: `state.read_entries`, from the store or the manifest)."""
     plan = classified.plan
     stale = [job for job, found in zip(plan.jobs, classified.states, strict=True)
              if found == STALE]
-    entries = read_entries(plan.recipe.output_root, plan.recipe.name,
-                           (job.output for job in stale))
+    if not stale:
+        return {}
+    outputs = (job.output for job in stale)
+    entries = read(outputs) if read is not None else \
+        read_entries(plan.recipe.output_root, plan.recipe.name, outputs)
     return {job.index: changes(entries[job.output], job) for job in stale
             if job.output in entries}
+
+
+def changes_text(found: Sequence[str]) -> str:
+    """What changed at a stale image, as one line (`status -v`, `plan`, `render --dry-run`)."""
+    return "the request changed: " + "; ".join(found)
 
 
 def changes(entry: Mapping[str, Any], job: Job) -> list[str]:
@@ -437,10 +451,16 @@ def select(classified: Classified, state: RootState, options: Options,
         else:
             selection.submit.append(job)
             selection.followers[job.key] = []
-    if options.only and selection.filtered_out == len(classified.plan.jobs):
-        raise FluxbatchError(f"--only {' '.join(options.only)}: no job matches (give a job "
-                             "name, an output glob, or NAME=VALUE on a matrix value)")
+    if options.only and selection.filtered_out == len(classified.plan.jobs) and \
+            not any(matches_only(job, options.only) for job in classified.plan.jobs):
+        raise nothing_matches(options.only)
     return selection
+
+
+def nothing_matches(only: Sequence[str]) -> FluxbatchError:
+    """`--only` that selects no image: an error, for `plan` and `render` alike."""
+    return FluxbatchError(f"--only {' '.join(only)}: no image matches (give a job name, an "
+                          "output glob, or NAME=VALUE on a matrix value)")
 
 
 def classify_with_store(plan: Plan, store: Store, options: Options) -> tuple[Classified,

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+import fluxbatch
 from fluxbatch.main import main
 from tests.helpers import build_file_tree
 
@@ -97,8 +98,8 @@ recipe.yaml:27:21: jobs[4].matrix.light.from: file not found: lights.txt (relati
 recipe.yaml:28:12: jobs[4].matrix.zip: zip lists must have the same length: a has 2, b has 1
 recipe.yaml:31:13: jobs[5].output: output path '../escape.png' leaves the output root ('..') \
 (for replicate=1)
-recipe.yaml:35:13: jobs[6].output: two jobs write 'same.png': same-path (n=1, replicate=1) and \
-same-path (n=2, replicate=1); put the varying values in the output template
+recipe.yaml:35:13: jobs[6].output: two images would be written to 'same.png': same-path (n=1, \
+replicate=1) and same-path (n=2, replicate=1); put the varying values in the output template
 recipe.yaml:38:26: jobs[7].params.width: duplicate key 'width'
 recipe.yaml:40:13: jobs[8].prompt: not allowed in a template: access to attribute '__class__' \
 of 'str' object is unsafe (for replicate=1)
@@ -235,8 +236,8 @@ def test_validate_reports_structural_and_semantic_problems_in_one_run(
      "document is a list\nrecipe.yaml: 1 problem\n"),
     (b"version: 1\nname: r\njobs:\n  - name: a\n    prompt: x\n    matrix: {a: [1, 2, 3]}\n"
      b"    replicates: 5000\ndefaults: {model: flux-dev}\n",
-     "recipe.yaml: the plan has 15,000 jobs, more than the limit of 10,000; pass --yes to go "
-     "ahead, or raise max_jobs in the recipe\n"),
+     "recipe.yaml: the plan has 15,000 images, more than the recipe's limit of 10,000 "
+     "(max_jobs); pass --yes to go ahead, or raise max_jobs in the recipe\n"),
     (b"version: 1\nname: r\njobs:\n  - {name: a, prompt: x, params: {model: flux-dev}}\n"
      b"  - {name: b, prompt: x, params: {model: flux-dev}, replicates: 0}\nmax_jobs: 1\n",
      "recipe.yaml:5:65: jobs[1].replicates: 0 is less than the minimum of 1\n"
@@ -263,8 +264,8 @@ def test_validate_reports_the_size_with_the_other_problems(workdir: Path,
           - {name: a, prompt: x, matrix: {n: {from: n.txt}, m: [1, 2]}, replicates: 6000}
     """})
     assert run(capsys, "validate", "recipe.yaml") == (1, "", """\
-recipe.yaml: the plan has 12,000 jobs, more than the limit of 10,000; pass --yes to go ahead, \
-or raise max_jobs in the recipe
+recipe.yaml: the plan has 12,000 images, more than the recipe's limit of 10,000 (max_jobs); \
+pass --yes to go ahead, or raise max_jobs in the recipe
 recipe.yaml:5:45: jobs[0].matrix.n.from: file not found: n.txt (relative to .)
 recipe.yaml: 2 problems
 """)
@@ -332,11 +333,11 @@ owls  mood=sleepy           1  flux-dev    1626753431  owls/sleepy-1.jpg     new
 owls  mood=wise             1  flux-dev    2109832090  owls/wise-1.jpg       new
 fox   -                     1  flux-2-pro           7  fox/default-1.jpg     new
 
-4 jobs: 4 new
-MODEL       JOBS  TO RENDER  EST. COST  PRICE SOURCE
-flux-dev       3          3     $0.075  https://flux-1.ai (third party, unverified)
-flux-2-pro     1          1     $0.031  black-forest-labs/skills:skills/bfl-api/SKILL.md@172fdcf
-total          4          4      $0.11
+4 images: 4 new
+MODEL       IMAGES  TO RENDER  EST. COST  PRICE SOURCE
+flux-dev         3          3     $0.075  https://flux-1.ai (third party, unverified)
+flux-2-pro       1          1     $0.031  black-forest-labs/skills:skills/bfl-api/SKILL.md@172fdcf
+total            4          4      $0.11
 """, "")
     assert sorted(p.name for p in workdir.iterdir()) == ["small.yaml"]  # nothing written
 
@@ -389,7 +390,8 @@ def test_plan_json_is_the_documented_document(workdir: Path, capsys: Capsys) -> 
                 "request": {"width": 512, "height": 512, "webhook_secret": "***",
                             "output_format": "jpeg", "prompt": f"{vars_['mood']} owl",
                             "seed": seed},
-                "seed": seed, "key": key, "output": output, "state": "new", "explain": explain}
+                "seed": seed, "key": key, "output": output, "state": "new", "changes": [],
+                "explain": explain}
 
     assert json.loads(out) == {
         "recipe": {
@@ -411,7 +413,7 @@ def test_plan_json_is_the_documented_document(workdir: Path, capsys: Capsys) -> 
              "request": {"width": 1024, "height": 1024, "output_format": "jpeg",
                          "prompt": "a fox", "seed": 7},
              "seed": 7, "key": "9d45b8b239aec387630511425cf21ff33d2c5c5c4172042205e58922510cb14b",
-             "output": "fox/default-1.jpg", "state": "new",
+             "output": "fox/default-1.jpg", "state": "new", "changes": [],
              "explain": "no matrix: one combination"},
         ],
         "summary": {
@@ -435,7 +437,8 @@ def test_plan_json_without_explain_has_exactly_the_job_keys(workdir: Path,
     document = json.loads(run(capsys, "plan", "small.yaml", "--json")[1])
     assert list(document) == ["recipe", "jobs", "summary"]
     assert [list(job) for job in document["jobs"]] == [
-        ["job", "vars", "replicate", "model", "request", "seed", "key", "output", "state"]] * 4
+        ["job", "vars", "replicate", "model", "request", "seed", "key", "output", "state",
+         "changes"]] * 4
 
 
 def test_plan_out_is_relative_to_the_working_directory(workdir: Path, capsys: Capsys) -> None:
@@ -454,11 +457,11 @@ def test_plan_refuses_a_large_plan_unless_yes(workdir: Path, capsys: Capsys) -> 
         jobs: [{name: a, prompt: x, replicates: 3}]
     """})
     assert run(capsys, "plan", "recipe.yaml") == (
-        1, "", "fluxbatch: recipe.yaml: the plan has 3 jobs, more than the limit of 2; pass "
-               "--yes to go ahead, or raise max_jobs in the recipe\n")
+        1, "", "fluxbatch: recipe.yaml: the plan has 3 images, more than the recipe's limit of "
+               "2 (max_jobs); pass --yes to go ahead, or raise max_jobs in the recipe\n")
     code, out, err = run(capsys, "plan", "recipe.yaml", "--yes")
     assert (code, err) == (0, "")
-    assert "3 jobs: 3 new" in out
+    assert "3 images: 3 new" in out
 
 
 def test_plan_of_an_invalid_recipe_lists_its_problems(workdir: Path, capsys: Capsys) -> None:
@@ -494,7 +497,7 @@ def test_plan_json_puts_each_job_on_a_line_of_its_own(workdir: Path, capsys: Cap
     {{"job": "owl", "vars": {{"mood": "calm"}}, "replicate": 1, "model": "flux-dev", "request": \
 {{"output_format": "jpeg", "prompt": "an owl", "seed": 7}}, "seed": 7, "key": \
 "5dc9f87c95fa3d95f0ce0c6f13a9ddd605fde186b9e243a15736134d3d4e8fff", "output": \
-"owl/calm-1.jpg", "state": "new", "explain": "product mood[0]"}}
+"owl/calm-1.jpg", "state": "new", "changes": [], "explain": "product mood[0]"}}
   ],
   "summary": {{"jobs": 1, "to_render": 1, "states": {{"new": 1}}, "models": {{"flux-dev": \
 {{"jobs": 1, "to_render": 1, "estimated_usd": 0.025, "price_source": "https://flux-1.ai (third \
@@ -546,6 +549,68 @@ def test_plan_jsonl_reads_the_same_state_as_json(workdir: Path, capsys: Capsys) 
     assert run(capsys, "plan", "recipe.yaml", "--jsonl") == (0, jsonl_of(document), "")
 
 
+def test_plan_says_what_changed_at_each_stale_image_as_status_does(
+        workdir: Path, capsys: Capsys) -> None:
+    """Under the row in the table (after `--explain`'s line), as a `changes` list in `--json`
+    and `--jsonl` (empty for an image that is not stale), and under the row of `render
+    --dry-run`: the same words as `status -v`, from the same function."""
+    build_file_tree(workdir, {"recipe.yaml": RENDERED})
+    assert run(capsys, "render", "recipe.yaml", "-q")[0] == 0  # (in-process emulator)
+    build_file_tree(workdir, {"recipe.yaml": RENDERED.replace(
+        "[circle, square, star]", "[circle, star, moon]").replace('"a {{', '"one {{').replace(
+        "width: 256", "width: 320")})
+    circle = 'prompt "a circle" → "one circle"; width 256 → 320'
+    star = 'prompt "a star" → "one star"; width 256 → 320'
+
+    assert run(capsys, "plan", "recipe.yaml", "--explain") == (0, f"""\
+recipe shapes (recipe.yaml), provider emulator, output root .
+JOB  VALUES        REP  MODEL           SEED  OUTPUT          STATE
+s    shape=circle    1  flux-dev   847376755  s/circle-1.jpg  stale
+  ↳ product shape[0]
+  ↳ the request changed: {circle}
+s    shape=star      1  flux-dev  1464709300  s/star-1.jpg    stale
+  ↳ product shape[1]
+  ↳ the request changed: {star}
+s    shape=moon      1  flux-dev  1079670929  s/moon-1.jpg    new
+  ↳ product shape[2]
+
+3 images: 1 new, 2 stale; not counted: 1 orphaned, no longer in the recipe
+MODEL     IMAGES  TO RENDER  EST. COST  PRICE SOURCE
+flux-dev       3          3     $0.075  https://flux-1.ai (third party, unverified)
+total          3          3     $0.075
+""", "")
+    out = run(capsys, "plan", "recipe.yaml")[1]
+    assert out.splitlines()[2:6] == [
+        "s    shape=circle    1  flux-dev   847376755  s/circle-1.jpg  stale",
+        f"  ↳ the request changed: {circle}",
+        "s    shape=star      1  flux-dev  1464709300  s/star-1.jpg    stale",
+        f"  ↳ the request changed: {star}"]
+
+    code, out, err = run(capsys, "plan", "recipe.yaml", "--json")
+    assert (code, err) == (0, "")
+    document = json.loads(out)
+    assert [job["changes"] for job in document["jobs"]] == [
+        circle.split("; "), star.split("; "), []]
+    assert run(capsys, "plan", "recipe.yaml", "--jsonl") == (0, jsonl_of(document), "")
+    assert [job.changes for job in fluxbatch.plan(workdir / "recipe.yaml").jobs] == [
+        tuple(circle.split("; ")), tuple(star.split("; ")), ()]
+    assert run(capsys, "status", "recipe.yaml", "-v")[1].splitlines()[-4:-1] == [
+        f"s    shape=circle  s/circle-1.jpg  stale     the request changed: {circle}",
+        f"s    shape=star    s/star-1.jpg    stale     the request changed: {star}",
+        "s    shape=moon    s/moon-1.jpg    new"]
+
+    assert run(capsys, "render", "recipe.yaml", "--dry-run") == (0, f"""\
+JOB  VALUES        REP  MODEL     OUTPUT          WOULD
+s    shape=circle    1  flux-dev  s/circle-1.jpg  submit
+  ↳ the request changed: {circle}
+s    shape=star      1  flux-dev  s/star-1.jpg    submit
+  ↳ the request changed: {star}
+s    shape=moon      1  flux-dev  s/moon-1.jpg    submit
+dry run: would submit 3 images (estimated $0.075), re-attach 0, skip 0 up to date; nothing was \
+sent or written
+""", "")
+
+
 def test_plan_jsonl_streams_and_a_late_problem_ends_it_without_a_summary(
         workdir: Path, capsys: Capsys) -> None:
     count = 10_001  # a chunk of 10,000 is printed before the last image is made
@@ -591,11 +656,11 @@ owls  mood=calm hat=true    1  flux-dev    1263208043  owls/calm-true-1.jpg  new
 owls  mood=sleepy           1  flux-dev    1626753431  owls/sleepy-1.jpg     new
 fox   -                     1  flux-2-pro           7  fox/default-1.jpg     new
 
-3 jobs (of 4, selected by --shard 1/2): 3 new
-MODEL       JOBS  TO RENDER  EST. COST  PRICE SOURCE
-flux-dev       2          2     $0.050  https://flux-1.ai (third party, unverified)
-flux-2-pro     1          1     $0.031  black-forest-labs/skills:skills/bfl-api/SKILL.md@172fdcf
-total          3          3     $0.081
+3 images (of 4, selected by --shard 1/2): 3 new
+MODEL       IMAGES  TO RENDER  EST. COST  PRICE SOURCE
+flux-dev         2          2     $0.050  https://flux-1.ai (third party, unverified)
+flux-2-pro       1          1     $0.031  black-forest-labs/skills:skills/bfl-api/SKILL.md@172fdcf
+total            3          3     $0.081
 """, "")
     code, out, err = run(capsys, "plan", "small.yaml", "--json", "--only", "mood=*s*",
                          "--only", "fox")
@@ -629,7 +694,7 @@ def test_plan_only_matching_nothing_is_an_error(workdir: Path, capsys: Capsys,
                                                 form: str) -> None:
     build_file_tree(workdir, {"small.yaml": SMALL})
     assert run(capsys, "plan", "small.yaml", form, "--only", "mood=furious") == (
-        1, "", "fluxbatch: --only mood=furious: no job matches (give a job name, an output "
+        1, "", "fluxbatch: --only mood=furious: no image matches (give a job name, an output "
                "glob, or NAME=VALUE on a matrix value)\n")
 
 
@@ -646,3 +711,51 @@ def test_a_bad_shard_is_a_usage_error(workdir: Path, capsys: Capsys, command: st
     code, out, err = run(capsys, command, "small.yaml", "--shard", shard)
     assert (code, out, err.splitlines()[-1]) == (
         2, "", f"fluxbatch {command}: error: argument --shard: {message}")
+
+
+def test_help_says_what_images_jobs_and_tasks_are(capsys: Capsys,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """One word per meaning: images (what plans count), jobs (groups in a recipe), tasks
+    (requests in flight); `-j/--jobs` keeps its name, and its help says it counts tasks."""
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main(["--help"]) == 0
+    assert capsys.readouterr().out.endswith("""
+words:
+  image  one picture the plan makes, at one output path (what plans count)
+  job    a group of images in the recipe's `jobs:` list: a prompt over a matrix
+  task   a request in flight at the provider (what `render -j/--jobs` caps)
+""")
+
+    def help_of(command: str) -> str:
+        assert main([command, "--help"]) == 0
+        return " ".join(capsys.readouterr().out.split())
+
+    render = help_of("render")
+    assert "-j N, --jobs N at most N tasks in flight at the provider at once (default: its " \
+           "cap, 24); the name is historical: these are tasks, not recipe jobs" in render
+    assert "--shard I/N only shard I of N (a stable split of the images by key)" in render
+    for command in ("plan", "render", "status", "clean", "gallery", "merge"):
+        assert "--yes accept a plan of more images than the recipe's max_jobs" in \
+            help_of(command), command
+    assert "--jsonl print one JSON object per image, then a summary line, as the images are " \
+           "planned" in help_of("plan")
+
+
+def test_a_yaml_null_is_shown_as_null_not_as_pythons_none(workdir: Path, capsys: Capsys) -> None:
+    build_file_tree(workdir, {"recipe.yaml": """
+        version: 1
+        name: r
+        provider: emulator
+        defaults: {model: flux-dev}
+        jobs:
+          - name: owls
+            prompt: "an owl{% if hat %} in a {{ hat }}{% endif %}"
+            matrix: {hat: [~, top hat], exclude: [{hat: top hat}]}
+    """})
+    code, out, err = run(capsys, "plan", "recipe.yaml", "--explain")
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[2].startswith("owls  hat=null    1  flux-dev")
+    assert "removed: owls hat=top hat (exclude[0])" in lines
+    assert run(capsys, "render", "recipe.yaml", "--dry-run")[1].splitlines()[1].startswith(
+        "owls  hat=null    1  flux-dev")

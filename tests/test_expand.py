@@ -14,7 +14,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fluxbatch import identity, recipe
+from fluxbatch import identity, models, recipe
 from fluxbatch.errors import PlanTooLargeError, RecipeError
 from fluxbatch.expand import Job, Plan, expand
 from fluxbatch.selection import load_plan
@@ -320,8 +320,9 @@ def test_two_jobs_writing_one_path_name_both() -> None:
     assert problems_of("""
         - {name: a, prompt: x, output: same.png}
         - {name: b, prompt: y, output: same.png, matrix: {n: [1]}}
-    """) == ["recipe.yaml:6:34: jobs[1].output: two jobs write 'same.png': a (replicate=1) and "
-             "b (n=1, replicate=1); put the varying values in the output template"]
+    """) == ["recipe.yaml:6:34: jobs[1].output: two images would be written to 'same.png': a "
+             "(replicate=1) and b (n=1, replicate=1); put the varying values in the output "
+             "template"]
 
 
 def test_paths_differing_only_in_case_clash() -> None:
@@ -330,16 +331,17 @@ def test_paths_differing_only_in_case_clash() -> None:
           prompt: x
           matrix: {n: [Owl, owl]}
           output: "{{ n }}.png"
-    """) == ["recipe.yaml:8:13: jobs[0].output: two jobs write 'owl.png': a (n=Owl, "
-             "replicate=1) and a (n=owl, replicate=1); their n values ('Owl' and 'owl') differ "
-             "only in case, which macOS and Windows ignore: put something else that varies in "
-             "the output template"]
+    """) == ["recipe.yaml:8:13: jobs[0].output: two images would be written to 'owl.png': a "
+             "(n=Owl, replicate=1) and a (n=owl, replicate=1); their n values ('Owl' and "
+             "'owl') differ only in case, which macOS and Windows ignore: put something else "
+             "that varies in the output template"]
 
 
 @pytest.mark.parametrize(("values", "output", "message"), [
     ('["🐱", "🐶"]', "{{ n | slug }}.png",
-     "two jobs write 'x.png': a (n=🐱, replicate=1) and a (n=🐶, replicate=1); their n values "
-     "('🐱' and '🐶') are alike once slugged ('x'): add `{{ n | hash }}` to the output template"),
+     "two images would be written to 'x.png': a (n=🐱, replicate=1) and a (n=🐶, "
+     "replicate=1); their n values ('🐱' and '🐶') are alike once slugged ('x'): add "
+     "`{{ n | hash }}` to the output template"),
     ("[" + "a" * 252 + "]", "{{ n }}.png",
      "output path '" + "a" * 59 + "…' has a name of 256 bytes, over the file system's limit "
      "of 255 for one file or folder name; shorten what the output template puts in it "
@@ -362,8 +364,9 @@ def test_outputs_the_disk_would_refuse_are_caught_by_validate(
 def test_replicates_without_replicate_in_the_output_clash() -> None:
     assert problems_of("""
         - {name: a, prompt: x, replicates: 3, output: "{{ job }}.png"}
-    """) == ["recipe.yaml:5:49: jobs[0].output: two jobs write 'a.png': a (replicate=1) and a "
-             "(replicate=2); put the varying values in the output template and 1 more"]
+    """) == ["recipe.yaml:5:49: jobs[0].output: two images would be written to 'a.png': a "
+             "(replicate=1) and a (replicate=2); put the varying values in the output "
+             "template and 1 more"]
 
 
 def write_recipe(root: Path, body: str, **files: str) -> Path:
@@ -434,8 +437,8 @@ def test_plan_over_the_default_cap_is_refused_with_its_size() -> None:
     with pytest.raises(PlanTooLargeError) as caught:
         expand(parsed)
     assert str(caught.value) == (
-        "recipe.yaml: the plan has 10,100 jobs, more than the limit of 10,000; pass --yes to "
-        "go ahead, or raise max_jobs in the recipe")
+        "recipe.yaml: the plan has 10,100 images, more than the recipe's limit of 10,000 "
+        "(max_jobs); pass --yes to go ahead, or raise max_jobs in the recipe")
     assert len(expand(parsed, yes=True).jobs) == 10_100
 
 
@@ -447,15 +450,15 @@ def test_exclusions_count_before_the_guard_refuses() -> None:
 def test_enormous_plan_is_refused_without_being_enumerated() -> None:
     with pytest.raises(PlanTooLargeError) as caught:
         expand(recipe.parse(big_matrix(2000, 1000), "recipe.yaml"))
-    assert "the plan has up to 2,000,000 jobs, more than the limit of 10,000" in \
-        str(caught.value)
+    assert "the plan has up to 2,000,000 images, more than the recipe's limit of 10,000 " \
+        "(max_jobs)" in str(caught.value)
 
 
 def test_max_jobs_sets_the_cap() -> None:
     parsed = recipe.parse(big_matrix(2, 3, HEAD + "max_jobs: 5\n"), "recipe.yaml")
     with pytest.raises(PlanTooLargeError) as caught:
         expand(parsed)
-    assert "the plan has 6 jobs, more than the limit of 5" in str(caught.value)
+    assert "the plan has 6 images, more than the recipe's limit of 5" in str(caught.value)
 
 
 def test_size_is_reported_with_the_recipes_other_problems(tmp_path: Path) -> None:
@@ -470,8 +473,8 @@ def test_size_is_reported_with_the_recipes_other_problems(tmp_path: Path) -> Non
     with pytest.raises(RecipeError) as caught:
         load_plan(str(path))
     assert str(caught.value).replace(str(tmp_path), "T").splitlines() == [
-        "T/recipe.yaml: the plan has 15 jobs, more than the limit of 10; pass --yes to go "
-        "ahead, or raise max_jobs in the recipe",
+        "T/recipe.yaml: the plan has 15 images, more than the recipe's limit of 10 (max_jobs); "
+        "pass --yes to go ahead, or raise max_jobs in the recipe",
         "T/recipe.yaml:8:24: jobs[0].matrix.a.from: file not found: missing.txt (relative to T)",
     ]
 
@@ -624,6 +627,17 @@ def test_an_aspect_ratio_outside_the_documented_range_is_refused(ratio: str,
     assert problems_of(f"""
         - {{name: a, prompt: x, params: {{aspect_ratio: "{ratio}"}}}}
     """, ULTRA) == [f"recipe.yaml:5:49: jobs[0].params.aspect_ratio: {message}"]
+
+
+@pytest.mark.parametrize("model", sorted(name for name, spec in models.catalogue().items()
+                                          if "aspect_ratio" in spec.properties))
+def test_every_model_that_takes_an_aspect_ratio_has_it_checked(model: str) -> None:
+    assert model in {"flux-pro-1.1-ultra", "flux-kontext-pro", "flux-kontext-max"}
+    assert problems_of("""
+        - {name: a, prompt: x, params: {aspect_ratio: "banana"}}
+    """, f"version: 1\nname: r\ndefaults: {{model: {model}}}\n") == [
+        "recipe.yaml:5:49: jobs[0].params.aspect_ratio: 'banana' is not an aspect ratio like "
+        "'16:9'"]
 
 
 @pytest.mark.parametrize("ratio", ["21:9", "9:21", "16:9", "1:1", " 4 : 3 "])

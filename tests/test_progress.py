@@ -4,6 +4,11 @@ what it is out of, and an 80-column terminal keeps its numbers."""
 
 from __future__ import annotations
 
+import asyncio
+import io
+import re
+import sys
+
 import pytest
 
 from fluxbatch.commands.render import _Progress
@@ -67,3 +72,70 @@ def test_the_bar_text_shortens_to_fit_the_terminal(
     for each in jobs[1:4]:
         shown.event(Event("written", each))
     assert shown.fitted() == expected
+
+
+class _Terminal(io.StringIO):
+    """A terminal to draw the bar on: what tqdm writes, `\\r` between redraws."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_bar_counts_what_its_text_says_and_stays_where_an_interrupt_stopped_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "160")
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    jobs = [job(i) for i in range(200)]
+    plan = type("Plan", (), {"jobs": tuple(jobs), "recipe": Recipe.__new__(Recipe)})()
+    selection = Selection(Classified(plan, ("new",) * 200))  # type: ignore[arg-type]
+    selection.submit = list(jobs)
+    shown = _Progress(selection, quiet=False, every=5)
+    # every update redrawn (tqdm otherwise draws at most every 0.1 s)
+    shown.bar.mininterval, shown.bar.miniters, shown.bar.dynamic_miniters = 0, 1, False
+    for each in jobs[:40]:
+        shown.event(Event("submitted", each, cost=4.0))
+    for each in jobs[:12]:
+        shown.event(Event("ready", each))
+        shown.event(Event("written", each))
+    shown.event(Event("failed", jobs[12], "rejected"))
+
+    def last_drawn() -> str:
+        return terminal.getvalue().rstrip(" \n").rsplit("\r", 1)[-1]
+
+    assert re.fullmatch(r"  6%\|\S+ *\| 13/200 \[[\d:]+<[\d:?]+\], done 12, rendering 27, "
+                        r"failed 1, spent \$1\.60 of ~\$8\.00", last_drawn()), last_drawn()
+    # Ctrl-C: the tasks in flight are left pending, the rest skipped; neither is counted
+    for each in jobs[13:40]:
+        shown.event(Event("pending", each))
+    for each in jobs[40:]:
+        shown.event(Event("skipped", each, "interrupted"))
+    shown.close()
+    assert re.fullmatch(r"  6%\|\S+ *\| 13/200 \[[\d:]+<[\d:?]+\], done 12, failed 1, "
+                        r"spent \$1\.60 of ~\$8\.00", last_drawn()), last_drawn()
+
+
+def test_the_bar_is_redrawn_while_no_image_finishes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task takes seconds (minutes at the real API): until the first image is done, the bar
+    still shows its clock, what is rendering and what was spent."""
+    monkeypatch.setenv("COLUMNS", "160")
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    jobs = [job(i) for i in range(10)]
+    plan = type("Plan", (), {"jobs": tuple(jobs), "recipe": Recipe.__new__(Recipe)})()
+    selection = Selection(Classified(plan, ("new",) * 10))  # type: ignore[arg-type]
+    selection.submit = list(jobs)
+    shown = _Progress(selection, quiet=False, every=5)
+    shown.redraw = 0.01
+    for each in jobs[:3]:
+        shown.event(Event("submitted", each, cost=4.0))
+
+    async def a_while() -> None:
+        ticking = asyncio.ensure_future(shown.tick_every())
+        await asyncio.sleep(0.1)
+        ticking.cancel()
+
+    asyncio.run(a_while())
+    drawn = terminal.getvalue().rstrip(" \n").rsplit("\r", 1)[-1]
+    assert re.fullmatch(r"  0%\|\s*\| 0/10 \[[\d:]+<\?\], done 0, rendering 3, spent \$0\.12 "
+                        r"of ~\$0\.40", drawn.rstrip()), drawn

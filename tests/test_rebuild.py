@@ -228,7 +228,7 @@ def test_only_matching_nothing_is_an_error_not_a_silent_success(
         cli: Cli, emulator: Emulator) -> None:
     sent = len(emulator.submissions)
     assert cli.render("--only", "shape=tree") == Run(
-        1, "", "fluxbatch: --only shape=tree: no job matches (give a job name, an output "
+        1, "", "fluxbatch: --only shape=tree: no image matches (give a job name, an output "
         "glob, or NAME=VALUE on a matrix value)\n")
     assert len(emulator.submissions) == sent
 
@@ -290,12 +290,14 @@ def test_dry_run_after_an_edit_lists_only_the_stale_image_and_changes_nothing(
     before = (images(rendered.root), (rendered.root / "rebuild.manifest.json").read_bytes(),
               state.read_bytes(), len(emulator.submissions))
 
-    assert rendered.render("--dry-run") == Run(0, (
+    expected = Run(0, (
         "JOB   VALUES  REP  MODEL         OUTPUT         WOULD\n"
         "solo  -         1  flux-pro-1.1  solo/tree.png  submit\n"
+        "  ↳ the request changed: safety_tolerance 2 → 5\n"
         "dry run: would submit 1 image (estimated $0.040), re-attach 0, skip 3 up to date; "
         "nothing was sent or written\n"), "")
-    assert rendered.render("--dry-run") == Run(0, dry_run_text(["solo/tree.png"], 3), "")
+    assert rendered.render("--dry-run") == expected
+    assert rendered.render("--dry-run") == expected
     after = (images(rendered.root), (rendered.root / "rebuild.manifest.json").read_bytes(),
              state.read_bytes(), len(emulator.submissions))
     assert before == after

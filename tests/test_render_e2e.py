@@ -163,6 +163,14 @@ def test_moderated_job_exits_1_with_a_summary_table_and_the_others_written(
     assert [image["path"] for image in manifest_images(tmp_path)] == [
         "jpegs/mug.jpg", "pngs/teapot.png"]
 
+    # status says what to do about it: not "render makes what is missing"
+    assert main(["status", str(recipe)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[1:] == [
+        "STATE       IMAGES", "up-to-date       2", "moderated        1"]
+    assert captured.err == ("1 moderated: change the prompt, or `fluxbatch render --force` to "
+                            "try again as it is\n")
+
 
 # -- local faults: a clear line and exit 1, never a traceback; paid work is kept -------------
 

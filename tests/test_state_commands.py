@@ -177,10 +177,20 @@ def test_status_json_counts_every_state_and_exits_0_only_when_up_to_date(
         "orphan_images": [{"output": "grid/star.png", "job": "grid",
                            "vars": {"shape": "star", "colour": "blue"}}],
     }
-    assert rendered.status() == Run(1, status_table(rendered.root, [
-        ("up-to-date", 1), ("stored", 1), ("new", 1), ("stale", 1), ("orphaned", 1)]),
-        "not up to date: `fluxbatch render` makes them (2 to render, 1 to place or collect, at "
-        "no cost)\norphans: `fluxbatch clean --delete` removes them\n")
+    advice = ("not up to date: `fluxbatch render` makes them (2 to render, 1 to place or "
+              "collect, at no cost)\norphans: `fluxbatch clean --delete` removes them\n")
+    counts = [("up-to-date", 1), ("stored", 1), ("new", 1), ("stale", 1), ("orphaned", 1)]
+    assert rendered.status() == Run(1, status_table(rendered.root, counts), advice)
+    # the orphan's row says what the manifest knows of it: its job and values
+    assert rendered.status("-v") == Run(1, status_table(rendered.root, counts) + "\n" + aligned(
+        ("JOB", "VALUES", "OUTPUT", "STATE", "REASON"), [
+            ("grid", "shape=square colour=cyan", "grid/square.png", "stale",
+             'the request changed: prompt "a green square" → "a cyan square"; '
+             "seed 992147670 → 156120859"),
+            ("grid", "shape=heart colour=black", "grid/heart.png", "new", ""),
+            ("solo", "-", "solo/tree.png", "stored", STORED),
+            ("grid", "colour=blue shape=star", "grid/star.png", "orphaned",
+             "no longer in the recipe")]), advice)
 
     assert rendered.render().code == 0
     assert rendered.status().code == 1  # the orphan is still there
@@ -307,6 +317,12 @@ def test_reproduce_writes_a_recipe_with_the_same_key(
     from_manifest = cli("reproduce", str(cli.root / "rebuild.manifest.json"), "--entry",
                         "grid/star.png")
     assert from_manifest == Run(0, again.read_text(), "")
+    # editors load the schema from the modeline: the raw JSON, not a page about it
+    assert again.read_text().splitlines()[0] == (
+        "# yaml-language-server: $schema=https://raw.githubusercontent.com/fluxbatch/fluxbatch/"
+        "main/schemas/recipe.schema.json")
+    assert json.loads((ROOT / "schemas" / "recipe.schema.json").read_text())["$id"] == \
+        again.read_text().splitlines()[0].split("$schema=")[1]
 
     result = cli("plan", str(again), "--json")
     assert result.code == 0

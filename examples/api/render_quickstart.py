@@ -25,6 +25,8 @@ def main(path: str) -> int:
     for job in planned.jobs:
         if job.action != "skip":
             print(f"  {job.action:<7} {job.output}  seed {job.seed}  key {job.key[:12]}")
+        if job.changes:  # a stale image: what changed, field by field, as `plan` says it
+            print(f"          changed: {'; '.join(job.changes)}")
 
     def on_event(event: fluxbatch.Event) -> None:
         if event.kind in ("written", "failed", "moderated", "unknown"):

@@ -1,9 +1,10 @@
 """`fluxbatch plan RECIPE`: what would be rendered, why, and what it would cost.
 
 Three forms: a table (the default); `--json`, one document whose shape is a contract (see
-docs/commands.md); and `--jsonl`, one line per job and then a summary line, printed while the
-jobs are planned, so memory stays flat however many there are. `--only` and `--shard` select
-the jobs `render` would, and the summary covers the selection.
+docs/commands.md); and `--jsonl`, one line per image and then a summary line, printed while the
+images are planned, so memory stays flat however many there are. `--only` and `--shard` select
+the images `render` would, and the summary covers the selection. A stale image says what
+changed, field by field (`selection.stale_changes`, as `status -v` and the Python API say it).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import dataclasses
 import json
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, TextIO
@@ -20,20 +21,23 @@ from typing import Any, TextIO
 from fluxbatch import models
 from fluxbatch import recipe as recipes
 from fluxbatch.commands.output import money, plural, table, values_text
-from fluxbatch.errors import EXIT_OK, FluxbatchError, Problem, RecipeError
+from fluxbatch.errors import EXIT_OK, Problem, RecipeError
 from fluxbatch.expand import Expansion, Job, Plan, collector_paused
 from fluxbatch.selection import (
     ORPHANED,
     STATE_ORDER,
     TO_RENDER,
     ModelSummary,
+    changes_text,
     classify,
     escape_problems,
     in_shard,
     load_plan,
     matches_only,
+    nothing_matches,
+    stale_changes,
 )
-from fluxbatch.state import RootState, read_state
+from fluxbatch.state import RootState, has_store, read_entries, read_manifest, read_state
 
 TABLE, JSON, JSONL = "table", "json", "jsonl"
 
@@ -79,10 +83,11 @@ def plan(*, recipe: str, out: str | None, yes: bool, form: str = TABLE, explain:
              if tally.selects(job)]
     tally.add_all(shown)
     tally.finish(planned=len(the_plan.jobs), orphans=len(classified.orphans))
+    changed = stale_changes(classified)
     if form == JSON:
-        write_document(sys.stdout, the_plan, shown, tally, explain=explain)
+        write_document(sys.stdout, the_plan, shown, tally, explain=explain, changed=changed)
     else:
-        print(plan_text(the_plan, shown, tally, explain=explain))
+        print(plan_text(the_plan, shown, tally, explain=explain, changed=changed))
     return EXIT_OK
 
 
@@ -139,8 +144,7 @@ class Tally:
         """Close the count; `--only` that matches nothing is an error, as in `render`.
         Orphans are images no job of the recipe makes, so no selection holds them."""
         if self.pick.only and not self.matched_only:
-            raise FluxbatchError(f"--only {' '.join(self.pick.only)}: no job matches (give a "
-                                 "job name, an output glob, or NAME=VALUE on a matrix value)")
+            raise nothing_matches(self.pick.only)
         self.planned = planned
         if orphans and not self.pick:
             self.states[ORPHANED] = orphans
@@ -180,8 +184,10 @@ def summary_document(tally: Tally) -> dict[str, Any]:
 # -- JSON -------------------------------------------------------------------------------------
 
 
-def job_document(the_plan: Plan, job: Job, state: str, *, explain: bool) -> dict[str, Any]:
-    """One job of the public `plan --json` shape (documented in docs/commands.md; a contract)."""
+def job_document(the_plan: Plan, job: Job, state: str, *, explain: bool,
+                 changes: Sequence[str] = ()) -> dict[str, Any]:
+    """One image of the public `plan --json` shape (documented in docs/commands.md; a contract).
+    `changes`: for a stale image, what changed since the image at its output was made."""
     request = job.request
     entry: dict[str, Any] = {
         "job": job.job,
@@ -194,6 +200,7 @@ def job_document(the_plan: Plan, job: Job, state: str, *, explain: bool) -> dict
         "key": job.key,
         "output": job.output,
         "state": state,
+        "changes": list(changes),
     }
     if explain:
         entry["explain"] = the_plan.explain(job)
@@ -223,10 +230,11 @@ def tail_document(the_plan: Plan, tally: Tally, *, explain: bool) -> dict[str, A
 
 
 def write_document(out: TextIO, the_plan: Plan, shown: Iterable[tuple[Job, str]], tally: Tally,
-                   *, explain: bool) -> None:
-    """`plan --json`: one object, with a job (and a removed combination) per line."""
+                   *, explain: bool, changed: Mapping[int, Sequence[str]]) -> None:
+    """`plan --json`: one object, with an image (and a removed combination) per line."""
     out.write('{\n  "recipe": ' + _encode(recipe_document(the_plan.recipe)) + ',\n  "jobs": [')
-    _write_items(out, (job_document(the_plan, job, state, explain=explain)
+    _write_items(out, (job_document(the_plan, job, state, explain=explain,
+                                    changes=changed.get(job.index, ()))
                        for job, state in shown))
     for key, value in tail_document(the_plan, tally, explain=explain).items():
         out.write(f",\n  {_encode(key)}: ")
@@ -274,7 +282,9 @@ def _stream(path: str, *, out: str | None, yes: bool, explain: bool, pick: Pick)
             shown = [(job, state) for job, state in zip(chunk, classified.states, strict=True)
                      if tally.selects(job)]
             tally.add_all(shown)
-            lines = [_encode(job_document(part, job, state, explain=explain))
+            changed = stale_changes(classified, read=states.entries)
+            lines = [_encode(job_document(part, job, state, explain=explain,
+                                          changes=changed.get(job.index, ())))
                      for job, state in shown]
             if lines:
                 sys.stdout.write("\n".join(lines) + "\n")
@@ -307,6 +317,19 @@ class _StateReader:
         # every image placed for the recipe, less those planned so far: the orphans, once
         # all are planned
         self.unplanned = set(classify(Plan(recipe, (), ()), whole).orphans)
+        self.stored = has_store(self.root)
+        self.manifest: dict[str, dict[str, Any]] | None = None  # by output, read once
+
+    def entries(self, outputs: Iterable[str]) -> Mapping[str, Mapping[str, Any]]:
+        """The manifest entries of some outputs (what `stale_changes` compares): from the
+        store, or from the manifest, read once for the whole stream rather than per chunk."""
+        if self.stored:
+            return read_entries(self.root, self.name, outputs)
+        if self.manifest is None:
+            document = read_manifest(self.root, self.name) or {"images": []}
+            self.manifest = {entry.get("output", entry["path"]): entry
+                             for entry in document["images"]}
+        return self.manifest
 
     def state_of(self, chunk: Sequence[Job]) -> RootState:
         for job in chunk:
@@ -325,8 +348,11 @@ class _StateReader:
 
 
 def plan_text(the_plan: Plan, shown: Sequence[tuple[Job, str]], tally: Tally, *,
-              explain: bool = False) -> str:
+              explain: bool = False, changed: Mapping[int, Sequence[str]] | None = None) -> str:
+    """The table, and under a row (outside the table, so the columns stay narrow) the matrix
+    rule that made it (with `explain`) and, for a stale image, what changed."""
     recipe = the_plan.recipe
+    changed = changed or {}
     lines = [f"recipe {recipe.name} ({recipe.path}), provider {recipe.provider.name}, "
              f"output root {recipe.output_root}"]
     rows = [[job.job, values_text(job.vars), str(job.replicate), job.model, str(job.seed),
@@ -334,10 +360,13 @@ def plan_text(the_plan: Plan, shown: Sequence[tuple[Job, str]], tally: Tally, *,
     text = table(["JOB", "VALUES", "REP", "MODEL", "SEED", "OUTPUT", "STATE"], rows,
                  right=frozenset({2, 4})).split("\n")
     lines.append(text[0])
-    if explain:  # under its row, outside the table, so the columns stay narrow
+    if explain or changed:
         for (job, _), line in zip(shown, text[1:], strict=True):
             lines.append(line)
-            lines.append(f"  ↳ {the_plan.explain(job)}")
+            if explain:
+                lines.append(f"  ↳ {the_plan.explain(job)}")
+            if changed.get(job.index):
+                lines.append(f"  ↳ {changes_text(changed[job.index])}")
     else:
         lines.extend(text[1:])
     if explain and the_plan.removed:
@@ -351,11 +380,15 @@ def plan_text(the_plan: Plan, shown: Sequence[tuple[Job, str]], tally: Tally, *,
 
 
 def summary_text(tally: Tally) -> str:
-    states = ", ".join(f"{tally.states[s]:,} {s}" for s in STATE_ORDER if tally.states[s])
-    count = plural(tally.jobs, "job")
+    states = ", ".join(f"{tally.states[s]:,} {s}" for s in STATE_ORDER
+                       if tally.states[s] and s != ORPHANED)
+    count = plural(tally.jobs, "image")
     if tally.pick:
         count += f" (of {tally.planned:,}, selected by {tally.pick.describe()})"
-    lines = [f"{count}: {states or 'none'}"]
+    orphans = tally.states[ORPHANED]
+    # (orphans are not among the plan's images: counted apart, so that the states add up)
+    also = f"; not counted: {orphans:,} orphaned, no longer in the recipe" if orphans else ""
+    lines = [f"{count}: {states or 'none'}{also}"]
     per_model = tally.per_model()
     rows = [[name, f"{s.jobs:,}", f"{s.to_render:,}", money(s.estimated_usd),
              s.price_source or "no published price"] for name, s in per_model.items()]
@@ -363,6 +396,6 @@ def summary_text(tally: Tally) -> str:
     total = None if None in known else sum(k or 0 for k in known)
     to_render = sum(s.to_render for s in per_model.values())
     rows.append(["total", f"{tally.jobs:,}", f"{to_render:,}", money(total), ""])
-    lines.append(table(["MODEL", "JOBS", "TO RENDER", "EST. COST", "PRICE SOURCE"], rows,
+    lines.append(table(["MODEL", "IMAGES", "TO RENDER", "EST. COST", "PRICE SOURCE"], rows,
                        right=frozenset({1, 2, 3})))
     return "\n".join(lines)

@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any, TextIO
 from fluxbatch.commands.output import money, plural, table, values_text
 from fluxbatch.commands.validate import print_notes
 from fluxbatch.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError
-from fluxbatch.selection import Options, Selection, check_budget, load_plan
+from fluxbatch.selection import (
+    Options,
+    Selection,
+    changes_text,
+    check_budget,
+    load_plan,
+    stale_changes,
+)
 
 # The render itself runs in `session`; asyncio, tqdm and the providers (httpx) are imported
 # only where a render needs the network: a null build of 10,000 images loads none of them.
@@ -108,6 +115,7 @@ class _Progress:
         self.estimate = selection.estimated_usd()
         self.spent: float | None = None
         self.every = every
+        self.redraw = 1.0
         self.bar_shown = not quiet and sys.stderr.isatty()
         self.lines_shown = not quiet and not self.bar_shown and every > 0
         self.started = time.monotonic()
@@ -167,8 +175,15 @@ class _Progress:
         return ", ".join([*parts, f"{'' if short else 'spent '}{spent}{of}"])
 
     async def tick_every(self) -> None:
+        """Keep the display moving while no image finishes (a task takes a while): the bar is
+        redrawn every `redraw` seconds, with its clock and what is rendering and spent;
+        without a terminal, a line is printed every `every` seconds."""
         import asyncio
 
+        if self.bar_shown:
+            while True:
+                await asyncio.sleep(self.redraw)
+                self.bar.refresh()
         if not self.lines_shown:
             return
         while True:
@@ -296,8 +311,13 @@ def _dry_run(plan: Plan, options: Options) -> int:
     rows += [row(job, "re-attach (paid)") for job, _ in selection.attach]
     rows += [row(job, "place (paid earlier)") for job in selection.place]
     if rows:
-        print(table(["JOB", "VALUES", "REP", "MODEL", "OUTPUT", "WOULD"], rows,
-                    right=frozenset({2})))
+        lines = table(["JOB", "VALUES", "REP", "MODEL", "OUTPUT", "WOULD"], rows,
+                      right=frozenset({2})).split("\n")
+        changed = stale_changes(selection.classified)
+        for index, job in enumerate(selection.submit if changed else ()):
+            if changed.get(job.index):  # under its row, as `plan` says it
+                lines[1 + index] += f"\n  ↳ {changes_text(changed[job.index])}"
+        print("\n".join(lines))
     estimate = selection.estimated_usd()
     placed = f", place {len(selection.place):,} already paid for" if selection.place else ""
     print(f"dry run: would submit {plural(len(selection.submit), 'image')} "

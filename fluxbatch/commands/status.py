@@ -23,6 +23,7 @@ from fluxbatch.selection import (
     UNKNOWN,
     UP_TO_DATE,
     Classified,
+    changes_text,
     classify,
     load_plan,
     stale_changes,
@@ -38,8 +39,7 @@ def status(*, recipe: str, out: str | None, yes: bool, as_json: bool, verify: bo
     counts = classified.count()
     clean = counts[UP_TO_DATE] == len(plan.jobs) and not classified.orphans
     changed = stale_changes(classified)
-    reasons = {index: "the request changed: " + "; ".join(found)
-               for index, found in changed.items() if found}
+    reasons = {index: changes_text(found) for index, found in changed.items() if found}
     orphans = read_entries(plan.recipe.output_root, plan.recipe.name, classified.orphans) \
         if (verbose or as_json) else {}
     if as_json:
