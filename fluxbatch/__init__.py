@@ -7,6 +7,11 @@ The Python API (see `fluxbatch.api` for a tour):
   state, read against the output root (nothing written or sent).
 - `render(recipe_or_path, ...) -> Report`, `await arender(...)`: make what is missing.
 
+Their vocabularies are string enums (`StrEnum`: each member equals its string, as it
+appears in `--json` output): `ImageState` (`PlannedJob.state`), `Action`
+(`PlannedJob.action`), `OutcomeStatus` (`Outcome.status`) and `EventKind` (with
+`OutcomeStatus`, `Event.kind`).
+
 These names, and the types they return or raise, are the stable surface; every other module
 is internal. Importing `fluxbatch` loads none of them until one is used, so the command line
 starts fast.
@@ -19,10 +24,14 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "Action",
     "ConfigError",
     "Event",
+    "EventKind",
     "FluxbatchError",
+    "ImageState",
     "Outcome",
+    "OutcomeStatus",
     "Planned",
     "PlannedJob",
     "Problem",
@@ -38,19 +47,24 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from fluxbatch.api import Planned, PlannedJob, arender, load, plan, render
+    from fluxbatch.api import Action, Planned, PlannedJob, arender, load, plan, render
     from fluxbatch.errors import ConfigError, FluxbatchError, Problem, RecipeError, StateError
     from fluxbatch.execute import Event, Outcome
+    from fluxbatch.outcomes import EventKind, OutcomeStatus
     from fluxbatch.recipe import Recipe
+    from fluxbatch.selection import ImageState
     from fluxbatch.session import Report
 
 _WHERE = {
-    "Planned": "fluxbatch.api", "PlannedJob": "fluxbatch.api", "arender": "fluxbatch.api",
-    "load": "fluxbatch.api", "plan": "fluxbatch.api", "render": "fluxbatch.api",
-    "ConfigError": "fluxbatch.errors", "FluxbatchError": "fluxbatch.errors",
-    "Problem": "fluxbatch.errors", "RecipeError": "fluxbatch.errors",
-    "StateError": "fluxbatch.errors", "Event": "fluxbatch.execute",
-    "Outcome": "fluxbatch.execute", "Recipe": "fluxbatch.recipe", "Report": "fluxbatch.session",
+    "Action": "fluxbatch.api", "Planned": "fluxbatch.api", "PlannedJob": "fluxbatch.api",
+    "arender": "fluxbatch.api", "load": "fluxbatch.api", "plan": "fluxbatch.api",
+    "render": "fluxbatch.api", "ConfigError": "fluxbatch.errors",
+    "FluxbatchError": "fluxbatch.errors", "Problem": "fluxbatch.errors",
+    "RecipeError": "fluxbatch.errors", "StateError": "fluxbatch.errors",
+    "Event": "fluxbatch.execute", "Outcome": "fluxbatch.execute",
+    "EventKind": "fluxbatch.outcomes", "OutcomeStatus": "fluxbatch.outcomes",
+    "Recipe": "fluxbatch.recipe", "ImageState": "fluxbatch.selection",
+    "Report": "fluxbatch.session",
 }
 
 

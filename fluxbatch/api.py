@@ -31,6 +31,7 @@ from fluxbatch.expand import Job, Plan, expand
 from fluxbatch.recipe import Recipe
 from fluxbatch.selection import (
     STATE_ORDER,
+    ImageState,
     Options,
     Selection,
     classify,
@@ -40,6 +41,7 @@ from fluxbatch.selection import (
 )
 from fluxbatch.session import Render, Report
 from fluxbatch.state import read_state
+from fluxbatch.vocabulary import Vocabulary
 
 if TYPE_CHECKING:
     import httpx
@@ -56,6 +58,16 @@ def load(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = N
     return recipes.load(path, output_root=None if out is None else os.fspath(out))
 
 
+class Action(Vocabulary):
+    """What `render` would do with a planned image (`PlannedJob.action`)."""
+
+    SUBMIT = "submit"  # pay for it
+    ATTACH = "attach"  # collect the task an earlier run paid for
+    PLACE = "place"  # place an image the root holds, or the one another job of its key brings
+    SKIP = "skip"  # nothing: it is up to date, or not selected
+    HOLD = "hold"  # hold it back: its submit's outcome is unknown, or it was moderated
+
+
 @dataclass(frozen=True, slots=True)
 class PlannedJob:
     """One image of the plan, and what its output root says of it."""
@@ -68,8 +80,8 @@ class PlannedJob:
     seed: int
     key: str  # the image's identity: the same key is the same image
     output: str  # relative to the output root
-    state: str  # up-to-date, stored, new, missing, stale, in-flight, failed, ...
-    action: str  # what `render` would do: submit, attach, place, skip or hold
+    state: ImageState  # up-to-date, stored, new, missing, stale, in-flight, failed, ...
+    action: Action  # what `render` would do: submit, attach, place, skip or hold
     # for a stale image, what changed, field by field (`width 512 → 576`): the same list as
     # `plan --json`'s `changes` and `status -v`'s reason, from `selection.stale_changes`
     changes: tuple[str, ...] = ()
@@ -94,13 +106,13 @@ class Planned:
     def recipe(self) -> Recipe:
         return self.plan.recipe
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[ImageState, int]:
         """Images by state, in the order `fluxbatch status` lists them."""
         found = {state: 0 for state in STATE_ORDER}
         for job in self.jobs:
             found[job.state] = found.get(job.state, 0) + 1
         if self.orphans:
-            found["orphaned"] = len(self.orphans)
+            found[ImageState.ORPHANED] = len(self.orphans)
         return {state: count for state, count in found.items() if count}
 
 
@@ -119,7 +131,8 @@ def plan(recipe: RecipeLike, *, out: str | os.PathLike[str] | None = None, yes: 
     selection = select(classified, state, options, built.recipe.provider.name)
     actions = _actions(selection)
     changes = stale_changes(classified)
-    jobs = tuple(_planned(job, found, actions.get(id(job), "skip"),
+    skip = Action.SKIP
+    jobs = tuple(_planned(job, found, actions.get(id(job), skip),
                           tuple(changes.get(job.index, ())))
                  for job, found in zip(built.jobs, classified.states, strict=True))
     return Planned(built, jobs, classified.orphans, selection.estimated_usd())
@@ -181,19 +194,21 @@ def _plan(recipe: RecipeLike, out: str | os.PathLike[str] | None, yes: bool) -> 
     return built
 
 
-def _actions(selection: Selection) -> dict[int, str]:
+def _actions(selection: Selection) -> dict[int, Action]:
     """What render would do with each job, by the job's identity."""
-    found = {id(job): "submit" for job in selection.submit}
-    found.update((id(job), "attach") for job, _ in selection.attach)
-    found.update((id(job), "place") for job in selection.place)
+    submit, attach, place, hold = Action.SUBMIT, Action.ATTACH, Action.PLACE, Action.HOLD
+    found = {id(job): submit for job in selection.submit}
+    found.update((id(job), attach) for job, _ in selection.attach)
+    found.update((id(job), place) for job in selection.place)
     for followers in selection.followers.values():
-        found.update((id(job), "place") for job in followers)
-    found.update((id(job), "hold") for job in selection.held_unknown)
-    found.update((id(job), "hold") for job in selection.held_moderated)
+        found.update((id(job), place) for job in followers)
+    found.update((id(job), hold) for job in selection.held_unknown)
+    found.update((id(job), hold) for job in selection.held_moderated)
     return found
 
 
-def _planned(job: Job, state: str, action: str, changes: tuple[str, ...]) -> PlannedJob:
+def _planned(job: Job, state: ImageState, action: Action,
+             changes: tuple[str, ...]) -> PlannedJob:
     request = models.redact(job.request)
     return PlannedJob(job=job.job, vars=dict(job.vars), replicate=job.replicate,
                       model=job.model, request=request, seed=job.seed, key=job.key,

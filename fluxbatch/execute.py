@@ -42,19 +42,11 @@ from fluxbatch import models
 from fluxbatch.errors import FluxbatchError
 from fluxbatch.expand import Job
 from fluxbatch.outbox import OutboxGone, Recovered
+from fluxbatch.outcomes import EventKind, OutcomeStatus
 from fluxbatch.pacing import Durations, Slots, retry_after
 from fluxbatch.providers import KeyNotSent, Polled, Provider, Submitted
 from fluxbatch.providers import responses as r
 from fluxbatch.wire import MAX_IMAGE, NOT_SENT, BodyTooLarge, Wire
-
-# Outcome statuses
-WRITTEN = "written"
-MODERATED = "moderated"
-FAILED = "failed"
-UNKNOWN = "unknown"  # a submit whose outcome was never learned: maybe billed
-PENDING = "pending"  # submitted, result not learned yet (timeout, interrupt): re-attachable
-SKIPPED = "skipped"  # never submitted (interrupted, or the run stopped on a fatal error)
-GONE = "gone"  # paid, but the provider no longer knows the task: only now may it be paid again
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +88,7 @@ class Image:
 @dataclass(slots=True)
 class Outcome:
     job: Job
-    status: str
+    status: OutcomeStatus
     reason: str | None = None
     submitted: Submitted | None = None
     polled: Polled | None = None
@@ -107,11 +99,12 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """For progress displays: `kind` is submitted | attached (a task of an earlier run) |
-    ready (rendered; the download starts) | written | moderated | failed | unknown | gone |
-    pending | skipped | rate-limited | retry."""
+    """For progress displays: `kind` is a step of the job (an `EventKind`: submitted,
+    attached (a task of an earlier run), ready (rendered; the download starts), rate-limited,
+    retry) or, when it ends, its `OutcomeStatus` (written, moderated, failed, unknown, gone,
+    pending, skipped)."""
 
-    kind: str
+    kind: EventKind | OutcomeStatus
     job: Job
     detail: str | None = None
     cost: float | None = None
@@ -250,7 +243,8 @@ class Executor:
             for _ in range(min(len(queue), 2 * cap)):
                 workers.append(self._worker(queue, jobs, attach, outcomes))
         await asyncio.gather(*workers)
-        return [o if o is not None else Outcome(jobs[i], SKIPPED, "not started")
+        return [o if o is not None else Outcome(jobs[i], OutcomeStatus.SKIPPED,
+                                                "not started")
                 for i, o in enumerate(outcomes)]
 
     async def _worker(self, queue: deque[int], jobs: Sequence[Job],
@@ -260,7 +254,7 @@ class Executor:
             job = jobs[position]
             if (self.stopping or self.fatal) and job.key not in attach:
                 reason = self.fatal or "interrupted before it was submitted"
-                outcomes[position] = self._finish(Outcome(job, SKIPPED, reason))
+                outcomes[position] = self._finish(Outcome(job, OutcomeStatus.SKIPPED, reason))
                 continue
             outcomes[position] = await self._run_job(job, attach.get(job.key))
 
@@ -282,7 +276,7 @@ class Executor:
                 self._probe.release()
 
     async def _attempt(self, job: Job, earlier: Submitted | None, probing: bool) -> Outcome:
-        outcome = Outcome(job, PENDING)
+        outcome = Outcome(job, OutcomeStatus.PENDING)
         slots = (self.account, self.model_slots[job.model])
         for slot in slots:
             await slot.acquire()
@@ -294,29 +288,31 @@ class Executor:
                     self._probe.release()
                 outcome.submitted_at = time.time()
                 self.journal.submitted(job, outcome.submitted, outcome.submitted_at)
-                self.on_event(Event("submitted", job, cost=outcome.submitted.cost))
+                self.on_event(Event(EventKind.SUBMITTED, job, cost=outcome.submitted.cost))
             else:
                 outcome.submitted = earlier
-                self.on_event(Event("attached", job))
+                self.on_event(Event(EventKind.ATTACHED, job))
             outcome.polled = await self._poll(job, outcome.submitted)
         except _Unknown as error:
-            outcome.status, outcome.reason = UNKNOWN, str(error)
+            outcome.status, outcome.reason = OutcomeStatus.UNKNOWN, str(error)
             return self._finish(outcome)
         except JobFailed as error:
-            outcome.status = GONE if isinstance(error, _Gone) else FAILED
+            outcome.status = OutcomeStatus.GONE if isinstance(error, _Gone) \
+                else OutcomeStatus.FAILED
             outcome.reason = str(error)
             return self._finish(outcome)
         except (_Fatal, FluxbatchError) as error:  # (FluxbatchError: the journal failed)
             self.fatal = self.fatal or str(error)
             # A task refused while polling was submitted (maybe paid): keep it re-attachable.
-            outcome.status = SKIPPED if outcome.submitted is None else PENDING
+            outcome.status = OutcomeStatus.SKIPPED if outcome.submitted is None \
+                else OutcomeStatus.PENDING
             outcome.reason = str(error)
             return self._finish(outcome)
         except _Pending as error:
-            outcome.status, outcome.reason = PENDING, str(error)
+            outcome.status, outcome.reason = OutcomeStatus.PENDING, str(error)
             return self._finish(outcome)
         except _Skipped as error:
-            outcome.status, outcome.reason = SKIPPED, str(error)
+            outcome.status, outcome.reason = OutcomeStatus.SKIPPED, str(error)
             return self._finish(outcome)
         finally:
             for slot in slots:
@@ -327,20 +323,21 @@ class Executor:
         polled = outcome.polled
         assert polled is not None and outcome.submitted is not None
         if polled.status in r.MODERATED:
-            outcome.status = MODERATED
+            outcome.status = OutcomeStatus.MODERATED
             outcome.reason = r.with_details(polled.status, polled.details)
             return self._finish(outcome)
         if polled.status != r.READY:
-            outcome.status = FAILED
+            outcome.status = OutcomeStatus.FAILED
             outcome.reason = r.with_details(f"the task ended with status {polled.status!r}",
                                            polled.details)
             return self._finish(outcome)
         try:
             self.journal.ready(job, polled)
-            self.on_event(Event("ready", job))  # (its slot is free: only the download is left)
+            # (its slot is free: only the download is left)
+            self.on_event(Event(EventKind.READY, job))
         except FluxbatchError as error:
             self.fatal = self.fatal or str(error)
-            outcome.status, outcome.reason = PENDING, str(error)
+            outcome.status, outcome.reason = OutcomeStatus.PENDING, str(error)
             return self._finish(outcome)
         task = asyncio.ensure_future(self._download_and_write(job, outcome))
         self._downloading.add(task)
@@ -368,31 +365,32 @@ class Executor:
                 image = await self._download(job, outcome)
                 outcome.written = await self.writer(job, image, outcome)
         except Unusable as error:  # paid: never paid again while it may be collected
-            outcome.status = PENDING
+            outcome.status = OutcomeStatus.PENDING
             outcome.reason = f"{error}; the next run downloads it again without paying (or " \
                              "--force pays for a new one)"
             return self._finish(outcome)
         except JobFailed as error:
-            outcome.status = GONE if isinstance(error, _Gone) else FAILED
+            outcome.status = OutcomeStatus.GONE if isinstance(error, _Gone) \
+                else OutcomeStatus.FAILED
             outcome.reason = str(error)
             return self._finish(outcome)
         except LocalFault as error:  # paid and ready, but not storable here: collect it later
             if error.stops_run:
                 self.fatal = self.fatal or str(error)
-            outcome.status = PENDING
+            outcome.status = OutcomeStatus.PENDING
             outcome.reason = f"{error}; the task is recorded and the next run collects it " \
                              "without paying again"
             return self._finish(outcome)
         except (_Pending, _Fatal, FluxbatchError) as error:  # a fresh poll, or the journal
             if not isinstance(error, _Pending):
                 self.fatal = self.fatal or str(error)
-            outcome.status, outcome.reason = PENDING, str(error)
+            outcome.status, outcome.reason = OutcomeStatus.PENDING, str(error)
             return self._finish(outcome)
         finally:
             if image is not None:
                 with contextlib.suppress(OSError):
                     image.path.unlink()
-        outcome.status = WRITTEN
+        outcome.status = OutcomeStatus.WRITTEN
         return self._finish(outcome)
 
     def _finish(self, outcome: Outcome) -> Outcome:
@@ -452,7 +450,8 @@ class Executor:
                     raise JobFailed(f"still rate-limited (429) after "
                                     f"{self.settings.rate_limit_timeout:.0f} s; gave up")
                 delay = retry_after(response) or self._backoff(rate_limited)
-                self.on_event(Event("rate-limited", job, f"429; retrying in {delay:.1f} s"))
+                self.on_event(Event(EventKind.RATE_LIMITED, job,
+                                    f"429; retrying in {delay:.1f} s"))
                 await self._wait_outside_slots(job, delay)
                 continue
             if response.is_success:
@@ -646,7 +645,7 @@ class Executor:
                     await self.sleep(delay)
                     continue
             if attempt < attempts:
-                self.on_event(Event("retry", job, f"download: {problem}"))
+                self.on_event(Event(EventKind.RETRY, job, f"download: {problem}"))
                 await self.sleep(self._backoff(attempt))
         plural = "s" if attempts > 1 else ""
         raise JobFailed(f"download failed after {attempts} attempt{plural}: {problem}")
@@ -685,7 +684,7 @@ class Executor:
                     await wait(delay)
                     continue
             if attempt < attempts:
-                self.on_event(Event("retry", job, f"{what}: {problem}"))
+                self.on_event(Event(EventKind.RETRY, job, f"{what}: {problem}"))
                 await wait(self._backoff(attempt))
         message = f"{what} failed after {attempts} attempt{'s' if attempts > 1 else ''}: {problem}"
         if pending_on_failure:

@@ -16,13 +16,12 @@ import posixpath
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from hashlib import sha256
 from typing import Any
 
 from fluxbatch import matrix as matrix_rules
 from fluxbatch import models
 from fluxbatch.errors import PlanTooLargeError, Problem, RecipeError
-from fluxbatch.identity import SEED_MODULUS, KeyHasher, ObjectJson, canonical_json
+from fluxbatch.identity import AutoSeeds, KeyHasher
 from fluxbatch.imagemeta import EXTENSIONS
 from fluxbatch.inputs import InputProblem, Inputs
 from fluxbatch.project import Project
@@ -299,14 +298,10 @@ class _JobBuilder:
         self.prompt = self.templates.get(self.prompt_path)
         self.output = self.templates.get(self.output_path)  # None only when not ready
         self.seed_template = self.templates.get(self.seed_path)
-        self.seed_prefix: tuple[str, matrix_rules.Combination | None] = ("", None)
-        self.auto_seed = spec.seed == "auto"
+        self.auto_seeds = AutoSeeds(recipe.name, spec.name) if spec.seed == "auto" else None
         self.dynamic_templates = [(name, where, self.templates[where])
                                   for name, where in self.dynamic if where in self.templates]
         self.format_varies = "output_format" in {name for name, _ in self.dynamic}
-        # auto_seed's canonical_json([recipe, job, values, replicate]), built in pieces
-        self.seed_head = canonical_json([recipe.name, spec.name])[:-1] + ","
-        self.values_json = ObjectJson()
         self.required_checked: set[str] = set()  # the request's keys are the same per model
         self.param_values: dict[tuple[str, str, str], tuple[Any, str | None]] = {}
         self.hashers: dict[str, KeyHasher] = {}
@@ -443,13 +438,8 @@ class _JobBuilder:
             if self.format_varies and request.get("output_format", "") is None:
                 request["output_format"] = model.default_format
             where = self.seed_path
-            if self.auto_seed:  # inline: the hot path of planning
-                prefix, owner = self.seed_prefix
-                if owner is not combo:  # the combination's JSON, shared by its replicates
-                    prefix = f"{self.seed_head}{self.values_json(values)},"
-                    self.seed_prefix = (prefix, combo)
-                digest = sha256(f"{prefix}{replicate}]".encode()).digest()
-                seed = int.from_bytes(digest[:8], "big") % SEED_MODULUS
+            if self.auto_seeds is not None:
+                seed = self.auto_seeds(values, replicate)
             else:
                 templated = self.seed(combo, context, replicate)
                 if templated is None:
@@ -558,7 +548,7 @@ class _JobBuilder:
 
     def seed(self, combo: matrix_rules.Combination, context: Mapping[str, Any],
              replicate: int) -> int | None:
-        """An integer or templated seed (`auto` seeds are computed inline in `build`)."""
+        """An integer or templated seed (`auto` seeds come from `self.auto_seeds`, in `build`)."""
         raw = self.spec.seed
         for_what = f" (for {describe(combo.values, replicate)})"
         if isinstance(raw, int):

@@ -3,6 +3,9 @@
 These definitions are a contract with every manifest ever written: changing them re-keys or
 re-seeds every image. `job_key` and `auto_seed` are the definitions; `ObjectJson` and
 `KeyHasher` compute the same texts faster for the planner's hot loop (tests check equality).
+The planner's auto seeds come from `AutoSeeds`, which `auto_seed` itself uses: one
+implementation, with the definition in `auto_seed`'s docstring (and a test that recomputes
+it).
 """
 
 from __future__ import annotations
@@ -111,11 +114,32 @@ class KeyHasher:
 
 def auto_seed(recipe_name: str, job_name: str, combination: Mapping[str, Any],
               replicate: int) -> int:
-    """Derived from content, never from position: reordering values changes no seed. A file
-    of a `files:` variable counts by its content: renaming it changes no seed."""
-    values = {k: v.identity if isinstance(v, InputFile) else v for k, v in combination.items()}
-    text = canonical_json([recipe_name, job_name, values, replicate])
-    digest = hashlib.sha256(text.encode()).digest()
-    return int.from_bytes(digest[:8], "big") % SEED_MODULUS
+    """The `seed: auto` of an image: the first 8 bytes of the sha256 of
+    `canonical_json([recipe_name, job_name, combination, replicate])`, as a big-endian
+    integer, modulo 2**31, where a file of a `files:` variable stands for its content (its
+    `InputFile.identity`). Derived from content, never from position: reordering values, or
+    renaming a file, changes no seed."""
+    return AutoSeeds(recipe_name, job_name)(combination, replicate)
+
+
+class AutoSeeds:
+    """`auto_seed` for the images of one job, computed in pieces for the planner's hot loop:
+    `[recipe, job,` is encoded once, and a combination's values once for all its
+    replicates (consecutive calls with the same mapping share its JSON)."""
+
+    __slots__ = ("head", "last", "values_json")
+
+    def __init__(self, recipe_name: str, job_name: str) -> None:
+        self.head = canonical_json([recipe_name, job_name])[:-1] + ","
+        self.values_json = ObjectJson()  # (an InputFile as its identity, as canonical_json)
+        self.last: tuple[Mapping[str, Any] | None, str] = (None, "")
+
+    def __call__(self, combination: Mapping[str, Any], replicate: int) -> int:
+        owner, prefix = self.last
+        if owner is not combination:  # (kept referenced: its id cannot be reused meanwhile)
+            prefix = f"{self.head}{self.values_json(combination)},"
+            self.last = (combination, prefix)
+        digest = hashlib.sha256(f"{prefix}{replicate}]".encode()).digest()
+        return int.from_bytes(digest[:8], "big") % SEED_MODULUS
 
 

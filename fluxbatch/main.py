@@ -70,13 +70,8 @@ words:
   task   a request in flight at the provider (what `render -j/--jobs` caps)"""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors through our exit code 2 (it already does) and
-    never prints a traceback."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = argparse.ArgumentParser(
         prog="fluxbatch",
         description="Declarative, make-style batch renderer for the Flux image APIs.",
         epilog=WORDS,

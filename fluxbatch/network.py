@@ -19,12 +19,6 @@ import httpx
 from fluxbatch import imagemeta, models, providers
 from fluxbatch.errors import ConfigError, StateError
 from fluxbatch.execute import (
-    FAILED,
-    GONE,
-    MODERATED,
-    PENDING,
-    UNKNOWN,
-    WRITTEN,
     Event,
     Executor,
     Image,
@@ -37,10 +31,13 @@ from fluxbatch.execute import (
 from fluxbatch.expand import Job, Plan
 from fluxbatch.inputs import InputProblem, is_descriptor
 from fluxbatch.outbox import Outbox
+from fluxbatch.outcomes import OutcomeStatus
 from fluxbatch.providers import Polled, Submitted
 from fluxbatch.recipe import Recipe
 from fluxbatch.selection import Options, Selection, source_placement
 from fluxbatch.state import (
+    ManifestEntry,
+    Provenance,
     RootLock,
     RootState,
     Store,
@@ -53,6 +50,7 @@ from fluxbatch.state import (
 from fluxbatch.wire import Wire
 from fluxbatch.write import (
     NotAnImage,
+    Written,
     check_image,
     manifest_path,
     place,
@@ -94,13 +92,22 @@ class StoreJournal:
         self.store.ready(job.key, polled.reported_seed)
 
     def finished(self, outcome: Outcome) -> None:
-        key = outcome.job.key
-        if outcome.status == WRITTEN:
-            return  # recorded by the writer: the bytes kept, the files placed
-        if outcome.status == PENDING:  # still collectable: only the reason changes
-            self.store.ended(key, TaskStatus.SUBMITTED, outcome.reason)
-        elif outcome.status in (MODERATED, FAILED, UNKNOWN, GONE):
-            self.store.ended(key, outcome.status, outcome.reason)
+        # (written: recorded by the writer, the bytes kept and the files placed; skipped:
+        # never submitted, so the ledger has nothing to say)
+        status = _LEDGER.get(outcome.status)
+        if status is not None:
+            self.store.ended(outcome.job.key, status, outcome.reason)
+
+
+# What the ledger records of how a job ended. A pending task is still collectable: it stays
+# submitted, and only its reason changes.
+_LEDGER = {
+    OutcomeStatus.PENDING: TaskStatus.SUBMITTED,
+    OutcomeStatus.MODERATED: TaskStatus.MODERATED,
+    OutcomeStatus.FAILED: TaskStatus.FAILED,
+    OutcomeStatus.UNKNOWN: TaskStatus.UNKNOWN,
+    OutcomeStatus.GONE: TaskStatus.GONE,
+}
 
 
 def base_url_for(plan: Plan, options: Options, environ: Mapping[str, str]) -> str | None:
@@ -125,23 +132,20 @@ def base_url_for(plan: Plan, options: Options, environ: Mapping[str, str]) -> st
 @contextlib.contextmanager
 def provider_for(plan: Plan, options: Options, environ: Mapping[str, str],
                  emulator_latency: float | None = None) -> Iterator[providers.Provider]:
-    """The provider the recipe names, with the key from the environment; the emulator is
-    started on a free loopback port for the duration."""
-    spec = plan.recipe.provider
+    """The provider the recipe names, with the key from the environment; an in-process one
+    (the emulator) is started on a free loopback port for the duration."""
+    name = plan.recipe.provider.name
     base_url = base_url_for(plan, options, environ)
-    if spec.name != "emulator":
-        assert base_url is not None
-        yield providers.build(spec.name, base_url=base_url, environ=environ)
+    if base_url:  # (for the emulator: one already running elsewhere, `fluxbatch emulator`)
+        yield providers.build(name, base_url=base_url, environ=environ)
         return
+    assert providers.REGISTRY[name].in_process
     from fluxbatch.emulator import EmulatorConfig, EmulatorThread
 
-    if base_url:  # an emulator already running elsewhere (`fluxbatch emulator`)
-        yield providers.build("emulator", base_url=base_url, environ=environ)
-        return
     config = EmulatorConfig() if emulator_latency is None else \
         EmulatorConfig(latency=emulator_latency)
     with EmulatorThread(config) as emulator:
-        yield providers.build("emulator", base_url=emulator.base_url, environ=environ)
+        yield providers.build(name, base_url=emulator.base_url, environ=environ)
 
 
 def settings_for(plan: Plan, options: Options) -> Settings:
@@ -154,7 +158,7 @@ def settings_for(plan: Plan, options: Options) -> Settings:
 
 @dataclass(frozen=True, slots=True)
 class _Draft:
-    entry: dict[str, Any]
+    entry: Provenance
     previous: str | None
     shared: bool
 
@@ -172,14 +176,14 @@ class Placer:
         self.previous = {p.output: p.path for p in store.placements(recipe.name)}
 
     def place(self, job: Job, data: bytes, task: Task | None, source: Mapping[str, Any],
-              submitted_at: float | None = None) -> Any:
+              submitted_at: float | None = None) -> Written:
         """Place `data` (an image of `job.key`) at the job's output. `task` and `source` (an
         earlier entry of the same image) say which task made it and what it cost."""
         written, full = self.write(job, data, self.draft(job, task, source, submitted_at))
         return self.record(job, written, full)
 
     async def place_later(self, job: Job, data: bytes, task: Task | None,
-                          submitted_at: float | None) -> Any:
+                          submitted_at: float | None) -> Written:
         """`place`, with the file written off the event loop (the store stays on it)."""
         draft = self.draft(job, task, {}, submitted_at)
         written, full = await asyncio.to_thread(self.write, job, data, draft)
@@ -205,7 +209,7 @@ class Placer:
         shared = previous is not None and bool(self.store.others_at(previous, self.recipe.name))
         return _Draft(entry, previous, shared)
 
-    def write(self, job: Job, data: bytes, draft: _Draft) -> tuple[Any, dict[str, Any]]:
+    def write(self, job: Job, data: bytes, draft: _Draft) -> tuple[Written, ManifestEntry]:
         """The file (no store access: this may run off the event loop)."""
         try:
             return place(self.root, job, data, draft.entry, draft.previous, draft.shared)
@@ -215,14 +219,14 @@ class Placer:
             raise LocalFault.from_os_error(f"cannot write {self.root / job.output}", error) \
                 from None
 
-    def record(self, job: Job, written: Any, full: dict[str, Any]) -> Any:
+    def record(self, job: Job, written: Written, full: ManifestEntry) -> Written:
         self.store.placed(self.recipe.name, job.output, job.key, full, written.mtime_ns)
         self.previous[job.output] = written.path
         return written
 
     def from_root(self, job: Job, state: RootState) -> Outcome:
         """Place an image the root already holds (content store, or another placed file)."""
-        outcome = Outcome(job, WRITTEN)
+        outcome = Outcome(job, OutcomeStatus.WRITTEN)
         task = state.tasks.get(job.key)
         source: Mapping[str, Any] = {}
         try:
@@ -238,12 +242,12 @@ class Placer:
                 source = self.store.entry(found.recipe, found.output) or {}
             outcome.written = self.place(job, data, task, source)
         except JobFailed as error:
-            outcome.status, outcome.reason = FAILED, str(error)
+            outcome.status, outcome.reason = OutcomeStatus.FAILED, str(error)
         except LocalFault as error:
-            outcome.status, outcome.reason = PENDING, str(error)
+            outcome.status, outcome.reason = OutcomeStatus.PENDING, str(error)
         except OSError as error:
-            outcome.status, outcome.reason = FAILED, f"cannot read its stored image: " \
-                f"{error.strerror or error}"
+            outcome.status = OutcomeStatus.FAILED
+            outcome.reason = f"cannot read its stored image: {error.strerror or error}"
         outcome.finished_at = time.time()
         return outcome
 

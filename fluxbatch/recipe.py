@@ -30,6 +30,7 @@ from fluxbatch.project import (
     read_regular,
     state_dir_problem,
 )
+from fluxbatch.providers import DEFAULT as DEFAULT_PROVIDER
 from fluxbatch.providers import REGISTRY, recipe_base_url_problem
 from fluxbatch.recipe_schema import (
     DEFAULT_MAX_JOBS,
@@ -208,7 +209,7 @@ class _Builder:
             path=self.path,
             name=doc["name"],
             sha256=sha256,
-            provider=self.provider(doc.get("provider", "bfl")),
+            provider=self.provider(doc.get("provider", DEFAULT_PROVIDER)),
             output_root=root,
             max_jobs=doc.get("max_jobs", DEFAULT_MAX_JOBS),
             defaults=dict(doc.get("defaults") or {}),

@@ -130,7 +130,7 @@ def recipe_schema() -> dict[str, Any]:
                         },
                     },
                 ],
-                "default": "bfl",
+                "default": providers.DEFAULT,
             },
             "output": {
                 "type": "string",

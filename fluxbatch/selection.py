@@ -25,9 +25,11 @@ from fluxbatch.errors import ConfigError, FluxbatchError, Problem, RecipeError
 from fluxbatch.expand import Job, Plan, expand
 from fluxbatch.inputs import describe as describe_input
 from fluxbatch.inputs import input_identity, is_descriptor
+from fluxbatch.providers import REGISTRY
 from fluxbatch.state import IN_FLIGHT as TASK_IN_FLIGHT
 from fluxbatch.state import (
     STATE_DIR,
+    ManifestEntry,
     Placement,
     RootState,
     Store,
@@ -36,36 +38,45 @@ from fluxbatch.state import (
     has_blob,
     read_entries,
 )
+from fluxbatch.vocabulary import Vocabulary
 
-NEW = "new"
-UP_TO_DATE = "up-to-date"
-STORED = "stored"
-MISSING = "missing"
-STALE = "stale"
-IN_FLIGHT = "in-flight"
-UNKNOWN = "unknown"
-FAILED = "failed"
-MODERATED = "moderated"
-ORPHANED = "orphaned"
+
+class ImageState(Vocabulary):
+    """What a planned image needs, read against its output root: each job's state in
+    `plan`, `status` and the API (`PlannedJob.state`); listed in this order."""
+
+    UP_TO_DATE = "up-to-date"  # placed under its key, and the file is the one written
+    STORED = "stored"  # the root holds its image (content store, another file): placed free
+    NEW = "new"
+    MISSING = "missing"  # placed once, then deleted or changed
+    STALE = "stale"  # the file there is of another request
+    IN_FLIGHT = "in-flight"  # paid earlier and not collected yet: collected free
+    FAILED = "failed"
+    MODERATED = "moderated"
+    UNKNOWN = "unknown"  # a submit's answer was never learned: it may have been billed
+    ORPHANED = "orphaned"  # placed for an output the recipe no longer plans
+
 
 # States whose jobs `render` would pay for (stored images are placed and in-flight tasks
 # collected: neither is paid again).
-TO_RENDER = frozenset({NEW, MISSING, STALE, FAILED})
-STATE_ORDER = (UP_TO_DATE, STORED, NEW, MISSING, STALE, IN_FLIGHT, FAILED, MODERATED, UNKNOWN,
-               ORPHANED)
+TO_RENDER = frozenset({ImageState.NEW, ImageState.MISSING, ImageState.STALE, ImageState.FAILED})
+STATE_ORDER = tuple(ImageState)
+
+# (Loops over every image below bind the members they compare with to locals first: on
+# Python 3.11, reading a member through its class costs about 0.7 µs; a local, next to nothing.)
 
 
 @dataclass(frozen=True, slots=True)
 class Classified:
     plan: Plan
-    states: tuple[str, ...]
+    states: tuple[ImageState, ...]
     orphans: tuple[str, ...] = ()
     reasons: Mapping[int, str] = field(default_factory=dict)
 
-    def count(self) -> Counter[str]:
+    def count(self) -> Counter[ImageState]:
         counts = Counter(self.states)
         if self.orphans:
-            counts[ORPHANED] = len(self.orphans)
+            counts[ImageState.ORPHANED] = len(self.orphans)
         return counts
 
 
@@ -135,13 +146,14 @@ def classify(plan: Plan, state: RootState, *, verify: bool = False,
     it places that image, at no cost.
     """
     root = plan.recipe.output_root
-    states: list[str] = []
+    states: list[ImageState] = []
     reasons: dict[int, str] = {}
+    up_to_date = ImageState.UP_TO_DATE
     for job in plan.jobs:
         placement = state.placements.get(job.output)
         if placement is not None and placement.key == job.key and \
                 _intact(root, placement, verify, verified):
-            states.append(UP_TO_DATE)
+            states.append(up_to_date)
             continue
         found, why = _state(job, placement, state, root)
         states.append(found)
@@ -153,45 +165,49 @@ def classify(plan: Plan, state: RootState, *, verify: bool = False,
 
 
 def _state(job: Job, placement: Placement | None, state: RootState,
-           root: Path) -> tuple[str, str | None]:
+           root: Path) -> tuple[ImageState, str | None]:
     """A job's state (not up to date) and why, from the ledger and the placements."""
     task = state.tasks.get(job.key)
     if has_blob(root, task):
-        return STORED, "its image is in the content store (paid earlier): placed at no cost"
+        return ImageState.STORED, "its image is in the content store (paid earlier): placed " \
+            "at no cost"
     elsewhere = source_placement(job.key, state, root, exclude=placement)
     if elsewhere is not None:
-        return STORED, f"the same image is at {elsewhere.path}: placed at no cost"
+        return ImageState.STORED, f"the same image is at {elsewhere.path}: placed at no cost"
     reason = task.reason if task is not None else None
     if task is not None and task.status in TASK_IN_FLIGHT:
-        return IN_FLIGHT, reason or _REASONS[IN_FLIGHT]
+        return ImageState.IN_FLIGHT, reason or _REASONS[ImageState.IN_FLIGHT]
     if task is not None and task.status in (TaskStatus.FETCHED, TaskStatus.PLACED) and task.task_id:
-        return IN_FLIGHT, "paid earlier, but its bytes are gone: the task is collected again"
+        return ImageState.IN_FLIGHT, "paid earlier, but its bytes are gone: the task is " \
+            "collected again"
     if task is not None and task.status in (TaskStatus.SUBMITTING, TaskStatus.UNKNOWN):
-        return UNKNOWN, reason or _REASONS[UNKNOWN]
+        return ImageState.UNKNOWN, reason or _REASONS[ImageState.UNKNOWN]
     if task is not None and task.status == TaskStatus.MODERATED:
-        return MODERATED, reason
+        return ImageState.MODERATED, reason
     if task is not None and task.status == TaskStatus.FAILED:
-        return FAILED, reason
+        return ImageState.FAILED, reason
     gone = task is not None and task.status == TaskStatus.GONE
     if placement is None:
-        return NEW, _REASONS["gone"] if gone else None
+        return ImageState.NEW, _REASONS[TaskStatus.GONE] if gone else None
     if placement.key != job.key:
-        return STALE, _REASONS[STALE]
-    return MISSING, _REASONS["gone"] if gone else (
+        return ImageState.STALE, _REASONS[ImageState.STALE]
+    return ImageState.MISSING, _REASONS[TaskStatus.GONE] if gone else (
         "the file was changed after it was written" if os.path.lexists(root / placement.path)
         else "the file was deleted")
 
 
 _REASONS = {
-    STALE: "the request changed (prompt, parameters, model or seed)",
-    IN_FLIGHT: "submitted by an earlier run; the next render collects it without paying again",
-    UNKNOWN: "a run stopped while submitting it: the answer was never recorded, and it may "
-             "have been billed",
-    "gone": "paid before, but the provider no longer has the task and its bytes were lost",
+    ImageState.STALE: "the request changed (prompt, parameters, model or seed)",
+    ImageState.IN_FLIGHT: "submitted by an earlier run; the next render collects it without "
+                          "paying again",
+    ImageState.UNKNOWN: "a run stopped while submitting it: the answer was never recorded, and "
+                        "it may have been billed",
+    TaskStatus.GONE: "paid before, but the provider no longer has the task and its bytes were "
+                     "lost",
 }
 
 
-EntryReader = Callable[[Iterable[str]], Mapping[str, Mapping[str, Any]]]
+EntryReader = Callable[[Iterable[str]], Mapping[str, ManifestEntry]]
 
 
 def stale_changes(classified: Classified, *,
@@ -200,8 +216,9 @@ def stale_changes(classified: Classified, *,
     what `status`, `plan` and the Python API say of it. `read(outputs)` gives the manifest
     entries of those outputs (default: `state.read_entries`, from the store or the manifest)."""
     plan = classified.plan
+    stale_state = ImageState.STALE
     stale = [job for job, found in zip(plan.jobs, classified.states, strict=True)
-             if found == STALE]
+             if found == stale_state]
     if not stale:
         return {}
     outputs = (job.output for job in stale)
@@ -216,7 +233,7 @@ def changes_text(found: Sequence[str]) -> str:
     return "the request changed: " + "; ".join(found)
 
 
-def changes(entry: Mapping[str, Any], job: Job) -> list[str]:
+def changes(entry: ManifestEntry, job: Job) -> list[str]:
     """What changed between the image placed at an output (its manifest entry) and the job
     planned there, field by field: `width 512 → 576`, `prompt "…teapot…" → "…kettle…"`."""
     found = []
@@ -315,29 +332,6 @@ class ModelSummary:
     price_source: str | None
 
 
-def summarise(jobs: Sequence[Job], states: Sequence[str]) -> dict[str, ModelSummary]:
-    """Per model: how many jobs, how many would be paid for, and their estimated cost."""
-    totals: dict[str, list[Any]] = {}
-    for job, state in zip(jobs, states, strict=True):
-        entry = totals.setdefault(job.model, [0, 0, 0.0, True])
-        entry[0] += 1
-        if state in TO_RENDER:
-            entry[1] += 1
-            cost = models.estimate_cost(job.model, job.request)
-            if cost is None:
-                entry[3] = False
-            else:
-                entry[2] += cost
-    summary = {}
-    for name, (count, to_render, usd, priced) in totals.items():
-        price = models.PRICES.get(name)
-        summary[name] = ModelSummary(count, to_render, round(usd, 4) if priced else None,
-                                     price.source if price else None)
-    return summary
-
-
-
-
 # -- selecting what a render does ---------------------------------------------------------
 
 
@@ -425,28 +419,31 @@ def select(classified: Classified, state: RootState, options: Options,
     selection = Selection(classified)
     # The in-process emulator dies with its run: its tasks cannot be collected later, and
     # sending one again costs nothing, so nothing of it is held back or re-attached.
-    ephemeral = provider == "emulator" and options.base_url is None
+    ephemeral = REGISTRY[provider].in_process and options.base_url is None
+    up_to_date, stored, in_flight, unknown, moderated = (
+        ImageState.UP_TO_DATE, ImageState.STORED, ImageState.IN_FLIGHT, ImageState.UNKNOWN,
+        ImageState.MODERATED)
     for job, found in zip(classified.plan.jobs, classified.states, strict=True):
         if (options.only and not matches_only(job, options.only)) or \
                 not in_shard(job, options.shard):
             selection.filtered_out += 1
             continue
-        if found == UP_TO_DATE and not options.force:
+        if found == up_to_date and not options.force:
             selection.up_to_date += 1
             continue
         if job.key in selection.followers:  # its key is already being submitted or collected
             selection.followers[job.key].append(job)
             continue
         task = state.tasks.get(job.key)
-        if found == STORED and not options.force:
+        if found == stored and not options.force:
             selection.place.append(job)
-        elif found == IN_FLIGHT and not ephemeral and task is not None and task.task_id and \
+        elif found == in_flight and not ephemeral and task is not None and task.task_id and \
                 task.polling_url and task.provider == provider:
             selection.attach.append((job, task))  # paid for already: never submit again
             selection.followers[job.key] = []
-        elif found == UNKNOWN and not (options.retry_unknown or ephemeral):
+        elif found == unknown and not (options.retry_unknown or ephemeral):
             selection.held_unknown.append(job)  # maybe paid: even --force needs --retry-unknown
-        elif found == MODERATED and not options.force:
+        elif found == moderated and not options.force:
             selection.held_moderated.append(job)
         else:
             selection.submit.append(job)

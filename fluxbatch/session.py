@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from fluxbatch.errors import StateError
 from fluxbatch.expand import Plan
+from fluxbatch.outcomes import OutcomeStatus
 from fluxbatch.selection import (
     Options,
     Selection,
@@ -68,8 +69,9 @@ class Report:
     @property
     def ok(self) -> bool:
         """Every image wanted is in place: nothing failed, was held back or interrupted."""
+        written = OutcomeStatus.WRITTEN
         return not self.interrupted and not self.fatal \
-            and all(o.status == "written" for o in self.outcomes) \
+            and all(o.status == written for o in self.outcomes) \
             and not self.selection.held_unknown and not self.selection.held_moderated
 
 

@@ -36,12 +36,13 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
 
 from fluxbatch import imagemeta, migrations
 from fluxbatch.errors import StateError
+from fluxbatch.outcomes import OutcomeStatus
+from fluxbatch.vocabulary import Vocabulary
 
 if TYPE_CHECKING:  # (the outbox process imports this module, and needs no planner)
     from fluxbatch.expand import Job
@@ -54,7 +55,8 @@ LEGACY_MANIFEST = "manifest.json"  # the first release's name, for a root of one
 GITIGNORE = ".gitignore"
 _GITIGNORE_TEXT = "# Written by fluxbatch: its state stays out of version control.\n*\n"
 
-class TaskStatus(StrEnum):
+
+class TaskStatus(Vocabulary):
     """Where a job key's latest task stands, in the ledger (`tasks.status`)."""
 
     SUBMITTING = "submitting"  # handed to the wire: until an answer, it may have been billed
@@ -75,12 +77,53 @@ def manifest_name(recipe: str) -> str:
     return f"{recipe}.manifest.json"
 
 
+class RecipeRef(TypedDict):
+    name: str
+    sha256: str
+
+
+class Provenance(TypedDict):
+    """An image's manifest entry as embedded in the image (`write.provenance`): everything but
+    the file's own hash and size. A contract: schemas/manifest.schema.json."""
+
+    path: str  # the file, relative to the output root (with its real format's extension)
+    output: str  # the planned output path
+    key: str  # sha256 of the model and request: the same key is the same image
+    job: str
+    vars: dict[str, Any]  # the matrix combination
+    replicate: int
+    prompt: str | None
+    model: str
+    request: dict[str, Any]  # the body sent, secrets as ***, image inputs as descriptors
+    seed: int
+    reported_seed: int | None
+    provider: str
+    task_id: str | None
+    cost: float | None  # credits reported (1 credit = $0.01)
+    submitted_at: str | None  # ISO 8601, UTC
+    finished_at: str | None
+    recipe: RecipeRef
+    spec_date: str  # of the vendored BFL spec
+    fluxbatch: str  # the version that wrote it
+    status: Literal[OutcomeStatus.WRITTEN]
+
+
+class ManifestEntry(Provenance):
+    """An image's entry in its recipe's manifest and in the state store: its provenance, and
+    the sha256 and size of the file as written (provenance included). An entry read back may
+    come from a file (a manifest, an image's provenance) that only its path, key, sha256 and
+    bytes were checked in: read the other fields with `.get`."""
+
+    sha256: str
+    bytes: int
+
+
 @dataclass(frozen=True, slots=True)
 class Task:
     """The ledger's row for one job key."""
 
     key: str
-    status: str
+    status: TaskStatus
     provider: str | None = None
     base_url: str | None = None
     task_id: str | None = None
@@ -110,6 +153,17 @@ class Placement:
 _TASK_COLUMNS = ("key, status, provider, base_url, task_id, polling_url, cost, submitted_at, "
                  "reported_seed, blob, reason, run, updated_at")
 _PLACEMENT_COLUMNS = "recipe, output, path, key, sha256, bytes, mtime_ns"
+_STATUSES = {status.value: status for status in TaskStatus}
+
+
+def _task_of(row: tuple[Any, ...], root: Path) -> Task:
+    """A row of `_TASK_COLUMNS` as a `Task`, its status a `TaskStatus` (found by value in a
+    dict: calling the enum would cost as much as the rest, and a plan reads the whole ledger)."""
+    status = _STATUSES.get(row[1])
+    if status is None:
+        raise StateError(f"{root / STATE_DIR / DATABASE}: the ledger holds a task whose status "
+                         f"{row[1]!r} this fluxbatch does not know; upgrade fluxbatch")
+    return Task(row[0], status, *row[2:])
 
 
 class _Connection(sqlite3.Connection):
@@ -236,7 +290,7 @@ class Store:
     # -- reading ------------------------------------------------------------------------
 
     def tasks(self) -> dict[str, Task]:
-        return {row[0]: Task(*row) for row in
+        return {row[0]: _task_of(row, self.root) for row in
                 self.db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks")}
 
     def lazy_tasks(self) -> Mapping[str, Task]:
@@ -247,7 +301,7 @@ class Store:
     def task(self, key: str) -> Task | None:
         row = self.db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE key = ?",
                               (key,)).fetchone()
-        return None if row is None else Task(*row)
+        return None if row is None else _task_of(row, self.root)
 
     def placed_outputs(self, recipe: str) -> set[str]:
         return {output for (output,) in self.db.execute(
@@ -262,10 +316,13 @@ class Store:
                                    "WHERE recipe = ?", (recipe,))
         return [Placement(*row) for row in rows]
 
-    def entry(self, recipe: str, output: str) -> dict[str, Any] | None:
+    def entry(self, recipe: str, output: str) -> ManifestEntry | None:
         row = self.db.execute("SELECT entry FROM placements WHERE recipe = ? AND output = ?",
                               (recipe, output)).fetchone()
-        return None if row is None else dict(json.loads(row[0]))
+        if row is None:
+            return None
+        entry: ManifestEntry = json.loads(row[0])
+        return entry
 
     def entries_json(self, recipe: str) -> Iterator[str]:
         """The manifest entries of one recipe's images, as JSON text, by path (streamed: a
@@ -322,7 +379,7 @@ class Store:
     def fetched(self, key: str, blob: str) -> None:
         self._task(key, status=TaskStatus.FETCHED, blob=blob, reason=None)
 
-    def ended(self, key: str, status: str, reason: str | None) -> None:
+    def ended(self, key: str, status: TaskStatus, reason: str | None) -> None:
         """moderated | failed | unknown | gone; or, for a task in flight, only its reason."""
         if status in IN_FLIGHT:
             self.db.execute("UPDATE tasks SET reason = ?, updated_at = ? WHERE key = ?",
@@ -332,7 +389,7 @@ class Store:
 
     # -- placements --------------------------------------------------------------------------
 
-    def placed(self, recipe: str, output: str, key: str, entry: Mapping[str, Any],
+    def placed(self, recipe: str, output: str, key: str, entry: ManifestEntry,
                mtime_ns: int) -> None:
         with self.transaction():
             self.db.execute(
@@ -412,8 +469,7 @@ class Store:
         manifests were lost); returns how many images were recognised."""
         found = adoptable(self.root, jobs)
         with self.transaction():
-            for entry in found:
-                mtime_ns = entry.pop("mtime_ns")
+            for entry, mtime_ns in found:
                 self.placed(recipe, entry.get("output", entry["path"]), entry["key"], entry,
                             mtime_ns)
         return len(found)
@@ -674,11 +730,12 @@ def read_state(root: Path, recipe: str, jobs: Iterable[Job] = ()) -> RootState:
         name = (document.get("recipe") or {}).get("name") or ""
         placements.extend(_placement(name, entry) for entry in document["images"])
     if not documents:
-        placements = [_placement(recipe, entry) for entry in adoptable(root, jobs)]
+        placements = [_placement(recipe, entry, mtime_ns)
+                      for entry, mtime_ns in adoptable(root, jobs)]
     return RootState.of(recipe, {}, placements)
 
 
-def read_entries(root: Path, recipe: str, outputs: Iterable[str]) -> dict[str, dict[str, Any]]:
+def read_entries(root: Path, recipe: str, outputs: Iterable[str]) -> dict[str, ManifestEntry]:
     """The manifest entries of some of a recipe's placements, by output, without creating
     anything (to say what changed at a stale output)."""
     wanted = set(outputs)
@@ -693,18 +750,19 @@ def read_entries(root: Path, recipe: str, outputs: Iterable[str]) -> dict[str, d
             if entry.get("output", entry["path"]) in wanted}
 
 
-def _placement(recipe: str, entry: Mapping[str, Any]) -> Placement:
+def _placement(recipe: str, entry: Mapping[str, Any], mtime_ns: int | None = None) -> Placement:
     return Placement(recipe, entry.get("output", entry["path"]), entry["path"], entry["key"],
-                     entry["sha256"], entry["bytes"], entry.get("mtime_ns"))
+                     entry["sha256"], entry["bytes"], mtime_ns)
 
 
 _EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def adoptable(root: Path, jobs: Iterable[Job]) -> list[dict[str, Any]]:
-    """Manifest entries recovered from the provenance inside images already on disk. Only an
-    image whose embedded key is its planned job's key counts. Each folder is listed once, and
-    only files that exist are opened (a first plan of 100,000 images opens nothing)."""
+def adoptable(root: Path, jobs: Iterable[Job]) -> list[tuple[ManifestEntry, int]]:
+    """Manifest entries recovered from the provenance inside images already on disk, each
+    with its file's mtime. Only an image whose embedded key is its planned job's key counts.
+    Each folder is listed once, and only files that exist are opened (a first plan of
+    100,000 images opens nothing)."""
     listings: dict[str, set[str]] = {}
     entries = []
     for job in jobs:
@@ -727,9 +785,9 @@ def adoptable(root: Path, jobs: Iterable[Job]) -> list[dict[str, Any]]:
             if entry is None or entry.get("key") != job.key:
                 continue
             data = path.read_bytes()
-            entries.append(dict(entry, path=path.relative_to(root).as_posix(),
-                                sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
-                                mtime_ns=os.stat(path).st_mtime_ns))
+            found = dict(entry, path=path.relative_to(root).as_posix(),
+                         sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+            entries.append((cast(ManifestEntry, found), os.stat(path).st_mtime_ns))
             break
     return entries
 

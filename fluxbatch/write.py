@@ -18,7 +18,6 @@ import posixpath
 import re
 import tempfile
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,8 +25,16 @@ from typing import Any
 
 from fluxbatch import __version__, imagemeta, models
 from fluxbatch.expand import Job
+from fluxbatch.outcomes import OutcomeStatus
 from fluxbatch.recipe import Recipe
-from fluxbatch.state import LEGACY_MANIFEST, STATE_DIR, Store, manifest_name
+from fluxbatch.state import (
+    LEGACY_MANIFEST,
+    STATE_DIR,
+    ManifestEntry,
+    Provenance,
+    Store,
+    manifest_name,
+)
 
 MANIFEST_VERSION = 2
 SCHEMA_URL = "https://raw.githubusercontent.com/fluxbatch/fluxbatch/main/schemas/manifest.schema.json"
@@ -91,7 +98,7 @@ def check_image(data: bytes) -> None:
 
 def provenance(job: Job, *, recipe: Recipe, provider: str, task_id: str | None,
                cost: float | None, reported_seed: int | None, submitted_at: float | None,
-               finished_at: float | None, path: str) -> dict[str, Any]:
+               finished_at: float | None, path: str) -> Provenance:
     """The manifest entry of one image, without its own hash and size (embedded as is)."""
     return {
         "path": path,
@@ -113,24 +120,24 @@ def provenance(job: Job, *, recipe: Recipe, provider: str, task_id: str | None,
         "recipe": {"name": recipe.name, "sha256": recipe.sha256},
         "spec_date": models.SPEC_DATE,
         "fluxbatch": __version__,
-        "status": "written",
+        "status": OutcomeStatus.WRITTEN,
     }
 
 
-def place(root: Path, job: Job, data: bytes, entry: Mapping[str, Any],
-          previous_path: str | None, shared: bool = False) -> tuple[Written, dict[str, Any]]:
+def place(root: Path, job: Job, data: bytes, entry: Provenance,
+          previous_path: str | None, shared: bool = False) -> tuple[Written, ManifestEntry]:
     """Embed the provenance, write the file atomically, and return the full manifest entry.
     A previous image of this output under another name (another extension) is removed,
     unless another recipe's image is that file (`shared`)."""
     path = real_path(job.output, data)
-    payload = dict(entry, path=path)
+    payload: Provenance = {**entry, "path": path}
     stamped = imagemeta.embed(data, payload)
     mtime_ns = atomic_write(root / path, stamped, temp_dir(root))
     if previous_path and previous_path != path and not shared:
         with contextlib.suppress(OSError):
             os.unlink(root / previous_path)
     written = Written(path, hashlib.sha256(stamped).hexdigest(), len(stamped), mtime_ns)
-    return written, dict(payload, sha256=written.sha256, bytes=written.size)
+    return written, {**payload, "sha256": written.sha256, "bytes": written.size}
 
 
 def manifest_path(recipe: Recipe) -> Path:
@@ -260,7 +267,7 @@ def manifest_schema() -> dict[str, Any]:
             "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$",
                        "description": "of the file as written (provenance included)"},
             "bytes": {"type": "integer", "minimum": 0},
-            "status": {"const": "written"},
+            "status": {"const": OutcomeStatus.WRITTEN.value},
             "recipe": {"type": "object"},
             "spec_date": {"type": "string"},
             "fluxbatch": {"type": "string"},

@@ -3,6 +3,7 @@ a plan. Matrix rules themselves are covered in test_matrix.py."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import textwrap
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from fluxbatch import identity, models, recipe
 from fluxbatch.errors import PlanTooLargeError, RecipeError
 from fluxbatch.expand import Job, Plan, expand
+from fluxbatch.inputs import InputFile
 from fluxbatch.selection import load_plan
 from tests.helpers import build_file_tree
 
@@ -130,6 +132,38 @@ def test_auto_seeds_are_identity_auto_seed_and_in_range() -> None:
         assert 0 <= job.seed <= 2**31 - 1
         assert job.request["seed"] == job.seed
     assert len({job.seed for job in plan.jobs}) == 16
+
+
+def documented_auto_seed(recipe_name: str, job_name: str, combination: dict[str, Any],
+                         replicate: int) -> int:
+    """`identity.auto_seed` as its docstring defines it, the slow and obvious way."""
+    values = {k: v.identity if isinstance(v, InputFile) else v for k, v in combination.items()}
+    text = identity.canonical_json([recipe_name, job_name, values, replicate])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") % 2**31
+
+
+_SCALARS = st.one_of(st.text(), st.integers(), st.floats(), st.booleans(), st.none(),
+                     st.builds(InputFile, st.text(min_size=1), st.text("0123456789abcdef",
+                                                                    min_size=64, max_size=64)))
+_VALUES = st.one_of(_SCALARS, st.lists(_SCALARS, max_size=3),
+                    st.dictionaries(st.text(), _SCALARS, max_size=3))
+_COMBINATIONS = st.dictionaries(st.text(), _VALUES, max_size=4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(), st.text(), st.lists(st.tuples(_COMBINATIONS, st.integers(1, 10**6)),
+                                      min_size=1, max_size=6))
+def test_auto_seed_is_its_documented_definition(recipe_name: str, job_name: str,
+                                                images: list[tuple[dict[str, Any], int]]) -> None:
+    """The planner's `AutoSeeds` (a combination's JSON shared by its replicates) and
+    `identity.auto_seed` give the seed the docstring defines, for any values."""
+    seeds = identity.AutoSeeds(recipe_name, job_name)
+    for combination, replicate in [*images, *images[::-1]]:  # (each combination again)
+        for _ in range(2):  # (its replicates: the same mapping, called again)
+            expected = documented_auto_seed(recipe_name, job_name, combination, replicate)
+            assert seeds(combination, replicate) == expected
+            assert identity.auto_seed(recipe_name, job_name, combination, replicate) == expected
+            replicate += 1
 
 
 def test_keys_are_identity_job_key() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,52 @@ def test_emulator_provider_needs_no_key_and_speaks_bfl() -> None:
 
     assert str(request.url) == "http://127.0.0.1:8123/v1/flux-dev"
     assert request.headers["x-key"] == "emulator"
+
+
+# -- the registry ---------------------------------------------------------------------------
+
+
+class Plain:
+    """A provider added by a test: one class, one registry entry."""
+
+    def __init__(self, info: providers.ProviderInfo, base_url: str,
+                 key: providers.Secret) -> None:
+        self.info, self.base_url, self.key = info, base_url, key
+
+
+def test_a_provider_is_one_class_and_one_registry_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    info = providers.ProviderInfo("plain", "a provider added by a test",
+                                  "https://api.plain.test", "PLAIN_KEY", "PLAIN_KEY_FILE",
+                                  speaks=f"{__name__}:Plain")
+    monkeypatch.setitem(providers.REGISTRY, "plain", info)
+
+    built = providers.build("plain", base_url=None, environ={"PLAIN_KEY": KEY})
+
+    assert isinstance(built, Plain)
+    assert (built.info, built.base_url, built.key.reveal()) == (
+        info, "https://api.plain.test", KEY)
+    with pytest.raises(ConfigError, match="set PLAIN_KEY"):
+        providers.build("plain", base_url=None, environ={})
+
+
+def test_every_registered_provider_builds_from_its_entry() -> None:
+    for name, info in providers.REGISTRY.items():
+        provider = build(name, base_url=None if info.default_base_url else "http://127.0.0.1:9")
+        assert provider.info is info
+        assert type(provider).__name__ == info.speaks.rpartition(":")[2]
+        assert info.in_process == (info.default_base_url is None)
+
+
+def test_no_module_but_the_registry_names_a_provider() -> None:
+    """Adding a provider needs no branch elsewhere: nothing compares a provider's name."""
+    package = Path(providers.__file__).resolve().parent.parent
+    names = "|".join(providers.REGISTRY)
+    compared = re.compile(rf"""[=!]=\s*["']({names})["']|["']({names})["']\s*[=!]=""")
+    found = [f"{path.relative_to(package)}:{number}"
+             for path in sorted(package.rglob("*.py"))
+             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             if compared.search(line)]
+    assert found == []
 
 
 # -- keys -------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from fluxbatch.errors import EXIT_OK, FluxbatchError, UsageError
 from fluxbatch.expand import Job, Plan
 from fluxbatch.models import did_you_mean
 from fluxbatch.recipe import JobSpec
-from fluxbatch.selection import UP_TO_DATE, classify, load_plan
+from fluxbatch.selection import ImageState, classify, load_plan
 from fluxbatch.state import manifest_name, read_state
 from fluxbatch.write import atomic_write
 
@@ -46,7 +46,7 @@ class _Item:
 
     values: Mapping[str, Any]
     job: Job | None
-    state: str
+    state: str  # its `ImageState`, or "excluded"
     path: str | None = None  # an up-to-date image's file, relative to the output root
     rule: int | None = None  # the index of the exclude entry that removed it
 
@@ -61,14 +61,15 @@ def gallery(*, recipe: str, out: str | None, yes: bool, rows: str | None, cols: 
     root = plan.recipe.output_root
     root_state = read_state(root, plan.recipe.name, plan.jobs)
     states = classify(plan, root_state).states
-    done = sum(1 for s in states if s == UP_TO_DATE)
+    up_to_date = ImageState.UP_TO_DATE
+    done = sum(1 for s in states if s == up_to_date)
     if not done:
         raise FluxbatchError(f"nothing rendered yet in {root}: run `fluxbatch render` first")
     items: dict[str, list[_Item]] = {spec.name: [] for spec in plan.recipe.jobs}
     for job, state in zip(plan.jobs, states, strict=True):
         # the placed file: its extension follows the real format, not always the planned one
         placement = root_state.placements.get(job.output)
-        path = (placement.path if placement else job.output) if state == UP_TO_DATE else None
+        path = (placement.path if placement else job.output) if state == up_to_date else None
         items[job.job].append(_Item(job.vars, job, state, path))
     for name, removed in plan.removed:
         items[name].append(_Item(removed.values, None, "excluded", rule=removed.exclude))

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from fluxbatch import imagemeta
+from fluxbatch import imagemeta, providers
 from fluxbatch.errors import EXIT_OK, FluxbatchError
 from fluxbatch.identity import job_key
 from fluxbatch.inputs import is_descriptor
@@ -97,7 +97,7 @@ def reproduction_recipe(entry: dict[str, Any]) -> str:
     recipe = {
         "version": 1,
         "name": reproduction_name(entry),
-        "provider": entry.get("provider") or "bfl",
+        "provider": entry.get("provider") or providers.DEFAULT,
         "output": _literal(entry["path"]),
         "defaults": params,
         "jobs": [job],

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING
 from fluxbatch.commands.output import plural
 from fluxbatch.errors import EXIT_FAILED, EXIT_OK, UsageError
 from fluxbatch.expand import Plan
-from fluxbatch.selection import UP_TO_DATE, classify, load_plan, source_placement
+from fluxbatch.selection import ImageState, classify, load_plan, source_placement
 from fluxbatch.state import (
     IN_FLIGHT,
+    ManifestEntry,
     RootLock,
     RootState,
     Store,
@@ -71,7 +72,8 @@ def merge(*, recipe: str, out: str | None, yes: bool, sources: list[str]) -> int
         write_manifest(plan.recipe, store)
         state = RootState.of(plan.recipe.name, store.tasks(), store.placements())
     classified = classify(plan, state)
-    missing = sum(1 for s in classified.states if s != UP_TO_DATE)
+    up_to_date = ImageState.UP_TO_DATE
+    missing = sum(1 for s in classified.states if s != up_to_date)
     print(f"{plan.recipe.name}: {len(plan.jobs) - missing:,} of {len(plan.jobs):,} images "
           f"present; manifest {manifest_path(plan.recipe)}" +
           ("" if not missing else "; `fluxbatch render` makes (or collects) the rest"))
@@ -83,14 +85,15 @@ def _merge_one(plan: Plan, store: Store, placer: Placer, source: Path) -> Merged
     ours = RootState.of(plan.recipe.name, store.tasks(), store.placements())
     theirs = read_state(source, plan.recipe.name, plan.jobs)
     mine = classify(plan, ours)
+    up_to_date = ImageState.UP_TO_DATE
     for job, state in zip(plan.jobs, mine.states, strict=True):
-        if state == UP_TO_DATE:
+        if state == up_to_date:
             continue
         found = source_placement(job.key, theirs, source)
         task = theirs.tasks.get(job.key)
         if found is not None:
             entry = _entry(source, found.recipe, found.output)
-            placer.place(job, (source / found.path).read_bytes(), task, entry)
+            placer.place(job, (source / found.path).read_bytes(), task, entry or {})
             merged.placed += 1
         elif has_blob(source, task):
             assert task is not None and task.blob is not None
@@ -108,11 +111,11 @@ def _merge_one(plan: Plan, store: Store, placer: Placer, source: Path) -> Merged
     return merged
 
 
-def _entry(source: Path, recipe: str, output: str) -> dict[str, object]:
+def _entry(source: Path, recipe: str, output: str) -> ManifestEntry | None:
     if not has_store(source):
-        return {}
+        return None
     with Store.open(source, create=False) as store:
-        return store.entry(recipe, output) or {}
+        return store.entry(recipe, output)
 
 
 def _record_task(store: Store, task: Task) -> None:

@@ -24,9 +24,9 @@ from fluxbatch.commands.output import money, plural, table, values_text
 from fluxbatch.errors import EXIT_OK, Problem, RecipeError
 from fluxbatch.expand import Expansion, Job, Plan, collector_paused
 from fluxbatch.selection import (
-    ORPHANED,
     STATE_ORDER,
     TO_RENDER,
+    ImageState,
     ModelSummary,
     changes_text,
     classify,
@@ -37,7 +37,14 @@ from fluxbatch.selection import (
     nothing_matches,
     stale_changes,
 )
-from fluxbatch.state import RootState, has_store, read_entries, read_manifest, read_state
+from fluxbatch.state import (
+    ManifestEntry,
+    RootState,
+    has_store,
+    read_entries,
+    read_manifest,
+    read_state,
+)
 
 TABLE, JSON, JSONL = "table", "json", "jsonl"
 
@@ -106,11 +113,11 @@ class _ModelTally:
 class Tally:
     """What the summary says of the jobs shown, gathered one job at a time (a stream does not
     keep its jobs): counts by state, and per model the jobs, those that would be paid for,
-    and their estimated cost (summed in plan order, then rounded, as `selection.summarise` does)."""
+    and their estimated cost (summed in plan order, then rounded)."""
 
     pick: Pick = field(default_factory=Pick)
     jobs: int = 0
-    states: Counter[str] = field(default_factory=Counter)
+    states: Counter[ImageState] = field(default_factory=Counter)
     models: dict[str, _ModelTally] = field(default_factory=dict)
     matched_only: int = 0  # jobs `--only` matched, shard or not
     planned: int = 0
@@ -124,7 +131,7 @@ class Tally:
         self.matched_only += 1
         return in_shard(job, self.pick.shard)
 
-    def add_all(self, shown: Iterable[tuple[Job, str]]) -> None:
+    def add_all(self, shown: Iterable[tuple[Job, ImageState]]) -> None:
         for job, state in shown:
             self.jobs += 1
             self.states[state] += 1
@@ -147,7 +154,7 @@ class Tally:
             raise nothing_matches(self.pick.only)
         self.planned = planned
         if orphans and not self.pick:
-            self.states[ORPHANED] = orphans
+            self.states[ImageState.ORPHANED] = orphans
 
     def per_model(self) -> dict[str, ModelSummary]:
         result = {}
@@ -184,7 +191,7 @@ def summary_document(tally: Tally) -> dict[str, Any]:
 # -- JSON -------------------------------------------------------------------------------------
 
 
-def job_document(the_plan: Plan, job: Job, state: str, *, explain: bool,
+def job_document(the_plan: Plan, job: Job, state: ImageState, *, explain: bool,
                  changes: Sequence[str] = ()) -> dict[str, Any]:
     """One image of the public `plan --json` shape (documented in docs/commands.md; a contract).
     `changes`: for a stale image, what changed since the image at its output was made."""
@@ -229,8 +236,8 @@ def tail_document(the_plan: Plan, tally: Tally, *, explain: bool) -> dict[str, A
     return document
 
 
-def write_document(out: TextIO, the_plan: Plan, shown: Iterable[tuple[Job, str]], tally: Tally,
-                   *, explain: bool, changed: Mapping[int, Sequence[str]]) -> None:
+def write_document(out: TextIO, the_plan: Plan, shown: Iterable[tuple[Job, ImageState]],
+                   tally: Tally, *, explain: bool, changed: Mapping[int, Sequence[str]]) -> None:
     """`plan --json`: one object, with an image (and a removed combination) per line."""
     out.write('{\n  "recipe": ' + _encode(recipe_document(the_plan.recipe)) + ',\n  "jobs": [')
     _write_items(out, (job_document(the_plan, job, state, explain=explain,
@@ -318,9 +325,9 @@ class _StateReader:
         # all are planned
         self.unplanned = set(classify(Plan(recipe, (), ()), whole).orphans)
         self.stored = has_store(self.root)
-        self.manifest: dict[str, dict[str, Any]] | None = None  # by output, read once
+        self.manifest: dict[str, ManifestEntry] | None = None  # by output, read once
 
-    def entries(self, outputs: Iterable[str]) -> Mapping[str, Mapping[str, Any]]:
+    def entries(self, outputs: Iterable[str]) -> Mapping[str, ManifestEntry]:
         """The manifest entries of some outputs (what `stale_changes` compares): from the
         store, or from the manifest, read once for the whole stream rather than per chunk."""
         if self.stored:
@@ -347,7 +354,7 @@ class _StateReader:
 # -- the table --------------------------------------------------------------------------------
 
 
-def plan_text(the_plan: Plan, shown: Sequence[tuple[Job, str]], tally: Tally, *,
+def plan_text(the_plan: Plan, shown: Sequence[tuple[Job, ImageState]], tally: Tally, *,
               explain: bool = False, changed: Mapping[int, Sequence[str]] | None = None) -> str:
     """The table, and under a row (outside the table, so the columns stay narrow) the matrix
     rule that made it (with `explain`) and, for a stale image, what changed."""
@@ -380,12 +387,13 @@ def plan_text(the_plan: Plan, shown: Sequence[tuple[Job, str]], tally: Tally, *,
 
 
 def summary_text(tally: Tally) -> str:
+    orphaned = ImageState.ORPHANED
     states = ", ".join(f"{tally.states[s]:,} {s}" for s in STATE_ORDER
-                       if tally.states[s] and s != ORPHANED)
+                       if tally.states[s] and s != orphaned)
     count = plural(tally.jobs, "image")
     if tally.pick:
         count += f" (of {tally.planned:,}, selected by {tally.pick.describe()})"
-    orphans = tally.states[ORPHANED]
+    orphans = tally.states[orphaned]
     # (orphans are not among the plan's images: counted apart, so that the states add up)
     also = f"; not counted: {orphans:,} orphaned, no longer in the recipe" if orphans else ""
     lines = [f"{count}: {states or 'none'}{also}"]

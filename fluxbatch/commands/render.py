@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from fluxbatch.commands.output import money, plural, table, values_text
 from fluxbatch.commands.validate import print_notes
 from fluxbatch.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError
+from fluxbatch.outcomes import EventKind, OutcomeStatus
 from fluxbatch.selection import (
     Options,
     Selection,
@@ -128,20 +129,20 @@ class _Progress:
                                    "{postfix}")
 
     def event(self, event: Event) -> None:
-        key = event.job.key
-        if event.kind in ("submitted", "attached"):
+        key, kind = event.job.key, event.kind
+        if kind in (EventKind.SUBMITTED, EventKind.ATTACHED):
             self.phase[key] = "rendering"
             if event.cost is not None:
                 self.spent = (self.spent or 0.0) + event.cost / 100
-        elif event.kind == "ready":
+        elif kind == EventKind.READY:
             self.phase[key] = "downloading"
-        elif event.kind in FINISHED or event.kind in ("pending", "skipped"):
+        elif kind in ENDED:
             self.phase.pop(key, None)
-            self.counts[event.kind] += 1
+            self.counts[kind] += 1
         else:
             return
         self.bar.set_postfix_str(self.fitted(), refresh=False)
-        if event.kind in FINISHED:
+        if kind in FINISHED:
             self.bar.update(1)  # (after the postfix, so that both show the same count)
 
     def finished(self) -> int:
@@ -164,8 +165,9 @@ class _Progress:
         """`done 12, rendering 24, downloading 3, failed 1, spent $3.95 of ~$8.00`; compact
         (for the bar) leaves out the counts that are zero."""
         phases = Counter(self.phase.values())
-        failed = self.counts["failed"] + self.counts["unknown"] + self.counts["gone"]
-        counts = [("done", self.counts["written"]), ("rendering", phases["rendering"]),
+        failed = self.counts[OutcomeStatus.FAILED] + self.counts[OutcomeStatus.UNKNOWN] + \
+            self.counts[OutcomeStatus.GONE]
+        counts = [("done", self.counts[OutcomeStatus.WRITTEN]), ("rendering", phases["rendering"]),
                   ("downloading", phases["downloading"]), ("failed", failed)]
         if short:
             counts = [(word[:4] if word != "downloading" else "dl", n) for word, n in counts]
@@ -203,7 +205,10 @@ class _Progress:
         self.bar.close()
 
 
-FINISHED = ("written", "moderated", "failed", "unknown", "gone")
+# What the count of images finished counts: never an image skipped, or left in flight.
+FINISHED = frozenset({OutcomeStatus.WRITTEN, OutcomeStatus.MODERATED, OutcomeStatus.FAILED,
+                      OutcomeStatus.UNKNOWN, OutcomeStatus.GONE})
+ENDED = frozenset(OutcomeStatus)
 
 
 def _print_nothing_to_do(selection: Selection, out: TextIO = sys.stdout) -> None:
@@ -238,16 +243,16 @@ def _print_report(report: Report, plan: Plan, out: TextIO = sys.stdout) -> None:
         print(table(["JOB", "VALUES", "OUTPUT", "STATUS", "REASON"], rows), file=sys.stderr)
         if len(problems) > 50:
             print(f"… and {len(problems) - 50:,} more", file=sys.stderr)
-    placed = sum(1 for o in report.outcomes if o.status == "written" and o.submitted is None)
-    parts = [f"{counts[s]:,} {s}" for s in ("written", *PROBLEMS, "pending", "skipped")
-             if counts[s]]
+    placed = _placed_without_request(report)
+    parts = [f"{counts[s]:,} {s}" for s in COUNTED if counts[s]]
     if placed:
         parts[0] += f" ({placed:,} from images already paid for)"
     selection = report.selection
     if selection.up_to_date:
         parts.append(f"{selection.up_to_date:,} up to date")
     spent, collected = report.spent_usd(), report.collected_usd()
-    submitted = any(o.submitted_at is not None or o.status == "unknown"
+    unknown = OutcomeStatus.UNKNOWN
+    submitted = any(o.submitted_at is not None or o.status == unknown
                     for o in report.outcomes)
     cost = f"cost {money(spent)} (reported by the provider)" if spent is not None else \
         "cost not reported by the provider" if submitted else "nothing paid"
@@ -256,21 +261,34 @@ def _print_report(report: Report, plan: Plan, out: TextIO = sys.stdout) -> None:
     print(f"{', '.join(parts) or 'nothing done'}; {cost}; manifest {manifest_path(plan.recipe)}",
           file=out)
     _print_held(selection)
-    if counts["unknown"]:
-        print(f"{plural(counts['unknown'], 'submit')} ended without an answer and may have been "
+    if counts[unknown]:
+        print(f"{plural(counts[unknown], 'submit')} ended without an answer and may have been "
               "billed; they are not resubmitted unless you pass --retry-unknown.",
               file=sys.stderr)
-    if counts["gone"]:
-        print(f"{plural(counts['gone'], 'image')} paid for earlier can no longer be collected: "
+    gone = counts[OutcomeStatus.GONE]
+    if gone:
+        print(f"{plural(gone, 'image')} paid for earlier can no longer be collected: "
               "the provider forgot the task before its image was kept. The next run renders "
-              f"{'it' if counts['gone'] == 1 else 'them'} again, and that is paid again.",
+              f"{'it' if gone == 1 else 'them'} again, and that is paid again.",
               file=sys.stderr)
-    if counts["pending"]:
-        print(f"{plural(counts['pending'], 'task')} still in flight: run again to collect them "
+    pending = counts[OutcomeStatus.PENDING]
+    if pending:
+        print(f"{plural(pending, 'task')} still in flight: run again to collect them "
               "(they are not paid for twice).", file=sys.stderr)
 
 
-PROBLEMS = ("moderated", "failed", "unknown", "gone")
+# The outcomes reported one per line (the others are only counted), and every outcome in the
+# order the report counts them.
+PROBLEMS = (OutcomeStatus.MODERATED, OutcomeStatus.FAILED, OutcomeStatus.UNKNOWN,
+            OutcomeStatus.GONE)
+COUNTED = (OutcomeStatus.WRITTEN, *PROBLEMS, OutcomeStatus.PENDING, OutcomeStatus.SKIPPED)
+
+
+def _placed_without_request(report: Report) -> int:
+    """Images written without a request of their own: from an image the root held, or from
+    the image of another output of the same key."""
+    written = OutcomeStatus.WRITTEN
+    return sum(1 for o in report.outcomes if o.status == written and o.submitted is None)
 
 
 def _summary(plan: Plan, report: Report, code: int) -> dict[str, Any]:
@@ -281,10 +299,8 @@ def _summary(plan: Plan, report: Report, code: int) -> dict[str, Any]:
         "recipe": str(plan.recipe.path),
         "output_root": str(plan.recipe.output_root),
         "manifest": str(manifest_path(plan.recipe)),
-        "counts": {status: counts[status] for status in
-                   ("written", *PROBLEMS, "pending", "skipped")},
-        "placed_without_request": sum(1 for o in report.outcomes
-                                      if o.status == "written" and o.submitted is None),
+        "counts": {status: counts[status] for status in COUNTED},
+        "placed_without_request": _placed_without_request(report),
         "up_to_date": selection.up_to_date,
         "held_unknown": len(selection.held_unknown),
         "held_moderated": len(selection.held_moderated),

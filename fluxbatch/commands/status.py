@@ -7,28 +7,22 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 from fluxbatch.commands.output import table, values_text
 from fluxbatch.errors import EXIT_FAILED, EXIT_OK
 from fluxbatch.selection import (
-    FAILED,
-    IN_FLIGHT,
-    MISSING,
-    MODERATED,
-    NEW,
-    STALE,
     STATE_ORDER,
-    STORED,
-    UNKNOWN,
-    UP_TO_DATE,
+    TO_RENDER,
     Classified,
+    ImageState,
     changes_text,
     classify,
     load_plan,
     stale_changes,
 )
-from fluxbatch.state import read_entries, read_state
+from fluxbatch.state import ManifestEntry, read_entries, read_state
 
 
 def status(*, recipe: str, out: str | None, yes: bool, as_json: bool, verify: bool,
@@ -37,7 +31,8 @@ def status(*, recipe: str, out: str | None, yes: bool, as_json: bool, verify: bo
     state = read_state(plan.recipe.output_root, plan.recipe.name, plan.jobs)
     classified = classify(plan, state, verify=verify)
     counts = classified.count()
-    clean = counts[UP_TO_DATE] == len(plan.jobs) and not classified.orphans
+    up_to_date = ImageState.UP_TO_DATE
+    clean = counts[up_to_date] == len(plan.jobs) and not classified.orphans
     changed = stale_changes(classified)
     reasons = {index: changes_text(found) for index, found in changed.items() if found}
     orphans = read_entries(plan.recipe.output_root, plan.recipe.name, classified.orphans) \
@@ -53,11 +48,11 @@ def status(*, recipe: str, out: str | None, yes: bool, as_json: bool, verify: bo
         details = [[job.job, values_text(job.vars), job.output, state,
                     reasons.get(job.index) or classified.reasons.get(job.index, "")]
                    for job, state in zip(plan.jobs, classified.states, strict=True)
-                   if state != UP_TO_DATE]
+                   if state != up_to_date]
         for output in classified.orphans:
-            entry = orphans.get(output, {})
+            entry: Mapping[str, Any] = orphans.get(output) or {}
             details.append([str(entry.get("job", "-")), values_text(entry.get("vars") or {}),
-                            output, "orphaned", "no longer in the recipe"])
+                            output, ImageState.ORPHANED, "no longer in the recipe"])
         if details:
             print()
             print(table(["JOB", "VALUES", "OUTPUT", "STATE", "REASON"], details))
@@ -69,21 +64,22 @@ def status(*, recipe: str, out: str | None, yes: bool, as_json: bool, verify: bo
     return EXIT_OK if clean else EXIT_FAILED
 
 
-def advice(counts: Counter[str], orphans: bool) -> list[str]:
+def advice(counts: Counter[ImageState], orphans: bool) -> list[str]:
     """What to do about each kind of image that is not up to date."""
     lines = []
-    to_make = counts[NEW] + counts[MISSING] + counts[STALE] + counts[FAILED]
-    free = counts[STORED] + counts[IN_FLIGHT]
+    to_make = sum(counts[state] for state in TO_RENDER)
+    free = counts[ImageState.STORED] + counts[ImageState.IN_FLIGHT]
     if to_make or free:
         paid = f"{to_make:,} to render" if to_make else ""
         placed = f"{free:,} to place or collect, at no cost" if free else ""
         lines.append(f"not up to date: `fluxbatch render` makes them ("
                      f"{', '.join(part for part in (paid, placed) if part)})")
-    if counts[UNKNOWN]:
-        lines.append(f"{counts[UNKNOWN]:,} unknown: a submit's answer was never learned (it may "
-                     "have been billed); `fluxbatch render --retry-unknown` submits again")
-    if counts[MODERATED]:
-        lines.append(f"{counts[MODERATED]:,} moderated: change the prompt, or "
+    if counts[ImageState.UNKNOWN]:
+        lines.append(f"{counts[ImageState.UNKNOWN]:,} unknown: a submit's answer was never "
+                     "learned (it may have been billed); `fluxbatch render --retry-unknown` "
+                     "submits again")
+    if counts[ImageState.MODERATED]:
+        lines.append(f"{counts[ImageState.MODERATED]:,} moderated: change the prompt, or "
                      "`fluxbatch render --force` to try again as it is")
     if orphans:
         lines.append("orphans: `fluxbatch clean --delete` removes them")
@@ -91,12 +87,13 @@ def advice(counts: Counter[str], orphans: bool) -> list[str]:
 
 
 def _document(classified: Classified, changed: dict[int, list[str]],
-              orphans: dict[str, dict[str, Any]], clean: bool) -> dict[str, Any]:
+              orphans: Mapping[str, ManifestEntry], clean: bool) -> dict[str, Any]:
     plan = classified.plan
     counts = classified.count()
     not_up_to_date = []
+    up_to_date = ImageState.UP_TO_DATE
     for job, state in zip(plan.jobs, classified.states, strict=True):
-        if state == UP_TO_DATE:
+        if state == up_to_date:
             continue
         item: dict[str, Any] = {"output": job.output, "state": state,
                                 "reason": classified.reasons.get(job.index)}
@@ -110,7 +107,11 @@ def _document(classified: Classified, changed: dict[int, list[str]],
         "counts": {state: counts[state] for state in STATE_ORDER},
         "not_up_to_date": not_up_to_date,
         "orphans": list(classified.orphans),
-        "orphan_images": [{"output": output, "job": orphans.get(output, {}).get("job"),
-                           "vars": orphans.get(output, {}).get("vars")}
-                          for output in classified.orphans],
+        "orphan_images": [_orphan(output, orphans.get(output)) for output in classified.orphans],
     }
+
+
+def _orphan(output: str, entry: ManifestEntry | None) -> dict[str, Any]:
+    """An orphan in `status --json`: what its entry says it was made for (when known)."""
+    return {"output": output, "job": entry.get("job") if entry else None,
+            "vars": entry.get("vars") if entry else None}

@@ -1,5 +1,6 @@
-"""Providers: how one API host is spoken to. A new provider is one module, one entry in
-`REGISTRY` and its branch in `build`.
+"""Providers: how one API host is spoken to. A new provider is one module (a class that
+speaks the `Provider` protocol, built as `Class(info, base_url, key)`) and one entry in
+`REGISTRY`, whose `speaks` names that class: no other code branches on a provider's name.
 
 A provider only *builds* requests and *reads* responses (plain, synchronous functions); the
 executor owns the sending, retrying and waiting. The recipe schema's list of providers
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import importlib
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,7 +30,9 @@ class ProviderInfo:
 
     name: str
     title: str
-    default_base_url: str | None  # None: started in-process (the emulator)
+    # None: the bundled emulator, started in-process for the render (unless --base-url names
+    # one already running); a recipe may then name no base_url
+    default_base_url: str | None
     key_env: str | None  # environment variable holding the API key; None: no key needed
     key_file_env: str | None  # environment variable naming a file that holds the key
     base_url_env: str | None = None  # environment variable naming another base URL
@@ -36,6 +40,14 @@ class ProviderInfo:
     hosts: tuple[str, ...] = ()
     # Where else the key may go over https: hosts the provider itself names for polling.
     key_hosts: tuple[str, ...] = ()
+    # The class that speaks its API, "module:Class", imported only when one is built (so
+    # that `validate` and `plan`, which read the registry, load no HTTP client).
+    speaks: str = "fluxbatch.providers.bfl:Bfl"
+
+    @property
+    def in_process(self) -> bool:
+        """Started by the render itself, and gone with it (the bundled emulator)."""
+        return self.default_base_url is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,13 +96,18 @@ REGISTRY: dict[str, ProviderInfo] = {
         ProviderInfo("bfl", "Black Forest Labs API", "https://api.bfl.ai", "BFL_API_KEY",
                      "BFL_API_KEY_FILE", "BFL_BASE_URL",
                      hosts=("api.bfl.ai", "api.*.bfl.ai", "api.bfl.ml"),
-                     key_hosts=("*.bfl.ai", "api.bfl.ml")),
+                     key_hosts=("*.bfl.ai", "api.bfl.ml"),
+                     speaks="fluxbatch.providers.bfl:Bfl"),
         ProviderInfo("cometapi", "CometAPI gateway", "https://api.cometapi.com", "COMETAPI_KEY",
                      "COMETAPI_KEY_FILE", "COMETAPI_BASE_URL",
-                     hosts=("api.cometapi.com",), key_hosts=("api.cometapi.com",)),
-        ProviderInfo("emulator", "bundled emulator (loopback, no key)", None, None, None),
+                     hosts=("api.cometapi.com",), key_hosts=("api.cometapi.com",),
+                     speaks="fluxbatch.providers.cometapi:CometApi"),
+        # (speaks BFL's API, on loopback)
+        ProviderInfo("emulator", "bundled emulator (loopback, no key)", None, None, None,
+                     speaks="fluxbatch.providers.bfl:Bfl"),
     )
 }
+DEFAULT = "bfl"  # the provider of a recipe that names none
 
 
 def names() -> list[str]:
@@ -151,18 +168,16 @@ def _usable(value: str, where: str) -> Secret:
 def build(name: str, *, base_url: str | None, environ: Mapping[str, str],
           key: Secret | None = None) -> Provider:
     """The provider `name`, talking to `base_url` (or its default), with `key` or the key
-    from `environ`."""
-    from fluxbatch.providers import bfl, cometapi
-
+    from `environ` (a provider that needs no key gets its own name as one)."""
     info = REGISTRY[name]
-    if name == "cometapi":
-        return cometapi.CometApi(info, base_url or str(info.default_base_url),
-                                 key or api_key(info, environ))
-    if name == "bfl":
-        return bfl.Bfl(info, base_url or str(info.default_base_url),
-                       key or api_key(info, environ))
-    assert base_url is not None, "the emulator's base URL comes from the running emulator"
-    return bfl.Bfl(info, base_url, key or Secret("emulator"))
+    base_url = base_url or info.default_base_url
+    assert base_url is not None, "an in-process provider's base URL comes from the running one"
+    if key is None:
+        key = Secret(info.name) if info.key_env is None else api_key(info, environ)
+    module, _, attribute = info.speaks.partition(":")
+    speaker: Any = getattr(importlib.import_module(module), attribute)
+    provider: Provider = speaker(info, base_url, key)
+    return provider
 
 
 @functools.lru_cache(maxsize=4096)
