@@ -377,7 +377,7 @@ class Selection:
             if cost is None:
                 return None
             total += cost
-        return total
+        return round(total, 4)  # as `plan --json` says it: 0.4, not 0.39999999999999997
 
 
 def parse_shard(text: str) -> tuple[int, int]:

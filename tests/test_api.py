@@ -82,6 +82,12 @@ def test_plan_lists_each_image_with_its_state_and_action_and_prints_nothing(
     assert capsys.readouterr() == ("", "")
 
 
+def test_the_estimate_is_rounded_as_plan_json_says_it(tmp_path: Path) -> None:
+    """Ten images at $0.04 summed in floating point make 0.39999999999999997."""
+    shutil.copy(ROOT / "examples/quickstart/recipe.yaml", tmp_path / "recipe.yaml")
+    assert fluxbatch.plan(tmp_path / "recipe.yaml").estimated_usd == 0.4
+
+
 def test_render_makes_the_images_and_reports_without_printing(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = recipe(tmp_path)
