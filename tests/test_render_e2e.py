@@ -57,8 +57,8 @@ def write_recipe(root: Path, *, provider: str = "emulator",
     return root / "recipe.yaml"
 
 
-def render(recipe: Path, emulator: Emulator) -> int:
-    return main(["render", str(recipe), "--base-url", emulator.base_url, "-q"])
+def render(recipe: Path, emulator: Emulator, *options: str) -> int:
+    return main(["render", str(recipe), "--base-url", emulator.base_url, "-q", *options])
 
 
 def manifest_images(root: Path) -> list[dict[str, Any]]:
@@ -185,6 +185,28 @@ def test_a_directory_at_an_output_path_leaves_the_image_in_flight_for_a_free_rer
                         "for twice).\n")
     assert (tmp_path / "pngs" / "teapot.png").read_bytes().startswith(MAGIC[".png"])
     assert paid == 3
+
+
+def test_a_paid_image_that_cannot_be_downloaded_is_collected_by_the_next_run_not_paid_again(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = write_recipe(tmp_path)
+    with serve(url_ttl=-60.0) as emulator:  # every sample URL has expired when it is fetched
+        assert render(recipe, emulator) == 1
+        out, err = capsys.readouterr()
+        assert (len(emulator.submissions), emulator.stats.downloads) == (3, 0)
+        assert render(recipe, emulator) == 1  # polled again for fresh URLs, not paid again
+        assert len(emulator.submissions) == 3
+        assert render(recipe, emulator, "--force") == 1  # the way to pay anew
+        assert len(emulator.submissions) == 6
+        emulator.reconfigure(url_ttl=600.0)  # the delivery works again
+        assert render(recipe, emulator) == 0
+        assert len(emulator.submissions) == 6  # collected, not paid again
+    assert out == (f"3 pending; cost $0.12 (reported by the provider); manifest "
+                   f"{tmp_path / 'e2e.manifest.json'}\n")
+    assert "internal error" not in err
+    assert err.endswith("3 tasks still in flight: run again to collect them (they are not "
+                        "paid for twice).\n")
+    assert len(manifest_images(tmp_path)) == 3
 
 
 def test_a_manifest_that_cannot_be_written_is_one_clear_line(
