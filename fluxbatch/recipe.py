@@ -25,6 +25,7 @@ from fluxbatch.inputs import FactsCache, InputProblem, Inputs
 from fluxbatch.models import did_you_mean
 from fluxbatch.project import (
     MAX_RECIPE_BYTES,
+    MAX_RECIPE_DATA,
     Project,
     ProjectFileError,
     read_regular,
@@ -185,6 +186,7 @@ class _Builder:
         self.positions = positions
         self.problems: list[Problem] = []
         self.inputs = Inputs(self.project)
+        self.data_read = 0  # characters of value and row files, each counted every time named
 
     def problem(self, path: Path, message: str, *, key: bool = False) -> None:
         self.problems.append(self.positions.problem(path, message, key=key))
@@ -449,11 +451,24 @@ class _Builder:
         return []
 
     def read(self, source: str, where: Path) -> str | None:
+        """A value or row file's text. Each file may hold 16 MiB, and all that one recipe
+        names together MAX_RECIPE_DATA: a file named by a thousand jobs is parsed a thousand
+        times, and its values held as often (a 4 kB recipe could ask for tens of GB)."""
+        if self.data_read > MAX_RECIPE_DATA:
+            return None  # (said once, where the limit was passed)
         try:
-            return self.project.read_text(source)
+            text = self.project.read_text(source)
         except ProjectFileError as error:
             self.problem(where, str(error))
-        return None
+            return None
+        self.data_read += len(text)
+        if self.data_read > MAX_RECIPE_DATA:
+            self.problem(where, f"the value and row files this recipe names come to more than "
+                         f"{MAX_RECIPE_DATA / 1024 / 1024:g} MiB together (a file named "
+                         f"several times counts each time); {source} and the files named after "
+                         "it are not read")
+            return None
+        return text
 
     def parse_data(self, text: str, source: str, where: Path) -> Any:
         try:
