@@ -261,3 +261,47 @@ def test_a_store_damaged_past_its_header_is_one_clear_line(
     assert err.endswith(f"Move it away (for example `mv {database} {database}.broken`) and run "
                         f"again: fluxbatch rebuilds it from the manifests in {tmp_path}. No "
                         "image is touched.\n")
+
+
+@pytest.mark.parametrize(("where", "errno_", "what"), [
+    pytest.param("/blobs/", 28, "stopped: cannot keep a downloaded image: No space left on "
+                 "device", id="disk full in the content store"),
+    pytest.param("/pngs/", 28, "stopped: cannot write {root}/pngs/teapot.png: No space left on "
+                 "device", id="disk full at an output"),
+    pytest.param("/pngs/", 30, "stopped: cannot write {root}/pngs/teapot.png: Read-only file "
+                 "system", id="read-only image folder"),
+    pytest.param("/e2e.manifest.json", 28, "cannot write {root}/e2e.manifest.json: No space "
+                 "left on device. Every image written is recorded in the state store; free some "
+                 "space (or make the folder writable) and run `fluxbatch render` again to write "
+                 "the manifest. Nothing is paid twice.", id="disk full at the manifest"),
+])
+def test_a_disk_that_refuses_writes_stops_the_run_with_one_line_and_nothing_is_paid_twice(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        where: str, errno_: int, what: str) -> None:
+    """The file system is made to refuse (as a full or read-only disk does) every rename into
+    `where`: the run stops submitting, says so in one line, and the next run collects."""
+    import errno as errnos
+    import os
+
+    recipe = write_recipe(tmp_path, subjects=("teapot",))
+    real_replace = os.replace
+
+    def refusing(source: Any, target: Any, *args: Any, **kwargs: Any) -> None:
+        if where in os.fspath(target):
+            raise OSError(errno_, os.strerror(errno_))
+        real_replace(source, target, *args, **kwargs)
+
+    with serve() as emulator:
+        monkeypatch.setattr(os, "replace", refusing)
+        code = render(recipe, emulator)
+        monkeypatch.setattr(os, "replace", real_replace)
+        out, err = capsys.readouterr()
+        paid = len(emulator.submissions)
+        assert render(recipe, emulator) == 0
+        assert len(emulator.submissions) == paid  # collected, not paid again
+    assert code == 1
+    assert errno_ in (errnos.ENOSPC, errnos.EROFS)
+    assert "Traceback" not in err and "internal error" not in err
+    assert f"fluxbatch: {what.format(root=tmp_path)}" in err.splitlines(), err
+    assert sorted(p.name for p in tmp_path.rglob("*.png") if ".fluxbatch" not in p.parts) == [
+        "teapot.png"]
