@@ -295,7 +295,7 @@ def test_a_disk_that_refuses_writes_stops_the_run_with_one_line_and_nothing_is_p
         monkeypatch.setattr(os, "replace", refusing)
         code = render(recipe, emulator)
         monkeypatch.setattr(os, "replace", real_replace)
-        out, err = capsys.readouterr()
+        err = capsys.readouterr().err
         paid = len(emulator.submissions)
         assert render(recipe, emulator) == 0
         assert len(emulator.submissions) == paid  # collected, not paid again
