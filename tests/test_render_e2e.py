@@ -106,6 +106,8 @@ def test_render_writes_images_and_manifest_then_rerun_sends_nothing(
             teapot["model"]) == ("pngs", {"subject": "teapot"}, 1, "a teapot", "flux-pro-1.1")
     assert teapot["request"] == {"prompt": "a teapot", "width": 256, "height": 256,
                                  "output_format": "png", "seed": teapot["seed"]}
+    assert json.loads(manifest.read_text())["totals"] == {
+        "images": 3, "bytes": sum(image["bytes"] for image in images), "cost_credits": 12.0}
 
 
 def test_api_key_never_leaks_into_files_output_or_downloads(
