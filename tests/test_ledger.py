@@ -317,3 +317,48 @@ def test_merge_reports_a_conflict_and_leaves_out_an_image_of_another_request(
     assert pngs(tmp_path / "renders") == mine  # nothing of the other request came in
     assert len(emulator.submissions) == paid
     assert run(capsys, "status", str(path))[0] != 0
+
+
+def test_a_reproduce_recipe_written_in_another_folder_shares_the_originals_root(
+        tmp_path: Path, emulator: Emulator, capsys: Capsys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fluxbatch reproduce IMAGE -o again.yaml` run from the top of a repository: the new
+    recipe lives elsewhere than the original, and rendered into its own folder it paid again."""
+    build_file_tree(tmp_path, {".git/HEAD": "ref: refs/heads/main\n",
+                               "recipes/recipe.yaml": recipe()})
+    assert render(capsys, emulator, tmp_path / "recipes" / "recipe.yaml")[0] == 0
+    paid, before = len(emulator.submissions), pngs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+
+    key = load_plan(str(tmp_path / "recipes" / "recipe.yaml")).jobs[4].key
+
+    assert run(capsys, "reproduce", "recipes/renders/mug-watercolor.png", "-o", "again.yaml") \
+        == (0, "wrote again.yaml: `fluxbatch render again.yaml` makes the image again (key "
+               f"{key[:12]}…)\n", "")
+    assert "\noutput_root: recipes\n" in (tmp_path / "again.yaml").read_text()
+    assert render(capsys, emulator, Path("again.yaml")) == (
+        0, "nothing to render: 1 image up to date\n")
+    assert run(capsys, "clean", "again.yaml", "--delete")[1] == (
+        "no orphans: every image of this recipe belongs to a job in it\n")
+    assert len(emulator.submissions) == paid
+    assert pngs(tmp_path) == before
+
+
+def test_a_reproduce_recipe_outside_the_originals_project_says_how_to_place_it_free(
+        tmp_path: Path, emulator: Emulator, capsys: Capsys) -> None:
+    build_file_tree(tmp_path, {"one/recipe.yaml": recipe()})
+    assert render(capsys, emulator, tmp_path / "one" / "recipe.yaml")[0] == 0
+    paid = len(emulator.submissions)
+    again = tmp_path / "two" / "again.yaml"
+    again.parent.mkdir()
+
+    code, out, _ = run(capsys, "reproduce", str(tmp_path / "one/renders/mug-watercolor.png"),
+                       "-o", str(again))
+
+    assert code == 0 and "output_root" not in again.read_text()
+    assert out.endswith(f"; it renders into {again.parent}, where the original's image is "
+                        f"unknown: pass --out {tmp_path / 'one'} to place it from there without "
+                        "paying\n")
+    assert render(capsys, emulator, again, "--out", str(tmp_path / "one")) == (
+        0, "nothing to render: 1 image up to date\n")
+    assert len(emulator.submissions) == paid
