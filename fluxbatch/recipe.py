@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -178,6 +179,11 @@ def parse(text: str, filename: str, *, sha256: str | None = None,
     return dataclasses.replace(recipe, problems=tuple(problems))
 
 
+# What building one job's combinations may cost: each check takes about half a microsecond,
+# and a hand-written matrix makes a few thousand.
+MAX_MATRIX_CHECKS = 20_000_000
+
+
 class _Builder:
     def __init__(self, path: FsPath, positions: Positions) -> None:
         self.path = path
@@ -305,10 +311,28 @@ class _Builder:
                         if isinstance(value, dict) and "files" in value else key
                     axes.append(Axis("values", (key,), tuple((v,) for v in values), origin))
         exclude = tuple(spec.get("exclude") or ())
+        include = tuple(spec.get("include") or ())
         self.check_exclude(exclude, axes, path)
         complete = "rows" not in spec or any(axis.kind == "rows" for axis in axes)
-        return Matrix(tuple(axes), tuple(spec.get("include") or ()), exclude, tuple(declared),
-                      complete)
+        if not self.within_check_limit(axes, exclude, include, path):
+            complete = False  # (its combinations are not made: see the problem)
+        return Matrix(tuple(axes), include, exclude, tuple(declared), complete)
+
+    def within_check_limit(self, axes: list[Axis], exclude: tuple[Any, ...],
+                           include: tuple[Any, ...], path: Path) -> bool:
+        """Each combination of the product is compared with every `exclude` and `include`
+        entry: 10,000 combinations and 40,000 entries (a 470 kB recipe) took minutes."""
+        product = math.prod(len(axis.rows) for axis in axes) if axes else 0
+        checks = product * (len(exclude) + len(include))
+        if checks <= MAX_MATRIX_CHECKS:
+            return True
+        where = "exclude" if len(exclude) >= len(include) else "include"
+        self.problem((*path, where), f"{product:,} combinations compared with "
+                     f"{len(exclude) + len(include):,} exclude and include entries make "
+                     f"{checks:,} checks, more than the limit of {MAX_MATRIX_CHECKS:,}; use "
+                     "fewer entries (a list of values leaves out what it does not name), or "
+                     "split the job")
+        return False
 
     def check_exclude(self, exclude: Iterable[Mapping[str, Any]], axes: list[Axis],
                       path: Path) -> None:

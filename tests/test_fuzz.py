@@ -257,3 +257,26 @@ def test_a_plan_of_many_costly_renderings_is_a_located_error_within_hard_limits(
     assert found[-1].endswith(" more")
     if first is not None:
         assert found[0].startswith(f"recipe.yaml:6:13: jobs[0].prompt: {first} (for v=0, ")
+
+
+AXES = ("a: [" + ", ".join(f"a{n}" for n in range(100)) + "], b: ["
+        + ", ".join(f"b{n}" for n in range(100)) + "]")
+
+
+@pytest.mark.parametrize(("entries", "where", "count"), [
+    pytest.param("exclude: [" + ", ".join(f"{{a: z{n}}}" for n in range(40000)) + "]",
+                 "exclude", 40000, id="exclude"),
+    pytest.param("include: [" + ", ".join(f"{{a: a{n % 100}, c: c{n}}}" for n in range(20000))
+                 + "]", "include", 20000, id="include"),
+])
+def test_a_matrix_of_many_entries_is_a_located_error_within_hard_limits(
+        tmp_path: Path, entries: str, where: str, count: int) -> None:
+    """10,000 combinations, each compared with tens of thousands of entries: minutes of CPU
+    from a recipe of 400 kB."""
+    found = validate_within_hard_limits(tmp_path, "{{ a }} {{ b }}", f"{{{AXES}, {entries}}}")
+    assert found == [
+        f"recipe.yaml:7:{found[0].split(':')[2]}: jobs[0].matrix.{where}: 10,000 combinations "
+        f"compared with {count:,} exclude and include entries make {count * 10000:,} checks, "
+        "more than the limit of 20,000,000; use fewer entries (a list of values leaves out "
+        "what it does not name), or split the job",
+        "recipe.yaml: 1 problem"]
