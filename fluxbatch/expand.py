@@ -116,7 +116,7 @@ def _guard_size(recipe: Recipe) -> None:
         return
     if bound <= 50 * limit:
         total = sum(len(matrix_rules.combinations(s.matrix)[0]) * s.replicates
-                    for s in _built(recipe) if s.matrix.loaded)
+                    for s in _built(recipe) if not s.matrix.too_costly)
         if total <= limit:
             return
         count = f"{total:,} jobs"

@@ -70,13 +70,14 @@ class Matrix:
     exclude: tuple[Mapping[str, Any], ...]
     declared: tuple[str, ...] = ()  # every variable named, even one whose values failed to load
     complete: bool = True  # False when a row table failed to load: its columns are unknown
+    too_costly: bool = False  # its combinations would cost too much to make (a problem says)
 
     @property
     def loaded(self) -> bool:
         """Whether every variable's values loaded; if not (a problem says why), the
         combinations are not the ones the recipe means and are not worth rendering."""
         named = {name for axis in self.axes for name in axis.names}
-        return self.complete and named.issuperset(self.declared)
+        return self.complete and not self.too_costly and named.issuperset(self.declared)
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,9 +315,8 @@ class _Builder:
         include = tuple(spec.get("include") or ())
         self.check_exclude(exclude, axes, path)
         complete = "rows" not in spec or any(axis.kind == "rows" for axis in axes)
-        if not self.within_check_limit(axes, exclude, include, path):
-            complete = False  # (its combinations are not made: see the problem)
-        return Matrix(tuple(axes), include, exclude, tuple(declared), complete)
+        too_costly = not self.within_check_limit(axes, exclude, include, path)
+        return Matrix(tuple(axes), include, exclude, tuple(declared), complete, too_costly)
 
     def within_check_limit(self, axes: list[Axis], exclude: tuple[Any, ...],
                            include: tuple[Any, ...], path: Path) -> bool:
