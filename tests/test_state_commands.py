@@ -332,7 +332,8 @@ def test_reproduce_writes_a_recipe_with_the_same_key(
 
     assert cli("reproduce", str(cli.root / "grid" / "star.png"), "-o", str(again)) == Run(
         0, f"wrote {again}: `fluxbatch render {again}` makes the image again (key "
-           f"{star.key[:12]}…)\n", "")
+           f"{star.key[:12]}…); it renders into {again.parent}, where the original's image is "
+           f"unknown: pass --out {cli.root} to place it from there without paying\n", "")
     from_manifest = cli("reproduce", str(cli.root / "rebuild.manifest.json"), "--entry",
                         "grid/star.png")
     assert from_manifest == Run(0, again.read_text(), "")
