@@ -722,7 +722,7 @@ class Template:
             else:
                 if len(text) <= MAX_TEXT:  # (else Jinja proper reports the limit)
                     if allowance is not None:  # (inline: the hot path of planning)
-                        left = allowance.steps + STEPS_PER_RENDERING - len(text) // 2
+                        left = allowance.steps + STEPS_PER_RENDERING - len(text) // CHARS_PER_STEP
                         allowance.steps = max(left, 0)
                         if left < 0:
                             raise TemplateProblem(f"template limit: {_OVER_PLAN}")
