@@ -1043,6 +1043,29 @@ def test_progress_that_creeps_is_polled_by_its_rate_not_every_few_milliseconds()
     assert len(h.api.polls_of("task-1")) <= 30
 
 
+def test_under_the_faults_of_a_real_network_jobs_are_polled_five_times_on_average() -> None:
+    """A regional cluster that briefly forgets a live task, servers that fail, progress that
+    stalls: each poll answered as the API would, every job still polled ~5 times at most on
+    average, none more than ~30 times."""
+    not_found = pending(status="Task not found")
+    h = Harness(settings=Settings(account_cap=1))  # (one at a time: the fake clock is shared)
+    for index in range(24):
+        h.api.durations[f"image {index}"] = 5.0
+        h.api.polls[f"image {index}"].extend([
+            [not_found, pending(0.3), not_found],
+            [error(500, "Internal Server Error"), error(503, "Service Unavailable")],
+            [pending(0.99)] * 5,
+        ][index % 3])
+
+    outcomes = h.run([make_job(i) for i in range(24)])
+
+    assert statuses(outcomes) == ["written"] * 24
+    assert len(h.api.posts()) == 24
+    polls = [len(h.api.polls_of(o.submitted.task_id)) for o in outcomes if o.submitted]
+    assert sum(polls) / len(polls) <= 5, polls
+    assert max(polls) <= 30, polls
+
+
 # -- stopping and re-attaching ---------------------------------------------------------------
 
 
