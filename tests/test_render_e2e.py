@@ -206,8 +206,14 @@ def test_a_paid_image_that_cannot_be_downloaded_is_collected_by_the_next_run_not
     assert out == (f"3 pending; cost $0.12 (reported by the provider); manifest "
                    f"{tmp_path / 'e2e.manifest.json'}\n")
     assert "internal error" not in err
-    assert err.endswith("3 tasks still in flight: run again to collect them (they are not "
-                        "paid for twice).\n")
+    lines = err.splitlines()
+    assert lines[0].split() == ["JOB", "VALUES", "OUTPUT", "STATUS", "REASON"]
+    assert len(lines) == 5 and all(  # each says why, and that it is not paid again
+        " pending  download failed: HTTP 403: AuthenticationFailed: " in line and
+        line.endswith("; the next run downloads it again without paying (or --force pays for "
+                      "a new one)") for line in lines[1:4])
+    assert lines[4] == ("3 tasks still in flight: run again to collect them (they are not "
+                        "paid for twice).")
     assert len(manifest_images(tmp_path)) == 3
 
 
