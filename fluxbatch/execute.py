@@ -364,15 +364,16 @@ class Executor:
                 await self._fresh_sample(job, outcome)
                 image = await self._download(job, outcome)
                 outcome.written = await self.writer(job, image, outcome)
-        except Unusable as error:  # paid: never paid again while it may be collected
-            outcome.status = OutcomeStatus.PENDING
-            outcome.reason = f"{error}; the next run downloads it again without paying (or " \
-                             "--force pays for a new one)"
+        except _Gone as error:  # the provider forgot the task: only now may it be paid again
+            outcome.status, outcome.reason = OutcomeStatus.GONE, str(error)
             return self._finish(outcome)
         except JobFailed as error:
-            outcome.status = OutcomeStatus.GONE if isinstance(error, _Gone) \
-                else OutcomeStatus.FAILED
-            outcome.reason = str(error)
+            # Ready means paid. Bytes that could not be fetched (an expired or broken URL, a
+            # delivery host down, an image over the limit) or not used are fetched again by
+            # the next run, from a fresh poll: never paid for again while the task exists.
+            outcome.status = OutcomeStatus.PENDING
+            outcome.reason = f"{str(error).rstrip('.')}; the next run downloads it again " \
+                             "without paying (or --force pays for a new one)"
             return self._finish(outcome)
         except LocalFault as error:  # paid and ready, but not storable here: collect it later
             if error.stops_run:

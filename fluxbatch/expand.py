@@ -27,7 +27,7 @@ from fluxbatch.inputs import InputProblem, Inputs
 from fluxbatch.project import Project
 from fluxbatch.recipe import JobSpec, Recipe
 from fluxbatch.state import STATE_DIR
-from fluxbatch.templates import Template, TemplateProblem, compile_template, slug
+from fluxbatch.templates import Allowance, Template, TemplateProblem, compile_template, slug
 from fluxbatch.yamlsource import Path
 
 RESERVED_NAMES = ("job", "replicate", "replicates", "combo", "prompt", "seed", "ext", "key")
@@ -100,21 +100,33 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+# The most images a recipe's own `max_jobs` can allow (about $4,000 of images, and a few
+# hundred MB to plan); a larger plan needs `--yes` from the operator.
+MAX_JOBS_CEILING = 100_000
+
+
 def _guard_size(recipe: Recipe) -> None:
-    """Refuse a plan over `max_jobs` before building it (a typo can make it enormous)."""
+    """Refuse a plan over `max_jobs` before building it (a typo can make it enormous). A
+    recipe may raise its own limit only as far as MAX_JOBS_CEILING: it may come from a pull
+    request, and a plan of a hundred million images would fill any machine's memory."""
+    limit = min(recipe.max_jobs, MAX_JOBS_CEILING)
     bound = count_upper_bound(recipe)
-    if bound <= recipe.max_jobs:
+    if bound <= limit:
         return
-    if bound <= 50 * recipe.max_jobs:
+    if bound <= 50 * limit:
         total = sum(len(matrix_rules.combinations(s.matrix)[0]) * s.replicates
-                    for s in _built(recipe))
-        if total <= recipe.max_jobs:
+                    for s in _built(recipe) if not s.matrix.too_costly)
+        if total <= limit:
             return
         count = f"{total:,} images"
     else:
         count = f"up to {bound:,} images"
-    message = (f"the plan has {count}, more than the recipe's limit of {recipe.max_jobs:,} "
-               "(max_jobs); pass --yes to go ahead, or raise max_jobs in the recipe")
+    if limit < recipe.max_jobs:
+        message = (f"the plan has {count}, more than the {limit:,} that a recipe's max_jobs "
+                   "may allow; pass --yes on the command line to go ahead")
+    else:
+        message = (f"the plan has {count}, more than the recipe's limit of {limit:,} (max_jobs); "
+                   "pass --yes to go ahead, or raise max_jobs in the recipe")
     if recipe.problems:  # one problem among several: report them all
         raise RecipeError([*recipe.problems, Problem(str(recipe.path), None, None, "", message)])
     raise PlanTooLargeError(f"{recipe.path}: {message}")
@@ -138,7 +150,8 @@ class Expansion:
         self.problems = Findings(recipe.problems)
         self.notes = Findings()
         self.removed: list[tuple[str, matrix_rules.Removed]] = []
-        self.builders = [_JobBuilder(recipe, spec, self.problems, self.notes)
+        allowance = Allowance()  # (the work every template of the plan may do, together)
+        self.builders = [_JobBuilder(recipe, spec, self.problems, self.notes, allowance)
                          for spec in recipe.jobs]
 
     def __iter__(self) -> Iterator[Job]:
@@ -244,11 +257,12 @@ class _JobBuilder:
     """
 
     def __init__(self, recipe: Recipe, spec: JobSpec, problems: Findings,
-                 notes: Findings) -> None:
+                 notes: Findings, allowance: Allowance | None = None) -> None:
         self.recipe = recipe
         self.spec = spec
         self.problems = problems
         self.notes = notes
+        self.allowance = allowance
         self.path: Path = ("jobs", spec.index)
         self.ready = True
         self.templates: dict[Path, Template] = {}
@@ -410,8 +424,8 @@ class _JobBuilder:
             model = self.model
             if model is None:
                 where = self.params["model"][0]
-                model = self.resolve_model(self.templates[where].render(context), where,
-                                           f" (for {describe(values, replicate)})")
+                chosen = self.templates[where].render(context, self.allowance)
+                model = self.resolve_model(chosen, where, f" (for {describe(values, replicate)})")
                 if model is None:
                     return None
             constants = self.constants_for(model)
@@ -421,16 +435,17 @@ class _JobBuilder:
             request = dict(constants)
             if self.prompt is not None:
                 where = self.prompt_path
-                request["prompt"] = context["prompt"] = self.prompt.render(context)
+                request["prompt"] = context["prompt"] = self.prompt.render(context, self.allowance)
             for name, where, template in self.dynamic_templates:
-                value, message = self.param_value(model, name, template.render(context))
+                text = template.render(context, self.allowance)
+                value, message = self.param_value(model, name, text)
                 if message is not None:
                     self.problems.append(self.recipe.problem(
                         where, f"{message} (for {describe(values, replicate)})"))
                     return None
                 request[name] = value
             for name, where, template in self.image_templates:
-                text = template.render(context)
+                text = template.render(context, self.allowance)
                 if text.strip():  # (an empty value: no image for this combination)
                     request[name] = self.image(name, text, where, values, replicate)
             if "mask" in request and not self.same_size(request, values, replicate):
@@ -457,7 +472,7 @@ class _JobBuilder:
             context["ext"] = EXTENSIONS.get(fmt, fmt)
             where = self.output_path
             assert self.output is not None
-            output = self.output.render(context)
+            output = self.output.render(context, self.allowance)
         except TemplateProblem as problem:
             self.problems.append(self.recipe.problem(
                 where, f"{problem} (for {describe(values, replicate)})"))
@@ -556,7 +571,7 @@ class _JobBuilder:
             for_what = ""
         else:
             assert self.seed_template is not None
-            text = self.seed_template.render(context)
+            text = self.seed_template.render(context, self.allowance)
             value = models.coerce_text(text, ("integer",))
             if not isinstance(value, int) or value < 0:
                 self.problems.append(self.recipe.problem(

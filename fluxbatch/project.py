@@ -22,6 +22,9 @@ _MIB = 1024 * 1024
 # Value and row files are lists a person edits; 16 MiB is far beyond any real one, and
 # still small enough to hold in memory while it is parsed.
 MAX_FILE_BYTES = 16 * _MIB
+# ...and all the value and row files one recipe names, together, each counted every time it is
+# named: their values are held once per naming, at up to ~40 times their size on disk.
+MAX_RECIPE_DATA = 32 * _MIB
 # Validation time grows with the recipe (a 30 MB recipe took over a minute), and a
 # hand-written recipe is a few kilobytes.
 MAX_RECIPE_BYTES = 2 * _MIB

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from fluxbatch.inputs import FactsCache, InputProblem, Inputs
 from fluxbatch.models import did_you_mean
 from fluxbatch.project import (
     MAX_RECIPE_BYTES,
+    MAX_RECIPE_DATA,
     Project,
     ProjectFileError,
     read_regular,
@@ -69,13 +71,14 @@ class Matrix:
     exclude: tuple[Mapping[str, Any], ...]
     declared: tuple[str, ...] = ()  # every variable named, even one whose values failed to load
     complete: bool = True  # False when a row table failed to load: its columns are unknown
+    too_costly: bool = False  # its combinations would cost too much to make (a problem says)
 
     @property
     def loaded(self) -> bool:
         """Whether every variable's values loaded; if not (a problem says why), the
         combinations are not the ones the recipe means and are not worth rendering."""
         named = {name for axis in self.axes for name in axis.names}
-        return self.complete and named.issuperset(self.declared)
+        return self.complete and not self.too_costly and named.issuperset(self.declared)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +181,11 @@ def parse(text: str, filename: str, *, sha256: str | None = None,
     return dataclasses.replace(recipe, problems=tuple(problems))
 
 
+# What building one job's combinations may cost: each check takes about half a microsecond,
+# and a hand-written matrix makes a few thousand.
+MAX_MATRIX_CHECKS = 20_000_000
+
+
 class _Builder:
     def __init__(self, path: FsPath, positions: Positions) -> None:
         self.path = path
@@ -186,6 +194,7 @@ class _Builder:
         self.positions = positions
         self.problems: list[Problem] = []
         self.inputs = Inputs(self.project)
+        self.data_read = 0  # characters of value and row files, each counted every time named
 
     def problem(self, path: Path, message: str, *, key: bool = False) -> None:
         self.problems.append(self.positions.problem(path, message, key=key))
@@ -304,10 +313,27 @@ class _Builder:
                         if isinstance(value, dict) and "files" in value else key
                     axes.append(Axis("values", (key,), tuple((v,) for v in values), origin))
         exclude = tuple(spec.get("exclude") or ())
+        include = tuple(spec.get("include") or ())
         self.check_exclude(exclude, axes, path)
         complete = "rows" not in spec or any(axis.kind == "rows" for axis in axes)
-        return Matrix(tuple(axes), tuple(spec.get("include") or ()), exclude, tuple(declared),
-                      complete)
+        too_costly = not self.within_check_limit(axes, exclude, include, path)
+        return Matrix(tuple(axes), include, exclude, tuple(declared), complete, too_costly)
+
+    def within_check_limit(self, axes: list[Axis], exclude: tuple[Any, ...],
+                           include: tuple[Any, ...], path: Path) -> bool:
+        """Each combination of the product is compared with every `exclude` and `include`
+        entry: 10,000 combinations and 40,000 entries (a 470 kB recipe) took minutes."""
+        product = math.prod(len(axis.rows) for axis in axes) if axes else 0
+        checks = product * (len(exclude) + len(include))
+        if checks <= MAX_MATRIX_CHECKS:
+            return True
+        where = "exclude" if len(exclude) >= len(include) else "include"
+        self.problem((*path, where), f"{product:,} combinations compared with "
+                     f"{len(exclude) + len(include):,} exclude and include entries make "
+                     f"{checks:,} checks, more than the limit of {MAX_MATRIX_CHECKS:,}; use "
+                     "fewer entries (a list of values leaves out what it does not name), or "
+                     "split the job")
+        return False
 
     def check_exclude(self, exclude: Iterable[Mapping[str, Any]], axes: list[Axis],
                       path: Path) -> None:
@@ -450,11 +476,24 @@ class _Builder:
         return []
 
     def read(self, source: str, where: Path) -> str | None:
+        """A value or row file's text. Each file may hold 16 MiB, and all that one recipe
+        names together MAX_RECIPE_DATA: a file named by a thousand jobs is parsed a thousand
+        times, and its values held as often (a 4 kB recipe could ask for tens of GB)."""
+        if self.data_read > MAX_RECIPE_DATA:
+            return None  # (said once, where the limit was passed)
         try:
-            return self.project.read_text(source)
+            text = self.project.read_text(source)
         except ProjectFileError as error:
             self.problem(where, str(error))
-        return None
+            return None
+        self.data_read += len(text)
+        if self.data_read > MAX_RECIPE_DATA:
+            self.problem(where, f"the value and row files this recipe names come to more than "
+                         f"{MAX_RECIPE_DATA / 1024 / 1024:g} MiB together (a file named "
+                         f"several times counts each time); {source} and the files named after "
+                         "it are not read")
+            return None
+        return text
 
     def parse_data(self, text: str, source: str, where: Path) -> Any:
         try:

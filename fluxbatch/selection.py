@@ -437,9 +437,11 @@ def select(classified: Classified, state: RootState, options: Options,
         task = state.tasks.get(job.key)
         if found == stored and not options.force:
             selection.place.append(job)
-        elif found == in_flight and not ephemeral and task is not None and task.task_id and \
-                task.polling_url and task.provider == provider:
-            selection.attach.append((job, task))  # paid for already: never submit again
+        elif found == in_flight and not (ephemeral or options.force) and task is not None \
+                and task.task_id and task.polling_url and task.provider == provider:
+            # paid for already: never submitted again, unless --force asks to pay anew (the
+            # way out of a task whose image can never be fetched)
+            selection.attach.append((job, task))
             selection.followers[job.key] = []
         elif found == unknown and not (options.retry_unknown or ephemeral):
             selection.held_unknown.append(job)  # maybe paid: even --force needs --retry-unknown

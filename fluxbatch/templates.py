@@ -111,6 +111,13 @@ MAX_ITEMS = 100_000  # items in a list a template makes (`*`, `+`, `append`, `sp
 MAX_INT_BITS = 100_000  # 30,000 digits (Python prints at most 4,300); multiplying stays fast
 MAX_STEPS = 1_000_000  # work per rendering; a step is about a microsecond at most
 CHARS_PER_STEP = 2  # characters an operation reads or writes for one step (regexes: ~0.4 µs)
+# The templates of one plan together: each rendering may stay under MAX_STEPS and still cost a
+# plan of 10,000 images hours and gigabytes. So a plan's renderings share an allowance: this
+# much, plus a share per rendering that is far above what an ordinary one takes (tens to a
+# few hundred steps; a loop over a list of twenty words, under 2,000). The texts the plan keeps
+# are counted in it too, so they hold a few tens of MB at most.
+PLAN_STEPS = 10 * MAX_STEPS
+STEPS_PER_RENDERING = 2_000
 
 
 class TemplateLimit(Exception):
@@ -120,8 +127,14 @@ class TemplateLimit(Exception):
 _TOO_DEEP = "recursion too deep (a macro, block or loop calling itself, or lists in lists)"
 
 
+_OVER_STEPS = f"more than {MAX_STEPS:,} steps of work"
+_OVER_PLAN = (f"the plan's templates together did more than {PLAN_STEPS:,} steps of work, "
+              f"plus {STEPS_PER_RENDERING:,} per rendering")
+
+
 class _Budget(threading.local):
     steps = MAX_STEPS  # what the rendering under way may still spend; reset for each
+    exceeded = _OVER_STEPS  # what running out of it means
 
 
 _BUDGET = _Budget()
@@ -131,8 +144,25 @@ def _charge(steps: int) -> bool:
     """Spend `steps` of this rendering's budget (True: a loop's `if` may call it)."""
     _BUDGET.steps -= steps
     if _BUDGET.steps < 0:
-        raise TemplateLimit(f"more than {MAX_STEPS:,} steps of work")
+        raise TemplateLimit(_BUDGET.exceeded)
     return True
+
+
+class Allowance:
+    """The work that the renderings of one plan may still do together (see PLAN_STEPS)."""
+
+    __slots__ = ("steps",)
+
+    def __init__(self) -> None:
+        self.steps = PLAN_STEPS
+
+    def grant(self) -> int:
+        """The budget of the next rendering (its share is added first)."""
+        self.steps += STEPS_PER_RENDERING
+        return min(self.steps, MAX_STEPS)
+
+    def spend(self, steps: int, granted: int) -> None:
+        self.steps -= min(max(steps, 0), granted)
 
 
 def _check_text(size: float) -> None:
@@ -658,29 +688,31 @@ class Template:
     def is_constant(self) -> bool:
         return self._template is None
 
-    def render(self, context: Mapping[str, Any]) -> str:
+    def render(self, context: Mapping[str, Any], allowance: Allowance | None = None) -> str:
+        """The text for `context`. With `allowance` (a plan's), each rendering that is not
+        answered from the cache is paid from it."""
         if self._template is None:
             return self.source
         cache = self._cache
         if cache is None:
-            return self._render(context)
+            return self._render(context, allowance)
         try:
             key = self._key(context)
             cached = cache.get(key)
         except (KeyError, TypeError):  # a name not defined here, or an unhashable value
-            return self._render(context)
+            return self._render(context, allowance)
         self._lookups += 1
         if cached is not None:
             self._hits += 1
             return cached
         if self._lookups == 512 and self._hits < 128:
             self._cache = None  # nearly every image differs: caching only costs
-        text = self._render(context)
+        text = self._render(context, allowance)
         if self._cache is not None:
             cache[key] = text
         return text
 
-    def _render(self, context: Mapping[str, Any]) -> str:
+    def _render(self, context: Mapping[str, Any], allowance: Allowance | None = None) -> str:
         if self._direct is not None:
             fmt, getters = self._direct
             try:
@@ -689,13 +721,21 @@ class Template:
                 pass  # (an undefined name under `default`, or the real error message)
             else:
                 if len(text) <= MAX_TEXT:  # (else Jinja proper reports the limit)
+                    if allowance is not None:  # (inline: the hot path of planning)
+                        left = allowance.steps + STEPS_PER_RENDERING - len(text) // CHARS_PER_STEP
+                        allowance.steps = max(left, 0)
+                        if left < 0:
+                            raise TemplateProblem(f"template limit: {_OVER_PLAN}")
                     return text
-        return self.render_with_jinja(context)
+        return self.render_with_jinja(context, allowance)
 
-    def render_with_jinja(self, context: Mapping[str, Any]) -> str:
+    def render_with_jinja(self, context: Mapping[str, Any],
+                          allowance: Allowance | None = None) -> str:
         assert self._template is not None
         template = self._template
-        _BUDGET.steps = MAX_STEPS
+        granted = MAX_STEPS if allowance is None else allowance.grant()
+        _BUDGET.steps = granted
+        _BUDGET.exceeded = _OVER_STEPS if granted == MAX_STEPS else _OVER_PLAN
         try:
             ctx = template.new_context(dict(context))  # not shared: keep the globals (range)
             return _joined(template.root_render_func(ctx))
@@ -711,6 +751,9 @@ class Template:
             raise TemplateProblem(f"template error: {error}") from None
         except Exception as error:  # any Python error raised while evaluating an expression
             raise TemplateProblem(f"{type(error).__name__}: {error}") from None
+        finally:
+            if allowance is not None:
+                allowance.spend(granted - _BUDGET.steps, granted)
 
 
 def compile_template(source: str) -> Template:

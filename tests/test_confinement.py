@@ -173,6 +173,23 @@ def test_files_without_end_are_refused_without_reading_them(
     assert validate_in_child(project) == (1, one_problem(expected))
 
 
+def test_the_files_a_recipe_names_are_bounded_together(project: Path) -> None:
+    """One 16 MiB file named by forty jobs was read and held forty times: 1.4 GB for a 4 kB
+    recipe. Each naming counts against one limit for the whole recipe."""
+    with open(project / "values.txt", "w") as handle:
+        handle.write(("y" * 99 + "\n") * (MAX_FILE_BYTES // 100))
+    jobs = "".join(f"  - {{name: j{i}, prompt: x, matrix: {{v: {{from: values.txt}}}}}}\n"
+                   for i in range(40))
+    build_file_tree(project, {"recipe.yaml": "version: 1\nname: r\ndefaults: {model: "
+                              f"flux-dev}}\noutput: '{{{{ job }}}}-{{{{ v }}}}'\njobs:\n{jobs}"})
+    code, err = validate_in_child(project)
+    assert (code, err.splitlines()[-2:]) == (1, [
+        "recipe.yaml:8:46: jobs[2].matrix.v.from: the value and row files this recipe names "
+        "come to more than 32 MiB together (a file named several times counts each time); "
+        "values.txt and the files named after it are not read",
+        "recipe.yaml: 2 problems"])
+
+
 def test_links_inside_the_project_are_followed(project: Path, capsys: Capsys) -> None:
     build_file_tree(project, {"recipe.yaml": recipe("{v: {from: link.txt}, w: {from: env.txt}}"),
                               "data/values.txt": "x\ny\n"})

@@ -495,6 +495,19 @@ def test_max_jobs_sets_the_cap() -> None:
     assert "the plan has 6 images, more than the recipe's limit of 5" in str(caught.value)
 
 
+def test_a_recipe_cannot_raise_its_own_cap_past_the_ceiling() -> None:
+    """A hundred million images would fill the memory of the machine that plans them; a
+    recipe from a pull request may not decide that, only the operator (`--yes`)."""
+    text = big_matrix(10000, 10000, HEAD + "max_jobs: 1000000000\n")
+    with pytest.raises(PlanTooLargeError) as caught:
+        expand(recipe.parse(text, "recipe.yaml"))
+    assert str(caught.value) == (
+        "recipe.yaml: the plan has up to 100,000,000 images, more than the 100,000 that a "
+        "recipe's max_jobs may allow; pass --yes on the command line to go ahead")
+    within = recipe.parse(big_matrix(400, 250, HEAD + "max_jobs: 1000000000\n"), "recipe.yaml")
+    assert len(expand(within).jobs) == 100_000
+
+
 def test_size_is_reported_with_the_recipes_other_problems(tmp_path: Path) -> None:
     path = write_recipe(tmp_path, """
         - name: a

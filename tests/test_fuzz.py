@@ -181,12 +181,14 @@ def hard_limits() -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (CPU_SECONDS, CPU_SECONDS))
 
 
-def validate_within_hard_limits(tmp_path: Path, prompt: str) -> list[str]:
+def validate_within_hard_limits(tmp_path: Path, prompt: str, matrix: str = "",
+                                command: str = "validate") -> list[str]:
     """`fluxbatch validate` of a recipe with this prompt: exit code 1, and what it said."""
     (tmp_path / "recipe.yaml").write_text(
         "version: 1\nname: r\ndefaults: {model: flux-dev}\njobs:\n  - name: a\n"
-        f"    prompt: {json.dumps(prompt)}\n", encoding="utf-8")
-    result = subprocess.run([sys.executable, "-m", "fluxbatch", "validate", "recipe.yaml"],
+        f"    prompt: {json.dumps(prompt)}\n" + (f"    matrix: {matrix}\n" if matrix else ""),
+        encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "fluxbatch", command, "recipe.yaml"],
                             cwd=tmp_path, capture_output=True, text=True,
                             preexec_fn=hard_limits, timeout=300)
     assert result.returncode == 1, result.stderr
@@ -228,3 +230,53 @@ def test_hostile_template_source_is_a_located_error_within_hard_limits(
         tmp_path: Path, prompt: str, message: str) -> None:
     assert validate_within_hard_limits(tmp_path, prompt) == [
         f"recipe.yaml:6:13: jobs[0].prompt: {message}", "recipe.yaml: 1 problem"]
+
+
+# Each rendering within the limits, the plan as a whole not: thousands of images of a
+# template just under a limit would cost hours of CPU or gigabytes (4 min 46 s of CPU for
+# 2,000 images below; 930 MB for 9,000 prompts of 100,000 characters).
+PLAN = ("template limit: the plan's templates together did more than 10,000,000 steps of "
+        "work, plus 2,000 per rendering")
+MANY = "{v: [" + ", ".join(str(n) for n in range(9000)) + "]}"
+
+
+@pytest.mark.parametrize("command", ["validate", "plan"])
+@pytest.mark.parametrize(("prompt", "first"), [
+    pytest.param("{% for i in range(90000) %}{% for j in range(9) %}{% endfor %}{% endfor %}"
+                 "{{ v }}", STEPS, id="CPU: each rendering over the limit"),
+    pytest.param("{% for i in range(9000) %}{% for j in range(9) %}{% endfor %}{% endfor %}"
+                 "{{ v }}", None, id="CPU: each rendering half the limit"),
+    pytest.param("{{ 'x' * 99990 }}{{ v }}", None, id="memory: long prompts, each allowed"),
+])
+def test_a_plan_of_many_costly_renderings_is_a_located_error_within_hard_limits(
+        tmp_path: Path, prompt: str, first: str | None, command: str) -> None:
+    found = [line for line in validate_within_hard_limits(tmp_path, prompt, MANY, command)
+             if line.startswith("recipe.yaml:6:13: ")]
+    assert len(found) == 1 + (first is not None)
+    assert found[-1].startswith(f"recipe.yaml:6:13: jobs[0].prompt: {PLAN} (for v=")
+    assert found[-1].endswith(" more")
+    if first is not None:
+        assert found[0].startswith(f"recipe.yaml:6:13: jobs[0].prompt: {first} (for v=0, ")
+
+
+AXES = ("a: [" + ", ".join(f"a{n}" for n in range(100)) + "], b: ["
+        + ", ".join(f"b{n}" for n in range(100)) + "]")
+
+
+@pytest.mark.parametrize(("entries", "where", "count"), [
+    pytest.param("exclude: [" + ", ".join(f"{{a: z{n}}}" for n in range(40000)) + "]",
+                 "exclude", 40000, id="exclude"),
+    pytest.param("include: [" + ", ".join(f"{{a: a{n % 100}, c: c{n}}}" for n in range(20000))
+                 + "]", "include", 20000, id="include"),
+])
+def test_a_matrix_of_many_entries_is_a_located_error_within_hard_limits(
+        tmp_path: Path, entries: str, where: str, count: int) -> None:
+    """10,000 combinations, each compared with tens of thousands of entries: minutes of CPU
+    from a recipe of 400 kB."""
+    found = validate_within_hard_limits(tmp_path, "{{ a }} {{ b }}", f"{{{AXES}, {entries}}}")
+    assert found == [
+        f"recipe.yaml:7:{found[0].split(':')[2]}: jobs[0].matrix.{where}: 10,000 combinations "
+        f"compared with {count:,} exclude and include entries make {count * 10000:,} checks, "
+        "more than the limit of 20,000,000; use fewer entries (a list of values leaves out "
+        "what it does not name), or split the job",
+        "recipe.yaml: 1 problem"]

@@ -250,3 +250,115 @@ def emulator_submit(emulator: Emulator, model: str, body: dict[str, object]) -> 
     response.raise_for_status()
     answer: dict[str, str] = response.json()
     return answer
+
+
+def seeded(name: str, output: str, subjects: str) -> str:
+    """A recipe whose requests do not depend on its name: two of them can share images."""
+    return recipe(name, output, subjects).replace("    prompt:", "    seed: 7\n    prompt:")
+
+
+def test_clean_never_deletes_a_file_that_another_recipe_placed_or_plans(
+        tmp_path: Path, emulator: Emulator, capsys: Capsys) -> None:
+    shared = "x/{{ subject }}-{{ style }}.{{ ext }}"
+    build_file_tree(tmp_path, {"a.yaml": seeded("a", shared, "[teapot, kettle]"),
+                               "b.yaml": seeded("b", shared, "[teapot]")})
+    for name in ("a", "b"):
+        assert render(capsys, emulator, tmp_path / f"{name}.yaml")[0] == 0
+    # b also plans the kettles now (not rendered yet); a moves all of its images elsewhere
+    build_file_tree(tmp_path, {"b.yaml": seeded("b", shared, "[teapot, kettle]"),
+                               "a.yaml": seeded("a", "y/{{ subject }}-{{ style }}.{{ ext }}",
+                                                "[teapot, kettle]")})
+    assert render(capsys, emulator, tmp_path / "a.yaml")[0] == 0
+    before = pngs(tmp_path)
+
+    code, out, err = run(capsys, "clean", str(tmp_path / "a.yaml"), "--delete")
+
+    assert (code, err) == (0, "")
+    assert sorted(out.splitlines()) == sorted([
+        "orphan entry: x/kettle-photo.png (the file is planned by recipe 'b', and is kept)",
+        "orphan entry: x/kettle-watercolor.png (the file is planned by recipe 'b', and is kept)",
+        "orphan entry: x/teapot-photo.png (the file is also the image of recipe 'b', and is "
+        "kept)",
+        "orphan entry: x/teapot-watercolor.png (the file is also the image of recipe 'b', and "
+        "is kept)",
+        "deleted 4 orphans"])
+    assert pngs(tmp_path) == before
+    assert run(capsys, "status", str(tmp_path / "a.yaml"))[0] == 0
+    paid = len(emulator.submissions)
+    assert render(capsys, emulator, tmp_path / "b.yaml")[0] == 0  # its kettles: a's images
+    assert len(emulator.submissions) == paid
+
+
+def test_merge_reports_a_conflict_and_leaves_out_an_image_of_another_request(
+        tmp_path: Path, emulator: Emulator, capsys: Capsys) -> None:
+    build_file_tree(tmp_path, {"recipe.yaml": recipe()})
+    path = tmp_path / "recipe.yaml"
+    assert run(capsys, "render", str(path), "--only", "subject=teapot", "-q",
+               "--base-url", emulator.base_url)[0] == 0
+    older = tmp_path / "older"  # another version of the recipe, rendered elsewhere
+    build_file_tree(older, {"recipe.yaml": recipe().replace('prompt: "a ', 'prompt: "one ')})
+    assert run(capsys, "render", str(older / "recipe.yaml"), "-q",
+               "--base-url", emulator.base_url)[0] == 0
+    mine = pngs(tmp_path / "renders")
+    paid = len(emulator.submissions)
+
+    code, out, err = run(capsys, "merge", str(path), str(older))
+
+    assert (code, err) == (1, "")
+    lines = out.splitlines()
+    assert lines[0] == f"{older}: 0 images placed, 0 tasks to collect, 4 conflicts"
+    assert [line.split(": ")[1] for line in lines[1:5]] == [
+        f"renders/{s}-{t}.png" for s in ("kettle", "mug") for t in ("watercolor", "photo")]
+    assert all(line.startswith("  conflict: renders/") and line.endswith("…); left out")
+               and f"{older} holds an image of another request there (key " in line
+               for line in lines[1:5])
+    assert lines[5] == (f"mugs: 2 of 6 images present; manifest {tmp_path / 'mugs.manifest.json'}"
+                        "; `fluxbatch render` makes (or collects) the rest")
+    assert pngs(tmp_path / "renders") == mine  # nothing of the other request came in
+    assert len(emulator.submissions) == paid
+    assert run(capsys, "status", str(path))[0] != 0
+
+
+def test_a_reproduce_recipe_written_in_another_folder_shares_the_originals_root(
+        tmp_path: Path, emulator: Emulator, capsys: Capsys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fluxbatch reproduce IMAGE -o again.yaml` run from the top of a repository: the new
+    recipe lives elsewhere than the original, and rendered into its own folder it paid again."""
+    build_file_tree(tmp_path, {".git/HEAD": "ref: refs/heads/main\n",
+                               "recipes/recipe.yaml": recipe()})
+    assert render(capsys, emulator, tmp_path / "recipes" / "recipe.yaml")[0] == 0
+    paid, before = len(emulator.submissions), pngs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+
+    key = load_plan(str(tmp_path / "recipes" / "recipe.yaml")).jobs[4].key
+
+    assert run(capsys, "reproduce", "recipes/renders/mug-watercolor.png", "-o", "again.yaml") \
+        == (0, "wrote again.yaml: `fluxbatch render again.yaml` makes the image again (key "
+               f"{key[:12]}…)\n", "")
+    assert "\noutput_root: recipes\n" in (tmp_path / "again.yaml").read_text()
+    assert render(capsys, emulator, Path("again.yaml")) == (
+        0, "nothing to render: 1 image up to date\n")
+    assert run(capsys, "clean", "again.yaml", "--delete")[1] == (
+        "no orphans: every image of this recipe belongs to a job in it\n")
+    assert len(emulator.submissions) == paid
+    assert pngs(tmp_path) == before
+
+
+def test_a_reproduce_recipe_outside_the_originals_project_says_how_to_place_it_free(
+        tmp_path: Path, emulator: Emulator, capsys: Capsys) -> None:
+    build_file_tree(tmp_path, {"one/recipe.yaml": recipe()})
+    assert render(capsys, emulator, tmp_path / "one" / "recipe.yaml")[0] == 0
+    paid = len(emulator.submissions)
+    again = tmp_path / "two" / "again.yaml"
+    again.parent.mkdir()
+
+    code, out, _ = run(capsys, "reproduce", str(tmp_path / "one/renders/mug-watercolor.png"),
+                       "-o", str(again))
+
+    assert code == 0 and "output_root" not in again.read_text()
+    assert out.endswith(f"; it renders into {again.parent}, where the original's image is "
+                        f"unknown: pass --out {tmp_path / 'one'} to place it from there without "
+                        "paying\n")
+    assert render(capsys, emulator, again, "--out", str(tmp_path / "one")) == (
+        0, "nothing to render: 1 image up to date\n")
+    assert len(emulator.submissions) == paid

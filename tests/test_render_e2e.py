@@ -57,8 +57,8 @@ def write_recipe(root: Path, *, provider: str = "emulator",
     return root / "recipe.yaml"
 
 
-def render(recipe: Path, emulator: Emulator) -> int:
-    return main(["render", str(recipe), "--base-url", emulator.base_url, "-q"])
+def render(recipe: Path, emulator: Emulator, *options: str) -> int:
+    return main(["render", str(recipe), "--base-url", emulator.base_url, "-q", *options])
 
 
 def manifest_images(root: Path) -> list[dict[str, Any]]:
@@ -106,6 +106,8 @@ def test_render_writes_images_and_manifest_then_rerun_sends_nothing(
             teapot["model"]) == ("pngs", {"subject": "teapot"}, 1, "a teapot", "flux-pro-1.1")
     assert teapot["request"] == {"prompt": "a teapot", "width": 256, "height": 256,
                                  "output_format": "png", "seed": teapot["seed"]}
+    assert json.loads(manifest.read_text())["totals"] == {
+        "images": 3, "bytes": sum(image["bytes"] for image in images), "cost_credits": 12.0}
 
 
 def test_api_key_never_leaks_into_files_output_or_downloads(
@@ -195,6 +197,34 @@ def test_a_directory_at_an_output_path_leaves_the_image_in_flight_for_a_free_rer
     assert paid == 3
 
 
+def test_a_paid_image_that_cannot_be_downloaded_is_collected_by_the_next_run_not_paid_again(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = write_recipe(tmp_path)
+    with serve(url_ttl=-60.0) as emulator:  # every sample URL has expired when it is fetched
+        assert render(recipe, emulator) == 1
+        out, err = capsys.readouterr()
+        assert (len(emulator.submissions), emulator.stats.downloads) == (3, 0)
+        assert render(recipe, emulator) == 1  # polled again for fresh URLs, not paid again
+        assert len(emulator.submissions) == 3
+        assert render(recipe, emulator, "--force") == 1  # the way to pay anew
+        assert len(emulator.submissions) == 6
+        emulator.reconfigure(url_ttl=600.0)  # the delivery works again
+        assert render(recipe, emulator) == 0
+        assert len(emulator.submissions) == 6  # collected, not paid again
+    assert out == (f"3 pending; cost $0.12 (reported by the provider); manifest "
+                   f"{tmp_path / 'e2e.manifest.json'}\n")
+    assert "internal error" not in err
+    lines = err.splitlines()
+    assert lines[0].split() == ["JOB", "VALUES", "OUTPUT", "STATUS", "REASON"]
+    assert len(lines) == 5 and all(  # each says why, and that it is not paid again
+        " pending  download failed: HTTP 403: AuthenticationFailed: " in line and
+        line.endswith("; the next run downloads it again without paying (or --force pays for "
+                      "a new one)") for line in lines[1:4])
+    assert lines[4] == ("3 tasks still in flight: run again to collect them (they are not "
+                        "paid for twice).")
+    assert len(manifest_images(tmp_path)) == 3
+
+
 def test_a_manifest_that_cannot_be_written_is_one_clear_line(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     recipe = write_recipe(tmp_path)
@@ -247,3 +277,47 @@ def test_a_store_damaged_past_its_header_is_one_clear_line(
     assert err.endswith(f"Move it away (for example `mv {database} {database}.broken`) and run "
                         f"again: fluxbatch rebuilds it from the manifests in {tmp_path}. No "
                         "image is touched.\n")
+
+
+@pytest.mark.parametrize(("where", "errno_", "what"), [
+    pytest.param("/blobs/", 28, "stopped: cannot keep a downloaded image: No space left on "
+                 "device", id="disk full in the content store"),
+    pytest.param("/pngs/", 28, "stopped: cannot write {root}/pngs/teapot.png: No space left on "
+                 "device", id="disk full at an output"),
+    pytest.param("/pngs/", 30, "stopped: cannot write {root}/pngs/teapot.png: Read-only file "
+                 "system", id="read-only image folder"),
+    pytest.param("/e2e.manifest.json", 28, "cannot write {root}/e2e.manifest.json: No space "
+                 "left on device. Every image written is recorded in the state store; free some "
+                 "space (or make the folder writable) and run `fluxbatch render` again to write "
+                 "the manifest. Nothing is paid twice.", id="disk full at the manifest"),
+])
+def test_a_disk_that_refuses_writes_stops_the_run_with_one_line_and_nothing_is_paid_twice(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        where: str, errno_: int, what: str) -> None:
+    """The file system is made to refuse (as a full or read-only disk does) every rename into
+    `where`: the run stops submitting, says so in one line, and the next run collects."""
+    import errno as errnos
+    import os
+
+    recipe = write_recipe(tmp_path, subjects=("teapot",))
+    real_replace = os.replace
+
+    def refusing(source: Any, target: Any, *args: Any, **kwargs: Any) -> None:
+        if where in os.fspath(target):
+            raise OSError(errno_, os.strerror(errno_))
+        real_replace(source, target, *args, **kwargs)
+
+    with serve() as emulator:
+        monkeypatch.setattr(os, "replace", refusing)
+        code = render(recipe, emulator)
+        monkeypatch.setattr(os, "replace", real_replace)
+        err = capsys.readouterr().err
+        paid = len(emulator.submissions)
+        assert render(recipe, emulator) == 0
+        assert len(emulator.submissions) == paid  # collected, not paid again
+    assert code == 1
+    assert errno_ in (errnos.ENOSPC, errnos.EROFS)
+    assert "Traceback" not in err and "internal error" not in err
+    assert f"fluxbatch: {what.format(root=tmp_path)}" in err.splitlines(), err
+    assert sorted(p.name for p in tmp_path.rglob("*.png") if ".fluxbatch" not in p.parts) == [
+        "teapot.png"]

@@ -94,6 +94,35 @@ def test_a_task_submitted_but_never_polled_is_collected_without_submitting_again
     assert cli.render() == Run(0, "nothing to render: 4 images up to date\n", "")
 
 
+def test_a_task_the_provider_forgot_is_paid_again_only_after_it_says_so_and_the_summary_tells(
+        cli: Cli, emulator: Emulator) -> None:
+    """The one case where a paid image is paid again: the provider answers `Task not found`
+    (results expire), several times in a row."""
+    jobs = planned(cli)
+    forgotten = jobs["grid/circle.png"]
+    cli.root.mkdir(parents=True, exist_ok=True)
+    with Store.open(cli.root) as store:
+        store.submitting(forgotten.key, "emulator", emulator.base_url)
+        store.submitted(forgotten.key, "forgotten-1",
+                        f"{emulator.base_url}/v1/get_result?id=forgotten-1", 4.0, time.time())
+    sent = len(emulator.submissions)
+
+    first = cli.render()
+
+    assert first.code == 1
+    assert first.out.startswith("3 written, 1 gone; ")
+    assert "grid/circle.png" in first.err and "the provider no longer knows task forgotten-1 " \
+        "('Task not found'; results expire)" in first.err
+    assert cli.prompts_sent(sent) == ["a blue star", "a green square", "a lone tree"]
+    status = json.loads(cli.status("--json").out)
+    assert status["not_up_to_date"] == [{
+        "output": "grid/circle.png", "state": "new",
+        "reason": "paid before, but the provider no longer has the task and its bytes were "
+                  "lost"}]
+    assert cli.render().code == 0  # paid again, now that the provider said it is gone
+    assert cli.prompts_sent(sent + 3) == ["a red circle"]
+
+
 def test_a_submit_recorded_but_never_answered_is_held_back_until_retry_unknown(
         rendered: Cli, emulator: Emulator) -> None:
     rendered.write(colours=("red", "green", "violet"))  # the star is re-rendered ...
@@ -313,7 +342,8 @@ def test_reproduce_writes_a_recipe_with_the_same_key(
 
     assert cli("reproduce", str(cli.root / "grid" / "star.png"), "-o", str(again)) == Run(
         0, f"wrote {again}: `fluxbatch render {again}` makes the image again (key "
-           f"{star.key[:12]}…)\n", "")
+           f"{star.key[:12]}…); it renders into {again.parent}, where the original's image is "
+           f"unknown: pass --out {cli.root} to place it from there without paying\n", "")
     from_manifest = cli("reproduce", str(cli.root / "rebuild.manifest.json"), "--entry",
                         "grid/star.png")
     assert from_manifest == Run(0, again.read_text(), "")

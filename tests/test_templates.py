@@ -340,6 +340,49 @@ def test_each_rendering_has_its_own_budget() -> None:
     assert problem(loop + loop) == STEPS
 
 
+PLAN = ("template limit: the plan's templates together did more than 10,000,000 steps of "
+        "work, plus 2,000 per rendering")
+
+
+def renderings_until_the_plan_stops(source: str, contexts: Any) -> int | None:
+    """How many renderings, with one plan's allowance, until a problem (None: never)."""
+    template = compile_template(source)
+    allowance = templates.Allowance()
+    for count, context in enumerate(contexts):
+        try:
+            template.render(context, allowance)
+        except TemplateProblem as caught:
+            assert str(caught) == PLAN
+            return count
+    return None
+
+
+def test_ordinary_templates_never_exhaust_a_plans_allowance() -> None:
+    words = {"words": ["a" * 50] * 20}  # a loop over twenty words: about 1,700 steps a time
+    loop = "{% for w in words %}{{ w | upper }}, {% endfor %}{{ n }}"
+    assert renderings_until_the_plan_stops(loop, ({**words, "n": n} for n in range(20000))) \
+        is None
+    prompt = "a {{ subject }} in {{ style }}, {{ n }}"  # (the direct rendering)
+    assert renderings_until_the_plan_stops(
+        prompt, ({"subject": "x" * 1000, "style": "y" * 1000, "n": n}
+                 for n in range(100000))) is None
+
+
+@pytest.mark.parametrize("source,context,stops_after", [
+    # each rendering half the limit (504,001 steps): twenty of them, then each has only its
+    # share
+    ("{% for i in range(9000) %}{% for j in range(9) %}{% endfor %}{% endfor %}{{ n }}", {}, 20),
+    # a long text each time, kept by the plan: 100 to 200 of them (10 to 20 MB), through
+    # Jinja (made, then output: charged twice) or direct
+    ("{{ 'x' * 99990 }}{{ n }}", {}, 102),
+    ("{{ a }}{{ n }}", {"a": "x" * 99990}, 208),
+])
+def test_a_plans_renderings_share_an_allowance(source: str, context: dict[str, Any],
+                                                stops_after: int) -> None:
+    found = renderings_until_the_plan_stops(source, ({**context, "n": n} for n in range(1000)))
+    assert found is not None and abs(found - stops_after) <= 2, found
+
+
 @pytest.mark.parametrize("source,message", [
     ("{{ x }}" + " " * 50000, "template limit: the template is longer than 50,000 characters"),
     ("{{ " + "(" * 1000 + "x" + ")" * 1000 + " }}",

@@ -54,26 +54,32 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[httpx.Request]]
     assert called == []
 
 
-@pytest.mark.parametrize(("base_url", "column", "message"), [
-    ("http://203.0.113.5:8080", 33,
+@pytest.mark.parametrize(("provider", "base_url", "column", "message"), [
+    ("cometapi", "https://comet.collector.example/v1", 38,
+     "a recipe may not send the API key to comet.collector.example: only to cometapi's own "
+     "hosts (api.cometapi.com, over https) or loopback. To use it, pass --base-url "
+     "https://comet.collector.example/v1 on the command line (or set COMETAPI_BASE_URL)"),
+    ("bfl", "http://203.0.113.5:8080", 33,
      "a recipe may not send the API key to 203.0.113.5: only to bfl's own hosts (api.bfl.ai, "
      "api.*.bfl.ai, api.bfl.ml, over https) or loopback. To use it, pass --base-url "
      "https://203.0.113.5:8080 on the command line (or set BFL_BASE_URL)"),
-    ("https://api.bfl.ai.collector.example", 33,
+    ("bfl", "https://api.bfl.ai.collector.example", 33,
      "a recipe may not send the API key to api.bfl.ai.collector.example: only to bfl's own "
      "hosts (api.bfl.ai, api.*.bfl.ai, api.bfl.ml, over https) or loopback. To use it, pass "
      "--base-url https://api.bfl.ai.collector.example on the command line (or set "
      "BFL_BASE_URL)"),
-    ("http://api.bfl.ai", 33,
+    ("bfl", "http://api.bfl.ai", 33,
      "a recipe may not send the API key to api.bfl.ai: only to bfl's own hosts (api.bfl.ai, "
      "api.*.bfl.ai, api.bfl.ml, over https) or loopback. To use it, pass --base-url "
      "https://api.bfl.ai on the command line (or set BFL_BASE_URL)"),
 ])
 def test_a_recipe_cannot_send_the_key_elsewhere(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-        no_network: list[httpx.Request], base_url: str, column: int, message: str) -> None:
-    path = recipe(tmp_path, f'{{name: bfl, base_url: "{base_url}"}}')
+        no_network: list[httpx.Request], provider: str, base_url: str, column: int,
+        message: str) -> None:
+    path = recipe(tmp_path, f'{{name: {provider}, base_url: "{base_url}"}}')
     monkeypatch.setenv("BFL_API_KEY", KEY)
+    monkeypatch.setenv("COMETAPI_KEY", KEY)
 
     for command in (["validate", str(path)], ["render", str(path)]):
         assert main(command) == 1

@@ -4,6 +4,7 @@ turns it (or a manifest entry) into a one-job recipe that makes the same image a
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from fluxbatch.errors import EXIT_OK, FluxbatchError
 from fluxbatch.identity import job_key
 from fluxbatch.inputs import is_descriptor
 from fluxbatch.models import NON_PIXEL_FIELDS
+from fluxbatch.project import Project, ProjectFileError
 from fluxbatch.recipe_schema import SCHEMA_ID  # (the raw JSON, which an editor can load)
 
 _JINJA = re.compile(r"\{[{%#]")
@@ -52,18 +54,48 @@ def provenance_of(path: Path) -> dict[str, Any]:
 def reproduce(*, source: str, entry_path: str | None, output: str | None,
               force: bool = False) -> int:
     entry = _entry(Path(source), entry_path)
-    text = reproduction_recipe(entry)
-    if output:
-        target = Path(output)
-        if target.exists() and not force:
-            raise FluxbatchError(f"{output} exists: choose another file, or pass --force to "
-                                 "replace it")
-        target.write_text(text, encoding="utf-8")
-        print(f"wrote {output}: `fluxbatch render {output}` makes the image again "
-              f"(key {entry['key'][:12]}…)")
-    else:
-        print(text, end="")
+    if not output:
+        print(reproduction_recipe(entry), end="")
+        return EXIT_OK
+    target = Path(output)
+    if target.exists() and not force:
+        raise FluxbatchError(f"{output} exists: choose another file, or pass --force to "
+                             "replace it")
+    root = _origin_root(Path(source), entry)
+    output_root, note = _shared_root(target, root)
+    target.write_text(reproduction_recipe(entry, output_root), encoding="utf-8")
+    print(f"wrote {output}: `fluxbatch render {output}` makes the image again "
+          f"(key {entry['key'][:12]}…){note}")
     return EXIT_OK
+
+
+def _origin_root(source: Path, entry: dict[str, Any]) -> Path | None:
+    """The output root the image was written into (where its ledger is), if known: a
+    manifest's folder, or the image's path less the path the entry records."""
+    if source.suffix.lower() == ".json":
+        return source.absolute().parent
+    placed = str(entry.get("path") or "")
+    image = source.absolute().as_posix()
+    if not placed or not image.endswith("/" + placed):
+        return None  # (copied elsewhere, or renamed)
+    return Path(image[:-len(placed) - 1])
+
+
+def _shared_root(target: Path, root: Path | None) -> tuple[str | None, str]:
+    """The reproduction's `output_root:` (the original's root, so that its ledger is shared
+    and the image is placed from it, not paid for again), and a note when that cannot be."""
+    if root is None:
+        return None, ""
+    folder = target.absolute().parent
+    relative = Path(os.path.relpath(root, folder)).as_posix()
+    if relative == ".":
+        return None, ""
+    try:
+        Project.of_recipe(target.absolute()).output_root(relative)
+    except ProjectFileError:
+        return None, (f"; it renders into {target.parent or '.'}, where the original's image "
+                      f"is unknown: pass --out {root} to place it from there without paying")
+    return relative, ""
 
 
 def _entry(source: Path, entry_path: str | None) -> dict[str, Any]:
@@ -83,7 +115,7 @@ def _entry(source: Path, entry_path: str | None) -> dict[str, Any]:
     raise FluxbatchError(f"{source} has no image {entry_path!r}")
 
 
-def reproduction_recipe(entry: dict[str, Any]) -> str:
+def reproduction_recipe(entry: dict[str, Any], output_root: str | None = None) -> str:
     """A recipe whose single job has exactly the entry's request, hence its key."""
     request = {k: _pinned(k, v) for k, v in entry["request"].items()
                if k not in NON_PIXEL_FIELDS}
@@ -98,6 +130,7 @@ def reproduction_recipe(entry: dict[str, Any]) -> str:
         "version": 1,
         "name": reproduction_name(entry),
         "provider": entry.get("provider") or providers.DEFAULT,
+        **({"output_root": output_root} if output_root else {}),
         "output": _literal(entry["path"]),
         "defaults": params,
         "jobs": [job],

@@ -234,8 +234,12 @@ def _print_report(report: Report, plan: Plan, out: TextIO = sys.stdout) -> None:
     counts = Counter(o.status for o in report.outcomes)
     if report.fatal:  # one line says it all: the others were skipped for the same reason
         print(f"fluxbatch: stopped: {report.fatal}", file=sys.stderr)
-    # Each failure gets a line; pending and skipped images (an interrupt) are only counted.
-    problems = [o for o in report.outcomes if o.status in PROBLEMS
+    # Each failure gets a line, and so does a paid task left in flight for a reason of its
+    # own (a download that failed, a timeout); skipped images, and tasks left by an
+    # interrupt or by the reason the run stopped, are only counted.
+    problems = [o for o in report.outcomes
+                if (o.status in PROBLEMS or (o.status == "pending" and o.reason
+                                             and not o.reason.startswith("interrupted")))
                 and not (report.fatal and o.reason == report.fatal)]
     if problems:
         rows = [[o.job.job, values_text(o.job.vars), o.job.output, o.status, o.reason or ""]

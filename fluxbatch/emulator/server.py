@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import threading
@@ -82,6 +83,13 @@ class Emulator:
     @property
     def credits(self) -> float:
         return self._started().credits
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Change knobs of a running emulator, for tasks it already holds too (tests: a
+        delivery that fails, then works again)."""
+        self.config = dataclasses.replace(self.config, **changes)
+        if self._api is not None:
+            self._api.config = self.config
 
     def task(self, task_id: str) -> tasks.Task | None:
         """A task as the emulator sees it (tests peek at durations and outcomes)."""
