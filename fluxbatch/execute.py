@@ -569,7 +569,12 @@ class Executor:
             build = functools.partial(self.provider.poll_request, submitted)
             response = await self._get(build, "poll", job, pending_on_failure=True)
         except KeyNotSent as error:
-            raise JobFailed(str(error)) from None
+            # The task exists and may be billed, but cannot be collected without sending the
+            # key where it must not go. Not "failed": that would be paid for again at every
+            # run (a misrouting gateway would answer the same way each time). Held back as
+            # unknown, the user decides with --retry-unknown.
+            raise _Unknown(f"{error}; the task was created and may have been billed, but "
+                           "cannot be collected") from None
         try:
             return self.provider.read_polled(response)
         except r.BadResponse as error:

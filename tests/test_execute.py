@@ -797,15 +797,20 @@ def test_a_download_unusable_twice_stays_collectable_for_the_next_run(h: Harness
      "the provider named https://bfl.ai.collector.example for this task, which is not bfl's own "
      "host; the API key is not sent there"),
 ])
-def test_a_polling_url_off_the_providers_hosts_gets_no_key_and_the_task_fails(
+def test_a_polling_url_off_the_providers_hosts_gets_no_key_and_the_task_is_held_as_unknown(
         h: Harness, polling_url: str, reason: str) -> None:
+    """The task exists and may be billed: "failed" would make every later run pay again (a
+    gateway that misroutes answers the same way each time), so it ends unknown, which the
+    next run holds back until --retry-unknown."""
     h.api.submits["image 0"].append(httpx.Response(200, json={
         "id": "task-1", "polling_url": polling_url, "cost": 4.0}))
     h.api.tasks["task-1"] = ("image 0", h.time.now)
 
     outcomes = h.run([make_job(0), make_job(1)])
 
-    assert [(o.status, o.reason) for o in outcomes] == [("failed", reason), ("written", None)]
+    assert [(o.status, o.reason) for o in outcomes] == [
+        ("unknown", f"{reason}; the task was created and may have been billed, but cannot be "
+         "collected"), ("written", None)]
     assert [q.url.host for q in h.api.requests if q.method == "GET"] == [
         "api.eu4.bfl.ai", "delivery.eu2.bfl.ai"]  # image 1's poll and download only
 
