@@ -26,6 +26,8 @@ over `MAX_ANSWER` bytes or an image over `MAX_IMAGE` bytes is refused, never hel
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -266,11 +268,28 @@ def _classified(error: Exception, request: httpx.Request) -> Exception:
     cause = error.__cause__ if isinstance(error, httpx.TransportError) else error
     if not isinstance(cause, aiohttp.ClientError):
         return error  # already httpx's own (a test's MockTransport, say)
-    message = str(cause) or type(cause).__name__
+    message = _connect_failure(cause) or str(cause) or type(cause).__name__
     for aiohttp_class, httpx_class in _CLASSES:
         if isinstance(cause, aiohttp_class):
             return httpx_class(message, request=request)
     return httpx.RemoteProtocolError(message, request=request)  # unknown: it may have left
+
+
+def _connect_failure(cause: aiohttp.ClientError) -> str | None:
+    """`cannot connect to 127.0.0.1:9: Connection refused`, where aiohttp would say `Cannot
+    connect to host 127.0.0.1:9 ssl:default [Connect call failed ('127.0.0.1', 9)]`. Left to
+    aiohttp's own words: TLS and proxy failures, whose detail is the point."""
+    if not isinstance(cause, aiohttp.ClientConnectorError) or \
+            isinstance(cause, (aiohttp.ClientSSLError, aiohttp.ClientProxyConnectionError)):
+        return None
+    error = cause.os_error
+    if isinstance(error, socket.gaierror) and error.strerror:
+        reason = error.strerror  # `Name or service not known` (network_hint looks for it)
+    elif error.errno and error.errno > 0:
+        reason = os.strerror(error.errno)
+    else:
+        return None
+    return f"cannot connect to {cause.host}:{cause.port}: {reason}"
 
 
 def _size(limit: int) -> str:

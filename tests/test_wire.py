@@ -8,6 +8,7 @@ import asyncio
 import gzip
 import hashlib
 import io
+import socket
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -249,6 +250,21 @@ def os_error(cls: type[aiohttp.ClientOSError]) -> aiohttp.ClientOSError:
 def connector_error(cls: type[aiohttp.ClientConnectorError]) -> aiohttp.ClientConnectorError:
     key = aiohttp.client_reqrep.ConnectionKey("api.bfl.ai", 443, True, True, None, None, None)
     return cls(key, OSError(111, "Connection refused"))
+
+
+@pytest.mark.parametrize(("os_error", "message"), [
+    (OSError(111, "Connect call failed ('127.0.0.1', 443)"),
+     "cannot connect to api.bfl.ai:443: Connection refused"),
+    (socket.gaierror(-2, "Name or service not known"),
+     "cannot connect to api.bfl.ai:443: Name or service not known"),
+])
+def test_a_connection_failure_reads_as_one_plain_reason(os_error: OSError, message: str) -> None:
+    """Not aiohttp's `Cannot connect to host api.bfl.ai:443 ssl:default [Connect call failed
+    ...]`; a name that does not resolve still reads as such, for the proxy hint."""
+    key = aiohttp.client_reqrep.ConnectionKey("api.bfl.ai", 443, True, True, None, None, None)
+    request = httpx.Request("POST", "https://api.bfl.ai/v1/flux-dev")
+    mapped = _classified(aiohttp.ClientConnectorError(key, os_error), request)
+    assert (type(mapped), str(mapped)) == (httpx.ConnectError, message)
 
 
 @pytest.mark.parametrize(("error", "expected", "unsent"), [

@@ -204,7 +204,8 @@ def _is_number(value: Any) -> TypeGuard[int | float]:
 
 
 def describe_error(error: httpx.RequestError) -> str:
-    """A transport error in one line: `ConnectError: [Errno 111] Connection refused`."""
+    """A transport error in one line: `ConnectError: cannot connect to host:443: Connection
+    refused`."""
     text = printable(str(error)) or type(error).__name__
     return f"{type(error).__name__}: {text}" if text != type(error).__name__ else text
 
