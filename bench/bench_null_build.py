@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import ensure_bytecode
+
 RECIPE = """\
 version: 1
 name: nullbuild
@@ -99,6 +101,7 @@ def main() -> int:
     args = parser.parse_args()
     if shutil.which("make") is None:
         raise SystemExit("make is not installed")
+    ensure_bytecode()  # as an installed package has it: else each start compiles them again
     with tempfile.TemporaryDirectory() as tmp:
         ours_root, make_root = Path(tmp) / "fluxbatch", Path(tmp) / "make"
         ours_root.mkdir()
