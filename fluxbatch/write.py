@@ -18,10 +18,11 @@ import posixpath
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fluxbatch import __version__, imagemeta, models
 from fluxbatch.expand import Job
@@ -56,14 +57,22 @@ def atomic_write(target: Path, data: bytes, temp_dir: Path | None = None) -> int
     """Write `data` to `target` atomically; return the new file's mtime in ns. The temporary
     file lives in `temp_dir` (same file system), so a crash leaves no debris beside images."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    if temp_dir is not None:
-        temp_dir.mkdir(parents=True, exist_ok=True)
+    with _replacing(target, temp_dir or target.parent, "wb") as handle:
+        handle.write(data)
+    return os.stat(target).st_mtime_ns
+
+
+@contextlib.contextmanager
+def _replacing(target: Path, temp_dir: Path, mode: str) -> Iterator[IO[Any]]:
+    """A temporary file in `temp_dir` (same file system) that, once the block ends, is
+    fsync'd, made 0644 and renamed over `target`; on any error it goes, `target` untouched."""
+    temp_dir.mkdir(parents=True, exist_ok=True)
     # (a short prefix: a name near the file system's limit must still leave room for it)
     fd, temporary = tempfile.mkstemp(prefix=f".{target.name[:40]}.", suffix=".tmp",
-                                     dir=temp_dir or target.parent)
+                                     dir=temp_dir)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(temporary, 0o644)
@@ -72,7 +81,6 @@ def atomic_write(target: Path, data: bytes, temp_dir: Path | None = None) -> int
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
-    return os.stat(target).st_mtime_ns
 
 
 def real_path(planned: str, data: bytes) -> str:
@@ -162,31 +170,19 @@ def write_manifest(recipe: Recipe, store: Store) -> Path:
         "spec_date": models.SPEC_DATE,
         "updated_at": _iso(time.time()),
     }
-    temp_dir(root).mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
-                                     dir=temp_dir(root))
     count = 0
     size = credits = 0.0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(head, ensure_ascii=False)[:-1] + ',\n"images": [')
-            for text in store.entries_json(recipe.name):
-                handle.write(",\n" if count else "\n")
-                handle.write(text)
-                count += 1
-                size += _number(text, '"bytes":')
-                credits += _number(text, '"cost":')
-            totals = {"images": count, "bytes": int(size), "cost_credits": round(credits, 4)}
-            handle.write(("\n" if count else "") + '],\n"totals": '
-                         + json.dumps(totals) + "\n}\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    with _replacing(target, temp_dir(root), "w") as handle:
+        handle.write(json.dumps(head, ensure_ascii=False)[:-1] + ',\n"images": [')
+        for text in store.entries_json(recipe.name):
+            handle.write(",\n" if count else "\n")
+            handle.write(text)
+            count += 1
+            size += _number(text, '"bytes":')
+            credits += _number(text, '"cost":')
+        totals = {"images": count, "bytes": int(size), "cost_credits": round(credits, 4)}
+        handle.write(("\n" if count else "") + '],\n"totals": '
+                     + json.dumps(totals) + "\n}\n")
     store.wrote_manifest(recipe.name, target)
     _retire_legacy_manifest(root, recipe.name)
     return target
