@@ -484,10 +484,15 @@ class Executor:
             return
         sleeper = asyncio.ensure_future(self.sleep(delay))
         stopper = asyncio.ensure_future(self._stop_event.wait())
-        _, pending = await asyncio.wait({sleeper, stopper},
-                                        return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
+        try:
+            await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Also when the render itself is cancelled (`arender`'s task, a second Ctrl-C):
+            # a waiter left pending is destroyed with the executor, and asyncio prints "Task
+            # was destroyed but it is pending!" on the user's terminal.
+            sleeper.cancel()
+            stopper.cancel()
+            await asyncio.gather(sleeper, stopper, return_exceptions=True)
 
     def _backoff(self, attempt: int) -> float:
         """Jittered exponential backoff: uniform in [c/4, c], c = min(cap, base * 2**attempt)."""

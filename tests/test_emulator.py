@@ -31,7 +31,7 @@ AUTH_FAILED = "Not authenticated - Invalid Authentication"
 @contextmanager
 def serve(**overrides: Any) -> Iterator[tuple[Emulator, httpx.Client]]:
     config = EmulatorConfig(**{"latency": 0.0, **overrides})
-    with EmulatorThread(config) as emu, httpx.Client(base_url=emu.base_url, timeout=5) as client:
+    with EmulatorThread(config) as emu, httpx.Client(base_url=emu.base_url, timeout=120) as client:
         yield emu, client
 
 
@@ -66,7 +66,7 @@ def test_submit_poll_download_serves_requested_format_scaled_to_max_side(fmt: st
     with serve() as (emu, client):
         task_id, result = ready_sample(client, "flux-pro-1.1", body)
         sample = result["result"]["sample"]
-        download = httpx.get(sample, follow_redirects=True)
+        download = httpx.get(sample, follow_redirects=True, timeout=120)
 
     assert result["status"] == "Ready"
     assert result["result"]["seed"] == 42
@@ -365,8 +365,8 @@ def test_get_result_without_id_is_422() -> None:
 def test_sample_url_redirects_to_a_second_signed_url() -> None:
     with serve() as (emu, client):
         task_id, body = ready_sample(client, "flux-dev", {"prompt": "x"})
-        first = httpx.get(body["result"]["sample"])
-        second = httpx.get(first.headers["location"])
+        first = httpx.get(body["result"]["sample"], timeout=120)
+        second = httpx.get(first.headers["location"], timeout=120)
     assert first.status_code == 302
     assert first.headers["location"].startswith(f"{emu.base_url}/delivery/durable/{task_id}/")
     assert second.status_code == 200
@@ -376,7 +376,7 @@ def test_sample_url_redirects_to_a_second_signed_url() -> None:
 def test_sample_url_serves_directly_without_redirects() -> None:
     with serve(redirect_downloads=False) as (_, client):
         _, body = ready_sample(client, "flux-dev", {"prompt": "x"})
-        response = httpx.get(body["result"]["sample"])
+        response = httpx.get(body["result"]["sample"], timeout=120)
     assert response.status_code == 200
     assert response.headers["content-type"] == "image/jpeg"
 
@@ -394,7 +394,7 @@ def test_expired_sample_url_is_403_azure_error() -> None:
     with serve(url_ttl=0.05) as (emu, client):
         _, body = ready_sample(client, "flux-dev", {"prompt": "x"})
         time.sleep(0.1)
-        response = httpx.get(body["result"]["sample"], follow_redirects=True)
+        response = httpx.get(body["result"]["sample"], follow_redirects=True, timeout=120)
     assert response.status_code == 403
     assert response.headers["content-type"] == "application/xml"
     assert "<Error><Code>AuthenticationFailed</Code>" in response.text
@@ -405,7 +405,7 @@ def test_expired_sample_url_is_403_azure_error() -> None:
 def test_tampered_signature_is_403() -> None:
     with serve() as (_, client):
         _, body = ready_sample(client, "flux-dev", {"prompt": "x"})
-        response = httpx.get(body["result"]["sample"].replace("sig=", "sig=0"))
+        response = httpx.get(body["result"]["sample"].replace("sig=", "sig=0"), timeout=120)
     assert response.status_code == 403
     assert "Signature did not match" in response.text
 
@@ -484,7 +484,8 @@ def test_downloaded_bytes_equal_render_image_and_depend_on_the_seed() -> None:
         samples = []
         for seed in (1, 1, 2):
             _, result = ready_sample(client, "flux-2-pro", {**body, "seed": seed})
-            samples.append(httpx.get(result["result"]["sample"], follow_redirects=True).content)
+            sample = httpx.get(result["result"]["sample"], follow_redirects=True, timeout=120)
+            samples.append(sample.content)
     assert samples[0] == render_image("flux-2-pro", {**body, "seed": 1}, 512)[0]
     assert samples[0] == samples[1]
     assert samples[0] != samples[2]
@@ -544,7 +545,8 @@ def test_jsonl_log_has_one_line_per_submit(tmp_path: Path) -> None:
 
 def test_async_emulator_serves_on_the_callers_loop() -> None:
     async def scenario() -> dict[str, Any]:
-        async with Emulator(EmulatorConfig(latency=0)) as emu, httpx.AsyncClient() as client:
+        async with Emulator(EmulatorConfig(latency=0)) as emu, \
+                httpx.AsyncClient(timeout=120) as client:
             response = await client.get(f"{emu.base_url}/v1/credits", headers=KEY)
             return dict(response.json())
 
@@ -599,10 +601,13 @@ def test_emulator_command_prints_its_address_and_exits_130_on_ctrl_c() -> None:
         assert process.stdout is not None
         line = process.stdout.readline()
         base_url = line.split()[4]
-        credits = httpx.get(f"{base_url}/v1/credits", headers=KEY).json()
+        # Bounds that only catch a hang: on a loaded 2-core machine (the suite's other
+        # workers, Chromium starting) a child can be starved for many seconds, and httpx's
+        # default 5-s timeout or a 10-s wait for the exit failed there although nothing hung.
+        credits = httpx.get(f"{base_url}/v1/credits", headers=KEY, timeout=120).json()
     finally:
         process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=10)
+        _, stderr = process.communicate(timeout=120)
     assert line == (
         f"fluxbatch emulator listening on {base_url}"
         " (BFL routes /v1/..., CometAPI routes /flux/v1/...)\n"

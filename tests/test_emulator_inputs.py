@@ -39,7 +39,7 @@ IMAGE_FIELDS = [
 def client() -> Iterator[httpx.Client]:
     with (
         EmulatorThread(EmulatorConfig(latency=0.0)) as emu,
-        httpx.Client(base_url=emu.base_url, headers=KEY, timeout=10) as http,
+        httpx.Client(base_url=emu.base_url, headers=KEY, timeout=120) as http,
     ):
         yield http
 
@@ -81,7 +81,7 @@ def render(client: httpx.Client, model: str, body: dict[str, Any]) -> Image.Imag
     assert task.status_code == 200, task.text
     result = client.get(task.json()["polling_url"]).json()
     assert result["status"] == "Ready", result
-    sample = httpx.get(result["result"]["sample"], follow_redirects=True)
+    sample = httpx.get(result["result"]["sample"], follow_redirects=True, timeout=120)
     return Image.open(io.BytesIO(sample.content)).convert("RGB")
 
 

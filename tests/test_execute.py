@@ -1207,3 +1207,24 @@ def test_bodies_are_prepared_only_when_a_slot_is_free_and_a_refused_one_is_not_s
         f"base64-of-{i}" for i in (0, 1, 2, 4, 5)]
     assert h.journal.of(3) == ["finished"]
     assert "changed after the plan was made" in (by_index[3].reason or "")
+
+
+def test_a_render_cancelled_while_it_waits_leaves_no_task_behind() -> None:
+    """`arender`'s task cancelled during a backoff: the executor's own waiters end with it
+    (left pending, they are destroyed with the executor and asyncio prints "Task was
+    destroyed but it is pending!" on the user's terminal)."""
+    async def main() -> set[asyncio.Task[Any]]:
+        async def forever(delay: float) -> None:
+            await asyncio.Event().wait()
+
+        async with Wire(httpx.MockTransport(lambda request: httpx.Response(500))) as wire:
+            executor = Executor(Bfl(providers.REGISTRY["bfl"], BASE, Secret(KEY)), wire,
+                                journal=FakeJournal(), writer=FakeWriter(), sleep=forever)
+            pausing = asyncio.ensure_future(executor._pause(60))
+            await asyncio.sleep(0)
+            pausing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pausing
+        return asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
+
+    assert asyncio.run(main()) == set()

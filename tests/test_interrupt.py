@@ -135,7 +135,7 @@ def test_ctrl_c_exits_130_with_consistent_state_and_the_rerun_pays_nothing_twice
         for _ in range(presses):
             process.send_signal(signal.SIGINT)
             time.sleep(0.05)
-        out, err = process.communicate(timeout=30)
+        out, err = process.communicate(timeout=120)
         counts = check_consistent(tmp_path)
 
         rerun = subprocess.run(render_command(recipe, emu.base_url), env=environment(),

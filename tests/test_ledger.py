@@ -246,7 +246,7 @@ def emulator_submit(emulator: Emulator, model: str, body: dict[str, object]) -> 
     import httpx
 
     response = httpx.post(f"{emulator.base_url}/v1/{model}", json=body,
-                          headers={"x-key": "earlier-run"})
+                          headers={"x-key": "earlier-run"}, timeout=120)
     response.raise_for_status()
     answer: dict[str, str] = response.json()
     return answer

@@ -528,7 +528,7 @@ def test_render_waits_for_the_lock_held_by_another_process(
         started = time.monotonic()
         assert cli.render() == Run(0, cli.written(4), "")
         waited = time.monotonic() - started
-        assert holder.wait(timeout=10) == 0
+        assert holder.wait(timeout=120) == 0
     finally:
         holder.kill()
         holder.wait()
