@@ -72,7 +72,12 @@ def commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPars
 
 
 def stable(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.formatter_class = StableHelpFormatter
+    # Keep the parser's own formatter under the fixed layout: `fluxbatch`'s is
+    # RawDescriptionHelpFormatter, whose "words:" table must not be reflowed into a paragraph.
+    own = parser.formatter_class
+    if isinstance(own, type) and not issubclass(own, StableHelpFormatter):
+        layout: Any = type(f"Stable{own.__name__}", (StableHelpFormatter, own), {})
+        parser.formatter_class = layout
     parser.color = False  # type: ignore[attr-defined]  # (Python 3.14 on; harmless before)
     return parser
 

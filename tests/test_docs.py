@@ -81,6 +81,15 @@ def test_the_command_line_reference_is_the_help_of_every_command() -> None:
         "docs/generate_cli.py` to rewrite it, and commit the result")
 
 
+def test_the_command_line_reference_keeps_the_help_texts_laid_out_as_written() -> None:
+    """The top-level help's "words:" table is a table, as `fluxbatch --help` prints it: a
+    formatter that reflows it into one paragraph differs from the real help."""
+    from fluxbatch.main import WORDS
+
+    reference = generator().generate()
+    assert WORDS + "\n```" in section(reference, "## fluxbatch\n", "## fluxbatch validate")
+
+
 def test_the_command_line_reference_does_not_depend_on_the_terminal(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "40")
