@@ -511,10 +511,13 @@ class _LazyTasks(Mapping[str, Task]):
 
 
 def unreadable_store(path: Path, error: sqlite3.DatabaseError) -> StateError:
+    # The folder ends in a separator, and the sentence with it: a root of `.` read
+    # "...from the manifests in .. No image..." when a full stop followed it.
+    folder = os.path.join(path.parent.parent, "")
     return StateError(
-        f"{path}: the state store is unreadable ({error}). Move it away (for example "
-        f"`mv {path} {path}.broken`) and run again: fluxbatch rebuilds it from the "
-        f"manifests in {path.parent.parent}. No image is touched."
+        f"{path}: the state store is unreadable ({error}). No image is touched: move it away "
+        f"(for example `mv {path} {path}.broken`) and run again, and fluxbatch rebuilds it "
+        f"from the manifests in {folder}"
     )
 
 

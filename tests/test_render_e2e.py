@@ -274,9 +274,9 @@ def test_a_store_damaged_past_its_header_is_one_clear_line(
     err = capsys.readouterr().err
     assert code == 1
     assert err.startswith(f"fluxbatch: {database}: the state store is unreadable (")
-    assert err.endswith(f"Move it away (for example `mv {database} {database}.broken`) and run "
-                        f"again: fluxbatch rebuilds it from the manifests in {tmp_path}. No "
-                        "image is touched.\n")
+    assert err.endswith(f"No image is touched: move it away (for example `mv {database} "
+                        f"{database}.broken`) and run again, and fluxbatch rebuilds it from "
+                        f"the manifests in {tmp_path}/\n")
 
 
 @pytest.mark.parametrize(("where", "errno_", "what"), [

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
 from fluxbatch.errors import StateError
 from fluxbatch.expand import Job
 from fluxbatch.selection import load_plan
-from fluxbatch.state import RootLock, Store
+from fluxbatch.state import RootLock, Store, unreadable_store
 from tests.helpers import (
     STORED,
     Cli,
@@ -308,10 +309,13 @@ def test_inspect_prints_the_provenance_the_image_carries(rendered: Cli) -> None:
     width = max(len(name) for name in entry)
     lines = [f"{name.ljust(width)}  "
              f"{entry[name] if isinstance(entry[name], str) else json.dumps(entry[name])}"
-             for name in sorted(entry)]
+             for name in sorted(entry) if name != "cost"]
     image = str(rendered.root / "grid" / "star.png")
 
-    assert rendered("inspect", image) == Run(0, "\n".join(lines) + "\n", "")
+    shown = rendered("inspect", image)
+    assert shown.code == 0 and shown.err == ""
+    assert f"{'cost'.ljust(width)}  4.0 credits ($0.04)" in shown.out.splitlines()
+    assert [line for line in shown.out.splitlines() if not line.startswith("cost ")] == lines
     as_json = rendered("inspect", image, "--json")
     assert (as_json.code, json.loads(as_json.out)) == (0, entry)
     assert entry["key"] == planned(rendered)["grid/star.png"].key
@@ -427,9 +431,9 @@ def test_a_garbage_store_is_an_error_naming_it(rendered: Cli, emulator: Emulator
     result = rendered.render() if command == "render" else rendered(command,
                                                                     str(rendered.recipe))
     assert result == Run(1, "", (
-        f"fluxbatch: {store}: the state store is unreadable (file is not a database). Move it "
-        f"away (for example `mv {store} {store}.broken`) and run again: fluxbatch rebuilds it "
-        f"from the manifests in {rendered.root}. No image is touched.\n"))
+        f"fluxbatch: {store}: the state store is unreadable (file is not a database). No "
+        f"image is touched: move it away (for example `mv {store} {store}.broken`) and run "
+        f"again, and fluxbatch rebuilds it from the manifests in {rendered.root}/\n"))
     untouched(rendered, before, sent)
 
 
@@ -443,8 +447,8 @@ def test_a_damaged_page_of_the_store_is_an_error_naming_it(rendered: Cli,
     before, sent = images(rendered.root), len(emulator.submissions)
     error = Run(1, "", (
         f"fluxbatch: {store}: the state store is unreadable (database disk image is malformed). "
-        f"Move it away (for example `mv {store} {store}.broken`) and run again: fluxbatch "
-        f"rebuilds it from the manifests in {rendered.root}. No image is touched.\n"))
+        f"No image is touched: move it away (for example `mv {store} {store}.broken`) and run "
+        f"again, and fluxbatch rebuilds it from the manifests in {rendered.root}/\n"))
     assert rendered.render() == error
     assert rendered.status() == error
     untouched(rendered, before, sent)
@@ -534,3 +538,13 @@ def test_render_waits_for_the_lock_held_by_another_process(
         holder.wait()
     assert waited >= 0.8  # it did not start while the other process held the root
     check_manifest(cli)
+
+
+def test_the_hint_for_an_unreadable_store_in_the_current_folder_reads_as_a_sentence() -> None:
+    error = unreadable_store(Path(".fluxbatch/state.sqlite"),
+                             sqlite3.DatabaseError("file is not a database"))
+    assert str(error) == (
+        ".fluxbatch/state.sqlite: the state store is unreadable (file is not a database). No "
+        "image is touched: move it away (for example `mv .fluxbatch/state.sqlite "
+        ".fluxbatch/state.sqlite.broken`) and run again, and fluxbatch rebuilds it from the "
+        "manifests in ./")

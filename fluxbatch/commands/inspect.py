@@ -30,10 +30,14 @@ def inspect(*, image: str, as_json: bool) -> int:
         return EXIT_OK
     width = max(len(k) for k in entry)
     for name in sorted(entry):
-        value = entry[name]
-        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-        print(f"{name.ljust(width)}  {text}")
+        print(f"{name.ljust(width)}  {_shown(name, entry[name])}")
     return EXIT_OK
+
+
+def _shown(name: str, value: Any) -> str:
+    if name == "cost" and isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value} credits (${value / 100:.2f})"  # the provider's unit: 1 credit = $0.01
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 def provenance_of(path: Path) -> dict[str, Any]:
