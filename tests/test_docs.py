@@ -56,6 +56,46 @@ def test_the_readme_keeps_the_two_commands_ci_and_newcomers_run() -> None:
         ".venv/bin/python -m pytest -q\n")
 
 
+def session_steps(block: str) -> list[tuple[str, list[str]]]:
+    """A console block as (command, the lines it prints)."""
+    steps: list[tuple[str, list[str]]] = []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        else:
+            steps[-1][1].append(line)
+    return steps
+
+
+def matches_with_elisions(expected: list[str], printed: list[str]) -> bool:
+    """`…` on a line of its own stands for one or more lines left out."""
+    pattern = "\n".join(".+?" if line == "…" else re.escape(line) for line in expected)
+    return re.fullmatch(pattern, "\n".join(printed), re.DOTALL) is not None
+
+
+@pytest.mark.slow
+def test_the_readme_quickstart_session_prints_what_the_readme_shows(tmp_path: Path) -> None:
+    """After the main command, each command of the README's session prints exactly what the
+    README says it prints (a newcomer compares the two)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    root = fresh_clone(tmp_path)
+    rendered = subprocess.run([sys.executable, "-m", "fluxbatch", "render",
+                               "examples/quickstart/recipe.yaml"], cwd=root,
+                              capture_output=True, text=True, timeout=300, check=True)
+    assert rendered.stdout.startswith("10 written")
+    for command, expected in session_steps(marked_block(readme, "quickstart-session")):
+        if command.startswith("fluxbatch "):
+            argv = [sys.executable, "-m", "fluxbatch", *command.split()[1:]]
+            done = subprocess.run(argv, cwd=root, capture_output=True, text=True,
+                                  timeout=300, check=False)
+        else:
+            done = subprocess.run(command, shell=True, cwd=root, capture_output=True,
+                                  text=True, timeout=300, check=False)
+        printed = (done.stdout + done.stderr).splitlines()
+        assert done.returncode == 0, (command, done.stderr)
+        assert matches_with_elisions(expected, printed), (command, printed)
+
+
 def test_the_readme_links_the_license_and_the_changelog() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "](LICENSE)" in readme
