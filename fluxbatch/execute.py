@@ -436,7 +436,8 @@ class Executor:
                 connect_failures += 1
                 if connect_failures >= self.settings.connect_attempts:
                     raise _Fatal(f"cannot reach {self.provider.base_url}: "
-                                 f"{r.describe_error(error)}{r.network_hint(error)}") from None
+                                 f"{r.unreachable_reason(error)}{r.network_hint(error)}") \
+                        from None
                 await self._pause(self._backoff(connect_failures))
                 continue
             except httpx.RequestError as error:  # it left: a reset, a timeout, a huge answer

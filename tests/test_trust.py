@@ -161,9 +161,7 @@ def test_an_unreachable_host_stops_the_run_with_one_line(
     out, err = capsys.readouterr()
     assert code == 1
     [stopped] = err.splitlines()
-    port = dead.rpartition(":")[2]
-    assert stopped == (f"fluxbatch: stopped: cannot reach {dead}: ConnectError: cannot connect "
-                       f"to 127.0.0.1:{port}: Connection refused")
+    assert stopped == f"fluxbatch: stopped: cannot reach {dead}: Connection refused"
     assert out.startswith("20 skipped; nothing paid")
 
 

@@ -210,6 +210,15 @@ def describe_error(error: httpx.RequestError) -> str:
     return f"{type(error).__name__}: {text}" if text != type(error).__name__ else text
 
 
+def unreachable_reason(error: httpx.RequestError) -> str:
+    """Why a host could not be reached, for a line that already names the host: `Connection
+    refused`, not `ConnectError: cannot connect to 127.0.0.1:9: Connection refused`."""
+    text = printable(str(error))
+    if text.startswith("cannot connect to ") and ": " in text[len("cannot connect to "):]:
+        return text[len("cannot connect to "):].split(": ", 1)[1]
+    return text or describe_error(error)
+
+
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
                     "all_proxy")
 
