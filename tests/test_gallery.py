@@ -231,6 +231,30 @@ def test_png_draws_the_sheet_with_its_markers_and_says_its_size(
     assert len(colours) > 1000  # the thumbnails themselves
 
 
+def test_png_headers_that_fit_are_drawn_whole() -> None:
+    """A header narrower than the limit is never cut: "subject \\ style" measured 90.9 px
+    and its cell was 90 px wide, so it read "subject \\ st…"."""
+    from fluxbatch.commands.contact_sheet import (
+        Label,
+        Mark,
+        Sheet,
+        Tile,
+        _cut,
+        _Fonts,
+        _Layout,
+        _Text,
+    )
+
+    tile = Tile(Mark.IMAGE, "1", (64, 64))
+    sheet = Sheet("mugs", "4 images", "subject \\ style", (Label("teapot"), Label("kettle")),
+                  (Label("watercolor"), Label("studio photo")),
+                  {(i, j): ((tile,),) for i in range(2) for j in range(2)})
+    _, _, ops = _Layout(_Fonts.load(), 64, True).page("quickstart", [sheet])
+    texts = [op for op in ops if isinstance(op, _Text)]
+    assert {op.text for op in texts} >= {"subject \\ style", "teapot", "kettle", "mugs"}
+    assert [op.text for op in texts if _cut(op.text, op.font, op.width) != op.text] == []
+
+
 def test_png_thumbnails_shrink_to_stay_under_the_pixel_cap(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     recipe = _rendered(tmp_path, RECIPE, capsys)

@@ -298,8 +298,8 @@ class _Layout:
         body = self.table(sheet, box, top, ops) if sheet.rows else \
             self.strip(sheet, box, top, wrap, ops)
         # the title may be wider than a narrow strip: the page widens for it
-        width = int(max(body[0], self.fonts.title.getlength(sheet.title),
-                        self.fonts.small.getlength(sheet.summary)))
+        width = math.ceil(max(body[0], self.fonts.title.getlength(sheet.title),
+                              self.fonts.small.getlength(sheet.summary)))
         ops[:0] = [_Text(0, 0, sheet.title, self.fonts.title, INK, width),
                    _Text(0, TITLE_LINE, sheet.summary, self.fonts.small, GREY, width)]
         return width, top + body[1], ops
@@ -309,12 +309,14 @@ class _Layout:
         cells = {at: self.cell_size(groups, box) for at, groups in sheet.cells.items()}
         empty = (box[0], box[1] + SMALL_LINE)
         rows, cols = range(len(sheet.rows)), range(len(sheet.cols))
-        col_w = [max(cells.get((i, j), empty)[0] for i in rows) + 2 * PAD for j in cols]
+        # a column is as wide as its widest cell, or its header up to the limit, so that a
+        # value longer than a thumbnail ("studio photo" over 64-px tiles) is read whole
+        col_w = [max(max(cells.get((i, j), empty)[0] for i in rows),
+                     self.text_width(sheet.cols[j])) + 2 * PAD for j in cols]
         row_h = [max([cells.get((i, j), empty)[1] + 2 * PAD for j in cols]
                      + [self.label_height(sheet.rows[i])]) for i in rows]
-        texts = [sheet.corner] + [t for label in sheet.rows for t in (label.text, *label.notes)]
-        head_w = int(min(HEADER_MAX, max(self.fonts.text.getlength(t) for t in texts))) + 2 * PAD
-        head_w = max(head_w, 60)
+        head_w = max(max(self.text_width(label) for label in (Label(sheet.corner), *sheet.rows))
+                     + 2 * PAD, 60)
         head_h = max(self.label_height(label) for label in (*sheet.cols, Label(sheet.corner)))
         self.label(Label(sheet.corner), 0, top, head_w, head_h, HEAD, ops)
         x = head_w
@@ -373,6 +375,13 @@ class _Layout:
         for n, note in enumerate(label.notes):
             ops.append(_Text(x + PAD, y + PAD + TEXT_LINE + n * SMALL_LINE, note,
                              self.fonts.small, GREY, w - 2 * PAD))
+
+    def text_width(self, label: Label) -> int:
+        """The width a label's texts need, up to HEADER_MAX (rounded up: a text wider than
+        its box by a fraction of a pixel is cut with "…", as "subject \\ style" was)."""
+        widths = [self.fonts.text.getlength(label.text),
+                  *(self.fonts.small.getlength(note) for note in label.notes)]
+        return math.ceil(min(HEADER_MAX, max(widths)))
 
     @staticmethod
     def label_height(label: Label) -> int:
