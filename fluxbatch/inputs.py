@@ -28,7 +28,7 @@ import json
 import os
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,6 +171,29 @@ class InputProblem(Exception):
     """An image input that cannot be used; the message says why, in one line."""
 
 
+class _ProjectGlob(wcglob.Glob[str]):
+    """wcmatch's glob that lists only folders a recipe may read. Whatever leads a pattern
+    elsewhere (`..`, a brace such as `{../../etc,x}`, a linked folder that `*` matches), the
+    folder is refused before it is listed, and the message names the pattern and the folder
+    as the pattern reached it, so no name found outside the project is ever seen or said.
+
+    (`_iter`, the one place wcmatch lists a folder, is wcmatch's own, not public API; the
+    tests of `files:` patterns fail if it changes.)"""
+
+    def __init__(self, pattern: str, project: Project) -> None:
+        super().__init__(pattern, flags=_GLOB, root_dir=os.fspath(project.folder))
+        self.project = project
+        self.text = pattern
+
+    def _iter(self, curdir: str | None, dir_only: bool,
+              deep: bool) -> Iterator[tuple[str, bool, bool, bool]]:
+        refused = self.project.listing_refusal(curdir or ".")
+        if refused is not None:
+            raise InputProblem(f"{self.text!r} {refused}; a files: pattern matches only "
+                               "files inside the recipe's project")
+        yield from super()._iter(curdir, dir_only, deep)
+
+
 class Inputs:
     """Turns what a recipe writes in an image field into a descriptor, for one project, and
     a descriptor back into what the API takes, when the request is sent."""
@@ -185,24 +208,14 @@ class Inputs:
         """A `files:` glob, sorted, each match a regular image file inside the project.
 
         As in a shell: `*` skips hidden files, `**` spans folders, `{png,jpg}` is either.
-        `**` does not follow a linked folder (it could lead anywhere), and the pattern's
-        fixed start must be a folder inside the project."""
+        `**` does not follow a linked folder (it could lead anywhere), and no folder outside
+        the project, or in `.git/`, is ever listed (see `_ProjectGlob`)."""
         if os.path.isabs(pattern):
             raise InputProblem(f"{pattern} is an absolute path; a files: pattern is relative "
                                "to the recipe")
-        fixed = []
-        for part in pattern.split("/"):
-            if wcglob.is_magic(part, flags=_GLOB):
-                break
-            fixed.append(part)
-        if fixed and fixed != [pattern]:
-            try:
-                self.project.resolve("/".join(fixed) or ".")
-            except ProjectFileError as error:
-                raise InputProblem(str(error)) from None
         names = []
         try:
-            for name in wcglob.iglob(pattern, flags=_GLOB, root_dir=self.project.folder):
+            for name in _ProjectGlob(pattern, self.project).glob():
                 names.append(Path(name).as_posix())
                 if len(names) > MAX_FILES:
                     raise InputProblem(f"{pattern!r} matches more than {MAX_FILES:,} files")
