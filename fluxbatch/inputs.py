@@ -361,18 +361,29 @@ def _facts(data: bytes, name: str) -> Facts:
     if fmt not in _FORMATS:
         kind = f"a {fmt.upper()} image" if fmt else "not an image"
         raise InputProblem(f"{name} is {kind}; image inputs are PNG, JPEG or WebP")
+    stated = imagemeta.dimensions(data)
+    if stated is not None:  # (before Pillow: it allocates a WebP's canvas as it opens it)
+        _check_pixels(name, *stated)
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-            if width * height > MAX_INPUT_PIXELS:
-                raise InputProblem(f"{name} is {width}×{height}, over the limit of "
-                                   f"{MAX_INPUT_PIXELS / 1e6:g} megapixels for an image input")
+            _check_pixels(name, width, height)
             image.verify()  # (a PNG's chunks and checksums: a truncated file is caught here)
+    except Image.DecompressionBombError:  # (a header only Pillow could read)
+        raise InputProblem(f"{name} is over the limit of {MAX_INPUT_PIXELS / 1e6:g} "
+                           "megapixels for an image input (Pillow refuses it as a "
+                           "decompression bomb)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise InputProblem(f"{name} is not a readable {fmt.upper()} image ({error})") from None
     return Facts(hashlib.sha256(data).hexdigest(), len(data), fmt, width, height)
+
+
+def _check_pixels(name: str, width: int, height: int) -> None:
+    if width * height > MAX_INPUT_PIXELS:
+        raise InputProblem(f"{name} is {width}×{height}, over the limit of "
+                           f"{MAX_INPUT_PIXELS / 1e6:g} megapixels for an image input")
 
 
 def _short(text: str, width: int = 60) -> str:

@@ -8,6 +8,8 @@ import hashlib
 import io
 import json
 import os
+import struct
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -499,3 +501,78 @@ def test_the_emulator_bills_input_megapixels_as_the_client_estimates(tmp_path: P
         assert render(recipe, emulator) == 0
     entry = json.loads((tmp_path / "wide.manifest.json").read_text().splitlines()[2].rstrip(","))
     assert entry["cost"] == pytest.approx(estimate * 100)
+
+
+# -- decompression bombs ----------------------------------------------------------------------
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A valid 1-bit PNG of blank rows: about 50 KB on disk, 400 megapixels decoded."""
+    row = bytes(1 + (width + 7) // 8)  # (filter byte, then the row's bits)
+    pack = zlib.compressobj(9)
+    pixels = b"".join(pack.compress(row) for _ in range(height)) + pack.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", pixels)
+            + png_chunk(b"IEND", b""))
+
+
+def bomb_jpeg(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A small JPEG whose frame header (SOF0) claims `width`×`height`."""
+    data = bytearray(image_bytes(size=(8, 8), fmt="JPEG"))
+    frame = data.index(b"\xff\xc0") + 5  # (marker, length, precision: then height, width)
+    data[frame:frame + 4] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def bomb_webp(width: int = 16_383, height: int = 16_383) -> bytes:
+    """A small WebP whose canvas (VP8X) claims `width`×`height`."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, "WEBP", lossless=True)
+    simple = buffer.getvalue()
+    canvas = (width - 1 | (height - 1) << 24).to_bytes(6, "little")
+    body = b"WEBP" + b"VP8X" + struct.pack("<I", 10) + bytes(4) + canvas + simple[12:]
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+@pytest.mark.parametrize("command", ["validate", "plan", "render"])
+def test_a_decompression_bomb_is_a_located_problem(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        command: str) -> None:
+    """Pillow refused this 400-megapixel PNG (50 KB on disk) with DecompressionBombError,
+    and every command exited 3 with a traceback."""
+    bomb = bomb_png()
+    assert len(bomb) < 100_000
+    photo_project(tmp_path, LOOKS, {"photos/mug.png": image_bytes(), "photos/bomb.png": bomb})
+    monkeypatch.chdir(tmp_path)
+    assert main([command, "recipe.yaml"]) == 1
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "recipe.yaml:9:22: jobs[0].matrix.photo.files: photos/bomb.png is 20000×20000, over "
+        "the limit of 25 megapixels for an image input")
+
+
+@pytest.mark.parametrize("data,size", [
+    pytest.param(bomb_png(30_000, 30_000), "30000×30000", id="PNG"),
+    pytest.param(bomb_jpeg(), "20000×20000", id="JPEG"),
+    pytest.param(bomb_webp(), "16383×16383", id="WebP"),
+])
+def test_an_image_too_large_to_decode_is_refused_from_its_header(
+        tmp_path: Path, data: bytes, size: str) -> None:
+    """The size is read from the header before Pillow opens the image: Pillow allocates a
+    WebP's canvas as it opens it, and refuses large images with an exception of its own."""
+    inputs = Inputs(Project(tmp_path, str(tmp_path)))
+    uri = "data:image/x;base64," + base64.b64encode(data).decode()
+    with pytest.raises(InputProblem) as caught:
+        inputs.resolve(uri, "input_image")
+    assert str(caught.value) == (f"the data: URI is {size}, over the limit of 25 megapixels "
+                                 "for an image input")
+
+
+def test_the_header_states_the_size_pillow_reads() -> None:
+    for fmt in ("PNG", "JPEG", "WEBP"):
+        assert imagemeta.dimensions(image_bytes(size=(37, 21), fmt=fmt)) == (37, 21), fmt
+    assert imagemeta.dimensions(b"\x89PNG\r\n\x1a\n") is None
+    assert imagemeta.dimensions(b"not an image") is None
