@@ -27,6 +27,7 @@ import io
 import json
 import os
 import re
+import threading
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -127,14 +128,21 @@ class Facts:
 
 
 class FactsCache:
-    """Facts of files by (real path, size, mtime), kept in the output root's state directory,
-    so that a null build over 10,000 input-driven images hashes no unchanged file."""
+    """Facts of files by real path, kept in the output root's state directory, so that a
+    null build over 10,000 input-driven images hashes no unchanged file.
 
-    def __init__(self, path: Path | None) -> None:
+    An entry holds while the file's size, mtime, ctime and inode are the same. Size and mtime
+    alone are not enough: `cp -p`, `rsync -t` and `touch -d` put back an edited file's mtime,
+    but no program can set its ctime, and a file replaced by a rename has a new inode. Not
+    `trusted` (`--verify`), the cache is not read, only refreshed."""
+
+    def __init__(self, path: Path | None, *, trusted: bool = True) -> None:
         self.path = path
+        self.trusted = trusted
         self.entries: dict[str, list[Any]] = {}
         self.changed = False
-        if path is not None:
+        self._lock = threading.Lock()  # (requests are prepared on several threads)
+        if path is not None and trusted:
             try:
                 loaded = json.loads(path.read_text(encoding="utf-8"))
                 if isinstance(loaded, dict):
@@ -144,27 +152,37 @@ class FactsCache:
 
     def get(self, real: str, stat: os.stat_result) -> Facts | None:
         found = self.entries.get(real)
-        if isinstance(found, list) and len(found) == 7 and \
-                found[:2] == [stat.st_size, stat.st_mtime_ns]:
-            return Facts(found[2], found[3], found[4], found[5], found[6])
+        if isinstance(found, list) and len(found) == 9 and found[:4] == _signature(stat):
+            return Facts(*found[4:])
         return None
 
     def put(self, real: str, stat: os.stat_result, facts: Facts) -> None:
-        self.entries[real] = [stat.st_size, stat.st_mtime_ns, facts.sha256, facts.size,
-                              facts.format, facts.width, facts.height]
-        self.changed = True
+        with self._lock:
+            self.entries[real] = [*_signature(stat), facts.sha256, facts.size, facts.format,
+                                  facts.width, facts.height]
+            self.changed = True
+
+    def forget(self, real: str) -> None:
+        with self._lock:
+            self.changed = self.entries.pop(real, None) is not None or self.changed
 
     def save(self) -> None:
         """Written by `render` (which may write to the root); other commands only read."""
-        if self.path is None or not self.changed:
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = self.path.with_suffix(".tmp")
-            temporary.write_text(json.dumps(self.entries), encoding="utf-8")
-            os.replace(temporary, self.path)
-        except OSError:
-            pass  # (a cache: the next run hashes again)
+        with self._lock:
+            if self.path is None or not self.changed:
+                return
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                temporary = self.path.with_suffix(".tmp")
+                temporary.write_text(json.dumps(self.entries), encoding="utf-8")
+                os.replace(temporary, self.path)
+                self.changed = False
+            except OSError:
+                pass  # (a cache: the next run hashes again)
+
+
+def _signature(stat: os.stat_result) -> list[int]:
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
 
 
 class InputProblem(Exception):
@@ -349,10 +367,20 @@ class Inputs:
                     raise InputProblem(str(error)) from None
                 raw = self._read(real, value["file"])
                 if hashlib.sha256(raw).hexdigest() != value["sha256"]:
-                    raise InputProblem(f"{value['file']} changed after the plan was made; "
-                                       "run again to plan with the new file")
+                    raise self._changed(real, value)
             sent[name] = base64.b64encode(raw).decode("ascii")
         return sent
+
+
+    def _changed(self, real: str, planned: Mapping[str, Any]) -> InputProblem:
+        """The file `planned` names no longer has the bytes the plan was made with. Its
+        entry leaves the cache now, on disk too, so that the next run hashes the file again
+        and plans with it as it is: a stale entry would plan the old bytes again, and fail
+        again, at every run."""
+        self.cache.forget(real)
+        self.cache.save()
+        return InputProblem(f"{planned['file']} changed after the plan was made; run again "
+                            "to plan with the new file")
 
 
 def _facts(data: bytes, name: str) -> Facts:

@@ -576,3 +576,82 @@ def test_the_header_states_the_size_pillow_reads() -> None:
         assert imagemeta.dimensions(image_bytes(size=(37, 21), fmt=fmt)) == (37, 21), fmt
     assert imagemeta.dimensions(b"\x89PNG\r\n\x1a\n") is None
     assert imagemeta.dimensions(b"not an image") is None
+
+
+# -- an edit the facts cache cannot see -------------------------------------------------------
+
+
+def edited_in_place(path: Path, data: bytes) -> None:
+    """As `cp -p`, `rsync -t` or `touch -d` leave it: new bytes, the same size, the old mtime."""
+    before = path.stat()
+    assert len(data) == before.st_size
+    path.write_bytes(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def add_a_look(recipe: Path) -> None:
+    """Three new images, each of which must read its photo when it is sent."""
+    recipe.write_text(recipe.read_text().replace("[watercolor, sketch]",
+                                                 "[watercolor, sketch, oil]"))
+
+
+def test_an_edit_that_keeps_size_and_mtime_is_planned_with_the_new_bytes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The cache trusted (size, mtime): the plan kept the old bytes' sha256, the bytes read
+    when sending did not match it, and every run said 'changed after the plan was made; run
+    again', forever. No program can put back a file's ctime, so the cache sees the edit."""
+    recipe = photo_project(tmp_path, LOOKS)
+    with serve() as emulator:
+        assert render(recipe, emulator) == 0
+        edited_in_place(tmp_path / "photos/mug.png", image_bytes((201, 40, 40)))
+        add_a_look(recipe)
+        assert render(recipe, emulator) == 0
+        assert "changed after" not in capsys.readouterr().err
+        assert emulator.stats.submits == 6 + 2 + 3  # (the mug's two images, the new look)
+    assert main(["status", str(recipe)]) == 0
+
+
+def lying_cache(project: Path, name: str, original: bytes) -> None:
+    """A cache entry that fits the file as it is but holds the facts of its old bytes (a
+    file system whose ctime cannot be trusted, say)."""
+    cache = FactsCache(project / ".fluxbatch" / "inputs.json")
+    real = os.path.realpath(project / name)
+    cache.put(real, os.stat(real), inputs_module._facts(original, name))
+    cache.save()
+
+
+def test_a_cache_that_misses_an_edit_costs_one_run_not_every_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = photo_project(tmp_path, LOOKS)
+    mug = tmp_path / "photos/mug.png"
+    original = mug.read_bytes()
+    with serve() as emulator:
+        assert render(recipe, emulator) == 0
+        mug.write_bytes(image_bytes((1, 2, 3)))
+        lying_cache(tmp_path, "photos/mug.png", original)
+        add_a_look(recipe)
+        capsys.readouterr()
+        assert render(recipe, emulator) == 1
+        assert "photos/mug.png changed after the plan was made; run again to plan with the " \
+            "new file" in capsys.readouterr().err
+        assert render(recipe, emulator) == 0
+        assert "changed after" not in capsys.readouterr().err
+        assert emulator.stats.submits == 6 + 2 + 2 + 1  # (the vase's and teapot's oil, then
+        # the mug's three: its sketch and watercolor, now stale, and its oil)
+    assert main(["status", str(recipe)]) == 0
+
+
+def test_verify_hashes_every_input_whatever_the_cache_says(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = photo_project(tmp_path, LOOKS)
+    mug = tmp_path / "photos/mug.png"
+    original = mug.read_bytes()
+    with serve() as emulator:
+        assert render(recipe, emulator) == 0
+        mug.write_bytes(image_bytes((1, 2, 3)))
+        lying_cache(tmp_path, "photos/mug.png", original)
+        assert main(["status", str(recipe), "--verify"]) == 1  # (the mug's two images)
+        assert main(["render", str(recipe), "--base-url", emulator.base_url, "-q",
+                     "--verify"]) == 0
+        assert emulator.stats.submits == 6 + 2
+    assert main(["status", str(recipe)]) == 0  # (the cache was set right)
