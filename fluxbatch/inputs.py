@@ -52,8 +52,8 @@ _BASE64 = re.compile(r"^[A-Za-z0-9+/=\s]+$")
 _GLOB = wcglob.GLOBSTAR | wcglob.BRACE | wcglob.NODIR
 # A files: pattern is a folder of photos, not a disk: a pattern that matches more is a mistake.
 MAX_FILES = 100_000
-_DATA_URI = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^,;]*)*),(?P<data>.*)$",
-                       re.DOTALL)
+_DATA_URI = re.compile(r"^(?i:data):(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^,;]*)*),"
+                       r"(?P<data>.*)$", re.DOTALL)
 
 
 def is_descriptor(value: Any) -> bool:
@@ -265,9 +265,10 @@ class Inputs:
         return known
 
     def _text(self, text: str) -> dict[str, Any]:
-        if text.startswith(("http://", "https://")):
+        scheme = text[:8].lower()  # (schemes ignore case: `HTTPS://`, `Data:`)
+        if scheme.startswith(("http://", "https://")):
             return self._url(text)
-        if text.startswith("data:"):
+        if scheme.startswith("data:"):
             return self._data_uri(text)
         if "://" in text:
             raise InputProblem(f"{_short(text)!r} is not an http(s) URL, a data: URI or a "
@@ -331,11 +332,11 @@ class Inputs:
             raise InputProblem(f"{_short(text)!r} carries a user name or password; fluxbatch "
                                "records input URLs in manifests and images, so use a URL "
                                "without one")
-        return {"url": text}
+        return {"url": parsed.scheme + text[len(parsed.scheme):]}  # (the scheme as `https`)
 
     def _data_uri(self, text: str) -> dict[str, Any]:
         found = _DATA_URI.match(text)
-        if found is None or ";base64" not in found["params"]:
+        if found is None or ";base64" not in found["params"].lower():
             raise InputProblem("a data: URI must be base64 (data:image/png;base64,…)")
         try:
             data = base64.b64decode(found["data"], validate=True)

@@ -489,6 +489,6 @@ def test_a_files_pattern_never_lists_a_folder_outside_the_project(
                                   "{input_image: '{{ photo }}'}")})
     os.symlink("../../outside", project / "photos" / "far")
     code, err = validate(capsys)
-    assert (code, err) == (1, one_problem(
-        "recipe.yaml:8:29: jobs[0].matrix.photo.files: " + message.replace("{root}", real(project))))
+    expected = "recipe.yaml:8:29: jobs[0].matrix.photo.files: " + message
+    assert (code, err) == (1, one_problem(expected.replace("{root}", real(project))))
     assert "secret-name" not in err

@@ -655,3 +655,18 @@ def test_verify_hashes_every_input_whatever_the_cache_says(
                      "--verify"]) == 0
         assert emulator.stats.submits == 6 + 2
     assert main(["status", str(recipe)]) == 0  # (the cache was set right)
+
+
+def test_schemes_in_capitals_name_the_same_inputs(tmp_path: Path) -> None:
+    """`HTTPS://…` was refused as 'not an http(s) URL': schemes ignore case."""
+    inputs = Inputs(Project(tmp_path, str(tmp_path)))
+    assert inputs.resolve("HTTPS://Example.com/Mug.png", "input_image") == {
+        "url": "https://Example.com/Mug.png"}
+    assert inputs.resolve("Http://127.0.0.1/a.png", "input_image") == {
+        "url": "http://127.0.0.1/a.png"}
+    data = image_bytes()
+    found = inputs.resolve("DATA:image/png;BASE64," + base64.b64encode(data).decode(),
+                           "input_image")
+    assert found["data"] == hashlib.sha256(data).hexdigest()
+    with pytest.raises(InputProblem, match=r"'FTP://example\.com/a\.png' is not an http"):
+        inputs.resolve("FTP://example.com/a.png", "input_image")
