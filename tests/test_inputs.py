@@ -611,24 +611,27 @@ def test_an_edit_that_keeps_size_and_mtime_is_planned_with_the_new_bytes(
     assert main(["status", str(recipe)]) == 0
 
 
-def lying_cache(project: Path, name: str, original: bytes) -> None:
-    """A cache entry that fits the file as it is but holds the facts of its old bytes (a
-    file system whose ctime cannot be trusted, say)."""
-    cache = FactsCache(project / ".fluxbatch" / "inputs.json")
-    real = os.path.realpath(project / name)
-    cache.put(real, os.stat(real), inputs_module._facts(original, name))
-    cache.save()
-
-
-def test_a_cache_that_misses_an_edit_costs_one_run_not_every_run(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    recipe = photo_project(tmp_path, LOOKS)
-    mug = tmp_path / "photos/mug.png"
+@contextmanager
+def an_edit_the_cache_misses(project: Path) -> Iterator[tuple[Path, Emulator]]:
+    """The recipe rendered, then photos/mug.png edited, and a cache entry that fits the file
+    as it is but holds the facts of its old bytes (as on a file system whose ctime cannot be
+    trusted): the recipe and the emulator that rendered it."""
+    recipe = photo_project(project, LOOKS)
+    mug = project / "photos/mug.png"
     original = mug.read_bytes()
     with serve() as emulator:
         assert render(recipe, emulator) == 0
         mug.write_bytes(image_bytes((1, 2, 3)))
-        lying_cache(tmp_path, "photos/mug.png", original)
+        cache = FactsCache(project / ".fluxbatch" / "inputs.json")
+        real = os.path.realpath(mug)
+        cache.put(real, os.stat(real), inputs_module._facts(original, "photos/mug.png"))
+        cache.save()
+        yield recipe, emulator
+
+
+def test_a_cache_that_misses_an_edit_costs_one_run_not_every_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with an_edit_the_cache_misses(tmp_path) as (recipe, emulator):
         add_a_look(recipe)
         capsys.readouterr()
         assert render(recipe, emulator) == 1
@@ -641,15 +644,8 @@ def test_a_cache_that_misses_an_edit_costs_one_run_not_every_run(
     assert main(["status", str(recipe)]) == 0
 
 
-def test_verify_hashes_every_input_whatever_the_cache_says(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    recipe = photo_project(tmp_path, LOOKS)
-    mug = tmp_path / "photos/mug.png"
-    original = mug.read_bytes()
-    with serve() as emulator:
-        assert render(recipe, emulator) == 0
-        mug.write_bytes(image_bytes((1, 2, 3)))
-        lying_cache(tmp_path, "photos/mug.png", original)
+def test_verify_hashes_every_input_whatever_the_cache_says(tmp_path: Path) -> None:
+    with an_edit_the_cache_misses(tmp_path) as (recipe, emulator):
         assert main(["status", str(recipe), "--verify"]) == 1  # (the mug's two images)
         assert main(["render", str(recipe), "--base-url", emulator.base_url, "-q",
                      "--verify"]) == 0
