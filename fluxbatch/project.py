@@ -93,7 +93,8 @@ class Project:
         """`output_root:` as written in the recipe, if it stays inside the project."""
         self._confined(name, "a recipe's output_root must be a folder",
                        "; to write elsewhere, pass --out DIR on the command line",
-                       verb="write into", private=VCS_DIRS)  # (.fluxbatch: state_dir_problem)
+                       verb="write into", private=VCS_DIRS,  # (.fluxbatch: state_dir_problem)
+                       folder=True)
         return self.folder / name
 
     def listing_refusal(self, name: str) -> str | None:
@@ -102,13 +103,13 @@ class Project:
         real = os.path.realpath(self.folder / name)
         if not _within(real, self.root):
             return f"would list {name}/, outside the recipe's project ({self.root})"
-        found = self.private_place(name, real)
+        found = self.private_place(name, real, folder=True)
         if found is not None:
             return f"would list {name}/, inside {found[0]}, which a recipe may never read"
         return None
 
     def _confined(self, name: str, rule: str, after: str, *, verb: str = "read",
-                  private: tuple[str, ...] = (*VCS_DIRS, STATE_DIR)) -> str:
+                  private: tuple[str, ...] = (*VCS_DIRS, STATE_DIR), folder: bool = False) -> str:
         if "\x00" in name:
             raise ProjectFileError(f"{name!r} contains a NUL character")
         if os.path.isabs(name):
@@ -122,7 +123,7 @@ class Project:
         if system is not None:
             raise ProjectFileError(f"{name} resolves to {real}, under {system}, which a "
                                    f"recipe may never name; {rule} inside its project{after}")
-        found = self.private_place(name, real, private)
+        found = self.private_place(name, real, private, folder=folder)
         if found is not None:
             place, why = found
             raise ProjectFileError(f"{name} resolves to {real}, inside {place}, which a recipe "
@@ -130,17 +131,17 @@ class Project:
         return real
 
     def private_place(self, name: str, real: str, private: tuple[str, ...] = (
-            *VCS_DIRS, STATE_DIR)) -> tuple[str, str] | None:
-        """Where the file `name` (real path `real`, inside the project) lies in a folder a
-        recipe may never read or write, and why: `.git/` (named, or reached through a link,
-        in any case), or a folder git keeps a repository in; else None."""
-        below = os.path.relpath(real, self.root).split(os.sep) if real != self.root else []
-        for part in (*Path(name).parts, *below):
-            folded = _folded(part)
-            if folded in private:
-                return f"{folded}/", _WHY[folded]
+            *VCS_DIRS, STATE_DIR), *, folder: bool = False) -> tuple[str, str] | None:
+        """Where the file (or `folder`) `name`, real path `real`, inside the project, lies
+        in a folder a recipe may never read or write, and why: `.git/` (named, or reached
+        through a link, in any case), or a folder git keeps a repository in; else None."""
+        below = real[len(self.root.rstrip(os.sep)) + 1:].split(os.sep) if real != self.root \
+            else []
+        for part in (*name.replace(os.sep, "/").split("/"), *below):
+            if part[:1] == "." and _folded(part) in private:  # (each of them starts with a dot)
+                return f"{_folded(part)}/", _WHY[_folded(part)]
         folders = [self.root]
-        for part in below:
+        for part in below if folder else below[:-1]:
             folders.append(os.path.join(folders[-1], part))
         git_dir = next((folder for folder in folders if self._is_git_dir(folder)), None)
         if git_dir is None:
