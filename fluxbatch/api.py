@@ -123,7 +123,7 @@ def plan(recipe: RecipeLike, *, out: str | os.PathLike[str] | None = None, yes: 
     accepts a plan over the recipe's `max_jobs`; `only`, `shard`, `force` and
     `retry_unknown` select as `render` would, and each job's `action` says what it would do.
     Raises `RecipeError` (every problem at once) or another `FluxbatchError`."""
-    built = _plan(recipe, out, yes)
+    built = _plan(recipe, out, yes, verify)
     options = Options(only=tuple(only), shard=shard, force=force, retry_unknown=retry_unknown,
                       verify=verify)
     state = read_state(built.recipe.output_root, built.recipe.name, built.jobs)
@@ -171,7 +171,7 @@ async def arender(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] |
     ready, written, failed, ...) on the event loop's thread. Cancelling the call stops at
     once: every task already paid for is in the state store, and the next render collects
     it without paying again."""
-    built = recipe.plan if isinstance(recipe, Planned) else _plan(recipe, out, yes)
+    built = recipe.plan if isinstance(recipe, Planned) else _plan(recipe, out, yes, verify)
     options = Options(concurrency=jobs, base_url=base_url, force=force, only=tuple(only),
                       retry_unknown=retry_unknown, verify=verify, budget=budget, shard=shard,
                       task_timeout=timeout)
@@ -179,13 +179,14 @@ async def arender(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] |
                         transport=transport).run()
 
 
-def _plan(recipe: RecipeLike, out: str | os.PathLike[str] | None, yes: bool) -> Plan:
+def _plan(recipe: RecipeLike, out: str | os.PathLike[str] | None, yes: bool,
+          verify: bool = False) -> Plan:
     if isinstance(recipe, Recipe):
         if out is not None:
             raise ValueError("out= applies to a recipe path; load(path, out=...) for a Recipe")
         built = expand(recipe, yes=yes)
     else:
-        built = expand(recipes.load(recipe, strict=False,
+        built = expand(recipes.load(recipe, strict=False, verify=verify,
                                     output_root=None if out is None else os.fspath(out)),
                        yes=yes)
     problems = escape_problems(built)

@@ -70,6 +70,30 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
+def dimensions(data: bytes) -> tuple[int, int] | None:
+    """Width and height as a PNG's, JPEG's or WebP's header states them, without decoding
+    anything; None if the header cannot be read. For checking a size before any decoder
+    sees the image: Pillow allocates a WebP's canvas as it opens the file, and refuses a
+    PNG of more than 179 megapixels with an exception of its own."""
+    try:
+        fmt = sniff(data)
+        if fmt == "png" and data[12:16] == b"IHDR" and len(data) >= 24:
+            width, height = struct.unpack(">II", data[16:24])
+            return width, height
+        if fmt == "jpeg":
+            parts, _ = _jpeg_segments(data)
+            frame = next((p.body for p in parts if p.kind[0] in _SOF and len(p.body) >= 5), None)
+            if frame is not None:
+                height, width = struct.unpack(">HH", frame[1:5])
+                return width, height
+        if fmt == "webp":
+            canvas = int.from_bytes(_vp8x_body(_webp_chunks(data)[0])[4:10], "little")
+            return (canvas & 0xFFFFFF) + 1, (canvas >> 24) + 1
+    except ImageFormatError:
+        pass
+    return None
+
+
 def embed(data: bytes, payload: Mapping[str, Any]) -> bytes:
     """The image with `payload` as its only fluxbatch metadata; image data byte-for-byte kept."""
     text = json.dumps(
@@ -260,6 +284,7 @@ def _png_image_parts(data: bytes) -> Iterable[bytes]:
 
 _APP0, _APP1, _APP15, _SOS, _EOI, _COM = 0xE0, 0xE1, 0xEF, 0xDA, 0xD9, 0xFE
 _STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM and RSTn carry no length
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # (DHT, JPG and DAC are not frames)
 _XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"
 _EXIF_HEADER = b"Exif\x00\x00"
 _COM_PREFIX = KEY.encode() + b":"

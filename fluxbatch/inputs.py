@@ -27,8 +27,9 @@ import io
 import json
 import os
 import re
+import threading
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,8 @@ _BASE64 = re.compile(r"^[A-Za-z0-9+/=\s]+$")
 _GLOB = wcglob.GLOBSTAR | wcglob.BRACE | wcglob.NODIR
 # A files: pattern is a folder of photos, not a disk: a pattern that matches more is a mistake.
 MAX_FILES = 100_000
-_DATA_URI = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^,;]*)*),(?P<data>.*)$",
-                       re.DOTALL)
+_DATA_URI = re.compile(r"^(?i:data):(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^,;]*)*),"
+                       r"(?P<data>.*)$", re.DOTALL)
 
 
 def is_descriptor(value: Any) -> bool:
@@ -127,14 +128,21 @@ class Facts:
 
 
 class FactsCache:
-    """Facts of files by (real path, size, mtime), kept in the output root's state directory,
-    so that a null build over 10,000 input-driven images hashes no unchanged file."""
+    """Facts of files by real path, kept in the output root's state directory, so that a
+    null build over 10,000 input-driven images hashes no unchanged file.
 
-    def __init__(self, path: Path | None) -> None:
+    An entry holds while the file's size, mtime, ctime and inode are the same. Size and mtime
+    alone are not enough: `cp -p`, `rsync -t` and `touch -d` put back an edited file's mtime,
+    but no program can set its ctime, and a file replaced by a rename has a new inode. Not
+    `trusted` (`--verify`), the cache is not read, only refreshed."""
+
+    def __init__(self, path: Path | None, *, trusted: bool = True) -> None:
         self.path = path
+        self.trusted = trusted
         self.entries: dict[str, list[Any]] = {}
         self.changed = False
-        if path is not None:
+        self._lock = threading.Lock()  # (requests are prepared on several threads)
+        if path is not None and trusted:
             try:
                 loaded = json.loads(path.read_text(encoding="utf-8"))
                 if isinstance(loaded, dict):
@@ -144,31 +152,64 @@ class FactsCache:
 
     def get(self, real: str, stat: os.stat_result) -> Facts | None:
         found = self.entries.get(real)
-        if isinstance(found, list) and len(found) == 7 and \
-                found[:2] == [stat.st_size, stat.st_mtime_ns]:
-            return Facts(found[2], found[3], found[4], found[5], found[6])
+        if isinstance(found, list) and len(found) == 9 and found[:4] == _signature(stat):
+            return Facts(*found[4:])
         return None
 
     def put(self, real: str, stat: os.stat_result, facts: Facts) -> None:
-        self.entries[real] = [stat.st_size, stat.st_mtime_ns, facts.sha256, facts.size,
-                              facts.format, facts.width, facts.height]
-        self.changed = True
+        with self._lock:
+            self.entries[real] = [*_signature(stat), facts.sha256, facts.size, facts.format,
+                                  facts.width, facts.height]
+            self.changed = True
+
+    def forget(self, real: str) -> None:
+        with self._lock:
+            self.changed = self.entries.pop(real, None) is not None or self.changed
 
     def save(self) -> None:
         """Written by `render` (which may write to the root); other commands only read."""
-        if self.path is None or not self.changed:
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = self.path.with_suffix(".tmp")
-            temporary.write_text(json.dumps(self.entries), encoding="utf-8")
-            os.replace(temporary, self.path)
-        except OSError:
-            pass  # (a cache: the next run hashes again)
+        with self._lock:
+            if self.path is None or not self.changed:
+                return
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                temporary = self.path.with_suffix(".tmp")
+                temporary.write_text(json.dumps(self.entries), encoding="utf-8")
+                os.replace(temporary, self.path)
+                self.changed = False
+            except OSError:
+                pass  # (a cache: the next run hashes again)
+
+
+def _signature(stat: os.stat_result) -> list[int]:
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
 
 
 class InputProblem(Exception):
     """An image input that cannot be used; the message says why, in one line."""
+
+
+class _ProjectGlob(wcglob.Glob[str]):
+    """wcmatch's glob that lists only folders a recipe may read. Whatever leads a pattern
+    elsewhere (`..`, a brace such as `{../../etc,x}`, a linked folder that `*` matches), the
+    folder is refused before it is listed, and the message names the pattern and the folder
+    as the pattern reached it, so no name found outside the project is ever seen or said.
+
+    (`_iter`, the one place wcmatch lists a folder, is wcmatch's own, not public API; the
+    tests of `files:` patterns fail if it changes.)"""
+
+    def __init__(self, pattern: str, project: Project) -> None:
+        super().__init__(pattern, flags=_GLOB, root_dir=os.fspath(project.folder))
+        self.project = project
+        self.text = pattern
+
+    def _iter(self, curdir: str | None, dir_only: bool,
+              deep: bool) -> Iterator[tuple[str, bool, bool, bool]]:
+        refused = self.project.listing_refusal(curdir or ".")
+        if refused is not None:
+            raise InputProblem(f"{self.text!r} {refused}; a files: pattern matches only "
+                               "files inside the recipe's project")
+        yield from super()._iter(curdir, dir_only, deep)
 
 
 class Inputs:
@@ -185,24 +226,14 @@ class Inputs:
         """A `files:` glob, sorted, each match a regular image file inside the project.
 
         As in a shell: `*` skips hidden files, `**` spans folders, `{png,jpg}` is either.
-        `**` does not follow a linked folder (it could lead anywhere), and the pattern's
-        fixed start must be a folder inside the project."""
+        `**` does not follow a linked folder (it could lead anywhere), and no folder outside
+        the project, or in `.git/`, is ever listed (see `_ProjectGlob`)."""
         if os.path.isabs(pattern):
             raise InputProblem(f"{pattern} is an absolute path; a files: pattern is relative "
                                "to the recipe")
-        fixed = []
-        for part in pattern.split("/"):
-            if wcglob.is_magic(part, flags=_GLOB):
-                break
-            fixed.append(part)
-        if fixed and fixed != [pattern]:
-            try:
-                self.project.resolve("/".join(fixed) or ".")
-            except ProjectFileError as error:
-                raise InputProblem(str(error)) from None
         names = []
         try:
-            for name in wcglob.iglob(pattern, flags=_GLOB, root_dir=self.project.folder):
+            for name in _ProjectGlob(pattern, self.project).glob():
                 names.append(Path(name).as_posix())
                 if len(names) > MAX_FILES:
                     raise InputProblem(f"{pattern!r} matches more than {MAX_FILES:,} files")
@@ -234,9 +265,10 @@ class Inputs:
         return known
 
     def _text(self, text: str) -> dict[str, Any]:
-        if text.startswith(("http://", "https://")):
+        scheme = text[:8].lower()  # (schemes ignore case: `HTTPS://`, `Data:`)
+        if scheme.startswith(("http://", "https://")):
             return self._url(text)
-        if text.startswith("data:"):
+        if scheme.startswith("data:"):
             return self._data_uri(text)
         if "://" in text:
             raise InputProblem(f"{_short(text)!r} is not an http(s) URL, a data: URI or a "
@@ -300,11 +332,11 @@ class Inputs:
             raise InputProblem(f"{_short(text)!r} carries a user name or password; fluxbatch "
                                "records input URLs in manifests and images, so use a URL "
                                "without one")
-        return {"url": text}
+        return {"url": parsed.scheme + text[len(parsed.scheme):]}  # (the scheme as `https`)
 
     def _data_uri(self, text: str) -> dict[str, Any]:
         found = _DATA_URI.match(text)
-        if found is None or ";base64" not in found["params"]:
+        if found is None or ";base64" not in found["params"].lower():
             raise InputProblem("a data: URI must be base64 (data:image/png;base64,…)")
         try:
             data = base64.b64decode(found["data"], validate=True)
@@ -336,10 +368,20 @@ class Inputs:
                     raise InputProblem(str(error)) from None
                 raw = self._read(real, value["file"])
                 if hashlib.sha256(raw).hexdigest() != value["sha256"]:
-                    raise InputProblem(f"{value['file']} changed after the plan was made; "
-                                       "run again to plan with the new file")
+                    raise self._changed(real, value)
             sent[name] = base64.b64encode(raw).decode("ascii")
         return sent
+
+
+    def _changed(self, real: str, planned: Mapping[str, Any]) -> InputProblem:
+        """The file `planned` names no longer has the bytes the plan was made with. Its
+        entry leaves the cache now, on disk too, so that the next run hashes the file again
+        and plans with it as it is: a stale entry would plan the old bytes again, and fail
+        again, at every run."""
+        self.cache.forget(real)
+        self.cache.save()
+        return InputProblem(f"{planned['file']} changed after the plan was made; run again "
+                            "to plan with the new file")
 
 
 def _facts(data: bytes, name: str) -> Facts:
@@ -348,18 +390,29 @@ def _facts(data: bytes, name: str) -> Facts:
     if fmt not in _FORMATS:
         kind = f"a {fmt.upper()} image" if fmt else "not an image"
         raise InputProblem(f"{name} is {kind}; image inputs are PNG, JPEG or WebP")
+    stated = imagemeta.dimensions(data)
+    if stated is not None:  # (before Pillow: it allocates a WebP's canvas as it opens it)
+        _check_pixels(name, *stated)
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-            if width * height > MAX_INPUT_PIXELS:
-                raise InputProblem(f"{name} is {width}×{height}, over the limit of "
-                                   f"{MAX_INPUT_PIXELS / 1e6:g} megapixels for an image input")
+            _check_pixels(name, width, height)
             image.verify()  # (a PNG's chunks and checksums: a truncated file is caught here)
+    except Image.DecompressionBombError:  # (a header only Pillow could read)
+        raise InputProblem(f"{name} is over the limit of {MAX_INPUT_PIXELS / 1e6:g} "
+                           "megapixels for an image input (Pillow refuses it as a "
+                           "decompression bomb)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise InputProblem(f"{name} is not a readable {fmt.upper()} image ({error})") from None
     return Facts(hashlib.sha256(data).hexdigest(), len(data), fmt, width, height)
+
+
+def _check_pixels(name: str, width: int, height: int) -> None:
+    if width * height > MAX_INPUT_PIXELS:
+        raise InputProblem(f"{name} is {width}×{height}, over the limit of "
+                           f"{MAX_INPUT_PIXELS / 1e6:g} megapixels for an image input")
 
 
 def _short(text: str, width: int = 60) -> str:

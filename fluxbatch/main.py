@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-unknown", action="store_true",
                    help="resubmit images whose earlier submit had no answer (may pay twice)")
     p.add_argument("--verify", action="store_true",
-                   help="check every existing image by its sha256, not size and mtime")
+                   help="check every existing image and image input by its sha256, not "
+                   "size and mtime")
     p.add_argument("--budget", type=_non_negative_float, metavar="USD",
                    help="refuse to start if the estimated cost is higher")
     p.add_argument("--timeout", type=_non_negative_float, metavar="SECONDS",
@@ -127,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="count images by state, offline; exit 0 when up to date")
     _recipe_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--verify", action="store_true", help="check files by sha256")
+    p.add_argument("--verify", action="store_true",
+                   help="check images and image inputs by sha256")
     p.add_argument("-v", "--verbose", action="store_true", help="list every image not up to date")
 
     p = sub.add_parser("clean", help="list (or --delete) images whose job left the recipe")

@@ -5,15 +5,19 @@ in its environment. So every file it names must resolve, after symbolic links, t
 file inside its project: the recipe's folder, or the top of the enclosing git work tree.
 Anything else (an absolute path, a `..` or a link that leads out, /proc, a FIFO, a device,
 a huge file) is refused with a one-line message that never quotes the file's contents; the
-recipe stage turns it into a located problem. The same rule confines an `output_root:`
-written in a recipe (`--out` on the command line is the operator's choice, and is not).
+recipe stage turns it into a located problem. Inside the project, version control's folders
+(`.git`, `.hg`, `.svn`: CI keeps its token in `.git/config`), any folder git keeps a
+repository in (the target of a `.git` file), and fluxbatch's state are refused too. The
+same rule confines an `output_root:` written in a recipe (`--out` on the command line is
+the operator's choice, and is not).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fluxbatch.state import STATE_DIR
@@ -33,6 +37,13 @@ MAX_RECIPE_BYTES = 2 * _MIB
 # the process's secrets (/proc/self/environ).
 _SYSTEM = ("/proc", "/sys", "/dev")
 
+# Never read, wherever they are in the project, in any case (a file system that ignores case
+# opens `.GIT/config` as `.git/config`): version control keeps its settings there, and
+# `actions/checkout` the CI token (in `.git/config`); fluxbatch keeps its state in `.fluxbatch`.
+VCS_DIRS = (".git", ".hg", ".svn")
+_WHY = {**dict.fromkeys(VCS_DIRS, "version control keeps its settings and credentials there"),
+        STATE_DIR: "fluxbatch keeps its state there"}
+
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISSOCK, "a socket"))
@@ -49,6 +60,8 @@ class Project:
 
     folder: Path
     root: str
+    # folder (real path) → whether git keeps a repository in it: each looked at once
+    _git_dirs: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of_recipe(cls, recipe: str | os.PathLike[str]) -> Project:
@@ -79,10 +92,24 @@ class Project:
     def output_root(self, name: str) -> Path:
         """`output_root:` as written in the recipe, if it stays inside the project."""
         self._confined(name, "a recipe's output_root must be a folder",
-                       "; to write elsewhere, pass --out DIR on the command line")
+                       "; to write elsewhere, pass --out DIR on the command line",
+                       verb="write into", private=VCS_DIRS,  # (.fluxbatch: state_dir_problem)
+                       folder=True)
         return self.folder / name
 
-    def _confined(self, name: str, rule: str, after: str) -> str:
+    def listing_refusal(self, name: str) -> str | None:
+        """Why a `files:` pattern may not list the folder `name` (relative to the recipe),
+        in words that name nothing outside the project, or None."""
+        real = os.path.realpath(self.folder / name)
+        if not _within(real, self.root):
+            return f"would list {name}/, outside the recipe's project ({self.root})"
+        found = self.private_place(name, real, folder=True)
+        if found is not None:
+            return f"would list {name}/, inside {found[0]}, which a recipe may never read"
+        return None
+
+    def _confined(self, name: str, rule: str, after: str, *, verb: str = "read",
+                  private: tuple[str, ...] = (*VCS_DIRS, STATE_DIR), folder: bool = False) -> str:
         if "\x00" in name:
             raise ProjectFileError(f"{name!r} contains a NUL character")
         if os.path.isabs(name):
@@ -96,7 +123,39 @@ class Project:
         if system is not None:
             raise ProjectFileError(f"{name} resolves to {real}, under {system}, which a "
                                    f"recipe may never name; {rule} inside its project{after}")
+        found = self.private_place(name, real, private, folder=folder)
+        if found is not None:
+            place, why = found
+            raise ProjectFileError(f"{name} resolves to {real}, inside {place}, which a recipe "
+                                   f"may never {verb}: {why}")
         return real
+
+    def private_place(self, name: str, real: str, private: tuple[str, ...] = (
+            *VCS_DIRS, STATE_DIR), *, folder: bool = False) -> tuple[str, str] | None:
+        """Where the file (or `folder`) `name`, real path `real`, inside the project, lies
+        in a folder a recipe may never read or write, and why: `.git/` (named, or reached
+        through a link, in any case), or a folder git keeps a repository in; else None."""
+        below = real[len(self.root.rstrip(os.sep)) + 1:].split(os.sep) if real != self.root \
+            else []
+        for part in (*name.replace(os.sep, "/").split("/"), *below):
+            if part[:1] == "." and _folded(part) in private:  # (each of them starts with a dot)
+                return f"{_folded(part)}/", _WHY[_folded(part)]
+        folders = [self.root]
+        for part in below if folder else below[:-1]:
+            folders.append(os.path.join(folders[-1], part))
+        git_dir = next((folder for folder in folders if self._is_git_dir(folder)), None)
+        if git_dir is None:
+            return None
+        return f"{git_dir}, a folder where git keeps a repository", _WHY[".git"]
+
+    def _is_git_dir(self, folder: str) -> bool:
+        """Whether git keeps a repository in `folder` (as git itself tells: a HEAD naming a
+        ref or a commit, beside objects/ and refs/, or a worktree's HEAD beside commondir).
+        That is where a `.git` file (a worktree, a submodule, `--separate-git-dir`) points."""
+        known = self._git_dirs.get(folder)
+        if known is None:
+            known = self._git_dirs[folder] = _looks_like_git_dir(folder)
+        return known
 
 
 def find_root(folder: str) -> str:
@@ -161,6 +220,26 @@ def read_regular(path: str | os.PathLike[str], *, limit: int, name: str,
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def _looks_like_git_dir(folder: str) -> bool:
+    has = os.path.exists
+    if not (has(os.path.join(folder, "commondir")) or
+            (os.path.isdir(os.path.join(folder, "objects")) and
+             os.path.isdir(os.path.join(folder, "refs")))):
+        return False
+    try:
+        head = read_regular(os.path.join(folder, "HEAD"), limit=256, name="HEAD")
+    except (OSError, ProjectFileError):
+        return False
+    return head.startswith(b"ref: ") or re.fullmatch(rb"[0-9a-f]{40}([0-9a-f]{24})?\s*",
+                                                      head) is not None
+
+
+def _folded(part: str) -> str:
+    """A file or folder name as a file system that ignores case (and, as Windows does,
+    trailing dots and spaces) compares it."""
+    return part.casefold().rstrip(". ") or part
 
 
 def _within(real: str, top: str) -> bool:

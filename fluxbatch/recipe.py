@@ -133,12 +133,13 @@ class Recipe:
 
 
 def load(path: str | os.PathLike[str], *, output_root: str | None = None,
-         strict: bool = True) -> Recipe:
+         strict: bool = True, verify: bool = False) -> Recipe:
     """Read and validate the recipe at `path`; raise `RecipeError` listing every problem.
 
     With `strict=False`, problems that leave something to check are carried in
     `Recipe.problems` (the jobs they touch marked `damaged`), so the next stage can report
-    its own problems in the same run.
+    its own problems in the same run. With `verify`, every image input is hashed again,
+    whatever the output root's cache of their facts holds.
     """
     filename = os.fspath(path)
     try:  # the operator named this file, so it may be anywhere; but no FIFO, no huge file
@@ -154,11 +155,11 @@ def load(path: str | os.PathLike[str], *, output_root: str | None = None,
         message = f"not UTF-8 text (byte {error.start})"
         raise RecipeError([Problem(filename, None, None, "", message)]) from None
     return parse(text, filename, sha256=hashlib.sha256(raw).hexdigest(), output_root=output_root,
-                 strict=strict)
+                 strict=strict, verify=verify)
 
 
 def parse(text: str, filename: str, *, sha256: str | None = None,
-          output_root: str | None = None, strict: bool = True) -> Recipe:
+          output_root: str | None = None, strict: bool = True, verify: bool = False) -> Recipe:
     faults: list[Fault] = []
     try:
         document, positions = yamlsource.load(text, filename)
@@ -172,7 +173,7 @@ def parse(text: str, filename: str, *, sha256: str | None = None,
     salvaged = salvage(document, faults)
     if salvaged is None:
         raise RecipeError(problems)
-    builder = _Builder(FsPath(filename), positions)
+    builder = _Builder(FsPath(filename), positions, verify=verify)
     recipe = builder.recipe(salvaged, sha256 or hashlib.sha256(text.encode()).hexdigest(),
                             output_root)
     problems.extend(builder.problems)
@@ -187,8 +188,9 @@ MAX_MATRIX_CHECKS = 20_000_000
 
 
 class _Builder:
-    def __init__(self, path: FsPath, positions: Positions) -> None:
+    def __init__(self, path: FsPath, positions: Positions, *, verify: bool = False) -> None:
         self.path = path
+        self.verify = verify
         self.base = path.parent
         self.project = Project.of_recipe(path)
         self.positions = positions
@@ -203,7 +205,7 @@ class _Builder:
         doc = salvaged.document
         output = doc.get("output", DEFAULT_OUTPUT)
         root = self.output_root(output_root, doc.get("output_root"))
-        self.inputs.cache = FactsCache(root / STATE_DIR / INPUT_FACTS)
+        self.inputs.cache = FactsCache(root / STATE_DIR / INPUT_FACTS, trusted=not self.verify)
         jobs = tuple(self.job(i, spec, output, salvaged.losses.get(i))
                      for i, spec in enumerate(doc["jobs"]) if i not in salvaged.skipped)
         names: dict[str, int] = {}

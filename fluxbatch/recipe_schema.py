@@ -26,6 +26,7 @@ DEFAULT_MAX_JOBS = 10_000
 DEFAULT_OUTPUT = "{{ job }}/{{ combo }}-{{ replicate }}.{{ ext }}"
 NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]*$"
 TEMPLATE = {"type": "string", "pattern": "{"}
+URL_PATTERN = "^[Hh][Tt][Tt][Pp][Ss]?://"  # (schemes ignore case: `HTTPS://` is https)
 
 
 def _parameter_properties() -> dict[str, Any]:
@@ -120,7 +121,7 @@ def recipe_schema() -> dict[str, Any]:
                         "additionalProperties": False,
                         "properties": {
                             "name": {"enum": provider_names},
-                            "base_url": {"type": "string", "pattern": "^https?://"},
+                            "base_url": {"type": "string", "pattern": URL_PATTERN},
                             "concurrency": {"type": "integer", "minimum": 1},
                             "model_concurrency": {
                                 "type": "object",
@@ -290,6 +291,8 @@ def _message(error: jsonschema.ValidationError, path: Path) -> str:
     if error.validator == "pattern" and error.schema.get("pattern") == NAME_PATTERN:
         return (f"{error.instance!r} must start with a letter or digit and use only letters, "
                 "digits, '.', '_' and '-'")
+    if error.validator == "pattern" and error.schema.get("pattern") == URL_PATTERN:
+        return f"{error.instance!r} is not an http(s) URL"
     if error.validator == "enum":
         choices = ", ".join(repr(c) for c in error.validator_value)
         hint = did_you_mean(str(error.instance), [str(c) for c in error.validator_value])

@@ -81,9 +81,11 @@ class Classified:
 
 
 
-def load_plan(path: str, *, out: str | None = None, yes: bool = False) -> Plan:
-    """Load, expand, and check that no output path escapes the output root via a symlink."""
-    plan = expand(recipe.load(path, output_root=out, strict=False), yes=yes)
+def load_plan(path: str, *, out: str | None = None, yes: bool = False,
+              verify: bool = False) -> Plan:
+    """Load, expand, and check that no output path escapes the output root via a symlink.
+    `verify` hashes every image input again (see `recipe.load`)."""
+    plan = expand(recipe.load(path, output_root=out, strict=False, verify=verify), yes=yes)
     problems = escape_problems(plan)
     if problems:
         raise RecipeError(problems)

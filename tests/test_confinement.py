@@ -335,3 +335,160 @@ def test_system_paths_are_refused_even_inside_the_project() -> None:
         dev.resolve("null")
     assert str(caught.value) == ("null resolves to /dev/null, under /dev, which a recipe may "
                                  "never name; " + READ_RULE)
+
+
+# -- version control's folders and fluxbatch's state -----------------------------------------
+
+# What `actions/checkout` leaves in .git/config: a link committed in a pull request must never
+# turn it into prompts (printed by `plan --json`, sent to the provider, kept in the images).
+TOKEN = "AUTHORIZATION: basic eC1hY2Nlc3MtdG9rZW46Z2hzX3NlY3JldA=="
+CREDENTIALS = "version control keeps its settings and credentials there"
+
+
+def git_dir(files: dict[str, str]) -> dict[str, str]:
+    """A repository's own folder, as git lays it out, with the token in its config."""
+    return {"HEAD": "ref: refs/heads/main\n", "objects/info/packs": "", "refs/heads/main": "",
+            "config": f'[http "https://github.com/"]\n\textraheader = {TOKEN}\n', **files}
+
+
+def checkout(project: Path, links: dict[str, str], files: dict[str, str] | None = None) -> None:
+    """A CI checkout of the project, with the links a pull request committed."""
+    build_file_tree(project, {f".git/{name}": text for name, text in git_dir({}).items()})
+    build_file_tree(project, {".fluxbatch/inputs.json": "{}\n", "lists/ok.txt": "x\n",
+                              **(files or {})})
+    for name, target in links.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(target, project / name)
+
+
+def image_recipe(matrix: str, params: str) -> str:
+    return textwrap.dedent(f"""\
+        version: 1
+        name: r
+        defaults: {{model: flux-kontext-pro}}
+        jobs:
+          - name: a
+            prompt: x
+            output: "{{{{ job }}}}/{{{{ combo | hash }}}}.png"
+            matrix: {matrix}
+            params: {params}
+    """)
+
+
+LEAK = "lists/leak.txt"
+INTO_GIT = "resolves to {root}/.git/config, inside .git/, which a recipe may never read: " \
+    + CREDENTIALS
+PRIVATE_READS = [
+    pytest.param({LEAK: "../.git/config"}, None, "{v: {from: lists/leak.txt}}",
+                 "{}", "recipe.yaml:8:24: jobs[0].matrix.v.from: lists/leak.txt " + INTO_GIT,
+                 id="from: a link to .git/config"),
+    pytest.param({"lists/leak.csv": "../.git/config"}, None, "{rows: {from: lists/leak.csv}}",
+                 "{}", "recipe.yaml:8:27: jobs[0].matrix.rows.from: lists/leak.csv " + INTO_GIT,
+                 id="rows: a CSV table linked to .git/config"),
+    pytest.param({"lists/leak.csv": "../.git/config"}, None,
+                 "{v: {from: lists/leak.csv, column: v}}", "{}",
+                 "recipe.yaml:8:24: jobs[0].matrix.v.from: lists/leak.csv " + INTO_GIT,
+                 id="a CSV column linked to .git/config"),
+    pytest.param({"photos/leak.png": "../.git/config"}, None, "{v: [x]}",
+                 "{input_image: photos/leak.png}",
+                 "recipe.yaml:9:27: jobs[0].params.input_image: photos/leak.png " + INTO_GIT,
+                 id="an image input linked to .git/config"),
+    pytest.param({}, {"shots.csv": "photo\n.git/config\n"},
+                 "{rows: {from: shots.csv, files: [photo]}}", "{input_image: '{{ photo }}'}",
+                 "recipe.yaml:8:27: jobs[0].matrix.rows.from: shots.csv:2: photo: .git/config "
+                 + INTO_GIT, id="a files: column of a CSV table naming .git/config"),
+    pytest.param({"photos/leak.png": "../.git/config"}, None, "{photo: {files: 'photos/*.png'}}",
+                 "{input_image: '{{ photo }}'}",
+                 "recipe.yaml:8:29: jobs[0].matrix.photo.files: photos/leak.png " + INTO_GIT,
+                 id="a files: pattern matching a link to .git/config"),
+    pytest.param({}, None, "{photo: {files: '.*/conf*'}}", "{input_image: '{{ photo }}'}",
+                 "recipe.yaml:8:29: jobs[0].matrix.photo.files: '.*/conf*' would list .git/, "
+                 "inside .git/, which a recipe may never read; a files: pattern matches only "
+                 "files inside the recipe's project", id="a files: pattern that lists .git/"),
+    pytest.param({}, None, "{v: {from: .git/config}}", "{}",
+                 "recipe.yaml:8:24: jobs[0].matrix.v.from: .git/config " + INTO_GIT,
+                 id="naming .git/config"),
+    pytest.param({}, None, "{v: {from: lists/../.GIT/config}}", "{}",
+                 "recipe.yaml:8:24: jobs[0].matrix.v.from: lists/../.GIT/config resolves to "
+                 "{root}/.GIT/config, inside .git/, which a recipe may never read: "
+                 + CREDENTIALS, id="naming .GIT/config, as a file system that ignores case would "
+                 "open it"),
+    pytest.param({"lists/hg.txt": "../.hg/hgrc"}, {".hg/hgrc": "[auth]\n"},
+                 "{v: {from: lists/hg.txt}}", "{}",
+                 "recipe.yaml:8:24: jobs[0].matrix.v.from: lists/hg.txt resolves to "
+                 "{root}/.hg/hgrc, inside .hg/, which a recipe may never read: " + CREDENTIALS,
+                 id="a link into .hg/"),
+    pytest.param({}, {".svn/wc.db": "x\n"}, "{v: {from: .Svn./wc.db}}", "{}",
+                 "recipe.yaml:8:24: jobs[0].matrix.v.from: .Svn./wc.db resolves to "
+                 "{root}/.Svn./wc.db, inside .svn/, which a recipe may never read: "
+                 + CREDENTIALS, id="naming .svn/ as Windows would open it"),
+    pytest.param({"lists/state.txt": "../out/.fluxbatch/inputs.json"},
+                 {"out/.fluxbatch/inputs.json": "{}\n"}, "{v: {from: lists/state.txt}}", "{}",
+                 "recipe.yaml:8:24: jobs[0].matrix.v.from: lists/state.txt resolves to "
+                 "{root}/out/.fluxbatch/inputs.json, inside .fluxbatch/, which a recipe may "
+                 "never read: fluxbatch keeps its state there", id="a link into a state folder"),
+]
+
+
+@pytest.mark.parametrize("links,files,matrix,params,message", PRIVATE_READS)
+def test_a_recipe_never_reads_version_control_or_state_folders(
+        project: Path, capsys: Capsys, links: dict[str, str], files: dict[str, str] | None,
+        matrix: str, params: str, message: str) -> None:
+    checkout(project, links, files)
+    build_file_tree(project, {"recipe.yaml": image_recipe(matrix, params)})
+    code, err = validate(capsys)
+    assert (code, err) == (1, one_problem(message.replace("{root}", real(project))))
+    assert main(["plan", "recipe.yaml", "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert (out, TOKEN in err) == ("", False)
+
+
+def test_a_folder_a_git_file_points_to_is_never_read(project: Path, capsys: Capsys) -> None:
+    """A worktree's, a submodule's or `--separate-git-dir`'s `.git` is a file naming the
+    folder git keeps the repository in: that folder holds the token, whatever its name."""
+    build_file_tree(project, {".git": "gitdir: vault\n", "lists/ok.txt": "x\n",
+                              **{f"vault/{name}": text for name, text in git_dir({}).items()},
+                              "recipe.yaml": image_recipe("{v: {from: lists/leak.txt}}", "{}")})
+    os.symlink("../vault/config", project / LEAK)
+    assert validate(capsys) == (1, one_problem(
+        f"recipe.yaml:8:24: jobs[0].matrix.v.from: lists/leak.txt resolves to "
+        f"{real(project)}/vault/config, inside {real(project)}/vault, a folder where git keeps "
+        f"a repository, which a recipe may never read: {CREDENTIALS}"))
+
+
+def test_an_output_root_is_never_in_version_control(project: Path, capsys: Capsys) -> None:
+    checkout(project, {})
+    build_file_tree(project, {"recipe.yaml": recipe(head="output_root: .git/hooks")})
+    assert validate(capsys) == (1, one_problem(
+        f"recipe.yaml:4:14: output_root: .git/hooks resolves to {real(project)}/.git/hooks, "
+        f"inside .git/, which a recipe may never write into: {CREDENTIALS}"))
+
+
+# -- files: patterns never list a folder outside the project ---------------------------------
+
+OUT_OF_PROJECT = ("a files: pattern matches only files inside the recipe's project")
+
+
+@pytest.mark.parametrize("pattern,message", [
+    pytest.param("{../../../../etc,photos}/*",
+                 "'{../../../../etc,photos}/*' would list ../, outside the recipe's project "
+                 "({root}); " + OUT_OF_PROJECT, id="a brace that leads out"),
+    pytest.param("photos/*/*", "'photos/*/*' would list photos/far/, outside the recipe's "
+                 "project ({root}); " + OUT_OF_PROJECT, id="a linked folder matched by *"),
+    pytest.param("photos/{x,../../*}/*",
+                 "'photos/{x,../../*}/*' would list photos/../../, outside the recipe's "
+                 "project ({root}); " + OUT_OF_PROJECT, id="dot-dot after a brace"),
+])
+def test_a_files_pattern_never_lists_a_folder_outside_the_project(
+        project: Path, capsys: Capsys, pattern: str, message: str) -> None:
+    """The listing itself is refused, so no name from outside is seen or said."""
+    build_file_tree(project.parent, {"outside/secret-name.png": b"\x89PNG\r\n\x1a\n"})
+    build_file_tree(project, {".git/HEAD": "ref: refs/heads/main\n", "photos/x/a.txt": "x",
+                              "recipe.yaml": image_recipe(
+                                  "{photo: {files: '" + pattern + "'}}",
+                                  "{input_image: '{{ photo }}'}")})
+    os.symlink("../../outside", project / "photos" / "far")
+    code, err = validate(capsys)
+    expected = "recipe.yaml:8:29: jobs[0].matrix.photo.files: " + message
+    assert (code, err) == (1, one_problem(expected.replace("{root}", real(project))))
+    assert "secret-name" not in err

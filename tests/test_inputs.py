@@ -8,6 +8,8 @@ import hashlib
 import io
 import json
 import os
+import struct
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -499,3 +501,168 @@ def test_the_emulator_bills_input_megapixels_as_the_client_estimates(tmp_path: P
         assert render(recipe, emulator) == 0
     entry = json.loads((tmp_path / "wide.manifest.json").read_text().splitlines()[2].rstrip(","))
     assert entry["cost"] == pytest.approx(estimate * 100)
+
+
+# -- decompression bombs ----------------------------------------------------------------------
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A valid 1-bit PNG of blank rows: about 50 KB on disk, 400 megapixels decoded."""
+    row = bytes(1 + (width + 7) // 8)  # (filter byte, then the row's bits)
+    pack = zlib.compressobj(9)
+    pixels = b"".join(pack.compress(row) for _ in range(height)) + pack.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", pixels)
+            + png_chunk(b"IEND", b""))
+
+
+def bomb_jpeg(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A small JPEG whose frame header (SOF0) claims `width`×`height`."""
+    data = bytearray(image_bytes(size=(8, 8), fmt="JPEG"))
+    frame = data.index(b"\xff\xc0") + 5  # (marker, length, precision: then height, width)
+    data[frame:frame + 4] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def bomb_webp(width: int = 16_383, height: int = 16_383) -> bytes:
+    """A small WebP whose canvas (VP8X) claims `width`×`height`."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, "WEBP", lossless=True)
+    simple = buffer.getvalue()
+    canvas = (width - 1 | (height - 1) << 24).to_bytes(6, "little")
+    body = b"WEBP" + b"VP8X" + struct.pack("<I", 10) + bytes(4) + canvas + simple[12:]
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+@pytest.mark.parametrize("command", ["validate", "plan", "render"])
+def test_a_decompression_bomb_is_a_located_problem(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        command: str) -> None:
+    """Pillow refused this 400-megapixel PNG (50 KB on disk) with DecompressionBombError,
+    and every command exited 3 with a traceback."""
+    bomb = bomb_png()
+    assert len(bomb) < 100_000
+    photo_project(tmp_path, LOOKS, {"photos/mug.png": image_bytes(), "photos/bomb.png": bomb})
+    monkeypatch.chdir(tmp_path)
+    assert main([command, "recipe.yaml"]) == 1
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "recipe.yaml:9:22: jobs[0].matrix.photo.files: photos/bomb.png is 20000×20000, over "
+        "the limit of 25 megapixels for an image input")
+
+
+@pytest.mark.parametrize("data,size", [
+    pytest.param(bomb_png(30_000, 30_000), "30000×30000", id="PNG"),
+    pytest.param(bomb_jpeg(), "20000×20000", id="JPEG"),
+    pytest.param(bomb_webp(), "16383×16383", id="WebP"),
+])
+def test_an_image_too_large_to_decode_is_refused_from_its_header(
+        tmp_path: Path, data: bytes, size: str) -> None:
+    """The size is read from the header before Pillow opens the image: Pillow allocates a
+    WebP's canvas as it opens it, and refuses large images with an exception of its own."""
+    inputs = Inputs(Project(tmp_path, str(tmp_path)))
+    uri = "data:image/x;base64," + base64.b64encode(data).decode()
+    with pytest.raises(InputProblem) as caught:
+        inputs.resolve(uri, "input_image")
+    assert str(caught.value) == (f"the data: URI is {size}, over the limit of 25 megapixels "
+                                 "for an image input")
+
+
+def test_the_header_states_the_size_pillow_reads() -> None:
+    for fmt in ("PNG", "JPEG", "WEBP"):
+        assert imagemeta.dimensions(image_bytes(size=(37, 21), fmt=fmt)) == (37, 21), fmt
+    assert imagemeta.dimensions(b"\x89PNG\r\n\x1a\n") is None
+    assert imagemeta.dimensions(b"not an image") is None
+
+
+# -- an edit the facts cache cannot see -------------------------------------------------------
+
+
+def edited_in_place(path: Path, data: bytes) -> None:
+    """As `cp -p`, `rsync -t` or `touch -d` leave it: new bytes, the same size, the old mtime."""
+    before = path.stat()
+    assert len(data) == before.st_size
+    path.write_bytes(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def add_a_look(recipe: Path) -> None:
+    """Three new images, each of which must read its photo when it is sent."""
+    recipe.write_text(recipe.read_text().replace("[watercolor, sketch]",
+                                                 "[watercolor, sketch, oil]"))
+
+
+def test_an_edit_that_keeps_size_and_mtime_is_planned_with_the_new_bytes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The cache trusted (size, mtime): the plan kept the old bytes' sha256, the bytes read
+    when sending did not match it, and every run said 'changed after the plan was made; run
+    again', forever. No program can put back a file's ctime, so the cache sees the edit."""
+    recipe = photo_project(tmp_path, LOOKS)
+    with serve() as emulator:
+        assert render(recipe, emulator) == 0
+        edited_in_place(tmp_path / "photos/mug.png", image_bytes((201, 40, 40)))
+        add_a_look(recipe)
+        assert render(recipe, emulator) == 0
+        assert "changed after" not in capsys.readouterr().err
+        assert emulator.stats.submits == 6 + 2 + 3  # (the mug's two images, the new look)
+    assert main(["status", str(recipe)]) == 0
+
+
+@contextmanager
+def an_edit_the_cache_misses(project: Path) -> Iterator[tuple[Path, Emulator]]:
+    """The recipe rendered, then photos/mug.png edited, and a cache entry that fits the file
+    as it is but holds the facts of its old bytes (as on a file system whose ctime cannot be
+    trusted): the recipe and the emulator that rendered it."""
+    recipe = photo_project(project, LOOKS)
+    mug = project / "photos/mug.png"
+    original = mug.read_bytes()
+    with serve() as emulator:
+        assert render(recipe, emulator) == 0
+        mug.write_bytes(image_bytes((1, 2, 3)))
+        cache = FactsCache(project / ".fluxbatch" / "inputs.json")
+        real = os.path.realpath(mug)
+        cache.put(real, os.stat(real), inputs_module._facts(original, "photos/mug.png"))
+        cache.save()
+        yield recipe, emulator
+
+
+def test_a_cache_that_misses_an_edit_costs_one_run_not_every_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with an_edit_the_cache_misses(tmp_path) as (recipe, emulator):
+        add_a_look(recipe)
+        capsys.readouterr()
+        assert render(recipe, emulator) == 1
+        assert "photos/mug.png changed after the plan was made; run again to plan with the " \
+            "new file" in capsys.readouterr().err
+        assert render(recipe, emulator) == 0
+        assert "changed after" not in capsys.readouterr().err
+        assert emulator.stats.submits == 6 + 2 + 2 + 1  # (the vase's and teapot's oil, then
+        # the mug's three: its sketch and watercolor, now stale, and its oil)
+    assert main(["status", str(recipe)]) == 0
+
+
+def test_verify_hashes_every_input_whatever_the_cache_says(tmp_path: Path) -> None:
+    with an_edit_the_cache_misses(tmp_path) as (recipe, emulator):
+        assert main(["status", str(recipe), "--verify"]) == 1  # (the mug's two images)
+        assert main(["render", str(recipe), "--base-url", emulator.base_url, "-q",
+                     "--verify"]) == 0
+        assert emulator.stats.submits == 6 + 2
+    assert main(["status", str(recipe)]) == 0  # (the cache was set right)
+
+
+def test_schemes_in_capitals_name_the_same_inputs(tmp_path: Path) -> None:
+    """`HTTPS://…` was refused as 'not an http(s) URL': schemes ignore case."""
+    inputs = Inputs(Project(tmp_path, str(tmp_path)))
+    assert inputs.resolve("HTTPS://Example.com/Mug.png", "input_image") == {
+        "url": "https://Example.com/Mug.png"}
+    assert inputs.resolve("Http://127.0.0.1/a.png", "input_image") == {
+        "url": "http://127.0.0.1/a.png"}
+    data = image_bytes()
+    found = inputs.resolve("DATA:image/png;BASE64," + base64.b64encode(data).decode(),
+                           "input_image")
+    assert found["data"] == hashlib.sha256(data).hexdigest()
+    with pytest.raises(InputProblem, match=r"'FTP://example\.com/a\.png' is not an http"):
+        inputs.resolve("FTP://example.com/a.png", "input_image")

@@ -292,10 +292,14 @@ def test_default_base_urls_and_base_url_checks() -> None:
         "http://127.0.0.1:8000")
     assert providers.check_base_url("https://gateway.corp.example/bfl", bfl,
                                     where="--base-url") == "https://gateway.corp.example/bfl"
+    assert providers.check_base_url("HTTPS://gateway.corp.example", bfl,
+                                    where="--base-url") == "HTTPS://gateway.corp.example"
     for url, message in [
         ("ftp://example.com", "--base-url: base URL 'ftp://example.com' must be an http(s) URL "
          "with a host"),
         ("http://203.0.113.5:8080", "--base-url: http://203.0.113.5:8080 would send the API key "
+         "unencrypted; use https (plain http is allowed only to loopback)"),
+        ("HTTP://203.0.113.5", "--base-url: HTTP://203.0.113.5 would send the API key "
          "unencrypted; use https (plain http is allowed only to loopback)"),
     ]:
         with pytest.raises(ConfigError) as raised:
@@ -311,6 +315,8 @@ def test_default_base_urls_and_base_url_checks() -> None:
     ("bfl", "http://127.0.0.1:8000", True),
     ("bfl", "http://localhost:8000", True),
     ("bfl", "http://[::1]:8000", True),
+    ("bfl", "HTTPS://API.BFL.AI", True),  # (schemes and hosts ignore case)
+    ("bfl", "HTTP://api.bfl.ai", False),
     ("bfl", "http://api.bfl.ai", False),  # plain http
     ("bfl", "https://api.bfl.ai.collector.example", False),
     ("bfl", "https://delivery.eu2.bfl.ai", False),  # BFL's, but not an API host

@@ -113,7 +113,7 @@ HEAD = "version: 1\nname: r\n"
      ["recipe.yaml:3:11: provider: 'openai' is not valid here: expected 'bfl' or 'cometapi' "
       "or 'emulator' or a mapping"]),
     (HEAD + "provider: {name: bfl, base_url: ftp://x, concurency: 3}\njobs: [{name: a}]\n",
-     ["recipe.yaml:3:33: provider.base_url: 'ftp://x' does not match '^https?://'",
+     ["recipe.yaml:3:33: provider.base_url: 'ftp://x' is not an http(s) URL",
       "recipe.yaml:3:42: provider.concurency: unknown key 'concurency' (did you mean "
       "'concurrency'?)"]),
     (HEAD + "provider: {name: emulator, base_url: 'http://x'}\njobs: [{name: a}]\n",

@@ -122,6 +122,12 @@ def test_the_operator_names_the_base_url_on_the_command_line_or_in_the_environme
         "https://api.cometapi.com")  # (BFL_BASE_URL is BFL's)
 
 
+def test_a_scheme_in_capitals_is_the_same_scheme(tmp_path: Path) -> None:
+    """`HTTPS://` was refused in a recipe as not an http(s) URL: schemes ignore case."""
+    path = recipe(tmp_path, '{name: bfl, base_url: "HTTPS://api.eu.bfl.ai"}')
+    assert base_url_for(load_plan(str(path)), Options(), {}) == "HTTPS://api.eu.bfl.ai"
+
+
 # -- fail fast ------------------------------------------------------------------------------
 
 

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run: bool,
            quiet: bool, as_json: bool = False, progress_every: float = 5.0) -> int:
-    plan = load_plan(recipe, out=out, yes=yes)
+    plan = load_plan(recipe, out=out, yes=yes, verify=options.verify)
     print_notes(plan)
     if dry_run:
         return _dry_run(plan, options)

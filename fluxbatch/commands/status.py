@@ -27,7 +27,7 @@ from fluxbatch.state import ManifestEntry, read_entries, read_state
 
 def status(*, recipe: str, out: str | None, yes: bool, as_json: bool, verify: bool,
            verbose: bool) -> int:
-    plan = load_plan(recipe, out=out, yes=yes)
+    plan = load_plan(recipe, out=out, yes=yes, verify=verify)
     state = read_state(plan.recipe.output_root, plan.recipe.name, plan.jobs)
     classified = classify(plan, state, verify=verify)
     counts = classified.count()
