@@ -699,6 +699,8 @@ def _rewritten_from(root: Path) -> str:
 
 
 def _manifest_shape_problems(document: Any) -> str | None:
+    from fluxbatch.expand import output_path_problem  # (here: expand imports this module)
+
     if not isinstance(document, dict) or not isinstance(document.get("images"), list):
         return "expected an object with an 'images' list"
     for index, entry in enumerate(document["images"]):
@@ -707,22 +709,16 @@ def _manifest_shape_problems(document: Any) -> str | None:
         for name, kind in (("path", str), ("key", str), ("sha256", str), ("bytes", int)):
             if not isinstance(entry.get(name), kind):
                 return f"images[{index}].{name} is missing or not a {kind.__name__}"
-        problem = _entry_path_problem(entry)
+        # A manifest is data anyone can edit: its paths are held to the rules of a recipe's
+        # output paths (relative, no `..`, not into .fluxbatch/) before anything is read,
+        # written or deleted through them.
+        output = entry.get("output", entry["path"])
+        if not isinstance(output, str):
+            return f"images[{index}].output is not a str"
+        problem = output_path_problem(entry["path"]) or output_path_problem(output)
         if problem is not None:
             return f"images[{index}] is refused: {problem}"
     return None
-
-
-def _entry_path_problem(entry: Mapping[str, Any]) -> str | None:
-    """Why an entry's `path` (or `output`) may not be used: a manifest is data anyone can
-    edit, so it is held to the rules of a recipe's output path (relative, no `..`, not into
-    `.fluxbatch/`) before anything is read, written or deleted through it."""
-    from fluxbatch.expand import output_path_problem  # (here: expand imports this module)
-
-    output = entry.get("output", entry["path"])
-    if not isinstance(output, str):
-        return "its output is not a string"
-    return output_path_problem(entry["path"]) or output_path_problem(output)
 
 
 # -- the lock --------------------------------------------------------------------------------

@@ -105,6 +105,21 @@ def test_render_deletes_nothing_a_committed_manifest_points_outside_the_root(
     assert not (checkout.root / STATE_DIR / "state.sqlite").exists()
 
 
+@pytest.mark.parametrize(("output", "why"), [
+    (".fluxbatch/state.sqlite", "images[2] is refused: output path '.fluxbatch/state.sqlite' is "
+     "inside .fluxbatch/, where fluxbatch keeps the output root's state; images may not be "
+     "written there"),
+    (5, "images[2].output is not a str"),
+])
+def test_a_manifest_entrys_output_obeys_the_same_rules(checkout: Cli, output: Any,
+                                                       why: str) -> None:
+    manifest, document = manifest_of(checkout)
+    entry(document, "grid/star.png")["output"] = output
+    manifest.write_text(json.dumps(document))
+    assert checkout.status() == Run(
+        1, "", f"fluxbatch: {manifest}: the manifest is damaged: {why}. {RESTORE}")
+
+
 def test_clean_delete_deletes_nothing_a_committed_manifest_points_outside_the_root(
         checkout: Cli, tmp_path: Path) -> None:
     """An orphan entry (an output the recipe no longer plans) whose path is outside."""
