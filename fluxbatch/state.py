@@ -53,6 +53,7 @@ STATE_DIR = ".fluxbatch"
 DATABASE = "state.sqlite"
 LOCK = "lock"
 BLOBS = "blobs"
+TMP = "tmp"  # files being written (`write.temp_dir`), cleared at the start of each render
 LEGACY_MANIFEST = "manifest.json"  # the first release's name, for a root of one recipe
 GITIGNORE = ".gitignore"
 _GITIGNORE_TEXT = "# Written by fluxbatch: its state stays out of version control.\n*\n"
@@ -774,8 +775,16 @@ def has_store(root: Path) -> bool:
 def make_state_dir(root: Path) -> Path:
     """The root's state directory, made if need be, with a `.gitignore` in it (as pytest does
     for its cache): a project's `git add -A` commits no ledger, blob or lock. A root made by an
-    earlier release gets one the first time it is written to."""
+    earlier release gets one the first time it is written to. The directory, its `blobs/` and
+    its `tmp/` (cleared at each render) may not be symbolic links: one committed in a pull
+    request would send writes, and deletions, elsewhere."""
     directory = root / STATE_DIR
+    for path in (directory, directory / BLOBS, directory / TMP):
+        if os.path.islink(path):
+            raise StateError(
+                f"{path} is a symbolic link (to {os.readlink(path)}): fluxbatch keeps an output "
+                "root's state only in real folders inside it, and writes, clears and deletes "
+                f"nothing through a link. Remove the link (`rm {path}`) and run again.")
     directory.mkdir(parents=True, exist_ok=True)
     ignore_in_git(directory)
     return directory

@@ -31,6 +31,7 @@ from fluxbatch.selection import stored_path_problem
 from fluxbatch.state import (
     LEGACY_MANIFEST,
     STATE_DIR,
+    TMP,
     ManifestEntry,
     Provenance,
     Store,
@@ -196,7 +197,7 @@ def _retire_legacy_manifest(root: Path, recipe: str) -> None:
 
 
 def temp_dir(root: Path) -> Path:
-    return root / STATE_DIR / "tmp"
+    return root / STATE_DIR / TMP
 
 
 def clear_debris(root: Path) -> None:

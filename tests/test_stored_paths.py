@@ -222,6 +222,29 @@ def test_an_image_is_never_placed_from_a_file_reached_through_a_link_out_of_the_
         assert placed.size != (7, 7)
 
 
+@pytest.mark.parametrize("link", [".fluxbatch", ".fluxbatch/tmp", ".fluxbatch/blobs"])
+def test_nothing_is_written_or_cleared_through_a_state_folder_that_is_a_link(
+        cli: Cli, emulator: Emulator, outside: Path, link: str) -> None:
+    """A link committed where fluxbatch keeps its state: `tmp/` is cleared at every render,
+    which used to delete the files of the folder it led to."""
+    (outside / "notes.txt").write_text("precious\n")
+    (outside / "tmp").mkdir()
+    (outside / "tmp" / "draft.txt").write_text("precious\n")
+    linked = cli.root / link
+    linked.parent.mkdir(parents=True, exist_ok=True)
+    linked.symlink_to(outside)
+    sent = len(emulator.submissions)
+
+    assert cli.render() == Run(
+        1, "", f"fluxbatch: {linked} is a symbolic link (to {outside}): fluxbatch keeps an "
+               "output root's state only in real folders inside it, and writes, clears and "
+               f"deletes nothing through a link. Remove the link (`rm {linked}`) and run "
+               "again.\n")
+    assert len(emulator.submissions) == sent
+    assert sorted(p.relative_to(outside).as_posix() for p in outside.rglob("*")) == [
+        "notes.txt", "tmp", "tmp/draft.txt"]
+
+
 # -- M1: a blob name in the ledger that is not a sha256 ---------------------------------------
 
 
