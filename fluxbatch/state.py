@@ -621,8 +621,8 @@ def move_into_place(temporary: Path, target: Path) -> None:
         os.replace(temporary, target)
         return
     except OSError as error:
-        if error.errno != errno.EXDEV:
-            raise
+        if error.errno != errno.EXDEV or temporary.parent == target.parent:
+            raise  # (within one folder, a copy would meet the same refusal)
     with open(temporary, "rb") as source, replacing(target, target.parent) as copy:
         shutil.copyfileobj(source, copy)
     os.unlink(temporary)
