@@ -44,7 +44,7 @@ from fluxbatch.expand import Job
 from fluxbatch.outbox import OutboxGone, Recovered
 from fluxbatch.outcomes import EventKind, OutcomeStatus
 from fluxbatch.pacing import Durations, Slots, retry_after
-from fluxbatch.providers import KeyNotSent, Polled, Provider, Submitted
+from fluxbatch.providers import KeyNotSent, Polled, Provider, Submitted, without_credentials
 from fluxbatch.providers import responses as r
 from fluxbatch.wire import MAX_IMAGE, NOT_SENT, BodyTooLarge, Wire
 
@@ -151,6 +151,13 @@ class _Oversized(JobFailed):
     """The sample is over the size limit: a fresh URL would not make it smaller."""
 
 
+# Faults that would hit every image, not one: a full disk, a read-only one, a folder this
+# user may not write (a Docker volume owned by another user), a rename that cannot cross to
+# the target's file system. Each image paid for meanwhile could not be kept or placed.
+_RUN_WIDE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                       errno.EXDEV})
+
+
 class LocalFault(Exception):
     """This machine cannot store a result (a writer raises it: disk full, read-only folder).
     The task stays in flight, so the next run collects it without paying again; when the
@@ -162,7 +169,7 @@ class LocalFault(Exception):
 
     @classmethod
     def from_os_error(cls, what: str, error: OSError) -> LocalFault:
-        run_wide = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+        run_wide = error.errno in _RUN_WIDE
         return cls(f"{what}: {error.strerror or error}", stops_run=run_wide)
 
 
@@ -435,7 +442,7 @@ class Executor:
                 self.journal.not_sent(job)
                 connect_failures += 1
                 if connect_failures >= self.settings.connect_attempts:
-                    raise _Fatal(f"cannot reach {self.provider.base_url}: "
+                    raise _Fatal(f"cannot reach {without_credentials(self.provider.base_url)}: "
                                  f"{r.unreachable_reason(error)}{r.network_hint(error)}") \
                         from None
                 await self._pause(self._backoff(connect_failures))

@@ -639,6 +639,8 @@ def _plainly_safe(path: str) -> bool:
 
 def output_path_problem(path: str) -> str | None:
     """Why `path` may not be used as an output path (lexically), or None."""
+    if _plainly_safe(path):  # (the usual path, checked in a fifth of the time)
+        return None
     text = path.replace("\\", "/")
     if not text.strip():
         return "the output path is empty"

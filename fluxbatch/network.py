@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from fluxbatch.providers import Polled, Submitted
 from fluxbatch.recipe import Recipe
 from fluxbatch.selection import Options, Selection, source_placement
 from fluxbatch.state import (
+    DamagedBlob,
     ManifestEntry,
     Provenance,
     RootLock,
@@ -46,6 +48,7 @@ from fluxbatch.state import (
     blob_path,
     has_blob,
     keep_blob,
+    read_blob,
 )
 from fluxbatch.wire import Wire
 from fluxbatch.write import (
@@ -163,6 +166,11 @@ class _Draft:
     shared: bool
 
 
+class DamagedCopy(Exception):
+    """The root's copy of an image (in the content store, or a placed file) no longer holds
+    the bytes it was kept with: damaged on disk, not the provider's doing."""
+
+
 class Placer:
     """Writes a recipe's images into its output root: the provenance embedded, the file
     written atomically, the placement recorded. The same image (one job key) may be placed
@@ -225,21 +233,13 @@ class Placer:
         return written
 
     def from_root(self, job: Job, state: RootState) -> Outcome:
-        """Place an image the root already holds (content store, or another placed file)."""
+        """Place an image the root already holds (content store, or another placed file).
+        Raises `DamagedCopy` when that copy was damaged on disk (a content store's copy is
+        removed then)."""
         outcome = Outcome(job, OutcomeStatus.WRITTEN)
         task = state.tasks.get(job.key)
-        source: Mapping[str, Any] = {}
         try:
-            if has_blob(self.root, task):
-                assert task is not None and task.blob is not None
-                data = blob_path(self.root, task.blob).read_bytes()
-            else:
-                found = source_placement(job.key, state, self.root)
-                if found is None:
-                    raise JobFailed("its image was removed from the output root while "
-                                    "planning; run again")
-                data = (self.root / found.path).read_bytes()
-                source = self.store.entry(found.recipe, found.output) or {}
+            data, source = self._held(job, task, state)
             outcome.written = self.place(job, data, task, source)
         except JobFailed as error:
             outcome.status, outcome.reason = OutcomeStatus.FAILED, str(error)
@@ -251,19 +251,71 @@ class Placer:
         outcome.finished_at = time.time()
         return outcome
 
+    def _held(self, job: Job, task: Task | None,
+              state: RootState) -> tuple[bytes, Mapping[str, Any]]:
+        """The bytes of `job`'s image that the root holds, checked against their sha256, and
+        the manifest entry they were placed with (if any)."""
+        if has_blob(self.root, task):
+            assert task is not None and task.blob is not None
+            try:
+                return read_blob(self.root, task.blob), {}
+            except DamagedBlob as damage:
+                blob_path(self.root, task.blob).unlink(missing_ok=True)
+                raise DamagedCopy(str(damage)) from None
+        found = source_placement(job.key, state, self.root)
+        if found is None:
+            raise JobFailed("its image was removed from the output root while planning; "
+                            "run again")
+        data = (self.root / found.path).read_bytes()
+        if hashlib.sha256(data).hexdigest() != found.sha256:
+            raise DamagedCopy(f"its image at {found.path} was changed on disk since it was "
+                              "written")
+        return data, self.store.entry(found.recipe, found.output) or {}
+
 
 def place_stored(plan: Plan, selection: Selection, state: RootState, store: Store,
                  on_event: Callable[[Event], None]) -> list[Outcome]:
-    """Place the images the root already holds (`selection.place`): no request, no key."""
+    """Place the images the root already holds (`selection.place`): no request, no key. An
+    image whose copy was damaged on disk is collected again from the provider, at no cost,
+    by this run when it can (`selection` gains it), else by the next."""
     placer = Placer(plan.recipe, store, plan.recipe.provider.name)
     manifest = _ManifestPacer(plan.recipe, store)
     outcomes = []
     for job in selection.place:
-        outcome = placer.from_root(job, state)
+        if job.key in selection.followers:  # its image is being collected again
+            selection.followers[job.key].append(job)
+            continue
+        try:
+            outcome = placer.from_root(job, state)
+        except DamagedCopy as damage:
+            again = _collect_again(job, str(damage), selection, store)
+            if again is None:
+                continue
+            outcome = again
         on_event(Event(outcome.status, job, outcome.reason))
         outcomes.append(outcome)
         manifest.maybe()
     return outcomes
+
+
+def _collect_again(job: Job, damage: str, selection: Selection, store: Store) -> Outcome | None:
+    """The outcome for an image whose kept copy was damaged on disk: None when this run
+    collects its task again (added to `selection`); else what the next run does about it."""
+    outcome = Outcome(job, OutcomeStatus.PENDING, finished_at=time.time())
+    if not store.fetch_again(job.key, f"{damage}; collected again from the provider without "
+                                      "paying"):
+        outcome.status = OutcomeStatus.FAILED
+        outcome.reason = f"{damage}, and no task is known to collect it from again: the next " \
+                         "render pays for a new one"
+        return outcome
+    task = store.task(job.key)
+    if selection.collectable(task):
+        assert task is not None
+        selection.collect(job, task)
+        return None
+    outcome.reason = f"{damage}; the next run collects it again from the provider without " \
+                     "paying"
+    return outcome
 
 
 async def execute(plan: Plan, selection: Selection, store: Store,

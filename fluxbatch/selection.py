@@ -22,7 +22,7 @@ from typing import Any
 
 from fluxbatch import models, recipe
 from fluxbatch.errors import ConfigError, FluxbatchError, Problem, RecipeError
-from fluxbatch.expand import Job, Plan, expand
+from fluxbatch.expand import Job, Plan, expand, output_path_problem
 from fluxbatch.inputs import describe as describe_input
 from fluxbatch.inputs import input_identity, is_descriptor
 from fluxbatch.providers import REGISTRY
@@ -124,6 +124,18 @@ def _links_in(folder: str) -> frozenset[str]:
             return frozenset(entry.name for entry in entries if entry.is_symlink())
     except OSError:
         return frozenset()
+
+
+def stored_path_problem(root: str | os.PathLike[str], path: str) -> str | None:
+    """Why a file path read back from a manifest, the state store or an image's provenance
+    may not be read, written or deleted in the output root `root`, or None. It is held to the
+    rules of a recipe's output path: relative, no `..`, not into `.fluxbatch/`, and no
+    symbolic link on the way that leads out of the root or into its state directory."""
+    problem = output_path_problem(path)
+    if problem is None:
+        linked = _link_problem(os.path.realpath(root), os.path.join(root, path))
+        problem = None if linked is None else f"path {path!r} {linked}"
+    return problem
 
 
 def _link_problem(real_root: str, path: str) -> str | None:
@@ -292,10 +304,12 @@ def _around_difference(old: str, new: str, context: int = 12) -> tuple[str, str]
 
 def source_placement(key: str, state: RootState, root: Path, *,
                      exclude: Placement | None = None) -> Placement | None:
-    """An intact file in the root that holds the image of `key` (any recipe, any output)."""
+    """An intact file in the root that holds the image of `key` (any recipe, any output), at
+    a path that may be read (see `stored_path_problem`)."""
     for candidate in state.by_key.get(key, ()):
         if candidate is not exclude and candidate.key == key and \
-                _intact(root, candidate, False, None):
+                _intact(root, candidate, False, None) and \
+                stored_path_problem(root, candidate.path) is None:
             return candidate
     return None
 
@@ -311,6 +325,8 @@ def _intact(root: Path, placement: Placement, verify: bool,
         return False
     if not verify and stat.st_mtime_ns == placement.mtime_ns:
         return True
+    if stored_path_problem(root, placement.path) is not None:
+        return False  # (never read, even to hash it)
     if file_sha256(Path(target)) != placement.sha256:
         return False
     if verified is not None:
@@ -366,6 +382,21 @@ class Selection:
     held_moderated: list[Job] = field(default_factory=list)
     up_to_date: int = 0
     filtered_out: int = 0
+    provider: str = ""
+    # The in-process emulator dies with its run: its tasks cannot be collected later, and
+    # sending one again costs nothing, so nothing of it is held back or re-attached.
+    ephemeral: bool = False
+
+    def collectable(self, task: Task | None) -> bool:
+        """Whether `task` (paid for earlier) can be collected by this render: polled by its
+        stored URL, through the provider that took it."""
+        return task is not None and not self.ephemeral and bool(task.task_id) and \
+            bool(task.polling_url) and task.provider == self.provider
+
+    def collect(self, job: Job, task: Task) -> None:
+        """Collect `task` for `job` (and place it at every other output of its key)."""
+        self.attach.append((job, task))
+        self.followers[job.key] = []
 
     @property
     def jobs(self) -> list[Job]:
@@ -418,10 +449,8 @@ def in_shard(job: Job, shard: tuple[int, int] | None) -> bool:
 
 def select(classified: Classified, state: RootState, options: Options,
            provider: str) -> Selection:
-    selection = Selection(classified)
-    # The in-process emulator dies with its run: its tasks cannot be collected later, and
-    # sending one again costs nothing, so nothing of it is held back or re-attached.
     ephemeral = REGISTRY[provider].in_process and options.base_url is None
+    selection = Selection(classified, provider=provider, ephemeral=ephemeral)
     up_to_date, stored, in_flight, unknown, moderated = (
         ImageState.UP_TO_DATE, ImageState.STORED, ImageState.IN_FLIGHT, ImageState.UNKNOWN,
         ImageState.MODERATED)
@@ -439,12 +468,11 @@ def select(classified: Classified, state: RootState, options: Options,
         task = state.tasks.get(job.key)
         if found == stored and not options.force:
             selection.place.append(job)
-        elif found == in_flight and not (ephemeral or options.force) and task is not None \
-                and task.task_id and task.polling_url and task.provider == provider:
+        elif found == in_flight and not options.force and selection.collectable(task):
             # paid for already: never submitted again, unless --force asks to pay anew (the
             # way out of a task whose image can never be fetched)
-            selection.attach.append((job, task))
-            selection.followers[job.key] = []
+            assert task is not None
+            selection.collect(job, task)
         elif found == unknown and not (options.retry_unknown or ephemeral):
             selection.held_unknown.append(job)  # maybe paid: even --force needs --retry-unknown
         elif found == moderated and not options.force:

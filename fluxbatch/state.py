@@ -31,17 +31,19 @@ import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
 import sqlite3
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
+from typing import IO, TYPE_CHECKING, Any, Literal, TypedDict, cast
 
 from fluxbatch import imagemeta, migrations
 from fluxbatch.errors import StateError
 from fluxbatch.outcomes import OutcomeStatus
+from fluxbatch.providers import without_credentials
 from fluxbatch.vocabulary import Vocabulary
 
 if TYPE_CHECKING:  # (the outbox process imports this module, and needs no planner)
@@ -51,6 +53,7 @@ STATE_DIR = ".fluxbatch"
 DATABASE = "state.sqlite"
 LOCK = "lock"
 BLOBS = "blobs"
+TMP = "tmp"  # files being written (`write.temp_dir`), cleared at the start of each render
 LEGACY_MANIFEST = "manifest.json"  # the first release's name, for a root of one recipe
 GITIGNORE = ".gitignore"
 _GITIGNORE_TEXT = "# Written by fluxbatch: its state stays out of version control.\n*\n"
@@ -359,7 +362,9 @@ class Store:
 
     def submitting(self, key: str, provider: str, base_url: str | None,
                    run: str | None = None) -> None:
-        self._task(key, status=TaskStatus.SUBMITTING, provider=provider, base_url=base_url,
+        """(A password in the base URL, `https://user:secret@host`, is not recorded.)"""
+        self._task(key, status=TaskStatus.SUBMITTING, provider=provider,
+                   base_url=without_credentials(base_url) if base_url else base_url,
                    task_id=None, polling_url=None, cost=None, submitted_at=None,
                    reported_seed=None, blob=None, reason=None, run=run)
 
@@ -370,14 +375,24 @@ class Store:
 
     def submitted(self, key: str, task_id: str, polling_url: str, cost: float | None,
                   at: float) -> None:
-        self._task(key, status=TaskStatus.SUBMITTED, task_id=task_id, polling_url=polling_url,
-                   cost=cost, submitted_at=at)
+        self._task(key, status=TaskStatus.SUBMITTED, task_id=task_id,
+                   polling_url=without_credentials(polling_url), cost=cost, submitted_at=at)
 
     def ready(self, key: str, reported_seed: int | None) -> None:
         self._task(key, status=TaskStatus.READY, reported_seed=reported_seed)
 
     def fetched(self, key: str, blob: str) -> None:
         self._task(key, status=TaskStatus.FETCHED, blob=blob, reason=None)
+
+    def fetch_again(self, key: str, reason: str) -> bool:
+        """The bytes kept of a paid task are lost (damaged on disk): it is in flight again, to
+        be polled for a fresh URL and downloaded again, without paying. False when the ledger
+        knows no task to poll (then nothing changes)."""
+        task = self.task(key)
+        if task is None or not task.task_id or not task.polling_url:
+            return False
+        self._task(key, status=TaskStatus.READY, blob=None, reason=reason)
+        return True
 
     def ended(self, key: str, status: TaskStatus, reason: str | None) -> None:
         """moderated | failed | unknown | gone; or, for a task in flight, only its reason."""
@@ -524,7 +539,20 @@ def unreadable_store(path: Path, error: sqlite3.DatabaseError) -> StateError:
 # -- the content store -----------------------------------------------------------------------
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def is_sha256(name: str) -> bool:
+    """Whether `name` is a sha256 in hex, as blobs are named (and nothing else: a name read
+    from the ledger becomes a path)."""
+    return _SHA256.fullmatch(name) is not None
+
+
 def blob_path(root: Path, sha256: str) -> Path:
+    if not is_sha256(sha256):
+        raise StateError(f"{root / STATE_DIR / DATABASE}: the ledger names a downloaded image "
+                         f"{sha256!r}, which is not a sha256; nothing is read or deleted "
+                         "through it")
     return root / STATE_DIR / BLOBS / sha256[:2] / sha256
 
 
@@ -534,7 +562,7 @@ def keep_blob(root: Path, spooled: Path, sha256: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(spooled, "rb") as handle:
         os.fsync(handle.fileno())
-    os.replace(spooled, target)
+    move_into_place(spooled, target)
     directory = os.open(target.parent, os.O_RDONLY)
     try:
         os.fsync(directory)  # the rename itself survives a power cut
@@ -544,8 +572,74 @@ def keep_blob(root: Path, spooled: Path, sha256: str) -> Path:
 
 
 def has_blob(root: Path, task: Task | None) -> bool:
+    """Whether the content store holds the bytes of `task` (a blob name that is not a sha256
+    counts as none: the task is collected again)."""
     return task is not None and task.status == TaskStatus.FETCHED and task.blob is not None and \
-        blob_path(root, task.blob).is_file()
+        is_sha256(task.blob) and blob_path(root, task.blob).is_file()
+
+
+class DamagedBlob(Exception):
+    """A downloaded image in the content store whose bytes no longer match their sha256
+    (damaged on disk): the message says which."""
+
+
+def read_blob(root: Path, sha256: str) -> bytes:
+    """The bytes of a downloaded image, checked against the sha256 they are named by."""
+    path = blob_path(root, sha256)
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise DamagedBlob(f"the downloaded image kept in {path} was damaged on disk (its "
+                          "bytes no longer match their sha256)")
+    return data
+
+
+@contextlib.contextmanager
+def replacing(target: Path, temp_dir: Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """A new temporary file in `temp_dir` that, once the block ends, is flushed to disk and
+    renamed over `target` (`move_into_place`); on any error it goes, `target` untouched. It
+    is created as `open()` creates files: its permissions follow the umask."""
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    fd, temporary = _new_temporary(temp_dir, target.name)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        move_into_place(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def move_into_place(temporary: Path, target: Path) -> None:
+    """Rename `temporary` (flushed to disk) over `target`. When the two are on different
+    file systems (an output folder that is another mount: a Docker volume, a bind mount), the
+    rename fails with EXDEV: the file is then copied to a temporary file beside `target`,
+    flushed and renamed there, so that a reader (or a crash) still never sees half a file."""
+    try:
+        os.replace(temporary, target)
+        return
+    except OSError as error:
+        if error.errno != errno.EXDEV or temporary.parent == target.parent:
+            raise  # (within one folder, a copy would meet the same refusal)
+    with open(temporary, "rb") as source, replacing(target, target.parent) as copy:
+        shutil.copyfileobj(source, copy)
+    os.unlink(temporary)
+
+
+def _new_temporary(folder: Path, name: str) -> tuple[int, Path]:
+    """A new, empty file in `folder`, named after `name`, opened for writing with the mode
+    `open()` would give it (0666 less the umask; `mkstemp` would make it 0600)."""
+    for _ in range(100):
+        # (a short prefix: a name near the file system's limit must still leave room for it)
+        path = folder / f".{name[:40]}.{os.urandom(4).hex()}.tmp"
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                           0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free name for a temporary file", str(folder))
 
 
 # -- manifests -------------------------------------------------------------------------------
@@ -606,6 +700,8 @@ def _rewritten_from(root: Path) -> str:
 
 
 def _manifest_shape_problems(document: Any) -> str | None:
+    from fluxbatch.expand import output_path_problem  # (here: expand imports this module)
+
     if not isinstance(document, dict) or not isinstance(document.get("images"), list):
         return "expected an object with an 'images' list"
     for index, entry in enumerate(document["images"]):
@@ -614,6 +710,15 @@ def _manifest_shape_problems(document: Any) -> str | None:
         for name, kind in (("path", str), ("key", str), ("sha256", str), ("bytes", int)):
             if not isinstance(entry.get(name), kind):
                 return f"images[{index}].{name} is missing or not a {kind.__name__}"
+        # A manifest is data anyone can edit: its paths are held to the rules of a recipe's
+        # output paths (relative, no `..`, not into .fluxbatch/) before anything is read,
+        # written or deleted through them.
+        output = entry.get("output", entry["path"])
+        if not isinstance(output, str):
+            return f"images[{index}].output is not a str"
+        problem = output_path_problem(entry["path"]) or output_path_problem(output)
+        if problem is not None:
+            return f"images[{index}] is refused: {problem}"
     return None
 
 
@@ -670,8 +775,16 @@ def has_store(root: Path) -> bool:
 def make_state_dir(root: Path) -> Path:
     """The root's state directory, made if need be, with a `.gitignore` in it (as pytest does
     for its cache): a project's `git add -A` commits no ledger, blob or lock. A root made by an
-    earlier release gets one the first time it is written to."""
+    earlier release gets one the first time it is written to. The directory, its `blobs/` and
+    its `tmp/` (cleared at each render) may not be symbolic links: one committed in a pull
+    request would send writes, and deletions, elsewhere."""
     directory = root / STATE_DIR
+    for path in (directory, directory / BLOBS, directory / TMP):
+        if os.path.islink(path):
+            raise StateError(
+                f"{path} is a symbolic link (to {os.readlink(path)}): fluxbatch keeps an output "
+                "root's state only in real folders inside it, and writes, clears and deletes "
+                f"nothing through a link. Remove the link (`rm {path}`) and run again.")
     directory.mkdir(parents=True, exist_ok=True)
     ignore_in_git(directory)
     return directory
@@ -686,7 +799,7 @@ def ignore_in_git(directory: Path) -> None:
     if os.path.lexists(target):
         return
     with contextlib.suppress(OSError):
-        fd, temporary = tempfile.mkstemp(prefix=f"{GITIGNORE}.", suffix=".tmp", dir=directory)
+        fd, temporary = _new_temporary(directory, GITIGNORE)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(_GITIGNORE_TEXT)
@@ -788,7 +901,9 @@ def adoptable(root: Path, jobs: Iterable[Job]) -> list[tuple[ManifestEntry, int]
             if entry is None or entry.get("key") != job.key:
                 continue
             data = path.read_bytes()
-            found = dict(entry, path=path.relative_to(root).as_posix(),
+            # (found at the job's planned path: the paths embedded in the image, which anyone
+            # could have written, are not used)
+            found = dict(entry, path=path.relative_to(root).as_posix(), output=job.output,
                          sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
             entries.append((cast(ManifestEntry, found), os.stat(path).st_mtime_ns))
             break

@@ -1,11 +1,12 @@
 """Stage 5: write images and the manifest — atomically, and only what really arrived.
 
-An image is written to a temporary file in the output root's `.fluxbatch/tmp/` (the same
-file system, and no debris beside images), flushed to disk, and renamed over its target
-(`os.replace`), so a reader (or a crash) never sees half a file. Its extension follows the
-bytes, not the request: a JPEG is never saved as `.png`. The manifest entry travels inside
-the image too (see `imagemeta`), minus what cannot be known before writing (its own hash
-and size).
+An image is written to a temporary file in the output root's `.fluxbatch/tmp/` (no debris
+beside images), flushed to disk, and renamed over its target (`os.replace`; copied beside it
+first when the output folder is on another file system), so a reader (or a crash) never sees
+half a file; files are created as `open()` creates them, so their permissions follow the
+umask. An image's extension follows the bytes, not the request: a JPEG is never saved as
+`.png`. The manifest entry travels inside the image too (see `imagemeta`), minus what cannot
+be known before writing (its own hash and size).
 """
 
 from __future__ import annotations
@@ -16,25 +17,26 @@ import json
 import os
 import posixpath
 import re
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from fluxbatch import __version__, imagemeta, models
 from fluxbatch.expand import Job
 from fluxbatch.outcomes import OutcomeStatus
 from fluxbatch.recipe import Recipe
+from fluxbatch.selection import stored_path_problem
 from fluxbatch.state import (
     LEGACY_MANIFEST,
     STATE_DIR,
+    TMP,
     ManifestEntry,
     Provenance,
     Store,
     manifest_name,
+    replacing,
 )
 
 MANIFEST_VERSION = 2
@@ -55,32 +57,12 @@ class NotAnImage(Exception):
 
 def atomic_write(target: Path, data: bytes, temp_dir: Path | None = None) -> int:
     """Write `data` to `target` atomically; return the new file's mtime in ns. The temporary
-    file lives in `temp_dir` (same file system), so a crash leaves no debris beside images."""
+    file lives in `temp_dir`, so a crash leaves no debris beside images (an output folder on
+    another file system gets a copy beside the target first: `state.move_into_place`)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _replacing(target, temp_dir or target.parent, "wb") as handle:
+    with replacing(target, temp_dir or target.parent) as handle:
         handle.write(data)
     return os.stat(target).st_mtime_ns
-
-
-@contextlib.contextmanager
-def _replacing(target: Path, temp_dir: Path, mode: str) -> Iterator[IO[Any]]:
-    """A temporary file in `temp_dir` (same file system) that, once the block ends, is
-    fsync'd, made 0644 and renamed over `target`; on any error it goes, `target` untouched."""
-    temp_dir.mkdir(parents=True, exist_ok=True)
-    # (a short prefix: a name near the file system's limit must still leave room for it)
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name[:40]}.", suffix=".tmp",
-                                     dir=temp_dir)
-    try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
 
 
 def real_path(planned: str, data: bytes) -> str:
@@ -141,7 +123,10 @@ def place(root: Path, job: Job, data: bytes, entry: Provenance,
     payload: Provenance = {**entry, "path": path}
     stamped = imagemeta.embed(data, payload)
     mtime_ns = atomic_write(root / path, stamped, temp_dir(root))
-    if previous_path and previous_path != path and not shared:
+    # (the previous path was read back from the store, and may have come from a manifest:
+    # nothing outside the root, or reached through a link, is deleted)
+    if previous_path and previous_path != path and not shared and \
+            stored_path_problem(root, previous_path) is None:
         with contextlib.suppress(OSError):
             os.unlink(root / previous_path)
     written = Written(path, hashlib.sha256(stamped).hexdigest(), len(stamped), mtime_ns)
@@ -172,7 +157,7 @@ def write_manifest(recipe: Recipe, store: Store) -> Path:
     }
     count = 0
     size = credits = 0.0
-    with _replacing(target, temp_dir(root), "w") as handle:
+    with replacing(target, temp_dir(root), "w") as handle:
         handle.write(json.dumps(head, ensure_ascii=False)[:-1] + ',\n"images": [')
         for text in store.entries_json(recipe.name):
             handle.write(",\n" if count else "\n")
@@ -212,7 +197,7 @@ def _retire_legacy_manifest(root: Path, recipe: str) -> None:
 
 
 def temp_dir(root: Path) -> Path:
-    return root / STATE_DIR / "tmp"
+    return root / STATE_DIR / TMP
 
 
 def clear_debris(root: Path) -> None:

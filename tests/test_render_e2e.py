@@ -286,6 +286,10 @@ def test_a_store_damaged_past_its_header_is_one_clear_line(
                  "device", id="disk full at an output"),
     pytest.param("/pngs/", 30, "stopped: cannot write {root}/pngs/teapot.png: Read-only file "
                  "system", id="read-only image folder"),
+    pytest.param("/pngs/", 13, "stopped: cannot write {root}/pngs/teapot.png: Permission "
+                 "denied", id="image folder of another user"),
+    pytest.param("/pngs/", 18, "stopped: cannot write {root}/pngs/teapot.png: Invalid "
+                 "cross-device link", id="no rename even beside the image"),
     pytest.param("/e2e.manifest.json", 28, "cannot write {root}/e2e.manifest.json: No space "
                  "left on device. Every image written is recorded in the state store; free some "
                  "space (or make the folder writable) and run `fluxbatch render` again to write "
@@ -316,7 +320,7 @@ def test_a_disk_that_refuses_writes_stops_the_run_with_one_line_and_nothing_is_p
         assert render(recipe, emulator) == 0
         assert len(emulator.submissions) == paid  # collected, not paid again
     assert code == 1
-    assert errno_ in (errnos.ENOSPC, errnos.EROFS)
+    assert errno_ in (errnos.ENOSPC, errnos.EROFS, errnos.EACCES, errnos.EXDEV)
     assert "Traceback" not in err and "internal error" not in err
     assert f"fluxbatch: {what.format(root=tmp_path)}" in err.splitlines(), err
     assert sorted(p.name for p in tmp_path.rglob("*.png") if ".fluxbatch" not in p.parts) == [

@@ -16,7 +16,7 @@ from pathlib import Path
 from fluxbatch.commands.output import plural
 from fluxbatch.errors import EXIT_OK, FluxbatchError
 from fluxbatch.expand import Plan
-from fluxbatch.selection import classify, load_plan, source_placement
+from fluxbatch.selection import classify, load_plan, source_placement, stored_path_problem
 from fluxbatch.state import (
     RootLock,
     RootState,
@@ -50,24 +50,11 @@ def _orphans(plan: Plan, state: RootState, store: Store, delete: bool) -> None:
     if not orphans:
         print("no orphans: every image of this recipe belongs to a job in it")
         return
-    planned = _planned_elsewhere(plan, store)
-    # A file an orphan once wrote may since be the image of a planned job (same path, another
-    # extension planned), another recipe's image, or planned by another recipe: it is kept.
-    kept: dict[str, str] = {}
-    for output, placement in state.placements.items():
-        if output not in orphans:
-            kept[placement.path] = "the image of a job in the recipe"
-    for output in orphans:
-        path = state.placements[output].path
-        others = store.others_at(path, recipe)
-        if others:
-            kept.setdefault(path, f"also the image of recipe {others[0]!r}")
-        elif _stem(path) in planned:
-            kept.setdefault(path, f"planned by recipe {planned[_stem(path)]!r}")
+    kept = _kept(plan, state, store, orphans)
     for output in orphans:
         path = state.placements[output].path
         if path in kept:
-            print(f"orphan entry: {path} (the file is {kept[path]}, and is kept)")
+            print(f"orphan entry: {path} ({kept[path]})")
         else:
             print(f"{'deleting' if delete else 'orphan'}: {path}")
     if not delete:
@@ -86,6 +73,34 @@ def _orphans(plan: Plan, state: RootState, store: Store, delete: bool) -> None:
     store.forget(recipe, orphans)
     write_manifest(plan.recipe, store)
     print(f"deleted {plural(len(orphans), 'orphan')}")
+
+
+def _kept(plan: Plan, state: RootState, store: Store,
+          orphans: tuple[str, ...]) -> dict[str, str]:
+    """The files orphans name that are kept, each with why. A file an orphan once wrote may
+    since be the image of a planned job (same path, another extension planned), another
+    recipe's image, or planned by another recipe. A path read back from the store that leads
+    out of the output root (or into its state) is never deleted through."""
+    root = plan.recipe.output_root
+    recipe = plan.recipe.name
+    planned = _planned_elsewhere(plan, store)
+    kept: dict[str, str] = {}
+    for output, placement in state.placements.items():
+        if output not in orphans:
+            kept[placement.path] = "the file is the image of a job in the recipe, and is kept"
+    for output in orphans:
+        path = state.placements[output].path
+        refused = stored_path_problem(root, path)
+        others = store.others_at(path, recipe)
+        if refused is not None:
+            kept[path] = f"refused: {refused}; nothing is deleted through it"
+        elif others:
+            kept.setdefault(path, f"the file is also the image of recipe {others[0]!r}, and "
+                                  "is kept")
+        elif _stem(path) in planned:
+            kept.setdefault(path, f"the file is planned by recipe {planned[_stem(path)]!r}, "
+                                  "and is kept")
+    return kept
 
 
 def _planned_elsewhere(plan: Plan, store: Store) -> dict[str, str]:

@@ -21,14 +21,15 @@ from fluxbatch.expand import Plan
 from fluxbatch.selection import ImageState, classify, load_plan, source_placement
 from fluxbatch.state import (
     IN_FLIGHT,
+    DamagedBlob,
     ManifestEntry,
     RootLock,
     RootState,
     Store,
     Task,
-    blob_path,
     has_blob,
     has_store,
+    read_blob,
     read_state,
 )
 from fluxbatch.write import manifest_path, write_manifest
@@ -91,15 +92,16 @@ def _merge_one(plan: Plan, store: Store, placer: Placer, source: Path) -> Merged
             continue
         found = source_placement(job.key, theirs, source)
         task = theirs.tasks.get(job.key)
+        held = None if found is not None else _held(source, task)
         if found is not None:
             entry = _entry(source, found.recipe, found.output)
             placer.place(job, (source / found.path).read_bytes(), task, entry or {})
             merged.placed += 1
-        elif has_blob(source, task):
-            assert task is not None and task.blob is not None
-            placer.place(job, blob_path(source, task.blob).read_bytes(), task, {})
+        elif held is not None:
+            placer.place(job, held, task, {})
             merged.placed += 1
-        elif task is not None and task.status in IN_FLIGHT and job.key not in ours.tasks:
+        elif task is not None and job.key not in ours.tasks and (
+                task.status in IN_FLIGHT or _damaged(source, task)):
             _record_task(store, task)
             merged.collectable += 1
         else:
@@ -109,6 +111,23 @@ def _merge_one(plan: Plan, store: Store, placer: Placer, source: Path) -> Merged
                     f"{job.output}: {source} holds an image of another request there (key "
                     f"{other.key[:12]}…, planned {job.key[:12]}…); left out")
     return merged
+
+
+def _held(source: Path, task: Task | None) -> bytes | None:
+    """The image of `task` in `source`'s content store, if it is there and intact."""
+    if not has_blob(source, task):
+        return None
+    assert task is not None and task.blob is not None
+    try:
+        return read_blob(source, task.blob)
+    except DamagedBlob:
+        return None
+
+
+def _damaged(source: Path, task: Task) -> bool:
+    """Whether `source` fetched `task` but its copy is damaged (the task is collected
+    again, from this root, without paying)."""
+    return has_blob(source, task) and bool(task.task_id) and bool(task.polling_url)
 
 
 def _entry(source: Path, recipe: str, output: str) -> ManifestEntry | None:

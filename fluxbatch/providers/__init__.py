@@ -13,6 +13,7 @@ import fnmatch
 import functools
 import importlib
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,20 +194,32 @@ def parsed_url(url: str) -> httpx.URL:
 # -- where the key may go --------------------------------------------------------------------
 
 
+# The user name and password a URL may carry: after the scheme, up to the last @ before the
+# path, the query or the fragment.
+_CREDENTIALS = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+
+
+def without_credentials(url: str) -> str:
+    """`url` without the user name and password it may carry (`https://user:secret@host/v1`
+    → `https://host/v1`): what is recorded in the ledger, or printed, of a URL."""
+    return _CREDENTIALS.sub(r"\1", url, count=1)
+
+
 def check_base_url(url: str, info: ProviderInfo, *, where: str) -> str:
     """`url` as a base URL for `info`, or a ConfigError saying why not. `where` says who named
     it: the operator ("--base-url", an environment variable) may name any https host; a
     recipe only the provider's own hosts or loopback (`recipe_base_url_problem`)."""
     import httpx
 
+    shown = without_credentials(url)
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as error:
-        raise ConfigError(f"{where}: {url!r} is not a URL ({error})") from None
+        raise ConfigError(f"{where}: {shown!r} is not a URL ({error})") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ConfigError(f"{where}: base URL {url!r} must be an http(s) URL with a host")
+        raise ConfigError(f"{where}: base URL {shown!r} must be an http(s) URL with a host")
     if info.key_env is not None and parsed.scheme == "http" and not is_loopback(parsed.host):
-        raise ConfigError(f"{where}: {url} would send the API key unencrypted; use https "
+        raise ConfigError(f"{where}: {shown} would send the API key unencrypted; use https "
                           "(plain http is allowed only to loopback)")
     return url.rstrip("/")
 
