@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shed-rate", type=_probability, default=0.0,
                    help="probability that a submit below the caps is answered 429 anyway, as "
                         "a gateway shedding load does (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed for latency and faults")
+    p.add_argument("--seed", type=int, default=0, help="seed for latency, faults and shedding")
     p.add_argument("--key", default=None, help="the only API key accepted (default: any)")
     p.add_argument("--url-ttl", type=_non_negative_float, default=600.0,
                    help="seconds a sample URL stays valid (default 600)")
