@@ -87,30 +87,31 @@ class Slots:
         """The holder polls a task submitted earlier: it counts as in flight."""
         self._in_flight.add(asyncio.current_task())
 
-    def rate_limited(self) -> bool:
-        """The holder's submit was answered 429. True when that shows the cap (the limit
-        came down, or stays down), False when it is shedding."""
+    def rate_limited(self) -> None:
+        """The holder's submit was answered 429: the cap, or shedding."""
         level = self._level()
         learned = self.learned
-        if learned is not None and level >= learned:
+        if learned is not None and level >= learned:  # the learned cap holds
             self.limit = min(self.limit, learned)
             self._wait = min(STEP_WAIT_LONGEST, 2 * self._wait)
             self._step_later(step=1)
-            return True
+            return
         for x in range(level + 1):
             self._streaks[x] += 1
-        if self._falling:  # 429s go on below the cap just learned: it is lower still
-            shown: int | None = int(level * FALLING)
-        else:
-            shown = next((x for x in range(level, -1, -1) if self._streaks[x] >= CAP_EVIDENCE),
-                         None)
+        shown = self._cap_shown(level)
         if shown is None:
-            return False
+            return  # shedding
         self.limit = self.learned = max(1, min(shown, self.limit))
         self._streaks = [0] * (self.cap + 1)
         self._falling = True
         self._step_later(step=1)
-        return True
+
+    def _cap_shown(self, level: int) -> int | None:
+        """The cap that a 429 at `level` shows, if it shows one."""
+        if self._falling:  # 429s go on below the cap just learned: it is lower still
+            return int(level * FALLING)
+        return next((x for x in range(level, -1, -1) if self._streaks[x] >= CAP_EVIDENCE),
+                    None)
 
     async def succeeded(self) -> None:
         """The holder's submit was accepted: its task is in flight."""
