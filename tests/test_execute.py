@@ -1094,7 +1094,9 @@ def test_after_a_cut_by_chance_the_limit_grows_back_within_seconds() -> None:
     assert statuses(outcomes) == ["written"] * 40
     cut = next(i for i, (_, limit) in enumerate(limits) if limit < 8)
     back = next(i for i, (_, limit) in enumerate(limits) if i > cut and limit == 8)
-    assert limits[back][0] - limits[cut][0] <= 3.0  # with a success every 2.5 s
+    # Within seconds, though a task takes 20 (growing back one slot per "limit" successes
+    # took 100 s here).
+    assert limits[back][0] - limits[cut][0] <= 3.0
 
 
 def test_tasks_attached_from_an_earlier_run_count_toward_the_cap() -> None:
