@@ -18,7 +18,6 @@ printed as a ratio to the leanest Python client doing the same jobs in the same 
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from floor_client import run_floor
@@ -28,6 +27,7 @@ from harness import (
     EmulatorProcess,
     count_images,
     planned_requests,
+    render_parser,
     run_fluxbatch,
     verdict,
     work_dir,
@@ -42,14 +42,8 @@ CORES_TARGET = 0.5
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=1000, help="images to render (1000)")
-    parser.add_argument("--latency", type=float, default=2.0,
-                        help="the emulator's mean task latency L in seconds (2.0)")
-    parser.add_argument("--quick", action="store_true",
-                        help="200 jobs: a smoke run (start and tail weigh ~4× more)")
-    parser.add_argument("--seed", type=int, default=0, help="the emulator's latency seed")
+    parser = render_parser(__doc__, 1000, "images to render",
+                           "200 jobs: a smoke run (start and tail weigh ~4× more)")
     parser.add_argument("--keep", metavar="DIR", help="render into DIR and keep it")
     parser.add_argument("--wide-jobs", type=int, default=2400,
                         help=f"images for the {WIDE_CAP}-task run (2400; 0 skips it)")

@@ -12,7 +12,6 @@ image fetched from the `sample` URL and written to a file, one job after another
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import sys
@@ -26,6 +25,7 @@ from harness import (
     EmulatorProcess,
     count_images,
     planned_requests,
+    render_parser,
     run_fluxbatch,
     verdict,
     work_dir,
@@ -52,13 +52,7 @@ def sdk_loop(base_url: str, jobs: list[dict[str, Any]], out: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=200, help="images for each side (200)")
-    parser.add_argument("--latency", type=float, default=2.0,
-                        help="the emulator's mean task latency L in seconds (2.0)")
-    parser.add_argument("--quick", action="store_true", help="40 jobs instead of --jobs")
-    parser.add_argument("--seed", type=int, default=0, help="the emulator's latency seed")
+    parser = render_parser(__doc__, 200, "images for each side", "40 jobs instead of --jobs")
     args = parser.parse_args()
     jobs = 40 if args.quick else args.jobs
 

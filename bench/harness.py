@@ -7,6 +7,7 @@ process) is fluxbatch's alone; its request counters come back through a pipe.
 
 from __future__ import annotations
 
+import argparse
 import compileall
 import contextlib
 import io
@@ -28,7 +29,8 @@ FORMAT = "jpeg"
 
 
 def _serve(options: dict[str, Any], conn: Connection) -> None:
-    """The child process: an EmulatorThread, answering 'stats' and 'stop' on the pipe."""
+    """The child process: an EmulatorThread, answering 'stats', ('reconfigure', changes) and
+    'stop' on the pipe."""
     from fluxbatch.emulator import EmulatorConfig, EmulatorThread
 
     with EmulatorThread(EmulatorConfig(**options)) as emulator:
@@ -37,6 +39,9 @@ def _serve(options: dict[str, Any], conn: Connection) -> None:
             command = conn.recv()
             if command == "stop":
                 return
+            if isinstance(command, tuple) and command[0] == "reconfigure":
+                emulator.reconfigure(**command[1])
+                conn.send(True)
             if command == "stats":
                 tasks = [emulator.task(s["task_id"]) for s in list(emulator.submissions)]
                 usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -70,6 +75,11 @@ class EmulatorProcess:
                                "its traceback, if any, is above") from None
         return self
 
+    def reconfigure(self, **changes: Any) -> None:
+        """Change the running emulator's knobs (a cap that drops mid-run, say)."""
+        self._conn.send(("reconfigure", changes))
+        self._conn.recv()
+
     def stats(self) -> dict[str, Any]:
         self._conn.send("stats")
         result: dict[str, Any] = self._conn.recv()
@@ -83,6 +93,19 @@ class EmulatorProcess:
         if self._process.is_alive():
             self._process.kill()
             self._process.join()
+
+
+def render_parser(doc: str | None, jobs: int, jobs_help: str,
+                  quick_help: str) -> argparse.ArgumentParser:
+    """The options of every render benchmark: --jobs, --latency, --quick and --seed."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=jobs, help=f"{jobs_help} ({jobs})")
+    parser.add_argument("--latency", type=float, default=2.0,
+                        help="the emulator's mean task latency L in seconds (2.0)")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--seed", type=int, default=0, help="the emulator's seed")
+    return parser
 
 
 @contextlib.contextmanager

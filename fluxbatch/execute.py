@@ -8,8 +8,8 @@ requests are retried"):
 
 - slow start: the run's first submit goes alone; the others wait until one was accepted, so a
   bad key, an empty account or a dead host costs one request and one line, not one per image.
-- submit: 429 means "no free slot" — wait (Retry-After, else jittered exponential backoff)
-  and resubmit, lowering the effective concurrency while 429s continue; a connection that
+- submit: 429 means "no slot now" — wait (Retry-After, else jittered exponential backoff)
+  and resubmit, lowering the limit only at the account's cap (`pacing.Slots`); a connection that
   could not be opened is safe to retry a few times, after which the host counts as
   unreachable and the run stops; a request that cannot be framed (a forbidden character in a
   header) was never sent, and fails; a 5xx, a reset connection or a read timeout may already
@@ -212,7 +212,7 @@ class Executor:
         # and encoded then, so no more of them are in memory than requests in flight); it
         # raises JobFailed when an input cannot be sent.
         self.prepare = prepare
-        self.account = Slots(self.settings.account_cap)
+        self.account = Slots(self.settings.account_cap, clock, sleep)
         self.model_slots: dict[str, Slots] = {}
         self.durations = Durations()
         self.reports_progress: set[str] = set()  # models whose polls carry `progress`
@@ -245,7 +245,7 @@ class Executor:
         for model, queue in queues.items():
             cap = min(self.settings.model_caps.get(model, self.settings.account_cap),
                       self.settings.account_cap)
-            self.model_slots[model] = Slots(cap)
+            self.model_slots[model] = Slots(cap, self.clock, self.sleep)
             # Twice the cap: a worker that is downloading must not hold back the next submit.
             for _ in range(min(len(queue), 2 * cap)):
                 workers.append(self._worker(queue, jobs, attach, outcomes))
@@ -298,6 +298,8 @@ class Executor:
                 self.on_event(Event(EventKind.SUBMITTED, job, cost=outcome.submitted.cost))
             else:
                 outcome.submitted = earlier
+                for slot in slots:
+                    slot.attached()
                 self.on_event(Event(EventKind.ATTACHED, job))
             outcome.polled = await self._poll(job, outcome.submitted)
         except _Unknown as error:

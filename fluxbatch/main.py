@@ -185,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="active flux-kontext-max tasks (default 6)")
     p.add_argument("--fault-rate", type=_probability, default=0.0,
                    help="probability of an injected fault per request (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed for latency and faults")
+    p.add_argument("--shed-rate", type=_probability, default=0.0,
+                   help="probability that a submit below the caps is answered 429 anyway, as "
+                        "a gateway shedding load does (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed for latency, faults and shedding")
     p.add_argument("--key", default=None, help="the only API key accepted (default: any)")
     p.add_argument("--url-ttl", type=_non_negative_float, default=600.0,
                    help="seconds a sample URL stays valid (default 600)")
@@ -318,7 +321,7 @@ def _emulator(args: argparse.Namespace) -> int:
                     latency_sigma=args.latency_sigma, cap=args.cap,
                     kontext_max_cap=args.kontext_max_cap, fault_rate=args.fault_rate,
                     seed=args.seed, key=args.key, url_ttl=args.url_ttl, task_ttl=args.task_ttl,
-                    log=args.log, max_side=args.max_side)
+                    log=args.log, max_side=args.max_side, shed_rate=args.shed_rate)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,16 +1,19 @@
 """Helpers shared by test modules (fixtures live in conftest.py): a file tree built from a
-mapping, and the "rebuild" output root that the rebuild and state-command tests drive through
-the CLI against the emulator, with the exact text its commands print."""
+mapping, an event loop on virtual time, and the "rebuild" output root that the rebuild and
+state-command tests drive through the CLI against the emulator, with the exact text its
+commands print."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import selectors
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jsonschema
 import pytest
@@ -22,6 +25,7 @@ from fluxbatch.selection import load_plan
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST_SCHEMA = json.loads((ROOT / "schemas" / "manifest.schema.json").read_text())
 IMAGE_SUFFIXES = (".png", ".jpg", ".webp")
+T = TypeVar("T")
 
 
 def build_file_tree(root: Path, files: Mapping[str, str | bytes]) -> Path:
@@ -34,6 +38,42 @@ def build_file_tree(root: Path, files: Mapping[str, str | bytes]) -> Path:
         else:
             target.write_text(textwrap.dedent(content).lstrip("\n"), encoding="utf-8")
     return root
+
+
+# -- virtual time -----------------------------------------------------------------------------
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock is virtual: when nothing is ready to run, it jumps to its
+    next timer instead of waiting for it. `asyncio.sleep(30)` takes no real time, concurrent
+    sleepers wake in the order of their deadlines, and `loop.time()` says how long a run
+    took in simulated seconds, the same on any machine."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        super().__init__(_JumpingSelector(self))
+
+    def time(self) -> float:
+        return self.now
+
+
+class _JumpingSelector(selectors.DefaultSelector):
+    def __init__(self, loop: VirtualTimeLoop) -> None:
+        super().__init__()
+        self._loop = loop
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready = super().select(0)
+        if ready or timeout is None:
+            # Nothing scheduled at all: only another thread can wake the loop.
+            return ready or super().select(timeout)
+        self._loop.now += timeout
+        return []
+
+
+def run_in_virtual_time(main: Coroutine[object, object, T]) -> T:
+    with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
+        return runner.run(main)
 
 
 # -- the rebuild root -------------------------------------------------------------------------

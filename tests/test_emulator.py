@@ -287,6 +287,56 @@ def test_kontext_max_has_its_own_smaller_cap() -> None:
     assert other.status_code == 200
 
 
+def test_a_cap_lowered_while_tasks_run_refuses_at_the_new_cap() -> None:
+    with serve(cap=3, latency=5.0, latency_sigma=0.0) as (emu, client):
+        submit(client, "flux-dev", {"prompt": "a"})
+        submit(client, "flux-dev", {"prompt": "b"})
+        emu.reconfigure(cap=2)
+        response = client.post("/v1/flux-dev", headers=KEY, json={"prompt": "c"})
+    assert response.status_code == 429
+    assert response.json() == {
+        "detail": "Too many active tasks: the limit is 2; wait for one to finish"
+    }
+
+
+@pytest.mark.parametrize(("route", "headers", "body"), [
+    ("/v1/flux-dev", KEY,
+     {"detail": "Too many requests: the service is busy; try again shortly"}),
+    ("/flux/v1/flux-dev", BEARER,
+     {"error": {"message": "Too many requests: the service is busy; try again shortly",
+                "type": "comet_api_error", "param": "", "code": "rate_limit_exceeded"}}),
+])
+def test_shed_rate_answers_429_below_the_cap_without_retry_after(
+        route: str, headers: dict[str, str], body: dict[str, Any]) -> None:
+    with serve(cap=24, shed_rate=1.0) as (emu, client):
+        response = client.post(route, headers=headers, json={"prompt": "a"})
+    assert response.status_code == 429
+    assert "retry-after" not in response.headers
+    answer = response.json()
+    if "error" in answer:  # (CometAPI's message ends with a request id)
+        answer["error"]["message"] = answer["error"]["message"].split(" (request id")[0]
+    assert answer == body
+    assert (emu.stats.rejected_429, emu.stats.shed_429, len(emu.submissions)) == (1, 1, 0)
+
+
+def test_shed_rate_sheds_that_share_of_submits_the_same_way_for_a_seed() -> None:
+    def shed(seed: int) -> list[int]:
+        with serve(shed_rate=0.25, seed=seed, cap=1000) as (_, client):
+            return [client.post("/v1/flux-dev", headers=KEY, json={"prompt": str(i)}).status_code
+                    for i in range(200)]
+
+    first = shed(1)
+    assert first == shed(1)
+    assert 30 <= first.count(429) <= 70
+    assert set(first) == {200, 429}
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.5])
+def test_shed_rate_outside_zero_to_one_is_refused(rate: float) -> None:
+    with pytest.raises(ValueError, match=f"shed_rate must be between 0 and 1, not {rate}"):
+        EmulatorConfig(shed_rate=rate)
+
+
 # -- outcomes -------------------------------------------------------------------------------
 
 

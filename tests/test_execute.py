@@ -1,10 +1,13 @@
 """The executor against a BFL-shaped API faked at the transport (fluxbatch's `Wire` over
 `httpx.MockTransport`). Time is fake: requested sleeps are recorded and advance a clock,
-so nothing here really waits."""
+so nothing here really waits. The pacing tests run on virtual time instead (`VirtualTime`),
+where concurrent sleeps overlap as they would on a real clock."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import random
 from collections import defaultdict, deque
@@ -35,6 +38,7 @@ from fluxbatch.providers import Polled, Secret, Submitted
 from fluxbatch.providers.bfl import Bfl
 from fluxbatch.providers.cometapi import CometApi
 from fluxbatch.wire import Wire
+from tests.helpers import run_in_virtual_time
 
 # What a paid task whose bytes could not be fetched says: the next run collects it.
 AGAIN = "; the next run downloads it again without paying (or --force pays for a new one)"
@@ -88,12 +92,35 @@ class FakeTime:
         await asyncio.sleep(0)
 
 
+class VirtualTime:
+    """Time on a `VirtualTimeLoop`: sleeps are recorded and really wait, in virtual seconds,
+    so that tasks overlap as on a real clock (a FakeTime adds up every sleep, however many
+    run at once)."""
+
+    def __init__(self) -> None:
+        self.sleeps: list[float] = []
+        self.last = 0.0  # the time when the loop last ran: after a run, when it ended
+
+    @property
+    def now(self) -> float:
+        with contextlib.suppress(RuntimeError):  # (no loop runs)
+            self.last = asyncio.get_running_loop().time()
+        return self.last
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        await asyncio.sleep(seconds)
+
+
 class FakeApi:
     """BFL's routes. Replies can be scripted per prompt; unscripted, a submit is accepted, a
     task is Pending (with linear progress) for `durations[prompt]` seconds, then Ready, and
     its sample downloads as a PNG."""
 
-    def __init__(self, time: FakeTime) -> None:
+    def __init__(self, time: FakeTime | VirtualTime) -> None:
         self.time = time
         self.requests: list[httpx.Request] = []
         self.submits: dict[str, deque[Scripted]] = defaultdict(deque)
@@ -107,6 +134,11 @@ class FakeApi:
         self.yield_on_submit = False
         self.posts_open = 0
         self.peak_posts_before_first_answer = 0
+        # The account's cap: a submit while this many tasks are Pending is answered 429.
+        self.cap: int | None = None
+        self.cap_headers: dict[str, str] = {}
+        self.refused_at_cap: list[float] = []  # when
+        self.peak_active = 0
 
     def posts(self) -> list[httpx.Request]:
         return [q for q in self.requests if q.method == "POST"]
@@ -131,7 +163,7 @@ class FakeApi:
                 for _ in range(5):
                     await asyncio.sleep(0)
                 self.posts_open -= 1
-            return _reply(self.submits[prompt]) or self._accept(prompt)
+            return _reply(self.submits[prompt]) or self._over_cap() or self._accept(prompt)
         task_id = request.url.params.get("id") or request.url.params["task"]
         prompt, submitted = self.tasks[task_id]
         if request.url.host.startswith("delivery."):
@@ -139,9 +171,20 @@ class FakeApi:
                 200, content=PNG, headers={"content-type": "image/png"})
         return _reply(self.polls[prompt]) or self._status(task_id, prompt, submitted)
 
+    def active(self) -> int:
+        return sum(1 for prompt, submitted in self.tasks.values()
+                   if self.time.now - submitted < self.durations.get(prompt, 0.0))
+
+    def _over_cap(self) -> httpx.Response | None:
+        if self.cap is None or self.active() < self.cap:
+            return None
+        self.refused_at_cap.append(self.time.now)
+        return error(429, "Too many active tasks", self.cap_headers)
+
     def _accept(self, prompt: str) -> httpx.Response:
         task_id = f"task-{len(self.tasks) + 1}"
         self.tasks[task_id] = (prompt, self.time.now)
+        self.peak_active = max(self.peak_active, self.active())
         return httpx.Response(200, json={
             "id": task_id, "polling_url": f"{POLL_BASE}/v1/get_result?id={task_id}",
             "cost": 4.0})
@@ -226,7 +269,7 @@ class FakeWriter:
 
 @dataclass
 class Harness:
-    time: FakeTime = field(default_factory=FakeTime)
+    time: FakeTime | VirtualTime = field(default_factory=FakeTime)
     journal: FakeJournal = field(default_factory=FakeJournal)
     writer: FakeWriter = field(default_factory=FakeWriter)
     events: list[Event] = field(default_factory=list)
@@ -253,6 +296,8 @@ class Harness:
                 started(self.executor)
                 return await self.executor.run(list(jobs), attach)
 
+        if isinstance(self.time, VirtualTime):
+            return run_in_virtual_time(main())
         return asyncio.run(main())
 
 
@@ -966,6 +1011,133 @@ def test_429s_beyond_the_rate_limit_timeout_give_up_without_paying() -> None:
         "failed", "still rate-limited (429) after 10 s; gave up")
     assert len(h.api.posts()) == 3
     assert h.journal.of(0) == ["submitting", "not_sent"] * 3 + ["finished"]
+
+
+def paced(jobs: int, *, cap: int = 8, seconds: float = 2.0) -> tuple[Harness, list[Job]]:
+    """A run on virtual time: `jobs` tasks of `seconds` each, fluxbatch allowed `cap`."""
+    h = Harness(time=VirtualTime(), settings=Settings(account_cap=cap))
+    batch = [make_job(i) for i in range(jobs)]
+    for job in batch:
+        h.api.durations[str(job.prompt)] = seconds
+    return h, batch
+
+
+def watch_limits(h: Harness, seen: list[tuple[float, int]]) -> Callable[[Executor], None]:
+    """Record (time, account limit) at each submit."""
+    def started(executor: Executor) -> None:
+        def on_request(request: httpx.Request) -> None:
+            if request.method == "POST":
+                seen.append((h.time.now, executor.account.limit))
+        h.api.on_request = on_request
+    return started
+
+
+def test_429s_shed_below_the_cap_are_retried_without_lowering_the_limit() -> None:
+    h, jobs = paced(80)
+    shed = jobs[5::10]  # one submit in ten, answered 429 although the account has room
+    for job in shed:
+        h.api.submits[str(job.prompt)].append(error(429, "Too many requests"))
+    limits: list[tuple[float, int]] = []
+
+    outcomes = h.run(jobs, started=watch_limits(h, limits))
+
+    assert statuses(outcomes) == ["written"] * 80
+    assert len(h.api.posts()) == 88
+    assert {limit for _, limit in limits} == {8}
+    assert h.api.peak_active == 8
+    assert h.time.now < 80 / 8 * 2.0 + 4  # each shed submit waits alone, its slot used
+
+
+def test_a_hard_cap_below_the_limit_is_learned_and_held() -> None:
+    h, jobs = paced(150)
+    h.api.cap = 5  # the account allows 5 tasks; fluxbatch was told 8
+    limits: list[tuple[float, int]] = []
+
+    outcomes = h.run(jobs, started=watch_limits(h, limits))
+
+    assert statuses(outcomes) == ["written"] * 150
+    # The three submits over the cap at the start, then one step up per doubled wait (2, 4,
+    # 8... s) in 60 s at the cap. (Cutting to 3/4 of the tasks in flight at each 429 and
+    # growing back one slot per "limit" successes made 29.)
+    assert len(h.api.refused_at_cap) <= 3 + 6
+    assert h.executor is not None and h.executor.account.learned == 5
+    learned_at = next(i for i, (_, limit) in enumerate(limits) if limit == 5)
+    assert {limit for _, limit in limits[learned_at:]} <= {5, 6}  # 6: a step up, refused
+    assert h.time.now < 150 / 5 * 2.0 + 6
+
+
+def test_a_cap_that_drops_mid_run_is_followed_down_and_held() -> None:
+    h, jobs = paced(200)
+    h.api.cap = 8
+
+    def drop(executor: Executor) -> None:
+        asyncio.get_running_loop().call_at(20.0, setattr, h.api, "cap", 4)
+
+    outcomes = h.run(jobs, started=drop)
+
+    assert statuses(outcomes) == ["written"] * 200
+    refused = h.api.refused_at_cap
+    assert min(refused) >= 20.0
+    assert len([t for t in refused if t < 30.0]) <= 8  # following down: the drop's first 10 s
+    assert len([t for t in refused if t >= 30.0]) <= 6  # holding: one 429 per doubled wait
+    assert h.executor is not None and h.executor.account.learned == 4
+
+
+def test_after_a_cut_by_chance_the_limit_grows_back_within_seconds() -> None:
+    h, jobs = paced(40, seconds=20.0)
+    for job in jobs[10:12]:  # two 429s in a row: the limit is cut, though there is no cap
+        h.api.submits[str(job.prompt)].append(error(429, "Too many requests"))
+    limits: list[tuple[float, int]] = []
+
+    outcomes = h.run(jobs, started=watch_limits(h, limits))
+
+    assert statuses(outcomes) == ["written"] * 40
+    cut = next(i for i, (_, limit) in enumerate(limits) if limit < 8)
+    back = next(i for i, (_, limit) in enumerate(limits) if i > cut and limit == 8)
+    # Within seconds, though a task takes 20 (growing back one slot per "limit" successes
+    # took 100 s here).
+    assert limits[back][0] - limits[cut][0] <= 3.0
+
+
+def test_tasks_attached_from_an_earlier_run_count_toward_the_cap() -> None:
+    h, jobs = paced(24)
+    h.api.cap = 4
+    earlier = {}
+    for job in jobs[:4]:  # still rendering at the provider, for 10 s more
+        task_id = f"task-old-{job.index}"
+        h.api.tasks[task_id] = (str(job.prompt), 0.0)
+        h.api.durations[str(job.prompt)] = 10.0
+        earlier[job.key] = Submitted(task_id, f"{POLL_BASE}/v1/get_result?id={task_id}", None)
+    limits: list[tuple[float, int]] = []
+
+    outcomes = h.run(jobs, attach=earlier, started=watch_limits(h, limits))
+
+    assert statuses(outcomes) == ["written"] * 24
+    assert h.executor is not None and h.executor.account.learned == 4
+    # The 429s came with the four attached tasks in flight: the cap is 4, not 1.
+    assert {limit for at, limit in limits if at >= 10.0} <= {4, 5}
+
+
+def test_429s_at_the_cap_wait_out_retry_after_before_resubmitting() -> None:
+    h, jobs = paced(30)
+    h.api.cap = 5
+    h.api.cap_headers = {"retry-after": "3"}
+    sent: dict[str, list[float]] = defaultdict(list)
+
+    def started(executor: Executor) -> None:
+        def on_request(request: httpx.Request) -> None:
+            if request.method == "POST":
+                sent[str(_json(request)["prompt"])].append(h.time.now)
+        h.api.on_request = on_request
+
+    outcomes = h.run(jobs, started=started)
+
+    assert statuses(outcomes) == ["written"] * 30
+    assert h.api.refused_at_cap
+    retried = [times for times in sent.values() if len(times) > 1]
+    assert retried
+    for times in retried:
+        assert all(later - earlier >= 3.0 for earlier, later in itertools.pairwise(times))
 
 
 # -- independence and order ----------------------------------------------------------------

@@ -23,6 +23,7 @@ def emulator(
     task_ttl: float,
     log: str | None,
     max_side: int,
+    shed_rate: float = 0.0,
 ) -> int:
     try:
         config = EmulatorConfig(
@@ -33,6 +34,7 @@ def emulator(
             cap=cap,
             model_caps={"flux-kontext-max": kontext_max_cap},
             fault_rate=fault_rate,
+            shed_rate=shed_rate,
             seed=seed,
             key=key,
             url_ttl=url_ttl,

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import math
+import random
 import secrets
 import time
 import uuid
@@ -108,6 +109,7 @@ class Api:
         self.credits = config.credits
         self._log = log
         self._secret = secrets.token_bytes(32)
+        self._shedding = random.Random(f"{config.seed}:shed")
         self._inputs: dict[str, str] = {}
 
     # -- routing -------------------------------------------------------------------------
@@ -199,6 +201,8 @@ class Api:
         refusal = self.table.refusal(model, now)
         if refusal is not None:
             return self._too_many(refusal, comet)
+        if self.config.shed_rate and self._shedding.random() < self.config.shed_rate:
+            return self._shed(comet)
         task = self.table.add(model, body, route, now, time.time())
         self.stats.peak_active = max(self.stats.peak_active, self.table.active(now))
         if credits is not None:
@@ -234,6 +238,15 @@ class Api:
         if self.config.retry_after_header:
             reply.headers.append(("retry-after", str(max(1, math.ceil(refusal.wait)))))
         return reply
+
+    def _shed(self, comet: bool) -> Reply:
+        """A 429 below the caps, as a gateway that sheds load sends: no Retry-After."""
+        self.stats.rejected_429 += 1
+        self.stats.shed_429 += 1
+        message = "Too many requests: the service is busy; try again shortly"
+        if comet:
+            return comet_error(429, message, "rate_limit_exceeded")
+        return json_reply(429, {"detail": message})
 
     def _record(self, task: tasks.Task) -> None:
         self.stats.submits += 1

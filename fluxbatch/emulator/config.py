@@ -27,6 +27,9 @@ class EmulatorConfig:
     # Per-model caps count inside the account cap (BFL does not say; this is the stricter reading).
     model_caps: Mapping[str, int] = field(default_factory=_default_model_caps)
     fault_rate: float = 0.0
+    # Share of the submits the caps would accept that are answered 429 anyway, at random and
+    # without Retry-After, as a gateway that sheds load does below any cap.
+    shed_rate: float = 0.0
     faults: frozenset[str] = FAULT_KINDS
     submit_faults: bool = True  # False: faults hit only polls and downloads (the GETs)
     slow_fault_seconds: float = 1.0  # how long a `slow` fault takes to trickle out a body
@@ -46,8 +49,10 @@ class EmulatorConfig:
             raise ValueError(
                 f"unknown fault kinds {sorted(unknown)}; choose from {sorted(FAULT_KINDS)}"
             )
-        if not 0.0 <= self.fault_rate <= 1.0:
-            raise ValueError(f"fault_rate must be between 0 and 1, not {self.fault_rate}")
+        for name in ("fault_rate", "shed_rate"):
+            rate = getattr(self, name)
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, not {rate}")
         if self.latency < 0 or self.latency_sigma < 0:
             raise ValueError("latency and latency_sigma must not be negative")
         if self.cap < 1 or any(cap < 1 for cap in self.model_caps.values()):

@@ -86,8 +86,9 @@ class Emulator:
 
     def reconfigure(self, **changes: Any) -> None:
         """Change knobs of a running emulator, for tasks it already holds too (tests: a
-        delivery that fails, then works again)."""
+        delivery that fails, then works again; benchmarks: a cap that drops mid-run)."""
         self.config = dataclasses.replace(self.config, **changes)
+        self.tasks.reconfigure(self.config)
         if self._api is not None:
             self._api.config = self.config
 

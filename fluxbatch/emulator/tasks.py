@@ -78,7 +78,8 @@ class Stats:
 
     requests: int = 0  # every request received, whatever its answer
     submits: int = 0
-    rejected_429: int = 0
+    rejected_429: int = 0  # every 429: a full cap, or shed
+    shed_429: int = 0  # of which shed (`shed_rate`), below the caps
     rejected_422: int = 0
     rejected_auth: int = 0
     polls: int = 0
@@ -130,6 +131,12 @@ class TaskTable:
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+    def reconfigure(self, config: EmulatorConfig) -> None:
+        """New caps (or latencies) from now on; the tasks already running keep theirs."""
+        self._config = config
+        for model in config.model_caps:
+            self._pending_by_model.setdefault(model, [])
 
     def refusal(self, model: str, now: float) -> Refusal | None:
         """None when `model` may start another task, else which cap is full and for how long."""
