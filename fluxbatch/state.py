@@ -26,6 +26,7 @@ the manifests, and a lost store and manifests from the provenance inside the ima
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -832,23 +833,35 @@ class RootState:
                 own[placement.output] = placement
         return cls(recipe, tasks, own, by_key)
 
+    def with_found(self, root: Path, jobs: Iterable[Job]) -> RootState:
+        """This state plus what `render` adopts (`Store.adopt`): the images at the planned
+        paths of jobs not placed for this recipe whose embedded provenance carries the
+        planned key. (Only folders that exist are listed, and only files there opened.)"""
+        unplaced = [job for job in jobs if job.output not in self.placements]
+        found = [_placement(self.recipe, entry, mtime_ns)
+                 for entry, mtime_ns in adoptable(root, unplaced)] if unplaced else []
+        if not found:
+            return self
+        placements, by_key = dict(self.placements), dict(self.by_key)
+        for placement in found:
+            placements[placement.output] = placement
+            by_key[placement.key] = [*by_key.get(placement.key, ()), placement]
+        return dataclasses.replace(self, placements=placements, by_key=by_key)
+
 
 def read_state(root: Path, recipe: str, jobs: Iterable[Job] = ()) -> RootState:
-    """The root's state without creating anything (for `plan`, `status`, `gallery`). With no
-    store, the manifests stand in for it; with neither, images on disk that carry the
-    provenance of a planned job count as placed."""
+    """The root's state without creating anything (for `plan`, `status`, `gallery`), as
+    `render` would find it: the store, or the manifests standing in for a lost one; and, as
+    `render` adopts them, images at the planned paths of the jobs not placed for this recipe
+    whose embedded provenance carries the planned key."""
+    tasks: Mapping[str, Task] = {}
     if has_store(root):
         with Store.open(root, create=False) as store:
-            return RootState.of(recipe, store.tasks(), store.placements())
-    documents = read_manifests(root)
-    placements: list[Placement] = []
-    for document in documents:
-        name = (document.get("recipe") or {}).get("name") or ""
-        placements.extend(_placement(name, entry) for entry in document["images"])
-    if not documents:
-        placements = [_placement(recipe, entry, mtime_ns)
-                      for entry, mtime_ns in adoptable(root, jobs)]
-    return RootState.of(recipe, {}, placements)
+            tasks, placements = store.tasks(), store.placements()
+    else:
+        placements = [_placement((document.get("recipe") or {}).get("name") or "", entry)
+                      for document in read_manifests(root) for entry in document["images"]]
+    return RootState.of(recipe, tasks, placements).with_found(root, jobs)
 
 
 def read_entries(root: Path, recipe: str, outputs: Iterable[str]) -> dict[str, ManifestEntry]:

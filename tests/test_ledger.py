@@ -362,3 +362,36 @@ def test_a_reproduce_recipe_outside_the_originals_project_says_how_to_place_it_f
     assert render(capsys, emulator, again, "--out", str(tmp_path / "one")) == (
         0, "nothing to render: 1 image up to date\n")
     assert len(emulator.submissions) == paid
+
+
+@pytest.mark.parametrize("lost", ["ledger and manifest", "manifest"])
+def test_plan_status_and_render_recognise_images_alike_after_the_ledger_is_lost(
+        tmp_path: Path, emulator: Emulator, capsys: Capsys, lost: str) -> None:
+    """With another recipe's manifest in the root, `plan` and `status` counted the images
+    of a recipe whose ledger and manifest were lost as new ("6 new … $0.24"), while
+    `render` recognised them by their embedded provenance and paid nothing: a budget gate
+    built on `plan --json` was misled."""
+    build_file_tree(tmp_path, {
+        "a.yaml": recipe("a", output="a/{{ subject }}-{{ style }}.{{ ext }}"),
+        "b.yaml": recipe("b", output="b/{{ subject }}-{{ style }}.{{ ext }}", subjects="[vase]"),
+    })
+    for name in ("a", "b"):
+        assert render(capsys, emulator, tmp_path / f"{name}.yaml")[0] == 0
+    (tmp_path / "a.manifest.json").unlink()
+    if lost == "ledger and manifest":
+        for state in (tmp_path / ".fluxbatch").glob("state.sqlite*"):
+            state.unlink()
+    sent = len(emulator.submissions)
+
+    code, out, _ = run(capsys, "plan", str(tmp_path / "a.yaml"), "--json")
+    planned = json.loads(out)
+    assert code == 0
+    assert [job["state"] for job in planned["jobs"]] == ["up-to-date"] * 6
+    assert planned["summary"]["estimated_usd"] == 0
+    code, out, _ = run(capsys, "plan", str(tmp_path / "a.yaml"), "--jsonl")
+    streamed = [json.loads(line) for line in out.splitlines()]
+    assert [line["state"] for line in streamed if "state" in line] == ["up-to-date"] * 6
+    assert run(capsys, "status", str(tmp_path / "a.yaml"))[0] == 0  # 0: everything up to date
+    assert render(capsys, emulator, tmp_path / "a.yaml") == (
+        0, "nothing to render: 6 images up to date\n")
+    assert len(emulator.submissions) == sent

@@ -314,8 +314,9 @@ def _chunks(jobs: Iterable[Job], size: int) -> Iterator[tuple[Job, ...]]:
 class _StateReader:
     """The output root's state, a chunk of jobs at a time. A store or the manifests are read
     once, and each chunk is classified against its own placements (so that no chunk counts
-    the others' as orphans). A root with neither is searched, chunk by chunk, for images
-    that carry their job's provenance, as `read_state` does for a whole plan."""
+    the others' as orphans). The planned paths of a chunk's jobs that nothing placed are
+    searched for images that carry their job's provenance, as `read_state` does for a
+    whole plan (and `render` adopts them)."""
 
     def __init__(self, recipe: recipes.Recipe) -> None:
         self.root, self.name = recipe.output_root, recipe.name
@@ -345,7 +346,8 @@ class _StateReader:
             return read_state(self.root, self.name, chunk)
         own = self.whole.placements
         return dataclasses.replace(self.whole, placements={
-            job.output: own[job.output] for job in chunk if job.output in own})
+            job.output: own[job.output] for job in chunk if job.output in own
+        }).with_found(self.root, chunk)
 
     def orphans(self) -> int:
         return len(self.unplanned)
