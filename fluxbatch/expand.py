@@ -8,8 +8,6 @@ rejects is collected and reported together, located at the recipe node it came f
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import os
 import posixpath
@@ -21,13 +19,13 @@ from typing import Any
 from fluxbatch import matrix as matrix_rules
 from fluxbatch import models
 from fluxbatch.errors import PlanTooLargeError, Problem, RecipeError
-from fluxbatch.identity import AutoSeeds, KeyHasher
+from fluxbatch.identity import AutoSeeds, KeyHasher, canonical_json
 from fluxbatch.imagemeta import EXTENSIONS
 from fluxbatch.inputs import InputProblem, Inputs
 from fluxbatch.project import Project
-from fluxbatch.recipe import JobSpec, Recipe
+from fluxbatch.recipe import JobSpec, Recipe, collector_paused
 from fluxbatch.state import STATE_DIR
-from fluxbatch.templates import Allowance, Template, TemplateProblem, compile_template, slug
+from fluxbatch.templates import Allowance, Compiler, Template, TemplateProblem, slug
 from fluxbatch.yamlsource import Path
 
 RESERVED_NAMES = ("job", "replicate", "replicates", "combo", "prompt", "seed", "ext", "key")
@@ -79,25 +77,11 @@ def _built(recipe: Recipe) -> list[JobSpec]:
 
 def expand(recipe: Recipe, *, yes: bool = False) -> Plan:
     """Build the plan; raise `RecipeError` with every problem, or `PlanTooLargeError`."""
-    expansion = Expansion(recipe, yes=yes)
     with collector_paused():
+        expansion = Expansion(recipe, yes=yes)
         jobs = tuple(expansion)
     expansion.check()
     return Plan(recipe, jobs, tuple(expansion.removed), tuple(expansion.notes.found()))
-
-
-@contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
-    """Planning allocates hundreds of thousands of small objects and frees none of them (or,
-    streaming, frees them by reference count): the cyclic collector would only walk them
-    again and again (about 12% of the time)."""
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if collecting:
-            gc.enable()
 
 
 # The most images a recipe's own `max_jobs` can allow (about $4,000 of images, and a few
@@ -150,9 +134,8 @@ class Expansion:
         self.problems = Findings(recipe.problems)
         self.notes = Findings()
         self.removed: list[tuple[str, matrix_rules.Removed]] = []
-        allowance = Allowance()  # (the work every template of the plan may do, together)
-        self.builders = [_JobBuilder(recipe, spec, self.problems, self.notes, allowance)
-                         for spec in recipe.jobs]
+        shared = _Shared(recipe, self.problems, self.notes)
+        self.builders = [_JobBuilder(spec, shared) for spec in recipe.jobs]
 
     def __iter__(self) -> Iterator[Job]:
         # output → (job, values, replicate) of the image that claimed it; case-folded paths
@@ -160,7 +143,10 @@ class Expansion:
         outputs: dict[str, tuple[str, Mapping[str, Any], int]] = {}
         folded: dict[str, tuple[str, Mapping[str, Any], int]] = {}
         index = 0
-        for builder in self.builders:
+        builders, self.builders = self.builders, []  # (each is dropped once its images are made)
+        builders.reverse()
+        while builders:
+            builder = builders.pop()
             spec = builder.spec
             if not spec.matrix.loaded:
                 continue  # its problem is reported; rendering would only add follow-on errors
@@ -248,6 +234,43 @@ def describe(values: Mapping[str, Any], replicate: int | None = None) -> str:
     return ", ".join(parts) or "no matrix"
 
 
+class _Shared:
+    """What the job builders of one plan share: where problems and notes go, the work its
+    templates may do together, and what is the same for many jobs (compiled templates, the
+    model's verdict on a set of constant parameters, key hashers). A recipe of 34,000 small
+    jobs spent most of its planning redoing these per job."""
+
+    __slots__ = ("allowance", "compiler", "hashers", "known", "notes", "problems", "recipe",
+                 "root_bytes", "verdicts")
+
+    def __init__(self, recipe: Recipe, problems: Findings, notes: Findings) -> None:
+        self.recipe = recipe
+        self.problems = problems
+        self.notes = notes
+        self.allowance = Allowance()  # (the work every template of the plan may do, together)
+        self.compiler = Compiler()  # (each distinct template source compiled once)
+        self.verdicts: dict[tuple[str, str], list[tuple[str | None, str]]] = {}
+        self.hashers: dict[tuple[str, str], KeyHasher] = {}
+        self.known = frozenset(recipe.vars) | frozenset(RESERVED_NAMES)
+        self.root_bytes = len(os.fsencode(os.path.abspath(recipe.output_root))) + 1
+
+    def check_fields(self, model: models.Model,
+                     constants: Mapping[str, Any]) -> list[tuple[str | None, str]]:
+        """`model.check_fields(constants)`, worked out once per model and set of values."""
+        memo = (model.name, canonical_json(constants))
+        found = self.verdicts.get(memo)
+        if found is None:
+            found = self.verdicts[memo] = model.check_fields(constants)
+        return found
+
+    def key_hasher(self, model: str, constants: Mapping[str, Any]) -> KeyHasher:
+        memo = (model, canonical_json(constants))
+        hasher = self.hashers.get(memo)
+        if hasher is None:
+            hasher = self.hashers[memo] = KeyHasher(model, constants)
+        return hasher
+
+
 class _JobBuilder:
     """Renders one `jobs[i]` entry for each of its combinations.
 
@@ -256,13 +279,21 @@ class _JobBuilder:
     `build` does only the per-image work. This is the hot loop of planning.
     """
 
-    def __init__(self, recipe: Recipe, spec: JobSpec, problems: Findings,
-                 notes: Findings, allowance: Allowance | None = None) -> None:
+    __slots__ = ("allowance", "auto_seeds", "base_context", "combo_slug", "constant_images",
+                 "constant_params", "constants_by_model", "dynamic", "dynamic_templates",
+                 "format_varies", "hashers", "image_templates", "images", "inputs", "model",
+                 "notes", "output", "output_path", "param_values", "params", "path", "problems",
+                 "prompt", "prompt_path", "ready", "recipe", "required_checked", "root_bytes",
+                 "seed_path", "seed_template", "shared", "spec", "templates")
+
+    def __init__(self, spec: JobSpec, shared: _Shared) -> None:
+        recipe = shared.recipe
         self.recipe = recipe
         self.spec = spec
-        self.problems = problems
-        self.notes = notes
-        self.allowance = allowance
+        self.shared = shared
+        self.problems = shared.problems
+        self.notes = shared.notes
+        self.allowance = shared.allowance
         self.path: Path = ("jobs", spec.index)
         self.ready = True
         self.templates: dict[Path, Template] = {}
@@ -315,11 +346,11 @@ class _JobBuilder:
         self.auto_seeds = AutoSeeds(recipe.name, spec.name) if spec.seed == "auto" else None
         self.dynamic_templates = [(name, where, self.templates[where])
                                   for name, where in self.dynamic if where in self.templates]
-        self.format_varies = "output_format" in {name for name, _ in self.dynamic}
+        self.format_varies = any(name == "output_format" for name, _ in self.dynamic)
         self.required_checked: set[str] = set()  # the request's keys are the same per model
         self.param_values: dict[tuple[str, str, str], tuple[Any, str | None]] = {}
         self.hashers: dict[str, KeyHasher] = {}
-        self.root_bytes = len(os.fsencode(os.path.abspath(recipe.output_root))) + 1
+        self.root_bytes = shared.root_bytes
 
     def check_reserved_params(self) -> None:
         if "prompt" in self.params and self.spec.prompt is not None:
@@ -343,7 +374,7 @@ class _JobBuilder:
 
     def compile(self, where: Path, source: str) -> None:
         try:
-            self.templates[where] = compile_template(source)
+            self.templates[where] = self.shared.compiler(source)
         except TemplateProblem as problem:
             self.fail(where, str(problem))
 
@@ -356,9 +387,7 @@ class _JobBuilder:
 
     def static_names(self) -> None:
         """A variable that no combination defines is a typo: say so before rendering."""
-        known = set(self.recipe.vars) | set(RESERVED_NAMES) | set(self.spec.matrix.declared)
-        for entry in self.spec.matrix.include:
-            known.update(entry)
+        known = self.shared.known.union(self.spec.matrix.declared, *self.spec.matrix.include)
         for where, template in self.templates.items():
             for name in template.names:
                 if name not in known and name not in _JINJA_GLOBALS:
@@ -399,7 +428,7 @@ class _JobBuilder:
             for name, raw in self.constant_params.items()
         }
         assert constants is not None
-        found = model.check_fields(constants)
+        found = [*self.shared.check_fields(model, constants)]
         found.extend((name, model.unknown_field_message(name)) for name in self.images
                      if name not in model.properties)
         for field, message in found:
@@ -537,7 +566,8 @@ class _JobBuilder:
         # A templated parameter may shadow a constant (the default output_format): the
         # hasher must encode its value per image, not the first image's value for all.
         varying = {name for name, _ in self.dynamic}
-        return KeyHasher(model, {k: v for k, v in constants.items() if k not in varying})
+        return self.shared.key_hasher(model, {k: v for k, v in constants.items()
+                                              if k not in varying})
 
     def param_value(self, model: models.Model, name: str, text: str) -> tuple[Any, str | None]:
         """A rendered parameter as the schema's type, and the schema's verdict on it —

@@ -22,7 +22,8 @@ from fluxbatch import models
 from fluxbatch import recipe as recipes
 from fluxbatch.commands.output import money, plural, table, values_text
 from fluxbatch.errors import EXIT_OK, Problem, RecipeError
-from fluxbatch.expand import Expansion, Job, Plan, collector_paused
+from fluxbatch.expand import Expansion, Job, Plan
+from fluxbatch.recipe import collector_paused
 from fluxbatch.selection import (
     STATE_ORDER,
     TO_RENDER,
@@ -273,7 +274,8 @@ def _stream(path: str, *, out: str | None, yes: bool, explain: bool, pick: Pick)
     images with one path) can end the output after some lines, without the summary line.
     """
     recipe = recipes.load(path, output_root=out, strict=False)
-    expansion = Expansion(recipe, yes=yes)
+    with collector_paused():
+        expansion = Expansion(recipe, yes=yes)
     states = _StateReader(recipe)
     tally = Tally(pick)
     escapes: list[Problem] = []
