@@ -372,6 +372,7 @@ def test_explain_names_the_rule_for_each_combination() -> None:
         "product a[0] × zip(b, c) row 1; merged include[0]",
         "product a[0] × zip(b, c) row 2; merged include[0]",
         "product a[1] × zip(b, c) row 1",
-        "include[1]: new combination (fits no original one)",
+        "include[1]: new combination (fits no original one): a has no value 9 (its values: "
+        "1, 2)",
     ]
     assert [r.exclude for r in removed] == [0]
