@@ -8,7 +8,6 @@ rejects is collected and reported together, located at the recipe node it came f
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import re
@@ -245,8 +244,7 @@ def _gist(message: str) -> str:
 
 
 def describe(values: Mapping[str, Any], replicate: int | None = None) -> str:
-    parts = [f"{k}={_short(v if isinstance(v, str) else json.dumps(v), 40)}"
-             for k, v in values.items()]
+    parts = [f"{k}={_short(matrix_rules.label(v), 40)}" for k, v in values.items()]
     if replicate is not None:
         parts.append(f"replicate={replicate}")
     return ", ".join(parts) or "no matrix"

@@ -123,7 +123,7 @@ def explain(combination: Combination, axes: tuple[Axis, ...]) -> str:
     if combination.rule == "single":
         return "no matrix: one combination"
     if combination.rule == "include-new":
-        why = _unmatched(combination.values, axes, together=False) if axes else None
+        why = _doubtful(combination.values, axes)
         return f"include[{combination.include}]: new combination (fits no original one)" \
             f"{'' if why is None else ': ' + why}"
     parts = []
@@ -174,13 +174,19 @@ def dead_excludes(matrix: Matrix) -> list[tuple[int, str]]:
 
 
 def new_includes(matrix: Matrix) -> list[tuple[int, str]]:
-    """The `include` entries that name a value their variable does not have, as (index,
-    why). Such an entry fits no combination, so it is added as one of its own: GitHub's own
-    examples do so on purpose (`fruit: banana`), so it is no error; but it may be a typo."""
-    if not matrix.axes:
-        return []
+    """The `include` entries that name a value their variable does not have, and leave some
+    variable out, as (index, why). Such an entry fits no combination, so it is added as one
+    of its own: GitHub's own examples do so on purpose (`fruit: banana`), so it is no error;
+    but it may be a typo in an entry meant to add to some combinations. (An entry that gives
+    every variable a value is plainly a combination of its own.)"""
     return [(index, why) for index, entry in enumerate(matrix.include)
-            if (why := _unmatched(entry, matrix.axes, together=False)) is not None]
+            if (why := _doubtful(entry, matrix.axes)) is not None]
+
+
+def _doubtful(entry: Mapping[str, Any], axes: Sequence[Axis]) -> str | None:
+    if not axes or all(name in entry for axis in axes for name in axis.names):
+        return None
+    return _unmatched(entry, axes, together=False)
 
 
 def _unmatched(entry: Mapping[str, Any], axes: Sequence[Axis], *,
@@ -210,11 +216,18 @@ def _missing(name: str, wanted: Any, values: list[Any]) -> str:
     if isinstance(wanted, str) and any(labelled(value) == wanted for value in values):
         hint = " (an object value is matched whole, not by its label)"
     else:
-        hint = did_you_mean(label(wanted), list(dict.fromkeys(map(label, values))))
-        shown = list(dict.fromkeys(map(_shown, values)))
-        if not hint and len(shown) <= 6:
-            hint = f" (its values: {', '.join(shown)})"
+        hint = value_hint(label(wanted), values)
     return f"{name} has no value {_shown(wanted)}{hint}"
+
+
+def value_hint(wanted: str, values: Sequence[Any]) -> str:
+    """For a value that is not among `values`: the one it is close to, as a "did you mean",
+    else the values themselves when they are few (or nothing)."""
+    hint = did_you_mean(wanted, list(dict.fromkeys(map(label, values))))
+    shown = list(dict.fromkeys(map(_shown, values)))
+    if not hint and len(shown) <= 6:
+        hint = f" (its values: {', '.join(shown)})"
+    return hint
 
 
 def _shown(value: Any) -> str:

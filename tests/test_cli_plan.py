@@ -351,8 +351,7 @@ def test_plan_explain_names_the_rule_for_each_combination(workdir: Path,
     assert [line.split("↳ ")[1] for line in lines if "↳" in line] == [
         "product mood[0]; merged include[0]",
         "product mood[2]",
-        "include[1]: new combination (fits no original one): mood has no value 'wise' (its "
-        "values: 'calm', 'angry', 'sleepy')",
+        "include[1]: new combination (fits no original one)",
         "no matrix: one combination",
     ]
     assert "removed: owls mood=angry (exclude[0])" in lines
@@ -409,8 +408,7 @@ def test_plan_json_is_the_documented_document(workdir: Path, capsys: Capsys) -> 
                 "owls/sleepy-1.jpg", "product mood[2]"),
             owl({"mood": "wise"}, 2109832090,
                 "81be93bac7130b7061aa03f06c90eecbf060cfbae0de98eb85a61a81c2bcc35a",
-                "owls/wise-1.jpg", "include[1]: new combination (fits no original one): mood "
-                "has no value 'wise' (its values: 'calm', 'angry', 'sleepy')"),
+                "owls/wise-1.jpg", "include[1]: new combination (fits no original one)"),
             {"job": "fox", "vars": {}, "replicate": 1, "model": "flux-2-pro",
              "request": {"width": 1024, "height": 1024, "output_format": "jpeg",
                          "prompt": "a fox", "seed": 7},
@@ -696,8 +694,11 @@ def test_plan_only_matching_nothing_is_an_error(workdir: Path, capsys: Capsys,
                                                 form: str) -> None:
     build_file_tree(workdir, {"small.yaml": SMALL})
     assert run(capsys, "plan", "small.yaml", form, "--only", "mood=furious") == (
-        1, "", "fluxbatch: --only mood=furious: no image matches (give a job name, an output "
-               "glob, or NAME=VALUE on a matrix value)\n")
+        1, "", "fluxbatch: --only mood=furious: no image matches: no mood is 'furious' (its "
+               "values: 'calm', 'angry', 'sleepy', 'wise')\n")
+    assert run(capsys, "plan", "small.yaml", form, "--only", "*.gif") == (
+        1, "", "fluxbatch: --only *.gif: no image matches (give a job name, an output glob, "
+               "or NAME=VALUE on a matrix value)\n")
 
 
 @pytest.mark.parametrize("command", ["plan", "render"])
@@ -917,3 +918,74 @@ def test_a_broken_template_leaves_out_only_what_depends_on_it(
     code, out, err = run(capsys, "validate", "recipe.yaml")
     assert (code, out) == (1, "")
     assert err.splitlines() == [*expected, f"recipe.yaml: {len(expected)} problems"]
+
+
+# -- object values, shown and selected by their label ---------------------------------------
+
+CATALOGUE = """
+    version: 1
+    name: catalogue
+    defaults: {model: flux-dev, output_format: png}
+    output: "{{ product }}-{{ aspect.w }}x{{ aspect.h }}.{{ ext }}"
+    jobs:
+      - name: shots
+        prompt: "a {{ product }} on white"
+        matrix:
+          product: [chair, stool]
+          aspect:
+            - {name: square, w: 1024, h: 1024}
+            - {label: portrait 9:16, name: tall, w: 768, h: 1344}
+            - {w: 1344, h: 768}
+        params:
+          width: "{{ aspect.w }}"
+          height: "{{ aspect.h }}"
+"""
+
+
+def test_plan_shows_an_object_value_by_its_label_or_name(workdir: Path, capsys: Capsys) -> None:
+    """The VALUES column read `aspect={"name": "square", "w": 1024,…`: lines of 250 columns."""
+    build_file_tree(workdir, {"recipe.yaml": CATALOGUE})
+    code, out, err = run(capsys, "plan", "recipe.yaml")
+    assert (code, err) == (0, "")
+    values = [line.split("  ")[1] for line in out.splitlines()[2:8]]
+    assert values == [
+        "product=chair aspect=square", "product=chair aspect=portrait 9:16",
+        'product=chair aspect={"w": 1344, "h": 768}', "product=stool aspect=square",
+        "product=stool aspect=portrait 9:16", 'product=stool aspect={"w": 1344, "h": 768}']
+
+
+def test_only_selects_an_object_value_by_its_label(workdir: Path, capsys: Capsys) -> None:
+    build_file_tree(workdir, {"recipe.yaml": CATALOGUE})
+    code, out, err = run(capsys, "plan", "recipe.yaml", "--json", "--only", "aspect=portrait*",
+                         "--only", "aspect=square")
+    assert (code, err) == (0, "")
+    assert [job["output"] for job in json.loads(out)["jobs"]] == [
+        "chair-1024x1024.png", "chair-768x1344.png", "stool-1024x1024.png",
+        "stool-768x1344.png"]
+    code, out, err = run(capsys, "plan", "recipe.yaml", "--json", "--only",
+                         'aspect={"w": 1344, "h": 768}')  # (no label: as shown)
+    assert (code, err) == (0, "")
+    assert [job["output"] for job in json.loads(out)["jobs"]] == [
+        "chair-1344x768.png", "stool-1344x768.png"]
+
+
+@pytest.mark.parametrize(("pattern", "hint"), [
+    ("prodcut=chair", "'prodcut' is not a matrix variable (did you mean 'product'?)"),
+    ("aspect=sqaure", "no aspect is 'sqaure' (did you mean 'square'?)"),
+    ("shot", "no job is named 'shot' (did you mean 'shots'?)"),
+])
+@pytest.mark.parametrize("command", ["plan", "render"])
+def test_only_that_names_nothing_says_what_was_meant(
+        workdir: Path, capsys: Capsys, pattern: str, hint: str, command: str) -> None:
+    build_file_tree(workdir, {"recipe.yaml": CATALOGUE})
+    assert run(capsys, command, "recipe.yaml", "--only", pattern) == (
+        1, "", f"fluxbatch: --only {pattern}: no image matches: {hint}\n")
+
+
+def test_a_label_that_is_not_text_or_a_number_is_a_located_problem(
+        workdir: Path, capsys: Capsys) -> None:
+    build_file_tree(workdir, {"recipe.yaml": CATALOGUE.replace("{w: 1344", "{label: [x], w: 1344")})
+    assert run(capsys, "validate", "recipe.yaml") == (1, "", (
+        "recipe.yaml:13:19: jobs[0].matrix.aspect[2].label: ['x'] is not of type 'string', "
+        "'number'\n"
+        "recipe.yaml: 1 problem\n"))
