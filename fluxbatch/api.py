@@ -2,7 +2,8 @@
 
     import fluxbatch
 
-    recipe = fluxbatch.load("recipe.yaml")              # RecipeError lists every problem
+    recipe = fluxbatch.load("recipe.yaml")              # RecipeError lists every problem, as
+                                                        # `fluxbatch validate` does
     planned = fluxbatch.plan(recipe)                    # offline: reads the output root only
     for job in planned.jobs:
         print(job.output, job.state, job.key[:12])
@@ -25,7 +26,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fluxbatch import models
-from fluxbatch import recipe as recipes
 from fluxbatch.errors import RecipeError
 from fluxbatch.expand import Job, Plan, expand
 from fluxbatch.recipe import Recipe
@@ -36,6 +36,7 @@ from fluxbatch.selection import (
     Selection,
     classify,
     escape_problems,
+    load_plan,
     select,
     stale_changes,
 )
@@ -51,11 +52,15 @@ if TYPE_CHECKING:
 RecipeLike = Recipe | str | os.PathLike[str]
 
 
-def load(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = None) -> Recipe:
-    """Read and check the recipe at `path`. `out` overrides its output root (relative to
-    the working directory), as `--out` does. Raises `RecipeError` with every problem the
-    recipe has on its own (problems of its combinations are found by `plan`)."""
-    return recipes.load(path, output_root=None if out is None else os.fspath(out))
+def load(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = None,
+         yes: bool = False) -> Recipe:
+    """Read and check the recipe at `path` as `fluxbatch validate` does, by the same code:
+    `RecipeError` lists every problem of the recipe and of its images (its YAML, keys and
+    files, its templates, each image's parameters and output path). `out` overrides its
+    output root (relative to the working directory), as `--out` does; `yes` accepts a plan
+    over the recipe's `max_jobs`. The recipe is expanded to check it; `plan` and `render`
+    expand it again, reading its files as they are then."""
+    return _plan(path, out, yes).recipe
 
 
 class Action(Vocabulary):
@@ -181,14 +186,12 @@ async def arender(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] |
 
 def _plan(recipe: RecipeLike, out: str | os.PathLike[str] | None, yes: bool,
           verify: bool = False) -> Plan:
-    if isinstance(recipe, Recipe):
-        if out is not None:
-            raise ValueError("out= applies to a recipe path; load(path, out=...) for a Recipe")
-        built = expand(recipe, yes=yes)
-    else:
-        built = expand(recipes.load(recipe, strict=False, verify=verify,
-                                    output_root=None if out is None else os.fspath(out)),
-                       yes=yes)
+    if not isinstance(recipe, Recipe):  # (what `fluxbatch validate` does)
+        return load_plan(os.fspath(recipe), out=None if out is None else os.fspath(out),
+                         yes=yes, verify=verify)
+    if out is not None:
+        raise ValueError("out= applies to a recipe path; load(path, out=...) for a Recipe")
+    built = expand(recipe, yes=yes)
     problems = escape_problems(built)
     if problems:
         raise RecipeError(problems)

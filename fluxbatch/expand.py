@@ -8,9 +8,6 @@ rejects is collected and reported together, located at the recipe node it came f
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import json
 import os
 import posixpath
 import re
@@ -21,13 +18,13 @@ from typing import Any
 from fluxbatch import matrix as matrix_rules
 from fluxbatch import models
 from fluxbatch.errors import PlanTooLargeError, Problem, RecipeError
-from fluxbatch.identity import AutoSeeds, KeyHasher
+from fluxbatch.identity import AutoSeeds, KeyHasher, canonical_json
 from fluxbatch.imagemeta import EXTENSIONS
 from fluxbatch.inputs import InputProblem, Inputs
 from fluxbatch.project import Project
-from fluxbatch.recipe import JobSpec, Recipe
+from fluxbatch.recipe import JobSpec, Recipe, collector_paused
 from fluxbatch.state import STATE_DIR
-from fluxbatch.templates import Allowance, Template, TemplateProblem, compile_template, slug
+from fluxbatch.templates import Allowance, Compiler, Template, TemplateProblem, slug
 from fluxbatch.yamlsource import Path
 
 RESERVED_NAMES = ("job", "replicate", "replicates", "combo", "prompt", "seed", "ext", "key")
@@ -64,6 +61,16 @@ class Plan:
     # What works, but not as the recipe reads (a `.png` written as `.jpg`): said, not refused.
     notes: tuple[Problem, ...] = ()
 
+    def include_notes(self) -> list[Problem]:
+        """The include entries that name a value their variable does not have: each adds a
+        combination of its own, which may be meant or a typo (see `matrix.new_includes`).
+        Said by `validate`, and by `plan --explain` under the combination; not by every
+        render."""
+        return [self.recipe.problem(("jobs", spec.index, "matrix", "include", index),
+                                    f"fits no combination, so it adds one of its own: {why}")
+                for spec in self.recipe.jobs if spec.matrix.loaded
+                for index, why in matrix_rules.new_includes(spec.matrix)]
+
     def explain(self, job: Job) -> str:
         spec = self.recipe.job(job.job)
         return matrix_rules.explain(job.combination, spec.matrix.axes)
@@ -79,25 +86,11 @@ def _built(recipe: Recipe) -> list[JobSpec]:
 
 def expand(recipe: Recipe, *, yes: bool = False) -> Plan:
     """Build the plan; raise `RecipeError` with every problem, or `PlanTooLargeError`."""
-    expansion = Expansion(recipe, yes=yes)
     with collector_paused():
+        expansion = Expansion(recipe, yes=yes)
         jobs = tuple(expansion)
     expansion.check()
     return Plan(recipe, jobs, tuple(expansion.removed), tuple(expansion.notes.found()))
-
-
-@contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
-    """Planning allocates hundreds of thousands of small objects and frees none of them (or,
-    streaming, frees them by reference count): the cyclic collector would only walk them
-    again and again (about 12% of the time)."""
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if collecting:
-            gc.enable()
 
 
 # The most images a recipe's own `max_jobs` can allow (about $4,000 of images, and a few
@@ -150,9 +143,8 @@ class Expansion:
         self.problems = Findings(recipe.problems)
         self.notes = Findings()
         self.removed: list[tuple[str, matrix_rules.Removed]] = []
-        allowance = Allowance()  # (the work every template of the plan may do, together)
-        self.builders = [_JobBuilder(recipe, spec, self.problems, self.notes, allowance)
-                         for spec in recipe.jobs]
+        shared = _Shared(recipe, self.problems, self.notes)
+        self.builders = [_JobBuilder(spec, shared) for spec in recipe.jobs]
 
     def __iter__(self) -> Iterator[Job]:
         # output → (job, values, replicate) of the image that claimed it; case-folded paths
@@ -160,17 +152,21 @@ class Expansion:
         outputs: dict[str, tuple[str, Mapping[str, Any], int]] = {}
         folded: dict[str, tuple[str, Mapping[str, Any], int]] = {}
         index = 0
-        for builder in self.builders:
+        builders, self.builders = self.builders, []  # (each is dropped once its images are made)
+        builders.reverse()
+        while builders:
+            builder = builders.pop()
             spec = builder.spec
             if not spec.matrix.loaded:
                 continue  # its problem is reported; rendering would only add follow-on errors
             combos, removed = matrix_rules.combinations(spec.matrix)
             self.removed.extend((spec.name, r) for r in removed)
+            self.check_entries(spec)
             if not combos:
                 self.problems.append(self.recipe.problem(("jobs", spec.index, "matrix"),
                                                          "the matrix produces no combinations "
                                                          "(every one is excluded)"))
-            if not builder.ready:
+            if not (builder.ready or builder.checking):
                 continue
             for combo in combos:
                 for replicate in range(1, spec.replicates + 1):
@@ -192,6 +188,13 @@ class Expansion:
                     outputs[output] = (job.job, job.vars, replicate)
                     index += 1
                     yield job
+
+    def check_entries(self, spec: JobSpec) -> None:
+        """An exclude entry that excludes nothing is a problem (see `matrix.dead_excludes`)."""
+        for index, why in matrix_rules.dead_excludes(spec.matrix):
+            self.problems.append(self.recipe.problem(
+                ("jobs", spec.index, "matrix", "exclude", index),
+                f"matches no combination, so it excludes nothing: {why}"))
 
     def check(self) -> None:
         if self.problems:
@@ -241,11 +244,47 @@ def _gist(message: str) -> str:
 
 
 def describe(values: Mapping[str, Any], replicate: int | None = None) -> str:
-    parts = [f"{k}={_short(v if isinstance(v, str) else json.dumps(v), 40)}"
-             for k, v in values.items()]
+    parts = [f"{k}={_short(matrix_rules.label(v), 40)}" for k, v in values.items()]
     if replicate is not None:
         parts.append(f"replicate={replicate}")
     return ", ".join(parts) or "no matrix"
+
+
+class _Shared:
+    """What the job builders of one plan share: where problems and notes go, the work its
+    templates may do together, and what is the same for many jobs (compiled templates, the
+    model's verdict on a set of constant parameters, key hashers). A recipe of 34,000 small
+    jobs spent most of its planning redoing these per job."""
+
+    __slots__ = ("allowance", "compiler", "hashers", "known", "notes", "problems", "recipe",
+                 "root_bytes", "verdicts")
+
+    def __init__(self, recipe: Recipe, problems: Findings, notes: Findings) -> None:
+        self.recipe = recipe
+        self.problems = problems
+        self.notes = notes
+        self.allowance = Allowance()  # (the work every template of the plan may do, together)
+        self.compiler = Compiler()  # (each distinct template source compiled once)
+        self.verdicts: dict[tuple[str, str], list[tuple[str | None, str]]] = {}
+        self.hashers: dict[tuple[str, str], KeyHasher] = {}
+        self.known = frozenset(recipe.vars) | frozenset(RESERVED_NAMES)
+        self.root_bytes = len(os.fsencode(os.path.abspath(recipe.output_root))) + 1
+
+    def check_fields(self, model: models.Model,
+                     constants: Mapping[str, Any]) -> list[tuple[str | None, str]]:
+        """`model.check_fields(constants)`, worked out once per model and set of values."""
+        memo = (model.name, canonical_json(constants))
+        found = self.verdicts.get(memo)
+        if found is None:
+            found = self.verdicts[memo] = model.check_fields(constants)
+        return found
+
+    def key_hasher(self, model: str, constants: Mapping[str, Any]) -> KeyHasher:
+        memo = (model, canonical_json(constants))
+        hasher = self.hashers.get(memo)
+        if hasher is None:
+            hasher = self.hashers[memo] = KeyHasher(model, constants)
+        return hasher
 
 
 class _JobBuilder:
@@ -254,17 +293,34 @@ class _JobBuilder:
     Everything that does not vary between images (compiled templates, constant parameters
     and their validation, the model when it is not a template) is prepared once here;
     `build` does only the per-image work. This is the hot loop of planning.
+
+    A job with a broken template (a syntax error, an undefined variable) makes no images,
+    but is still `checking`: each combination is built with the broken parts left out (a
+    stand-in where the request or the output path needs one), so that the problems of its
+    other parts (a parameter out of range for some values, an output path that leaves the
+    root) are reported in the same run. Other problems of its own stop it.
     """
 
-    def __init__(self, recipe: Recipe, spec: JobSpec, problems: Findings,
-                 notes: Findings, allowance: Allowance | None = None) -> None:
+    __slots__ = ("allowance", "auto_seeds", "base_context", "broken", "checking", "combo_slug",
+                 "constant_images", "constant_params", "constants_by_model", "dynamic",
+                 "dynamic_templates", "fatal", "format_varies", "hashers", "image_templates",
+                 "images", "inputs", "model", "notes", "output", "output_path", "param_values",
+                 "params", "path", "problems", "prompt", "prompt_path", "ready", "recipe",
+                 "required_checked", "root_bytes", "seed_path", "seed_template", "shared", "spec",
+                 "stand_ins", "templates")
+
+    def __init__(self, spec: JobSpec, shared: _Shared) -> None:
+        recipe = shared.recipe
         self.recipe = recipe
         self.spec = spec
-        self.problems = problems
-        self.notes = notes
-        self.allowance = allowance
+        self.shared = shared
+        self.problems = shared.problems
+        self.notes = shared.notes
+        self.allowance = shared.allowance
         self.path: Path = ("jobs", spec.index)
         self.ready = True
+        self.broken: set[Path] = set()  # templates that cannot be rendered
+        self.fatal = False  # a problem that leaves nothing to check per combination
         self.templates: dict[Path, Template] = {}
         self.params: dict[str, tuple[Path, Any]] = {}
         for name, value in recipe.defaults.items():
@@ -297,15 +353,19 @@ class _JobBuilder:
         self.image_templates = [(name, where, self.templates[where])
                                 for name, (where, raw) in self.images.items()
                                 if name not in self.constant_images and where in self.templates]
-        self.constants_by_model: dict[str, dict[str, Any] | None] = {}
+        self.constants_by_model: dict[str, dict[str, Any]] = {}
         model_where, model_raw = self.params.get("model", ((), None))
         self.model = None
         if model_raw is not None and not self.is_template(model_where, model_raw):
             self.model = self.resolve_model(model_raw, model_where, "")
-            if self.model is None or self.constants_for(self.model) is None:
-                self.ready = False
-        if spec.damaged:
-            self.ready = False  # checked above; its images would only repeat its problem
+            if self.model is None:
+                self.ready, self.fatal = False, True
+            else:
+                self.constants_for(self.model)  # (reports what it refuses)
+        if spec.damaged or model_where in self.broken:
+            # checked above; its images would only repeat its problem
+            self.ready, self.fatal = False, True
+        self.checking = not self.ready and not self.fatal
         self.base_context = {**recipe.vars, "job": spec.name, "replicates": spec.replicates}
         uses_combo = any("combo" in t.names for t in self.templates.values())
         self.combo_slug = _combo_slug if uses_combo else None
@@ -315,11 +375,14 @@ class _JobBuilder:
         self.auto_seeds = AutoSeeds(recipe.name, spec.name) if spec.seed == "auto" else None
         self.dynamic_templates = [(name, where, self.templates[where])
                                   for name, where in self.dynamic if where in self.templates]
-        self.format_varies = "output_format" in {name for name, _ in self.dynamic}
+        self.format_varies = any(name == "output_format" for name, _ in self.dynamic)
+        self.stand_ins: dict[str, None] = {}
+        if self.checking:
+            self.leave_out_broken()
         self.required_checked: set[str] = set()  # the request's keys are the same per model
         self.param_values: dict[tuple[str, str, str], tuple[Any, str | None]] = {}
         self.hashers: dict[str, KeyHasher] = {}
-        self.root_bytes = len(os.fsencode(os.path.abspath(recipe.output_root))) + 1
+        self.root_bytes = shared.root_bytes
 
     def check_reserved_params(self) -> None:
         if "prompt" in self.params and self.spec.prompt is not None:
@@ -337,15 +400,43 @@ class _JobBuilder:
         template = self.templates.get(where)
         return template is None or not template.is_constant
 
-    def fail(self, where: Path, message: str) -> None:
+    def fail(self, where: Path, message: str, *, broken: bool = False) -> None:
+        """A problem of the job's own: it makes no images. Only a `broken` template leaves
+        its combinations to check."""
         self.problems.append(self.recipe.problem(where, message))
         self.ready = False
+        if broken:
+            self.broken.add(where)
+        else:
+            self.fatal = True
+
+    def leave_out_broken(self) -> None:
+        """For a job that is only checked: what reads a broken template's result is left
+        out too (a parameter that reads the prompt), and the request gets a stand-in for each
+        field left out, so that its required fields are not missing. A broken seed template
+        gives way to auto seeds."""
+        if self.prompt_path in self.broken:
+            self.broken.update(where for where, template in self.templates.items()
+                               if "prompt" in template.names)
+        names = {where: name for name, (where, _) in self.params.items()}
+        self.stand_ins = {names[where]: None for where in self.broken if where in names}
+        if self.prompt_path in self.broken:
+            self.stand_ins["prompt"] = None
+            self.prompt = None
+        if self.output_path in self.broken:
+            self.output = None
+        if self.seed_path in self.broken:
+            self.auto_seeds = AutoSeeds(self.recipe.name, self.spec.name)
+        self.dynamic_templates = [entry for entry in self.dynamic_templates
+                                  if entry[1] not in self.broken]
+        self.image_templates = [entry for entry in self.image_templates
+                                if entry[1] not in self.broken]
 
     def compile(self, where: Path, source: str) -> None:
         try:
-            self.templates[where] = compile_template(source)
+            self.templates[where] = self.shared.compiler(source)
         except TemplateProblem as problem:
-            self.fail(where, str(problem))
+            self.fail(where, str(problem), broken=True)
 
     def check_matrix_names(self) -> None:
         for axis in self.spec.matrix.axes:
@@ -356,14 +447,12 @@ class _JobBuilder:
 
     def static_names(self) -> None:
         """A variable that no combination defines is a typo: say so before rendering."""
-        known = set(self.recipe.vars) | set(RESERVED_NAMES) | set(self.spec.matrix.declared)
-        for entry in self.spec.matrix.include:
-            known.update(entry)
+        known = self.shared.known.union(self.spec.matrix.declared, *self.spec.matrix.include)
         for where, template in self.templates.items():
             for name in template.names:
                 if name not in known and name not in _JINJA_GLOBALS:
                     self.fail(where, f"undefined variable {name!r}"
-                              + models.did_you_mean(name, sorted(known)))
+                              + models.did_you_mean(name, sorted(known)), broken=True)
 
     def resolve_constant_images(self) -> dict[str, dict[str, Any] | None]:
         """The image inputs that are the same for every image, resolved once (None: the
@@ -390,27 +479,28 @@ class _JobBuilder:
                 where, models.unknown_model_message(name) + suffix))
         return model
 
-    def constants_for(self, model: models.Model) -> dict[str, Any] | None:
-        """The constant parameters, normalised and checked once per model (None: invalid)."""
-        if model.name in self.constants_by_model:
-            return self.constants_by_model[model.name]
-        constants: dict[str, Any] | None = {
-            name: models.normalise_value(raw, model.types_of(name))
-            for name, raw in self.constant_params.items()
-        }
-        assert constants is not None
-        found = model.check_fields(constants)
+    def constants_for(self, model: models.Model) -> dict[str, Any]:
+        """The constant parameters, normalised and checked once per model. Those the model
+        refuses are reported and left out, a stand-in in their place: the job then makes no
+        images, but its combinations are still checked (their templated parameters too)."""
+        constants = self.constants_by_model.get(model.name)
+        if constants is not None:
+            return constants
+        constants = {name: models.normalise_value(raw, model.types_of(name))
+                     for name, raw in self.constant_params.items()}
+        found = [*self.shared.check_fields(model, constants)]
         found.extend((name, model.unknown_field_message(name)) for name in self.images
                      if name not in model.properties)
         for field, message in found:
             self.problems.append(self.recipe.problem(self.params[field or ""][0], message))
+            constants[field or ""] = None
         if found:
-            constants = None
-        else:
-            if "output_format" in model.properties and constants.get("output_format") is None:
-                constants["output_format"] = model.default_format
-            constants.update((name, value) for name, value in self.constant_images.items()
-                             if value is not None)
+            self.ready = False
+            self.checking = not self.fatal
+        if "output_format" in model.properties and constants.get("output_format") is None:
+            constants["output_format"] = model.default_format
+        constants.update((name, value) for name, value in self.constant_images.items()
+                         if value is not None)
         self.constants_by_model[model.name] = constants
         return constants
 
@@ -429,10 +519,11 @@ class _JobBuilder:
                 if model is None:
                     return None
             constants = self.constants_for(model)
-            if constants is None:
-                return None
             context.setdefault("model", model.name)
+            refused = False  # (a part refused: the image is not made, its other parts checked)
             request = dict(constants)
+            if self.stand_ins:
+                request.update(self.stand_ins)
             if self.prompt is not None:
                 where = self.prompt_path
                 request["prompt"] = context["prompt"] = self.prompt.render(context, self.allowance)
@@ -442,14 +533,15 @@ class _JobBuilder:
                 if message is not None:
                     self.problems.append(self.recipe.problem(
                         where, f"{message} (for {describe(values, replicate)})"))
-                    return None
+                    refused, value = True, None
                 request[name] = value
             for name, where, template in self.image_templates:
                 text = template.render(context, self.allowance)
                 if text.strip():  # (an empty value: no image for this combination)
                     request[name] = self.image(name, text, where, values, replicate)
+                    refused |= request[name] is None
             if "mask" in request and not self.same_size(request, values, replicate):
-                return None
+                refused = True
             if self.format_varies and request.get("output_format", "") is None:
                 request["output_format"] = model.default_format
             where = self.seed_path
@@ -462,7 +554,7 @@ class _JobBuilder:
                 seed = templated
             request["seed"] = seed
             if model.name not in self.required_checked and not self.check_required(model, request):
-                return None
+                refused = True
             hasher = self.hashers.get(model.name)
             if hasher is None:
                 hasher = self.hashers[model.name] = self.key_hasher(model.name, constants)
@@ -471,13 +563,13 @@ class _JobBuilder:
             context["seed"], context["key"] = seed, key
             context["ext"] = EXTENSIONS.get(fmt, fmt)
             where = self.output_path
-            assert self.output is not None
+            if self.output is None:
+                return None  # (a job only checked, whose output template is broken)
             output = self.output.render(context, self.allowance)
         except TemplateProblem as problem:
             self.problems.append(self.recipe.problem(
-                where, f"{problem} (for {describe(values, replicate)})"))
-            return None
-        except _Refused:
+                where, f"{problem} (for {describe(values, replicate)}"
+                f"{self.added_by(combo, str(problem))})"))
             return None
         if not _plainly_safe(output):
             checked_output = self.check_output(output, values, replicate)
@@ -506,17 +598,20 @@ class _JobBuilder:
                 f"{PATH_MAX} bytes under the output root, over the file system's limit "
                 f"(for {describe(values, replicate)})"))
             return None
+        if refused or self.checking:
+            return None
         return Job(index, self.spec.name, values, replicate, model.name, request, seed, key,
                    output, combo)
 
     def image(self, name: str, text: str, where: Path, values: Mapping[str, Any],
-              replicate: int) -> dict[str, Any]:
+              replicate: int) -> dict[str, Any] | None:
+        """The input `text` names, or None (its problem reported)."""
         try:
             return self.inputs.resolve(text, name)
         except InputProblem as problem:
             self.problems.append(self.recipe.problem(
                 where, f"{problem} (for {describe(values, replicate)})"))
-            raise _Refused from None
+            return None
 
     def same_size(self, request: Mapping[str, Any], values: Mapping[str, Any],
                   replicate: int) -> bool:
@@ -533,11 +628,23 @@ class _JobBuilder:
             f"(for {describe(values, replicate)})"))
         return False
 
+    def added_by(self, combo: matrix_rules.Combination, problem: str) -> str:
+        """For a template that reads a matrix variable a combination of an include entry's
+        own lacks: which entry made it (a renamed value turns an entry meant to add to some
+        combinations into one of its own)."""
+        missing = re.match(r"undefined variable '([^']+)'", problem)
+        if combo.rule != "include-new" or missing is None or \
+                missing.group(1) not in self.spec.matrix.declared:
+            return ""
+        return (f"; include[{combo.include}] fits no combination, so it makes one of its own, "
+                f"without {missing.group(1)}")
+
     def key_hasher(self, model: str, constants: Mapping[str, Any]) -> KeyHasher:
         # A templated parameter may shadow a constant (the default output_format): the
         # hasher must encode its value per image, not the first image's value for all.
         varying = {name for name, _ in self.dynamic}
-        return KeyHasher(model, {k: v for k, v in constants.items() if k not in varying})
+        return self.shared.key_hasher(model, {k: v for k, v in constants.items()
+                                              if k not in varying})
 
     def param_value(self, model: models.Model, name: str, text: str) -> tuple[Any, str | None]:
         """A rendered parameter as the schema's type, and the schema's verdict on it —
@@ -600,10 +707,6 @@ class _JobBuilder:
             self.output_path, f"{_CLASH}{job.output!r}: {other} "
             f"({describe(values, replicate)}) and {job.job} "
             f"({describe(job.vars, job.replicate)}); {_clash_hint(job.vars, values)}")
-
-
-class _Refused(Exception):
-    """An image of a request was refused; the problem is already recorded."""
 
 
 def _clash_hint(ours: Mapping[str, Any], others: Mapping[str, Any]) -> str:

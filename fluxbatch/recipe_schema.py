@@ -69,11 +69,21 @@ def recipe_schema() -> dict[str, Any]:
         "additionalProperties": False,
         "properties": {"files": {"type": "string", "minLength": 1}},
     }
+    value = {
+        "description": "A value: text, a number, or an object whose fields templates read "
+        "(`{{ aspect.w }}`). An object is shown (the plan's table, gallery captions, "
+        "messages) and selected (`--only aspect=square`) by its `label`, else its `name`.",
+        "properties": {
+            "label": {"type": ["string", "number"], "minLength": 1,
+                      "description": "How this object value is shown and selected."},
+            "name": {"description": "Labels this object value when it has no `label`."},
+        },
+    }
     axis = {
         "description": "A matrix variable: a list of values, values from a file, or image "
         "files.",
-        "anyOf": [{"type": "array", "minItems": 1}, {"$ref": "#/$defs/from_file"},
-                  {"$ref": "#/$defs/files"}],
+        "anyOf": [{"type": "array", "minItems": 1, "items": value},
+                  {"$ref": "#/$defs/from_file"}, {"$ref": "#/$defs/files"}],
     }
     rows_file = {
         "type": "object",
@@ -229,7 +239,12 @@ def recipe_schema() -> dict[str, Any]:
 
 @cache
 def _validator() -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(recipe_schema())
+    schema = recipe_schema()
+    # Each job checked against the job schema itself: looked up through its `$ref`, once per
+    # job, it took a third of checking a recipe of many small jobs.
+    jobs = schema["properties"]["jobs"]
+    schema["properties"]["jobs"] = {**jobs, "items": schema["$defs"]["job"]}
+    return jsonschema.Draft202012Validator(schema)
 
 
 class Harm(Enum):

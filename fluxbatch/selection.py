@@ -25,7 +25,10 @@ from fluxbatch.errors import ConfigError, FluxbatchError, Problem, RecipeError
 from fluxbatch.expand import Job, Plan, expand, output_path_problem
 from fluxbatch.inputs import describe as describe_input
 from fluxbatch.inputs import input_identity, is_descriptor
+from fluxbatch.matrix import label, value_hint
+from fluxbatch.models import did_you_mean
 from fluxbatch.providers import REGISTRY
+from fluxbatch.recipe import Recipe
 from fluxbatch.state import IN_FLIGHT as TASK_IN_FLIGHT
 from fluxbatch.state import (
     STATE_DIR,
@@ -424,19 +427,26 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def matches_only(job: Job, patterns: Sequence[str]) -> bool:
-    """`--only`: a job name, `name=value` on a matrix value (globs allowed), or a glob on the
-    output path or on its file name (`teapot-*` matches `renders/mugs/teapot-1.png`). Several
-    patterns select what any of them matches."""
+    """`--only`: a job name, `name=value` on a matrix value (globs allowed; a value as the
+    plan's table shows it too, so an object by its label: `aspect=square`), or a glob on the
+    output path or on its file name (`teapot-*` matches `renders/mugs/teapot-1.png`).
+    Several patterns select what any of them matches."""
     for pattern in patterns:
         if "=" in pattern:
             name, _, wanted = pattern.partition("=")
-            if name in job.vars and fnmatch.fnmatchcase(str(job.vars[name]), wanted):
+            if name in job.vars and _value_matches(job.vars[name], wanted):
                 return True
         elif pattern == job.job or fnmatch.fnmatchcase(job.output, pattern) or \
                 ("/" not in pattern and fnmatch.fnmatchcase(posixpath.basename(job.output),
                                                             pattern)):
             return True
     return False
+
+
+def _value_matches(value: Any, wanted: str) -> bool:
+    """By the value's text, or as tables show it (an object by its label)."""
+    return fnmatch.fnmatchcase(str(value), wanted) or \
+        (not isinstance(value, str) and fnmatch.fnmatchcase(label(value), wanted))
 
 
 def in_shard(job: Job, shard: tuple[int, int] | None) -> bool:
@@ -482,14 +492,44 @@ def select(classified: Classified, state: RootState, options: Options,
             selection.followers[job.key] = []
     if options.only and selection.filtered_out == len(classified.plan.jobs) and \
             not any(matches_only(job, options.only) for job in classified.plan.jobs):
-        raise nothing_matches(options.only)
+        raise nothing_matches(options.only, classified.plan.recipe)
     return selection
 
 
-def nothing_matches(only: Sequence[str]) -> FluxbatchError:
-    """`--only` that selects no image: an error, for `plan` and `render` alike."""
-    return FluxbatchError(f"--only {' '.join(only)}: no image matches (give a job name, an "
-                          "output glob, or NAME=VALUE on a matrix value)")
+def nothing_matches(only: Sequence[str], recipe: Recipe) -> FluxbatchError:
+    """`--only` that selects no image: an error, for `plan` and `render` alike, with a "did
+    you mean" for a variable, value or job name that the recipe does not have."""
+    hints = [hint for pattern in only if (hint := _only_hint(pattern, recipe))]
+    detail = f": {'; '.join(hints)}" if hints else \
+        " (give a job name, an output glob, or NAME=VALUE on a matrix value)"
+    return FluxbatchError(f"--only {' '.join(only)}: no image matches{detail}")
+
+
+def _only_hint(pattern: str, recipe: Recipe) -> str | None:
+    """What in `pattern` names nothing in the recipe, if anything."""
+    name, equals, wanted = pattern.partition("=")
+    if not equals:
+        jobs = [spec.name for spec in recipe.jobs]
+        close = did_you_mean(pattern, jobs)
+        if close and pattern not in jobs and not _GLOB.intersection(pattern):
+            return f"no job is named {pattern!r}{close}"
+        return None
+    values: dict[str, list[Any]] = {}
+    for spec in recipe.jobs:
+        for axis in spec.matrix.axes:
+            for column, variable in enumerate(axis.names):
+                values.setdefault(variable, []).extend(row[column] for row in axis.rows)
+        for entry in spec.matrix.include:
+            for variable, value in entry.items():
+                values.setdefault(variable, []).append(value)
+    if name not in values:
+        return f"{name!r} is not a matrix variable{did_you_mean(name, list(values))}"
+    if _GLOB.intersection(wanted) or any(_value_matches(v, wanted) for v in values[name]):
+        return None
+    return f"no {name} is {wanted!r}{value_hint(wanted, values[name])}"
+
+
+_GLOB = frozenset("*?[")
 
 
 def classify_with_store(plan: Plan, store: Store, options: Options) -> tuple[Classified,

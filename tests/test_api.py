@@ -15,6 +15,7 @@ import pytest
 
 import fluxbatch
 from fluxbatch.emulator import EmulatorConfig, EmulatorThread
+from fluxbatch.main import main
 from tests.helpers import build_file_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +66,34 @@ def test_load_raises_a_recipe_error_whose_problems_are_located(tmp_path: Path) -
     assert isinstance(caught.value, fluxbatch.FluxbatchError)
     with pytest.raises(fluxbatch.RecipeError):
         fluxbatch.load(recipe(tmp_path, "version: 1\nname: x\n"))
+
+
+@pytest.mark.parametrize("schema_problem", [True, False])
+def test_load_reports_what_validate_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str],
+                                            schema_problem: bool) -> None:
+    """load raised 1 problem of validate's 3 (the schema's), and none at all when the recipe
+    had only template and parameter problems."""
+    text = RECIPE.replace('prompt: "a {{ subject }}"', 'prompt: "a {{ subjct }}"') \
+        .replace("width: 256", "width: 9999")
+    if schema_problem:
+        text = text.replace("provider: emulator\n", "provider: emulator\n    bogus: 1\n")
+    recipe(tmp_path, text)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(fluxbatch.RecipeError) as caught:
+        fluxbatch.load("recipe.yaml")
+    shift = int(schema_problem)  # (its line comes before the others)
+    expected = [
+        f"recipe.yaml:{5 + shift}:40: defaults.width: 9999 is greater than the maximum of 1440",
+        f"recipe.yaml:{8 + shift}:13: jobs[0].prompt: undefined variable 'subjct' (did you "
+        "mean 'subject'?)",
+    ]
+    if schema_problem:
+        expected.insert(0, "recipe.yaml:4:1: bogus: unknown key 'bogus'")
+    assert [str(problem) for problem in caught.value.problems] == expected
+    assert main(["validate", "recipe.yaml"]) == 1
+    assert capsys.readouterr().err.splitlines() == [*expected,
+                                                    f"recipe.yaml: {len(expected)} problems"]
 
 
 def test_plan_lists_each_image_with_its_state_and_action_and_prints_nothing(

@@ -694,8 +694,11 @@ def test_plan_only_matching_nothing_is_an_error(workdir: Path, capsys: Capsys,
                                                 form: str) -> None:
     build_file_tree(workdir, {"small.yaml": SMALL})
     assert run(capsys, "plan", "small.yaml", form, "--only", "mood=furious") == (
-        1, "", "fluxbatch: --only mood=furious: no image matches (give a job name, an output "
-               "glob, or NAME=VALUE on a matrix value)\n")
+        1, "", "fluxbatch: --only mood=furious: no image matches: no mood is 'furious' (its "
+               "values: 'calm', 'angry', 'sleepy', 'wise')\n")
+    assert run(capsys, "plan", "small.yaml", form, "--only", "*.gif") == (
+        1, "", "fluxbatch: --only *.gif: no image matches (give a job name, an output glob, "
+               "or NAME=VALUE on a matrix value)\n")
 
 
 @pytest.mark.parametrize("command", ["plan", "render"])
@@ -759,3 +762,230 @@ def test_a_yaml_null_is_shown_as_null_not_as_pythons_none(workdir: Path, capsys:
     assert "removed: owls hat=top hat (exclude[0])" in lines
     assert run(capsys, "render", "recipe.yaml", "--dry-run")[1].splitlines()[1].startswith(
         "owls  hat=null    1  flux-dev")
+
+
+# -- matrix entries that match nothing, and one pass over a job's problems -------------------
+
+RENAMED = """
+    version: 1
+    name: mugs
+    provider: emulator
+    defaults: {model: flux-dev}
+    jobs:
+      - name: mugs
+        prompt: "{{ subject }} in {{ style }}"
+        matrix:
+          subject: [teapot, mug]
+          style: [oil painting, watercolour]
+          exclude:
+            - {subject: mug, style: watercolor}
+            - {subject: teapot, style: pastel}
+"""
+
+
+@pytest.mark.parametrize("command", [("validate",), ("plan", "--explain")])
+def test_an_exclude_that_matches_no_combination_is_an_error(
+        workdir: Path, capsys: Capsys, command: tuple[str, ...]) -> None:
+    """A renamed value quietly disabled the exclude, and the excluded images were paid for."""
+    build_file_tree(workdir, {"recipe.yaml": RENAMED})
+    code, out, err = run(capsys, *command, "recipe.yaml")
+    assert (code, out) == (1, "")
+    assert err.splitlines()[:2] == [
+        "recipe.yaml:12:11: jobs[0].matrix.exclude[0]: matches no combination, so it excludes "
+        "nothing: style has no value 'watercolor' (did you mean 'watercolour'?)",
+        "recipe.yaml:13:11: jobs[0].matrix.exclude[1]: matches no combination, so it excludes "
+        "nothing: style has no value 'pastel' (its values: 'oil painting', 'watercolour')",
+    ]
+
+
+def test_an_exclude_of_values_that_never_meet_is_an_error(workdir: Path, capsys: Capsys) -> None:
+    build_file_tree(workdir, {"recipe.yaml": """
+        version: 1
+        name: pairs
+        defaults: {model: flux-dev}
+        jobs:
+          - name: pets
+            prompt: "{{ animal }}, {{ colour }}"
+            matrix:
+              zip: {animal: [cat, dog], colour: [black, brown]}
+              exclude: [{animal: cat, colour: brown}]
+    """})
+    assert run(capsys, "validate", "recipe.yaml") == (1, "", (
+        "recipe.yaml:9:17: jobs[0].matrix.exclude[0]: matches no combination, so it excludes "
+        "nothing: no combination has animal 'cat' with colour 'brown'\n"
+        "recipe.yaml: 1 problem\n"))
+
+
+NEW_INCLUDE = RENAMED.replace("""
+          exclude:
+            - {subject: mug, style: watercolor}
+            - {subject: teapot, style: pastel}
+""", """
+          include:
+            - {style: watercolor, steps: 40}
+""").replace("{{ subject }} in {{ style }}", "a teapot in {{ style }}")
+
+
+def test_an_include_that_names_a_value_nowhere_is_noted_by_validate_and_plan_explain(
+        workdir: Path, capsys: Capsys) -> None:
+    """Such an entry adds a combination of its own, as GitHub's `fruit: banana` does on
+    purpose; but it may be a typo, so validate says so, and plan --explain under it."""
+    build_file_tree(workdir, {"recipe.yaml": NEW_INCLUDE})
+    assert run(capsys, "validate", "recipe.yaml") == (0, "recipe.yaml: ok (5 images; flux-dev)\n", (
+        "recipe.yaml:12:11: note: jobs[0].matrix.include[0]: fits no combination, so it adds "
+        "one of its own: style has no value 'watercolor' (did you mean 'watercolour'?)\n"))
+    code, out, err = run(capsys, "plan", "recipe.yaml", "--explain")
+    assert (code, err) == (0, "")
+    assert "  ↳ include[0]: new combination (fits no original one): style has no value " \
+        "'watercolor' (did you mean 'watercolour'?)" in out.splitlines()
+
+
+def test_a_template_failing_on_an_included_combination_names_the_entry(
+        workdir: Path, capsys: Capsys) -> None:
+    text = NEW_INCLUDE.replace("a teapot in", "{{ subject }} in")
+    build_file_tree(workdir, {"recipe.yaml": text})
+    assert run(capsys, "validate", "recipe.yaml") == (1, "", (
+        "recipe.yaml:7:13: jobs[0].prompt: undefined variable 'subject' (for style=watercolor, "
+        "steps=40, replicate=1; include[0] fits no combination, so it makes one of its own, "
+        "without subject)\n"
+        "recipe.yaml: 1 problem\n"))
+
+
+TYPO_AND_SIZE = """
+    version: 1
+    name: chairs
+    defaults: {model: flux-dev}
+    jobs:
+      - name: chairs
+        prompt: "a {{ prodcut }} on white"
+        matrix:
+          product: [chair, stool]
+          w: [1024]
+        params:
+          width: "{{ w + 7 }}"
+          height: 5000
+"""
+
+
+def test_a_template_problem_does_not_hide_the_same_jobs_parameter_problems(
+        workdir: Path, capsys: Capsys) -> None:
+    """The typo was reported alone; fixing it revealed that 1031 is not a multiple of 32."""
+    build_file_tree(workdir, {"recipe.yaml": TYPO_AND_SIZE})
+    assert run(capsys, "validate", "recipe.yaml") == (1, "", (
+        "recipe.yaml:6:13: jobs[0].prompt: undefined variable 'prodcut' (did you mean "
+        "'product'?)\n"
+        "recipe.yaml:11:14: jobs[0].params.width: 1031 is not a multiple of 32 (for "
+        "product=chair, w=1024, replicate=1) and 1 more\n"
+        "recipe.yaml:12:15: jobs[0].params.height: 5000 is greater than the maximum of 1440\n"
+        "recipe.yaml: 3 problems\n"))
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    pytest.param({"output": '"{{ product }}/{{ nope }}.png"', "prompt": '"a {{ product }}"'},
+                 ["recipe.yaml:11:14: jobs[0].params.width: 1031 is not a multiple of 32 (for "
+                  "product=chair, w=1024, replicate=1) and 1 more",
+                  "recipe.yaml:12:13: jobs[0].output: undefined variable 'nope'"],
+                 id="a broken output path"),
+    pytest.param({"seed": '"{{ sed }}"', "output": '"../{{ product }}.png"'},
+                 ["recipe.yaml:6:13: jobs[0].prompt: undefined variable 'prodcut' (did you "
+                  "mean 'product'?)",
+                  "recipe.yaml:11:14: jobs[0].params.width: 1031 is not a multiple of 32 (for "
+                  "product=chair, w=1024, replicate=1) and 1 more",
+                  "recipe.yaml:12:13: jobs[0].output: output path '../chair.png' leaves the "
+                  "output root ('..') (for product=chair, w=1024, replicate=1)",
+                  "recipe.yaml:12:13: jobs[0].output: output path '../stool.png' leaves the "
+                  "output root ('..') (for product=stool, w=1024, replicate=1)",
+                  "recipe.yaml:13:11: jobs[0].seed: undefined variable 'sed' (did you mean "
+                  "'seed'?)"], id="a broken seed, and an output path that leaves the root"),
+    pytest.param({"steps": '"{{ prompt | length }}"'},
+                 ["recipe.yaml:6:13: jobs[0].prompt: undefined variable 'prodcut' (did you "
+                  "mean 'product'?)",
+                  "recipe.yaml:11:14: jobs[0].params.width: 1031 is not a multiple of 32 (for "
+                  "product=chair, w=1024, replicate=1) and 1 more"],
+                 id="a parameter that reads the broken prompt is left out"),
+])
+def test_a_broken_template_leaves_out_only_what_depends_on_it(
+        workdir: Path, capsys: Capsys, edit: dict[str, str], expected: list[str]) -> None:
+    text = TYPO_AND_SIZE.replace("          height: 5000\n", "")
+    if "prompt" in edit:
+        text = text.replace('"a {{ prodcut }} on white"', edit["prompt"])
+    if "steps" in edit:
+        text += f"          steps: {edit['steps']}\n"
+    for key in ("output", "seed"):
+        if key in edit:
+            text += f"        {key}: {edit[key]}\n"
+    build_file_tree(workdir, {"recipe.yaml": text})
+    code, out, err = run(capsys, "validate", "recipe.yaml")
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [*expected, f"recipe.yaml: {len(expected)} problems"]
+
+
+# -- object values, shown and selected by their label ---------------------------------------
+
+CATALOGUE = """
+    version: 1
+    name: catalogue
+    defaults: {model: flux-dev, output_format: png}
+    output: "{{ product }}-{{ aspect.w }}x{{ aspect.h }}.{{ ext }}"
+    jobs:
+      - name: shots
+        prompt: "a {{ product }} on white"
+        matrix:
+          product: [chair, stool]
+          aspect:
+            - {name: square, w: 1024, h: 1024}
+            - {label: portrait 9:16, name: tall, w: 768, h: 1344}
+            - {w: 1344, h: 768}
+        params:
+          width: "{{ aspect.w }}"
+          height: "{{ aspect.h }}"
+"""
+
+
+def test_plan_shows_an_object_value_by_its_label_or_name(workdir: Path, capsys: Capsys) -> None:
+    """The VALUES column read `aspect={"name": "square", "w": 1024,…`: lines of 250 columns."""
+    build_file_tree(workdir, {"recipe.yaml": CATALOGUE})
+    code, out, err = run(capsys, "plan", "recipe.yaml")
+    assert (code, err) == (0, "")
+    values = [line.split("  ")[1] for line in out.splitlines()[2:8]]
+    assert values == [
+        "product=chair aspect=square", "product=chair aspect=portrait 9:16",
+        'product=chair aspect={"w": 1344, "h": 768}', "product=stool aspect=square",
+        "product=stool aspect=portrait 9:16", 'product=stool aspect={"w": 1344, "h": 768}']
+
+
+def test_only_selects_an_object_value_by_its_label(workdir: Path, capsys: Capsys) -> None:
+    build_file_tree(workdir, {"recipe.yaml": CATALOGUE})
+    code, out, err = run(capsys, "plan", "recipe.yaml", "--json", "--only", "aspect=portrait*",
+                         "--only", "aspect=square")
+    assert (code, err) == (0, "")
+    assert [job["output"] for job in json.loads(out)["jobs"]] == [
+        "chair-1024x1024.png", "chair-768x1344.png", "stool-1024x1024.png",
+        "stool-768x1344.png"]
+    code, out, err = run(capsys, "plan", "recipe.yaml", "--json", "--only",
+                         'aspect={"w": 1344, "h": 768}')  # (no label: as shown)
+    assert (code, err) == (0, "")
+    assert [job["output"] for job in json.loads(out)["jobs"]] == [
+        "chair-1344x768.png", "stool-1344x768.png"]
+
+
+@pytest.mark.parametrize(("pattern", "hint"), [
+    ("prodcut=chair", "'prodcut' is not a matrix variable (did you mean 'product'?)"),
+    ("aspect=sqaure", "no aspect is 'sqaure' (did you mean 'square'?)"),
+    ("shot", "no job is named 'shot' (did you mean 'shots'?)"),
+])
+@pytest.mark.parametrize("command", ["plan", "render"])
+def test_only_that_names_nothing_says_what_was_meant(
+        workdir: Path, capsys: Capsys, pattern: str, hint: str, command: str) -> None:
+    build_file_tree(workdir, {"recipe.yaml": CATALOGUE})
+    assert run(capsys, command, "recipe.yaml", "--only", pattern) == (
+        1, "", f"fluxbatch: --only {pattern}: no image matches: {hint}\n")
+
+
+def test_a_label_that_is_not_text_or_a_number_is_a_located_problem(
+        workdir: Path, capsys: Capsys) -> None:
+    build_file_tree(workdir, {"recipe.yaml": CATALOGUE.replace("{w: 1344", "{label: [x], w: 1344")})
+    assert run(capsys, "validate", "recipe.yaml") == (1, "", (
+        "recipe.yaml:13:19: jobs[0].matrix.aspect[2].label: ['x'] is not of type 'string', "
+        "'number'\n"
+        "recipe.yaml: 1 problem\n"))

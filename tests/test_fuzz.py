@@ -15,6 +15,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fluxbatch import yamlsource
 from fluxbatch.main import main
 
 FUZZ = settings(max_examples=150, deadline=None,
@@ -280,3 +281,30 @@ def test_a_matrix_of_many_entries_is_a_located_error_within_hard_limits(
         "more than the limit of 20,000,000; use fewer entries (a list of values leaves out "
         "what it does not name), or split the job",
         "recipe.yaml: 1 problem"]
+
+
+def read_yaml(text: str) -> str:
+    """All that `yamlsource.load` makes of `text`: the value and every position, or the
+    problems (and what was still read)."""
+    try:
+        value, positions = yamlsource.load(text, "f.yaml")
+    except yamlsource.DocumentError as error:
+        partial = error.partial and (error.partial[0], error.partial[1].values,
+                                     error.partial[1].keys)
+        return repr(([str(p) for p in error.problems], partial))
+    return repr((value, positions.values, positions.keys))
+
+
+@settings(FUZZ, max_examples=300)
+@given(yaml_soup | documents.map(dumped) | wild_recipes.map(dumped))
+def test_libyaml_and_the_python_parser_read_any_text_alike(text: str) -> None:
+    """Recipes are read by libyaml when PyYAML has it, by PyYAML's Python parser when not (and
+    when libyaml finds a problem, to word it): the plan must not depend on which."""
+    assert yamlsource._FastLoader is not None  # (PyYAML's wheels have libyaml)
+    fast = read_yaml(text)
+    slow = yamlsource._FastLoader
+    try:
+        yamlsource._FastLoader = None
+        assert read_yaml(text) == fast
+    finally:
+        yamlsource._FastLoader = slow

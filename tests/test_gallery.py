@@ -361,3 +361,30 @@ def test_the_page_in_headless_chromium_shows_every_image_and_marks_the_rest(
     data = shot.read_bytes()
     assert data.startswith(PNG_SIGNATURE)
     assert Image.open(shot).size[0] >= 1280
+
+
+def test_object_values_are_shown_by_their_label_in_headers_and_captions(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Captions and headers read `{"name": "square", "w": 256,…`."""
+    recipe = _rendered(tmp_path, """\
+        version: 1
+        name: catalogue
+        provider: emulator
+        defaults: {model: flux-dev, output_format: png}
+        output: "{{ product }}-{{ backdrop }}-{{ aspect.w }}.{{ ext }}"
+        jobs:
+          - name: shots
+            prompt: "a {{ product }} on {{ backdrop }}"
+            matrix:
+              product: [chair, stool]
+              backdrop: [{name: white, hex: "#fff"}, {name: grey, hex: "#888"}]
+              aspect: [{name: square, w: 256, h: 256}, {label: wide, w: 512, h: 256}]
+            params: {width: "{{ aspect.w }}", height: "{{ aspect.h }}"}
+    """, capsys)
+    assert _gallery(capsys, recipe, "--rows", "product", "--cols", "aspect")[0] == 0
+    page = (tmp_path / "catalogue.gallery.html").read_text()
+    assert re.findall(r"<th>([^<]*)</th>", page) == ["product \\ aspect", "square", "wide",
+                                                    "chair", "stool"]
+    captions = re.findall(r"<figcaption>([^<]*)</figcaption>", page)
+    assert sorted({caption.split(", seed")[0] for caption in captions}) == [
+        "backdrop=grey", "backdrop=white"]

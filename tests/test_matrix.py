@@ -372,6 +372,56 @@ def test_explain_names_the_rule_for_each_combination() -> None:
         "product a[0] × zip(b, c) row 1; merged include[0]",
         "product a[0] × zip(b, c) row 2; merged include[0]",
         "product a[1] × zip(b, c) row 1",
-        "include[1]: new combination (fits no original one)",
+        "include[1]: new combination (fits no original one): a has no value 9 (its values: "
+        "1, 2)",
     ]
     assert [r.exclude for r in removed] == [0]
+
+
+def parsed_matrix(matrix_yaml: str) -> recipe.Matrix:
+    body = textwrap.indent(textwrap.dedent(matrix_yaml).strip(), " " * 6)
+    text = f"version: 1\nname: t\njobs:\n  - name: j\n    matrix:\n{body}\n"
+    return recipe.parse(text, "recipe.yaml").jobs[0].matrix
+
+
+def test_only_include_entries_that_may_be_typos_are_noted() -> None:
+    """GitHub's own example adds `fruit: banana`: an entry with a value its variable lacks is
+    a combination of its own, noted when it leaves a variable out (it may have been meant to
+    add to some combinations); one that gives every variable a value is plainly meant."""
+    found = parsed_matrix("""
+        fruit: [apple, pear]
+        animal: [cat, dog]
+        include:
+          - {color: green}
+          - {fruit: apple, shape: circle}
+          - {fruit: banana}
+          - {fruit: banana, animal: cat}
+          - {fruit: aple, shape: square}
+    """)
+    assert matrix.new_includes(found) == [
+        (2, "fruit has no value 'banana' (its values: 'apple', 'pear')"),
+        (4, "fruit has no value 'aple' (did you mean 'apple'?)"),
+    ]
+    assert matrix.dead_excludes(found) == []
+
+
+def test_exclude_entries_that_match_no_combination_say_why() -> None:
+    found = parsed_matrix("""
+        size: [1, 2]
+        zip: {animal: [cat, dog], colour: [black, brown]}
+        aspect: [{name: square, w: 1}, {w: 2}]
+        exclude:
+          - {size: 3}
+          - {animal: cat, colour: brown}
+          - {aspect: square}
+          - {aspect: {w: 3}}
+          - {animal: cat, size: 2}
+          - {aspect: {w: 2}}
+    """)
+    assert matrix.dead_excludes(found) == [
+        (0, "size has no value 3 (its values: 1, 2)"),
+        (1, "no combination has animal 'cat' with colour 'brown'"),
+        (2, "aspect has no value 'square' (an object value is matched whole, not by its "
+            "label)"),
+        (3, 'aspect has no value {"w": 3} (did you mean \'{"w": 2}\'?)'),
+    ]

@@ -228,8 +228,8 @@ def test_only_matching_nothing_is_an_error_not_a_silent_success(
         cli: Cli, emulator: Emulator) -> None:
     sent = len(emulator.submissions)
     assert cli.render("--only", "shape=tree") == Run(
-        1, "", "fluxbatch: --only shape=tree: no image matches (give a job name, an output "
-        "glob, or NAME=VALUE on a matrix value)\n")
+        1, "", "fluxbatch: --only shape=tree: no image matches: no shape is 'tree' (its "
+        "values: 'circle', 'square', 'star')\n")
     assert len(emulator.submissions) == sent
 
 

@@ -398,3 +398,44 @@ def test_hostile_template_sources_are_refused_at_compile_time(source: str, messa
     with pytest.raises(TemplateProblem) as caught:
         compile_template(source)
     assert str(caught.value) == message
+
+
+# -- compiled once per source -----------------------------------------------------------------
+
+
+def test_templates_of_one_source_share_their_code_but_not_their_caches_or_budgets() -> None:
+    compiler = templates.Compiler()
+    source = "{% for i in range(50) %}{{ a }}{% endfor %}"
+    first, second = compiler(source), compiler(source)
+    assert first._compiled is second._compiled  # compiled once
+    assert first is not second and first._cache is not second._cache
+    allowance = templates.Allowance()
+    before = allowance.steps
+    assert first.render({"a": "x"}, allowance) == "x" * 50
+    spent = before - allowance.steps  # (its work, less the share each rendering brings)
+    assert spent != 0
+    assert first.render({"a": "x"}, allowance) == "x" * 50  # from its own cache: free
+    assert before - allowance.steps == spent
+    assert second.render({"a": "x"}, allowance) == "x" * 50  # not from the first's cache
+    assert before - allowance.steps == 2 * spent
+
+
+def test_a_source_that_fails_to_compile_fails_alike_each_time() -> None:
+    compiler = templates.Compiler()
+    for _ in range(2):
+        with pytest.raises(TemplateProblem) as caught:
+            compiler("{{ a | nope }}")
+        assert str(caught.value) == "template syntax error: unknown filter 'nope' (template " \
+            "line 1)"
+
+
+def test_a_direct_template_compiles_jinja_code_only_when_a_rendering_needs_it() -> None:
+    template = templates.Compiler()("{{ a }} and {{ b | default('none') }}")
+    assert template._compiled is not None and template._compiled._jinja is None
+    assert template.render({"a": 1, "b": 2}) == "1 and 2"
+    assert template._compiled._jinja is None
+    assert template.render({"a": 1}) == "1 and none"  # (`default` needs Jinja proper)
+    assert template._compiled._jinja is not None
+    with pytest.raises(TemplateProblem) as caught:
+        template.render({"b": 2})
+    assert str(caught.value) == "undefined variable 'a'"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from fluxbatch.matrix import label
 
 
 def money(usd: float | None) -> str:
@@ -14,7 +15,8 @@ def money(usd: float | None) -> str:
 
 
 def short_value(value: Any, width: int = 40) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    """A value as tables and captions show it: an object value by its label (`matrix.label`)."""
+    text = label(value)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 

@@ -22,7 +22,8 @@ from fluxbatch import models
 from fluxbatch import recipe as recipes
 from fluxbatch.commands.output import money, plural, table, values_text
 from fluxbatch.errors import EXIT_OK, Problem, RecipeError
-from fluxbatch.expand import Expansion, Job, Plan, collector_paused
+from fluxbatch.expand import Expansion, Job, Plan
+from fluxbatch.recipe import collector_paused
 from fluxbatch.selection import (
     STATE_ORDER,
     TO_RENDER,
@@ -89,7 +90,7 @@ def plan(*, recipe: str, out: str | None, yes: bool, form: str = TABLE, explain:
     shown = [(job, state) for job, state in zip(the_plan.jobs, classified.states, strict=True)
              if tally.selects(job)]
     tally.add_all(shown)
-    tally.finish(planned=len(the_plan.jobs), orphans=len(classified.orphans))
+    tally.finish(the_plan.recipe, planned=len(the_plan.jobs), orphans=len(classified.orphans))
     changed = stale_changes(classified)
     if form == JSON:
         write_document(sys.stdout, the_plan, shown, tally, explain=explain, changed=changed)
@@ -147,11 +148,11 @@ class Tally:
                 else:
                     model.usd += cost
 
-    def finish(self, *, planned: int, orphans: int) -> None:
+    def finish(self, recipe: recipes.Recipe, *, planned: int, orphans: int) -> None:
         """Close the count; `--only` that matches nothing is an error, as in `render`.
         Orphans are images no job of the recipe makes, so no selection holds them."""
         if self.pick.only and not self.matched_only:
-            raise nothing_matches(self.pick.only)
+            raise nothing_matches(self.pick.only, recipe)
         self.planned = planned
         if orphans and not self.pick:
             self.states[ImageState.ORPHANED] = orphans
@@ -273,7 +274,8 @@ def _stream(path: str, *, out: str | None, yes: bool, explain: bool, pick: Pick)
     images with one path) can end the output after some lines, without the summary line.
     """
     recipe = recipes.load(path, output_root=out, strict=False)
-    expansion = Expansion(recipe, yes=yes)
+    with collector_paused():
+        expansion = Expansion(recipe, yes=yes)
     states = _StateReader(recipe)
     tally = Tally(pick)
     escapes: list[Problem] = []
@@ -299,7 +301,7 @@ def _stream(path: str, *, out: str | None, yes: bool, explain: bool, pick: Pick)
     problems = expansion.problems.found() + escapes
     if problems:
         raise RecipeError(problems)
-    tally.finish(planned=planned, orphans=states.orphans())
+    tally.finish(recipe, planned=planned, orphans=states.orphans())
     the_plan = Plan(recipe, (), tuple(expansion.removed))
     last = {"recipe": recipe_document(recipe), **tail_document(the_plan, tally, explain=explain)}
     sys.stdout.write(_encode(last) + "\n")

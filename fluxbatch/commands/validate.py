@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 
-from fluxbatch.errors import EXIT_FAILED, EXIT_OK, PlanTooLargeError, RecipeError
+from fluxbatch.errors import EXIT_FAILED, EXIT_OK, PlanTooLargeError, Problem, RecipeError
 from fluxbatch.expand import Plan
 from fluxbatch.selection import load_plan
 
 
-def print_notes(plan: Plan) -> None:
+def print_notes(plan: Plan, also: Iterable[Problem] = ()) -> None:
     """What works, but not as the recipe reads: located like a problem, marked as a note."""
-    for note in plan.notes:
+    for note in (*plan.notes, *also):
         where, _, rest = str(note).partition(": ")
         print(f"{where}: note: {rest}", file=sys.stderr)
 
@@ -34,6 +35,6 @@ def validate(*, recipes: list[str], yes: bool = False) -> int:
             continue
         jobs = len(plan.jobs)
         model_names = sorted({job.model for job in plan.jobs})
-        print_notes(plan)
+        print_notes(plan, plan.include_notes())
         print(f"{path}: ok ({jobs} image{'s' if jobs != 1 else ''}; {', '.join(model_names)})")
     return EXIT_FAILED if failed else EXIT_OK
