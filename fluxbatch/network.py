@@ -379,7 +379,7 @@ async def execute(plan: Plan, selection: Selection, store: Store,
         finally:
             if outbox is not None:
                 await outbox.close()
-            finish_manifest(recipe, store)
+            finish_manifest(recipe, store, stopped=executor.fatal)
     for outcome in ran:  # the other outputs of each key share its outcome
         for follower in selection.followers.get(outcome.job.key, ()):
             outcomes.append(dataclasses.replace(outcome, job=follower, submitted_at=None,
@@ -426,12 +426,18 @@ class _ManifestPacer:
         self.took = self.last - now
 
 
-def finish_manifest(recipe: Recipe, store: Store) -> None:
+def finish_manifest(recipe: Recipe, store: Store, *, stopped: str | None = None) -> None:
     """The manifest, from the store; a clear error when the disk refuses it (the store still
-    has every image, so nothing is lost)."""
+    has every image, so nothing is lost). When the run had `stopped` already (a full disk is
+    met by the state store first), that reason is the one the line gives."""
     try:
         write_manifest(recipe, store)
     except OSError as error:
+        if stopped is not None:
+            raise StateError(
+                f"stopped: {stopped.rstrip('.')}. The manifest {manifest_path(recipe)} could "
+                f"not be written either ({error.strerror or error}); the next run writes it."
+            ) from None
         raise StateError(
             f"cannot write {manifest_path(recipe)}: {error.strerror or error}. "
             "Every image written is recorded in the state store; free some space (or make the "
