@@ -34,6 +34,7 @@ from fluxbatch.inputs import InputProblem, is_descriptor
 from fluxbatch.outbox import Outbox
 from fluxbatch.outcomes import OutcomeStatus
 from fluxbatch.providers import Polled, Submitted
+from fluxbatch.providers.responses import credits
 from fluxbatch.recipe import Recipe
 from fluxbatch.selection import Options, Selection, source_placement
 from fluxbatch.state import (
@@ -207,7 +208,8 @@ class Placer:
         entry = provenance(
             job, recipe=self.recipe, provider=source.get("provider") or self.provider,
             task_id=known("task_id", task.task_id if task else None),
-            cost=known("cost", task.cost if task else None),
+            # (as recorded: by an earlier release too, which took 1e999 for a cost)
+            cost=credits(known("cost", credits(task.cost) if task else None)),
             reported_seed=known("reported_seed", task.reported_seed if task else None),
             submitted_at=submitted_at or (task.submitted_at if task else None),
             finished_at=time.time(), path=job.output)
@@ -356,7 +358,7 @@ async def execute(plan: Plan, selection: Selection, store: Store,
         manifest.maybe()
         return written
 
-    attach = {job.key: Submitted(task.task_id or "", task.polling_url or "", task.cost)
+    attach = {job.key: Submitted(task.task_id or "", task.polling_url or "", credits(task.cost))
               for job, task in selection.attach}
     # Polls are short, so half as many connections as active tasks keep up.
     connections = max(16, settings.account_cap // 2)

@@ -49,6 +49,7 @@ import httpx
 from fluxbatch import providers
 from fluxbatch.errors import FluxbatchError, StateError
 from fluxbatch.providers import Submitted, responses
+from fluxbatch.providers.responses import credits
 from fluxbatch.state import STATE_DIR, Store, TaskStatus
 from fluxbatch.wire import NOT_SENT, Wire
 
@@ -395,7 +396,7 @@ class Outbox:
                     "message": f"the outbox process died and its record cannot be read: {error}"}
         if task is not None and task.updated_at >= handed.at:
             if task.status == TaskStatus.SUBMITTED and task.task_id and task.polling_url:
-                return {"recovered": {"task_id": task.task_id, "cost": task.cost,
+                return {"recovered": {"task_id": task.task_id, "cost": credits(task.cost),
                                       "polling_url": task.polling_url}}
             if task.status == TaskStatus.SUBMITTING:
                 return {"error": "RemoteProtocolError",

@@ -95,6 +95,24 @@ def test_a_task_submitted_but_never_polled_is_collected_without_submitting_again
     assert cli.render() == Run(0, "nothing to render: 4 images up to date\n", "")
 
 
+@pytest.mark.parametrize("cost", [float("inf"), -5.0, float("nan")])
+def test_a_cost_an_earlier_release_recorded_as_infinite_or_negative_counts_as_unreported(
+        cli: Cli, emulator: Emulator, cost: float) -> None:
+    """A ledger written before costs were checked may hold `1e999` (infinity), which no image
+    can embed: every run that collected it died. Read back, it counts as unreported."""
+    jobs = planned(cli)
+    answer = submit_directly(emulator, jobs["solo/tree.png"])
+    cli.root.mkdir(parents=True, exist_ok=True)
+    with Store.open(cli.root) as store:
+        store.submitting(jobs["solo/tree.png"].key, "emulator", emulator.base_url)
+        store.submitted(jobs["solo/tree.png"].key, answer["id"], answer["polling_url"], cost,
+                        time.time())
+
+    assert cli.render() == Run(0, cli.written(3).replace("3 written", "4 written"), "")
+    assert check_manifest(cli)["solo/tree.png"]["cost"] is None
+    assert cli.render() == Run(0, "nothing to render: 4 images up to date\n", "")
+
+
 def test_a_task_the_provider_forgot_is_paid_again_only_after_it_says_so_and_the_summary_tells(
         cli: Cli, emulator: Emulator) -> None:
     """The one case where a paid image is paid again: the provider answers `Task not found`
