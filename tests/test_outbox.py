@@ -113,19 +113,23 @@ def test_an_outbox_that_keeps_dying_stops_the_run_with_one_line(tmp_path: Path) 
     assert "KeyError: 'no-such-provider'" in log.read_text()  # its traceback, not the terminal's
 
 
-RECIPE = """\
+def grid(name: str, images: int) -> str:
+    """A recipe of `images` emulator images, `1.png` to `N.png`."""
+    return f"""\
 version: 1
-name: outbox
+name: {name}
 provider: emulator
-output: "{{ n }}.{{ ext }}"
-defaults: {model: flux-pro-1.1, width: 256, height: 256, output_format: png}
+output: "{{{{ n }}}}.{{{{ ext }}}}"
+defaults: {{model: flux-pro-1.1, width: 256, height: 256, output_format: png}}
 jobs:
   - name: grid
-    prompt: "image {{ n }}"
+    prompt: "image {{{{ n }}}}"
     matrix:
-      n: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
-          21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40]
+      n: {list(range(1, images + 1))}
 """
+
+
+RECIPE = grid("outbox", 40)
 
 
 def outbox_children(parent: int) -> list[int]:
@@ -341,18 +345,7 @@ def test_an_outbox_that_stops_answering_is_stopped_and_stops_the_run(tmp_path: P
         f"submit within 1 s; stopped it. Nothing was paid twice; see {log}, then run again"]
 
 
-THREE = """\
-version: 1
-name: full
-provider: emulator
-output: "{{ n }}.{{ ext }}"
-defaults: {model: flux-pro-1.1, width: 256, height: 256, output_format: png}
-jobs:
-  - name: grid
-    prompt: "image {{ n }}"
-    matrix:
-      n: [1, 2, 3]
-"""
+THREE = grid("full", 3)
 
 
 @pytest.mark.slow
