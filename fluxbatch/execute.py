@@ -15,7 +15,15 @@ requests are retried"):
   header) was never sent, and fails; a 5xx, a reset connection or a read timeout may already
   have been billed, so the job becomes *unknown* and is never re-sent blindly. 401, 403 and
   402 stop the run.
-- poll and download (GETs): transient errors are retried with backoff.
+- poll and download (GETs): transient errors are retried with backoff; a redirect to a
+  scheme other than http(s) is not retried.
+- a task paid for by an earlier run (attached) is polled at once, from the start of the run,
+  each on its own: it never waits for a worker, a slot, the slow-start probe or a 429 wait of
+  unpaid work. It still holds a slot while the provider works on it (it counts against the
+  provider's cap), taken whatever the limit, so new submits wait for it, never it for them.
+- a task that was created (maybe billed) but cannot be collected (its polling URL is unusable,
+  or may not receive the key) ends *unknown*, held back by the next run, never *failed* and
+  paid for again.
 - a local fault (the disk is full, the state store cannot be written) stops the run; a task
   already paid for stays recorded as in flight, so the next run collects it for free.
 """
@@ -41,7 +49,7 @@ import httpx
 from fluxbatch import models
 from fluxbatch.errors import FluxbatchError
 from fluxbatch.expand import Job
-from fluxbatch.outbox import OutboxGone, Recovered
+from fluxbatch.outbox import OutboxGone, Recovered, Unrecorded
 from fluxbatch.outcomes import EventKind, OutcomeStatus
 from fluxbatch.pacing import Durations, Slots, retry_after
 from fluxbatch.providers import KeyNotSent, Polled, Provider, Submitted, without_credentials
@@ -134,7 +142,12 @@ class _Fatal(Exception):
 
 
 class _Unknown(Exception):
-    """A submit whose outcome cannot be known: it may have been billed."""
+    """A submit whose outcome cannot be known: it may have been billed. When the cause is
+    run-wide (`stops_run`: the state store cannot record answers), the run stops too."""
+
+    def __init__(self, message: str, *, stops_run: bool = False) -> None:
+        super().__init__(message)
+        self.stops_run = stops_run
 
 
 class JobFailed(Exception):
@@ -151,11 +164,12 @@ class _Oversized(JobFailed):
     """The sample is over the size limit: a fresh URL would not make it smaller."""
 
 
-# Faults that would hit every image, not one: a full disk, a read-only one, a folder this
-# user may not write (a Docker volume owned by another user), a rename that cannot cross to
-# the target's file system. Each image paid for meanwhile could not be kept or placed.
+# Faults that would hit every image, not one: a full disk (or a file-size limit of the
+# process), a read-only one, a folder this user may not write (a Docker volume owned by
+# another user), a rename that cannot cross to the target's file system. Each image paid
+# for meanwhile could not be kept or placed.
 _RUN_WIDE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
-                       errno.EXDEV})
+                       errno.EXDEV, errno.EFBIG})
 
 
 class LocalFault(Exception):
@@ -219,6 +233,9 @@ class Executor:
         self.stopping = False
         self.fatal: str | None = None
         self._downloading: set[asyncio.Task[Any]] = set()
+        # Downloads and writes at once, paid tasks all (attached ones are not bounded by
+        # workers): as many as the workers of one model could run before attaching was apart.
+        self._collecting = asyncio.Semaphore(2 * self.settings.account_cap)
         self._stop_event = asyncio.Event()
         # Slow start: until one submit is accepted, submits go one at a time.
         self._accepted = asyncio.Event()
@@ -239,54 +256,80 @@ class Executor:
         attach = attach or {}
         outcomes: list[Outcome | None] = [None] * len(jobs)
         queues: dict[str, deque[int]] = defaultdict(deque)
-        for position, job in enumerate(jobs):
-            queues[job.model].append(position)
         workers = []
+        for position, job in enumerate(jobs):
+            earlier = attach.get(job.key)
+            if earlier is None:
+                queues[job.model].append(position)
+                continue
+            # Paid already, and perhaps about to expire: polled now, on its own, whatever -j
+            # is. Its slots are taken at once, even past the limit (the provider may still
+            # be working on it, and counts it), so that new submits wait for it, not it for
+            # them.
+            for slot in (self.account, self._model_slots(job.model)):
+                slot.hold()
+            workers.append(self._collect(position, job, earlier, outcomes))
         for model, queue in queues.items():
-            cap = min(self.settings.model_caps.get(model, self.settings.account_cap),
-                      self.settings.account_cap)
-            self.model_slots[model] = Slots(cap, self.clock, self.sleep)
+            cap = self._model_slots(model).cap
             # Twice the cap: a worker that is downloading must not hold back the next submit.
             for _ in range(min(len(queue), 2 * cap)):
-                workers.append(self._worker(queue, jobs, attach, outcomes))
+                workers.append(self._worker(queue, jobs, outcomes))
         await asyncio.gather(*workers)
         return [o if o is not None else Outcome(jobs[i], OutcomeStatus.SKIPPED,
                                                 "not started")
                 for i, o in enumerate(outcomes)]
 
+    def _model_slots(self, model: str) -> Slots:
+        slots = self.model_slots.get(model)
+        if slots is None:
+            cap = min(self.settings.model_caps.get(model, self.settings.account_cap),
+                      self.settings.account_cap)
+            slots = self.model_slots[model] = Slots(cap, self.clock, self.sleep)
+        return slots
+
+    async def _collect(self, position: int, job: Job, earlier: Submitted,
+                       outcomes: list[Outcome | None]) -> None:
+        """A task of an earlier run, its slots already held: polled until it ends (even after
+        a stop, when it ends pending at once, and stays recorded)."""
+        outcomes[position] = await self._attempt(job, earlier, probing=False, held=True)
+
     async def _worker(self, queue: deque[int], jobs: Sequence[Job],
-                      attach: Mapping[str, Submitted], outcomes: list[Outcome | None]) -> None:
+                      outcomes: list[Outcome | None]) -> None:
         while queue:
             position = queue.popleft()
             job = jobs[position]
-            if (self.stopping or self.fatal) and job.key not in attach:
+            if self.stopping or self.fatal:
                 reason = self.fatal or "interrupted before it was submitted"
                 outcomes[position] = self._finish(Outcome(job, OutcomeStatus.SKIPPED, reason))
                 continue
-            outcomes[position] = await self._run_job(job, attach.get(job.key))
+            outcomes[position] = await self._run_job(job)
 
-    async def _run_job(self, job: Job, earlier: Submitted | None) -> Outcome:
+    async def _run_job(self, job: Job) -> Outcome:
         # Slow start: until one submit has been accepted, submits go one at a time (and wait
         # for their turn before taking a slot, so that a probe waiting out a 429 gets its
         # slot back): a bad key, an empty account or an unreachable host is then learned from
         # one request, not from one per image.
-        probing = earlier is None and not self._accepted.is_set()
+        probing = not self._accepted.is_set()
         if probing:
             await self._probe.acquire()
             if self._accepted.is_set():
                 self._probe.release()
                 probing = False
         try:
-            return await self._attempt(job, earlier, probing)
+            return await self._attempt(job, None, probing)
         finally:
             if probing and self._probe.locked():
                 self._probe.release()
 
-    async def _attempt(self, job: Job, earlier: Submitted | None, probing: bool) -> Outcome:
+    async def _attempt(self, job: Job, earlier: Submitted | None, probing: bool, *,
+                       held: bool = False) -> Outcome:
+        """Submit (or, with `earlier`, attach) and poll, within a slot (`held`: taken
+        already); then download and write."""
         outcome = Outcome(job, OutcomeStatus.PENDING)
         slots = (self.account, self.model_slots[job.model])
-        for slot in slots:
-            await slot.acquire()
+        if not held:
+            for slot in slots:
+                await slot.acquire()
         try:
             if earlier is None:
                 outcome.submitted = await self._submit(job)
@@ -301,8 +344,11 @@ class Executor:
                 for slot in slots:
                     slot.attached()
                 self.on_event(Event(EventKind.ATTACHED, job))
-            outcome.polled = await self._poll(job, outcome.submitted)
+            outcome.polled = await self._poll(job, outcome.submitted,
+                                              attached=earlier is not None)
         except _Unknown as error:
+            if error.stops_run:
+                self.fatal = self.fatal or str(error)
             outcome.status, outcome.reason = OutcomeStatus.UNKNOWN, str(error)
             return self._finish(outcome)
         except JobFailed as error:
@@ -348,7 +394,7 @@ class Executor:
             self.fatal = self.fatal or str(error)
             outcome.status, outcome.reason = OutcomeStatus.PENDING, str(error)
             return self._finish(outcome)
-        task = asyncio.ensure_future(self._download_and_write(job, outcome))
+        task = asyncio.ensure_future(self._bounded_download(job, outcome))
         self._downloading.add(task)
         try:
             return await asyncio.shield(task)
@@ -361,6 +407,10 @@ class Executor:
             raise
         finally:
             self._downloading.discard(task)
+
+    async def _bounded_download(self, job: Job, outcome: Outcome) -> Outcome:
+        async with self._collecting:
+            return await self._download_and_write(job, outcome)
 
     async def _download_and_write(self, job: Job, outcome: Outcome) -> Outcome:
         image = None
@@ -375,6 +425,9 @@ class Executor:
                 outcome.written = await self.writer(job, image, outcome)
         except _Gone as error:  # the provider forgot the task: only now may it be paid again
             outcome.status, outcome.reason = OutcomeStatus.GONE, str(error)
+            return self._finish(outcome)
+        except _Unknown as error:  # (a fresh poll that cannot be sent): held, never paid again
+            outcome.status, outcome.reason = OutcomeStatus.UNKNOWN, str(error)
             return self._finish(outcome)
         except JobFailed as error:
             # Ready means paid. Bytes that could not be fetched (an expired or broken URL, a
@@ -434,6 +487,8 @@ class Executor:
                 response = await send(request)
             except Recovered as recovered:  # the outbox died after committing the answer
                 return recovered.submitted
+            except Unrecorded as error:  # answered, but the answer is not in the ledger
+                raise _Unknown(str(error), stops_run=True) from None
             except OutboxGone as error:
                 raise _Fatal(str(error)) from None
             except httpx.LocalProtocolError as error:  # not sent, and sending again won't help
@@ -511,11 +566,13 @@ class Executor:
 
     # -- poll ----------------------------------------------------------------------------
 
-    async def _poll(self, job: Job, submitted: Submitted) -> Polled:
+    async def _poll(self, job: Job, submitted: Submitted, *, attached: bool = False) -> Polled:
+        """Poll until the task ends. A task of an earlier run (`attached`) is looked at at
+        once: it was submitted long ago, and its result may be about to expire."""
         started = self.clock()
-        delay = self.settings.first_poll
+        delay = 0.0 if attached else self.settings.first_poll
         typical = self.durations.typical(job.model)
-        if typical is not None and job.model not in self.reports_progress:
+        if typical is not None and job.model not in self.reports_progress and not attached:
             # No progress to predict from: the first look near the usual duration. (With
             # progress, an early first look tells exactly when to look again.)
             delay = max(delay, 0.9 * typical)
@@ -526,14 +583,15 @@ class Executor:
             if self.stopping:
                 raise _Pending("interrupted while waiting for the result; the task is recorded "
                                "and a re-run picks it up without paying again")
-            await self._pause(delay)
+            if delay > 0:
+                await self._pause(delay)
             if self.is_stopping():
                 continue
             polled = await self._get_poll(job, submitted)
             elapsed = self.clock() - started
             if polled.status == r.READY or polled.status in r.MODERATED or \
                     polled.status in r.FAILED:
-                if polled.status == r.READY:
+                if polled.status == r.READY and not attached:  # (its start is not known)
                     self.durations.add(job.model, elapsed)
                 return polled
             if polled.status == r.TASK_NOT_FOUND:
@@ -541,8 +599,7 @@ class Executor:
                 # answers in a row count (a Pending in between shows the task is alive).
                 not_found += 1
                 if not_found >= self.settings.not_found_attempts:
-                    raise _Gone(f"the provider no longer knows task {submitted.task_id} "
-                                "('Task not found'; results expire)")
+                    raise _forgotten(submitted)
                 delay = self._backoff(not_found)
                 continue
             not_found = 0
@@ -583,12 +640,15 @@ class Executor:
         try:
             build = functools.partial(self.provider.poll_request, submitted)
             response = await self._get(build, "poll", job, pending_on_failure=True)
-        except KeyNotSent as error:
-            # The task exists and may be billed, but cannot be collected without sending the
-            # key where it must not go. Not "failed": that would be paid for again at every
-            # run (a misrouting gateway would answer the same way each time). Held back as
-            # unknown, the user decides with --retry-unknown.
-            raise _Unknown(f"{error}; the task was created and may have been billed, but "
+        except (KeyNotSent, httpx.InvalidURL) as error:
+            # The task exists and may be billed, but cannot be collected: its polling URL
+            # cannot be sent (a line break in the task id), or would take the key where it
+            # must not go. Not "failed": that would be paid for again at every run (the
+            # provider would answer the same way each time). Held back as unknown, the user
+            # decides with --retry-unknown.
+            problem = str(error) if isinstance(error, KeyNotSent) else \
+                f"the provider gave an unusable polling URL ({r.printable(str(error))})"
+            raise _Unknown(f"{problem}; the task was created and may have been billed, but "
                            "cannot be collected") from None
         try:
             return self.provider.read_polled(response)
@@ -618,8 +678,7 @@ class Executor:
         outcome.polled = await self._get_poll(job, outcome.submitted)
         status = outcome.polled.status
         if status == r.TASK_NOT_FOUND:
-            raise _Gone(f"the provider no longer knows task {outcome.submitted.task_id} "
-                        "('Task not found'; results expire)")
+            raise _forgotten(outcome.submitted)
         if status != r.READY:
             raise JobFailed(f"the sample URL failed and the task is now {status!r}")
 
@@ -645,6 +704,9 @@ class Executor:
             except BodyTooLarge as error:
                 os.unlink(path)
                 raise _Oversized(f"download failed: {error}") from None
+            except httpx.UnsupportedProtocol as error:  # (redirected to ftp://): not retried
+                os.unlink(path)
+                raise JobFailed(f"download failed: {r.describe_error(error)}") from None
             except httpx.RequestError as error:  # transport, decoding, redirect loops
                 os.unlink(path)
                 problem = r.describe_error(error)
@@ -682,12 +744,13 @@ class Executor:
             if attempt > 1 and pending_on_failure and self.stopping:
                 raise _Pending(f"interrupted while retrying the {what} ({problem}); the task "
                                "is recorded and a re-run picks it up")
-            try:
-                request = build()
-            except httpx.InvalidURL as error:
-                raise JobFailed(f"{what}: the provider gave an unusable URL ({error})") from None
+            request = build()  # (a URL that cannot be sent raises: the caller decides)
             try:
                 response = await self.wire.get_following_redirects(request)
+            except httpx.UnsupportedProtocol as error:  # (redirected to ftp://): not worth
+                problem = r.describe_error(error)       # repeating
+                attempts = attempt
+                break
             except httpx.RequestError as error:  # transport, decoding, redirect loops
                 problem = r.describe_error(error)
             else:
@@ -711,6 +774,11 @@ class Executor:
         if pending_on_failure:
             raise _Pending(message + "; the task is recorded and a re-run picks it up")
         raise JobFailed(message)
+
+
+def _forgotten(submitted: Submitted) -> _Gone:
+    return _Gone(f"the provider no longer knows task {r.printable(submitted.task_id)} "
+                 "('Task not found'; results expire)")
 
 
 def _submit_error(response: httpx.Response, key_env: str | None) -> Exception:

@@ -34,6 +34,7 @@ from fluxbatch.inputs import InputProblem, is_descriptor
 from fluxbatch.outbox import Outbox
 from fluxbatch.outcomes import OutcomeStatus
 from fluxbatch.providers import Polled, Submitted
+from fluxbatch.providers.responses import credits
 from fluxbatch.recipe import Recipe
 from fluxbatch.selection import Options, Selection, source_placement
 from fluxbatch.state import (
@@ -207,7 +208,8 @@ class Placer:
         entry = provenance(
             job, recipe=self.recipe, provider=source.get("provider") or self.provider,
             task_id=known("task_id", task.task_id if task else None),
-            cost=known("cost", task.cost if task else None),
+            # (as recorded: by an earlier release too, which took 1e999 for a cost)
+            cost=credits(known("cost", credits(task.cost) if task else None)),
             reported_seed=known("reported_seed", task.reported_seed if task else None),
             submitted_at=submitted_at or (task.submitted_at if task else None),
             finished_at=time.time(), path=job.output)
@@ -356,7 +358,7 @@ async def execute(plan: Plan, selection: Selection, store: Store,
         manifest.maybe()
         return written
 
-    attach = {job.key: Submitted(task.task_id or "", task.polling_url or "", task.cost)
+    attach = {job.key: Submitted(task.task_id or "", task.polling_url or "", credits(task.cost))
               for job, task in selection.attach}
     # Polls are short, so half as many connections as active tasks keep up.
     connections = max(16, settings.account_cap // 2)
@@ -379,7 +381,7 @@ async def execute(plan: Plan, selection: Selection, store: Store,
         finally:
             if outbox is not None:
                 await outbox.close()
-            finish_manifest(recipe, store)
+            finish_manifest(recipe, store, stopped=executor.fatal)
     for outcome in ran:  # the other outputs of each key share its outcome
         for follower in selection.followers.get(outcome.job.key, ()):
             outcomes.append(dataclasses.replace(outcome, job=follower, submitted_at=None,
@@ -426,12 +428,18 @@ class _ManifestPacer:
         self.took = self.last - now
 
 
-def finish_manifest(recipe: Recipe, store: Store) -> None:
+def finish_manifest(recipe: Recipe, store: Store, *, stopped: str | None = None) -> None:
     """The manifest, from the store; a clear error when the disk refuses it (the store still
-    has every image, so nothing is lost)."""
+    has every image, so nothing is lost). When the run had `stopped` already (a full disk is
+    met by the state store first), that reason is the one the line gives."""
     try:
         write_manifest(recipe, store)
     except OSError as error:
+        if stopped is not None:
+            raise StateError(
+                f"stopped: {stopped.rstrip('.')}. The manifest {manifest_path(recipe)} could "
+                f"not be written either ({error.strerror or error}); the next run writes it."
+            ) from None
         raise StateError(
             f"cannot write {manifest_path(recipe)}: {error.strerror or error}. "
             "Every image written is recorded in the state store; free some space (or make the "

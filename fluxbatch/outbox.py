@@ -17,10 +17,17 @@ several copies of it at once in each process. The child answers each request wit
 (the response, or the transport error's class and message), after committing it. A body cut
 short (the parent died while writing it) is never sent.
 
+The child answers every request it was handed, whatever fails: a state store that cannot
+record (a full disk) is said in the answer, and the run stops; its own log, which may be on
+that same full disk, is written on a best-effort basis and never stands between a request
+and its answer.
+
 The parent watches the child: if it dies, the parent hears of it at once (its pipe closes),
 settles each request it had handed over from what the store says (the answer was committed:
 the task is collected; "submitting" was committed: unknown; nothing: never sent, so safe to
 send again), and starts a new outbox for the next submit — a few times, then it stops the run.
+Every wait on the child is bounded (`ANSWER_TIMEOUT`): a child that does not answer in time
+is stopped, what it held is settled the same way, and the run stops submitting.
 """
 
 from __future__ import annotations
@@ -42,11 +49,16 @@ import httpx
 from fluxbatch import providers
 from fluxbatch.errors import FluxbatchError, StateError
 from fluxbatch.providers import Submitted, responses
+from fluxbatch.providers.responses import credits
 from fluxbatch.state import STATE_DIR, Store, TaskStatus
 from fluxbatch.wire import NOT_SENT, Wire
 
 MAX_STARTS = 4  # an outbox that dies this often is not dying by accident: stop the run
 LOG = "outbox.log"  # in the state directory: what a dying outbox said
+# How long the child may take to answer a request (or to exit once told to): its sending is
+# bounded by the wire's timeouts (connect 15 s, then 60 s without a byte) and its two commits
+# by SQLite's busy timeout (30 s each); past this, it is stuck, not slow.
+ANSWER_TIMEOUT = 300.0
 
 _TRANSPORT_ERRORS: dict[str, type[httpx.TransportError]] = {
     cls.__name__: cls
@@ -81,13 +93,15 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
             parent_alive[0] = False
 
     async def handle(message: dict[str, Any], body: bytes, wire: Wire) -> None:
+        """Answer the request, whatever happens (the parent waits for this answer)."""
         try:
-            await exchange(message, body, wire)
+            answer = await exchange(message, body, wire)
         except Exception as error:  # never a stray traceback: the parent hears of it
-            print(f"outbox: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-            reply({"id": message["id"], "error": "Outbox", "message": str(error)})
+            _log(f"outbox: {type(error).__name__}: {error}")
+            answer = {"error": "Outbox", "message": f"the outbox failed: {error}"}
+        reply({"id": message["id"], **answer})
 
-    async def exchange(message: dict[str, Any], body: bytes, wire: Wire) -> None:
+    async def exchange(message: dict[str, Any], body: bytes, wire: Wire) -> dict[str, Any]:
         key = message["key"]
         request = httpx.Request(message["method"], message["url"], headers=message["headers"],
                                 content=body)
@@ -96,8 +110,7 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
         try:
             store.submitting(key, reader.info.name, reader.base_url, hello.get("run"))
         except StateError as error:  # nothing was sent
-            reply({"id": message["id"], "error": "StateError", "message": str(error)})
-            return
+            return {"error": "StateError", "message": str(error)}
         try:
             response = await wire.send(request)
         except httpx.RequestError as error:  # (a huge answer too: it was sent)
@@ -106,16 +119,18 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
             elif not parent_alive[0]:
                 store.ended(key, TaskStatus.UNKNOWN, f"the submit's answer was lost "
                             f"({type(error).__name__}) and the render process had gone")
-            reply({"id": message["id"], "error": type(error).__name__, "message": str(error)})
-            return
+            return {"error": type(error).__name__, "message": str(error)}
+        answer = {"status": response.status_code,
+                  "headers": list(response.headers.multi_items()),
+                  "body": base64.b64encode(response.content).decode()}
         try:
             _record(store, reader, key, response, parent_alive[0])
         except StateError as error:
-            # Left as "submitting": the next run reports it unknown, never pays it again.
-            print(f"outbox: {error}", file=sys.stderr, flush=True)
-        reply({"id": message["id"], "status": response.status_code,
-               "headers": list(response.headers.multi_items()),
-               "body": base64.b64encode(response.content).decode()})
+            # Left as "submitting": the next run reports it unknown, never pays it again. The
+            # parent hears of it, and stops the run: no other answer could be recorded either.
+            _log(f"outbox: {error}")
+            answer["unrecorded"] = str(error)
+        return answer
 
     async with Wire.open(16) as wire:  # as many connections as network.py's smallest pool
         while True:
@@ -153,6 +168,12 @@ def _record(store: Store, reader: providers.Provider, key: str, response: httpx.
                     f"{response.status_code} and the render process had gone")
 
 
+def _log(text: str) -> None:
+    """Into outbox.log (the child's stderr), if it can be written: it may be on a full disk."""
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=sys.stderr, flush=True)
+
+
 def child_main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
 
@@ -178,7 +199,14 @@ class Recovered(Exception):  # (not an error: a result that came by another road
 
 
 class OutboxGone(FluxbatchError):
-    """The outbox process keeps dying: no submit can be sent with its answer recorded."""
+    """The outbox process keeps dying, or stopped answering: no submit can be sent with its
+    answer recorded."""
+
+
+class Unrecorded(StateError):
+    """The outbox sent a submit but could not record what became of it (the state store
+    refused the write, or the outbox itself failed): the task may exist, and be billed, while
+    the ledger still says "submitting". Nothing else can be recorded either: stop the run."""
 
 
 @dataclass(slots=True)
@@ -194,7 +222,8 @@ class Outbox:
     """`send(request)` for paid requests, answered only after the child has committed."""
 
     def __init__(self, root: Path, provider: providers.Provider, lock_fd: int | None,
-                 store: Store, *, run: str | None = None) -> None:
+                 store: Store, *, run: str | None = None,
+                 answer_timeout: float = ANSWER_TIMEOUT) -> None:
         self.root = root
         self.run = run  # recorded with each submit: what this run spent
         self.provider = provider
@@ -207,6 +236,8 @@ class Outbox:
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
         self._restart = asyncio.Lock()
+        self.answer_timeout = answer_timeout
+        self.stuck: str | None = None  # why the child was stopped for not answering
 
     @property
     def log(self) -> Path:
@@ -228,14 +259,19 @@ class Outbox:
         self._reader = asyncio.ensure_future(self._read(self._process))
 
     async def close(self) -> None:
+        """Let the child finish what it holds, and exit; stopped if it takes too long."""
         self._closing = True
         process = self._process
         if process is None:
             return
         if process.stdin is not None:
             process.stdin.close()
-        with contextlib.suppress(asyncio.CancelledError):
-            await process.wait()
+        try:
+            await asyncio.wait_for(process.wait(), self.answer_timeout)
+        except TimeoutError:
+            await self._stop_stuck(f"did not exit within {self.answer_timeout:.0f} s")
+        except asyncio.CancelledError:
+            pass
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
         self._process = None
@@ -253,6 +289,10 @@ class Outbox:
         async with self._restart:
             if self._running() or self._closing:
                 return
+            if self.stuck is not None:
+                raise OutboxGone(
+                    f"the outbox process (which sends every paid submit) {self.stuck}; "
+                    f"stopped it. Nothing was paid twice; see {self.log}, then run again")
             if self.starts >= MAX_STARTS:
                 raise OutboxGone(
                     f"the outbox process (which sends every paid submit) died {self.starts} "
@@ -276,6 +316,26 @@ class Outbox:
         ident = self._next
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[ident] = _Handed(future, key, time.time())
+        try:
+            answer = await asyncio.wait_for(self._hand_over(ident, key, request, future),
+                                            self.answer_timeout)
+        except TimeoutError:
+            await self._stop_stuck(f"did not answer a submit within {self.answer_timeout:.0f} s")
+            answer = future.result()  # (settled from the store)
+        if "recovered" in answer:
+            raise Recovered(Submitted(**answer["recovered"]))
+        if answer.get("error") == "StateError":  # nothing was sent
+            raise StateError(answer["message"])
+        if answer.get("error") == "Outbox" or "unrecorded" in answer:
+            raise Unrecorded(answer.get("unrecorded") or answer["message"])
+        if "error" in answer:
+            error_class = _TRANSPORT_ERRORS.get(answer["error"], httpx.TransportError)
+            raise error_class(answer["message"], request=request)
+        return httpx.Response(answer["status"], headers=answer["headers"],
+                              content=base64.b64decode(answer["body"]), request=request)
+
+    async def _hand_over(self, ident: int, key: str, request: httpx.Request,
+                         future: asyncio.Future[dict[str, Any]]) -> dict[str, Any]:
         await self._write({
             "id": ident, "key": key, "method": request.method,
             "url": str(request.url), "headers": list(request.headers.multi_items()),
@@ -283,16 +343,20 @@ class Outbox:
         }, request.content)
         if self._reader is not None and self._reader.done():
             self._settle_waiting()  # the child died before this was handed over
-        answer = await asyncio.shield(future)
-        if "recovered" in answer:
-            raise Recovered(Submitted(**answer["recovered"]))
-        if answer.get("error") in ("StateError", "Outbox"):
-            raise StateError(answer["message"])
-        if "error" in answer:
-            error_class = _TRANSPORT_ERRORS.get(answer["error"], httpx.TransportError)
-            raise error_class(answer["message"], request=request)
-        return httpx.Response(answer["status"], headers=answer["headers"],
-                              content=base64.b64decode(answer["body"]), request=request)
+        return await asyncio.shield(future)
+
+    async def _stop_stuck(self, what: str) -> None:
+        """The child stopped answering: kill it (it is ours), and settle what it held from
+        what it committed, as for a child that died. No new one is started."""
+        self.stuck = self.stuck or what
+        process = self._process
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            # (once reaped, it commits nothing more: then the store says all it did)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 10)
+        self._settle_waiting()
 
     async def _write(self, message: dict[str, Any], body: bytes = b"") -> None:
         assert self._process is not None and self._process.stdin is not None
@@ -305,15 +369,17 @@ class Outbox:
 
     async def _read(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None
-        while True:
-            line = await process.stdout.readline()
-            if not line:
-                break  # the child exited: finished (we closed its stdin), or died
-            answer = json.loads(line)
-            handed = self._waiting.pop(answer["id"], None)
-            if handed is not None and not handed.answer.done():
-                handed.answer.set_result(answer)
-        self._settle_waiting()
+        try:
+            while True:
+                line = await process.stdout.readline()
+                if not line.endswith(b"\n"):
+                    break  # the child exited: finished (we closed its stdin), or died
+                answer = json.loads(line)
+                handed = self._waiting.pop(answer["id"], None)
+                if handed is not None and not handed.answer.done():
+                    handed.answer.set_result(answer)
+        finally:  # (whatever ended it: nobody waits for an answer that cannot come)
+            self._settle_waiting()
 
     def _settle_waiting(self) -> None:
         for handed in self._waiting.values():
@@ -323,10 +389,14 @@ class Outbox:
 
     def _settle(self, handed: _Handed) -> dict[str, Any]:
         """The answer for a request the child held when it died, from what it committed."""
-        task = self.store.task(handed.key)
+        try:
+            task = self.store.task(handed.key)
+        except StateError as error:  # cannot tell whether it left: it may have been billed
+            return {"error": "RemoteProtocolError",
+                    "message": f"the outbox process died and its record cannot be read: {error}"}
         if task is not None and task.updated_at >= handed.at:
             if task.status == TaskStatus.SUBMITTED and task.task_id and task.polling_url:
-                return {"recovered": {"task_id": task.task_id, "cost": task.cost,
+                return {"recovered": {"task_id": task.task_id, "cost": credits(task.cost),
                                       "polling_url": task.polling_url}}
             if task.status == TaskStatus.SUBMITTING:
                 return {"error": "RemoteProtocolError",

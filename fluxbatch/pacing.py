@@ -76,6 +76,12 @@ class Slots:
                 self._waiting -= 1
             self.held += 1
 
+    def hold(self) -> None:
+        """Take a slot at once, even past the limit: for a task the provider is (perhaps)
+        still working on, paid for by an earlier run, which counts against its cap but must
+        never wait behind unpaid work."""
+        self.held += 1
+
     async def release(self) -> None:
         async with self._changed:
             self.held -= 1

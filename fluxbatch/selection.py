@@ -403,8 +403,9 @@ class Selection:
 
     @property
     def jobs(self) -> list[Job]:
-        """The jobs that need the network."""
-        return self.submit + [job for job, _ in self.attach]
+        """The jobs that need the network: first the tasks paid for by earlier runs (to
+        collect before their results expire), then the submits."""
+        return [job for job, _ in self.attach] + self.submit
 
     def estimated_usd(self) -> float | None:
         total = 0.0

@@ -247,6 +247,10 @@ def _redirected(request: httpx.Request, response: httpx.Response) -> httpx.Reque
     except httpx.InvalidURL as error:
         raise httpx.RemoteProtocolError(f"Invalid URL in location header: {error}.",
                                         request=request) from None
+    if url.scheme not in _DEFAULT_PORTS:  # (ftp://, file://...): never followed, nor retried
+        raise httpx.UnsupportedProtocol(
+            f"redirected to {url.scheme}://{url.netloc.decode()}, which is not http(s)",
+            request=request)
     same_origin = _origin(url) == _origin(request.url)
     headers = [(name, value) for name, value in request.headers.multi_items()
                if name not in ("host", "content-length", "content-type")

@@ -151,6 +151,9 @@ class FakeApi:
         return [q for q in self.requests if q.url.host.startswith("delivery.")]
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
+        if request.url.scheme not in ("http", "https"):  # (as aiohttp refuses it)
+            raise httpx.UnsupportedProtocol(f"{request.url.scheme}:// is not http(s)",
+                                            request=request)
         self.requests.append(request)
         self.on_request(request)
         if request.method == "POST":
@@ -277,6 +280,7 @@ class Harness:
     api: FakeApi = field(init=False)
     executor: Executor | None = None
     prepare: Callable[[Job], Awaitable[Mapping[str, Any]]] | None = None
+    submit_via: Callable[[Job], Callable[[httpx.Request], Awaitable[httpx.Response]]] | None = None
     provider: providers.Provider = field(
         default_factory=lambda: Bfl(providers.REGISTRY["bfl"], BASE, Secret(KEY)))
 
@@ -292,7 +296,7 @@ class Harness:
                     self.provider, wire, journal=self.journal, writer=self.writer,
                     settings=self.settings, on_event=self.events.append,
                     sleep=self.time.sleep, clock=self.time.clock, rng=random.Random(0),
-                    prepare=self.prepare)
+                    prepare=self.prepare, submit_via=self.submit_via)
                 started(self.executor)
                 return await self.executor.run(list(jobs), attach)
 
@@ -721,6 +725,26 @@ def test_download_redirect_loop_leaves_only_that_paid_task_to_collect() -> None:
     assert len(h.api.posts()) == 2
 
 
+@pytest.mark.parametrize("where", ["poll", "download"])
+def test_a_redirect_to_ftp_is_not_retried(h: Harness, where: str) -> None:
+    """Not a transient failure: asking again minutes later gets the same answer. The paid
+    task stays in flight, as after any other failed poll or download."""
+    ftp = httpx.Response(302, headers={"location": "ftp://files.example/sample.png"})
+    (h.api.polls if where == "poll" else h.api.downloads)["image 0"].extend([ftp] * 10)
+
+    outcomes = h.run([make_job(0), make_job(1)])
+
+    problem = "UnsupportedProtocol: redirected to ftp://files.example, which is not http(s)"
+    assert [(o.status, o.reason) for o in outcomes] == [
+        ("pending", f"poll failed after 1 attempt: {problem}; the task is recorded and a "
+         "re-run picks it up") if where == "poll" else
+        ("pending", f"download failed: {problem}" + AGAIN), ("written", None)]
+    assert not any(event.kind == "retry" for event in h.events)
+    assert len(h.api.polls_of("task-1")) == (1 if where == "poll" else 2)  # (+ a fresh URL)
+    assert len([q for q in h.api.downloads_made() if q.url.params["task"] == "task-1"]) == (
+        0 if where == "poll" else 2)
+
+
 def test_unusable_sample_url_leaves_only_that_paid_task_to_collect(h: Harness) -> None:
     bad = {"status": "Ready", "result": {"sample": "https://[::1/sample.png", "seed": 1}}
     h.api.polls["image 0"].extend([bad, bad])
@@ -805,6 +829,34 @@ def test_a_state_store_that_cannot_record_stops_the_run(broken: str) -> None:
     assert len(h.api.posts()) == (0 if broken == "submitting" else 1)
 
 
+def test_a_submit_answered_but_not_recorded_is_unknown_and_stops_the_run() -> None:
+    """The outbox sent the submit, but the state store refused its answer (a full disk): the
+    task may exist while the ledger says "submitting", so it is unknown (held back by the next
+    run, never paid again blindly), and nothing more is submitted."""
+    from fluxbatch.outbox import Unrecorded
+
+    h = Harness(settings=Settings(account_cap=1))
+    full = ("state.sqlite: cannot record in the state store (database or disk is full). Free "
+            "some space or make the folder writable, then run again: what was recorded is "
+            "kept, and nothing is paid twice.")
+    sent: list[int] = []
+
+    def via(job: Job) -> Callable[[httpx.Request], Awaitable[httpx.Response]]:
+        async def send(request: httpx.Request) -> httpx.Response:
+            sent.append(job.index)
+            raise Unrecorded(full)
+        return send
+
+    h.submit_via = via
+
+    outcomes = h.run([make_job(i) for i in range(3)])
+
+    assert [(o.status, o.reason) for o in outcomes] == [
+        ("unknown", full), ("skipped", full), ("skipped", full)]
+    assert h.executor is not None and h.executor.fatal == full
+    assert sent == [0]
+
+
 def test_an_unusable_download_is_fetched_again_from_a_fresh_url_not_paid_again(
         h: Harness) -> None:
     h.writer.unusable[0] = 1
@@ -858,6 +910,24 @@ def test_a_polling_url_off_the_providers_hosts_gets_no_key_and_the_task_is_held_
          "collected"), ("written", None)]
     assert [q.url.host for q in h.api.requests if q.method == "GET"] == [
         "api.eu4.bfl.ai", "delivery.eu2.bfl.ai"]  # image 1's poll and download only
+
+
+def test_a_task_id_that_makes_an_unusable_polling_url_is_held_as_unknown_not_failed(
+        h: Harness) -> None:
+    """The provider created the task (and may bill it), but its polling URL (built from an
+    id with a line break, as no polling_url came) cannot be sent: one rule with a polling
+    host that may not receive the key. "Failed" would pay for it again at every run."""
+    h.api.submits["image 0"].append(httpx.Response(200, json={"id": "task-1\r\nX-Evil: 1",
+                                                              "cost": 4.0}))
+
+    outcomes = h.run([make_job(0), make_job(1)])
+
+    assert [(o.status, o.reason) for o in outcomes] == [
+        ("unknown", "the provider gave an unusable polling URL (Invalid non-printable ASCII "
+         "character in URL, '\\r' at position 42.); the task was created and may have been "
+         "billed, but cannot be collected"), ("written", None)]
+    assert h.journal.of(0) == ["submitting", "submitted", "finished"]
+    assert h.journal.calls[-1] != ("finished", 0, "failed")
 
 
 def test_polling_urls_on_bfl_clusters_and_the_base_origin_carry_the_key(h: Harness) -> None:
@@ -1344,6 +1414,83 @@ def test_attached_task_is_still_polled_after_stop_and_stays_pending() -> None:
 
     assert statuses(outcomes) == ["pending", "skipped"]
     assert h.api.posts() == []
+
+
+def attach_earlier(h: Harness, indices: Iterable[int], *, age: float,
+                   duration: float = 0.0) -> dict[str, Submitted]:
+    """Tasks of jobs `indices` paid for by an earlier run, `age` seconds ago, each taking
+    `duration` seconds at the provider: the `attach` map of a resumed run."""
+    attach = {}
+    for index in indices:
+        task_id = f"task-old-{index}"
+        h.api.tasks[task_id] = (f"image {index}", h.time.now - age)
+        h.api.durations[f"image {index}"] = duration
+        attach[f"key-{index}"] = Submitted(
+            task_id, f"{POLL_BASE}/v1/get_result?id={task_id}", 4.0)
+    return attach
+
+
+def first_polls(h: Harness, attach: Mapping[str, Submitted],
+                seen: list[tuple[float, httpx.Request]]) -> dict[str, float]:
+    """When each attached task was first polled (fake time)."""
+    polled: dict[str, float] = {}
+    for at, request in seen:
+        task_id = request.url.params.get("id")
+        if request.url.path == "/v1/get_result" and task_id not in polled:
+            polled[str(task_id)] = at
+    return {submitted.task_id: polled[submitted.task_id] for submitted in attach.values()}
+
+
+def test_tasks_paid_by_an_earlier_run_are_polled_at_once_not_behind_new_submits() -> None:
+    """A resumed run collects what it paid for first: results expire, and a task collected
+    late is paid for again. With -j 2 and 20 new jobs listed first, every one of the 6 tasks
+    of the earlier run is polled at the very start, before the second submit is sent (the
+    first may go out alongside), and before the slow-start probe, waiting out 429s, is
+    accepted."""
+    h = Harness(settings=Settings(account_cap=2))
+    attach = attach_earlier(h, range(6), age=30.0)
+    new = [make_job(i) for i in range(6, 26)]
+    h.api.submits["image 6"].extend(error(429, "busy", {"retry-after": "30"}) for _ in range(3))
+    seen: list[tuple[float, httpx.Request]] = []
+    h.api.on_request = lambda request: seen.append((h.time.now, request))
+
+    outcomes = h.run([*new, *(make_job(i) for i in range(6))], attach=attach)
+
+    assert statuses(outcomes) == ["written"] * 26
+    assert set(first_polls(h, attach, seen).values()) == {1000.0}  # before any wait
+    posts = [index for index, (_, request) in enumerate(seen) if request.method == "POST"]
+    polled = [index for index, (_, request) in enumerate(seen)
+              if request.url.params.get("id", "").startswith("task-old-")]
+    assert max(polled[:6]) < posts[1]
+    assert len(h.api.posts()) == 20 + 3  # (the 429s)
+    assert h.writer.written[:6] == [(i, PNG, "image/png") for i in range(6)]
+
+
+def test_a_task_of_an_earlier_run_still_rendering_holds_its_slot_and_new_submits_wait() -> None:
+    """The provider counts a task of the earlier run against the cap while it works on it:
+    so does the executor (new submits would only meet 429s), but the task never waits for
+    a slot itself, even when there are more of them than the cap."""
+    h = Harness(settings=Settings(account_cap=2))
+    attach = attach_earlier(h, range(3), age=1.0, duration=11.0)  # 10 s still to go
+    active_at_submit: list[int] = []
+    seen: list[tuple[float, httpx.Request]] = []
+
+    def count(request: httpx.Request) -> None:
+        seen.append((h.time.now, request))
+        if request.method == "POST":
+            active_at_submit.append(sum(
+                1 for prompt, at in h.api.tasks.values()
+                if h.time.now - at < h.api.durations.get(prompt, 0.0)))
+
+    h.api.on_request = count
+
+    outcomes = h.run([*(make_job(i) for i in range(3)), *(make_job(i) for i in range(3, 7))],
+                     attach=attach)
+
+    assert statuses(outcomes) == ["written"] * 7
+    assert set(first_polls(h, attach, seen).values()) == {1000.0}
+    assert active_at_submit[0] == 0  # the first submit waited for the earlier tasks to end
+    assert max(active_at_submit) <= 2
 
 
 # -- the body as sent is made when the job's turn comes ---------------------------------------

@@ -113,19 +113,23 @@ def test_an_outbox_that_keeps_dying_stops_the_run_with_one_line(tmp_path: Path) 
     assert "KeyError: 'no-such-provider'" in log.read_text()  # its traceback, not the terminal's
 
 
-RECIPE = """\
+def grid(name: str, images: int) -> str:
+    """A recipe of `images` emulator images, `1.png` to `N.png`."""
+    return f"""\
 version: 1
-name: outbox
+name: {name}
 provider: emulator
-output: "{{ n }}.{{ ext }}"
-defaults: {model: flux-pro-1.1, width: 256, height: 256, output_format: png}
+output: "{{{{ n }}}}.{{{{ ext }}}}"
+defaults: {{model: flux-pro-1.1, width: 256, height: 256, output_format: png}}
 jobs:
   - name: grid
-    prompt: "image {{ n }}"
+    prompt: "image {{{{ n }}}}"
     matrix:
-      n: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
-          21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40]
+      n: {list(range(1, images + 1))}
 """
+
+
+RECIPE = grid("outbox", 40)
 
 
 def outbox_children(parent: int) -> list[int]:
@@ -238,3 +242,176 @@ def test_the_outbox_and_the_executor_read_a_refused_submit_alike(
         assert (task.status if task else None) == recorded
     if status != 429:  # (the executor retries a 429 before it reads it as a refusal)
         assert type(_submit_error(response, None)).__name__ == raised
+
+
+# -- a state store that cannot be written (a full disk) -----------------------------------------
+
+
+class FullDisk:
+    """A stream on a full disk: every write fails, as the outbox's log (its stderr) does."""
+
+    def write(self, text: str) -> int:
+        raise OSError(28, "No space left on device")
+
+    def flush(self) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_the_outbox_answers_a_submit_whose_answer_it_cannot_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills between "submitting" and the answer: the answer cannot be committed,
+    and neither can the line the outbox logs about it. The parent must still hear of it (it
+    waits for this answer, and no other will come), and hear that it was not recorded."""
+    import io
+    import json
+    import sqlite3
+
+    from fluxbatch.outbox import _serve
+    from fluxbatch.state import DATABASE, STATE_DIR, state_error
+
+    database = tmp_path / STATE_DIR / DATABASE
+    full = state_error(database, sqlite3.OperationalError("database or disk is full"))
+
+    def refuse(*args: object) -> None:
+        raise full
+
+    with EmulatorThread(EmulatorConfig(latency=0.0)) as emulator:
+        Store.open(tmp_path).close()
+        monkeypatch.setattr(Store, "submitted", refuse)
+        monkeypatch.setattr(sys, "stderr", FullDisk())
+        hello = {"root": str(tmp_path), "provider": "emulator", "base_url": emulator.base_url,
+                 "run": "r"}
+        body = b'{"prompt": "a teapot"}'
+        header = {"id": 1, "key": KEY, "method": "POST", "url": f"{emulator.base_url}/v1/flux-dev",
+                  "headers": [["content-type", "application/json"], ["x-key", "emulator"]],
+                  "size": len(body)}
+        answers = io.BytesIO()
+
+        async def serve() -> None:
+            stdin = asyncio.StreamReader()
+
+            class Stdout:  # the parent, who closes the pipe once answered
+                def write(self, data: bytes) -> None:
+                    answers.write(data)
+                    stdin.feed_eof()
+
+                def flush(self) -> None:
+                    pass
+
+            stdin.feed_data((json.dumps(hello) + "\n" + json.dumps(header) + "\n").encode()
+                            + body)
+            await _serve(stdin, Stdout())
+
+        asyncio.run(asyncio.wait_for(serve(), 120))  # (a guard: unanswered, this would hang)
+        submitted = len(emulator.submissions)
+
+    [line] = answers.getvalue().decode().splitlines()
+    answer = json.loads(line)
+    assert (answer["id"], answer["status"], answer["unrecorded"]) == (1, 200, str(full))
+    assert submitted == 1
+    monkeypatch.undo()
+    with Store.open(tmp_path) as store:
+        task = store.task(KEY)
+        assert task is not None and task.status == "submitting"  # next run: unknown, held
+
+
+def test_an_outbox_that_stops_answering_is_stopped_and_stops_the_run(tmp_path: Path) -> None:
+    """Every wait on the outbox is bounded: a child that answers nothing (here, stopped by a
+    signal) is killed once the bound has passed, what it held is settled from the store (it
+    recorded nothing, so nothing left), and no new one is started."""
+    provider = providers.build("emulator", base_url="http://127.0.0.1:9", environ={})
+    seen: list[str] = []
+
+    async def main() -> None:
+        with Store.open(tmp_path) as store:
+            outbox = Outbox(tmp_path, provider, None, store, answer_timeout=1.0)
+            await outbox.start()
+            assert outbox._process is not None
+            os.kill(outbox._process.pid, signal.SIGSTOP)
+            for _ in range(2):
+                try:
+                    await outbox.send(request(), KEY)
+                except (httpx.ConnectError, OutboxGone) as error:
+                    seen.append(f"{type(error).__name__}: {error}")
+            await outbox.close()
+            assert store.task(KEY) is None
+
+    asyncio.run(asyncio.wait_for(main(), 120))  # (a guard: without the bound, this hangs)
+
+    log = tmp_path / ".fluxbatch" / "outbox.log"
+    assert seen == [
+        "ConnectError: the outbox process died before sending it",
+        "OutboxGone: the outbox process (which sends every paid submit) did not answer a "
+        f"submit within 1 s; stopped it. Nothing was paid twice; see {log}, then run again"]
+
+
+THREE = grid("full", 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["poll", "submit"])
+def test_a_disk_that_fills_up_mid_run_stops_it_in_one_line_and_nothing_is_paid_twice(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str) -> None:
+    """The render and its outbox lose the right to write any file (a file-size limit of 0:
+    every write fails, the log's too, as on a full disk) at a chosen moment: while the first
+    task is polled (its answer recorded), or while its submit is answered (the answer cannot
+    be recorded). Either way the run stops with one line and exit 1, and the next run
+    collects what was recorded as paid and holds back what may have been paid; it never pays
+    twice."""
+    import resource
+
+    build_file_tree(tmp_path, {"recipe.yaml": THREE})
+    recipe = tmp_path / "recipe.yaml"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with EmulatorThread(EmulatorConfig(latency=0.0, max_side=64)) as emulator:
+        command = [sys.executable, "-m", "fluxbatch", "render", str(recipe), "--base-url",
+                   emulator.base_url, "-q", "-j", "1"]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env=env)
+        api = emulator._api
+        assert api is not None
+        original = api._poll if moment == "poll" else api._submit
+        filled: list[int] = []
+
+        async def fill_the_disk_first(*args: object, **kwargs: object) -> object:
+            if not filled:  # (the first task: -j 1, so the outbox holds nothing else)
+                filled.extend([process.pid, *outbox_children(process.pid)])
+                for pid in filled:
+                    resource.prlimit(pid, resource.RLIMIT_FSIZE, (0, 0))
+            return await original(*args, **kwargs)  # type: ignore[operator]
+
+        monkeypatch.setattr(api, "_poll" if moment == "poll" else "_submit",
+                            fill_the_disk_first)
+        try:
+            out, err = process.communicate(timeout=120)  # (a guard: it hung before the fix)
+        finally:
+            for pid in [*outbox_children(process.pid), process.pid]:
+                if process.poll() is None:
+                    os.kill(pid, signal.SIGKILL)
+        monkeypatch.undo()
+        assert len(filled) == 2, filled  # the render and its outbox
+        first = subprocess.run(command, capture_output=True, env=env, timeout=120)
+        submissions = list(emulator.submissions)
+
+    database = tmp_path / ".fluxbatch" / "state.sqlite"
+    assert (process.returncode, out.decode(), err.decode()) == (1, "", (
+        f"fluxbatch: stopped: {database}: cannot record in the state store (disk I/O error). "
+        "Free some space or make the folder writable, then run again: what was recorded is "
+        f"kept, and nothing is paid twice. The manifest {tmp_path / 'full.manifest.json'} "
+        "could not be written either (File too large); the next run writes it.\n"))
+    keys = Counter(job_key(str(s["model"]), s["request"])  # type: ignore[arg-type]
+                   for s in submissions)
+    assert len(keys) == 3 and max(keys.values()) == 1, "a job was paid for twice"
+    written = sorted(p.name for p in tmp_path.glob("*.png"))
+    manifest = tmp_path / "full.manifest.json"
+    if moment == "poll":  # recorded as paid: collected by the next run, free
+        assert (first.returncode, first.stdout.decode(), first.stderr.decode()) == (0, (
+            "3 written; cost $0.080 (reported by the provider), and $0.040 paid by earlier runs "
+            f"for the tasks collected; manifest {manifest}\n"), "")
+        assert written == ["1.png", "2.png", "3.png"]
+    else:  # its answer never recorded: maybe paid, so held back, never sent again blindly
+        assert (first.returncode, first.stdout.decode(), first.stderr.decode()) == (1, (
+            f"2 written; cost $0.080 (reported by the provider); manifest {manifest}\n"), (
+            "1 image held back: an earlier submit's outcome was never learned (it may have "
+            "been billed). Re-run with --retry-unknown to submit them again.\n"))
+        assert written == ["2.png", "3.png"]

@@ -439,6 +439,22 @@ def test_unreadable_poll_answer_is_a_bad_response(reply: httpx.Response, message
     assert str(raised.value) == message
 
 
+@pytest.mark.parametrize(("raw", "cost"), [
+    ("4", 4.0), ("0", 0.0), ("2.5", 2.5), ("1e999", None), ("-1e999", None), ("-5", None),
+    ("NaN", None), ("Infinity", None), ("1" + "0" * 400, None), ('"4"', None), ("null", None),
+])
+def test_a_cost_is_finite_and_not_negative_or_it_counts_as_unreported(
+        raw: str, cost: float | None) -> None:
+    """`1e999` reads as infinity, which no manifest or image can hold (every later run died
+    embedding it); a negative or NaN cost printed as `$-5.00` or `$nan`."""
+    answer = httpx.Response(200, content=f'{{"id": "a", "cost": {raw}}}'.encode())
+
+    submitted = responses.read_submitted(answer, fallback_poll="https://api.bfl.ai/r?id={id}")
+
+    assert submitted.cost == cost
+    assert responses.credits(json.loads(raw)) == cost
+
+
 def test_submit_answer_needs_a_task_id_and_reads_cost_when_numeric() -> None:
     read = responses.read_submitted
     fallback = "https://api.bfl.ai/v1/get_result?id={id}"

@@ -95,6 +95,24 @@ def test_a_task_submitted_but_never_polled_is_collected_without_submitting_again
     assert cli.render() == Run(0, "nothing to render: 4 images up to date\n", "")
 
 
+@pytest.mark.parametrize("cost", [float("inf"), -5.0, float("nan")])
+def test_a_cost_an_earlier_release_recorded_as_infinite_or_negative_counts_as_unreported(
+        cli: Cli, emulator: Emulator, cost: float) -> None:
+    """A ledger written before costs were checked may hold `1e999` (infinity), which no image
+    can embed: every run that collected it died. Read back, it counts as unreported."""
+    jobs = planned(cli)
+    answer = submit_directly(emulator, jobs["solo/tree.png"])
+    cli.root.mkdir(parents=True, exist_ok=True)
+    with Store.open(cli.root) as store:
+        store.submitting(jobs["solo/tree.png"].key, "emulator", emulator.base_url)
+        store.submitted(jobs["solo/tree.png"].key, answer["id"], answer["polling_url"], cost,
+                        time.time())
+
+    assert cli.render() == Run(0, cli.written(3).replace("3 written", "4 written"), "")
+    assert check_manifest(cli)["solo/tree.png"]["cost"] is None
+    assert cli.render() == Run(0, "nothing to render: 4 images up to date\n", "")
+
+
 def test_a_task_the_provider_forgot_is_paid_again_only_after_it_says_so_and_the_summary_tells(
         cli: Cli, emulator: Emulator) -> None:
     """The one case where a paid image is paid again: the provider answers `Task not found`
@@ -139,7 +157,8 @@ def test_a_submit_recorded_but_never_answered_is_held_back_until_retry_unknown(
           "a run stopped while submitting it: the answer was never recorded, and it may have "
           "been billed")]),
         UNKNOWN_ADVICE.format(n=1))
-    held = Run(1, "nothing to render: 3 images up to date\n", HELD_BACK.format(n="1 image"))
+    held = Run(1, "nothing rendered: 1 image held back, 3 up to date\n",
+               HELD_BACK.format(n="1 image"))
     assert rendered.render() == held
     assert rendered.render() == held
     assert len(emulator.submissions) == sent
@@ -172,11 +191,26 @@ def test_submits_whose_answer_was_dropped_are_unknown_and_never_resent_silently(
     assert cli.status("-v") == Run(1, status_table(cli.root, [("unknown", 4)]) + "\n" + aligned(
         ("JOB", "VALUES", "OUTPUT", "STATE", "REASON"), rows), UNKNOWN_ADVICE.format(n=4))
     sent = len(emulator.submissions)
-    assert cli.render() == Run(1, "nothing to render: 0 images up to date\n",
+    assert cli.render() == Run(1, "nothing rendered: 4 images held back\n",
                                HELD_BACK.format(n="4 images"))
     assert len(emulator.submissions) == sent
     assert cli.render("--retry-unknown") == Run(0, cli.written(4), "")
     assert len(emulator.submissions) == sent + 4
+
+
+def test_a_render_with_only_images_held_back_says_so_first(cli: Cli) -> None:
+    """Not "nothing to render: 0 images up to date": what is held back, then why, and what
+    to do."""
+    cli.write(prompt="[[request-moderated]] a {{ colour }} {{ shape }}")
+    assert cli.render().code == 1  # (3 moderated, the tree written)
+
+    assert cli.render() == Run(1, "nothing rendered: 3 images held back, 1 up to date\n",
+                               "3 images were moderated before and are not retried (change the "
+                               "prompt, or use --force).\n")
+    assert cli.render("--only", "grid") == Run(
+        1, "nothing rendered: 3 images held back, 1 not selected\n",
+        "3 images were moderated before and are not retried (change the prompt, or use "
+        "--force).\n")
 
 
 # -- 4. status and clean ------------------------------------------------------------------------

@@ -212,9 +212,18 @@ ENDED = frozenset(OutcomeStatus)
 
 
 def _print_nothing_to_do(selection: Selection, out: TextIO = sys.stdout) -> None:
-    print(f"nothing to render: {plural(selection.up_to_date, 'image')} up to date"
-          + (f", {selection.filtered_out:,} not selected" if selection.filtered_out else ""),
-          file=out)
+    """`nothing to render: 4 images up to date`; when images are held back, that comes first
+    (and the lines after it say why, and what to do)."""
+    held = len(selection.held_unknown) + len(selection.held_moderated)
+    counts = [f"{selection.up_to_date:,} up to date"] if selection.up_to_date or not held else []
+    if selection.filtered_out:
+        counts.append(f"{selection.filtered_out:,} not selected")
+    if held:
+        line = f"nothing rendered: {plural(held, 'image')} held back"
+        print(", ".join([line, *counts]), file=out)
+    else:
+        counts[0] = f"{plural(selection.up_to_date, 'image')} up to date"
+        print("nothing to render: " + ", ".join(counts), file=out)
     _print_held(selection)
 
 

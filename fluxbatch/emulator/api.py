@@ -257,6 +257,8 @@ class Api:
                 "request": task.request,
                 "route": task.route,
                 "time": task.start_time,
+                # when it is Ready; `task_ttl` seconds later the emulator forgets it
+                "duration": task.duration,
             }
         )
         if self._log is not None:
