@@ -208,6 +208,7 @@ def _actions(selection: Selection) -> dict[int, Action]:
         found.update((id(job), place) for job in followers)
     found.update((id(job), hold) for job in selection.held_unknown)
     found.update((id(job), hold) for job in selection.held_moderated)
+    found.update((id(job), hold) for job, _ in selection.held_paid)
     return found
 
 

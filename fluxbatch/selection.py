@@ -369,6 +369,9 @@ class Options:
     task_timeout: float | None = None
 
 
+NO_POLLING_URL = ""  # (why a task paid for earlier cannot be collected: no URL to poll)
+
+
 @dataclass(slots=True)
 class Selection:
     """What a render will do with each planned job: pay for it (`submit`, one job per key),
@@ -383,6 +386,9 @@ class Selection:
     followers: dict[str, list[Job]] = field(default_factory=dict)
     held_unknown: list[Job] = field(default_factory=list)
     held_moderated: list[Job] = field(default_factory=list)
+    # Paid for earlier, in flight, but not collectable by this render; with why (the
+    # provider that took it, when this render uses another; or NO_POLLING_URL).
+    held_paid: list[tuple[Job, str]] = field(default_factory=list)
     up_to_date: int = 0
     filtered_out: int = 0
     provider: str = ""
@@ -393,8 +399,22 @@ class Selection:
     def collectable(self, task: Task | None) -> bool:
         """Whether `task` (paid for earlier) can be collected by this render: polled by its
         stored URL, through the provider that took it."""
-        return task is not None and not self.ephemeral and bool(task.task_id) and \
-            bool(task.polling_url) and task.provider == self.provider
+        return task is not None and not self.ephemeral and self.why_not_collected(task) is None
+
+    def why_not_collected(self, task: Task) -> str | None:
+        """Why this render cannot collect `task`, paid for earlier: the provider that took
+        it, when this render uses another, or NO_POLLING_URL; None when it can."""
+        if task.provider != self.provider:
+            return task.provider or "another provider"
+        if not task.task_id or not task.polling_url:
+            return NO_POLLING_URL
+        return None
+
+    @property
+    def held(self) -> int:
+        """How many images are held back (maybe paid, moderated, or paid and not
+        collectable here): not rendered, and not up to date."""
+        return len(self.held_unknown) + len(self.held_moderated) + len(self.held_paid)
 
     def collect(self, job: Job, task: Task) -> None:
         """Collect `task` for `job` (and place it at every other output of its key)."""
@@ -484,6 +504,12 @@ def select(classified: Classified, state: RootState, options: Options,
             # way out of a task whose image can never be fetched)
             assert task is not None
             selection.collect(job, task)
+        elif found == in_flight and not options.force and not ephemeral and task is not None \
+                and not (options.retry_unknown and
+                         selection.why_not_collected(task) == NO_POLLING_URL):
+            # paid for, and this render cannot collect it: held back, never paid again
+            # silently (another provider's task: --force; no URL to poll: --retry-unknown)
+            selection.held_paid.append((job, selection.why_not_collected(task) or ""))
         elif found == unknown and not (options.retry_unknown or ephemeral):
             selection.held_unknown.append(job)  # maybe paid: even --force needs --retry-unknown
         elif found == moderated and not options.force:

@@ -72,7 +72,7 @@ class Report:
         written = OutcomeStatus.WRITTEN
         return not self.interrupted and not self.fatal \
             and all(o.status == written for o in self.outcomes) \
-            and not self.selection.held_unknown and not self.selection.held_moderated
+            and not self.selection.held
 
 
 def preview(plan: Plan, options: Options | None = None) -> Selection:

@@ -395,3 +395,34 @@ def test_plan_status_and_render_recognise_images_alike_after_the_ledger_is_lost(
     assert render(capsys, emulator, tmp_path / "a.yaml") == (
         0, "nothing to render: 6 images up to date\n")
     assert len(emulator.submissions) == sent
+
+
+@pytest.mark.parametrize(("provider", "polling_url", "said"), [
+    ("bfl", "https://api.bfl.ai/v1/get_result?id=t-1",
+     "1 image held back: paid earlier through provider 'bfl', which this render does not "
+     "use: render with provider: bfl to collect it, or --force to pay for a new one."),
+    ("emulator", "",
+     "1 image held back: paid earlier, but no polling URL was recorded for its task, so it "
+     "cannot be collected. Re-run with --retry-unknown to submit it again."),
+])
+def test_a_task_paid_earlier_that_this_render_cannot_collect_is_held_not_paid_again(
+        tmp_path: Path, emulator: Emulator, capsys: Capsys, provider: str, polling_url: str,
+        said: str) -> None:
+    """A task in flight that this render cannot poll (paid through another provider, or
+    with no polling URL recorded) was submitted, and paid for, again."""
+    from fluxbatch.state import Store
+
+    build_file_tree(tmp_path, {"recipe.yaml": recipe(subjects="[teapot]")})
+    path = tmp_path / "recipe.yaml"
+    first = load_plan(str(path)).jobs[0]
+    with Store.open(tmp_path) as store:
+        store.submitting(first.key, provider, None)
+        store.submitted(first.key, "t-1", polling_url, 4.0, 0.0)
+    paid = len(emulator.submissions)
+
+    code, out, err = run(capsys, "render", str(path), "--base-url", emulator.base_url, "-q")
+
+    assert len(emulator.submissions) == paid + 1  # the other image only
+    assert code == 1
+    assert out.startswith("1 written, 1 held back")
+    assert said in err.splitlines()

@@ -411,7 +411,8 @@ def test_a_disk_that_fills_up_mid_run_stops_it_in_one_line_and_nothing_is_paid_t
         assert written == ["1.png", "2.png", "3.png"]
     else:  # its answer never recorded: maybe paid, so held back, never sent again blindly
         assert (first.returncode, first.stdout.decode(), first.stderr.decode()) == (1, (
-            f"2 written; cost $0.080 (reported by the provider); manifest {manifest}\n"), (
+            f"2 written, 1 held back; cost $0.080 (reported by the provider); manifest "
+            f"{manifest}\n"), (
             "1 image held back: an earlier submit's outcome was never learned (it may have "
-            "been billed). Re-run with --retry-unknown to submit them again.\n"))
+            "been billed). Re-run with --retry-unknown to submit it again.\n"))
         assert written == ["2.png", "3.png"]

@@ -36,7 +36,7 @@ from tests.helpers import (
 ROOT = Path(__file__).resolve().parent.parent
 ALL = ["grid/circle.png", "grid/square.png", "grid/star.png", "solo/tree.png"]
 HELD_BACK = ("{n} held back: an earlier submit's outcome was never learned (it may have been "
-             "billed). Re-run with --retry-unknown to submit them again.\n")
+             "billed). Re-run with --retry-unknown to submit {them} again.\n")
 UNKNOWN_ADVICE = ("{n} unknown: a submit's answer was never learned (it may have been billed); "
                   "`fluxbatch render --retry-unknown` submits again\n")
 
@@ -158,7 +158,7 @@ def test_a_submit_recorded_but_never_answered_is_held_back_until_retry_unknown(
           "been billed")]),
         UNKNOWN_ADVICE.format(n=1))
     held = Run(1, "nothing rendered: 1 image held back, 3 up to date\n",
-               HELD_BACK.format(n="1 image"))
+               HELD_BACK.format(n="1 image", them="it"))
     assert rendered.render() == held
     assert rendered.render() == held
     assert len(emulator.submissions) == sent
@@ -192,7 +192,7 @@ def test_submits_whose_answer_was_dropped_are_unknown_and_never_resent_silently(
         ("JOB", "VALUES", "OUTPUT", "STATE", "REASON"), rows), UNKNOWN_ADVICE.format(n=4))
     sent = len(emulator.submissions)
     assert cli.render() == Run(1, "nothing rendered: 4 images held back\n",
-                               HELD_BACK.format(n="4 images"))
+                               HELD_BACK.format(n="4 images", them="them"))
     assert len(emulator.submissions) == sent
     assert cli.render("--retry-unknown") == Run(0, cli.written(4), "")
     assert len(emulator.submissions) == sent + 4

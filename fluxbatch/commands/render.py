@@ -14,6 +14,7 @@ from fluxbatch.commands.validate import print_notes
 from fluxbatch.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError
 from fluxbatch.outcomes import EventKind, OutcomeStatus
 from fluxbatch.selection import (
+    NO_POLLING_URL,
     Options,
     Selection,
     changes_text,
@@ -95,8 +96,7 @@ def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run
 
 def _nothing_to_do(plan: Plan, report: Report, as_json: bool) -> int:
     selection = report.selection
-    held = selection.held_unknown or selection.held_moderated
-    code = EXIT_FAILED if held else EXIT_OK
+    code = EXIT_FAILED if selection.held else EXIT_OK
     if as_json:
         print(json.dumps(_summary(plan, report, code), ensure_ascii=False))
     _print_nothing_to_do(selection, out=sys.stderr if as_json else sys.stdout)
@@ -214,7 +214,7 @@ ENDED = frozenset(OutcomeStatus)
 def _print_nothing_to_do(selection: Selection, out: TextIO = sys.stdout) -> None:
     """`nothing to render: 4 images up to date`; when images are held back, that comes first
     (and the lines after it say why, and what to do)."""
-    held = len(selection.held_unknown) + len(selection.held_moderated)
+    held = selection.held
     counts = [f"{selection.up_to_date:,} up to date"] if selection.up_to_date or not held else []
     if selection.filtered_out:
         counts.append(f"{selection.filtered_out:,} not selected")
@@ -229,9 +229,21 @@ def _print_nothing_to_do(selection: Selection, out: TextIO = sys.stdout) -> None
 
 def _print_held(selection: Selection) -> None:
     if selection.held_unknown:
-        print(f"{plural(len(selection.held_unknown), 'image')} held back: an earlier submit's "
-              "outcome was never learned (it may have been billed). Re-run with "
-              "--retry-unknown to submit them again.", file=sys.stderr)
+        count = len(selection.held_unknown)
+        print(f"{plural(count, 'image')} held back: an earlier submit's outcome was never "
+              "learned (it may have been billed). Re-run with --retry-unknown to submit "
+              f"{'it' if count == 1 else 'them'} again.", file=sys.stderr)
+    for why, count in sorted(Counter(why for _, why in selection.held_paid).items()):
+        it = "it" if count == 1 else "them"
+        if why == NO_POLLING_URL:
+            print(f"{plural(count, 'image')} held back: paid earlier, but no polling URL was "
+                  f"recorded for {'its task' if count == 1 else 'their tasks'}, so "
+                  f"{'it' if count == 1 else 'they'} cannot be collected. Re-run with "
+                  f"--retry-unknown to submit {it} again.", file=sys.stderr)
+        else:
+            print(f"{plural(count, 'image')} held back: paid earlier through provider "
+                  f"{why!r}, which this render does not use: render with provider: {why} to "
+                  f"collect {it}, or --force to pay for a new one.", file=sys.stderr)
     if selection.held_moderated:
         count = len(selection.held_moderated)
         print(f"{plural(count, 'image')} {'was' if count == 1 else 'were'} moderated before and "
@@ -263,6 +275,8 @@ def _print_report(report: Report, plan: Plan, out: TextIO = sys.stdout) -> None:
     selection = report.selection
     if selection.up_to_date:
         parts.append(f"{selection.up_to_date:,} up to date")
+    if selection.held:  # (why, and what to do, on the lines after)
+        parts.append(f"{selection.held:,} held back")
     spent, collected = report.spent_usd(), report.collected_usd()
     unknown = OutcomeStatus.UNKNOWN
     submitted = any(o.submitted_at is not None or o.status == unknown
@@ -317,6 +331,7 @@ def _summary(plan: Plan, report: Report, code: int) -> dict[str, Any]:
         "up_to_date": selection.up_to_date,
         "held_unknown": len(selection.held_unknown),
         "held_moderated": len(selection.held_moderated),
+        "held_paid": len(selection.held_paid),
         "not_selected": selection.filtered_out,
         "spent_usd": report.spent_usd(),
         "collected_usd": report.collected_usd(),
