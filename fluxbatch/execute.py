@@ -233,6 +233,9 @@ class Executor:
         self.stopping = False
         self.fatal: str | None = None
         self._downloading: set[asyncio.Task[Any]] = set()
+        # Every job taken up so far, as its outcome stands (what a render stopped at once,
+        # its executor cancelled, still has to report: see `so_far`).
+        self._taken: list[Outcome] = []
         # Downloads and writes at once, paid tasks all (attached ones are not bounded by
         # workers): as many as the workers of one model could run before attaching was apart.
         self._collecting = asyncio.Semaphore(2 * self.settings.account_cap)
@@ -243,6 +246,12 @@ class Executor:
 
     def is_stopping(self) -> bool:
         return self.stopping
+
+    def so_far(self) -> list[Outcome]:
+        """The outcome of every job taken up so far: ended ones as they ended, the others
+        as they stand (`finished_at` unset: submitted, or not yet). For a run cancelled
+        before `run` could return."""
+        return list(self._taken)
 
     def stop(self) -> None:
         """Stop submitting; in-flight polls end as *pending* (re-attached next run)."""
@@ -326,6 +335,7 @@ class Executor:
         """Submit (or, with `earlier`, attach) and poll, within a slot (`held`: taken
         already); then download and write."""
         outcome = Outcome(job, OutcomeStatus.PENDING)
+        self._taken.append(outcome)
         slots = (self.account, self.model_slots[job.model])
         if not held:
             for slot in slots:

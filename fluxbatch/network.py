@@ -335,7 +335,6 @@ async def execute(plan: Plan, selection: Selection, store: Store,
     root = recipe.output_root
     placer = Placer(recipe, store, provider.info.name)
     manifest = _ManifestPacer(recipe, store)
-    outcomes: list[Outcome] = []
 
     async def writer(job: Job, image: Image, outcome: Outcome) -> Any:
         """Keep the bytes (the ledger then says so), then place them at every output of
@@ -382,11 +381,56 @@ async def execute(plan: Plan, selection: Selection, store: Store,
             if outbox is not None:
                 await outbox.close()
             finish_manifest(recipe, store, stopped=executor.fatal)
-    for outcome in ran:  # the other outputs of each key share its outcome
+    return with_followers(selection, ran)
+
+
+def with_followers(selection: Selection, ran: list[Outcome]) -> list[Outcome]:
+    """The outcomes of the jobs run, and of the other outputs of each key, which share
+    them (placed from the same image, paid once)."""
+    outcomes = []
+    for outcome in ran:
         for follower in selection.followers.get(outcome.job.key, ()):
             outcomes.append(dataclasses.replace(outcome, job=follower, submitted_at=None,
                                                 submitted=None))
     return outcomes + ran
+
+
+def left_by_stop(selection: Selection, executor: Executor, store: Store,
+                 run: str) -> list[Outcome]:
+    """What a render stopped at once (its executor cancelled: a second Ctrl-C, the API's
+    `stop(now=True)`) did, as the ledger says it: each job it took up as it ended, or, if
+    it had not, as the ledger left it (paid and in flight, maybe paid, or never sent), so
+    that the report counts what was paid and what the next run collects."""
+    left = []
+    for outcome in executor.so_far():
+        if outcome.finished_at is None:
+            outcome = _as_left(outcome, store.task(outcome.job.key), run)
+        left.append(outcome)
+    taken = {outcome.job.key for outcome in left}
+    left += [Outcome(job, OutcomeStatus.SKIPPED, "interrupted before it was submitted")
+             for job in selection.jobs if job.key not in taken]
+    return with_followers(selection, left)
+
+
+def _as_left(outcome: Outcome, task: Task | None, run: str) -> Outcome:
+    status = task.status if task is not None else None
+    if outcome.status == OutcomeStatus.WRITTEN:
+        return outcome
+    if status in (TaskStatus.SUBMITTED, TaskStatus.READY, TaskStatus.FETCHED):
+        assert task is not None
+        submitted = outcome.submitted or Submitted(task.task_id or "", task.polling_url or "",
+                                                   credits(task.cost))
+        paid_now = outcome.submitted_at or (task.submitted_at if task.run == run else None)
+        return dataclasses.replace(
+            outcome, status=OutcomeStatus.PENDING, submitted=submitted, submitted_at=paid_now,
+            reason="stopped before its image was kept; the task is recorded and the next run "
+                   "collects it without paying again")
+    if status in (TaskStatus.SUBMITTING, TaskStatus.UNKNOWN):
+        return dataclasses.replace(outcome, status=OutcomeStatus.UNKNOWN,
+                                   reason="stopped while it was being submitted: it may have "
+                                          "been billed")
+    return dataclasses.replace(outcome, status=OutcomeStatus.SKIPPED,
+                               reason="interrupted before it was submitted")
 
 
 def _preparer(recipe: Recipe) -> Callable[[Job], Awaitable[Mapping[str, Any]]] | None:

@@ -164,15 +164,19 @@ class Render:
             report.interrupted = self._stopping
             return report
         settings = network.settings_for(plan, options)
+        run = new_run_id()
         with network.provider_for(plan, options, self.environ) as provider:
             self._executing = asyncio.ensure_future(network.execute(
                 plan, selection, store, provider, settings, self.on_event, self._started,
-                transport=self.transport, lock=lock, run=new_run_id()))
+                transport=self.transport, lock=lock, run=run))
             try:
                 report.outcomes += await self._executing
             except asyncio.CancelledError:
                 if not self._aborted:
                     raise  # cancelled from outside: not ours to swallow
+                if self._executor is not None:  # what was paid, and what is left to collect
+                    report.outcomes += network.left_by_stop(selection, self._executor, store,
+                                                            run)
         report.interrupted = self._stopping
         report.fatal = self._executor.fatal if self._executor is not None else None
         return report

@@ -139,3 +139,34 @@ def test_the_bar_is_redrawn_while_no_image_finishes(monkeypatch: pytest.MonkeyPa
     drawn = terminal.getvalue().rstrip(" \n").rsplit("\r", 1)[-1]
     assert re.fullmatch(r"  0%\|\s*\| 0/10 \[[\d:]+<\?\], done 0, rendering 3, spent \$0\.12 "
                         r"of ~\$0\.40", drawn.rstrip()), drawn
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["bar", "lines"])
+def test_after_quit_now_the_progress_says_nothing_more(
+        monkeypatch: pytest.MonkeyPatch, terminal: bool) -> None:
+    """After a second Ctrl-C the bar (or the periodic line of a CI log) kept printing over
+    the report: it is cleared, and events and the ticker print nothing more."""
+    monkeypatch.setenv("COLUMNS", "160")
+    screen = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", screen)
+    jobs = [job(i) for i in range(10)]
+    plan = type("Plan", (), {"jobs": tuple(jobs), "recipe": Recipe.__new__(Recipe)})()
+    selection = Selection(Classified(plan, ("new",) * 10))  # type: ignore[arg-type]
+    selection.submit = list(jobs)
+    shown = _Progress(selection, quiet=False, every=0.001)
+    shown.event(Event("submitted", jobs[0], cost=4.0))
+
+    shown.silence()
+    said = screen.getvalue()
+    for each in jobs[1:]:
+        shown.event(Event("submitted", each, cost=4.0))
+        shown.event(Event("written", each))
+
+    async def a_while() -> None:
+        # (with a bar to redraw or lines to print, the ticker would never end: it would
+        # time out here)
+        await asyncio.wait_for(shown.tick_every(), timeout=60)
+
+    asyncio.run(a_while())
+    shown.close()
+    assert screen.getvalue() == said

@@ -63,6 +63,10 @@ def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run
         def on_interrupt() -> None:
             if session.stopping:
                 session.stop(now=True)  # a second Ctrl-C: stop now
+                if progress is not None:  # and say nothing more until the report
+                    progress.silence()
+                if ticker is not None:
+                    ticker.cancel()
                 return
             session.stop()
             message = ("stopping: nothing new is submitted; tasks already paid for are "
@@ -120,6 +124,7 @@ class _Progress:
         self.bar_shown = not quiet and sys.stderr.isatty()
         self.lines_shown = not quiet and not self.bar_shown and every > 0
         self.started = time.monotonic()
+        self.silenced = False
         from tqdm import tqdm
 
         # No rate in the bar: the postfix says more, and an 80-column terminal keeps a bar.
@@ -129,6 +134,8 @@ class _Progress:
                                    "{postfix}")
 
     def event(self, event: Event) -> None:
+        if self.silenced:
+            return
         key, kind = event.job.key, event.kind
         if kind in (EventKind.SUBMITTED, EventKind.ATTACHED):
             self.phase[key] = "rendering"
@@ -182,14 +189,15 @@ class _Progress:
         without a terminal, a line is printed every `every` seconds."""
         import asyncio
 
-        if self.bar_shown:
-            while True:
-                await asyncio.sleep(self.redraw)
-                self.bar.refresh()
-        if not self.lines_shown:
-            return
-        while True:
+        while self.bar_shown:
+            await asyncio.sleep(self.redraw)
+            if self.silenced:  # (told while asleep)
+                return
+            self.bar.refresh()
+        while self.lines_shown:
             await asyncio.sleep(self.every)
+            if self.silenced:
+                return
             finished = self.finished()
             elapsed = int(time.monotonic() - self.started)
             print(f"fluxbatch: {finished:,}/{self.total:,} images, {self.status()} "
@@ -202,6 +210,14 @@ class _Progress:
             print(message, file=sys.stderr)
 
     def close(self) -> None:
+        self.bar.close()
+
+    def silence(self) -> None:
+        """The user said "quit now": the bar goes (its line cleared) and nothing more is
+        printed until the report."""
+        self.silenced = True
+        self.lines_shown = self.bar_shown = False
+        self.bar.leave = False
         self.bar.close()
 
 
