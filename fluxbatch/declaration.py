@@ -103,7 +103,7 @@ class Reading:
     def read(self, kind: Kind, value: Any, path: Path) -> Any:
         """`value` as `kind`'s typed value, or BAD."""
         result = kind.read(value, path, self)
-        if self.damaged and path in self.damaged:
+        if self.damaged and path in self.damaged and not kind.costed_whole:
             return BAD  # (a stand-in for what the text held: checked, but never used)
         return result
 
@@ -155,6 +155,7 @@ class Kind:
 
     types: tuple[str, ...] = ()
     ref: str | None = None  # the schema shows it once, under $defs
+    costed_whole = False  # it takes the cost of a damaged stand-in itself (a job)
     description: str | None = None
     required: tuple[str, ...] = ()
 
@@ -209,16 +210,15 @@ class Scalar(Kind):
         return self._noun or super().noun
 
     def read(self, value: Any, path: Path, reading: Reading) -> Any:
-        if self._type_problem(value, path, reading):
-            return BAD
         faults = reading.faults
-        if isinstance(value, str):
+        self._type_problem(value, path, reading)  # (the bounds of its type apply all the same:
+        if isinstance(value, str):  # 0.5 for an integer of at least 1 breaks both)
             if len(value) < self.min_length:
                 reading.fault(path, f"{value!r} should be non-empty" if self.min_length == 1
                               else f"{value!r} is too short")
             if self.matches is not None and self.matches(value) is None:
                 reading.fault(path, self.mismatch(value))
-        elif not isinstance(value, bool):
+        elif isinstance(value, int | float) and not isinstance(value, bool):
             if self.minimum is not None and value < self.minimum:
                 reading.fault(path, f"{value!r} is less than the minimum of {self.minimum!r}")
             if self.above is not None and value <= self.above:
@@ -554,6 +554,7 @@ class Model(Kind):
         self.order = order
         self.index = index
         self.costed = costed
+        self.costed_whole = costed is not None
         self.keys: dict[str, tuple[str, Key]] = {}
         for field in dataclasses.fields(cls):
             spec = field.metadata.get(_KEY)
@@ -609,6 +610,8 @@ class Model(Kind):
         if self.index is not None:
             fields[self.index] = path[-1]
         if self.costed is not None:
+            if reading.damaged and path in reading.damaged:
+                reading.cost |= Cost.IMAGES
             self.costed(fields, reading.cost)
             reading.cost = outer
         else:
