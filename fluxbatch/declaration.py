@@ -525,7 +525,7 @@ class MapOf(Kind):
 class Model(Kind):
     """A declared class, read from a mapping.
 
-    - `open`: the kind of the values of keys it does not declare, collected into its field
+    - `others`: the kind of the values of keys it does not declare, collected into its field
       `rest` (a matrix's variables; `rest_salvage` says what becomes of a condemned one);
       without it, an unknown key is a problem.
     - `closed`: an unknown key condemns the mapping (it may be a misspelt option that changes
@@ -538,7 +538,7 @@ class Model(Kind):
     types = ("object",)
 
     def __init__(self, cls: type, *, ref: str | None = None, description: str | None = None,
-                 noun: str | None = None, open: Kind | None = None, rest: str = "rest",
+                 noun: str | None = None, others: Kind | None = None, rest: str = "rest",
                  rest_salvage: Salvage | None = None, closed: bool = False,
                  salvage: bool = False, order: str | None = None, index: str | None = None,
                  costed: Callable[[dict[str, Any], Cost], None] | None = None) -> None:
@@ -546,9 +546,9 @@ class Model(Kind):
         self.ref = ref
         self.description = description
         self._noun = noun
-        self.open = open
+        self.others = others
         self.rest = rest
-        self.rest_kind = MapOf(open, salvage=rest_salvage) if open is not None else None
+        self.rest_kind = MapOf(others, salvage=rest_salvage) if others is not None else None
         self.closed = closed
         self.salvage = salvage
         self.order = order
@@ -571,52 +571,55 @@ class Model(Kind):
     def read(self, value: Any, path: Path, reading: Reading) -> Any:
         if self._type_problem(value, path, reading):
             return BAD
+        outer, reading.cost = reading.cost, Cost.NOTHING
         fields: dict[str, Any] = {}
-        bad = False
-        outer = reading.cost
-        reading.cost = Cost.NOTHING
-        rest: dict[str, Any] = {}
-        for name, item in value.items():
-            if name in self.keys:
-                continue
-            if self.open is not None:
-                rest[name] = item
-                continue
-            reading.fault((*path, name), f"unknown key {name!r}" + _did_you_mean(
-                name, self.allowed), key=True)
-            bad |= self.closed
+        bad = self._undeclared(value, path, reading, fields)
         for name, (attribute, spec) in self.keys.items():
-            item = value.get(name, _MISSING)
-            if item is _MISSING:
-                if not spec.required:
-                    continue
-                reading.fault(path, f"{name!r} is a required key")
-            else:
-                result = reading.read(spec.kind, item, (*path, name))
-                if result is not BAD:
-                    fields[attribute] = result
-                    continue
-            if not self.salvage or spec.fatal:
-                bad = True
-                continue
-            reading.cost |= spec.cost
-            if spec.as_text:
-                fields[attribute] = "" if item is _MISSING else str(item)
-        if self.rest_kind is not None:
-            fields[self.rest] = self.rest_kind.read(rest, path, reading)
-            bad |= fields[self.rest] is BAD
+            bad |= self._field(value.get(name, _MISSING), attribute, spec, (*path, name),
+                               reading, fields)
         if self.order is not None:
             fields[self.order] = tuple(value)
         if self.index is not None:
             fields[self.index] = path[-1]
-        if self.costed is not None:
+        if self.costed is None:
+            reading.cost |= outer
+        else:
             if reading.damaged and path in reading.damaged:
                 reading.cost |= Cost.IMAGES
             self.costed(fields, reading.cost)
             reading.cost = outer
-        else:
-            reading.cost |= outer
         return BAD if bad else self.cls(**fields)
+
+    def _undeclared(self, value: dict[str, Any], path: Path, reading: Reading,
+                    fields: dict[str, Any]) -> bool:
+        """Reads the keys it does not declare; True when they condemn the mapping."""
+        rest = {name: item for name, item in value.items() if name not in self.keys}
+        if self.rest_kind is not None:
+            fields[self.rest] = self.rest_kind.read(rest, path, reading)
+            return fields[self.rest] is BAD
+        for name in rest:
+            reading.fault((*path, name), f"unknown key {name!r}" + _did_you_mean(
+                name, self.allowed), key=True)
+        return self.closed and bool(rest)
+
+    def _field(self, item: Any, attribute: str, spec: Key, path: Path, reading: Reading,
+               fields: dict[str, Any]) -> bool:
+        """Reads one declared key into `fields`; True when it condemns the mapping."""
+        if item is _MISSING:
+            if not spec.required:
+                return False  # (the field's default)
+            reading.fault(path[:-1], f"{spec.name!r} is a required key")
+        else:
+            result = reading.read(spec.kind, item, path)
+            if result is not BAD:
+                fields[attribute] = result
+                return False
+        if not self.salvage or spec.fatal:
+            return True
+        reading.cost |= spec.cost
+        if spec.as_text:
+            fields[attribute] = "" if item is _MISSING else str(item)
+        return False
 
     def own_schema(self, defs: dict[str, Any]) -> dict[str, Any]:
         schema: dict[str, Any] = {"type": "object"}
@@ -624,12 +627,12 @@ class Model(Kind):
             schema["description"] = self.description
         if self.required:
             schema["required"] = list(self.required)
-        if self.open is None:
+        if self.others is None:
             schema["additionalProperties"] = False
         schema["properties"] = {name: _key_schema(spec, defs)
                                 for name, (_, spec) in self.keys.items()}
-        if self.open is not None:
-            schema["additionalProperties"] = self.open.schema(defs)
+        if self.others is not None:
+            schema["additionalProperties"] = self.others.schema(defs)
         return schema
 
 

@@ -175,7 +175,7 @@ class Matrix:
         return self.complete and not self.too_costly and named.issuperset(self.declared)
 
 
-MATRIX = Model(Matrix, ref="matrix", salvage=True, open=AXIS, rest="variables",
+MATRIX = Model(Matrix, ref="matrix", salvage=True, others=AXIS, rest="variables",
                rest_salvage=Salvage(keep=True, value=()), order="written",
                description="Variables whose product makes the combinations (GitHub Actions "
                "strategy.matrix rules), plus zip groups and row tables.")
