@@ -159,8 +159,12 @@ class Kind:
     description: str | None = None
     required: tuple[str, ...] = ()
 
+    _noun: str | None = None  # (given, else made from its type)
+
     @property
     def noun(self) -> str:
+        if self._noun is not None:
+            return self._noun
         return {"object": "a mapping", "array": "a list"}.get(self.types[0], _a(self.types[0])) \
             if self.types else "a value"
 
@@ -204,10 +208,6 @@ class Scalar(Kind):
         self.above = above  # JSON Schema's exclusiveMinimum
         self.description = description
         self._noun = noun
-
-    @property
-    def noun(self) -> str:
-        return self._noun or super().noun
 
     def read(self, value: Any, path: Path, reading: Reading) -> Any:
         faults = reading.faults
@@ -482,10 +482,6 @@ class MapOf(Kind):
         self._noun = noun
         self.listed = listed  # the keys the schema shows (for completion), made when asked
 
-    @property
-    def noun(self) -> str:
-        return self._noun or "a mapping"
-
     def read(self, value: Any, path: Path, reading: Reading) -> Any:
         if self._type_problem(value, path, reading):
             return BAD
@@ -563,10 +559,6 @@ class Model(Kind):
                 self.keys[name] = (field.name, dataclasses.replace(spec, name=name))
         self.required = tuple(name for name, (_, spec) in self.keys.items() if spec.required)
         self.allowed = list(self.keys)
-
-    @property
-    def noun(self) -> str:
-        return self._noun or "a mapping"
 
     def read(self, value: Any, path: Path, reading: Reading) -> Any:
         if self._type_problem(value, path, reading):
