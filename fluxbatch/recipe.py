@@ -1,4 +1,5 @@
-"""Stage 1: read a recipe, validate it against its schema, and build a typed `Recipe`.
+"""Stage 1: read a recipe into the typed `Recipe` its declaration (`recipe_schema.py`)
+makes, then read the files it names and resolve its paths.
 
 Every problem is collected (never only the first) and located (`recipe.yaml:14:9`). Values
 from files (`{from: ...}`) are read here, so the stages after this one do no I/O.
