@@ -1,4 +1,5 @@
-"""Stage 1: read a recipe, validate it against its schema, and build a typed `Recipe`.
+"""Stage 1: read a recipe into the typed `Recipe` its declaration (`recipe_schema.py`)
+makes, then read the files it names and resolve its paths.
 
 Every problem is collected (never only the first) and located (`recipe.yaml:14:9`). Values
 from files (`{from: ...}`) are read here, so the stages after this one do no I/O.
@@ -15,14 +16,14 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path as FsPath
 from typing import Any
 
 import yaml
 
 from fluxbatch import models, yamlsource
+from fluxbatch.declaration import Cost
 from fluxbatch.errors import Problem, RecipeError
 from fluxbatch.inputs import FactsCache, InputProblem, Inputs
 from fluxbatch.models import did_you_mean
@@ -34,104 +35,25 @@ from fluxbatch.project import (
     read_regular,
     state_dir_problem,
 )
-from fluxbatch.providers import DEFAULT as DEFAULT_PROVIDER
 from fluxbatch.providers import REGISTRY, recipe_base_url_problem
 from fluxbatch.recipe_schema import (
-    DEFAULT_MAX_JOBS,
-    DEFAULT_OUTPUT,
-    Fault,
-    Harm,
-    Loss,
-    Salvage,
-    salvage,
-    schema_problems,
+    Axis,
+    AxisSpec,
+    Files,
+    JobSpec,
+    Matrix,
+    ProviderSpec,
+    Recipe,
+    RowsFile,
+    read,
 )
 from fluxbatch.state import STATE_DIR
 from fluxbatch.yamlsource import Path, Positions
 
+__all__ = ["Axis", "JobSpec", "Matrix", "ProviderSpec", "Recipe", "load", "parse"]
+
 _FAILED = object()
 INPUT_FACTS = "inputs.json"  # in the output root's state directory: facts of image inputs
-
-
-@dataclass(frozen=True, slots=True)
-class Axis:
-    """One factor of the product: a variable's values, a zip group, or a row table.
-
-    `rows[i]` holds one value per name in `names`; `kind` and `origin` feed `plan --explain`.
-    """
-
-    kind: str  # "values" | "zip" | "rows"
-    names: tuple[str, ...]
-    rows: tuple[tuple[Any, ...], ...]
-    origin: str
-
-
-@dataclass(frozen=True, slots=True)
-class Matrix:
-    axes: tuple[Axis, ...]
-    include: tuple[Mapping[str, Any], ...]
-    exclude: tuple[Mapping[str, Any], ...]
-    declared: tuple[str, ...] = ()  # every variable named, even one whose values failed to load
-    complete: bool = True  # False when a row table failed to load: its columns are unknown
-    too_costly: bool = False  # its combinations would cost too much to make (a problem says)
-
-    @property
-    def loaded(self) -> bool:
-        """Whether every variable's values loaded; if not (a problem says why), the
-        combinations are not the ones the recipe means and are not worth rendering."""
-        named = {name for axis in self.axes for name in axis.names}
-        return self.complete and not self.too_costly and named.issuperset(self.declared)
-
-
-@dataclass(frozen=True, slots=True)
-class JobSpec:
-    """One `jobs[i]` entry, validated; templates are still source text."""
-
-    index: int
-    name: str
-    prompt: str | None
-    matrix: Matrix
-    replicates: int
-    params: Mapping[str, Any]
-    seed: int | str  # an integer, "auto", or a template
-    output: str
-    # Set when a fault took out one of its values (and is reported): the job is still
-    # checked, but no image is built from it. `recipe_schema.Loss` says what else was lost.
-    damaged: bool = False
-    model_known: bool = True
-    names_known: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderSpec:
-    name: str
-    base_url: str | None
-    concurrency: int | None
-    model_concurrency: Mapping[str, int]
-    timeout: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class Recipe:
-    path: FsPath
-    name: str
-    sha256: str
-    provider: ProviderSpec
-    output_root: FsPath
-    max_jobs: int
-    defaults: Mapping[str, Any]
-    vars: Mapping[str, Any]
-    jobs: tuple[JobSpec, ...]
-    positions: Positions
-    problems: tuple[Problem, ...] = ()
-    # the recipe's image inputs: the facts of its files, and the bytes of its data: URIs
-    inputs: Inputs | None = None
-
-    def problem(self, path: Path, message: str) -> Problem:
-        return self.positions.problem(path, message)
-
-    def job(self, name: str) -> JobSpec:
-        return next(spec for spec in self.jobs if spec.name == name)
 
 
 def load(path: str | os.PathLike[str], *, output_root: str | None = None,
@@ -168,22 +90,23 @@ def parse(text: str, filename: str, *, sha256: str | None = None,
 
 def _parse(text: str, filename: str, sha256: str | None, output_root: str | None,
            strict: bool, verify: bool) -> Recipe:
-    faults: list[Fault] = []
+    problems: list[Problem] = []
+    damaged: frozenset[Path] = frozenset()
     try:
         document, positions = yamlsource.load(text, filename)
     except yamlsource.DocumentError as error:
         if error.partial is None:
             raise RecipeError(error.problems) from None
         document, positions, damage = error.partial  # e.g. a duplicate key: report the rest too
-        faults = [Fault(d.path, d.problem, Harm.KEPT if d.kept else Harm.BAD) for d in damage]
-    faults += schema_problems(document, positions)
-    problems = [fault.problem for fault in faults]
-    salvaged = salvage(document, faults)
-    if salvaged is None:
+        problems = [d.problem for d in damage]
+        damaged = frozenset(d.path for d in damage if not d.kept)
+    declared = read(document, positions, damaged)
+    problems += declared.problems
+    if declared.recipe is None:
         raise RecipeError(problems)
     builder = _Builder(FsPath(filename), positions, verify=verify)
-    recipe = builder.recipe(salvaged, sha256 or hashlib.sha256(text.encode()).hexdigest(),
-                            output_root)
+    recipe = builder.recipe(declared.recipe, declared.cost,
+                            sha256 or hashlib.sha256(text.encode()).hexdigest(), output_root)
     problems.extend(builder.problems)
     if problems and (strict or not recipe.jobs):
         raise RecipeError(problems)
@@ -223,13 +146,13 @@ class _Builder:
     def problem(self, path: Path, message: str, *, key: bool = False) -> None:
         self.problems.append(self.positions.problem(path, message, key=key))
 
-    def recipe(self, salvaged: Salvage, sha256: str, output_root: str | None) -> Recipe:
-        doc = salvaged.document
-        output = doc.get("output", DEFAULT_OUTPUT)
-        root = self.output_root(output_root, doc.get("output_root"))
+    def recipe(self, declared: Recipe, cost: Cost, sha256: str,
+               output_root: str | None) -> Recipe:
+        """`declared` with its files read and its paths resolved; `cost` is what its own
+        condemned values cost every job."""
+        root = self.output_root(output_root, declared.written_output_root)
         self.inputs.cache = FactsCache(root / STATE_DIR / INPUT_FACTS, trusted=not self.verify)
-        jobs = tuple(self.job(i, spec, output, salvaged.losses.get(i))
-                     for i, spec in enumerate(doc["jobs"]) if i not in salvaged.skipped)
+        jobs = tuple(self.job(spec, declared.output, cost) for spec in declared.jobs)
         names: dict[str, int] = {}
         for job in jobs:
             if not job.name:
@@ -238,19 +161,9 @@ class _Builder:
                 self.problem(("jobs", job.index, "name"),
                              f"duplicate job name {job.name!r} (also jobs[{names[job.name]}])")
             names.setdefault(job.name, job.index)
-        return Recipe(
-            path=self.path,
-            name=doc["name"],
-            sha256=sha256,
-            provider=self.provider(doc.get("provider", DEFAULT_PROVIDER)),
-            output_root=root,
-            max_jobs=doc.get("max_jobs", DEFAULT_MAX_JOBS),
-            defaults=dict(doc.get("defaults") or {}),
-            vars=dict(doc.get("vars") or {}),
-            jobs=jobs,
-            positions=self.positions,
-            inputs=self.inputs,
-        )
+        self.check_provider(declared.provider)
+        return dataclasses.replace(declared, path=self.path, sha256=sha256, output_root=root,
+                                   jobs=jobs, positions=self.positions, inputs=self.inputs)
 
     def output_root(self, from_command_line: str | None, from_recipe: str | None) -> FsPath:
         """`--out` is relative to the working directory and may point anywhere (the operator
@@ -274,74 +187,60 @@ class _Builder:
             self.problems.append(Problem(self.positions.file, None, None, "", problem))
         return root
 
-    def provider(self, spec: str | dict[str, Any]) -> ProviderSpec:
-        if isinstance(spec, str):
-            spec = {"name": spec}
-        name = spec["name"]
-        base_url = spec.get("base_url")
-        if base_url and REGISTRY[name].default_base_url is None:
-            self.problem(("provider", "base_url"), f"provider {name!r} takes no base_url")
-        elif base_url:  # a recipe may not decide where the key goes
-            refused = recipe_base_url_problem(REGISTRY[name], base_url)
+    def check_provider(self, spec: ProviderSpec) -> None:
+        if spec.base_url and REGISTRY[spec.name].default_base_url is None:
+            self.problem(("provider", "base_url"), f"provider {spec.name!r} takes no base_url")
+        elif spec.base_url:  # a recipe may not decide where the key goes
+            refused = recipe_base_url_problem(REGISTRY[spec.name], spec.base_url)
             if refused is not None:
                 self.problem(("provider", "base_url"), refused)
-        for model in spec.get("model_concurrency") or {}:
+        for model in spec.model_concurrency:
             if models.get(model) is None:  # a typo would silently leave the cap unset
                 self.problem(("provider", "model_concurrency", model),
                              models.unknown_model_message(model), key=True)
-        return ProviderSpec(
-            name=name,
-            base_url=spec.get("base_url"),
-            concurrency=spec.get("concurrency"),
-            model_concurrency=dict(spec.get("model_concurrency") or {}),
-            timeout=spec.get("timeout"),
+
+    def job(self, spec: JobSpec, output: str, cost: Cost) -> JobSpec:
+        """`spec` with its matrix loaded, and what the recipe's own condemned values cost
+        it: the jobs that use a condemned default lose it too."""
+        inherits_output = spec.output is None
+        own_model = "model" in spec.params
+        damaged = spec.damaged or Cost.IMAGES in cost \
+            or (Cost.OUTPUT in cost and inherits_output)
+        return dataclasses.replace(
+            spec,
+            matrix=self.matrix(spec.matrix, ("jobs", spec.index, "matrix")),
+            output=output if inherits_output else spec.output,
+            damaged=damaged,
+            model_known=spec.model_known and not (Cost.MODEL in cost and not own_model),
+            names_known=spec.names_known and Cost.NAMES not in cost,
         )
 
-    def job(self, index: int, spec: dict[str, Any], output: str, loss: Loss | None) -> JobSpec:
-        path: Path = ("jobs", index)
-        return JobSpec(
-            index=index,
-            name=spec["name"],
-            prompt=spec.get("prompt"),
-            matrix=self.matrix(spec.get("matrix") or {}, (*path, "matrix")),
-            replicates=spec.get("replicates", 1),
-            params=dict(spec.get("params") or {}),
-            seed=spec.get("seed", "auto"),
-            output=spec.get("output", output),
-            damaged=loss is not None,
-            model_known=loss is None or not loss.model,
-            names_known=loss is None or not loss.names,
-        )
-
-    def matrix(self, spec: dict[str, Any], path: Path) -> Matrix:
+    def matrix(self, spec: Matrix, path: Path) -> Matrix:
         axes: list[Axis] = []
         declared: list[str] = []
-        for key, value in spec.items():
-            if key in ("include", "exclude"):
-                continue
-            if key == "zip":
-                groups = value if isinstance(value, list) else [value]
+        for key in spec.written:
+            if key == "zip" and spec.zip is not None:
+                groups = spec.zip if isinstance(spec.zip, tuple) else (spec.zip,)
                 for g, group in enumerate(groups):
-                    declared.extend(group if isinstance(group, dict) else ())
-                    where = (*path, "zip", g) if isinstance(value, list) else (*path, "zip")
+                    declared.extend(group)
+                    where = (*path, "zip", g) if isinstance(spec.zip, tuple) else (*path, "zip")
                     axes.extend(self.zip_group(group, where))
-            elif key == "rows":
-                axes.extend(self.rows(value, (*path, "rows")))
+            elif key == "rows" and spec.rows is not None:
+                axes.extend(self.rows(spec.rows, (*path, "rows")))
                 declared.extend(name for axis in axes[-1:] if axis.kind == "rows"
                                 for name in axis.names)
-            else:
+            elif key in spec.variables:
+                value = spec.variables[key]
                 declared.append(key)
                 values = self.values(value, (*path, key))
                 if values:
-                    origin = f"{key} (files {value['files']})" \
-                        if isinstance(value, dict) and "files" in value else key
+                    origin = f"{key} (files {value.pattern})" if isinstance(value, Files) else key
                     axes.append(Axis("values", (key,), tuple((v,) for v in values), origin))
-        exclude = tuple(spec.get("exclude") or ())
-        include = tuple(spec.get("include") or ())
-        self.check_exclude(exclude, axes, path)
-        complete = "rows" not in spec or any(axis.kind == "rows" for axis in axes)
-        too_costly = not self.within_check_limit(axes, exclude, include, path)
-        return Matrix(tuple(axes), include, exclude, tuple(declared), complete, too_costly)
+        self.check_exclude(spec.exclude, axes, path)
+        complete = spec.rows is None or any(axis.kind == "rows" for axis in axes)
+        too_costly = not self.within_check_limit(axes, spec.exclude, spec.include, path)
+        return dataclasses.replace(spec, axes=tuple(axes), declared=tuple(declared),
+                                   complete=complete, too_costly=too_costly)
 
     def within_check_limit(self, axes: list[Axis], exclude: tuple[Any, ...],
                            include: tuple[Any, ...], path: Path) -> bool:
@@ -369,7 +268,7 @@ class _Builder:
                                  f"exclude names {key!r}, which is not a matrix variable"
                                  + did_you_mean(key, known), key=True)
 
-    def zip_group(self, group: dict[str, Any], path: Path) -> list[Axis]:
+    def zip_group(self, group: Mapping[str, AxisSpec], path: Path) -> list[Axis]:
         columns = {name: self.values(v, (*path, name)) for name, v in group.items()}
         lengths = {name: len(values) for name, values in columns.items()}
         if len(set(lengths.values())) > 1:
@@ -380,12 +279,13 @@ class _Builder:
         rows = tuple(zip(*columns.values(), strict=True))
         return [Axis("zip", names, rows, f"zip({', '.join(names)})")] if rows else []
 
-    def rows(self, spec: list[Any] | dict[str, Any], path: Path) -> list[Axis]:
-        if isinstance(spec, dict):
-            table = self.read_table(spec["from"], (*path, "from"))
-            origin = f"rows from {spec['from']}"
-            if table and spec.get("files"):
-                table = self.file_columns(table, spec["files"], spec["from"], path)
+    def rows(self, spec: tuple[Mapping[str, Any], ...] | RowsFile, path: Path) -> list[Axis]:
+        table: Sequence[Mapping[str, Any]]
+        if isinstance(spec, RowsFile):
+            table = self.read_table(spec.source, (*path, "from"))
+            origin = f"rows from {spec.source}"
+            if table and spec.files:
+                table = self.file_columns(table, spec.files, spec.source, path)
         else:
             table = spec
             origin = "rows"
@@ -397,12 +297,12 @@ class _Builder:
         missing = [(i, [n for n in names if n not in row]) for i, row in enumerate(table)]
         for i, absent in missing:
             if absent:
-                self.problem((*path, i) if isinstance(spec, list) else (*path, "from"),
+                self.problem((*path, i) if isinstance(spec, tuple) else (*path, "from"),
                              f"row {i + 1} has no value for {', '.join(map(repr, absent))}")
         return [Axis("rows", tuple(names), tuple(tuple(r.get(n) for n in names) for r in table),
                      origin)]
 
-    def file_columns(self, table: list[dict[str, Any]], columns: list[str], source: str,
+    def file_columns(self, table: list[dict[str, Any]], columns: Sequence[str], source: str,
                      path: Path) -> list[dict[str, Any]]:
         """The table with each value of `columns` an `InputFile` (checked, hashed), or []."""
         for column in columns:
@@ -422,24 +322,24 @@ class _Builder:
                     failed = True
         return [] if failed else table
 
-    def values(self, spec: list[Any] | dict[str, Any], path: Path) -> list[Any]:
-        if isinstance(spec, list):
-            return spec
-        if "files" in spec:
+    def values(self, spec: AxisSpec, path: Path) -> list[Any]:
+        if isinstance(spec, tuple):
+            return list(spec)
+        if isinstance(spec, Files):
             try:
-                return list(self.inputs.files(spec["files"]))
+                return list(self.inputs.files(spec.pattern))
             except InputProblem as problem:
                 self.problem((*path, "files"), str(problem))
                 return []
-        source = spec["from"]
+        source = spec.source
         suffix = FsPath(source).suffix.lower()
         where = (*path, "from")
-        if "column" in spec:
+        if spec.column is not None:
             if suffix != ".csv":
                 self.problem((*path, "column"), "'column' applies only to .csv files")
                 return []
             table = self.read_table(source, where)
-            column = spec["column"]
+            column = spec.column
             if table and column not in table[0]:
                 self.problem((*path, "column"), f"{source} has no column {column!r}"
                              + did_you_mean(column, list(table[0])))
