@@ -21,7 +21,9 @@ from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
 from fluxbatch.errors import StateError
 from fluxbatch.expand import Job
 from fluxbatch.selection import load_plan
-from fluxbatch.state import RootLock, Store, unreadable_store
+from fluxbatch.state.database import unreadable_store
+from fluxbatch.state.lock import RootLock
+from fluxbatch.state.store import Store
 from tests.helpers import (
     STORED,
     Cli,
@@ -549,7 +551,7 @@ def test_a_held_lock_stops_another_holder_with_a_clear_message(tmp_path: Path) -
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from fluxbatch.state import RootLock
+from fluxbatch.state.lock import RootLock
 with RootLock(Path(sys.argv[1])):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))

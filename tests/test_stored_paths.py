@@ -24,8 +24,9 @@ from PIL import Image
 
 from fluxbatch.emulator import Emulator
 from fluxbatch.execute import LocalFault
+from fluxbatch.layout import STATE_DIR
 from fluxbatch.main import main
-from fluxbatch.state import STATE_DIR, blob_path, keep_blob
+from fluxbatch.state.blobs import blob_path, keep_blob
 from fluxbatch.write import atomic_write
 from tests.helpers import Cli, Run, aligned, check_manifest, images
 

@@ -13,29 +13,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fluxbatch.commands.output import plural
 from fluxbatch.errors import EXIT_FAILED, EXIT_OK, UsageError
 from fluxbatch.expand import Plan
+from fluxbatch.place import Placer
 from fluxbatch.selection import ImageState, classify, load_plan, source_placement
-from fluxbatch.state import (
-    IN_FLIGHT,
-    DamagedBlob,
-    ManifestEntry,
-    RootLock,
-    RootState,
-    Store,
-    Task,
-    has_blob,
-    has_store,
-    read_blob,
-    read_state,
-)
+from fluxbatch.state.blobs import DamagedBlob, has_blob, read_blob
+from fluxbatch.state.ledger import IN_FLIGHT, Task
+from fluxbatch.state.lock import RootLock
+from fluxbatch.state.manifests import ManifestEntry
+from fluxbatch.state.root import RootState, read_state
+from fluxbatch.state.store import Store, has_store
 from fluxbatch.write import manifest_path, write_manifest
-
-if TYPE_CHECKING:  # (the render module, and the network half it imports, load only here)
-    from fluxbatch.network import Placer
 
 
 @dataclass(slots=True)
@@ -54,8 +44,6 @@ def merge(*, recipe: str, out: str | None, yes: bool, sources: list[str]) -> int
             raise UsageError(f"merge: {source} is not a folder")
         if os.path.realpath(source) == os.path.realpath(root):
             raise UsageError(f"merge: {source} is this recipe's own output root")
-    from fluxbatch.network import Placer
-
     root.mkdir(parents=True, exist_ok=True)
     conflicts = 0
     with RootLock(root), Store.open(root) as store:
