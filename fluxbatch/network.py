@@ -30,7 +30,7 @@ from fluxbatch.state.ledger import Ledger, Task, TaskStatus
 from fluxbatch.state.lock import RootLock
 from fluxbatch.state.store import Store
 from fluxbatch.wire import Wire
-from fluxbatch.write import NotAnImage, check_image, temp_dir
+from fluxbatch.write import NotAnImage, Written, check_image, temp_dir
 
 
 class StoreJournal:
@@ -157,7 +157,7 @@ async def execute(plan: Plan, selection: Selection, store: Store,
         task = store.task(job.key)
         written = None
         for each in [job, *selection.followers.get(job.key, ())]:
-            placed = await placer.place_later(each, data, task, outcome.submitted_at)
+            placed = await _place_later(placer, each, data, task, outcome.submitted_at)
             written = written or placed
         manifest.maybe()
         return written
@@ -236,6 +236,14 @@ def _as_left(outcome: Outcome, task: Task | None, run: str) -> Outcome:
                                           "been billed")
     return dataclasses.replace(outcome, status=OutcomeStatus.SKIPPED,
                                reason="interrupted before it was submitted")
+
+
+async def _place_later(placer: Placer, job: Job, data: bytes, task: Task | None,
+                       submitted_at: float | None) -> Written:
+    """`placer.place`, with the file written off the event loop (the store stays on it)."""
+    draft = placer.draft(job, task, {}, submitted_at)
+    written, full = await asyncio.to_thread(placer.write, job, data, draft)
+    return placer.record(job, written, full)
 
 
 def _preparer(recipe: Recipe) -> Callable[[Job], Awaitable[Mapping[str, Any]]] | None:

@@ -7,7 +7,6 @@ No HTTP client is loaded here: `merge` and `clean` use this module without the n
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import time
@@ -36,7 +35,9 @@ MANIFEST_INTERVAL = 30.0
 
 
 @dataclass(frozen=True, slots=True)
-class _Draft:
+class Draft:
+    """An image about to be written: the entry to embed, and what its output held before."""
+
     entry: Provenance
     previous: str | None
     shared: bool
@@ -68,15 +69,8 @@ class Placer:
         written, full = self.write(job, data, self.draft(job, task, source, submitted_at))
         return self.record(job, written, full)
 
-    async def place_later(self, job: Job, data: bytes, task: Task | None,
-                          submitted_at: float | None) -> Written:
-        """`place`, with the file written off the event loop (the store stays on it)."""
-        draft = self.draft(job, task, {}, submitted_at)
-        written, full = await asyncio.to_thread(self.write, job, data, draft)
-        return self.record(job, written, full)
-
     def draft(self, job: Job, task: Task | None, source: Mapping[str, Any],
-              submitted_at: float | None) -> _Draft:
+              submitted_at: float | None) -> Draft:
         """The entry to embed, and the file this output held before (removed once the new
         one is written, unless another recipe's image is that file)."""
         def known(name: str, value: Any) -> Any:
@@ -94,10 +88,11 @@ class Placer:
             entry["submitted_at"] = source.get("submitted_at")
         previous = self.previous.get(job.output)
         shared = previous is not None and bool(self.store.others_at(previous, self.recipe.name))
-        return _Draft(entry, previous, shared)
+        return Draft(entry, previous, shared)
 
-    def write(self, job: Job, data: bytes, draft: _Draft) -> tuple[Written, ManifestEntry]:
-        """The file (no store access: this may run off the event loop)."""
+    def write(self, job: Job, data: bytes, draft: Draft) -> tuple[Written, ManifestEntry]:
+        """The file (no store access: this may run off the event loop, as `network` runs
+        it)."""
         try:
             return place(self.root, job, data, draft.entry, draft.previous, draft.shared)
         except (NotAnImage, imagemeta.ImageFormatError) as error:
