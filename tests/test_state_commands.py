@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -516,6 +517,30 @@ def test_a_deleted_store_is_rebuilt_from_the_manifest_without_rendering(
     assert sorted(placed) == ALL
     assert {o: p.mtime_ns for o, p in placed.items()} == {o: before[o][0] for o in ALL}
     assert (rendered.root / "rebuild.manifest.json").read_text() == manifest
+
+
+@pytest.mark.parametrize("cost", ["1e999", "-5", "NaN"])
+def test_a_manifest_cost_that_is_infinite_negative_or_nan_is_not_taken_into_a_rebuilt_store(
+        rendered: Cli, emulator: Emulator, cost: str) -> None:
+    """A manifest is data anyone can edit. Its `1e999` was taken into the rebuilt store as
+    infinity, and the next manifest written from the store said `"cost": Infinity` (not
+    JSON); a negative cost lowered its totals."""
+    shutil.rmtree(rendered.root / ".fluxbatch")
+    manifest = rendered.root / "rebuild.manifest.json"
+    lines = manifest.read_text().splitlines(keepends=True)
+    edited = [i for i, line in enumerate(lines) if '"path": "grid/circle.png"' in line]
+    assert len(edited) == 1
+    lines[edited[0]] = re.sub(r'"cost": [^,]+,', f'"cost": {cost},', lines[edited[0]])
+    manifest.write_text("".join(lines))
+    (rendered.root / "solo" / "tree.png").unlink()  # (so that the manifest is written again)
+
+    assert rendered.render().code == 0
+    text = manifest.read_text()
+    document = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} written"))
+    costs = {entry["path"]: entry["cost"] for entry in document["images"]}
+    assert costs["grid/circle.png"] is None
+    assert all(isinstance(costs[path], float) and costs[path] > 0 for path in ALL[1:])
+    assert document["totals"]["cost_credits"] == round(sum(costs[path] for path in ALL[1:]), 4)
 
 
 def test_a_deleted_store_and_manifest_are_recovered_from_the_images_themselves(

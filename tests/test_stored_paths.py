@@ -23,9 +23,9 @@ import pytest
 from PIL import Image
 
 from fluxbatch.emulator import Emulator
-from fluxbatch.execute import LocalFault
 from fluxbatch.layout import STATE_DIR
 from fluxbatch.main import main
+from fluxbatch.outcomes import LocalFault
 from fluxbatch.state.blobs import blob_path, keep_blob
 from fluxbatch.write import atomic_write
 from tests.helpers import Cli, Run, aligned, check_manifest, images
@@ -356,6 +356,66 @@ def test_merge_collects_the_task_of_a_damaged_blob_instead_of_copying_it(
     assert rendered.render("--out", str(target)).code == 0
     assert len(emulator.submissions) == sent
     assert sorted(images(target)) == ALL
+
+
+def unreadable(monkeypatch: pytest.MonkeyPatch, target: Path, code: int) -> None:
+    """Reading `target` fails as a failing disk (EIO) or a file of another user (EACCES) would
+    (the tests run as root, whom permissions do not stop)."""
+    read_bytes = Path.read_bytes
+
+    def failing(path: Path) -> bytes:
+        if path == target:
+            raise OSError(code, os.strerror(code), str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", failing)
+
+
+def test_merge_of_an_unreadable_blob_says_so_in_a_line_and_collects_its_task_instead(
+        rendered: Cli, emulator: Emulator, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """It used to end in an internal error, with a traceback in a crash log."""
+    [(blob,)] = ledger(rendered, "SELECT blob FROM tasks WHERE key = ?",
+                       key_of(rendered, "grid/star.png"))
+    kept = blob_path(rendered.root, blob)
+    (rendered.root / "grid" / "star.png").unlink()
+    target = tmp_path / "merged"
+    sent = len(emulator.submissions)
+
+    with monkeypatch.context() as patched:
+        unreadable(patched, kept, errno.EIO)
+        merged = rendered("merge", str(rendered.recipe), "--out", str(target),
+                          str(rendered.root))
+    assert merged == Run(1, f"{rendered.root}: 3 images placed, 1 task to collect, 1 unreadable\n"
+                            f"  unreadable: {kept}: Input/output error; its task is recorded "
+                            "here, and `fluxbatch render` collects it without paying\n"
+                            f"rebuild: 3 of 4 images present; manifest "
+                            f"{target / 'rebuild.manifest.json'}; `fluxbatch render` makes "
+                            "(or collects) the rest\n", "")
+    assert rendered.render("--out", str(target)).code == 0
+    assert len(emulator.submissions) == sent
+    assert sorted(images(target)) == ALL
+
+
+def test_merge_of_an_unreadable_image_without_a_task_leaves_it_out_in_a_line(
+        rendered: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger(rendered, "UPDATE tasks SET task_id = NULL, polling_url = NULL")
+    target = tmp_path / "merged"
+
+    with monkeypatch.context() as patched:
+        unreadable(patched, rendered.root / "solo" / "tree.png", errno.EACCES)
+        merged = rendered("merge", str(rendered.recipe), "--out", str(target),
+                          str(rendered.root))
+    assert merged == Run(1, f"{rendered.root}: 3 images placed, 0 tasks to collect, "
+                            "1 unreadable\n"
+                            f"  unreadable: {rendered.root / 'solo' / 'tree.png'}: Permission "
+                            "denied; left out\n"
+                            f"rebuild: 3 of 4 images present; manifest "
+                            f"{target / 'rebuild.manifest.json'}; `fluxbatch render` makes "
+                            "(or collects) the rest\n", "")
+    assert sorted(images(target)) == ALL[:3]
+    document = json.loads((target / "rebuild.manifest.json").read_text())
+    assert sorted(entry["path"] for entry in document["images"]) == ALL[:3]
 
 
 # -- M3: an output folder on another file system -------------------------------------------------
