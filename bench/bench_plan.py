@@ -73,7 +73,7 @@ def values(prefix: str, count: int) -> list[str]:
 
 def write_recipe(folder: Path, c: int) -> Path:
     """The recipe, in an output root that already has a (empty) state store."""
-    from fluxbatch.state import Store
+    from fluxbatch.state.store import Store
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "recipe.yaml"

@@ -49,8 +49,7 @@ __all__ = [
 if TYPE_CHECKING:
     from fluxbatch.api import Action, Planned, PlannedJob, arender, load, plan, render
     from fluxbatch.errors import ConfigError, FluxbatchError, Problem, RecipeError, StateError
-    from fluxbatch.execute import Event, Outcome
-    from fluxbatch.outcomes import EventKind, OutcomeStatus
+    from fluxbatch.outcomes import Event, EventKind, Outcome, OutcomeStatus
     from fluxbatch.recipe import Recipe
     from fluxbatch.selection import ImageState
     from fluxbatch.session import Report

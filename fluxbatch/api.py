@@ -41,13 +41,13 @@ from fluxbatch.selection import (
     stale_changes,
 )
 from fluxbatch.session import Render, Report
-from fluxbatch.state import read_state
+from fluxbatch.state.root import read_state
 from fluxbatch.vocabulary import Vocabulary
 
 if TYPE_CHECKING:
     import httpx
 
-    from fluxbatch.execute import Event
+    from fluxbatch.outcomes import Event
 
 RecipeLike = Recipe | str | os.PathLike[str]
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import os
 import random
@@ -50,7 +49,7 @@ from fluxbatch import models
 from fluxbatch.errors import FluxbatchError
 from fluxbatch.expand import Job
 from fluxbatch.outbox import OutboxGone, Recovered, Unrecorded
-from fluxbatch.outcomes import EventKind, OutcomeStatus
+from fluxbatch.outcomes import Event, EventKind, JobFailed, LocalFault, Outcome, OutcomeStatus
 from fluxbatch.pacing import Durations, Slots, retry_after
 from fluxbatch.providers import KeyNotSent, Polled, Provider, Submitted, without_credentials
 from fluxbatch.providers import responses as r
@@ -93,31 +92,6 @@ class Image:
         return self.path.read_bytes()
 
 
-@dataclass(slots=True)
-class Outcome:
-    job: Job
-    status: OutcomeStatus
-    reason: str | None = None
-    submitted: Submitted | None = None
-    polled: Polled | None = None
-    submitted_at: float | None = None
-    finished_at: float | None = None
-    written: Any = None  # what the writer returned (path, sha256, size)
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """For progress displays: `kind` is a step of the job (an `EventKind`: submitted,
-    attached (a task of an earlier run), ready (rendered; the download starts), rate-limited,
-    retry) or, when it ends, its `OutcomeStatus` (written, moderated, failed, unknown, gone,
-    pending, skipped)."""
-
-    kind: EventKind | OutcomeStatus
-    job: Job
-    detail: str | None = None
-    cost: float | None = None
-
-
 class Journal(Protocol):
     """Where lifecycle changes are recorded, each durably, before the next step."""
 
@@ -150,11 +124,6 @@ class _Unknown(Exception):
         self.stops_run = stops_run
 
 
-class JobFailed(Exception):
-    """A definite failure of one job (a writer raises it too, when the provider's bytes are
-    not a usable image)."""
-
-
 class Unusable(JobFailed):
     """The downloaded bytes are not an image fluxbatch can store (a writer raises it): the
     task is polled again for a fresh URL and downloaded again, never paid for again."""
@@ -162,29 +131,6 @@ class Unusable(JobFailed):
 
 class _Oversized(JobFailed):
     """The sample is over the size limit: a fresh URL would not make it smaller."""
-
-
-# Faults that would hit every image, not one: a full disk (or a file-size limit of the
-# process), a read-only one, a folder this user may not write (a Docker volume owned by
-# another user), a rename that cannot cross to the target's file system. Each image paid
-# for meanwhile could not be kept or placed.
-_RUN_WIDE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
-                       errno.EXDEV, errno.EFBIG})
-
-
-class LocalFault(Exception):
-    """This machine cannot store a result (a writer raises it: disk full, read-only folder).
-    The task stays in flight, so the next run collects it without paying again; when the
-    cause would hit every image (`stops_run`), the run stops submitting."""
-
-    def __init__(self, message: str, *, stops_run: bool = False) -> None:
-        super().__init__(message)
-        self.stops_run = stops_run
-
-    @classmethod
-    def from_os_error(cls, what: str, error: OSError) -> LocalFault:
-        run_wide = error.errno in _RUN_WIDE
-        return cls(f"{what}: {error.strerror or error}", stops_run=run_wide)
 
 
 class _Gone(JobFailed):

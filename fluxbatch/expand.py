@@ -21,9 +21,9 @@ from fluxbatch.errors import PlanTooLargeError, Problem, RecipeError
 from fluxbatch.identity import AutoSeeds, KeyHasher, canonical_json
 from fluxbatch.imagemeta import EXTENSIONS
 from fluxbatch.inputs import InputProblem, Inputs
+from fluxbatch.layout import PATH_MAX, output_path_problem, plainly_safe
 from fluxbatch.project import Project
 from fluxbatch.recipe import JobSpec, Recipe, collector_paused
-from fluxbatch.state import STATE_DIR
 from fluxbatch.templates import Allowance, Compiler, Template, TemplateProblem, slug
 from fluxbatch.yamlsource import Path
 
@@ -571,7 +571,7 @@ class _JobBuilder:
                 where, f"{problem} (for {describe(values, replicate)}"
                 f"{self.added_by(combo, str(problem))})"))
             return None
-        if not _plainly_safe(output):
+        if not plainly_safe(output):
             checked_output = self.check_output(output, values, replicate)
             if checked_output is None:
                 return None
@@ -728,51 +728,7 @@ def _clash_hint(ours: Mapping[str, Any], others: Mapping[str, Any]) -> str:
 
 _JINJA_GLOBALS = frozenset({"range", "dict", "lipsum", "cycler", "joiner", "namespace", "true",
                             "false", "none", "True", "False", "None", "loop"})
-_DRIVE = re.compile(r"^[A-Za-z]:")
-
-
-def _plainly_safe(path: str) -> bool:
-    """A quick yes for the usual output path; anything unusual (a leading dot, which may be
-    the state directory; a long or non-ASCII name, which may be over the file system's
-    limit) gets the full check."""
-    return bool(path) and len(path) <= NAME_MAX and path.isascii() and path[0] not in "/ ." \
-        and ".." not in path and "\\" not in path and "//" not in path and "./" not in path \
-        and ":" not in path and "\x00" not in path and path[-1] not in "/."
-
-
-def output_path_problem(path: str) -> str | None:
-    """Why `path` may not be used as an output path (lexically), or None."""
-    if _plainly_safe(path):  # (the usual path, checked in a fifth of the time)
-        return None
-    text = path.replace("\\", "/")
-    if not text.strip():
-        return "the output path is empty"
-    if "\x00" in text:
-        return "the output path contains a NUL character"
-    if text.startswith("/") or _DRIVE.match(text):
-        return f"output path {path!r} is absolute; it must be relative to the output root"
-    parts = text.split("/")
-    if ".." in parts:
-        return f"output path {path!r} leaves the output root ('..')"
-    first = next((part for part in parts if part not in ("", ".")), "")
-    if first.casefold() == STATE_DIR:
-        return (f"output path {path!r} is inside {STATE_DIR}/, where fluxbatch keeps the "
-                "output root's state; images may not be written there")
-    if text.endswith("/") or parts[-1] in ("", "."):
-        return f"output path {path!r} names a directory, not a file"
-    for part in parts:
-        size = len(part.encode("utf-8", "surrogatepass"))
-        if size > NAME_MAX:
-            return (f"output path {_short(path)!r} has a name of {size} bytes, over the file "
-                    f"system's limit of {NAME_MAX} for one file or folder name; shorten what "
-                    "the output template puts in it (`{{ value | hash }}` is 8 characters)")
-    return None
-
-
 _IMAGE_SUFFIXES = frozenset({"png", "jpg", "jpeg", "webp"})
-# Most file systems refuse a file or folder name over 255 bytes, and Linux a path over 4096.
-NAME_MAX = 255
-PATH_MAX = 4096
 
 
 def _short(text: str, width: int = 60) -> str:

@@ -1,7 +1,7 @@
 """The network half of a render: the provider, the executor and the writer wired together,
-with the state store journaling every step. What to render is decided in `selection`, and the
-whole render is driven from `session`; no printing here. Loaded only when there is work to
-do.
+with the ledger journaling every step. What to render is decided in `selection`, images are
+placed by `place`, and the whole render is driven from `session`; no printing here. Loaded
+only when there is something to request.
 """
 
 from __future__ import annotations
@@ -9,98 +9,63 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
-import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from fluxbatch import imagemeta, models, providers
-from fluxbatch.errors import ConfigError, StateError
-from fluxbatch.execute import (
-    Event,
-    Executor,
-    Image,
-    JobFailed,
-    LocalFault,
-    Outcome,
-    Settings,
-    Unusable,
-)
+from fluxbatch.errors import ConfigError
+from fluxbatch.execute import Executor, Image, Settings, Unusable
 from fluxbatch.expand import Job, Plan
 from fluxbatch.inputs import InputProblem, is_descriptor
 from fluxbatch.outbox import Outbox
-from fluxbatch.outcomes import OutcomeStatus
-from fluxbatch.providers import Polled, Submitted
-from fluxbatch.providers.responses import credits
+from fluxbatch.outcomes import Event, JobFailed, LocalFault, Outcome, OutcomeStatus
+from fluxbatch.place import ManifestPacer, Placer, finish_manifest
+from fluxbatch.providers import Polled, Submitted, credits
 from fluxbatch.recipe import Recipe
-from fluxbatch.selection import Options, Selection, source_placement
-from fluxbatch.state import (
-    DamagedBlob,
-    ManifestEntry,
-    Provenance,
-    RootLock,
-    RootState,
-    Store,
-    Task,
-    TaskStatus,
-    blob_path,
-    has_blob,
-    keep_blob,
-    read_blob,
-)
+from fluxbatch.selection import Options, Selection
+from fluxbatch.state.blobs import keep_blob
+from fluxbatch.state.ledger import Ledger, Task, TaskStatus
+from fluxbatch.state.lock import RootLock
+from fluxbatch.state.store import Store
 from fluxbatch.wire import Wire
-from fluxbatch.write import (
-    NotAnImage,
-    Written,
-    check_image,
-    manifest_path,
-    place,
-    provenance,
-    temp_dir,
-    write_manifest,
-)
-
-# The manifest is rewritten as images land, at most this often, and never taking more than
-# a tenth of the run (it is written from the store, which is what a resume relies on).
-MANIFEST_INTERVAL = 30.0
+from fluxbatch.write import NotAnImage, Written, check_image, temp_dir
 
 
 class StoreJournal:
-    """The executor's journal, written to the state store's ledger, by job key (each call
-    one transaction)."""
+    """The executor's journal, written to the root's ledger, by job key (each call one
+    transaction)."""
 
-    def __init__(self, store: Store, provider: str, base_url: str | None, *,
+    def __init__(self, ledger: Ledger, provider: str, base_url: str | None, *,
                  outbox: bool = False, run: str | None = None) -> None:
-        self.store = store
+        self.ledger = ledger
         self.provider = provider
         self.base_url = base_url
         self.outbox = outbox  # the outbox records submits itself, before answering
         self.run = run
 
     def submitting(self, job: Job) -> None:
-        self.store.submitting(job.key, self.provider, self.base_url, self.run)
+        self.ledger.submitting(job.key, self.provider, self.base_url, self.run)
 
     def not_sent(self, job: Job) -> None:
-        self.store.not_sent(job.key)
+        self.ledger.not_sent(job.key)
 
     def submitted(self, job: Job, submitted: Submitted, at: float) -> None:
         if self.outbox:
             return
-        self.store.submitted(job.key, submitted.task_id, submitted.polling_url,
+        self.ledger.submitted(job.key, submitted.task_id, submitted.polling_url,
                              submitted.cost, at)
 
     def ready(self, job: Job, polled: Polled) -> None:
-        self.store.ready(job.key, polled.reported_seed)
+        self.ledger.ready(job.key, polled.reported_seed)
 
     def finished(self, outcome: Outcome) -> None:
         # (written: recorded by the writer, the bytes kept and the files placed; skipped:
         # never submitted, so the ledger has nothing to say)
         status = _LEDGER.get(outcome.status)
         if status is not None:
-            self.store.ended(outcome.job.key, status, outcome.reason)
+            self.ledger.ended(outcome.job.key, status, outcome.reason)
 
 
 # What the ledger records of how a job ended. A pending task is still collectable: it stays
@@ -160,166 +125,6 @@ def settings_for(plan: Plan, options: Options) -> Settings:
     return Settings(account_cap=account, model_caps=caps, task_timeout=timeout)
 
 
-@dataclass(frozen=True, slots=True)
-class _Draft:
-    entry: Provenance
-    previous: str | None
-    shared: bool
-
-
-class DamagedCopy(Exception):
-    """The root's copy of an image (in the content store, or a placed file) no longer holds
-    the bytes it was kept with: damaged on disk, not the provider's doing."""
-
-
-class Placer:
-    """Writes a recipe's images into its output root: the provenance embedded, the file
-    written atomically, the placement recorded. The same image (one job key) may be placed
-    at several outputs, for several recipes, without being paid for again."""
-
-    def __init__(self, recipe: Recipe, store: Store, provider: str) -> None:
-        self.recipe = recipe
-        self.root = recipe.output_root
-        self.store = store
-        self.provider = provider
-        self.previous = {p.output: p.path for p in store.placements(recipe.name)}
-
-    def place(self, job: Job, data: bytes, task: Task | None, source: Mapping[str, Any],
-              submitted_at: float | None = None) -> Written:
-        """Place `data` (an image of `job.key`) at the job's output. `task` and `source` (an
-        earlier entry of the same image) say which task made it and what it cost."""
-        written, full = self.write(job, data, self.draft(job, task, source, submitted_at))
-        return self.record(job, written, full)
-
-    async def place_later(self, job: Job, data: bytes, task: Task | None,
-                          submitted_at: float | None) -> Written:
-        """`place`, with the file written off the event loop (the store stays on it)."""
-        draft = self.draft(job, task, {}, submitted_at)
-        written, full = await asyncio.to_thread(self.write, job, data, draft)
-        return self.record(job, written, full)
-
-    def draft(self, job: Job, task: Task | None, source: Mapping[str, Any],
-              submitted_at: float | None) -> _Draft:
-        """The entry to embed, and the file this output held before (removed once the new
-        one is written, unless another recipe's image is that file)."""
-        def known(name: str, value: Any) -> Any:
-            return value if value is not None else source.get(name)
-
-        entry = provenance(
-            job, recipe=self.recipe, provider=source.get("provider") or self.provider,
-            task_id=known("task_id", task.task_id if task else None),
-            # (as recorded: by an earlier release too, which took 1e999 for a cost)
-            cost=credits(known("cost", credits(task.cost) if task else None)),
-            reported_seed=known("reported_seed", task.reported_seed if task else None),
-            submitted_at=submitted_at or (task.submitted_at if task else None),
-            finished_at=time.time(), path=job.output)
-        if entry["submitted_at"] is None:
-            entry["submitted_at"] = source.get("submitted_at")
-        previous = self.previous.get(job.output)
-        shared = previous is not None and bool(self.store.others_at(previous, self.recipe.name))
-        return _Draft(entry, previous, shared)
-
-    def write(self, job: Job, data: bytes, draft: _Draft) -> tuple[Written, ManifestEntry]:
-        """The file (no store access: this may run off the event loop)."""
-        try:
-            return place(self.root, job, data, draft.entry, draft.previous, draft.shared)
-        except (NotAnImage, imagemeta.ImageFormatError) as error:
-            raise JobFailed(f"the provider's image is unusable: {error}") from None
-        except OSError as error:
-            raise LocalFault.from_os_error(f"cannot write {self.root / job.output}", error) \
-                from None
-
-    def record(self, job: Job, written: Written, full: ManifestEntry) -> Written:
-        self.store.placed(self.recipe.name, job.output, job.key, full, written.mtime_ns)
-        self.previous[job.output] = written.path
-        return written
-
-    def from_root(self, job: Job, state: RootState) -> Outcome:
-        """Place an image the root already holds (content store, or another placed file).
-        Raises `DamagedCopy` when that copy was damaged on disk (a content store's copy is
-        removed then)."""
-        outcome = Outcome(job, OutcomeStatus.WRITTEN)
-        task = state.tasks.get(job.key)
-        try:
-            data, source = self._held(job, task, state)
-            outcome.written = self.place(job, data, task, source)
-        except JobFailed as error:
-            outcome.status, outcome.reason = OutcomeStatus.FAILED, str(error)
-        except LocalFault as error:
-            outcome.status, outcome.reason = OutcomeStatus.PENDING, str(error)
-        except OSError as error:
-            outcome.status = OutcomeStatus.FAILED
-            outcome.reason = f"cannot read its stored image: {error.strerror or error}"
-        outcome.finished_at = time.time()
-        return outcome
-
-    def _held(self, job: Job, task: Task | None,
-              state: RootState) -> tuple[bytes, Mapping[str, Any]]:
-        """The bytes of `job`'s image that the root holds, checked against their sha256, and
-        the manifest entry they were placed with (if any)."""
-        if has_blob(self.root, task):
-            assert task is not None and task.blob is not None
-            try:
-                return read_blob(self.root, task.blob), {}
-            except DamagedBlob as damage:
-                blob_path(self.root, task.blob).unlink(missing_ok=True)
-                raise DamagedCopy(str(damage)) from None
-        found = source_placement(job.key, state, self.root)
-        if found is None:
-            raise JobFailed("its image was removed from the output root while planning; "
-                            "run again")
-        data = (self.root / found.path).read_bytes()
-        if hashlib.sha256(data).hexdigest() != found.sha256:
-            raise DamagedCopy(f"its image at {found.path} was changed on disk since it was "
-                              "written")
-        return data, self.store.entry(found.recipe, found.output) or {}
-
-
-def place_stored(plan: Plan, selection: Selection, state: RootState, store: Store,
-                 on_event: Callable[[Event], None]) -> list[Outcome]:
-    """Place the images the root already holds (`selection.place`): no request, no key. An
-    image whose copy was damaged on disk is collected again from the provider, at no cost,
-    by this run when it can (`selection` gains it), else by the next."""
-    placer = Placer(plan.recipe, store, plan.recipe.provider.name)
-    manifest = _ManifestPacer(plan.recipe, store)
-    outcomes = []
-    for job in selection.place:
-        if job.key in selection.followers:  # its image is being collected again
-            selection.followers[job.key].append(job)
-            continue
-        try:
-            outcome = placer.from_root(job, state)
-        except DamagedCopy as damage:
-            again = _collect_again(job, str(damage), selection, store)
-            if again is None:
-                continue
-            outcome = again
-        on_event(Event(outcome.status, job, outcome.reason))
-        outcomes.append(outcome)
-        manifest.maybe()
-    return outcomes
-
-
-def _collect_again(job: Job, damage: str, selection: Selection, store: Store) -> Outcome | None:
-    """The outcome for an image whose kept copy was damaged on disk: None when this run
-    collects its task again (added to `selection`); else what the next run does about it."""
-    outcome = Outcome(job, OutcomeStatus.PENDING, finished_at=time.time())
-    if not store.fetch_again(job.key, f"{damage}; collected again from the provider without "
-                                      "paying"):
-        outcome.status = OutcomeStatus.FAILED
-        outcome.reason = f"{damage}, and no task is known to collect it from again: the next " \
-                         "render pays for a new one"
-        return outcome
-    task = store.task(job.key)
-    if selection.collectable(task):
-        assert task is not None
-        selection.collect(job, task)
-        return None
-    outcome.reason = f"{damage}; the next run collects it again from the provider without " \
-                     "paying"
-    return outcome
-
-
 async def execute(plan: Plan, selection: Selection, store: Store,
                   provider: providers.Provider, settings: Settings,
                   on_event: Callable[[Event], None],
@@ -334,7 +139,7 @@ async def execute(plan: Plan, selection: Selection, store: Store,
     recipe = plan.recipe
     root = recipe.output_root
     placer = Placer(recipe, store, provider.info.name)
-    manifest = _ManifestPacer(recipe, store)
+    manifest = ManifestPacer(recipe, store)
 
     async def writer(job: Job, image: Image, outcome: Outcome) -> Any:
         """Keep the bytes (the ledger then says so), then place them at every output of
@@ -352,7 +157,7 @@ async def execute(plan: Plan, selection: Selection, store: Store,
         task = store.task(job.key)
         written = None
         for each in [job, *selection.followers.get(job.key, ())]:
-            placed = await placer.place_later(each, data, task, outcome.submitted_at)
+            placed = await _place_later(placer, each, data, task, outcome.submitted_at)
             written = written or placed
         manifest.maybe()
         return written
@@ -433,6 +238,14 @@ def _as_left(outcome: Outcome, task: Task | None, run: str) -> Outcome:
                                reason="interrupted before it was submitted")
 
 
+async def _place_later(placer: Placer, job: Job, data: bytes, task: Task | None,
+                       submitted_at: float | None) -> Written:
+    """`placer.place`, with the file written off the event loop (the store stays on it)."""
+    draft = placer.draft(job, task, {}, submitted_at)
+    written, full = await asyncio.to_thread(placer.write, job, data, draft)
+    return placer.record(job, written, full)
+
+
 def _preparer(recipe: Recipe) -> Callable[[Job], Awaitable[Mapping[str, Any]]] | None:
     """The submit body of a job whose request names image inputs: each read (off the event
     loop), checked against the sha256 it was planned with, and base64-encoded."""
@@ -451,41 +264,3 @@ def _preparer(recipe: Recipe) -> Callable[[Job], Awaitable[Mapping[str, Any]]] |
     return prepare
 
 
-class _ManifestPacer:
-    """Rewrites the manifest as images land: every MANIFEST_INTERVAL seconds at most, and
-    never more often than ten times the last rewrite took (so a manifest of 100,000 images
-    costs a run at most a tenth of its time, not a rewrite per image)."""
-
-    def __init__(self, recipe: Recipe, store: Store) -> None:
-        self.recipe = recipe
-        self.store = store
-        self.last = time.monotonic()
-        self.took = 0.0
-
-    def maybe(self) -> None:
-        now = time.monotonic()
-        if now - self.last < max(MANIFEST_INTERVAL, 10 * self.took):
-            return
-        with contextlib.suppress(OSError):  # (the store has it; rewritten at the end)
-            write_manifest(self.recipe, self.store)
-        self.last = time.monotonic()
-        self.took = self.last - now
-
-
-def finish_manifest(recipe: Recipe, store: Store, *, stopped: str | None = None) -> None:
-    """The manifest, from the store; a clear error when the disk refuses it (the store still
-    has every image, so nothing is lost). When the run had `stopped` already (a full disk is
-    met by the state store first), that reason is the one the line gives."""
-    try:
-        write_manifest(recipe, store)
-    except OSError as error:
-        if stopped is not None:
-            raise StateError(
-                f"stopped: {stopped.rstrip('.')}. The manifest {manifest_path(recipe)} could "
-                f"not be written either ({error.strerror or error}); the next run writes it."
-            ) from None
-        raise StateError(
-            f"cannot write {manifest_path(recipe)}: {error.strerror or error}. "
-            "Every image written is recorded in the state store; free some space (or make the "
-            "folder writable) and run `fluxbatch render` again to write the manifest. Nothing "
-            "is paid twice.") from None

@@ -48,13 +48,13 @@ import httpx
 
 from fluxbatch import providers
 from fluxbatch.errors import FluxbatchError, StateError
-from fluxbatch.providers import Submitted, responses
-from fluxbatch.providers.responses import credits
-from fluxbatch.state import STATE_DIR, Store, TaskStatus
+from fluxbatch.layout import OUTBOX_LOG, state_path
+from fluxbatch.providers import Submitted, credits, responses
+from fluxbatch.state.ledger import TaskStatus
+from fluxbatch.state.store import Store
 from fluxbatch.wire import NOT_SENT, Wire
 
 MAX_STARTS = 4  # an outbox that dies this often is not dying by accident: stop the run
-LOG = "outbox.log"  # in the state directory: what a dying outbox said
 # How long the child may take to answer a request (or to exit once told to): its sending is
 # bounded by the wire's timeouts (connect 15 s, then 60 s without a byte) and its two commits
 # by SQLite's busy timeout (30 s each); past this, it is stuck, not slow.
@@ -241,7 +241,7 @@ class Outbox:
 
     @property
     def log(self) -> Path:
-        return self.root / STATE_DIR / LOG
+        return state_path(self.root, OUTBOX_LOG)
 
     async def start(self) -> None:
         self.starts += 1

@@ -1,15 +1,26 @@
 """The vocabularies of a render as it goes: how each job ends (`OutcomeStatus`) and the steps
-it passes through before that (`EventKind`).
+it passes through before that (`EventKind`); the records of both (`Outcome`, `Event`); and how
+a writer says that a job failed (`JobFailed`) or that this machine cannot keep its image
+(`LocalFault`).
 
-The executor speaks them; the composition root, the command line and the Python API read
-them, and do so without loading the network half (`execute` imports httpx), hence this
-module of their own. The values are a contract: they are in `render --json`, in the events
-a progress display or an API caller receives, and (`written`) in every manifest entry.
+The executor speaks them, and so does the placing of images a root already holds (`place`);
+the composition root, the command line and the Python API read them, and all of these do so
+without loading the network half (`execute` imports httpx), hence this module of their own.
+The values are a contract: they are in `render --json`, in the events a progress display or
+an API caller receives, and (`written`) in every manifest entry.
 """
 
 from __future__ import annotations
 
+import errno
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fluxbatch.providers import Polled, Submitted
 from fluxbatch.vocabulary import Vocabulary
+
+if TYPE_CHECKING:
+    from fluxbatch.expand import Job
 
 
 class OutcomeStatus(Vocabulary):
@@ -33,3 +44,56 @@ class EventKind(Vocabulary):
     READY = "ready"  # rendered; the download starts
     RATE_LIMITED = "rate-limited"  # a 429: the submit waits, then is sent again
     RETRY = "retry"  # a poll or a download failed, and is tried again
+
+
+@dataclass(slots=True)
+class Outcome:
+    job: Job
+    status: OutcomeStatus
+    reason: str | None = None
+    submitted: Submitted | None = None
+    polled: Polled | None = None
+    submitted_at: float | None = None
+    finished_at: float | None = None
+    written: Any = None  # what the writer returned (path, sha256, size)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """For progress displays: `kind` is a step of the job (an `EventKind`: submitted,
+    attached (a task of an earlier run), ready (rendered; the download starts), rate-limited,
+    retry) or, when it ends, its `OutcomeStatus` (written, moderated, failed, unknown, gone,
+    pending, skipped)."""
+
+    kind: EventKind | OutcomeStatus
+    job: Job
+    detail: str | None = None
+    cost: float | None = None
+
+
+class JobFailed(Exception):
+    """A definite failure of one job (a writer raises it too, when the provider's bytes are
+    not a usable image)."""
+
+
+# Faults that would hit every image, not one: a full disk (or a file-size limit of the
+# process), a read-only one, a folder this user may not write (a Docker volume owned by
+# another user), a rename that cannot cross to the target's file system. Each image paid
+# for meanwhile could not be kept or placed.
+_RUN_WIDE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                       errno.EXDEV, errno.EFBIG})
+
+
+class LocalFault(Exception):
+    """This machine cannot store a result (a writer raises it: disk full, read-only folder).
+    The task stays in flight, so the next run collects it without paying again; when the
+    cause would hit every image (`stops_run`), the run stops submitting."""
+
+    def __init__(self, message: str, *, stops_run: bool = False) -> None:
+        super().__init__(message)
+        self.stops_run = stops_run
+
+    @classmethod
+    def from_os_error(cls, what: str, error: OSError) -> LocalFault:
+        run_wide = error.errno in _RUN_WIDE
+        return cls(f"{what}: {error.strerror or error}", stops_run=run_wide)

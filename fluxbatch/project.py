@@ -20,7 +20,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fluxbatch.state import STATE_DIR
+from fluxbatch.layout import STATE_DIR
 
 _MIB = 1024 * 1024
 # Value and row files are lists a person edits; 16 MiB is far beyond any real one, and

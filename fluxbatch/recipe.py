@@ -26,6 +26,7 @@ from fluxbatch import models, yamlsource
 from fluxbatch.declaration import Cost
 from fluxbatch.errors import Problem, RecipeError
 from fluxbatch.inputs import FactsCache, InputProblem, Inputs
+from fluxbatch.layout import INPUT_FACTS, state_path
 from fluxbatch.models import did_you_mean
 from fluxbatch.project import (
     MAX_RECIPE_BYTES,
@@ -47,13 +48,11 @@ from fluxbatch.recipe_schema import (
     RowsFile,
     read,
 )
-from fluxbatch.state import STATE_DIR
 from fluxbatch.yamlsource import Path, Positions
 
 __all__ = ["Axis", "JobSpec", "Matrix", "ProviderSpec", "Recipe", "load", "parse"]
 
 _FAILED = object()
-INPUT_FACTS = "inputs.json"  # in the output root's state directory: facts of image inputs
 
 
 def load(path: str | os.PathLike[str], *, output_root: str | None = None,
@@ -151,7 +150,7 @@ class _Builder:
         """`declared` with its files read and its paths resolved; `cost` is what its own
         condemned values cost every job."""
         root = self.output_root(output_root, declared.written_output_root)
-        self.inputs.cache = FactsCache(root / STATE_DIR / INPUT_FACTS, trusted=not self.verify)
+        self.inputs.cache = FactsCache(state_path(root, INPUT_FACTS), trusted=not self.verify)
         jobs = tuple(self.job(spec, declared.output, cost) for spec in declared.jobs)
         names: dict[str, int] = {}
         for job in jobs:

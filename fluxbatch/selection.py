@@ -22,25 +22,21 @@ from typing import Any
 
 from fluxbatch import models, recipe
 from fluxbatch.errors import ConfigError, FluxbatchError, Problem, RecipeError
-from fluxbatch.expand import Job, Plan, expand, output_path_problem
+from fluxbatch.expand import Job, Plan, expand
 from fluxbatch.inputs import describe as describe_input
 from fluxbatch.inputs import input_identity, is_descriptor
+from fluxbatch.layout import STATE_DIR, output_path_problem
 from fluxbatch.matrix import label, value_hint
 from fluxbatch.models import did_you_mean
 from fluxbatch.providers import REGISTRY
 from fluxbatch.recipe import Recipe
-from fluxbatch.state import IN_FLIGHT as TASK_IN_FLIGHT
-from fluxbatch.state import (
-    STATE_DIR,
-    ManifestEntry,
-    Placement,
-    RootState,
-    Store,
-    Task,
-    TaskStatus,
-    has_blob,
-    read_entries,
-)
+from fluxbatch.state.blobs import has_blob
+from fluxbatch.state.ledger import IN_FLIGHT as TASK_IN_FLIGHT
+from fluxbatch.state.ledger import Task, TaskStatus
+from fluxbatch.state.manifests import ManifestEntry
+from fluxbatch.state.placements import Placement
+from fluxbatch.state.root import RootState, read_entries
+from fluxbatch.state.store import Store
 from fluxbatch.vocabulary import Vocabulary
 
 
@@ -231,7 +227,7 @@ def stale_changes(classified: Classified, *,
                   read: EntryReader | None = None) -> dict[int, list[str]]:
     """For each stale job (by index), what changed since the image at its output was made:
     what `status`, `plan` and the Python API say of it. `read(outputs)` gives the manifest
-    entries of those outputs (default: `state.read_entries`, from the store or the manifest)."""
+    entries of those outputs (default: `read_entries`, from the store or the manifest)."""
     plan = classified.plan
     stale_state = ImageState.STALE
     stale = [job for job, found in zip(plan.jobs, classified.states, strict=True)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from fluxbatch.errors import StateError
 from fluxbatch.expand import Plan
 from fluxbatch.outcomes import OutcomeStatus
+from fluxbatch.place import finish_manifest, place_stored
 from fluxbatch.selection import (
     Options,
     Selection,
@@ -30,13 +31,17 @@ from fluxbatch.selection import (
     classify_with_store,
     select,
 )
-from fluxbatch.state import RootLock, Store, new_run_id, read_state
+from fluxbatch.state.ledger import new_run_id
+from fluxbatch.state.lock import RootLock
+from fluxbatch.state.root import read_state
+from fluxbatch.state.store import Store
 from fluxbatch.write import clear_debris, manifest_path, write_manifest
 
 if TYPE_CHECKING:
     import httpx
 
-    from fluxbatch.execute import Event, Executor, Outcome
+    from fluxbatch.execute import Executor
+    from fluxbatch.outcomes import Event, Outcome
 
 
 @dataclass(slots=True)
@@ -156,13 +161,13 @@ class Render:
             if not store.manifest_intact(recipe.name, manifest_path(recipe)):
                 write_manifest(recipe, store)  # missing, changed or damaged: from the store
             return report
-        from fluxbatch import network
-
-        report.outcomes = network.place_stored(plan, selection, state, store, self.on_event)
+        report.outcomes = place_stored(plan, selection, state, store, self.on_event)
         if not selection.jobs or self._stopping:
-            network.finish_manifest(recipe, store)
+            finish_manifest(recipe, store)
             report.interrupted = self._stopping
             return report
+        from fluxbatch import network
+
         settings = network.settings_for(plan, options)
         run = new_run_id()
         with network.provider_for(plan, options, self.environ) as provider:

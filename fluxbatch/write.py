@@ -25,19 +25,13 @@ from typing import Any
 
 from fluxbatch import __version__, imagemeta, models
 from fluxbatch.expand import Job
+from fluxbatch.layout import LEGACY_MANIFEST, TMP, manifest_name, state_path
 from fluxbatch.outcomes import OutcomeStatus
 from fluxbatch.recipe import Recipe
 from fluxbatch.selection import stored_path_problem
-from fluxbatch.state import (
-    LEGACY_MANIFEST,
-    STATE_DIR,
-    TMP,
-    ManifestEntry,
-    Provenance,
-    Store,
-    manifest_name,
-    replacing,
-)
+from fluxbatch.state.files import replacing
+from fluxbatch.state.manifests import ManifestEntry, Provenance
+from fluxbatch.state.store import Store
 
 MANIFEST_VERSION = 2
 SCHEMA_URL = "https://raw.githubusercontent.com/fluxbatch/fluxbatch/main/schemas/manifest.schema.json"
@@ -58,7 +52,7 @@ class NotAnImage(Exception):
 def atomic_write(target: Path, data: bytes, temp_dir: Path | None = None) -> int:
     """Write `data` to `target` atomically; return the new file's mtime in ns. The temporary
     file lives in `temp_dir`, so a crash leaves no debris beside images (an output folder on
-    another file system gets a copy beside the target first: `state.move_into_place`)."""
+    another file system gets a copy beside the target first: `state.files.move_into_place`)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with replacing(target, temp_dir or target.parent) as handle:
         handle.write(data)
@@ -197,7 +191,7 @@ def _retire_legacy_manifest(root: Path, recipe: str) -> None:
 
 
 def temp_dir(root: Path) -> Path:
-    return root / STATE_DIR / TMP
+    return state_path(root, TMP)
 
 
 def clear_debris(root: Path) -> None:

@@ -22,18 +22,10 @@ import pytest
 
 from fluxbatch import providers
 from fluxbatch.errors import StateError
-from fluxbatch.execute import (
-    Event,
-    Executor,
-    Image,
-    JobFailed,
-    LocalFault,
-    Outcome,
-    Settings,
-    Unusable,
-)
+from fluxbatch.execute import Executor, Image, Settings, Unusable
 from fluxbatch.expand import Job
 from fluxbatch.matrix import Combination
+from fluxbatch.outcomes import Event, JobFailed, LocalFault, Outcome
 from fluxbatch.providers import Polled, Secret, Submitted
 from fluxbatch.providers.bfl import Bfl
 from fluxbatch.providers.cometapi import CometApi

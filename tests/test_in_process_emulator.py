@@ -9,7 +9,7 @@ import pytest
 
 from fluxbatch.main import main
 from fluxbatch.selection import load_plan
-from fluxbatch.state import Store
+from fluxbatch.state.store import Store
 from tests.helpers import build_file_tree
 
 RECIPE = """\

@@ -410,7 +410,7 @@ def test_a_task_paid_earlier_that_this_render_cannot_collect_is_held_not_paid_ag
         said: str) -> None:
     """A task in flight that this render cannot poll (paid through another provider, or
     with no polling URL recorded) was submitted, and paid for, again."""
-    from fluxbatch.state import Store
+    from fluxbatch.state.store import Store
 
     build_file_tree(tmp_path, {"recipe.yaml": recipe(subjects="[teapot]")})
     path = tmp_path / "recipe.yaml"

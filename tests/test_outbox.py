@@ -22,7 +22,7 @@ from fluxbatch.identity import job_key
 from fluxbatch.outbox import MAX_STARTS, Outbox, OutboxGone, Recovered
 from fluxbatch.providers import ProviderInfo
 from fluxbatch.selection import load_plan
-from fluxbatch.state import Store
+from fluxbatch.state.store import Store
 from tests.helpers import build_file_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -266,8 +266,9 @@ def test_the_outbox_answers_a_submit_whose_answer_it_cannot_record(
     import json
     import sqlite3
 
+    from fluxbatch.layout import DATABASE, STATE_DIR
     from fluxbatch.outbox import _serve
-    from fluxbatch.state import DATABASE, STATE_DIR, state_error
+    from fluxbatch.state.database import state_error
 
     database = tmp_path / STATE_DIR / DATABASE
     full = state_error(database, sqlite3.OperationalError("database or disk is full"))

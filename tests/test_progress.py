@@ -12,9 +12,9 @@ import sys
 import pytest
 
 from fluxbatch.commands.render import _Progress
-from fluxbatch.execute import Event
 from fluxbatch.expand import Job
 from fluxbatch.matrix import Combination
+from fluxbatch.outcomes import Event
 from fluxbatch.recipe import Recipe
 from fluxbatch.selection import Classified, Selection
 

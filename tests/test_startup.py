@@ -48,3 +48,36 @@ def test_validate_and_plan_load_no_http_client_and_no_progress_bar(
     loaded = imported(argv, tmp_path)
     assert {"fluxbatch", "jinja2", "yaml"} <= loaded  # (the log is read right)
     assert loaded & UNUSED == set()
+
+
+@pytest.mark.parametrize("argv", [
+    ["merge", "recipe.yaml", "elsewhere"],
+    ["clean", "recipe.yaml"],
+    ["clean", "recipe.yaml", "--store", "--delete"],
+], ids=["merge", "clean", "clean-store"])
+def test_merge_and_clean_load_no_http_stack(tmp_path: Path, argv: list[str]) -> None:
+    """They place, list and delete files: the HTTP client, its TLS and the emulator's server
+    are not theirs to load (placing images lives beside the writer, not in `network`)."""
+    build_file_tree(tmp_path, {"recipe.yaml": """
+        version: 1
+        name: r
+        provider: emulator
+        defaults: {model: flux-dev, width: 256, height: 256}
+        output: "owls/{{ mood }}.{{ ext }}"
+        jobs:
+          - name: owls
+            prompt: "a {{ mood }} owl"
+            params: {output_format: "{{ {'calm': 'png', 'wise': 'jpeg', 'odd': 'webp'}[mood] }}"}
+            matrix: {mood: [calm, wise, odd]}
+    """})
+    rendered = subprocess.run(
+        [sys.executable, "-m", "fluxbatch", "render", "recipe.yaml", "--out", "elsewhere", "-q"],
+        cwd=tmp_path, capture_output=True, text=True, check=False,
+        env={**os.environ, "PYTHONPATH": str(SOURCE_ROOT)})
+    assert rendered.returncode == 0, rendered.stderr
+    loaded = imported(argv, tmp_path)
+    assert {"fluxbatch", "sqlite3"} <= loaded  # (the log is read right)
+    assert loaded & {"aiohttp", "httpx", "httpx_aiohttp", "ssl", "h11"} == set()
+    if argv[0] == "merge":  # (and it did place every image, writing provenance in each)
+        names = sorted(p.name for p in (tmp_path / "owls").iterdir())
+        assert names == ["calm.png", "odd.webp", "wise.jpg"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -21,7 +22,9 @@ from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
 from fluxbatch.errors import StateError
 from fluxbatch.expand import Job
 from fluxbatch.selection import load_plan
-from fluxbatch.state import RootLock, Store, unreadable_store
+from fluxbatch.state.database import unreadable_store
+from fluxbatch.state.lock import RootLock
+from fluxbatch.state.store import Store
 from tests.helpers import (
     STORED,
     Cli,
@@ -516,6 +519,30 @@ def test_a_deleted_store_is_rebuilt_from_the_manifest_without_rendering(
     assert (rendered.root / "rebuild.manifest.json").read_text() == manifest
 
 
+@pytest.mark.parametrize("cost", ["1e999", "-5", "NaN"])
+def test_a_manifest_cost_that_is_infinite_negative_or_nan_is_not_taken_into_a_rebuilt_store(
+        rendered: Cli, emulator: Emulator, cost: str) -> None:
+    """A manifest is data anyone can edit. Its `1e999` was taken into the rebuilt store as
+    infinity, and the next manifest written from the store said `"cost": Infinity` (not
+    JSON); a negative cost lowered its totals."""
+    shutil.rmtree(rendered.root / ".fluxbatch")
+    manifest = rendered.root / "rebuild.manifest.json"
+    lines = manifest.read_text().splitlines(keepends=True)
+    edited = [i for i, line in enumerate(lines) if '"path": "grid/circle.png"' in line]
+    assert len(edited) == 1
+    lines[edited[0]] = re.sub(r'"cost": [^,]+,', f'"cost": {cost},', lines[edited[0]])
+    manifest.write_text("".join(lines))
+    (rendered.root / "solo" / "tree.png").unlink()  # (so that the manifest is written again)
+
+    assert rendered.render().code == 0
+    text = manifest.read_text()
+    document = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} written"))
+    costs = {entry["path"]: entry["cost"] for entry in document["images"]}
+    assert costs["grid/circle.png"] is None
+    assert all(isinstance(costs[path], float) and costs[path] > 0 for path in ALL[1:])
+    assert document["totals"]["cost_credits"] == round(sum(costs[path] for path in ALL[1:]), 4)
+
+
 def test_a_deleted_store_and_manifest_are_recovered_from_the_images_themselves(
         rendered: Cli, emulator: Emulator) -> None:
     original = json.loads((rendered.root / "rebuild.manifest.json").read_text())["images"]
@@ -549,7 +576,7 @@ def test_a_held_lock_stops_another_holder_with_a_clear_message(tmp_path: Path) -
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from fluxbatch.state import RootLock
+from fluxbatch.state.lock import RootLock
 with RootLock(Path(sys.argv[1])):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))

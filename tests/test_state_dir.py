@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fluxbatch.state import ignore_in_git
+from fluxbatch.state.files import ignore_in_git
 from tests.helpers import Cli
 
 GITIGNORE = "# Written by fluxbatch: its state stays out of version control.\n*\n"

@@ -7,7 +7,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from fluxbatch.state import Store, TaskStatus
+from fluxbatch.state.ledger import TaskStatus
+from fluxbatch.state.store import Store
 
 KEY = "a" * 64
 ENTRY = {"path": "x/1.png", "sha256": "b" * 64, "bytes": 10}

@@ -23,9 +23,10 @@ import pytest
 from PIL import Image
 
 from fluxbatch.emulator import Emulator
-from fluxbatch.execute import LocalFault
+from fluxbatch.layout import STATE_DIR
 from fluxbatch.main import main
-from fluxbatch.state import STATE_DIR, blob_path, keep_blob
+from fluxbatch.outcomes import LocalFault
+from fluxbatch.state.blobs import blob_path, keep_blob
 from fluxbatch.write import atomic_write
 from tests.helpers import Cli, Run, aligned, check_manifest, images
 
@@ -340,21 +341,66 @@ def test_a_damaged_blob_of_a_task_that_cannot_be_polled_says_what_happens(
     assert len(emulator.submissions) == sent
 
 
-def test_merge_collects_the_task_of_a_damaged_blob_instead_of_copying_it(
-        rendered: Cli, emulator: Emulator, tmp_path: Path) -> None:
-    damage_blob(rendered, "grid/star.png")
+def unreadable(monkeypatch: pytest.MonkeyPatch, target: Path, code: int) -> None:
+    """Reading `target` fails as a failing disk (EIO) or a file of another user (EACCES) would
+    (the tests run as root, whom permissions do not stop)."""
+    read_bytes = Path.read_bytes
+
+    def failing(path: Path) -> bytes:
+        if path == target:
+            raise OSError(code, os.strerror(code), str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", failing)
+
+
+def three_of_four(target: Path) -> str:
+    return (f"rebuild: 3 of 4 images present; manifest {target / 'rebuild.manifest.json'}; "
+            "`fluxbatch render` makes (or collects) the rest\n")
+
+
+@pytest.mark.parametrize("fault", ["damaged", "unreadable"])
+def test_merge_collects_the_task_of_a_damaged_or_unreadable_blob_instead_of_copying_it(
+        rendered: Cli, emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        fault: str) -> None:
+    """An unreadable one (a disk error) used to end in an internal error, with a traceback
+    in a crash log."""
+    kept = damage_blob(rendered, "grid/star.png")
     (rendered.root / "grid" / "star.png").unlink()
     target = tmp_path / "merged"
     sent = len(emulator.submissions)
 
-    merged = rendered("merge", str(rendered.recipe), "--out", str(target), str(rendered.root))
-    assert merged == Run(0, f"{rendered.root}: 3 images placed, 1 task to collect\n"
-                            f"rebuild: 3 of 4 images present; manifest "
-                            f"{target / 'rebuild.manifest.json'}; `fluxbatch render` makes "
-                            "(or collects) the rest\n", "")
+    with monkeypatch.context() as patched:
+        if fault == "unreadable":
+            unreadable(patched, kept, errno.EIO)
+        merged = rendered("merge", str(rendered.recipe), "--out", str(target),
+                          str(rendered.root))
+    said = "" if fault == "damaged" else (
+        f", 1 unreadable\n  unreadable: {kept}: Input/output error; its task is recorded here, "
+        "and `fluxbatch render` collects it without paying")
+    assert merged == Run(int(fault == "unreadable"), f"{rendered.root}: 3 images placed, 1 task "
+                         f"to collect{said}\n{three_of_four(target)}", "")
     assert rendered.render("--out", str(target)).code == 0
     assert len(emulator.submissions) == sent
     assert sorted(images(target)) == ALL
+
+
+def test_merge_of_an_unreadable_image_without_a_task_leaves_it_out_in_a_line(
+        rendered: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger(rendered, "UPDATE tasks SET task_id = NULL, polling_url = NULL")
+    target = tmp_path / "merged"
+
+    with monkeypatch.context() as patched:
+        unreadable(patched, rendered.root / "solo" / "tree.png", errno.EACCES)
+        merged = rendered("merge", str(rendered.recipe), "--out", str(target),
+                          str(rendered.root))
+    assert merged == Run(1, f"{rendered.root}: 3 images placed, 0 tasks to collect, "
+                            "1 unreadable\n"
+                            f"  unreadable: {rendered.root / 'solo' / 'tree.png'}: Permission "
+                            f"denied; left out\n{three_of_four(target)}", "")
+    assert sorted(images(target)) == ALL[:3]
+    document = json.loads((target / "rebuild.manifest.json").read_text())
+    assert sorted(entry["path"] for entry in document["images"]) == ALL[:3]
 
 
 # -- M3: an output folder on another file system -------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 
 import fluxbatch
 from fluxbatch.selection import STATE_ORDER, TO_RENDER
-from fluxbatch.state import TaskStatus
+from fluxbatch.state.ledger import TaskStatus
 from fluxbatch.vocabulary import Vocabulary
 
 CONTRACT: dict[type[Vocabulary], list[str]] = {

@@ -17,16 +17,12 @@ from fluxbatch.commands.output import plural
 from fluxbatch.errors import EXIT_OK, FluxbatchError
 from fluxbatch.expand import Plan
 from fluxbatch.selection import classify, load_plan, source_placement, stored_path_problem
-from fluxbatch.state import (
-    RootLock,
-    RootState,
-    Store,
-    TaskStatus,
-    blob_path,
-    has_blob,
-    has_store,
-    read_manifests,
-)
+from fluxbatch.state.blobs import blob_path, has_blob
+from fluxbatch.state.ledger import TaskStatus
+from fluxbatch.state.lock import RootLock
+from fluxbatch.state.manifests import read_manifests
+from fluxbatch.state.root import RootState
+from fluxbatch.state.store import Store, has_store
 from fluxbatch.write import write_manifest
 
 

@@ -31,10 +31,11 @@ from fluxbatch.commands.contact_sheet import (
 from fluxbatch.commands.output import plural, short_value
 from fluxbatch.errors import EXIT_OK, FluxbatchError, UsageError
 from fluxbatch.expand import Job, Plan
+from fluxbatch.layout import manifest_name
 from fluxbatch.models import did_you_mean
 from fluxbatch.recipe import JobSpec
 from fluxbatch.selection import ImageState, classify, load_plan
-from fluxbatch.state import manifest_name, read_state
+from fluxbatch.state.root import read_state
 from fluxbatch.write import atomic_write
 
 ABSENT = "\x00absent"  # the key of a variable that a combination does not have

@@ -13,29 +13,20 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fluxbatch.commands.output import plural
 from fluxbatch.errors import EXIT_FAILED, EXIT_OK, UsageError
 from fluxbatch.expand import Plan
+from fluxbatch.place import Placer
 from fluxbatch.selection import ImageState, classify, load_plan, source_placement
-from fluxbatch.state import (
-    IN_FLIGHT,
-    DamagedBlob,
-    ManifestEntry,
-    RootLock,
-    RootState,
-    Store,
-    Task,
-    has_blob,
-    has_store,
-    read_blob,
-    read_state,
-)
+from fluxbatch.state.blobs import DamagedBlob, has_blob, read_blob
+from fluxbatch.state.ledger import IN_FLIGHT, Task
+from fluxbatch.state.lock import RootLock
+from fluxbatch.state.manifests import ManifestEntry
+from fluxbatch.state.placements import Placement
+from fluxbatch.state.root import RootState, read_state
+from fluxbatch.state.store import Store, has_store
 from fluxbatch.write import manifest_path, write_manifest
-
-if TYPE_CHECKING:  # (the render module, and the network half it imports, load only here)
-    from fluxbatch.network import Placer
 
 
 @dataclass(slots=True)
@@ -43,6 +34,7 @@ class Merged:
     placed: int = 0
     collectable: int = 0
     conflicts: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
 
 
 def merge(*, recipe: str, out: str | None, yes: bool, sources: list[str]) -> int:
@@ -54,10 +46,8 @@ def merge(*, recipe: str, out: str | None, yes: bool, sources: list[str]) -> int
             raise UsageError(f"merge: {source} is not a folder")
         if os.path.realpath(source) == os.path.realpath(root):
             raise UsageError(f"merge: {source} is this recipe's own output root")
-    from fluxbatch.network import Placer
-
     root.mkdir(parents=True, exist_ok=True)
-    conflicts = 0
+    failed = 0
     with RootLock(root), Store.open(root) as store:
         store.use(plan.recipe.name, plan.recipe.path)
         placer = Placer(plan.recipe, store, plan.recipe.provider.name)
@@ -66,10 +56,13 @@ def merge(*, recipe: str, out: str | None, yes: bool, sources: list[str]) -> int
                 merged = _merge_one(plan, store, placer, source)
             print(f"{source}: {plural(merged.placed, 'image')} placed, "
                   f"{plural(merged.collectable, 'task')} to collect" +
-                  (f", {plural(len(merged.conflicts), 'conflict')}" if merged.conflicts else ""))
+                  (f", {plural(len(merged.conflicts), 'conflict')}" if merged.conflicts else "")
+                  + (f", {len(merged.unreadable)} unreadable" if merged.unreadable else ""))
             for conflict in merged.conflicts:
                 print(f"  conflict: {conflict}")
-            conflicts += len(merged.conflicts)
+            for unreadable in merged.unreadable:
+                print(f"  unreadable: {unreadable}")
+            failed += len(merged.conflicts) + len(merged.unreadable)
         write_manifest(plan.recipe, store)
         state = RootState.of(plan.recipe.name, store.tasks(), store.placements())
     classified = classify(plan, state)
@@ -78,7 +71,7 @@ def merge(*, recipe: str, out: str | None, yes: bool, sources: list[str]) -> int
     print(f"{plan.recipe.name}: {len(plan.jobs) - missing:,} of {len(plan.jobs):,} images "
           f"present; manifest {manifest_path(plan.recipe)}" +
           ("" if not missing else "; `fluxbatch render` makes (or collects) the rest"))
-    return EXIT_FAILED if conflicts else EXIT_OK
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _merge_one(plan: Plan, store: Store, placer: Placer, source: Path) -> Merged:
@@ -92,16 +85,20 @@ def _merge_one(plan: Plan, store: Store, placer: Placer, source: Path) -> Merged
             continue
         found = source_placement(job.key, theirs, source)
         task = theirs.tasks.get(job.key)
-        held = None if found is not None else _held(source, task)
-        if found is not None:
-            entry = _entry(source, found.recipe, found.output)
-            placer.place(job, (source / found.path).read_bytes(), task, entry or {})
+        collectable = task is not None and job.key not in ours.tasks and (
+            task.status in IN_FLIGHT or _damaged(source, task))
+        try:
+            data = _image_in(source, found, task)
+        except OSError as error:  # (a disk error, a file this user may not read)
+            merged.unreadable.append(f"{error.filename}: {error.strerror or error}; " + (
+                _COLLECTED_HERE if collectable else "left out"))
+            data = None
+        if data is not None:
+            entry = _entry(source, found.recipe, found.output) if found is not None else None
+            placer.place(job, data, task, entry or {})
             merged.placed += 1
-        elif held is not None:
-            placer.place(job, held, task, {})
-            merged.placed += 1
-        elif task is not None and job.key not in ours.tasks and (
-                task.status in IN_FLIGHT or _damaged(source, task)):
+        elif collectable:
+            assert task is not None
             _record_task(store, task)
             merged.collectable += 1
         else:
@@ -111,6 +108,17 @@ def _merge_one(plan: Plan, store: Store, placer: Placer, source: Path) -> Merged
                     f"{job.output}: {source} holds an image of another request there (key "
                     f"{other.key[:12]}…, planned {job.key[:12]}…); left out")
     return merged
+
+
+_COLLECTED_HERE = "its task is recorded here, and `fluxbatch render` collects it without paying"
+
+
+def _image_in(source: Path, found: Placement | None, task: Task | None) -> bytes | None:
+    """The image `source` holds for a key: the file placed there (`found`), else the copy in
+    its content store, if intact. An OSError when it cannot be read."""
+    if found is not None:
+        return (source / found.path).read_bytes()
+    return _held(source, task)
 
 
 def _held(source: Path, task: Task | None) -> bytes | None:

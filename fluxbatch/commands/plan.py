@@ -38,14 +38,9 @@ from fluxbatch.selection import (
     nothing_matches,
     stale_changes,
 )
-from fluxbatch.state import (
-    ManifestEntry,
-    RootState,
-    has_store,
-    read_entries,
-    read_manifest,
-    read_state,
-)
+from fluxbatch.state.manifests import ManifestEntry, read_manifest
+from fluxbatch.state.root import RootState, read_entries, read_state
+from fluxbatch.state.store import has_store
 
 TABLE, JSON, JSONL = "table", "json", "jsonl"
 

@@ -29,8 +29,8 @@ from fluxbatch.session import Render, Report, preview
 from fluxbatch.write import manifest_path
 
 if TYPE_CHECKING:
-    from fluxbatch.execute import Event
     from fluxbatch.expand import Job, Plan
+    from fluxbatch.outcomes import Event
 
 
 def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run: bool,

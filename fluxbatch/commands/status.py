@@ -22,7 +22,8 @@ from fluxbatch.selection import (
     load_plan,
     stale_changes,
 )
-from fluxbatch.state import ManifestEntry, read_entries, read_state
+from fluxbatch.state.manifests import ManifestEntry
+from fluxbatch.state.root import read_entries, read_state
 
 
 def status(*, recipe: str, out: str | None, yes: bool, as_json: bool, verify: bool,

@@ -13,6 +13,7 @@ import fnmatch
 import functools
 import importlib
 import ipaddress
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -197,6 +198,20 @@ def parsed_url(url: str) -> httpx.URL:
 # The user name and password a URL may carry: after the scheme, up to the last @ before the
 # path, the query or the fragment.
 _CREDENTIALS = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+
+
+def credits(value: Any) -> float | None:
+    """A cost in credits as the provider reported it (just now, or to an earlier run, which
+    recorded it): a finite number, not negative; anything else counts as unreported. JSON's
+    `1e999` reads as infinity, which no manifest or image can hold, and a negative or NaN
+    cost would print as `$-5.00` or `$nan`."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        cost = float(value)
+    except OverflowError:  # (an integer of 400 digits)
+        return None
+    return cost if math.isfinite(cost) and cost >= 0 else None
 
 
 def without_credentials(url: str) -> str:

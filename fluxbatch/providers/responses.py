@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import os
 import re
 from enum import StrEnum
@@ -21,7 +20,7 @@ from typing import Any, TypeGuard
 
 import httpx
 
-from fluxbatch.providers import Polled, Submitted
+from fluxbatch.providers import Polled, Submitted, credits
 
 READY = "Ready"
 PENDING = "Pending"
@@ -87,20 +86,6 @@ def read_submitted(response: httpx.Response, *, fallback_poll: str) -> Submitted
     if not isinstance(polling_url, str) or not polling_url:
         polling_url = fallback_poll.format(id=body["id"])  # webhook replies may omit it
     return Submitted(body["id"], polling_url, credits(body.get("cost")))
-
-
-def credits(value: Any) -> float | None:
-    """A cost in credits as the provider reported it (just now, or to an earlier run, which
-    recorded it): a finite number, not negative; anything else counts as unreported. JSON's
-    `1e999` reads as infinity, which no manifest or image can hold, and a negative or NaN
-    cost would print as `$-5.00` or `$nan`."""
-    if not _is_number(value):
-        return None
-    try:
-        cost = float(value)
-    except OverflowError:  # (an integer of 400 digits)
-        return None
-    return cost if math.isfinite(cost) and cost >= 0 else None
 
 
 def read_polled(response: httpx.Response) -> Polled:

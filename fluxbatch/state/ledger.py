@@ -1,0 +1,215 @@
+"""The ledger: what was paid for, by job key. Per key, its latest task: submitting →
+submitted (task id, polling URL, cost: committed before the first poll) → ready (reported
+seed) → fetched (the bytes' sha256, in the content store) — or moderated / failed / unknown
+/ gone, with the reason (placed: the bytes are only in placed files).
+
+`Ledger` is what the rest of fluxbatch asks of it; `LedgerTables` answers from the root's
+SQLite file (each change one committed transaction)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from fluxbatch.errors import StateError
+from fluxbatch.layout import DATABASE, STATE_DIR
+from fluxbatch.providers import without_credentials
+from fluxbatch.state.database import Tables
+from fluxbatch.vocabulary import Vocabulary
+
+
+class TaskStatus(Vocabulary):
+    """Where a job key's latest task stands, in the ledger (`tasks.status`)."""
+
+    SUBMITTING = "submitting"  # handed to the wire: until an answer, it may have been billed
+    SUBMITTED = "submitted"
+    READY = "ready"
+    FETCHED = "fetched"  # the bytes are in the content store
+    PLACED = "placed"  # the bytes are only in placed files (a migrated root, a pruned store)
+    MODERATED = "moderated"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+    GONE = "gone"  # paid, but the provider forgot the task before its bytes were kept
+
+
+IN_FLIGHT = frozenset({TaskStatus.SUBMITTED, TaskStatus.READY})
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """The ledger's row for one job key."""
+
+    key: str
+    status: TaskStatus
+    provider: str | None = None
+    base_url: str | None = None
+    task_id: str | None = None
+    polling_url: str | None = None
+    cost: float | None = None
+    submitted_at: float | None = None
+    reported_seed: int | None = None
+    blob: str | None = None
+    reason: str | None = None
+    run: str | None = None
+    updated_at: float = 0.0
+
+
+class Ledger(Protocol):
+    """What was paid for, by job key (each change durable before it returns). The local
+    backend is `LedgerTables`; a shared store answers the same questions."""
+
+    def task(self, key: str) -> Task | None: ...
+
+    def tasks(self) -> dict[str, Task]: ...
+
+    def submitting(self, key: str, provider: str, base_url: str | None,
+                   run: str | None = None) -> None: ...
+
+    def not_sent(self, key: str) -> None: ...
+
+    def submitted(self, key: str, task_id: str, polling_url: str, cost: float | None,
+                  at: float) -> None: ...
+
+    def ready(self, key: str, reported_seed: int | None) -> None: ...
+
+    def fetched(self, key: str, blob: str) -> None: ...
+
+    def fetch_again(self, key: str, reason: str) -> bool: ...
+
+    def ended(self, key: str, status: TaskStatus, reason: str | None) -> None: ...
+
+
+_TASK_COLUMNS = ("key, status, provider, base_url, task_id, polling_url, cost, submitted_at, "
+                 "reported_seed, blob, reason, run, updated_at")
+_STATUSES = {status.value: status for status in TaskStatus}
+
+
+def _task_of(row: tuple[Any, ...], root: Path) -> Task:
+    """A row of `_TASK_COLUMNS` as a `Task`, its status a `TaskStatus` (found by value in a
+    dict: calling the enum would cost as much as the rest, and a plan reads the whole ledger)."""
+    status = _STATUSES.get(row[1])
+    if status is None:
+        raise StateError(f"{root / STATE_DIR / DATABASE}: the ledger holds a task whose status "
+                         f"{row[1]!r} this fluxbatch does not know; upgrade fluxbatch")
+    return Task(row[0], status, *row[2:])
+
+
+class LedgerTables(Tables):
+    """The ledger in the root's SQLite file (`tasks`)."""
+
+    # -- reading ------------------------------------------------------------------------
+
+    def tasks(self) -> dict[str, Task]:
+        return {row[0]: _task_of(row, self.root) for row in
+                self.db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks")}
+
+    def lazy_tasks(self) -> Mapping[str, Task]:
+        """The ledger, read row by row as asked (a null build of 10,000 images reads none of
+        it); only while the store is open."""
+        return _LazyTasks(self)
+
+    def task(self, key: str) -> Task | None:
+        row = self.db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE key = ?",
+                              (key,)).fetchone()
+        return None if row is None else _task_of(row, self.root)
+
+    # -- writing (each call one committed transaction) ------------------------------------
+
+    def _task(self, key: str, **fields: Any) -> None:
+        fields["updated_at"] = time.time()
+        names = ", ".join(fields)
+        marks = ", ".join("?" for _ in fields)
+        updates = ", ".join(f"{name} = excluded.{name}" for name in fields)
+        self.db.execute(f"INSERT INTO tasks (key, {names}) VALUES (?, {marks}) "
+                        f"ON CONFLICT(key) DO UPDATE SET {updates}", (key, *fields.values()))
+
+    def submitting(self, key: str, provider: str, base_url: str | None,
+                   run: str | None = None) -> None:
+        """(A password in the base URL, `https://user:secret@host`, is not recorded.)"""
+        self._task(key, status=TaskStatus.SUBMITTING, provider=provider,
+                   base_url=without_credentials(base_url) if base_url else base_url,
+                   task_id=None, polling_url=None, cost=None, submitted_at=None,
+                   reported_seed=None, blob=None, reason=None, run=run)
+
+    def not_sent(self, key: str) -> None:
+        """The submit never left (or was refused unprocessed): nothing was paid."""
+        self.db.execute("DELETE FROM tasks WHERE key = ? AND status = ?",
+                        (key, TaskStatus.SUBMITTING))
+
+    def submitted(self, key: str, task_id: str, polling_url: str, cost: float | None,
+                  at: float) -> None:
+        self._task(key, status=TaskStatus.SUBMITTED, task_id=task_id,
+                   polling_url=without_credentials(polling_url), cost=cost, submitted_at=at)
+
+    def ready(self, key: str, reported_seed: int | None) -> None:
+        self._task(key, status=TaskStatus.READY, reported_seed=reported_seed)
+
+    def fetched(self, key: str, blob: str) -> None:
+        self._task(key, status=TaskStatus.FETCHED, blob=blob, reason=None)
+
+    def fetch_again(self, key: str, reason: str) -> bool:
+        """The bytes kept of a paid task are lost (damaged on disk): it is in flight again, to
+        be polled for a fresh URL and downloaded again, without paying. False when the ledger
+        knows no task to poll (then nothing changes)."""
+        task = self.task(key)
+        if task is None or not task.task_id or not task.polling_url:
+            return False
+        self._task(key, status=TaskStatus.READY, blob=None, reason=reason)
+        return True
+
+    def ended(self, key: str, status: TaskStatus, reason: str | None) -> None:
+        """moderated | failed | unknown | gone; or, for a task in flight, only its reason."""
+        if status in IN_FLIGHT:
+            self.db.execute("UPDATE tasks SET reason = ?, updated_at = ? WHERE key = ?",
+                            (reason, time.time(), key))
+        else:
+            self._task(key, status=status, reason=reason)
+
+    def known(self, key: str) -> None:
+        """A key whose image the root holds in a placed file, unless the ledger knows more."""
+        self.db.execute("INSERT OR IGNORE INTO tasks (key, status, updated_at) VALUES (?, ?, ?)",
+                        (key, TaskStatus.PLACED, time.time()))
+
+
+class _LazyTasks(Mapping[str, Task]):
+    def __init__(self, ledger: LedgerTables) -> None:
+        self.ledger = ledger
+        self.seen: dict[str, Task | None] = {}
+        self.every: dict[str, Task] | None = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if self.every is not None:
+            return self.every.get(key, default)
+        if key not in self.seen:
+            self.seen[key] = self.ledger.task(key)
+        found = self.seen[key]
+        return default if found is None else found
+
+    def __getitem__(self, key: str) -> Task:
+        found = self.get(key)
+        if found is None:
+            raise KeyError(key)
+        return found  # type: ignore[no-any-return]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
+    def _all(self) -> dict[str, Task]:
+        if self.every is None:
+            self.every = self.ledger.tasks()
+        return self.every
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+def new_run_id() -> str:
+    """An id for one render, recorded with each task it submits (what this run spent)."""
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
