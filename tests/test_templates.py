@@ -439,3 +439,30 @@ def test_a_direct_template_compiles_jinja_code_only_when_a_rendering_needs_it() 
     with pytest.raises(TemplateProblem) as caught:
         template.render({"b": 2})
     assert str(caught.value) == "undefined variable 'a'"
+
+
+def test_the_jinja_internals_templates_rely_on_are_still_there() -> None:
+    """fluxbatch/templates.py reaches into Jinja where its public API stops (it is pinned
+    below its next minor in pyproject.toml). If this fails after moving the pin, Jinja
+    changed one of these: adapt templates.py before anything else."""
+    import inspect
+
+    import jinja2
+    from jinja2 import meta
+    from jinja2.compiler import CodeGenerator
+    from jinja2.utils import _PassArg
+
+    # _bounded_filter and _direct_getter tell a filter that takes the context apart
+    assert _PassArg.from_obj(jinja2.pass_context(lambda context, value: value)) is \
+        _PassArg.context
+    assert _PassArg.from_obj(lambda value: value) is None
+    # _CodeGenerator overrides visit_Call to call the metering helpers directly
+    assert list(inspect.signature(CodeGenerator.visit_Call).parameters) == [
+        "self", "node", "frame", "forward_caller"]
+    ast = templates.ENV.parse("{% for x in range(3) %}{{ x }}{% endfor %}")
+    templates._meter(ast)
+    code = templates.ENV.compile(ast, raw=True)
+    assert "from fluxbatch.templates import _charge as t_1" in code
+    assert "t_1(7, )" in code  # a direct call, not environment.call(...)
+    # _Names turns off the optimizer of meta's tracking code generator
+    assert "optimizer" in vars(meta.TrackingCodeGenerator(jinja2.Environment()))
