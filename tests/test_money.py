@@ -20,7 +20,7 @@ from fluxbatch.execute import BUDGET_REACHED, Settings
 from fluxbatch.money import Budget
 from fluxbatch.state.ledger import Charge, Reservation, TaskStatus
 from fluxbatch.state.store import Store
-from tests.helpers import Run, build_file_tree
+from tests.helpers import Cli, Run, build_file_tree
 from tests.test_execute import Harness, VirtualTime, make_job, statuses
 
 SCOPE = "(the budget counts this run and the unfinished runs it continues; raise --budget to go on)"
@@ -42,36 +42,35 @@ def recipe(count: int, *, prompt: str = "a teapot, take {{ n }}", name: str = "m
         """
 
 
-class Project:
-    """A recipe in a tmp dir, rendered by the CLI in-process against `emulator`."""
+class Project(Cli):
+    """A recipe of its own in a tmp dir, rendered by the CLI in-process against `emulator`."""
 
     def __init__(self, root: Path, emulator: Emulator, capsys: pytest.CaptureFixture[str],
                  text: str) -> None:
-        self.root, self.emulator, self.capsys = root, emulator, capsys
+        super().__init__(emulator, capsys, root)
+        self.name = "money"
         build_file_tree(root, {"recipe.yaml": text})
-        self.recipe = root / "recipe.yaml"
-
-    def __call__(self, *argv: str) -> Run:
-        from fluxbatch.main import main
-
-        self.capsys.readouterr()
-        code = main(list(argv))
-        captured = self.capsys.readouterr()
-        return Run(code, captured.out, captured.err)
-
-    def render(self, *options: str) -> Run:
-        return self("render", str(self.recipe), "--base-url", self.emulator.base_url, "-q",
-                    *options)
 
     def manifest(self) -> str:
         return str(self.root / "money.manifest.json")
 
 
+def charging(credits: float) -> EmulatorThread:
+    """An emulator charging `credits` (of $0.01) an image, whatever the list price."""
+    return EmulatorThread(EmulatorConfig(latency=0.02, latency_sigma=0.1, max_side=64,
+                                         cost=credits))
+
+
+def moderating(count: int, which: str, token: str) -> str:
+    """`recipe(count)` whose images `which` (a Jinja test on `n`) are moderated."""
+    return recipe(count, prompt=f"a teapot{{% if {which} %}} [[{token}]]{{% endif %}}, "
+                                "take {{ n }}")
+
+
 @pytest.fixture
 def five_times() -> Iterator[Emulator]:
     """A provider charging 5x the list price: $0.20 an image of flux-pro-1.1 ($0.04)."""
-    with EmulatorThread(EmulatorConfig(latency=0.02, latency_sigma=0.1, max_side=64,
-                                       cost=20.0)) as emulator:
+    with charging(20.0) as emulator:
         yield emulator
 
 
@@ -132,10 +131,9 @@ def test_json_and_the_next_run_say_the_same_and_a_higher_budget_goes_on(
 def test_moderated_images_are_refunded_and_free_the_budget(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # $0.08 an image (twice the list price); the first two are moderated, and not billed.
-    config = EmulatorConfig(latency=0.02, latency_sigma=0.1, max_side=64, cost=8.0)
-    with EmulatorThread(config) as emulator:
-        project = Project(tmp_path, emulator, capsys, recipe(
-            5, prompt="a teapot{% if n <= 2 %} [[request-moderated]]{% endif %}, take {{ n }}"))
+    with charging(8.0) as emulator:
+        project = Project(tmp_path, emulator, capsys,
+                          moderating(5, "n <= 2", "request-moderated"))
 
         # One task at a time: each moderation is refunded before the next image reserves.
         done = project.render("--budget", "0.24", "-j", "1", "--json")
@@ -377,13 +375,11 @@ def test_a_cometapi_quota_url_never_appears_in_any_output_file_or_crash_log(
 
 def test_spend_totals_equal_the_sum_of_the_reported_costs(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = EmulatorConfig(latency=0.02, latency_sigma=0.1, max_side=64, cost=7.5)
-    with EmulatorThread(config) as emulator:
-        project = Project(tmp_path, emulator, capsys, recipe(
-            6, prompt="a teapot{% if n == 2 %} [[content-moderated]]{% endif %}, take {{ n }}"))
+    with charging(7.5) as emulator:
+        project = Project(tmp_path, emulator, capsys,
+                          moderating(6, "n == 2", "content-moderated"))
         assert project.render().code == 1  # (one moderated)
-        project.recipe.write_text(recipe(
-            8, prompt="a teapot{% if n == 2 %} [[content-moderated]]{% endif %}, take {{ n }}"))
+        project.recipe.write_text(moderating(8, "n == 2", "content-moderated"))
         assert project.render().code == 1
         paid = charged_usd(emulator)
 
