@@ -171,15 +171,19 @@ async def arender(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] |
     """Render the recipe (a path, a loaded `Recipe`, or what `plan` returned: then that
     very plan, not expanded again). `base_url` sends the requests (and the key) elsewhere (loopback,
     or the provider's own hosts); `jobs` caps the tasks in flight (default: the provider's
-    cap, 24); `budget` refuses to start above an estimated cost in USD; `timeout` gives up on
-    one task after so many seconds; `on_event` is called with each `Event` (submitted,
+    cap, 24); `budget` (USD) refuses to start above the estimated cost and stops submitting
+    when the next image would not fit (it counts this run and the unfinished runs of the
+    recipe it continues; `Report.budget` says what was spent, `Report.stopped` why it
+    stopped); `yes` also renders when the estimate is over the account's balance (which is
+    checked where the provider offers a balance query); `timeout` gives up on one task after
+    so many seconds; `on_event` is called with each `Event` (submitted,
     ready, written, failed, ...) on the event loop's thread. Cancelling the call stops at
     once: every task already paid for is in the state store, and the next render collects
     it without paying again."""
     built = recipe.plan if isinstance(recipe, Planned) else _plan(recipe, out, yes, verify)
     options = Options(concurrency=jobs, base_url=base_url, force=force, only=tuple(only),
                       retry_unknown=retry_unknown, verify=verify, budget=budget, shard=shard,
-                      task_timeout=timeout)
+                      task_timeout=timeout, yes=yes)
     return await Render(built, options, environ=environ, on_event=on_event,
                         transport=transport).run()
 

@@ -7,6 +7,7 @@ traceback in a log file, exit code 3.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -15,6 +16,16 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BUG = 3
 EXIT_INTERRUPTED = 130
+
+
+# A `key=` query parameter: CometAPI's balance query carries the API key so.
+_KEY_PARAMETER = re.compile(r"([?&]key=)[^&#\s'\"]*")
+
+
+def without_key_parameters(text: str) -> str:
+    """`text` with the value of every `key=` query parameter replaced by `***`: applied to
+    whatever may hold a URL with a key (a crash log, an error from the balance query)."""
+    return _KEY_PARAMETER.sub(r"\1***", text)
 
 
 class FluxbatchError(Exception):

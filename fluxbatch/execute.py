@@ -8,6 +8,11 @@ requests are retried"):
 
 - slow start: the run's first submit goes alone; the others wait until one was accepted, so a
   bad key, an empty account or a dead host costs one request and one line, not one per image.
+  With a budget, the first submit of each model whose cost is not known yet goes alone too,
+  so that the provider's answer sets the price the others reserve.
+- budget (`money.Budget`): each paid submit reserves its price right before it goes, is
+  reconciled to the reported cost, released when refused, refunded when moderated or failed;
+  an image that does not fit stops the submits, and what is in flight is still collected.
 - submit: 429 means "no slot now" — wait (Retry-After, else jittered exponential backoff)
   and resubmit, lowering the limit only at the account's cap (`pacing.Slots`); a connection that
   could not be opened is safe to retry a few times, after which the host counts as
@@ -48,6 +53,7 @@ import httpx
 from fluxbatch import models
 from fluxbatch.errors import FluxbatchError
 from fluxbatch.expand import Job
+from fluxbatch.money import Budget, BudgetReached, Prices
 from fluxbatch.outbox import OutboxGone, Recovered, Unrecorded
 from fluxbatch.outcomes import Event, EventKind, JobFailed, LocalFault, Outcome, OutcomeStatus
 from fluxbatch.pacing import Durations, Slots, retry_after
@@ -94,6 +100,8 @@ class Image:
 
 class Journal(Protocol):
     """Where lifecycle changes are recorded, each durably, before the next step."""
+
+    def reserve(self, job: Job, usd: float | None) -> None: ...
 
     def submitting(self, job: Job) -> None: ...
 
@@ -145,6 +153,10 @@ class _Skipped(Exception):
     """Never accepted by the provider (interrupted between 429 retries, say)."""
 
 
+# Why an image was not submitted: the next one did not fit in the budget.
+BUDGET_REACHED = "not submitted: the budget is reached"
+
+
 class Executor:
     def __init__(self, provider: Provider, wire: Wire, *, journal: Journal,
                  writer: Writer, settings: Settings | None = None,
@@ -154,7 +166,8 @@ class Executor:
                  rng: random.Random | None = None,
                  submit_via: Callable[[Job], Sender] | None = None,
                  spool: Path | None = None,
-                 prepare: Callable[[Job], Awaitable[Mapping[str, Any]]] | None = None) -> None:
+                 prepare: Callable[[Job], Awaitable[Mapping[str, Any]]] | None = None,
+                 budget: Budget | None = None, prices: Prices | None = None) -> None:
         self.provider = provider
         self.wire = wire
         self.journal = journal
@@ -186,9 +199,13 @@ class Executor:
         # workers): as many as the workers of one model could run before attaching was apart.
         self._collecting = asyncio.Semaphore(2 * self.settings.account_cap)
         self._stop_event = asyncio.Event()
-        # Slow start: until one submit is accepted, submits go one at a time.
+        # Slow start: until one submit is accepted, submits go one at a time; with a budget,
+        # also until a model's cost is known, that model's submits (`_probe_turn`).
         self._accepted = asyncio.Event()
         self._probe = asyncio.Lock()
+        self._model_probes: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.budget = budget
+        self.prices = prices or Prices()
 
     def is_stopping(self) -> bool:
         return self.stopping
@@ -246,38 +263,63 @@ class Executor:
                        outcomes: list[Outcome | None]) -> None:
         """A task of an earlier run, its slots already held: polled until it ends (even after
         a stop, when it ends pending at once, and stays recorded)."""
-        outcomes[position] = await self._attempt(job, earlier, probing=False, held=True)
+        outcomes[position] = await self._attempt(job, earlier, None, held=True)
 
     async def _worker(self, queue: deque[int], jobs: Sequence[Job],
                       outcomes: list[Outcome | None]) -> None:
         while queue:
             position = queue.popleft()
             job = jobs[position]
-            if self.stopping or self.fatal:
-                reason = self.fatal or "interrupted before it was submitted"
+            if self.stopping or self.fatal or self.budget_reached:
+                reason = self.fatal or (BUDGET_REACHED if self.budget_reached else
+                                        "interrupted before it was submitted")
                 outcomes[position] = self._finish(Outcome(job, OutcomeStatus.SKIPPED, reason))
                 continue
             outcomes[position] = await self._run_job(job)
 
-    async def _run_job(self, job: Job) -> Outcome:
-        # Slow start: until one submit has been accepted, submits go one at a time (and wait
-        # for their turn before taking a slot, so that a probe waiting out a 429 gets its
-        # slot back): a bad key, an empty account or an unreachable host is then learned from
-        # one request, not from one per image.
-        probing = not self._accepted.is_set()
-        if probing:
-            await self._probe.acquire()
-            if self._accepted.is_set():
-                self._probe.release()
-                probing = False
-        try:
-            return await self._attempt(job, None, probing)
-        finally:
-            if probing and self._probe.locked():
-                self._probe.release()
+    @property
+    def budget_reached(self) -> bool:
+        return self.budget is not None and self.budget.reached
 
-    async def _attempt(self, job: Job, earlier: Submitted | None, probing: bool, *,
-                       held: bool = False) -> Outcome:
+    async def _run_job(self, job: Job) -> Outcome:
+        # Slow start: a probe waits for its turn before taking a slot, so that a probe waiting
+        # out a 429 gets its slot back.
+        probe = await self._probe_turn(job.model)
+        try:
+            if self.budget is not None:
+                price = self.prices.reserve(job.model, job.request)
+                try:
+                    if price is None:  # (the pre-check refuses such a render: fail closed)
+                        raise BudgetReached
+                    await self.budget.reserve(job.key, price)
+                except BudgetReached:
+                    return self._finish(Outcome(job, OutcomeStatus.SKIPPED, BUDGET_REACHED))
+            return await self._attempt(job, None, probe)
+        finally:
+            if probe is not None and probe.locked():
+                probe.release()
+
+    def _calibrated(self, model: str) -> bool:
+        return self._accepted.is_set() and (self.budget is None or self.prices.known(model))
+
+    async def _probe_turn(self, model: str) -> asyncio.Lock | None:
+        """Wait until this submit may go: None when others may go beside it, else the lock
+        it holds as a probe. Until one submit was accepted, one goes at a time (a bad key,
+        an empty account or an unreachable host is learned from one request, not from one
+        per image); with a budget, until a model's cost is known, one of that model at a
+        time (its answer sets the price the others reserve)."""
+        while not self._calibrated(model):
+            run_wide = not self._accepted.is_set()
+            lock = self._probe if run_wide else self._model_probes[model]
+            await lock.acquire()
+            if self._calibrated(model) or (run_wide and self._accepted.is_set()):
+                lock.release()
+                continue
+            return lock
+        return None
+
+    async def _attempt(self, job: Job, earlier: Submitted | None,
+                       probe: asyncio.Lock | None, *, held: bool = False) -> Outcome:
         """Submit (or, with `earlier`, attach) and poll, within a slot (`held`: taken
         already); then download and write."""
         outcome = Outcome(job, OutcomeStatus.PENDING)
@@ -288,10 +330,10 @@ class Executor:
                 await slot.acquire()
         try:
             if earlier is None:
-                outcome.submitted = await self._submit(job)
-                if probing:
+                outcome.submitted = await self._paid_submit(job)
+                if probe is not None:
                     self._accepted.set()
-                    self._probe.release()
+                    probe.release()
                 outcome.submitted_at = time.time()
                 self.journal.submitted(job, outcome.submitted, outcome.submitted_at)
                 self.on_event(Event(EventKind.SUBMITTED, job, cost=outcome.submitted.cost))
@@ -333,6 +375,8 @@ class Executor:
     async def _conclude(self, job: Job, outcome: Outcome) -> Outcome:
         polled = outcome.polled
         assert polled is not None and outcome.submitted is not None
+        if polled.status != r.READY and self.budget is not None:
+            await self.budget.refund(job.key)  # (moderated or failed: not billed)
         if polled.status in r.MODERATED:
             outcome.status = OutcomeStatus.MODERATED
             outcome.reason = r.with_details(polled.status, polled.details)
@@ -424,6 +468,26 @@ class Executor:
 
     # -- submit --------------------------------------------------------------------------
 
+    async def _paid_submit(self, job: Job) -> Submitted:
+        """`_submit`, with its reservation reconciled: to the reported cost when accepted;
+        spent when the answer was lost; released when it was refused or never left."""
+        budget = self.budget
+        try:
+            submitted = await self._submit(job)
+        except _Unknown:
+            if budget is not None:
+                await budget.unknown(job.key)
+            raise
+        except BaseException:
+            if budget is not None:
+                await budget.release(job.key)
+            raise
+        cost = submitted.cost / 100 if submitted.cost is not None else None
+        self.prices.learn(job.model, job.request, cost)
+        if budget is not None:
+            await budget.settle(job.key, cost)
+        return submitted
+
     async def _submit(self, job: Job) -> Submitted:
         body = job.request if self.prepare is None else await self.prepare(job)
         request = self.provider.submit_request(job.model, body)
@@ -437,6 +501,9 @@ class Executor:
                 raise _Fatal(self.fatal)
             if self.stopping:
                 raise _Skipped("interrupted before the provider accepted it")
+            # What it may cost, in the ledger before it leaves (a run killed now still counts
+            # it); the answer settles it.
+            self.journal.reserve(job, self.budget.held.get(job.key) if self.budget else None)
             if self.submit_via is None:  # (the outbox records this itself, right before sending)
                 self.journal.submitting(job)  # until the answer comes, the outcome is unknown
             try:

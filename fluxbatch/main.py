@@ -22,6 +22,7 @@ from fluxbatch.errors import (
     ConfigError,
     FluxbatchError,
     RecipeError,
+    without_key_parameters,
 )
 
 
@@ -98,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     _selection_arguments(p)
 
     p = sub.add_parser("render", help="render every missing or stale image, and the manifest")
-    _recipe_arguments(p)
+    _recipe_arguments(p, yes="accept a plan of more images than the recipe's max_jobs, and "
+                      "render even when the estimated cost is over the account's balance")
     p.add_argument("-j", "--jobs", type=_positive_int, metavar="N",
                    help="at most N tasks in flight at the provider at once (default: its "
                    "cap, 24); the name is historical: these are tasks, not recipe jobs")
@@ -115,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check every existing image and image input by its sha256, not "
                    "size and mtime")
     p.add_argument("--budget", type=_non_negative_float, metavar="USD",
-                   help="refuse to start if the estimated cost is higher")
+                   help="spend at most this much: refuse to start when the estimate is "
+                   "higher, and stop submitting when the next image would not fit (it counts "
+                   "this run and the unfinished runs it continues)")
     p.add_argument("--timeout", type=_non_negative_float, metavar="SECONDS",
                    help="give up waiting for one task after this long (default 900)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or lines")
@@ -142,6 +146,29 @@ def build_parser() -> argparse.ArgumentParser:
                        "(shards rendered elsewhere), without a request")
     _recipe_arguments(p)
     p.add_argument("sources", nargs="+", metavar="DIR", help="an output root to adopt from")
+
+    p = sub.add_parser("credits", help="print the account's live balance at the provider")
+    p.add_argument("recipe", nargs="?", metavar="RECIPE",
+                   help="use the recipe's provider and base URL")
+    p.add_argument("--provider", help="bfl, cometapi or emulator (default: the recipe's, "
+                   "else bfl)")
+    p.add_argument("--base-url", metavar="URL",
+                   help="the provider's base URL, as for render (also BFL_BASE_URL / "
+                   "COMETAPI_BASE_URL)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("spend", help="what the ledger says was paid, offline")
+    p.add_argument("root", nargs="?", default=".", metavar="ROOT",
+                   help="an output root, or a recipe (its output root); default: here")
+    p.add_argument("--by", choices=("recipe", "job", "model", "day", "run"), default="recipe",
+                   help="group by (default: recipe)")
+    p.add_argument("--since", metavar="DATE", help="only submits from this day on (UTC), "
+                   "like 2026-05-01")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_const", dest="form", const="json",
+                      default="table", help="print one JSON object (with total_usd)")
+    form.add_argument("--csv", action="store_const", dest="form", const="csv",
+                      help="print CSV, one row per group, then the total")
 
     p = sub.add_parser("inspect", help="print the provenance an image carries")
     p.add_argument("image", metavar="IMAGE")
@@ -197,14 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-side", type=_positive_int, default=512,
                    help="largest image side served; larger requests are scaled (default 512)")
     p.add_argument("--log", default=None, help="append one JSON line per submitted task")
+    p.add_argument("--credits", type=_non_negative_float, default=1_000_000.0,
+                   help="the account's starting balance, in credits of $0.01 (default "
+                   "1,000,000); a submit that costs more is answered 402")
+    p.add_argument("--cost", type=_non_negative_float, metavar="CREDITS",
+                   help="what each image costs, in credits (default: the catalogue's price); "
+                   "moderated and failed tasks are refunded")
+    p.add_argument("--no-cost-report", action="store_true",
+                   help="answer submits with `cost: null`, as a provider that reports no cost")
     return parser
 
 
-def _recipe_arguments(p: argparse.ArgumentParser) -> None:
+def _recipe_arguments(p: argparse.ArgumentParser, *,
+                      yes: str = "accept a plan of more images than the recipe's max_jobs"
+                      ) -> None:
     p.add_argument("recipe", metavar="RECIPE")
     p.add_argument("--out", metavar="DIR", help="output root (default: the recipe's directory)")
-    p.add_argument("--yes", action="store_true",
-                   help="accept a plan of more images than the recipe's max_jobs")
+    p.add_argument("--yes", action="store_true", help=yes)
 
 
 def _selection_arguments(p: argparse.ArgumentParser) -> None:
@@ -225,6 +261,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         "status": _status,
         "clean": _clean,
         "merge": _merge,
+        "credits": _credits,
+        "spend": _spend,
         "inspect": _inspect,
         "reproduce": _reproduce,
         "gallery": _gallery,
@@ -255,7 +293,7 @@ def _render(args: argparse.Namespace) -> int:
     options = Options(concurrency=args.jobs, base_url=args.base_url, force=args.force,
                       only=tuple(args.only), retry_unknown=args.retry_unknown,
                       verify=args.verify, budget=args.budget, shard=args.shard,
-                      task_timeout=args.timeout)
+                      task_timeout=args.timeout, yes=args.yes)
     return render(recipe=args.recipe, out=args.out, yes=args.yes, options=options,
                   dry_run=args.dry_run, quiet=args.quiet, as_json=args.json,
                   progress_every=args.progress_every)
@@ -279,6 +317,19 @@ def _merge(args: argparse.Namespace) -> int:
     from fluxbatch.commands.merge import merge
 
     return merge(recipe=args.recipe, out=args.out, yes=args.yes, sources=args.sources)
+
+
+def _credits(args: argparse.Namespace) -> int:
+    from fluxbatch.commands.credits import credits
+
+    return credits(recipe=args.recipe, provider=args.provider, base_url=args.base_url,
+                   as_json=args.json)
+
+
+def _spend(args: argparse.Namespace) -> int:
+    from fluxbatch.commands.spend import spend
+
+    return spend(root=args.root, by=args.by, since=args.since, form=args.form)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -321,7 +372,8 @@ def _emulator(args: argparse.Namespace) -> int:
                     latency_sigma=args.latency_sigma, cap=args.cap,
                     kontext_max_cap=args.kontext_max_cap, fault_rate=args.fault_rate,
                     seed=args.seed, key=args.key, url_ttl=args.url_ttl, task_ttl=args.task_ttl,
-                    log=args.log, max_side=args.max_side, shed_rate=args.shed_rate)
+                    log=args.log, max_side=args.max_side, shed_rate=args.shed_rate,
+                    credits=args.credits, cost=args.cost, report_cost=not args.no_cost_report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -347,9 +399,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report_bug() -> int:
-    details = traceback.format_exc()
+    # (a URL with a key in its query, CometAPI's balance query, is never written down)
+    details = without_key_parameters(traceback.format_exc())
     kind, value, _ = sys.exc_info()
-    summary = "".join(traceback.format_exception_only(kind, value)).strip().splitlines()[-1]
+    summary = without_key_parameters(
+        "".join(traceback.format_exception_only(kind, value)).strip().splitlines()[-1])
     fd, log_path = tempfile.mkstemp(prefix="fluxbatch-crash-", suffix=".log")
     with os.fdopen(fd, "w", encoding="utf-8") as log:
         log.write(f"fluxbatch {__version__}\n{details}")

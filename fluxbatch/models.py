@@ -84,6 +84,20 @@ PRICES: dict[str, Price] = {
     "flux-2-flex": Price(0.06, 0.06, "https://skills.sh/black-forest-labs/skills/bfl-api", False),
 }
 
+# Models whose weights may change under the same name (besides every `*-preview`): an image
+# made with one may not come out the same again, even with the same request and seed.
+FLOATING: dict[str, str] = {}
+
+
+def floating(name: str) -> str | None:
+    """Why `name` is not reproducible (the provider may change it), or None when pinned."""
+    if name in FLOATING:
+        return FLOATING[name]
+    if name.endswith("-preview"):
+        return "a preview model, which the provider may change"
+    return None
+
+
 # Active-task caps documented by BFL (help.bfl.ai concurrency article): 24 per account,
 # 6 for flux-kontext-max.
 ACCOUNT_CONCURRENCY = 24

@@ -15,18 +15,20 @@ from typing import Any
 import httpx
 
 from fluxbatch import imagemeta, models, providers
-from fluxbatch.errors import ConfigError
+from fluxbatch.errors import ConfigError, without_key_parameters
 from fluxbatch.execute import Executor, Image, Settings, Unusable
 from fluxbatch.expand import Job, Plan
 from fluxbatch.inputs import InputProblem, is_descriptor
+from fluxbatch.money import Budget, Prices
 from fluxbatch.outbox import Outbox
 from fluxbatch.outcomes import Event, JobFailed, LocalFault, Outcome, OutcomeStatus
 from fluxbatch.place import ManifestPacer, Placer, finish_manifest
 from fluxbatch.providers import Polled, Submitted, credits
+from fluxbatch.providers import responses as r
 from fluxbatch.recipe import Recipe
 from fluxbatch.selection import Options, Selection
 from fluxbatch.state.blobs import keep_blob
-from fluxbatch.state.ledger import Ledger, Task, TaskStatus
+from fluxbatch.state.ledger import Ledger, Reservation, Task, TaskStatus
 from fluxbatch.state.lock import RootLock
 from fluxbatch.state.store import Store
 from fluxbatch.wire import Wire
@@ -38,12 +40,18 @@ class StoreJournal:
     transaction)."""
 
     def __init__(self, ledger: Ledger, provider: str, base_url: str | None, *,
-                 outbox: bool = False, run: str | None = None) -> None:
+                 outbox: bool = False, run: str | None = None, recipe: str = "") -> None:
         self.ledger = ledger
         self.provider = provider
         self.base_url = base_url
         self.outbox = outbox  # the outbox records submits itself, before answering
         self.run = run
+        self.recipe = recipe
+
+    def reserve(self, job: Job, usd: float | None) -> None:
+        self.ledger.reserve(job.key, Reservation(
+            usd, models.estimate_cost(job.model, job.request), job.model, self.recipe,
+            job.job, self.provider, self.run))
 
     def submitting(self, job: Job) -> None:
         self.ledger.submitting(job.key, self.provider, self.base_url, self.run)
@@ -80,33 +88,46 @@ _LEDGER = {
 
 
 def base_url_for(plan: Plan, options: Options, environ: Mapping[str, str]) -> str | None:
-    """The base URL and who named it: `--base-url`, then the provider's environment variable
-    (the operator's), then the recipe's (checked by `validate`: only the provider's own hosts
-    or loopback), then the provider's default."""
-    spec = plan.recipe.provider
-    info = providers.REGISTRY[spec.name]
-    if options.base_url:
-        return providers.check_base_url(options.base_url, info, where="--base-url")
+    return named_base_url(plan.recipe.provider.name, plan.recipe.provider.base_url,
+                          str(plan.recipe.path), options.base_url, environ)
+
+
+def named_base_url(name: str, recipe_url: str | None, recipe_path: str, option: str | None,
+                   environ: Mapping[str, str]) -> str | None:
+    """The base URL and who named it: `--base-url` (`option`), then the provider's environment
+    variable (the operator's), then the recipe's (checked by `validate`: only the provider's
+    own hosts or loopback), then the provider's default."""
+    info = providers.REGISTRY[name]
+    if option:
+        return providers.check_base_url(option, info, where="--base-url")
     if info.base_url_env and environ.get(info.base_url_env, "").strip():
         return providers.check_base_url(environ[info.base_url_env].strip(), info,
                                         where=info.base_url_env)
-    if spec.base_url:
-        problem = providers.recipe_base_url_problem(info, spec.base_url)
+    if recipe_url:
+        problem = providers.recipe_base_url_problem(info, recipe_url)
         if problem is not None:  # (validate reports it, located; this is the last guard)
-            raise ConfigError(f"{plan.recipe.path}: provider.base_url: {problem}")
-        return providers.check_base_url(spec.base_url, info, where="provider.base_url")
+            raise ConfigError(f"{recipe_path}: provider.base_url: {problem}")
+        return providers.check_base_url(recipe_url, info, where="provider.base_url")
     return info.default_base_url
 
 
-@contextlib.contextmanager
 def provider_for(plan: Plan, options: Options, environ: Mapping[str, str],
-                 emulator_latency: float | None = None) -> Iterator[providers.Provider]:
+                 emulator_latency: float | None = None
+                 ) -> contextlib.AbstractContextManager[providers.Provider]:
     """The provider the recipe names, with the key from the environment; an in-process one
     (the emulator) is started on a free loopback port for the duration."""
-    name = plan.recipe.provider.name
-    base_url = base_url_for(plan, options, environ)
+    return open_provider(plan.recipe.provider.name, base_url_for(plan, options, environ),
+                         environ, emulator_latency)
+
+
+@contextlib.contextmanager
+def open_provider(name: str, base_url: str | None, environ: Mapping[str, str],
+                  emulator_latency: float | None = None, *,
+                  key: providers.Secret | None = None) -> Iterator[providers.Provider]:
+    """The provider `name` at `base_url` (None: its in-process emulator, started on a free
+    loopback port for the duration), with `key` or the key from `environ`."""
     if base_url:  # (for the emulator: one already running elsewhere, `fluxbatch emulator`)
-        yield providers.build(name, base_url=base_url, environ=environ)
+        yield providers.build(name, base_url=base_url, environ=environ, key=key)
         return
     assert providers.REGISTRY[name].in_process
     from fluxbatch.emulator import EmulatorConfig, EmulatorThread
@@ -115,6 +136,56 @@ def provider_for(plan: Plan, options: Options, environ: Mapping[str, str],
         EmulatorConfig(latency=emulator_latency)
     with EmulatorThread(config) as emulator:
         yield providers.build(name, base_url=emulator.base_url, environ=environ)
+
+
+class NoBalance(Exception):
+    """The balance could not be learned: the provider (or this base URL) offers no balance
+    query, or it did not answer usably. The message never holds the key."""
+
+
+BALANCE_TIMEOUT = httpx.Timeout(10.0, connect=5.0, pool=None)
+
+
+async def balance(provider: providers.Provider, environ: Mapping[str, str],
+                  transport: httpx.AsyncBaseTransport | None = None) -> providers.Balance:
+    """The account's balance, asked of the provider's own balance query (BFL's
+    `/v1/credits`, CometAPI's quota query). Raises `NoBalance` when there is none or it
+    fails: nothing that could carry the key (a URL, an exception's text) leaves this
+    function but scrubbed of it."""
+    where = f"{provider.info.name} at {providers.without_credentials(provider.base_url)}"
+    key = providers.query_key(provider.info, environ)
+    request = provider.balance_request(key)
+    if request is None:
+        raise NoBalance(f"{where} has no balance query that fluxbatch knows")
+    in_url = request.url.params.get("key")  # (CometAPI's quota query)
+    secrets = [value for value in (in_url, key.reveal() if key else None) if value]
+    try:
+        wire = Wire(transport) if transport is not None else \
+            Wire.open(1, timeout=BALANCE_TIMEOUT)
+        async with wire:
+            response = await wire.send(request)
+        if not response.is_success:
+            raise NoBalance(f"{where} answered the balance query with "
+                            f"{r.error_message(response)}")
+        return provider.read_balance(response)
+    except NoBalance as error:
+        raise NoBalance(_scrubbed(str(error), secrets)) from None
+    except r.BadResponse as error:
+        raise NoBalance(_scrubbed(f"{where}: unusable balance answer ({error})", secrets)) \
+            from None
+    except httpx.RequestError as error:
+        raise NoBalance(_scrubbed(f"{where}: the balance query failed "
+                                  f"({r.describe_error(error)})", secrets)) from None
+    except Exception as error:
+        raise NoBalance(_scrubbed(f"{where}: the balance query failed "
+                                  f"({type(error).__name__}: {error})", secrets)) from None
+
+
+def _scrubbed(text: str, secrets: list[str]) -> str:
+    """`text` without the keys, and without any `key=` query parameter's value."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return without_key_parameters(text)
 
 
 def settings_for(plan: Plan, options: Options) -> Settings:
@@ -130,12 +201,14 @@ async def execute(plan: Plan, selection: Selection, store: Store,
                   on_event: Callable[[Event], None],
                   started: Callable[[Executor], None] = lambda executor: None,
                   transport: httpx.AsyncBaseTransport | None = None,
-                  lock: RootLock | None = None, run: str | None = None) -> list[Outcome]:
+                  lock: RootLock | None = None, run: str | None = None,
+                  budget: Budget | None = None) -> list[Outcome]:
     """Submit and collect the selection's jobs (one per key; each image is placed at every
     output of its key). Every step is recorded in `store`, and the manifest is rewritten as
     images land.
     With `lock`, paid submits go through the outbox process, which inherits the lock and
-    commits each answer before it is used."""
+    commits each answer before it is used. With `budget`, each paid submit reserves its price
+    first (at the highest this provider has charged for the model, per the ledger)."""
     recipe = plan.recipe
     root = recipe.output_root
     placer = Placer(recipe, store, provider.info.name)
@@ -175,10 +248,12 @@ async def execute(plan: Plan, selection: Selection, store: Store,
             await outbox.start()
         executor = Executor(
             provider, wire, journal=StoreJournal(store, provider.info.name, provider.base_url,
-                                                   outbox=outbox is not None, run=run),
+                                                   outbox=outbox is not None, run=run,
+                                                   recipe=recipe.name),
             writer=writer, settings=settings, on_event=on_event,
             submit_via=(lambda job: outbox.sender(job.key)) if outbox else None,
-            spool=spool, prepare=_preparer(recipe))
+            spool=spool, prepare=_preparer(recipe), budget=budget,
+            prices=Prices.learned(store.highest_costs(provider.info.name)))
         started(executor)
         try:
             ran = await executor.run(selection.jobs, attach)

@@ -28,6 +28,7 @@ from fluxbatch.inputs import input_identity, is_descriptor
 from fluxbatch.layout import STATE_DIR, output_path_problem
 from fluxbatch.matrix import label, value_hint
 from fluxbatch.models import did_you_mean
+from fluxbatch.money import EPSILON, SCOPE, Prices, usd
 from fluxbatch.providers import REGISTRY
 from fluxbatch.recipe import Recipe
 from fluxbatch.state.blobs import has_blob
@@ -362,6 +363,7 @@ class Options:
     verify: bool = False
     budget: float | None = None
     shard: tuple[int, int] | None = None  # (i, n), 1-based
+    yes: bool = False  # render even when the estimate is over the account's balance
     task_timeout: float | None = None
 
 
@@ -567,14 +569,35 @@ def classify_with_store(plan: Plan, store: Store, options: Options) -> tuple[Cla
         return classify(plan, state, verify=options.verify, verified=touch), state
 
 
-def check_budget(selection: Selection, budget: float | None) -> None:
+def estimate_at(selection: Selection, prices: Prices) -> float | str:
+    """USD: the images to submit at the prices their submits will reserve (the catalogue's,
+    raised to what the provider has charged here); or the first model with no price."""
+    total = 0.0
+    for job in selection.submit:
+        price = prices.reserve(job.model, job.request)
+        if price is None:
+            return job.model
+        total += price
+    return round(total, 6)
+
+
+def check_budget(selection: Selection, budget: float | None, *, spent: float = 0.0,
+                 prices: Prices | None = None) -> None:
+    """Before anything is sent: the images to submit, at the prices their submits will
+    reserve (the catalogue's, raised to what the provider has charged here), must fit in what
+    is left of the budget once `spent` (by the unfinished runs this one continues) is
+    counted. A model with no price fails closed."""
     if budget is None:
         return
-    estimate = selection.estimated_usd()
-    if estimate is None:
-        raise FluxbatchError(f"--budget {budget}: some models have no published price, so "
-                             "the cost cannot be bounded; drop --budget to go ahead")
-    if estimate > budget + 1e-9:
-        raise FluxbatchError(f"the estimated cost ${estimate:.2f} of the {len(selection.submit)} "
-                             f"images to render is over the budget of ${budget:.2f}; nothing "
-                             "was sent")
+    total = estimate_at(selection, prices or Prices())
+    if isinstance(total, str):
+        raise FluxbatchError(f"--budget {budget}: {total} has no published price, so the "
+                             "cost cannot be bounded; drop --budget to go ahead")
+    if total + spent > budget + EPSILON:
+        count = len(selection.submit)
+        over = f"over the budget of {usd(budget)} (it counts {SCOPE})" if not spent else \
+            f"over what is left of the budget: {usd(max(budget - spent, 0.0))} of " \
+            f"{usd(budget)}, after {usd(spent)} spent by the unfinished runs this one continues"
+        raise FluxbatchError(f"the estimated cost {usd(total)} of the {count:,} "
+                             f"image{'s' if count != 1 else ''} to render is {over}; "
+                             "nothing was sent")

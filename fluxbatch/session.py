@@ -19,8 +19,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from fluxbatch.errors import StateError
+from fluxbatch import providers
+from fluxbatch.errors import FluxbatchError, StateError
 from fluxbatch.expand import Plan
+from fluxbatch.money import EPSILON, Budget, BudgetOutcome, Prices, usd
 from fluxbatch.outcomes import OutcomeStatus
 from fluxbatch.place import finish_manifest, place_stored
 from fluxbatch.selection import (
@@ -29,6 +31,7 @@ from fluxbatch.selection import (
     check_budget,
     classify,
     classify_with_store,
+    estimate_at,
     select,
 )
 from fluxbatch.state.ledger import new_run_id
@@ -53,16 +56,29 @@ class Report:
     outcomes: list[Outcome] = field(default_factory=list)
     interrupted: bool = False
     fatal: str | None = None  # why the run stopped early (a refused key, an unreachable host)
+    # With a budget: what the render spent of it, and whether it stopped the submits.
+    budget: BudgetOutcome | None = None
+
+    @property
+    def stopped(self) -> str | None:
+        """Why the run stopped before submitting everything: `fatal`, or `budget reached:
+        spent $X of $Y; N images not rendered (...)`."""
+        if self.fatal:
+            return self.fatal
+        return self.budget.message() if self.budget is not None and self.budget.reached \
+            else None
 
     @property
     def nothing_to_do(self) -> bool:
         return not self.selection.jobs and not self.selection.place
 
     def spent_usd(self) -> float | None:
-        """What the provider reported for the tasks submitted in this run; None when it
-        reported none."""
-        costs = [o.submitted.cost for o in self.outcomes if o.submitted is not None
-                 and o.submitted_at is not None and o.submitted.cost is not None]
+        """What the provider reported for the tasks submitted in this run, less the tasks
+        it does not bill (moderated, failed); None when it reported none."""
+        unbilled = (OutcomeStatus.MODERATED, OutcomeStatus.FAILED)
+        costs = [0.0 if o.status in unbilled else o.submitted.cost for o in self.outcomes
+                 if o.submitted is not None and o.submitted_at is not None
+                 and o.submitted.cost is not None]
         return sum(costs) / 100 if costs else None
 
     def collected_usd(self) -> float | None:
@@ -75,19 +91,42 @@ class Report:
     def ok(self) -> bool:
         """Every image wanted is in place: nothing failed, was held back or interrupted."""
         written = OutcomeStatus.WRITTEN
-        return not self.interrupted and not self.fatal \
+        return not self.interrupted and not self.stopped \
             and all(o.status == written for o in self.outcomes) \
             and not self.selection.held
 
 
 def preview(plan: Plan, options: Options | None = None) -> Selection:
     """What `Render(plan, options).run()` would do, from the same classification and
-    selection, reading the output root and writing nothing (the dry run). Raises
-    `FluxbatchError` when `options.budget` would refuse the render."""
+    selection, reading the output root and writing nothing (the dry run); `preview_budget`
+    says whether `options.budget` would refuse it."""
     options = options or Options()
     state = read_state(plan.recipe.output_root, plan.recipe.name, plan.jobs)
     classified = classify(plan, state, verify=options.verify)
     return select(classified, state, options, plan.recipe.provider.name)
+
+
+def preview_budget(plan: Plan, selection: Selection, budget: float | None) -> None:
+    """Raise `FluxbatchError` when `budget` would refuse the render `preview` describes."""
+    if budget is not None:
+        spent, prices = budget_so_far(plan, read_only=True)
+        check_budget(selection, budget, spent=spent, prices=prices)
+
+
+def budget_so_far(plan: Plan, store: Store | None = None, *,
+                  read_only: bool = False) -> tuple[float, Prices]:
+    """What the unfinished runs of the recipe spent (which a `--budget` counts), and the
+    prices its provider has charged here, from the ledger (nothing when there is none)."""
+    recipe = plan.recipe
+    if store is None:
+        try:
+            opened = Store.open(recipe.output_root, create=not read_only)
+        except FileNotFoundError:
+            return 0.0, Prices()
+        with opened:
+            return budget_so_far(plan, opened)
+    return (store.spent_by_runs(store.unfinished_runs(recipe.name)),
+            Prices.learned(store.highest_costs(recipe.provider.name)))
 
 
 class Render:
@@ -151,10 +190,15 @@ class Render:
             recipe.inputs.cache.save()
         clear_debris(recipe.output_root)
         adopt_found_images(plan, store)
+        store.settle_reservations()  # (those of a run that was killed)
         classified, state = classify_with_store(plan, store, options)
         selection = self.selection = select(classified, state, options,
                                             recipe.provider.name)
-        check_budget(selection, options.budget)
+        budget = None
+        spent, prices = budget_so_far(plan, store)
+        if options.budget is not None:
+            check_budget(selection, options.budget, spent=spent, prices=prices)
+            budget = Budget(options.budget, earlier=spent)
         report = Report(selection)
         self.on_selected(selection)
         if report.nothing_to_do:
@@ -171,9 +215,17 @@ class Render:
         settings = network.settings_for(plan, options)
         run = new_run_id()
         with network.provider_for(plan, options, self.environ) as provider:
+            refused = None if options.yes else \
+                await self._over_balance(provider, selection, prices)
+            if refused is not None:
+                if not selection.attach:  # (tasks paid earlier are still collected)
+                    finish_manifest(recipe, store)  # (what was placed)
+                    raise FluxbatchError(refused)
+                report.outcomes += _not_submitted(selection, refused)
+            store.run_started(run, recipe.name, options.budget)
             self._executing = asyncio.ensure_future(network.execute(
                 plan, selection, store, provider, settings, self.on_event, self._started,
-                transport=self.transport, lock=lock, run=run))
+                transport=self.transport, lock=lock, run=run, budget=budget))
             try:
                 report.outcomes += await self._executing
             except asyncio.CancelledError:
@@ -184,12 +236,60 @@ class Render:
                                                             run)
         report.interrupted = self._stopping
         report.fatal = self._executor.fatal if self._executor is not None else None
+        report.fatal = report.fatal or refused
+        if budget is not None:
+            report.budget = self._budget_outcome(store, run, budget, report)
+        store.run_ended(run, finished=not report.stopped and not report.interrupted)
         return report
+
+    async def _over_balance(self, provider: providers.Provider, selection: Selection,
+                            prices: Prices) -> str | None:
+        """Why the render may not start (its estimate is over the account's balance), or
+        None. Where the provider, or the base URL, offers no balance query, or it fails,
+        nothing is refused: the check only ever uses the provider's own balance query."""
+        from fluxbatch import network
+
+        estimate = estimate_at(selection, prices)
+        if not selection.submit or isinstance(estimate, str):
+            return None
+        try:
+            found = await network.balance(provider, self.environ, self.transport)
+        except network.NoBalance:
+            return None
+        if estimate <= found.usd + EPSILON:
+            return None
+        count = len(selection.submit)
+        where = f"{provider.info.name} at {providers.without_credentials(provider.base_url)}"
+        return (f"the estimated cost {usd(estimate)} of the {count:,} "
+                f"image{'s' if count != 1 else ''} to render is over the account's balance of "
+                f"{usd(found.usd)} ({where}); nothing was sent. Add credits, or pass --yes to "
+                "render until the provider refuses")
+
+    def _budget_outcome(self, store: Store, run: str, budget: Budget,
+                        report: Report) -> BudgetOutcome:
+        """From the ledger: what the render (`money.SCOPE`) spent, refunds counted."""
+        from fluxbatch.execute import BUDGET_REACHED
+
+        runs = [*store.unfinished_runs(self.plan.recipe.name, besides=run), run]
+        not_rendered = sum(1 for o in report.outcomes if o.status == OutcomeStatus.SKIPPED
+                           and o.reason == BUDGET_REACHED)
+        return BudgetOutcome(budget.limit, store.spent_by_runs(runs), budget.reached,
+                             not_rendered)
 
     def _started(self, executor: Executor) -> None:
         self._executor = executor
         if self._stopping:
             executor.stop()
+
+
+def _not_submitted(selection: Selection, reason: str) -> list[Outcome]:
+    """The images a refused render leaves out (it only collects what earlier runs paid)."""
+    from fluxbatch.outcomes import Outcome
+
+    left = [job for submitted in selection.submit
+            for job in (submitted, *selection.followers.pop(submitted.key, ()))]
+    selection.submit = []
+    return [Outcome(job, OutcomeStatus.SKIPPED, reason) for job in left]
 
 
 def adopt_found_images(plan: Plan, store: Store) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 from fluxbatch import __version__, imagemeta, models
 from fluxbatch.expand import Job
 from fluxbatch.layout import LEGACY_MANIFEST, TMP, manifest_name, state_path
+from fluxbatch.money import Spend
 from fluxbatch.outcomes import OutcomeStatus
 from fluxbatch.recipe import Recipe
 from fluxbatch.selection import stored_path_problem
@@ -102,6 +103,9 @@ def provenance(job: Job, *, recipe: Recipe, provider: str, task_id: str | None,
         "submitted_at": _iso(submitted_at),
         "finished_at": _iso(finished_at),
         "recipe": {"name": recipe.name, "sha256": recipe.sha256},
+        # (a floating model may change under its name: the same request may not make the
+        # same image again; see `reproduce --verify`)
+        "pinned": models.floating(job.model) is None,
         "spec_date": models.SPEC_DATE,
         "fluxbatch": __version__,
         "status": OutcomeStatus.WRITTEN,
@@ -159,7 +163,8 @@ def write_manifest(recipe: Recipe, store: Store) -> Path:
             count += 1
             size += _number(text, '"bytes":')
             credits += _number(text, '"cost":')
-        totals = {"images": count, "bytes": int(size), "cost_credits": round(credits, 4)}
+        totals = {"images": count, "bytes": int(size), "cost_credits": round(credits, 4),
+                  "runs": run_totals(store, recipe.name)}
         handle.write(("\n" if count else "") + '],\n"totals": '
                      + json.dumps(totals) + "\n}\n")
     store.wrote_manifest(recipe.name, target)
@@ -168,6 +173,17 @@ def write_manifest(recipe: Recipe, store: Store) -> Path:
 
 
 _NUMBER = re.compile(r"\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
+
+
+def run_totals(store: Store, recipe: str) -> list[dict[str, Any]]:
+    """What each run paid for the recipe's images, from the ledger (as `fluxbatch spend
+    --by run` says it), oldest first."""
+    runs: dict[str, Spend] = {}
+    for row in store.charges(recipe=recipe):
+        name = row.run or "?"
+        runs.setdefault(name, Spend(name)).add(row)
+    return [{"run": name, **{k: v for k, v in spent.as_json().items() if k != "group"}}
+            for name, spent in runs.items()]
 
 
 def _number(text: str, field: str) -> float:
@@ -244,6 +260,9 @@ def manifest_schema() -> dict[str, Any]:
             "bytes": {"type": "integer", "minimum": 0},
             "status": {"const": OutcomeStatus.WRITTEN.value},
             "recipe": {"type": "object"},
+            "pinned": {"type": "boolean", "description": "false: made with a floating "
+                       "model (`*-preview`), which the provider may change, so the same "
+                       "request may not make the same image again"},
             "spec_date": {"type": "string"},
             "fluxbatch": {"type": "string"},
         },
@@ -276,6 +295,19 @@ def manifest_schema() -> dict[str, Any]:
                     "cost_credits": {"type": "number", "minimum": 0,
                                      "description": "what the images cost when they were "
                                      "rendered, as reported (1 credit = $0.01)"},
+                    "runs": {"type": "array", "description": "per run, what it paid for "
+                             "this recipe's images, from the ledger (`fluxbatch spend --by "
+                             "run`)", "items": {"type": "object", "required": [
+                                 "run", "paid", "spent_usd"], "properties": {
+                                 "run": {"type": "string"},
+                                 "paid": {"type": "integer", "minimum": 0},
+                                 "estimate_usd": {"type": "number"},
+                                 "reported_usd": {"type": "number"},
+                                 "not_reported": {"type": "integer"},
+                                 "refunded": {"type": "integer"},
+                                 "refunded_usd": {"type": "number"},
+                                 "unknown": {"type": "integer"},
+                                 "spent_usd": {"type": "number"}}}},
                 },
             },
         },

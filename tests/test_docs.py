@@ -272,4 +272,5 @@ def test_the_api_pages_error_example_prints_what_the_page_says(tmp_path: Path) -
     example = next(code for code in api_examples() if "budget=0.10" in code)
     done = run_example(example, fresh_clone(tmp_path))
     assert done.stdout == ("not rendered: the estimated cost $0.40 of the 10 images to render "
-                           "is over the budget of $0.10; nothing was sent\n")
+                           "is over the budget of $0.10 (it counts this run and the unfinished "
+                           "runs it continues); nothing was sent\n")

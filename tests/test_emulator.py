@@ -660,7 +660,7 @@ def test_emulator_command_prints_its_address_and_exits_130_on_ctrl_c() -> None:
         _, stderr = process.communicate(timeout=120)
     assert line == (
         f"fluxbatch emulator listening on {base_url}"
-        " (BFL routes /v1/..., CometAPI routes /flux/v1/...)\n"
+        " (BFL routes /v1/..., CometAPI routes /flux/v1/... and /user/quota)\n"
     )
     assert base_url.startswith("http://127.0.0.1:")
     assert credits == {"credits": 1000000.0}

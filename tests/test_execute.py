@@ -25,6 +25,7 @@ from fluxbatch.errors import StateError
 from fluxbatch.execute import Executor, Image, Settings, Unusable
 from fluxbatch.expand import Job
 from fluxbatch.matrix import Combination
+from fluxbatch.money import Budget
 from fluxbatch.outcomes import Event, JobFailed, LocalFault, Outcome
 from fluxbatch.providers import Polled, Secret, Submitted
 from fluxbatch.providers.bfl import Bfl
@@ -131,6 +132,7 @@ class FakeApi:
         self.cap_headers: dict[str, str] = {}
         self.refused_at_cap: list[float] = []  # when
         self.peak_active = 0
+        self.cost: float | None = 4.0  # credits each accepted submit reports
 
     def posts(self) -> list[httpx.Request]:
         return [q for q in self.requests if q.method == "POST"]
@@ -182,7 +184,7 @@ class FakeApi:
         self.peak_active = max(self.peak_active, self.active())
         return httpx.Response(200, json={
             "id": task_id, "polling_url": f"{POLL_BASE}/v1/get_result?id={task_id}",
-            "cost": 4.0})
+            "cost": self.cost})
 
     def _status(self, task_id: str, prompt: str, submitted: float) -> httpx.Response:
         elapsed = self.time.now - submitted
@@ -217,6 +219,7 @@ class FakeJournal:
     def __init__(self) -> None:
         self.calls: list[tuple[str, int, Any]] = []
         self.broken_at: str | None = None  # this call raises, as a full disk would
+        self.reserved: list[tuple[int, float | None]] = []  # (index, USD held) per send
 
     def _record(self, name: str, index: int, detail: Any) -> None:
         self.calls.append((name, index, detail))
@@ -226,6 +229,9 @@ class FakeJournal:
 
     def of(self, index: int) -> list[str]:
         return [name for name, i, _ in self.calls if i == index]
+
+    def reserve(self, job: Job, usd: float | None) -> None:
+        self.reserved.append((job.index, usd))
 
     def submitting(self, job: Job) -> None:
         self._record("submitting", job.index, None)
@@ -275,6 +281,7 @@ class Harness:
     submit_via: Callable[[Job], Callable[[httpx.Request], Awaitable[httpx.Response]]] | None = None
     provider: providers.Provider = field(
         default_factory=lambda: Bfl(providers.REGISTRY["bfl"], BASE, Secret(KEY)))
+    budget: Budget | None = None
 
     def __post_init__(self) -> None:
         self.api = FakeApi(self.time)
@@ -288,7 +295,7 @@ class Harness:
                     self.provider, wire, journal=self.journal, writer=self.writer,
                     settings=self.settings, on_event=self.events.append,
                     sleep=self.time.sleep, clock=self.time.clock, rng=random.Random(0),
-                    prepare=self.prepare, submit_via=self.submit_via)
+                    prepare=self.prepare, submit_via=self.submit_via, budget=self.budget)
                 started(self.executor)
                 return await self.executor.run(list(jobs), attach)
 

@@ -239,7 +239,7 @@ def test_a_root_written_by_the_first_release_upgrades_in_place_without_paying(
     assert not (tmp_path / "manifest.json").exists()
     assert len(json.loads((tmp_path / "mugs.manifest.json").read_text())["images"]) == 6
     with sqlite3.connect(database) as db:
-        assert db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone() == ("2",)
+        assert db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone() == ("3",)
 
 
 def emulator_submit(emulator: Emulator, model: str, body: dict[str, object]) -> dict[str, str]:

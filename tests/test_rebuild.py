@@ -267,8 +267,8 @@ def test_budget_below_the_estimate_refuses_and_sends_nothing(
     sent = len(emulator.submissions)
     assert cli.render("--budget", "0.01") == Run(
         1, "", "fluxbatch: the estimated cost $0.16 of the 4 images to render is over the "
-               "budget of "
-               "$0.01; nothing was sent\n")
+               "budget of $0.01 (it counts this run and the unfinished runs it continues); "
+               "nothing was sent\n")
     assert (len(emulator.submissions), images(cli.root)) == (sent, {})
     assert not (cli.root / "rebuild.manifest.json").exists()
 

@@ -106,8 +106,14 @@ def test_render_writes_images_and_manifest_then_rerun_sends_nothing(
             teapot["model"]) == ("pngs", {"subject": "teapot"}, 1, "a teapot", "flux-pro-1.1")
     assert teapot["request"] == {"prompt": "a teapot", "width": 256, "height": 256,
                                  "output_format": "png", "seed": teapot["seed"]}
-    assert json.loads(manifest.read_text())["totals"] == {
+    totals = json.loads(manifest.read_text())["totals"]
+    [run] = totals.pop("runs")
+    assert totals == {
         "images": 3, "bytes": sum(image["bytes"] for image in images), "cost_credits": 12.0}
+    # What the run paid, from the ledger: as `fluxbatch spend --by run` says it.
+    assert run == {"run": run["run"], "paid": 3, "estimate_usd": 0.12, "reported_usd": 0.12,
+                   "not_reported": 0, "refunded": 0, "refunded_usd": 0.0, "unknown": 0,
+                   "spent_usd": 0.12}
 
 
 def test_api_key_never_leaks_into_files_output_or_downloads(
@@ -152,7 +158,8 @@ def test_moderated_job_exits_1_with_a_summary_table_and_the_others_written(
         assert emulator.stats.submits == 3
 
     captured = capsys.readouterr()
-    assert captured.out == ("2 written, 1 moderated; cost $0.12 (reported by the provider); "
+    # (the moderated task is not billed)
+    assert captured.out == ("2 written, 1 moderated; cost $0.080 (reported by the provider); "
                             f"manifest {tmp_path / 'e2e.manifest.json'}\n")
     assert captured.err.splitlines() == [
         "JOB   VALUES" + " " * 32 + "OUTPUT" + " " * 29 + "STATUS     REASON",

@@ -143,7 +143,8 @@ def test_a_refused_account_stops_the_run_after_one_submit_with_one_line(
     monkeypatch.setenv("BFL_API_KEY", "wrong" if fault == "wrong key" else KEY)
     config = EmulatorConfig(latency=0.0, key=KEY, credits=0.0 if fault == "no credits" else 1e6)
     with EmulatorThread(config) as emulator:
-        code = main(["render", str(path), "--base-url", emulator.base_url])
+        # (--yes: past the balance checked before a render, test_money.py tests that)
+        code = main(["render", str(path), "--base-url", emulator.base_url, "--yes"])
         requests = emulator.stats.requests
 
     out, err = capsys.readouterr()

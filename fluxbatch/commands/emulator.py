@@ -24,6 +24,9 @@ def emulator(
     log: str | None,
     max_side: int,
     shed_rate: float = 0.0,
+    credits: float = 1_000_000.0,
+    cost: float | None = None,
+    report_cost: bool = True,
 ) -> int:
     try:
         config = EmulatorConfig(
@@ -41,6 +44,9 @@ def emulator(
             task_ttl=task_ttl,
             log=log,
             max_side=max_side,
+            credits=credits,
+            cost=cost,
+            report_cost=report_cost,
         )
     except ValueError as exc:
         raise UsageError(f"emulator: {exc}") from None
@@ -61,7 +67,7 @@ async def _serve(config: EmulatorConfig) -> None:
     try:
         print(
             f"fluxbatch emulator listening on {emu.base_url}"
-            " (BFL routes /v1/..., CometAPI routes /flux/v1/...)",
+            " (BFL routes /v1/..., CometAPI routes /flux/v1/... and /user/quota)",
             flush=True,
         )
         await asyncio.Event().wait()

@@ -18,14 +18,13 @@ from fluxbatch.selection import (
     Options,
     Selection,
     changes_text,
-    check_budget,
     load_plan,
     stale_changes,
 )
 
 # The render itself runs in `session`; asyncio, tqdm and the providers (httpx) are imported
 # only where a render needs the network: a null build of 10,000 images loads none of them.
-from fluxbatch.session import Render, Report, preview
+from fluxbatch.session import Render, Report, preview, preview_budget
 from fluxbatch.write import manifest_path
 
 if TYPE_CHECKING:
@@ -271,6 +270,8 @@ def _print_report(report: Report, plan: Plan, out: TextIO = sys.stdout) -> None:
     counts = Counter(o.status for o in report.outcomes)
     if report.fatal:  # one line says it all: the others were skipped for the same reason
         print(f"fluxbatch: stopped: {report.fatal}", file=sys.stderr)
+    elif report.stopped:  # the budget: the images it left out are counted there
+        print(f"fluxbatch: {report.stopped}", file=sys.stderr)
     # Each failure gets a line, and so does a paid task left in flight for a reason of its
     # own (a download that failed, a timeout); skipped images, and tasks left by an
     # interrupt or by the reason the run stopped, are only counted.
@@ -352,7 +353,8 @@ def _summary(plan: Plan, report: Report, code: int) -> dict[str, Any]:
         "spent_usd": report.spent_usd(),
         "collected_usd": report.collected_usd(),
         "interrupted": report.interrupted,
-        "stopped": report.fatal,
+        "stopped": report.stopped,
+        "budget": report.budget.as_json() if report.budget is not None else None,
         "exit_code": code,
         "failures": [{"output": o.job.output, "job": o.job.job, "vars": dict(o.job.vars),
                       "replicate": o.job.replicate, "status": o.status, "reason": o.reason}
@@ -386,7 +388,7 @@ def _dry_run(plan: Plan, options: Options) -> int:
     _print_held(selection)
     if selection.jobs:
         _warn_if_no_key(plan)
-    check_budget(selection, options.budget)
+    preview_budget(plan, selection, options.budget)
     return EXIT_OK
 
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from fluxbatch.errors import EXIT_FAILED, EXIT_OK, PlanTooLargeError, Problem, RecipeError
 from fluxbatch.expand import Plan
+from fluxbatch.models import floating
 from fluxbatch.selection import load_plan
 
 
@@ -36,5 +37,11 @@ def validate(*, recipes: list[str], yes: bool = False) -> int:
         jobs = len(plan.jobs)
         model_names = sorted({job.model for job in plan.jobs})
         print_notes(plan, plan.include_notes())
+        for model in model_names:
+            why = floating(model)
+            if why is not None:
+                print(f"{path}: note: {model} is not reproducible: the provider may change this "
+                      f"model ({why}); its images are recorded with pinned: false",
+                      file=sys.stderr)
         print(f"{path}: ok ({jobs} image{'s' if jobs != 1 else ''}; {', '.join(model_names)})")
     return EXIT_FAILED if failed else EXIT_OK

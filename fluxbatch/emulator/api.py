@@ -37,6 +37,9 @@ DURABLE = "durable"
 # other connections are not kept waiting. Smaller bodies are parsed in line, in arrival order.
 PARSE_IN_THREAD = 64 * 1024
 BFL_AUTH_FAILED = "Not authenticated - Invalid Authentication"
+# CometAPI's balance query, served on its own host (`query.cometapi.com`): the key travels in
+# the query string.
+QUOTA_PATH = "/user/quota"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +110,7 @@ class Api:
         self.stats = stats
         self.submissions = submissions
         self.credits = config.credits
+        self.used = 0.0  # credits charged and not refunded
         self._log = log
         self._secret = secrets.token_bytes(32)
         self._shedding = random.Random(f"{config.seed}:shed")
@@ -124,6 +128,8 @@ class Api:
             return self._route_bfl(request, path.removeprefix(BFL_PREFIX), query)
         if path.startswith(DELIVERY_PREFIX):
             return self._route_delivery(request, path, query)
+        if path.rstrip("/") == QUOTA_PATH:
+            return self._route_quota(request, query)
         return Routed(reply=json_reply(404, {"detail": "Not Found"}))
 
     def _route_bfl(self, request: Incoming, rest: str, query: dict[str, str]) -> Routed:
@@ -160,6 +166,14 @@ class Api:
             work=lambda: self._submit(rest, request.body, "comet"), comet=True, is_submit=True
         )
 
+    def _route_quota(self, request: Incoming, query: dict[str, str]) -> Routed:
+        if request.method != "GET":
+            return Routed(reply=comet_error(405, "Method Not Allowed", "method_not_allowed"))
+        if not self._key_ok(query.get("key", "")):
+            self.stats.rejected_auth += 1
+            return Routed(reply=comet_error(401, "Invalid token", "invalid_api_key"), comet=True)
+        return Routed(work=self._quota, comet=True)
+
     def _key_ok(self, key: str) -> bool:
         if not key:
             return False
@@ -189,7 +203,8 @@ class Api:
         billed = {**body, **{name: {"width": size[0], "height": size[1]}
                              for name, size in sizes.items() if size is not None}}
         cost = models.estimate_cost(model, billed)
-        credits = round(cost * 100, 4) if cost is not None else None
+        credits = self.config.cost if self.config.cost is not None else \
+            round(cost * 100, 4) if cost is not None else None
         if credits is not None and credits > self.credits:
             message = "Insufficient credits"
             return (
@@ -207,6 +222,8 @@ class Api:
         self.stats.peak_active = max(self.stats.peak_active, self.table.active(now))
         if credits is not None:
             self.credits -= credits
+            self.used += credits
+            task.cost = credits
         self._record(task)
         width, height = requested_size(model, body)
         input_mp = sum(math.ceil(size[0] * size[1] / 10_000) / 100 if size else 1.0
@@ -218,7 +235,7 @@ class Api:
                 # On CometAPI too: the gateway is believed to pass BFL's own polling URL
                 # through (it wants an x-key), so clients must poll /flux/v1/get_result?id=.
                 "polling_url": f"{self.base_url}/v1/get_result?id={task.id}",
-                "cost": credits,
+                "cost": credits if self.config.report_cost else None,
                 "input_mp": round(input_mp, 2),
                 "output_mp": round(width * height / 1_000_000, 2),
             },
@@ -276,7 +293,37 @@ class Api:
             self._log.flush()
 
     async def _credits(self) -> Reply:
+        self._refund(time.monotonic())
         return json_reply(200, {"credits": round(self.credits, 4)})
+
+    async def _quota(self) -> Reply:
+        """CometAPI's shape: the account's balance in USD, and per key what it used."""
+        self._refund(time.monotonic())
+        return json_reply(200, {
+            "username": "emulator",
+            "total_quota": round(self.credits / 100, 6),
+            "total_used_quota": round(self.used / 100, 6),
+            "request_count": self.stats.submits,
+            "keys": [{"name": "default", "remain_quota": -1,
+                      "used_quota": round(self.used / 100, 6)}],
+        })
+
+    def _refund(self, now: float) -> None:
+        """Moderated and failed tasks are not billed: their credits come back once they end."""
+        for task in self.table.ended_unbilled(now):
+            self._refund_task(task)
+
+    def _refund_task(self, task: tasks.Task) -> None:
+        if task.refunded or not task.cost:
+            return
+        task.refunded = True
+        self.credits += task.cost
+        self.used -= task.cost
+
+    def balance(self) -> float:
+        """Credits left, moderated and failed tasks refunded."""
+        self._refund(time.monotonic())
+        return self.credits
 
     async def _poll(self, task_id: str | None, comet: bool) -> Reply:
         if task_id is None:
@@ -289,6 +336,8 @@ class Api:
         task = self.table.get(task_id, now)
         if task is None:
             return json_reply(200, {"id": task_id, "status": tasks.NOT_FOUND})
+        if task.outcome in tasks.UNBILLED and task.status(now) == task.outcome:
+            self._refund_task(task)
         return json_reply(200, self._poll_body(task, now))
 
     def _poll_body(self, task: tasks.Task, now: float) -> dict[str, Any]:

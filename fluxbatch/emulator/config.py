@@ -42,6 +42,11 @@ class EmulatorConfig:
     redirect_downloads: bool = True
     retry_after_header: bool = True
     credits: float = 1_000_000.0  # starting balance; a submit costing more gets 402
+    # What each image costs, in credits (1 credit = $0.01): None, the catalogue's price of
+    # the request (per megapixel for FLUX.2). A provider or gateway charging 5x the list
+    # price of flux-dev is `cost=12.5`. Moderated and failed tasks are refunded.
+    cost: float | None = None
+    report_cost: bool = True  # False: submits answer `cost: null`, as some gateways do
 
     def __post_init__(self) -> None:
         unknown = self.faults - FAULT_KINDS
@@ -57,5 +62,7 @@ class EmulatorConfig:
             raise ValueError("latency and latency_sigma must not be negative")
         if self.cap < 1 or any(cap < 1 for cap in self.model_caps.values()):
             raise ValueError("concurrency caps must be at least 1")
+        if self.cost is not None and not self.cost >= 0:
+            raise ValueError(f"cost must be zero or more, not {self.cost}")
         if self.max_side < 64:
             raise ValueError(f"max_side must be at least 64, not {self.max_side}")

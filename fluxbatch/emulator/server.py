@@ -82,7 +82,9 @@ class Emulator:
 
     @property
     def credits(self) -> float:
-        return self._started().credits
+        """The balance in credits: charged at each submit, moderated and failed tasks
+        refunded."""
+        return self._started().balance()
 
     def reconfigure(self, **changes: Any) -> None:
         """Change knobs of a running emulator, for tasks it already holds too (tests: a

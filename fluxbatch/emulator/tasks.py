@@ -30,6 +30,7 @@ OUTCOME_TOKENS = (
     ("[[error]]", ERROR),
     ("[[content-moderated]]", CONTENT_MODERATED),
 )
+UNBILLED = frozenset({REQUEST_MODERATED, CONTENT_MODERATED, ERROR})
 SLOW_TOKEN = "[[slow]]"
 SLOW_FACTOR = 10.0
 _SWEEP_INTERVAL = 5.0
@@ -49,6 +50,8 @@ class Task:
     duration: float
     outcome: str
     fmt: str
+    cost: float | None = None  # credits charged for it
+    refunded: bool = False  # moderated or failed, and its credits given back
 
     @property
     def finishes(self) -> float:
@@ -182,6 +185,12 @@ class TaskTable:
                 heapq.heappush(self._pending_by_model[model], entry)
         self._sweep(now)
         return task
+
+    def ended_unbilled(self, now: float) -> list[Task]:
+        """Tasks moderated or failed by now and not refunded yet (a provider does not bill
+        them)."""
+        return [task for task in self._tasks.values() if not task.refunded and task.cost
+                and task.outcome in UNBILLED and task.status(now) == task.outcome]
 
     def get(self, task_id: str, now: float) -> Task | None:
         task = self._tasks.get(task_id)

@@ -45,6 +45,8 @@ class ProviderInfo:
     # The class that speaks its API, "module:Class", imported only when one is built (so
     # that `validate` and `plan`, which read the registry, load no HTTP client).
     speaks: str = "fluxbatch.providers.bfl:Bfl"
+    # A key that may only read the balance (CometAPI recommends one for its quota query).
+    query_key_env: str | None = None
 
     @property
     def in_process(self) -> bool:
@@ -88,6 +90,21 @@ class Provider(Protocol):
 
     def read_polled(self, response: httpx.Response) -> Polled: ...
 
+    def balance_request(self, query_key: Secret | None) -> httpx.Request | None:
+        """The request for the account's balance, or None where the provider (at this base
+        URL) offers none. It carries a key only to the provider's own origin."""
+        ...
+
+    def read_balance(self, response: httpx.Response) -> Balance: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """The account's balance, in USD (and in the provider's credits, where it counts so)."""
+
+    usd: float
+    credits: float | None = None
+
 
 REGISTRY: dict[str, ProviderInfo] = {
     info.name: info
@@ -103,7 +120,8 @@ REGISTRY: dict[str, ProviderInfo] = {
         ProviderInfo("cometapi", "CometAPI gateway", "https://api.cometapi.com", "COMETAPI_KEY",
                      "COMETAPI_KEY_FILE", "COMETAPI_BASE_URL",
                      hosts=("api.cometapi.com",), key_hosts=("api.cometapi.com",),
-                     speaks="fluxbatch.providers.cometapi:CometApi"),
+                     speaks="fluxbatch.providers.cometapi:CometApi",
+                     query_key_env="COMETAPI_QUERY_KEY"),
         # (speaks BFL's API, on loopback)
         ProviderInfo("emulator", "bundled emulator (loopback, no key)", None, None, None,
                      speaks="fluxbatch.providers.bfl:Bfl"),
@@ -155,6 +173,12 @@ def api_key(info: ProviderInfo, environ: Mapping[str, str]) -> Secret:
         f"provider {info.name!r} needs an API key: set {info.key_env} (or {info.key_file_env} "
         "to a file holding it); the key is never read from the recipe"
     )
+
+
+def query_key(info: ProviderInfo, environ: Mapping[str, str]) -> Secret | None:
+    """The key that only reads the balance (`COMETAPI_QUERY_KEY`), if one is set."""
+    value = environ.get(info.query_key_env, "").strip() if info.query_key_env else ""
+    return _usable(value, info.query_key_env or "") if value else None
 
 
 def _usable(value: str, where: str) -> Secret:

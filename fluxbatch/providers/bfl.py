@@ -10,11 +10,13 @@ from typing import Any
 import httpx
 
 from fluxbatch.providers import (
+    Balance,
     KeyNotSent,
     Polled,
     ProviderInfo,
     Secret,
     Submitted,
+    credits,
     key_refusal,
     parsed_url,
     responses,
@@ -50,3 +52,15 @@ class Bfl:
 
     def read_polled(self, response: httpx.Response) -> Polled:
         return responses.read_polled(response)
+
+    def balance_request(self, query_key: Secret | None) -> httpx.Request:
+        """`GET {base}/v1/credits`: the base URL's own origin, with the key."""
+        return httpx.Request("GET", f"{self.base_url}/v1/credits", headers=self._headers())
+
+    def read_balance(self, response: httpx.Response) -> Balance:
+        """`{"credits": 1234.5}`; 1 credit = $0.01."""
+        body = responses.json_body(response)
+        found = credits(body.get("credits")) if isinstance(body, dict) else None
+        if found is None:
+            raise responses.BadResponse("the answer has no usable `credits`")
+        return Balance(found / 100, found)

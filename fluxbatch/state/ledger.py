@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -82,7 +82,60 @@ class Ledger(Protocol):
 
     def ended(self, key: str, status: TaskStatus, reason: str | None) -> None: ...
 
+    def reserve(self, key: str, reservation: Reservation) -> None: ...
 
+
+class Charge(Vocabulary):
+    """What became of one paid submit (`charges.status`)."""
+
+    RESERVED = "reserved"  # sent (or about to be): no answer recorded yet
+    CHARGED = "charged"  # accepted: `cost` is what the provider reported (NULL: nothing)
+    REFUNDED = "refunded"  # moderated or failed: not billed
+    UNKNOWN = "unknown"  # its answer was never learned: counted as spent
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What a run holds against its budget for one submit, and what it records of it."""
+
+    usd: float | None  # held (None: no budget, nothing held)
+    estimate: float | None  # the catalogue's price of the request
+    model: str
+    recipe: str
+    job: str
+    provider: str
+    run: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeRow:
+    """One row of `charges`: one paid submit."""
+
+    key: str
+    run: str | None
+    recipe: str | None
+    job: str | None
+    model: str | None
+    provider: str | None
+    estimate: float | None  # USD
+    reserved: float | None  # USD
+    cost: float | None  # credits reported
+    status: str
+    at: float
+
+
+def charged_usd(row: ChargeRow) -> float:
+    """What a charge counts as spent: the cost reported; without one, what was held for it
+    (or the catalogue's price); an unknown outcome counts as spent; a refund as nothing."""
+    if row.status == Charge.REFUNDED:
+        return 0.0
+    if row.status == Charge.CHARGED and row.cost is not None:
+        return row.cost / 100
+    held = row.reserved if row.reserved is not None else row.estimate
+    return held or 0.0
+
+
+_CHARGE_COLUMNS = "key, run, recipe, job, model, provider, estimate, reserved, cost, status, at"
 _TASK_COLUMNS = ("key, status, provider, base_url, task_id, polling_url, cost, submitted_at, "
                  "reported_seed, blob, reason, run, updated_at")
 _STATUSES = {status.value: status for status in TaskStatus}
@@ -137,13 +190,29 @@ class LedgerTables(Tables):
 
     def not_sent(self, key: str) -> None:
         """The submit never left (or was refused unprocessed): nothing was paid."""
-        self.db.execute("DELETE FROM tasks WHERE key = ? AND status = ?",
-                        (key, TaskStatus.SUBMITTING))
+        with self.transaction():
+            self.db.execute("DELETE FROM tasks WHERE key = ? AND status = ?",
+                            (key, TaskStatus.SUBMITTING))
+            self.db.execute("DELETE FROM charges WHERE key = ? AND status = ?",
+                            (key, Charge.RESERVED))
 
     def submitted(self, key: str, task_id: str, polling_url: str, cost: float | None,
                   at: float) -> None:
-        self._task(key, status=TaskStatus.SUBMITTED, task_id=task_id,
-                   polling_url=without_credentials(polling_url), cost=cost, submitted_at=at)
+        """The provider accepted the task: its reservation (if any) becomes a charge of the
+        reported cost, in the same transaction."""
+        with self.transaction():
+            self._task(key, status=TaskStatus.SUBMITTED, task_id=task_id,
+                       polling_url=without_credentials(polling_url), cost=cost,
+                       submitted_at=at)
+            settled = self.db.execute(
+                "UPDATE charges SET status = ?, cost = ?, task_id = ?, settled_at = ? WHERE id = "
+                "(SELECT MAX(id) FROM charges WHERE key = ? AND status = ?)",
+                (Charge.CHARGED, cost, task_id, at, key, Charge.RESERVED)).rowcount
+            if not settled:  # (sent without a reservation: recorded all the same)
+                self.db.execute(
+                    "INSERT INTO charges (key, run, provider, cost, status, task_id, at, "
+                    "settled_at) SELECT key, run, provider, ?, ?, ?, ?, ? FROM tasks "
+                    "WHERE key = ?", (cost, Charge.CHARGED, task_id, at, at, key))
 
     def ready(self, key: str, reported_seed: int | None) -> None:
         self._task(key, status=TaskStatus.READY, reported_seed=reported_seed)
@@ -166,13 +235,109 @@ class LedgerTables(Tables):
         if status in IN_FLIGHT:
             self.db.execute("UPDATE tasks SET reason = ?, updated_at = ? WHERE key = ?",
                             (reason, time.time(), key))
-        else:
+            return
+        with self.transaction():
             self._task(key, status=status, reason=reason)
+            if status in (TaskStatus.MODERATED, TaskStatus.FAILED):
+                # Not billed (BFL charges neither): the task's own charge is refunded; a
+                # submit refused before any task existed had its reservation dropped.
+                self.db.execute(
+                    "UPDATE charges SET status = ?, settled_at = ? WHERE key = ? AND status = ? "
+                    "AND task_id = (SELECT task_id FROM tasks WHERE key = ?)",
+                    (Charge.REFUNDED, time.time(), key, Charge.CHARGED, key))
+            elif status == TaskStatus.UNKNOWN:
+                self._unknown_reservations(key)
 
     def known(self, key: str) -> None:
         """A key whose image the root holds in a placed file, unless the ledger knows more."""
         self.db.execute("INSERT OR IGNORE INTO tasks (key, status, updated_at) VALUES (?, ?, ?)",
                         (key, TaskStatus.PLACED, time.time()))
+
+    # -- money: charges and runs (docs/money.md) -------------------------------------------
+
+    def reserve(self, key: str, reservation: Reservation) -> None:
+        """Right before a paid submit is sent: what it may cost, held against the budget
+        until the answer says what it did cost. A reservation an earlier attempt left (its
+        process died while sending) is unknown from here on: it may have been billed."""
+        with self.transaction():
+            self._unknown_reservations(key)
+            self.db.execute(
+                "INSERT INTO charges (key, run, recipe, job, model, provider, estimate, "
+                "reserved, status, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, reservation.run, reservation.recipe, reservation.job, reservation.model,
+                 reservation.provider, reservation.estimate, reservation.usd, Charge.RESERVED,
+                 time.time()))
+
+    def _unknown_reservations(self, key: str) -> None:
+        self.db.execute("UPDATE charges SET status = ?, settled_at = ? WHERE key = ? AND "
+                        "status = ?", (Charge.UNKNOWN, time.time(), key, Charge.RESERVED))
+
+    def settle_reservations(self) -> None:
+        """Reservations left by a run that died (the root's lock is held, so no outbox of it
+        is still sending): one whose submit was recorded as sent is unknown (it may have
+        been billed); one whose submit never left is dropped."""
+        with self.transaction():
+            rows = self.db.execute(
+                "SELECT c.id, c.at, t.status, t.updated_at FROM charges c LEFT JOIN tasks t "
+                "ON t.key = c.key WHERE c.status = ?", (Charge.RESERVED,)).fetchall()
+            for ident, at, status, updated_at in rows:
+                sent = status in (TaskStatus.SUBMITTING, TaskStatus.UNKNOWN) and \
+                    updated_at is not None and updated_at >= at
+                if sent:
+                    self.db.execute("UPDATE charges SET status = ?, settled_at = ? WHERE id = ?",
+                                    (Charge.UNKNOWN, time.time(), ident))
+                else:
+                    self.db.execute("DELETE FROM charges WHERE id = ?", (ident,))
+
+    def run_started(self, run: str, recipe: str, budget: float | None) -> None:
+        self.db.execute("INSERT OR REPLACE INTO runs (run, recipe, started_at, budget) "
+                        "VALUES (?, ?, ?, ?)", (run, recipe, time.time(), budget))
+
+    def run_ended(self, run: str, *, finished: bool) -> None:
+        """`finished`: the run went to its end; one stopped early (Ctrl-C, an error, its
+        budget) is continued by the next run of its recipe, whose budget counts its spend."""
+        self.db.execute("UPDATE runs SET ended_at = ?, finished = ? WHERE run = ?",
+                        (time.time(), int(finished), run))
+
+    def unfinished_runs(self, recipe: str, *, besides: str | None = None) -> list[str]:
+        """The runs of `recipe` since its last run that finished (killed, interrupted,
+        stopped by an error or by their budget): the render that the next run continues."""
+        last = self.db.execute("SELECT MAX(started_at) FROM runs WHERE recipe = ? AND "
+                               "finished = 1", (recipe,)).fetchone()[0]
+        rows = self.db.execute("SELECT run FROM runs WHERE recipe = ? AND started_at > ? "
+                               "AND run IS NOT ? ORDER BY started_at",
+                               (recipe, last if last is not None else -1.0, besides))
+        return [run for (run,) in rows]
+
+    def spent_by_runs(self, runs: Iterable[str]) -> float:
+        """USD: what `runs` paid, as a budget counts it (see `charged_usd`)."""
+        wanted = list(runs)
+        if not wanted:
+            return 0.0
+        marks = ", ".join("?" for _ in wanted)
+        rows = self.db.execute(f"SELECT {_CHARGE_COLUMNS} FROM charges WHERE run IN ({marks})",
+                               wanted)
+        return round(sum(charged_usd(ChargeRow(*row)) for row in rows), 6)
+
+    def highest_costs(self, provider: str) -> dict[str, tuple[float, float]]:
+        """Per model, what `provider` has charged here at most: (USD, and its ratio to the
+        catalogue's price of the same request)."""
+        rows = self.db.execute(
+            "SELECT model, MAX(cost), MAX(CASE WHEN estimate > 0 THEN cost / (estimate * 100) "
+            "END) FROM charges WHERE provider = ? AND cost IS NOT NULL AND model IS NOT NULL "
+            "GROUP BY model", (provider,))
+        return {model: (most / 100, ratio or 0.0) for model, most, ratio in rows}
+
+    def charges(self, since: float | None = None, *,
+                recipe: str | None = None) -> list[ChargeRow]:
+        """Every paid submit (and reservation) the ledger holds, oldest first; of one
+        recipe's images, with `recipe`."""
+        where = "at >= ?" + (" AND recipe = ?" if recipe is not None else "")
+        parameters = (since if since is not None else -1.0,
+                      *((recipe,) if recipe is not None else ()))
+        rows = self.db.execute(f"SELECT {_CHARGE_COLUMNS} FROM charges WHERE {where} "
+                               "ORDER BY at, id", parameters)
+        return [ChargeRow(*row) for row in rows]
 
 
 class _LazyTasks(Mapping[str, Task]):

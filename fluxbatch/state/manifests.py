@@ -46,6 +46,7 @@ class Provenance(TypedDict):
     submitted_at: str | None  # ISO 8601, UTC
     finished_at: str | None
     recipe: RecipeRef
+    pinned: bool  # False: a floating model (`*-preview`), which the provider may change
     spec_date: str  # of the vendored BFL spec
     fluxbatch: str  # the version that wrote it
     status: Literal[OutcomeStatus.WRITTEN]

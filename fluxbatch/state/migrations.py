@@ -86,9 +86,51 @@ def _v2(db: sqlite3.Connection) -> None:
     db.execute("DELETE FROM meta WHERE name = 'recipe'")
 
 
+def _v3(db: sqlite3.Connection) -> None:
+    """Money: `charges`, one row per paid submit, kept for good (the ledger's `tasks` keeps
+    only a key's latest task, so a key paid twice would be counted once), and `runs`, one row
+    per render, so that a budget can count what the unfinished runs it continues spent. The
+    costs an earlier release recorded are carried over, with the model and recipe their
+    placements name."""
+    db.execute("""CREATE TABLE charges (
+        id INTEGER PRIMARY KEY,
+        key TEXT NOT NULL,
+        run TEXT,               -- the run that paid it
+        recipe TEXT, job TEXT, model TEXT, provider TEXT,
+        estimate REAL,          -- USD: the catalogue's price of this request
+        reserved REAL,          -- USD held for it by the run's budget before it was sent
+        cost REAL,              -- credits the provider reported (NULL: none reported)
+        status TEXT NOT NULL,   -- reserved | charged | refunded | unknown
+        task_id TEXT,
+        at REAL NOT NULL,       -- when it was sent
+        settled_at REAL)""")
+    db.execute("CREATE INDEX charges_by_key ON charges (key)")
+    db.execute("CREATE INDEX charges_by_run ON charges (run)")
+    db.execute("""CREATE TABLE runs (
+        run TEXT PRIMARY KEY,
+        recipe TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        ended_at REAL,          -- NULL: it is running, or it was killed
+        finished INTEGER NOT NULL DEFAULT 0,  -- 1: it ran to its end (not stopped early)
+        budget REAL)""")
+    rows = db.execute("SELECT key, status, provider, task_id, cost, submitted_at, run, "
+                      "updated_at FROM tasks WHERE task_id IS NOT NULL").fetchall()
+    for key, status, provider, task_id, cost, submitted_at, run, updated_at in rows:
+        found = db.execute("SELECT recipe, entry FROM placements WHERE key = ? LIMIT 1",
+                           (key,)).fetchone()
+        recipe, entry = (found[0], json.loads(found[1])) if found else (None, {})
+        charge = "refunded" if status in ("moderated", "failed") else \
+            "unknown" if status == "unknown" else "charged"
+        db.execute("INSERT INTO charges (key, run, recipe, job, model, provider, cost, status, "
+                   "task_id, at, settled_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (key, run, recipe, entry.get("job"), entry.get("model"), provider, cost,
+                    charge, task_id, submitted_at or updated_at, updated_at))
+
+
 MIGRATIONS = (
     Migration(1, "images by output path", _v1),
     Migration(2, "a ledger by job key, placements by recipe and output", _v2),
+    Migration(3, "charges per paid submit, and runs", _v3),
 )
 LATEST = MIGRATIONS[-1].version
 
