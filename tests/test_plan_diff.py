@@ -24,6 +24,7 @@ from PIL import Image
 from fluxbatch import wire
 from fluxbatch.commands.diff import MAX_COMMENT
 from fluxbatch.main import main
+from fluxbatch.state import read_state
 from tests.helpers import build_file_tree, commit, git, git_repository
 
 Capsys = pytest.CaptureFixture[str]
@@ -503,3 +504,80 @@ def test_values_from_a_pull_request_cannot_format_the_comment(
                    "``subject=`a\\|b` @maintainer </details><… #1`` | new · \\$0.040 |")
     assert out.count("</details>") == 3  # its own, and inside the two replicates' code spans
     assert out.count("@maintainer") == 2  # inside code spans only (the second replicate's)
+
+
+# -- before and after ------------------------------------------------------------------------
+
+
+def sheet_rows(page: str) -> list[tuple[str, ...]]:
+    """Each row of the before/after sheet: its label, and what each cell shows (an image's
+    link, or a marker's state)."""
+    rows = []
+    for label, *cells in re.findall(r"<tr><th>((?:(?!<th>).)*?)</th><td>(.*?)</td><td>(.*?)</td></tr>",
+                                    page):
+        shown = []
+        for cell in cells:
+            found = re.search(r'<img loading=lazy src="([^"]+)"|data-state="([^"]+)"', cell)
+            assert found is not None, cell
+            shown.append(found[1] or found[2])
+        rows.append((re.sub(r"<div class=notes>.*", "", label), *shown))
+    return rows
+
+
+def test_gallery_diff_shows_each_changed_image_before_and_after(
+        repo: Path, capsys: Capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    render(capsys)
+    (repo / "hero" / "lighthouse.png").unlink()  # before comes from the content store then
+    edit(repo)
+    hero = json.loads(run(capsys, "plan", "recipe.yaml", "--diff", "main", "--format",
+                          "json")[1])["images"][-1]
+    blob = read_state(repo, "shop").tasks[hero["was"]["key"]].blob
+    assert blob is not None
+    with refusing_network(monkeypatch):
+        code, out, err = run(capsys, "gallery", "recipe.yaml", "--diff", "main", "--png",
+                             "sheet.png")
+    assert (code, err) == (0, "")
+    assert out == ("wrote shop.gallery-diff.html (5 images, 3 of them with a picture before "
+                   "or after)\n"
+                   f"wrote sheet.png ({Image.open(repo / 'sheet.png').width:,} × "
+                   f"{Image.open(repo / 'sheet.png').height:,} px)\n")
+    page = (repo / "shop.gallery-diff.html").read_text()
+    assert sheet_rows(page) == [
+        ("cup-1.png", "added", "not rendered yet"),
+        ("cup-2.png", "added", "not rendered yet"),
+        ("mug-1.png", "mugs/mug-1.png", "removed"),
+        ("mug-2.png", "mugs/mug-2.png", "removed"),
+        ("lighthouse.png", f".fluxbatch/blobs/{blob[:2]}/{blob}", "not rendered yet")]
+    assert "<h1>shop: 5 images differ from main (" in page
+    assert "width 768 → 1024" in page
+    # rendered, the after column fills in
+    render(capsys)
+    assert run(capsys, "gallery", "recipe.yaml", "--diff", "main")[0] == 0
+    assert [row[2] for row in sheet_rows((repo / "shop.gallery-diff.html").read_text())] == [
+        "mugs/cup-1.png", "mugs/cup-2.png", "removed", "removed", "hero/lighthouse.png"]
+
+
+def test_gallery_diff_before_any_render_marks_what_is_not_there(
+        repo: Path, capsys: Capsys) -> None:
+    edit(repo)
+    code, out, _ = run(capsys, "gallery", "recipe.yaml", "--diff", "main", "-o", "diff.html")
+    assert (code, out) == (0, "wrote diff.html (5 images, 0 of them with a picture before or "
+                              "after)\n")
+    assert [row[1:] for row in sheet_rows((repo / "diff.html").read_text())] == [
+        ("added", "not rendered yet"), ("added", "not rendered yet"),
+        ("not in the store", "removed"), ("not in the store", "removed"),
+        ("not in the store", "not rendered yet")]
+
+
+def test_gallery_diff_reads_no_blob_through_a_link(repo: Path, capsys: Capsys,
+                                                   tmp_path: Path) -> None:
+    render(capsys)
+    (repo / "hero" / "lighthouse.png").unlink()
+    edit(repo)
+    blobs = repo / ".fluxbatch" / "blobs"
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(str(blobs), elsewhere)
+    os.symlink(elsewhere, blobs)
+    assert run(capsys, "gallery", "recipe.yaml", "--diff", "main")[0] == 0
+    rows = sheet_rows((repo / "shop.gallery-diff.html").read_text())
+    assert rows[-1] == ("lighthouse.png", "not in the store", "not rendered yet")
