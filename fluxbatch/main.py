@@ -95,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     form.add_argument("--jsonl", action="store_const", dest="form", const="jsonl",
                       help="print one JSON object per image, then a summary line, as the "
                       "images are planned")
-    form.add_argument("--format", dest="form", choices=("table", "json", "jsonl", "markdown"),
-                      help="the same as --json or --jsonl; with --diff, markdown gives a "
-                      "pull-request comment")
+    form.add_argument("--format", dest="form", metavar="FORMAT",
+                      choices=("table", "json", "jsonl", "markdown"),
+                      help="table (the default), json or jsonl (as --json, --jsonl), or, with "
+                      "--diff, markdown: a comment for a pull request")
     p.add_argument("--diff", metavar="REF",
                    help="compare with the recipe (and the files it reads) at this git ref: "
                    "the images added, removed and changed, and what rendering the change "

@@ -111,6 +111,7 @@ def test_adding_removing_and_changing_give_the_right_images_reasons_and_cost(
     assert out == f"""\
 recipe shop (recipe.yaml) against main ({short})
 This change renders 3 images (~$0.12): 2 new, 1 changed; removes 2; 4 unchanged.
+What changed: width 768 → 1024 (1 image).
 
 CHANGE   JOB   VALUES       REP  OUTPUT               STATE    COST
 added    mugs  subject=cup    1  mugs/cup-1.png       new    $0.040
@@ -140,6 +141,8 @@ def test_the_comment_for_a_pull_request_has_a_headline_a_table_and_the_details(
 ### fluxbatch: `shop` (`recipe.yaml`) against `main` ({short})
 
 This change renders **3 images (\\~\\$0.12)**: 2 new, 1 changed; removes 2; 4 unchanged.
+
+What changed: `width 768 → 1024` (1 image).
 
 | job | added | changed | moved | removed | unchanged | to render | est. cost |
 |:--|--:|--:|--:|--:|--:|--:|--:|
@@ -187,7 +190,7 @@ def test_json_is_the_same_data_for_other_tools(repo: Path, capsys: Capsys) -> No
     assert hero["was"]["key"] != hero["key"] and hero["estimated_usd"] == 0.04
     assert document["summary"] == {
         "added": 2, "changed": 1, "moved": 0, "removed": 2, "unchanged": 4, "to_render": 3,
-        "free": 0, "estimated_usd": 0.12, "selection": None,
+        "free": 0, "estimated_usd": 0.12, "selection": None, "why": {"width 768 → 1024": 1},
         "headline": "This change renders 3 images (~$0.12): 2 new, 1 changed; removes 2; "
                     "4 unchanged."}
     assert document["by_job"]["hero"]["changed"] == 1
@@ -204,9 +207,10 @@ def test_a_moved_image_is_not_paid_for_and_a_reverted_one_comes_from_the_ledger(
     code, out, _ = run(capsys, "plan", "recipe.yaml", "--diff", "main")
     assert code == 0
     lines = out.splitlines()
-    assert lines[1] == "This change renders no images; 7 images are placed at no cost; " \
-        "removes 6; 0 unchanged."
-    assert lines[3:6] == [
+    assert lines[1:3] == [
+        "This change renders no images; 7 images are placed at no cost; removes 6; 0 unchanged.",
+        "What changed: width 768 → 1024 (1 image)."]
+    assert lines[4:7] == [
         "CHANGE   JOB   VALUES          REP  OUTPUT               STATE       COST",
         "added    mugs  subject=kettle    1  shop/kettle-1.png    stored      free",
         "  ↳ the output root holds it: placed at no cost"]
@@ -513,8 +517,8 @@ def sheet_rows(page: str) -> list[tuple[str, ...]]:
     """Each row of the before/after sheet: its label, and what each cell shows (an image's
     link, or a marker's state)."""
     rows = []
-    for label, *cells in re.findall(r"<tr><th>((?:(?!<th>).)*?)</th><td>(.*?)</td><td>(.*?)</td></tr>",
-                                    page):
+    row = r"<tr><th>((?:(?!<th>).)*?)</th><td>(.*?)</td><td>(.*?)</td></tr>"
+    for label, *cells in re.findall(row, page):
         shown = []
         for cell in cells:
             found = re.search(r'<img loading=lazy src="([^"]+)"|data-state="([^"]+)"', cell)

@@ -313,6 +313,26 @@ def headline(diff: PlanDiff) -> str:
     return f"{sentence}; {'; '.join(more)}."
 
 
+def why_changed(diff: PlanDiff) -> list[tuple[str, int]]:
+    """What the changed images have in common, field by field, with how many images each:
+    a field that changed the same way everywhere as it changed (`height 512 → 576`), else
+    by its name (`prompt`). A 300-image change is often one or two edits."""
+    found: dict[str, set[str]] = {}
+    counts: Counter[str] = Counter()
+    for difference in diff.differences:
+        for reason in difference.reasons:
+            name = reason.split(" ", 1)[0]
+            found.setdefault(name, set()).add(reason)
+            counts[name] += 1
+    return [(next(iter(reasons)) if len(reasons) == 1 else name, counts[name])
+            for name, reasons in found.items()]
+
+
+def why_text(diff: PlanDiff) -> str | None:
+    said = [f"{what} ({plural(count, 'image')})" for what, count in why_changed(diff)]
+    return "What changed: " + "; ".join(said) + "." if said else None
+
+
 def base_note(diff: PlanDiff) -> str | None:
     """What to know of the recipe at the ref, when it was not where it is now."""
     base = diff.base
@@ -356,6 +376,9 @@ def text(diff: PlanDiff) -> str:
     if note:
         lines.append(note)
     lines.append(headline(diff))
+    why = why_text(diff)
+    if why:
+        lines.append(why)
     shown = diff.changed
     if shown:
         rows = [[str(d.change), d.image.job, values_text(d.image.vars), str(d.image.replicate),
@@ -400,7 +423,7 @@ def json_document(diff: PlanDiff) -> str:
     }
     tail = {"by_job": {name: counts.document() for name, counts in by_job.items()},
             "summary": {**total.document(), "headline": headline(diff),
-                        "selection": diff.selection or None}}
+                        "why": dict(why_changed(diff)), "selection": diff.selection or None}}
     lines = ["{"] + [f"  {encode(k)}: {encode(v)}," for k, v in head.items()]
     images = [encode(_image_document(d)) for d in diff.changed]
     lines.append('  "images": [' + ("\n    " + ",\n    ".join(images) + "\n  ]," if images
@@ -451,6 +474,10 @@ def markdown(diff: PlanDiff, shown_as: str, *, limit: int = MAX_COMMENT) -> str:
     if note:
         top += [_escape(note), ""]
     top += [_bold_numbers(headline(diff)), ""]
+    why = why_changed(diff)
+    if why:
+        top += ["What changed: " + "; ".join(f"{_code(what)} ({plural(count, 'image')})"
+                                             for what, count in why) + ".", ""]
     by_job, total = diff.counts()
     header = ["| job | added | changed | moved | removed | unchanged | to render | est. cost |",
               "|:--|--:|--:|--:|--:|--:|--:|--:|"]
