@@ -173,6 +173,9 @@ def _commit(top: str, ref: str) -> str:
             f"--diff {ref}: this clone is shallow (only the last commits were fetched) and "
             f"does not have {ref}; fetch it first: `git fetch --depth=1 origin {branch}`, or "
             "actions/checkout with fetch-depth: 0")
+    if not _git(top, "rev-list", "-n", "1", "--all").stdout.strip():
+        raise GitRefError(f"--diff {ref}: this repository has no commit yet: there is nothing "
+                          "to compare with")
     raise GitRefError(f"--diff {ref}: this repository has no commit, branch or tag of that "
                       "name (`git branch -a` lists the branches, a remote's once fetched)")
 

@@ -395,6 +395,16 @@ def test_an_unknown_ref_is_one_line(repo: Path, capsys: Capsys) -> None:
                "name (`git branch -a` lists the branches, a remote's once fetched)\n")
 
 
+def test_a_repository_without_a_commit_has_nothing_to_compare_with(
+        tmp_path: Path, capsys: Capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    build_file_tree(tmp_path, {"recipe.yaml": RECIPE, "subjects.txt": SUBJECTS})
+    git(tmp_path, "init", "-q")
+    monkeypatch.chdir(tmp_path)
+    assert run(capsys, "plan", "recipe.yaml", "--diff", "HEAD") == (
+        1, "", "fluxbatch: --diff HEAD: this repository has no commit yet: there is nothing "
+               "to compare with\n")
+
+
 def test_a_ref_that_looks_like_an_option_is_refused(repo: Path, capsys: Capsys) -> None:
     assert run(capsys, "plan", "recipe.yaml", "--diff=--output=x") == (
         1, "", "fluxbatch: --diff '--output=x': not a git ref (a branch, a tag or a commit)\n")
@@ -571,6 +581,12 @@ def test_gallery_diff_before_any_render_marks_what_is_not_there(
         ("added", "not rendered yet"), ("added", "not rendered yet"),
         ("not in the store", "removed"), ("not in the store", "removed"),
         ("not in the store", "not rendered yet")]
+
+
+def test_gallery_diff_of_an_unchanged_recipe_says_so(repo: Path, capsys: Capsys) -> None:
+    assert run(capsys, "gallery", "recipe.yaml", "--diff", "main", "--png", "none.png") == (
+        0, "wrote shop.gallery-diff.html (no image differs from main)\n"
+           "wrote none.png (368 × 76 px)\n", "")
 
 
 def test_gallery_diff_reads_no_blob_through_a_link(repo: Path, capsys: Capsys,

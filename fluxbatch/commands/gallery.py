@@ -145,8 +145,9 @@ def gallery_diff(*, recipe: str, out: str | None, yes: bool, ref: str, output: s
         root / gallery_name(plan.recipe.name).replace(".gallery.", ".gallery-diff.")
     page = html_page(plan.recipe.name, heading, sheets, thumb=thumb, across=True,
                      href=_href(target))
-    _write(target, page, png, picture, thumb, f"{plural(len(changed), 'image')}, "
-           f"{images.shown:,} of them with a picture before or after")
+    said = f"{plural(len(changed), 'image')}, {images.shown:,} of them with a picture " \
+        "before or after" if changed else f"no image differs from {diff.base.ref}"
+    _write(target, page, png, picture, thumb, said)
     return EXIT_OK
 
 
