@@ -218,6 +218,25 @@ STORED = "its image is in the content store (paid earlier): placed at no cost"
 
 # -- git repositories -----------------------------------------------------------------------
 
+# A recipe of two jobs whose values come from a file: what the tests of `plan --diff` and of
+# the CI example change (a value added, one removed, a parameter).
+SHOP_RECIPE = """\
+version: 1
+name: shop
+provider: emulator
+output: "{{ job }}/{{ subject | slug }}-{{ replicate }}.{{ ext }}"
+defaults: {model: flux-pro-1.1, width: 768, height: 512, output_format: png}
+jobs:
+  - name: mugs
+    prompt: "a {{ subject }} on a wooden table"
+    matrix:
+      subject: {from: subjects.txt}
+    replicates: 2
+  - name: hero
+    prompt: "a lighthouse at dusk"
+    output: "{{ job }}/lighthouse.{{ ext }}"
+"""
+
 # Commits made with a fixed identity and dates (never the user's git config: HOME is a temp
 # folder, and the system's config is not read), so the same files make the same commits.
 GIT_CONFIG = ("-c", "user.name=fluxbatch tests", "-c", "user.email=tests@example.com",

@@ -27,27 +27,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.helpers import ROOT, build_file_tree, commit, git
+from tests.helpers import ROOT, SHOP_RECIPE, build_file_tree, commit, git
 
 WORKFLOW = ROOT / "examples" / "ci" / "fluxbatch.yml"
 SCRIPT = ROOT / "examples" / "ci" / "fluxbatch-ci.sh"
 
-RECIPE = """\
-version: 1
-name: shop
-provider: emulator
-output: "{{ job }}/{{ subject | slug }}-{{ replicate }}.{{ ext }}"
-defaults: {model: flux-pro-1.1, width: 256, height: 256, output_format: png}
-jobs:
-  - name: mugs
-    prompt: "a {{ subject }} on a wooden table"
-    matrix:
-      subject: {from: subjects.txt}
-    replicates: 2
-  - name: hero
-    prompt: "a lighthouse at dusk"
-    output: "{{ job }}/lighthouse.{{ ext }}"
-"""
+
 # `gh api` as the comment step calls it, on a JSON file of the pull request's comments
 FAKE_GH = """\
 #!/usr/bin/env python3
@@ -168,7 +153,7 @@ def actions(tmp_path: Path) -> Actions:
     if shutil.which("jq") is None:
         pytest.skip("the comment step's `gh api --jq` is played with jq, which is not installed")
     work = build_file_tree(tmp_path / "work", {
-        "recipes/shop.yaml": RECIPE, "recipes/subjects.txt": "teapot\nkettle\nmug\n",
+        "recipes/shop.yaml": SHOP_RECIPE, "recipes/subjects.txt": "teapot\nkettle\nmug\n",
         ".github/workflows/fluxbatch.yml": WORKFLOW.read_text(),
         ".github/fluxbatch-ci.sh": SCRIPT.read_text()})
     (work / ".github" / "fluxbatch-ci.sh").chmod(0o755)

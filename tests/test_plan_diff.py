@@ -25,33 +25,19 @@ from fluxbatch import wire
 from fluxbatch.commands.diff import MAX_COMMENT
 from fluxbatch.main import main
 from fluxbatch.state import read_state
-from tests.helpers import build_file_tree, commit, git, git_repository
+from tests.helpers import SHOP_RECIPE, build_file_tree, commit, git, git_repository
 
 Capsys = pytest.CaptureFixture[str]
 
-RECIPE = """\
-version: 1
-name: shop
-provider: emulator
-output: "{{ job }}/{{ subject | slug }}-{{ replicate }}.{{ ext }}"
-defaults: {model: flux-pro-1.1, width: 768, height: 512, output_format: png}
-jobs:
-  - name: mugs
-    prompt: "a {{ subject }} on a wooden table"
-    matrix:
-      subject: {from: subjects.txt}
-    replicates: 2
-  - name: hero
-    prompt: "a lighthouse at dusk"
-    output: "{{ job }}/lighthouse.{{ ext }}"
-"""
+
 SUBJECTS = "teapot\nkettle\nmug\n"
 
 
 @pytest.fixture
 def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The shop recipe, committed on main; the tests run from the work tree's top."""
-    root = git_repository(tmp_path / "shop", {"recipe.yaml": RECIPE, "subjects.txt": SUBJECTS})
+    root = git_repository(tmp_path / "shop", {"recipe.yaml": SHOP_RECIPE,
+                                              "subjects.txt": SUBJECTS})
     monkeypatch.chdir(root)
     return root
 
@@ -92,7 +78,7 @@ def render(capsys: Capsys, recipe: str = "recipe.yaml") -> None:
 def edit(repo: Path) -> None:
     """Add a value (cup), remove one (mug), and change a parameter of the hero shot."""
     (repo / "subjects.txt").write_text("teapot\nkettle\ncup\n")
-    (repo / "recipe.yaml").write_text(RECIPE.replace(
+    (repo / "recipe.yaml").write_text(SHOP_RECIPE.replace(
         'output: "{{ job }}/lighthouse.{{ ext }}"',
         'output: "{{ job }}/lighthouse.{{ ext }}"\n    params: {width: 1024}'))
 
@@ -181,7 +167,7 @@ def test_json_is_the_same_data_for_other_tools(repo: Path, capsys: Capsys) -> No
     assert document["base"] == {
         "ref": "main", "commit": git(repo, "rev-parse", "main").strip(), "path": "recipe.yaml",
         "exists": True, "renamed_from": None,
-        "sha256": hashlib.sha256(RECIPE.encode()).hexdigest()}
+        "sha256": hashlib.sha256(SHOP_RECIPE.encode()).hexdigest()}
     assert [(i["change"], i["output"], i["pays"], i["changes"]) for i in document["images"]] == [
         ("added", "mugs/cup-1.png", True, []), ("added", "mugs/cup-2.png", True, []),
         ("removed", "mugs/mug-1.png", False, []), ("removed", "mugs/mug-2.png", False, []),
@@ -200,9 +186,9 @@ def test_json_is_the_same_data_for_other_tools(repo: Path, capsys: Capsys) -> No
 def test_a_moved_image_is_not_paid_for_and_a_reverted_one_comes_from_the_ledger(
         repo: Path, capsys: Capsys) -> None:
     # rendered with width 1024 once, then reverted: the ledger holds those images
-    (repo / "recipe.yaml").write_text(RECIPE.replace("width: 768", "width: 1024"))
+    (repo / "recipe.yaml").write_text(SHOP_RECIPE.replace("width: 768", "width: 1024"))
     render(capsys)
-    (repo / "recipe.yaml").write_text(RECIPE.replace("width: 768", "width: 1024")
+    (repo / "recipe.yaml").write_text(SHOP_RECIPE.replace("width: 768", "width: 1024")
                                       .replace('output: "{{ job }}/{{', 'output: "shop/{{'))
     code, out, _ = run(capsys, "plan", "recipe.yaml", "--diff", "main")
     assert code == 0
@@ -219,7 +205,7 @@ def test_a_moved_image_is_not_paid_for_and_a_reverted_one_comes_from_the_ledger(
         "  ↳ the request changed: width 768 → 1024; already rendered at its path"]
     # the same images at new paths: moved, not paid for
     commit(repo, "width 1024, in shop/")
-    (repo / "recipe.yaml").write_text(RECIPE.replace("width: 768", "width: 1024")
+    (repo / "recipe.yaml").write_text(SHOP_RECIPE.replace("width: 768", "width: 1024")
                                       .replace('output: "{{ job }}/{{', 'output: "all/{{'))
     code, out, _ = run(capsys, "plan", "recipe.yaml", "--diff", "HEAD")
     assert out.splitlines()[1] == "This change renders no images; moves 6; 1 unchanged."
@@ -294,7 +280,7 @@ def test_an_input_photo_edited_in_the_working_tree_shows_as_changed(
     code, out, _ = run(capsys, "plan", "recipe.yaml", "--diff", "main")
     assert code == 0
     old, new = (hashlib.sha256(data).hexdigest()[:12] for data in (red, blue))
-    seeds = [re.search(r"seed \d+ → \d+", line)[0] for line in out.splitlines()  # type: ignore[index]
+    seeds = [re.findall(r"seed \d+ → \d+", line)[0] for line in out.splitlines()
              if line.startswith("  ↳")]
     assert out.splitlines()[1] == \
         "This change renders 2 images (~$0.080): 2 changed; 1 unchanged."
@@ -358,7 +344,8 @@ def test_a_link_at_the_ref_out_of_the_project_is_refused(repo: Path, capsys: Cap
 def test_a_recipe_in_a_subfolder_reads_the_project_at_the_ref(
         tmp_path: Path, capsys: Capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     root = git_repository(tmp_path / "studio", {
-        "recipes/shop.yaml": RECIPE.replace("from: subjects.txt", "from: ../lists/subjects.txt"),
+        "recipes/shop.yaml": SHOP_RECIPE.replace("from: subjects.txt",
+                                                 "from: ../lists/subjects.txt"),
         "lists/subjects.txt": SUBJECTS})
     monkeypatch.chdir(tmp_path)
     (root / "lists" / "subjects.txt").write_text("teapot\n")
@@ -397,7 +384,7 @@ def test_an_unknown_ref_is_one_line(repo: Path, capsys: Capsys) -> None:
 
 def test_a_repository_without_a_commit_has_nothing_to_compare_with(
         tmp_path: Path, capsys: Capsys, monkeypatch: pytest.MonkeyPatch) -> None:
-    build_file_tree(tmp_path, {"recipe.yaml": RECIPE, "subjects.txt": SUBJECTS})
+    build_file_tree(tmp_path, {"recipe.yaml": SHOP_RECIPE, "subjects.txt": SUBJECTS})
     git(tmp_path, "init", "-q")
     monkeypatch.chdir(tmp_path)
     assert run(capsys, "plan", "recipe.yaml", "--diff", "HEAD") == (
@@ -439,7 +426,7 @@ def test_a_recipe_moved_since_the_ref_is_compared_with_where_it_was(
     git(repo, "checkout", "-q", "-b", "tidy")
     git(repo, "mv", "recipe.yaml", "recipes/shop.yaml")
     (repo / "recipes" / "shop.yaml").write_text(
-        RECIPE.replace("from: subjects.txt", "from: ../subjects.txt"))
+        SHOP_RECIPE.replace("from: subjects.txt", "from: ../subjects.txt"))
     commit(repo, "recipes in a folder")
     code, out, _ = run(capsys, "plan", "recipes/shop.yaml", "--diff", "main")
     assert code == 0
@@ -449,7 +436,7 @@ def test_a_recipe_moved_since_the_ref_is_compared_with_where_it_was(
 
 
 def test_outside_a_git_work_tree_is_one_line(tmp_path: Path, capsys: Capsys) -> None:
-    build_file_tree(tmp_path / "loose", {"recipe.yaml": RECIPE, "subjects.txt": SUBJECTS})
+    build_file_tree(tmp_path / "loose", {"recipe.yaml": SHOP_RECIPE, "subjects.txt": SUBJECTS})
     code, out, err = run(capsys, "plan", str(tmp_path / "loose" / "recipe.yaml"), "--diff", "main")
     assert (code, out) == (1, "")
     assert re.fullmatch(r"fluxbatch: --diff main: the recipe is not in a git work tree \(.*"
@@ -488,7 +475,7 @@ def test_usage_errors(repo: Path, capsys: Capsys) -> None:
 
 def test_a_20000_image_change_fits_one_comment_with_its_summary(
         tmp_path: Path, capsys: Capsys, monkeypatch: pytest.MonkeyPatch) -> None:
-    big = RECIPE.replace("replicates: 2", "replicates: 20").replace(
+    big = SHOP_RECIPE.replace("replicates: 2", "replicates: 20").replace(
         "name: shop\n", "name: shop\nmax_jobs: 100000\n")
     root = git_repository(tmp_path / "big", {
         "recipe.yaml": big, "subjects.txt": "".join(f"subject {n}\n" for n in range(600))})

@@ -205,21 +205,22 @@ def _diff_notes(difference: Difference) -> tuple[str, ...]:
 
 
 def _before(difference: Difference, images: _Images) -> Tile:
-    was = difference.was
-    if was is None:
-        return Tile(Mark.EXCLUDED, "", _shape(difference.image.request), state="added",
-                    hint="not in the recipe before")
-    return _picture(was, images.of(was.key), "not in the store",
-                    "no file or content store in this output root holds it")
+    return _side(difference.was, difference.image, images, ("added", "not in the recipe before"),
+                 ("not in the store", "no file or content store in this output root holds it"))
 
 
 def _after(difference: Difference, images: _Images) -> Tile:
-    job = difference.job
+    return _side(difference.job, difference.image, images, ("removed", "no longer in the recipe"),
+                 ("not rendered yet", "`fluxbatch render` makes it"))
+
+
+def _side(job: Job | None, image: Job, images: _Images, absent: tuple[str, str],
+          missing: tuple[str, str]) -> Tile:
+    """One side of a row: the image of `job`, or a marker: `absent` (state, hint) when the
+    recipe had no such image on this side, `missing` when no file holds it."""
     if job is None:
-        return Tile(Mark.EXCLUDED, "", _shape(difference.image.request), state="removed",
-                    hint="no longer in the recipe")
-    return _picture(job, images.of(job.key), "not rendered yet",
-                    "`fluxbatch render` makes it")
+        return Tile(Mark.EXCLUDED, "", _shape(image.request), state=absent[0], hint=absent[1])
+    return _picture(job, images.of(job.key), *missing)
 
 
 def _picture(job: Job, path: Path | None, missing: str, why: str) -> Tile:
