@@ -176,8 +176,12 @@ def _commit(top: str, ref: str) -> str:
     if not _git(top, "rev-list", "-n", "1", "--all").stdout.strip():
         raise GitRefError(f"--diff {ref}: this repository has no commit yet: there is nothing "
                           "to compare with")
+    remote = _git(top, "for-each-ref", "--format=%(refname:short)", f"refs/remotes/*/{ref}")
+    close = remote.stdout.decode("utf-8", "replace").split()
+    hint = f"did you mean {close[0]}?" if close else \
+        "`git branch -a` lists the branches, a remote's once fetched"
     raise GitRefError(f"--diff {ref}: this repository has no commit, branch or tag of that "
-                      "name (`git branch -a` lists the branches, a remote's once fetched)")
+                      f"name ({hint})")
 
 
 @dataclass(frozen=True, slots=True)

@@ -382,6 +382,20 @@ def test_an_unknown_ref_is_one_line(repo: Path, capsys: Capsys) -> None:
                "name (`git branch -a` lists the branches, a remote's once fetched)\n")
 
 
+def test_a_branch_known_only_as_a_remotes_is_suggested(repo: Path, tmp_path: Path,
+                                                      capsys: Capsys,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    git(repo, "checkout", "-q", "-b", "cups")
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", "--branch", "cups", repo.as_uri(), str(clone))
+    monkeypatch.chdir(clone)
+    assert git(clone, "branch").split() == ["*", "cups"]  # (main only as origin/main)
+    assert run(capsys, "plan", "recipe.yaml", "--diff", "main") == (
+        1, "", "fluxbatch: --diff main: this repository has no commit, branch or tag of that "
+               "name (did you mean origin/main?)\n")
+    assert run(capsys, "plan", "recipe.yaml", "--diff", "origin/main")[0] == 0
+
+
 def test_a_repository_without_a_commit_has_nothing_to_compare_with(
         tmp_path: Path, capsys: Capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     build_file_tree(tmp_path, {"recipe.yaml": SHOP_RECIPE, "subjects.txt": SUBJECTS})
