@@ -39,39 +39,38 @@ def git(repo: Path, *arguments: str) -> None:
     subprocess.run([*GIT, *arguments], cwd=repo, check=True, capture_output=True)
 
 
-def photo_recipe(looks: str) -> str:
+def recipe(name: str, defaults: str, job: str) -> str:
     return f"""\
 version: 1
-name: bench-diff
+name: {name}
 provider: emulator
 max_jobs: 100000
-defaults: {{model: flux-kontext-pro, output_format: jpeg}}
+defaults: {{{defaults}}}
 jobs:
+{job}"""
+
+
+def photo_recipe(looks: str) -> str:
+    """Each photo in each look: every photo is an image input."""
+    return recipe("bench-diff", "model: flux-kontext-pro, output_format: jpeg", f"""\
   - name: looks
     prompt: "product {{{{ photo.stem }}}} as {{{{ look }}}}"
-    matrix:
-      photo: {{files: "photos/*.jpg"}}
-      look: {looks}
+    matrix: {{photo: {{files: "photos/*.jpg"}}, look: {looks}}}
     params: {{input_image: "{{{{ photo }}}}"}}
     output: "{{{{ look | slug }}}}/{{{{ photo.stem }}}}.{{{{ ext }}}}"
-"""
+""")
 
 
 def big_recipe(width: int) -> str:
-    return f"""\
-version: 1
-name: bench-big
-provider: emulator
-max_jobs: 100000
-defaults: {{model: flux-pro-1.1, width: {width}, height: 512, output_format: png}}
-jobs:
+    """Each subject in 10 styles, twice: 20 images a subject."""
+    styles = "[ink, oil, pencil, watercolor, charcoal, pastel, gouache, pixel art, neon, clay]"
+    return recipe("bench-big", f"model: flux-pro-1.1, width: {width}, height: 512, "
+                  "output_format: png", f"""\
   - name: grid
     prompt: "a {{{{ subject }}}} in {{{{ style }}}} style"
-    matrix:
-      subject: {{from: subjects.txt}}
-      style: [ink, oil, pencil, watercolor, charcoal, pastel, gouache, pixel art, neon, clay]
+    matrix: {{subject: {{from: subjects.txt}}, style: {styles}}}
     replicates: 2
-"""
+""")
 
 
 def fluxbatch(*arguments: str) -> list[str]:
