@@ -22,6 +22,7 @@ from fluxbatch.errors import (
     ConfigError,
     FluxbatchError,
     RecipeError,
+    UsageError,
     without_key_parameters,
 )
 
@@ -94,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     form.add_argument("--jsonl", action="store_const", dest="form", const="jsonl",
                       help="print one JSON object per image, then a summary line, as the "
                       "images are planned")
+    form.add_argument("--format", dest="form", metavar="FORMAT",
+                      choices=("table", "json", "jsonl", "markdown"),
+                      help="table (the default), json or jsonl (as --json, --jsonl), or, with "
+                      "--diff, markdown: a comment for a pull request")
+    p.add_argument("--diff", metavar="REF",
+                   help="compare with the recipe (and the files it reads) at this git ref: "
+                   "the images added, removed and changed, and what rendering the change "
+                   "costs; no key is needed")
     p.add_argument("--explain", action="store_true",
                    help="say which matrix rule produced or removed each combination")
     _selection_arguments(p)
@@ -193,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a chat message")
     p.add_argument("-o", "--output", metavar="FILE",
                    help="where to write it (default: NAME.gallery.html in the output root)")
+    p.add_argument("--diff", metavar="REF",
+                   help="only the images that differ from the recipe at this git ref, before "
+                   "and after (default output: NAME.gallery-diff.html)")
 
     p = sub.add_parser("models", help="list known models, their parameters and prices")
     p.add_argument("model", nargs="?", help="show one model's parameters")
@@ -280,6 +292,14 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    if args.diff is not None:
+        from fluxbatch.commands.diff import check_form, plan_diff
+
+        check_form(args.form, explain=args.explain)
+        return plan_diff(recipe=args.recipe, out=args.out, yes=args.yes, ref=args.diff,
+                         form=args.form, only=args.only, shard=args.shard)
+    if args.form == "markdown":
+        raise UsageError("plan --format markdown: a comment is of a change; add --diff REF")
     from fluxbatch.commands.plan import plan
 
     return plan(recipe=args.recipe, out=args.out, yes=args.yes, form=args.form,
@@ -348,6 +368,14 @@ def _reproduce(args: argparse.Namespace) -> int:
 def _gallery(args: argparse.Namespace) -> int:
     from fluxbatch.commands.gallery import gallery
 
+    if args.diff is not None:
+        from fluxbatch.commands.gallery import gallery_diff
+
+        if args.rows or args.cols:
+            raise UsageError("gallery --diff: the sheet has a row per image that differs, "
+                             "before and after; --rows and --cols do not apply")
+        return gallery_diff(recipe=args.recipe, out=args.out, yes=args.yes, ref=args.diff,
+                            output=args.output, png=args.png, thumb=args.thumb)
     return gallery(recipe=args.recipe, out=args.out, yes=args.yes, rows=args.rows,
                    cols=args.cols, output=args.output, png=args.png,
                    replicates=args.replicates, thumb=args.thumb)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import selectors
+import subprocess
 import textwrap
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
@@ -212,3 +214,56 @@ def status_table(root: Path, counts: Sequence[tuple[str, int]]) -> str:
 
 # what `status` says of an image the content store holds
 STORED = "its image is in the content store (paid earlier): placed at no cost"
+
+
+# -- git repositories -----------------------------------------------------------------------
+
+# A recipe of two jobs whose values come from a file: what the tests of `plan --diff` and of
+# the CI example change (a value added, one removed, a parameter).
+SHOP_RECIPE = """\
+version: 1
+name: shop
+provider: emulator
+output: "{{ job }}/{{ subject | slug }}-{{ replicate }}.{{ ext }}"
+defaults: {model: flux-pro-1.1, width: 768, height: 512, output_format: png}
+jobs:
+  - name: mugs
+    prompt: "a {{ subject }} on a wooden table"
+    matrix:
+      subject: {from: subjects.txt}
+    replicates: 2
+  - name: hero
+    prompt: "a lighthouse at dusk"
+    output: "{{ job }}/lighthouse.{{ ext }}"
+"""
+
+# Commits made with a fixed identity and dates (never the user's git config: HOME is a temp
+# folder, and the system's config is not read), so the same files make the same commits.
+GIT_CONFIG = ("-c", "user.name=fluxbatch tests", "-c", "user.email=tests@example.com",
+              "-c", "commit.gpgsign=false", "-c", "init.defaultBranch=main")
+GIT_ENVIRONMENT = {"GIT_AUTHOR_DATE": "2026-01-02T03:04:05+00:00",
+                   "GIT_COMMITTER_DATE": "2026-01-02T03:04:05+00:00",
+                   "GIT_CONFIG_NOSYSTEM": "1"}
+
+
+def git(repo: Path, *arguments: str) -> str:
+    """Run git in `repo`; its output (a failure fails the test, with git's message)."""
+    done = subprocess.run(["git", *GIT_CONFIG, *arguments], cwd=repo, capture_output=True,
+                          text=True, env={**os.environ, **GIT_ENVIRONMENT}, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def git_repository(root: Path, files: Mapping[str, str | bytes]) -> Path:
+    """A git repository at `root` holding `files`, committed on `main`."""
+    build_file_tree(root, files)
+    git(root, "init", "-q")
+    commit(root, "the recipe as merged")
+    return root
+
+
+def commit(repo: Path, message: str) -> str:
+    """Commit everything in the work tree; the commit's short hash."""
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", message)
+    return git(repo, "rev-parse", "--short=7", "HEAD").strip()

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+import posixpath
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from fluxbatch.commands.contact_sheet import (
@@ -23,20 +25,25 @@ from fluxbatch.commands.contact_sheet import (
     Group,
     Label,
     Mark,
+    Png,
     Sheet,
     Tile,
     html_page,
     png_sheet,
 )
-from fluxbatch.commands.output import plural, short_value
+from fluxbatch.commands.output import plural, short_value, values_text
 from fluxbatch.errors import EXIT_OK, FluxbatchError, UsageError
 from fluxbatch.expand import Job, Plan
-from fluxbatch.layout import manifest_name
+from fluxbatch.layout import BLOBS, STATE_DIR, manifest_name
 from fluxbatch.models import did_you_mean
 from fluxbatch.recipe import JobSpec
-from fluxbatch.selection import ImageState, classify, load_plan
-from fluxbatch.state.root import read_state
+from fluxbatch.selection import ImageState, classify, load_plan, source_placement
+from fluxbatch.state.blobs import blob_path, has_blob
+from fluxbatch.state.root import RootState, read_state
 from fluxbatch.write import atomic_write
+
+if TYPE_CHECKING:
+    from fluxbatch.commands.diff import Difference
 
 ABSENT = "\x00absent"  # the key of a variable that a combination does not have
 
@@ -82,21 +89,145 @@ def gallery(*, recipe: str, out: str | None, yes: bool, rows: str | None, cols: 
     picture = png_sheet(heading, sheets, thumb=thumb, across=across) if png else None
     target = Path(output) if output else root / gallery_name(plan.recipe.name)
     page = html_page(plan.recipe.name, heading, sheets, thumb=thumb, across=across,
-                     href=lambda path: quote(Path(os.path.relpath(path, target.parent))
-                                             .as_posix()))
+                     href=_href(target))
+    _write(target, page, png, picture, thumb, plural(done, "image"))
+    return EXIT_OK
+
+
+def _write(target: Path, page: str, png: str | None, picture: Png | None, thumb: int,
+           what: str) -> None:
     atomic_write(target, page.encode("utf-8"))
-    print(f"wrote {target} ({plural(done, 'image')})")
+    print(f"wrote {target} ({what})")
     if png and picture:
         atomic_write(Path(png), picture.data)
         shrunk = f"; {picture.thumb} px thumbnails, to fit" if picture.thumb < thumb else ""
         print(f"wrote {png} ({picture.width:,} × {picture.height:,} px{shrunk})")
-    return EXIT_OK
+
+
+def _href(target: Path) -> Callable[[Path], str]:
+    return lambda path: quote(Path(os.path.relpath(path, target.parent)).as_posix())
 
 
 def gallery_name(recipe: str) -> str:
     """`<recipe>.gallery.html`, beside `<recipe>.manifest.json`: recipes sharing a folder each
     have their own."""
     return manifest_name(recipe).removesuffix(".manifest.json") + ".gallery.html"
+
+
+# -- before and after: `gallery --diff REF` -------------------------------------------------
+
+
+def gallery_diff(*, recipe: str, out: str | None, yes: bool, ref: str, output: str | None,
+                 png: str | None, thumb: int) -> int:
+    """A sheet of the images that differ from the recipe at `ref`: a row each, the image
+    before (by its old key, from the output root's files or its content store) and after
+    (once rendered). Added and removed images are marked, and so is an image that is not
+    there: "not rendered yet", "not in the store"."""
+    from fluxbatch.commands.diff import diff_at
+
+    if not MIN_THUMB <= thumb <= MAX_THUMB:
+        raise UsageError(f"gallery --thumb: {thumb} is not between {MIN_THUMB} and "
+                         f"{MAX_THUMB} (pixels)")
+    diff = diff_at(recipe, ref, out=out, yes=yes)
+    plan, root = diff.plan, diff.plan.recipe.output_root
+    changed = diff.changed
+    by_job: dict[str, list[Difference]] = {}
+    for difference in changed:
+        by_job.setdefault(difference.image.job, []).append(difference)
+    images = _Images(root, diff.state)
+    before = f"before ({diff.base.ref})"
+    sheets = [_diff_sheet(name, found, before, images) for name, found in by_job.items()]
+    heading = (f"{plan.recipe.name}: {plural(len(changed), 'image')} "
+               f"{'differs' if len(changed) == 1 else 'differ'} from {diff.base.ref} "
+               f"({diff.base.short})")
+    picture = png_sheet(heading, sheets, thumb=thumb, across=True) if png else None
+    target = Path(output) if output else \
+        root / gallery_name(plan.recipe.name).replace(".gallery.", ".gallery-diff.")
+    page = html_page(plan.recipe.name, heading, sheets, thumb=thumb, across=True,
+                     href=_href(target))
+    said = f"{plural(len(changed), 'image')}, {images.shown:,} of them with a picture " \
+        "before or after" if changed else f"no image differs from {diff.base.ref}"
+    _write(target, page, png, picture, thumb, said)
+    return EXIT_OK
+
+
+class _Images:
+    """The file that holds the image of a key in the output root, if any: a placed file
+    that is still the one written (any recipe's, at a path that may be read), else its bytes
+    in the content store (only through real folders: never a link out of the root)."""
+
+    def __init__(self, root: Path, state: RootState) -> None:
+        self.root, self.state = root, state
+        self.shown = 0  # images with a picture before or after
+
+    def of(self, key: str) -> Path | None:
+        placement = source_placement(key, self.state, self.root)
+        if placement is not None:
+            return self.root / placement.path
+        task = self.state.tasks.get(key)
+        if not has_blob(self.root, task):
+            return None
+        assert task is not None and task.blob is not None
+        path = blob_path(self.root, task.blob)
+        inside = os.path.join(os.path.realpath(self.root), STATE_DIR, BLOBS, task.blob[:2],
+                              task.blob)
+        return path if os.path.realpath(path) == inside else None
+
+
+def _diff_sheet(name: str, found: Sequence[Difference], before: str, images: _Images) -> Sheet:
+    counts = Counter(str(d.change) for d in found)
+    summary = ", ".join(f"{n:,} {change}" for change, n in counts.items())
+    rows, cells = [], {}
+    for i, difference in enumerate(found):
+        # (the file's name: a row's label is cut at a width, and a job's folder is shared)
+        rows.append(Label(posixpath.basename(difference.image.output), _diff_notes(difference)))
+        pictures = [_before(difference, images), _after(difference, images)]
+        if any(tile.kind is Mark.IMAGE for tile in pictures):
+            images.shown += 1
+        for j, tile in enumerate(pictures):
+            cells[(i, j)] = ((tile,),)
+    return Sheet(f"{name}: {plural(len(found), 'image')} that "
+                 f"{'differs' if len(found) == 1 else 'differ'}", summary, "image",
+                 tuple(rows), (Label(before), Label("after")), cells)
+
+
+def _diff_notes(difference: Difference) -> tuple[str, ...]:
+    notes = [str(difference.change)]
+    if difference.was is not None and difference.job is not None and \
+            difference.was.output != difference.job.output:
+        notes.append(f"from {difference.was.output}")
+    else:
+        notes.append(difference.image.output)
+    notes.extend(difference.reasons)
+    if difference.job is not None and difference.job.vars:
+        notes.append(values_text(difference.job.vars))
+    return tuple(notes)
+
+
+def _before(difference: Difference, images: _Images) -> Tile:
+    return _side(difference.was, difference.image, images, ("added", "not in the recipe before"),
+                 ("not in the store", "no file or content store in this output root holds it"))
+
+
+def _after(difference: Difference, images: _Images) -> Tile:
+    return _side(difference.job, difference.image, images, ("removed", "no longer in the recipe"),
+                 ("not rendered yet", "`fluxbatch render` makes it"))
+
+
+def _side(job: Job | None, image: Job, images: _Images, absent: tuple[str, str],
+          missing: tuple[str, str]) -> Tile:
+    """One side of a row: the image of `job`, or a marker: `absent` (state, hint) when the
+    recipe had no such image on this side, `missing` when no file holds it."""
+    if job is None:
+        return Tile(Mark.EXCLUDED, "", _shape(image.request), state=absent[0], hint=absent[1])
+    return _picture(job, images.of(job.key), *missing)
+
+
+def _picture(job: Job, path: Path | None, missing: str, why: str) -> Tile:
+    caption = f"seed {job.seed}"
+    if path is None:
+        return Tile(Mark.MISSING, caption, _shape(job.request), state=missing, hint=why)
+    return Tile(Mark.IMAGE, caption, _shape(job.request), path, hint=job.prompt or "")
 
 
 def _variables(plan: Plan) -> list[str]:
