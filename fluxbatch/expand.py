@@ -86,6 +86,8 @@ def _built(recipe: Recipe) -> list[JobSpec]:
 
 def expand(recipe: Recipe, *, yes: bool = False) -> Plan:
     """Build the plan; raise `RecipeError` with every problem, or `PlanTooLargeError`."""
+    # (the models the recipe's project adds are the ones it may name: see recipe.load)
+    models.use_project_models(recipe.catalogue.models if recipe.catalogue is not None else {})
     with collector_paused():
         expansion = Expansion(recipe, yes=yes)
         jobs = tuple(expansion)
@@ -477,6 +479,12 @@ class _JobBuilder:
         if model is None:
             self.problems.append(self.recipe.problem(
                 where, models.unknown_model_message(name) + suffix))
+        elif models.project_model(model.name) is not None and self.recipe.catalogue:
+            self.notes.append(self.recipe.problem(where, (
+                f"{model.name} is not one this release of fluxbatch knows: it comes from the "
+                f"project's {self.recipe.catalogue.path.name}, whose schema checks its "
+                "parameters; its price is unknown (plan shows no cost, and --budget refuses "
+                "it)")))
         return model
 
     def constants_for(self, model: models.Model) -> dict[str, Any]:

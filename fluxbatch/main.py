@@ -208,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list known models, their parameters and prices")
     p.add_argument("model", nargs="?", help="show one model's parameters")
+    p.add_argument("--add", metavar="OPENAPI", help="add the models of a provider's OpenAPI "
+                   "document (https://api.bfl.ai/openapi.json) that this release does not "
+                   "know to the project's own catalogue, fluxbatch.models.json")
+    p.add_argument("--project", metavar="DIR", help="with --add: the project (default: the "
+                   "git work tree or folder around the current one)")
 
     p = sub.add_parser("schema", help="print the recipe JSON Schema (or the manifest's)")
     p.add_argument("--manifest", action="store_true", help="the manifest's schema instead")
@@ -384,6 +389,12 @@ def _gallery(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     from fluxbatch.commands.models import models
 
+    if args.add is not None:
+        from fluxbatch.commands.models import add_models
+
+        return add_models(spec=args.add, project=args.project)
+    if args.project is not None:
+        raise UsageError("models: --project goes with --add")
     return models(model=args.model)
 
 

@@ -14,9 +14,11 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from types import MappingProxyType
 from typing import Any
 
 SPEC_DATE = "2026-04-23"
@@ -260,36 +262,74 @@ def did_you_mean(word: str, candidates: list[str] | tuple[str, ...] | frozenset[
 
 @cache
 def catalogue() -> dict[str, Model]:
-    """Every generation model, by name, in the spec's order (deprecated ones last)."""
+    """Every generation model fluxbatch knows, by name, in the spec's order (deprecated ones
+    last). A project's own models (`project_models`) are not among them."""
     models: dict[str, Model] = {}
     for filename, deprecated in ((SPEC_FILE, False), (DEPRECATED_FILE, True)):
         spec = _load_spec(filename)
         components = spec["components"]["schemas"]
         for path, item in spec["paths"].items():
-            post = item.get("post")
-            name = path.removeprefix("/v1/")
-            ref = _request_ref(post)
-            if ref is None or name.endswith("-finetuned") or "finetune" in name:
-                continue
-            schema = _resolve(components[ref], components)
-            properties = {k: _tidy(v) for k, v in schema.get("properties", {}).items()}
-            models[name] = Model(
-                name=name,
-                schema_title=ref,
-                summary=str((post or {}).get("summary", schema.get("x-status", ""))),
-                properties=properties,
-                required=frozenset(schema.get("required", ())),
-                deprecated=deprecated,
-                source=f"{filename} #/components/schemas/{ref}",
-                checks={k: compile_check(v) for k, v in properties.items()
-                        if k not in INTERNAL_FIELDS},  # documented, but not for callers
-                field_types={k: _types_of(v) for k, v in properties.items()},
-            )
+            found = generation_endpoint(path, item)
+            if found is not None:
+                name, ref, post = found
+                models[name] = build_model(name, ref, post, components, source=filename,
+                                           deprecated=deprecated)
     return models
 
 
+def generation_endpoint(path: str, item: Mapping[str, Any]) -> tuple[str, str, Any] | None:
+    """(name, request schema name, its POST) of an OpenAPI path that makes images from a
+    JSON request, `/v1/{name}`; None for any other path (finetuning ones included)."""
+    post = item.get("post") if isinstance(item, Mapping) else None
+    name = path.removeprefix("/v1/")
+    ref = _request_ref(post)
+    if ref is None or name == path or name.endswith("-finetuned") or "finetune" in name:
+        return None
+    return name, ref, post
+
+
+def build_model(name: str, ref: str, post: Mapping[str, Any] | None,
+                components: Mapping[str, Any], *, source: str, deprecated: bool) -> Model:
+    schema = resolve_refs(components[ref], components)
+    properties = {k: _tidy(v) for k, v in schema.get("properties", {}).items()}
+    return Model(
+        name=name,
+        schema_title=ref,
+        summary=str((post or {}).get("summary", schema.get("x-status", ""))),
+        properties=properties,
+        required=frozenset(schema.get("required", ())),
+        deprecated=deprecated,
+        source=f"{source} #/components/schemas/{ref}",
+        checks={k: compile_check(v) for k, v in properties.items()
+                if k not in INTERNAL_FIELDS},  # documented, but not for callers
+        field_types={k: _types_of(v) for k, v in properties.items()},
+    )
+
+
+# The models of the project whose recipe is being read or planned (its committed
+# `fluxbatch.models.json`, see `fluxbatch.project_models`): BFL ships models monthly, and a
+# project may name one before a release of fluxbatch knows it. Set by `recipe.load` and by
+# `expand` from the recipe they work on.
+_PROJECT_MODELS: ContextVar[Mapping[str, Model]] = ContextVar(
+    "project_models", default=MappingProxyType({}))
+
+
+def use_project_models(found: Mapping[str, Model]) -> None:
+    _PROJECT_MODELS.set(found)
+
+
+def project_model(name: str) -> Model | None:
+    """`name` when it is one of the current project's own models (never a known one)."""
+    return _PROJECT_MODELS.get().get(name)
+
+
+def known_names() -> list[str]:
+    """Every model a recipe may name: fluxbatch's, then the current project's own."""
+    return [*catalogue(), *_PROJECT_MODELS.get()]
+
+
 def get(name: str) -> Model | None:
-    return catalogue().get(name)
+    return catalogue().get(name) or _PROJECT_MODELS.get().get(name)
 
 
 def unknown_model_message(name: object) -> str:
@@ -299,17 +339,44 @@ def unknown_model_message(name: object) -> str:
     words = sorted(str(name).lower().split("-"))
     same_words = [n for n in current if sorted(n.split("-")) == words]  # flux-pro-2, flux-2-pro
     hint = f" (did you mean {same_words[0]!r}?)" if same_words else \
-        did_you_mean(str(name), current) or did_you_mean(str(name), list(catalogue()))
-    return f"unknown model {name!r}{hint}"
+        did_you_mean(str(name), current) or did_you_mean(str(name), known_names())
+    # a typo gets its correction alone; a name fluxbatch cannot place, or another version
+    # of a model it knows (flux-pro-1.2), may be newer than this release
+    newer = str(name).startswith("flux") and not same_words and (
+        not _a_typo(str(name), known_names())
+        or _versionless(str(name)) in {_versionless(n) for n in current})
+    advice = f"; {ADD_ADVICE}" if newer else ""
+    return f"unknown model {name!r}{hint}{advice}"
+
+
+ADD_ADVICE = ("a model this release of fluxbatch does not know can be added to the project's "
+              "own catalogue with `fluxbatch models --add openapi.json`")
+
+
+def _a_typo(name: str, names: list[str]) -> bool:
+    """`name` is a letter or two away from a known name (flux-dve, flux-kontext)."""
+    return bool(difflib.get_close_matches(name, names, n=1, cutoff=0.85))
+
+
+def _versionless(name: str) -> str:
+    return re.sub(r"[\d.]+", "#", name)
+
+
+def request_schema(name: str) -> dict[str, Any]:
+    """A self-contained JSON Schema for the model's request body (used by the emulator)."""
+    if name in catalogue():
+        return _vendored_schema(name)
+    model = _PROJECT_MODELS.get()[name]  # (a project's own: its schema, as the file holds it)
+    return {"type": "object", "properties": dict(model.properties),
+            "required": sorted(model.required)}
 
 
 @cache
-def request_schema(name: str) -> dict[str, Any]:
-    """A self-contained JSON Schema for the model's request body (used by the emulator)."""
+def _vendored_schema(name: str) -> dict[str, Any]:
     model = catalogue()[name]
     spec = _load_spec(DEPRECATED_FILE if model.deprecated else SPEC_FILE)
     components = spec["components"]["schemas"]
-    schema: dict[str, Any] = _resolve(components[model.schema_title], components)
+    schema: dict[str, Any] = resolve_refs(components[model.schema_title], components)
     return schema
 
 
@@ -353,13 +420,13 @@ def _request_ref(post: Mapping[str, Any] | None) -> str | None:
     return str(ref).rsplit("/", 1)[-1] or None
 
 
-def _resolve(node: Any, components: Mapping[str, Any]) -> Any:
+def resolve_refs(node: Any, components: Mapping[str, Any]) -> Any:
     if isinstance(node, dict):
         if "$ref" in node:
-            return _resolve(components[node["$ref"].rsplit("/", 1)[-1]], components)
-        return {k: _resolve(v, components) for k, v in node.items()}
+            return resolve_refs(components[node["$ref"].rsplit("/", 1)[-1]], components)
+        return {k: resolve_refs(v, components) for k, v in node.items()}
     if isinstance(node, list):
-        return [_resolve(v, components) for v in node]
+        return [resolve_refs(v, components) for v in node]
     return node
 
 
@@ -387,7 +454,7 @@ def _types_of(schema: Mapping[str, Any]) -> tuple[str, ...]:
 
 # -- the compiled checks ------------------------------------------------------------------
 
-_TYPE_TESTS: dict[str, Callable[[Any], bool]] = {
+TYPE_TESTS: dict[str, Callable[[Any], bool]] = {
     "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool))
     or (isinstance(v, float) and v.is_integer()),
     # JSON has no NaN or infinity: a request body could not carry them
@@ -422,9 +489,12 @@ def compile_check(schema: Mapping[str, Any]) -> Check:
         return any_of
     steps: list[Check] = []
     kind = schema.get("type")
-    if kind is not None:
-        test = _TYPE_TESTS[kind]
-        steps.append(lambda v: None if test(v) else f"{v!r} is not of type {kind!r}")
+    if kind is not None:  # (a list of types in a project's own catalogue: any of them)
+        kinds = tuple(kind) if isinstance(kind, list) else (kind,)
+        tests = tuple(TYPE_TESTS[k] for k in kinds)
+        shown = ", ".join(repr(k) for k in kinds)
+        steps.append(lambda v: None if any(test(v) for test in tests) else
+                     f"{v!r} is not of type {shown}")
     if "enum" in schema:
         allowed = list(schema["enum"])
         steps.append(lambda v: None if v in allowed else f"{v!r} is not one of {allowed!r}")

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from fluxbatch import models, yamlsource
+from fluxbatch import models, project_models, yamlsource
 from fluxbatch.declaration import Cost
 from fluxbatch.errors import Problem, RecipeError
 from fluxbatch.inputs import FactsCache, InputProblem, Inputs
@@ -36,6 +36,7 @@ from fluxbatch.project import (
     read_regular,
     state_dir_problem,
 )
+from fluxbatch.project_models import ProjectCatalogue
 from fluxbatch.providers import REGISTRY, recipe_base_url_problem
 from fluxbatch.recipe_schema import (
     Axis,
@@ -91,6 +92,9 @@ def _parse(text: str, filename: str, sha256: str | None, output_root: str | None
            strict: bool, verify: bool) -> Recipe:
     problems: list[Problem] = []
     damaged: frozenset[Path] = frozenset()
+    project = Project.of_recipe(filename)
+    catalogue = _project_catalogue(project, filename)  # (its models are the recipe's to name)
+    models.use_project_models(catalogue.models if catalogue is not None else {})
     try:
         document, positions = yamlsource.load(text, filename)
     except yamlsource.DocumentError as error:
@@ -103,13 +107,30 @@ def _parse(text: str, filename: str, sha256: str | None, output_root: str | None
     problems += declared.problems
     if declared.recipe is None:
         raise RecipeError(problems)
-    builder = _Builder(FsPath(filename), positions, verify=verify)
+    builder = _Builder(FsPath(filename), positions, project, verify=verify)
     recipe = builder.recipe(declared.recipe, declared.cost,
                             sha256 or hashlib.sha256(text.encode()).hexdigest(), output_root)
+    recipe = dataclasses.replace(recipe, catalogue=catalogue)
     problems.extend(builder.problems)
     if problems and (strict or not recipe.jobs):
         raise RecipeError(problems)
     return dataclasses.replace(recipe, problems=tuple(problems))
+
+
+def _project_catalogue(project: Project, filename: str) -> ProjectCatalogue | None:
+    """The project's own models (`fluxbatch.models.json` at its top), read like any file a
+    recipe reads; a catalogue that cannot be used is the recipe's problem too."""
+    place = os.path.join(project.root, project_models.FILE)
+    if not os.path.lexists(place):
+        return None
+    name = os.path.relpath(place, os.path.realpath(project.folder))
+    try:
+        data = project.read_bytes(name, limit=project_models.MAX_BYTES)
+        return project_models.read(FsPath(place), data)
+    except (ProjectFileError, project_models.CatalogueError) as error:
+        shown = os.path.normpath(os.path.join(project.folder, name))
+        message = str(error).removeprefix(f"{project_models.FILE}: ")
+        raise RecipeError([Problem(shown, None, None, "", message)]) from None
 
 
 @contextlib.contextmanager
@@ -132,11 +153,12 @@ MAX_MATRIX_CHECKS = 20_000_000
 
 
 class _Builder:
-    def __init__(self, path: FsPath, positions: Positions, *, verify: bool = False) -> None:
+    def __init__(self, path: FsPath, positions: Positions, project: Project, *,
+                 verify: bool = False) -> None:
         self.path = path
         self.verify = verify
         self.base = path.parent
-        self.project = Project.of_recipe(path)
+        self.project = project
         self.positions = positions
         self.problems: list[Problem] = []
         self.inputs = Inputs(self.project)

@@ -46,6 +46,7 @@ from fluxbatch.yamlsource import Path, Positions
 
 if TYPE_CHECKING:
     from fluxbatch.inputs import Inputs
+    from fluxbatch.project_models import ProjectCatalogue
 
 SCHEMA_ID = "https://raw.githubusercontent.com/fluxbatch/fluxbatch/main/schemas/recipe.schema.json"
 DEFAULT_MAX_JOBS = 10_000
@@ -196,7 +197,7 @@ def _parameter_properties(defs: dict[str, Any]) -> dict[str, Any]:
     return props
 
 
-MODEL = AnyOf(Choice(lambda: list(models.catalogue())), Template(),
+MODEL = AnyOf(Choice(models.known_names), Template(),
               description="Model endpoint, e.g. flux-pro-1.1 (POST /v1/{model}); may be a "
               "template.", unknown=models.unknown_model_message)
 PARAMS = MapOf(known={"model": MODEL}, ref="params", listed=_parameter_properties,
@@ -279,6 +280,8 @@ class Recipe:
     problems: tuple[Problem, ...] = ()
     # the recipe's image inputs: the facts of its files, and the bytes of its data: URIs
     inputs: Inputs | None = derived(None)
+    # the models its project adds to fluxbatch's (`fluxbatch.models.json`), if any
+    catalogue: ProjectCatalogue | None = derived(None)
 
     def problem(self, path: Path, message: str) -> Problem:
         return self.positions.problem(path, message)

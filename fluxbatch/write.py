@@ -85,7 +85,7 @@ def provenance(job: Job, *, recipe: Recipe, provider: str, task_id: str | None,
                cost: float | None, reported_seed: int | None, submitted_at: float | None,
                finished_at: float | None, path: str) -> Provenance:
     """The manifest entry of one image, without its own hash and size (embedded as is)."""
-    return {
+    entry: Provenance = {
         "path": path,
         "output": job.output,
         "key": job.key,
@@ -110,6 +110,9 @@ def provenance(job: Job, *, recipe: Recipe, provider: str, task_id: str | None,
         "fluxbatch": __version__,
         "status": OutcomeStatus.WRITTEN,
     }
+    if recipe.catalogue is not None and models.project_model(job.model) is not None:
+        entry["model_catalogue"] = recipe.catalogue.reference()
+    return entry
 
 
 def place(root: Path, job: Job, data: bytes, entry: Provenance,
@@ -151,6 +154,7 @@ def write_manifest(recipe: Recipe, store: Store) -> Path:
         "fluxbatch": __version__,
         "recipe": {"name": recipe.name, "path": recipe_path, "sha256": recipe.sha256},
         "spec_date": models.SPEC_DATE,
+        **({"model_catalogue": recipe.catalogue.reference()} if recipe.catalogue else {}),
         "updated_at": _iso(time.time()),
     }
     count = 0
@@ -229,6 +233,11 @@ def manifest_schema() -> dict[str, Any]:
     """The JSON Schema of `<recipe>.manifest.json` (published as schemas/manifest.schema.json)."""
     nullable_number = {"type": ["number", "null"]}
     timestamp = {"type": ["string", "null"], "description": "ISO 8601, UTC"}
+    catalogue = {"type": "object", "required": ["path", "sha256"],
+                 "description": "the project's own catalogue of models (its "
+                 "fluxbatch.models.json), which a model this release does not know came from",
+                 "properties": {"path": {"type": "string"},
+                                "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}
     entry = {
         "type": "object",
         "required": ["path", "output", "key", "job", "vars", "replicate", "prompt", "model",
@@ -264,6 +273,7 @@ def manifest_schema() -> dict[str, Any]:
                        "model (`*-preview`), which the provider may change, so the same "
                        "request may not make the same image again"},
             "spec_date": {"type": "string"},
+            "model_catalogue": catalogue,
             "fluxbatch": {"type": "string"},
         },
     }
@@ -284,6 +294,7 @@ def manifest_schema() -> dict[str, Any]:
                                "sha256": {"type": "string"}},
             },
             "spec_date": {"type": "string", "description": "date of the vendored BFL spec"},
+            "model_catalogue": catalogue,
             "updated_at": timestamp,
             "images": {"type": "array", "items": entry},
             "totals": {

@@ -154,9 +154,16 @@ def test_validate_reports_each_problem_in_jsonschema_words(
 
 
 @pytest.mark.parametrize("name,expected", [
-    ("flux-pro-1.0", "unknown model 'flux-pro-1.0' (did you mean 'flux-pro-1.1'?)"),
     ("flux-kontext", "unknown model 'flux-kontext' (did you mean 'flux-kontext-pro'?)"),
+    ("flux-pro-2", "unknown model 'flux-pro-2' (did you mean 'flux-2-pro'?)"),
     ("dall-e-3", "unknown model 'dall-e-3'"),
+    # another version of a model it knows, or a Flux name it cannot place: perhaps newer
+    ("flux-pro-1.2", "unknown model 'flux-pro-1.2' (did you mean 'flux-pro-1.1'?); a model "
+                     "this release of fluxbatch does not know can be added to the project's "
+                     "own catalogue with `fluxbatch models --add openapi.json`"),
+    ("flux-3", "unknown model 'flux-3' (did you mean 'flux-dev'?); a model this release of "
+               "fluxbatch does not know can be added to the project's own catalogue with "
+               "`fluxbatch models --add openapi.json`"),
 ])
 def test_unknown_model_message_suggests_the_closest(name: str, expected: str) -> None:
     assert models.unknown_model_message(name) == expected

@@ -218,6 +218,7 @@ def recipe_document(recipe: recipes.Recipe) -> dict[str, Any]:
         "provider": recipe.provider.name,
         "output_root": str(recipe.output_root),
         "spec_date": models.SPEC_DATE,
+        **({"model_catalogue": recipe.catalogue.reference()} if recipe.catalogue else {}),
     }
 
 

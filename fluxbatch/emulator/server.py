@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import random
@@ -295,7 +296,11 @@ class EmulatorThread:
     def __init__(self, config: EmulatorConfig | None = None) -> None:
         self.emulator = Emulator(config)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="fluxbatch-emulator", daemon=True)
+        # (in the context of its starter: the models a project adds, see models.get, are the
+        # ones the render started with; a thread otherwise starts with an empty context)
+        self._thread = threading.Thread(target=contextvars.copy_context().run,
+                                        args=(self._run,), name="fluxbatch-emulator",
+                                        daemon=True)
         self._ready = threading.Event()
         self._error: BaseException | None = None
 

@@ -78,8 +78,14 @@ def comet_message(errors: Sequence[FieldError]) -> str:
     return "; ".join(".".join(str(p) for p in e["loc"]) + ": " + e["msg"] for e in errors)
 
 
-@cache
 def _validator(model: str) -> Draft202012Validator:
+    if models.project_model(model) is not None:  # (a project's own: not kept by name)
+        return Draft202012Validator(models.request_schema(model))
+    return _vendored_validator(model)
+
+
+@cache
+def _vendored_validator(model: str) -> Draft202012Validator:
     return Draft202012Validator(models.request_schema(model))
 
 

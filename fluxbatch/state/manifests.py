@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 from fluxbatch.errors import StateError
 from fluxbatch.layout import (
@@ -48,6 +48,9 @@ class Provenance(TypedDict):
     recipe: RecipeRef
     pinned: bool  # False: a floating model (`*-preview`), which the provider may change
     spec_date: str  # of the vendored BFL spec
+    # a model of the project's own catalogue: that file (relative to the recipe's project)
+    # and its sha256, since the request was checked against it, not against spec_date's spec
+    model_catalogue: NotRequired[dict[str, str]]
     fluxbatch: str  # the version that wrote it
     status: Literal[OutcomeStatus.WRITTEN]
 
