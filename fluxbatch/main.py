@@ -14,7 +14,6 @@ import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 
-from fluxbatch import __version__
 from fluxbatch.errors import (
     EXIT_BUG,
     EXIT_INTERRUPTED,
@@ -25,6 +24,7 @@ from fluxbatch.errors import (
     UsageError,
     without_key_parameters,
 )
+from fluxbatch.version import __version__
 
 
 def _positive_int(text: str) -> int:

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fluxbatch import __version__, imagemeta, models
+from fluxbatch import imagemeta, models
 from fluxbatch.expand import Job
 from fluxbatch.layout import LEGACY_MANIFEST, TMP, manifest_name, state_path
 from fluxbatch.money import Spend
@@ -33,6 +33,7 @@ from fluxbatch.selection import stored_path_problem
 from fluxbatch.state.files import replacing
 from fluxbatch.state.manifests import ManifestEntry, Provenance
 from fluxbatch.state.store import Store
+from fluxbatch.version import __version__
 
 MANIFEST_VERSION = 2
 SCHEMA_URL = "https://raw.githubusercontent.com/fluxbatch/fluxbatch/main/schemas/manifest.schema.json"
