@@ -41,7 +41,7 @@ from fluxbatch.expand import Job
 from fluxbatch.outbox import ClaimLost
 from fluxbatch.outcomes import Event, EventKind, Outcome, OutcomeStatus
 from fluxbatch.providers import Submitted, credits
-from fluxbatch.state.ledger import Ledger, Task
+from fluxbatch.state.ledger import Ledger, Task, TaskStatus
 from fluxbatch.state.shared import (
     Claim,
     Claimant,
@@ -195,11 +195,13 @@ class Sharing:
 
     def _adopt(self, claim: Claim) -> Submitted:
         """Another run's task, to be collected by this one: recorded in this root's ledger
-        first (as paid by another run), so that if this run stops, the next collects it."""
+        first (paid by another root, so not charged here), so that if this run stops, the
+        next collects it."""
         assert claim.task_id is not None and claim.polling_url is not None
-        self.ledger.submitting(claim.key, claim.provider, claim.base_url, None)
-        self.ledger.submitted(claim.key, claim.task_id, claim.polling_url, claim.cost,
-                              claim.submitted_at or time.time())
+        self.ledger.paid_elsewhere(Task(
+            claim.key, TaskStatus.SUBMITTED, provider=claim.provider, base_url=claim.base_url,
+            task_id=claim.task_id, polling_url=claim.polling_url, cost=claim.cost,
+            submitted_at=claim.submitted_at or time.time()))
         return Submitted(claim.task_id, claim.polling_url, credits(claim.cost))
 
     @staticmethod

@@ -135,6 +135,11 @@ def test_two_renders_at_once_pay_each_image_once(
     assert submitted == 4
     for cli in (a, b):
         assert cli.status().code == 0
+    # what each root's ledger says it spent: a task collected from another root's claim is
+    # that root's spending, not this one's
+    spent = [json.loads(cli("spend", str(cli.root), "--json").out)["total_usd"]
+             for cli in (a, b)]
+    assert sum(spent) == pytest.approx(4 * 0.04)
 
 
 def test_a_third_root_pulls_everything_for_nothing(
