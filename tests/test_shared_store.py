@@ -137,6 +137,9 @@ def test_two_renders_at_once_pay_each_image_once(
         assert cli.status().code == 0
     # what each root's ledger says it spent: a task collected from another root's claim is
     # that root's spending, not this one's
+    # (and a lost claim sent nothing: no reservation is left to count as maybe spent)
+    for cli in (a, b):
+        assert cli.render("--store", url).out.startswith("nothing to render")
     spent = [json.loads(cli("spend", str(cli.root), "--json").out)["total_usd"]
              for cli in (a, b)]
     assert sum(spent) == pytest.approx(4 * 0.04)
@@ -486,3 +489,49 @@ def test_a_runner_killed_mid_render_then_another_runner_pays_nothing_twice(
         assert sorted(sent) == sorted(keys), "an image was paid twice, or never"
         for root in roots:
             assert main(["status", str(root / "recipe.yaml")]) == 0
+
+
+# -- the recipe may not name one -----------------------------------------------------------------
+
+
+def test_a_recipe_that_names_a_store_is_refused_at_validate(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Where renders go, and where images placed as paid come from, is the operator's
+    choice: a recipe (from a pull request, say) cannot name a store, at its top or under its
+    provider; and the provider mapping refuses any key it does not know."""
+    recipe = build_file_tree(tmp_path, {"recipe.yaml": """\
+version: 1
+name: sneaky
+store: s3://attacker/renders
+provider: {name: emulator, store: "file:///tmp/x", concurency: 4}
+defaults: {model: flux-pro-1.1}
+jobs:
+  - name: a
+    prompt: a cat
+"""}) / "recipe.yaml"
+    assert main(["validate", str(recipe)]) == 1
+    why = "a shared store is the operator's choice, never the recipe's: name it with " \
+          "`--store URL` or FLUXBATCH_STORE where fluxbatch runs"
+    assert capsys.readouterr().err == (
+        f"{recipe}:3:1: store: unknown key 'store': {why}\n"
+        f"{recipe}:4:28: provider.store: unknown key 'store': {why}\n"
+        f"{recipe}:4:52: provider.concurency: unknown key 'concurency' (did you mean "
+        "'concurrency'?)\n"
+        f"{recipe}: 3 problems\n")
+
+
+def test_an_image_from_the_store_costs_one_read_per_object(
+        emulator: Emulator, capsys: pytest.CaptureFixture[str], tmp_path: Path, s3: S3Server,
+        url: str) -> None:
+    """`pull`: the marker, then per image its record and its bytes, one GET each (no HEAD
+    first); `render` adds the claim that fails."""
+    a = root_cli(emulator, capsys, tmp_path / "a")
+    assert a.render("--store", url).code == 0
+    for command, count in (("pull", 1 + 2 * 4), ("render", 1 + 3 * 4)):
+        cli = root_cli(emulator, capsys, tmp_path / command)
+        first = s3.count()
+        args = ("--base-url", emulator.base_url) if command == "render" else ()
+        assert cli(command, str(cli.recipe), "--store", url, *args).code == 0
+        methods = sorted(r.method for r in s3.requests[first:])
+        assert methods == sorted(["GET"] * (count - 4 * (command == "render")) +
+                                 ["PUT"] * 4 * (command == "render")), methods
