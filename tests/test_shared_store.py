@@ -253,6 +253,8 @@ def test_a_corrupt_object_is_never_placed(
     assert refused[0].endswith("does not match its sha256 (" + (
         "100 bytes" if keep else "") and "damaged or cut short; not placed")
     assert not (c.root / output).exists()
+    if not keep:
+        return  # (what a render does is the same for either damage)
     # a render refuses it too, and pays nothing for it
     d = root_cli(emulator, capsys, tmp_path / "d")
     run = d.render("--store", url)
