@@ -38,10 +38,13 @@ from fluxbatch.selection import (
     escape_problems,
     load_plan,
     select,
+    shared_store,
     stale_changes,
+    with_store,
 )
 from fluxbatch.session import Render, Report
 from fluxbatch.state.root import read_state
+from fluxbatch.state.shared import store_url
 from fluxbatch.vocabulary import Vocabulary
 
 if TYPE_CHECKING:
@@ -123,16 +126,20 @@ class Planned:
 
 def plan(recipe: RecipeLike, *, out: str | os.PathLike[str] | None = None, yes: bool = False,
          only: Sequence[str] = (), shard: tuple[int, int] | None = None, force: bool = False,
-         retry_unknown: bool = False, verify: bool = False) -> Planned:
+         retry_unknown: bool = False, verify: bool = False,
+         store: str | None = None) -> Planned:
     """Expand the recipe and read its output root (nothing is written or sent). `yes`
     accepts a plan over the recipe's `max_jobs`; `only`, `shard`, `force` and
     `retry_unknown` select as `render` would, and each job's `action` says what it would do.
-    Raises `RecipeError` (every problem at once) or another `FluxbatchError`."""
+    `store` is a shared store's URL (default: `FLUXBATCH_STORE`; "" for none): what it holds
+    counts as obtainable for nothing. Raises `RecipeError` (every problem at once) or another
+    `FluxbatchError`."""
     built = _plan(recipe, out, yes, verify)
     options = Options(only=tuple(only), shard=shard, force=force, retry_unknown=retry_unknown,
                       verify=verify)
     state = read_state(built.recipe.output_root, built.recipe.name, built.jobs)
-    classified = classify(built, state, verify=verify)
+    with shared_store(store_url(store, os.environ)) as shared:
+        classified = with_store(classify(built, state, verify=verify), shared)
     selection = select(classified, state, options, built.recipe.provider.name)
     actions = _actions(selection)
     changes = stale_changes(classified)
@@ -150,14 +157,15 @@ def render(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] | None =
            budget: float | None = None, timeout: float | None = None,
            on_event: Callable[[Event], None] | None = None,
            environ: Mapping[str, str] | None = None,
-           transport: httpx.AsyncBaseTransport | None = None) -> Report:
+           transport: httpx.AsyncBaseTransport | None = None,
+           store: str | None = None) -> Report:
     """Render every missing or stale image of the recipe, and its manifest, as
     `fluxbatch render` does; returns the `Report`. Must not be called from a running event
     loop: use `arender` there. See `arender` for the arguments."""
     return asyncio.run(arender(
         recipe, out=out, yes=yes, base_url=base_url, jobs=jobs, only=only, shard=shard,
         force=force, retry_unknown=retry_unknown, verify=verify, budget=budget,
-        timeout=timeout, on_event=on_event, environ=environ, transport=transport))
+        timeout=timeout, on_event=on_event, environ=environ, transport=transport, store=store))
 
 
 async def arender(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] | None = None,
@@ -167,7 +175,8 @@ async def arender(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] |
                   budget: float | None = None, timeout: float | None = None,
                   on_event: Callable[[Event], None] | None = None,
                   environ: Mapping[str, str] | None = None,
-                  transport: httpx.AsyncBaseTransport | None = None) -> Report:
+                  transport: httpx.AsyncBaseTransport | None = None,
+                  store: str | None = None) -> Report:
     """Render the recipe (a path, a loaded `Recipe`, or what `plan` returned: then that
     very plan, not expanded again). `base_url` sends the requests (and the key) elsewhere (loopback,
     or the provider's own hosts); `jobs` caps the tasks in flight (default: the provider's
@@ -177,13 +186,16 @@ async def arender(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] |
     stopped); `yes` also renders when the estimate is over the account's balance (which is
     checked where the provider offers a balance query); `timeout` gives up on one task after
     so many seconds; `on_event` is called with each `Event` (submitted,
-    ready, written, failed, ...) on the event loop's thread. Cancelling the call stops at
-    once: every task already paid for is in the state store, and the next render collects
-    it without paying again."""
+    ready, written, failed, ...) on the event loop's thread. `store` is a shared store's URL
+    (default: `FLUXBATCH_STORE` in `environ`; "" for none): each image is claimed there
+    before it is paid for, taken from there when it holds it, and uploaded there once
+    downloaded (`FLUXBATCH_ACCOUNT` in `environ` names the account, so that another run of
+    it may collect this run's tasks). Cancelling the call stops at once: every task already
+    paid for is in the state store, and the next render collects it without paying again."""
     built = recipe.plan if isinstance(recipe, Planned) else _plan(recipe, out, yes, verify)
     options = Options(concurrency=jobs, base_url=base_url, force=force, only=tuple(only),
                       retry_unknown=retry_unknown, verify=verify, budget=budget, shard=shard,
-                      task_timeout=timeout, yes=yes)
+                      task_timeout=timeout, yes=yes, store=store)
     return await Render(built, options, environ=environ, on_event=on_event,
                         transport=transport).run()
 

@@ -529,6 +529,8 @@ class Model(Kind):
     - `salvage`: see the module's docstring. `costed(fields, cost)` turns what its own
       condemned values cost into its fields; `order` names a field that gets the document's
       keys in order; `index` one that gets its position in the list that holds it.
+    - `refused`: unknown keys that say why they are not a recipe's to give (what to do
+      instead), in place of a "did you mean".
     """
 
     types = ("object",)
@@ -537,8 +539,10 @@ class Model(Kind):
                  noun: str | None = None, others: Kind | None = None, rest: str = "rest",
                  rest_salvage: Salvage | None = None, closed: bool = False,
                  salvage: bool = False, order: str | None = None, index: str | None = None,
-                 costed: Callable[[dict[str, Any], Cost], None] | None = None) -> None:
+                 costed: Callable[[dict[str, Any], Cost], None] | None = None,
+                 refused: Mapping[str, str] | None = None) -> None:
         self.cls = cls
+        self.refused = refused or {}
         self.ref = ref
         self.description = description
         self._noun = noun
@@ -590,8 +594,9 @@ class Model(Kind):
             fields[self.rest] = self.rest_kind.read(rest, path, reading)
             return fields[self.rest] is BAD
         for name in rest:
-            reading.fault((*path, name), f"unknown key {name!r}" + _did_you_mean(
-                name, self.allowed), key=True)
+            why = self.refused.get(name)
+            reading.fault((*path, name), f"unknown key {name!r}" + (
+                f": {why}" if why else _did_you_mean(name, self.allowed)), key=True)
         return self.closed and bool(rest)
 
     def _field(self, item: Any, attribute: str, spec: Key, path: Path, reading: Reading,

@@ -31,6 +31,9 @@ requests are retried"):
   paid for again.
 - a local fault (the disk is full, the state store cannot be written) stops the run; a task
   already paid for stays recorded as in flight, so the next run collects it for free.
+- with a shared store, a submit may find the key claimed by another run (`Claimed`, raised
+  by the sender: nothing was sent); it then collects that run's task instead, or raises
+  `Elsewhere` when the image comes from the store, awaited once the job's slots are free.
 """
 
 from __future__ import annotations
@@ -118,6 +121,25 @@ Writer = Callable[[Job, Image, Outcome], Awaitable[Any]]
 Sender = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
 
+class Claimed(Exception):  # (not an error: the image comes by another road)
+    """A sender's answer: the shared store holds the key (another run claimed it), and nothing
+    was sent. `settle()` gives that run's task to collect (paid through the same account), or
+    raises `Elsewhere`."""
+
+    def __init__(self, settle: Callable[[], Awaitable[Submitted]]) -> None:
+        super().__init__("claimed")
+        self.settle = settle
+
+
+class Elsewhere(Exception):  # (not an error: the image comes by another road)
+    """A sender's settling: this job's image comes from the shared store (another run holds
+    it, or is making it). `outcome` is awaited once the job's slots are free; it ends the job."""
+
+    def __init__(self, outcome: Awaitable[Outcome]) -> None:
+        super().__init__("elsewhere")
+        self.outcome = outcome
+
+
 class _Fatal(Exception):
     """The run cannot go on: the provider refused the account (bad key, no credits), the
     host cannot be reached, or this machine cannot record results. Stop submitting."""
@@ -185,6 +207,7 @@ class Executor:
         # and encoded then, so no more of them are in memory than requests in flight); it
         # raises JobFailed when an input cannot be sent.
         self.prepare = prepare
+        self._elsewhere: dict[int, Awaitable[Outcome]] = {}  # by id() of the job's outcome
         self.account = Slots(self.settings.account_cap, clock, sleep)
         self.model_slots: dict[str, Slots] = {}
         self.durations = Durations()
@@ -204,6 +227,7 @@ class Executor:
         self._accepted = asyncio.Event()
         self._probe = asyncio.Lock()
         self._model_probes: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._probers: dict[asyncio.Lock, Job] = {}  # the job that holds each probe
         self.budget = budget
         self.prices = prices or Prices()
 
@@ -285,6 +309,8 @@ class Executor:
         # Slow start: a probe waits for its turn before taking a slot, so that a probe waiting
         # out a 429 gets its slot back.
         probe = await self._probe_turn(job.model)
+        if probe is not None:
+            self._probers[probe] = job
         try:
             if self.budget is not None:
                 price = self.prices.reserve(job.model, job.request)
@@ -294,10 +320,36 @@ class Executor:
                     await self.budget.reserve(job.key, price)
                 except BudgetReached:
                     return self._finish(Outcome(job, OutcomeStatus.SKIPPED, BUDGET_REACHED))
-            return await self._attempt(job, None, probe)
+            outcome = await self._attempt(job, None, probe)
         finally:
-            if probe is not None and probe.locked():
-                probe.release()
+            self._end_probe(probe, job)
+        elsewhere = self._elsewhere.pop(id(outcome), None)
+        if elsewhere is None:
+            return outcome
+        return await self._from_elsewhere(elsewhere)
+
+    def _end_probe(self, probe: asyncio.Lock | None, job: Job) -> None:
+        """Let the next submit go, if `job` holds `probe` (and only then: once released,
+        another job may hold it)."""
+        if probe is not None and self._probers.get(probe) is job:
+            del self._probers[probe]
+            probe.release()
+
+    async def _from_elsewhere(self, coming: Awaitable[Outcome]) -> Outcome:
+        """A job whose image comes from the shared store, its slots free: its outcome as the
+        store's waiter gives it (finished already when it collected a task through `collect`)."""
+        outcome = await coming
+        if outcome.finished_at is not None:
+            return outcome
+        self._taken.append(outcome)
+        return self._finish(outcome)
+
+    async def collect(self, job: Job, submitted: Submitted) -> Outcome:
+        """Collect a task paid for by another run (through the same account), found after this
+        one started: as a task of an earlier run, its slots taken at once."""
+        for slot in (self.account, self._model_slots(job.model)):
+            slot.hold()
+        return await self._attempt(job, submitted, None, held=True)
 
     def _calibrated(self, model: str) -> bool:
         return self._accepted.is_set() and (self.budget is None or self.prices.known(model))
@@ -330,10 +382,16 @@ class Executor:
                 await slot.acquire()
         try:
             if earlier is None:
-                outcome.submitted = await self._paid_submit(job)
+                try:
+                    outcome.submitted = await self._paid_submit(job)
+                except Claimed as claimed:  # another run's task, to collect: not paid again
+                    earlier = await claimed.settle()
+                    self._end_probe(probe, job)
+            if earlier is None:
+                assert outcome.submitted is not None
                 if probe is not None:
                     self._accepted.set()
-                    probe.release()
+                    self._end_probe(probe, job)
                 outcome.submitted_at = time.time()
                 self.journal.submitted(job, outcome.submitted, outcome.submitted_at)
                 self.on_event(Event(EventKind.SUBMITTED, job, cost=outcome.submitted.cost))
@@ -367,6 +425,10 @@ class Executor:
         except _Skipped as error:
             outcome.status, outcome.reason = OutcomeStatus.SKIPPED, str(error)
             return self._finish(outcome)
+        except Elsewhere as elsewhere:  # (awaited by `_run_job`, once the slots are free)
+            self._taken.remove(outcome)
+            self._elsewhere[id(outcome)] = elsewhere.outcome
+            return outcome
         finally:
             for slot in slots:
                 await slot.release()
@@ -565,6 +627,11 @@ class Executor:
         finally:
             for slot in slots:
                 await slot.acquire()
+
+    async def pause(self, delay: float) -> None:
+        """Sleep, but wake at once when the run is being stopped (for those that wait on the
+        executor's behalf: the shared store's waiters)."""
+        await self._pause(delay)
 
     async def _pause(self, delay: float) -> None:
         """Sleep, but wake at once when the run is being stopped."""

@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true",
                    help="say which matrix rule produced or removed each combination")
     _selection_arguments(p)
+    _store_argument(p, "count what it holds as obtainable for nothing")
 
     p = sub.add_parser("render", help="render every missing or stale image, and the manifest")
     _recipe_arguments(p, yes="accept a plan of more images than the recipe's max_jobs, and "
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 5; 0: none)")
     p.add_argument("--json", action="store_true",
                    help="print the outcome as one JSON object on stdout")
+    _store_argument(p, "claim each image there before paying for it, take what it holds, "
+                    "and upload what this run buys")
 
     p = sub.add_parser("status", help="count images by state, offline; exit 0 when up to date")
     _recipe_arguments(p)
@@ -144,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="check images and image inputs by sha256")
     p.add_argument("-v", "--verbose", action="store_true", help="list every image not up to date")
+    _store_argument(p, "count what it holds as obtainable for nothing")
+
+    p = sub.add_parser("pull", help="place the images a shared store holds for the recipe, "
+                       "paying nothing")
+    _recipe_arguments(p)
+    _store_argument(p, "where the images come from")
+
+    p = sub.add_parser("push", help="upload the images this output root holds for the recipe "
+                       "to a shared store")
+    _recipe_arguments(p)
+    _store_argument(p, "where the images go")
 
     p = sub.add_parser("clean", help="list (or --delete) images whose job left the recipe")
     _recipe_arguments(p)
@@ -260,6 +274,12 @@ def _recipe_arguments(p: argparse.ArgumentParser, *,
     p.add_argument("--yes", action="store_true", help=yes)
 
 
+def _store_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--store", metavar="URL",
+                   help=f"a shared store (s3://, gs://, az://, file://; also FLUXBATCH_STORE): "
+                   f"{what}")
+
+
 def _selection_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", action="append", default=[], metavar="PATTERN",
                    help="only the images of the job named PATTERN, those whose output path "
@@ -280,6 +300,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         "merge": _merge,
         "credits": _credits,
         "spend": _spend,
+        "pull": _pull,
+        "push": _push,
         "inspect": _inspect,
         "reproduce": _reproduce,
         "gallery": _gallery,
@@ -308,7 +330,7 @@ def _plan(args: argparse.Namespace) -> int:
     from fluxbatch.commands.plan import plan
 
     return plan(recipe=args.recipe, out=args.out, yes=args.yes, form=args.form,
-                explain=args.explain, only=args.only, shard=args.shard)
+                explain=args.explain, only=args.only, shard=args.shard, store=args.store)
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -318,7 +340,8 @@ def _render(args: argparse.Namespace) -> int:
     options = Options(concurrency=args.jobs, base_url=args.base_url, force=args.force,
                       only=tuple(args.only), retry_unknown=args.retry_unknown,
                       verify=args.verify, budget=args.budget, shard=args.shard,
-                      task_timeout=args.timeout, yes=args.yes)
+                      task_timeout=args.timeout, yes=args.yes,
+                      store=args.store)
     return render(recipe=args.recipe, out=args.out, yes=args.yes, options=options,
                   dry_run=args.dry_run, quiet=args.quiet, as_json=args.json,
                   progress_every=args.progress_every)
@@ -328,7 +351,7 @@ def _status(args: argparse.Namespace) -> int:
     from fluxbatch.commands.status import status
 
     return status(recipe=args.recipe, out=args.out, yes=args.yes, as_json=args.json,
-                  verify=args.verify, verbose=args.verbose)
+                  verify=args.verify, verbose=args.verbose, store=args.store)
 
 
 def _clean(args: argparse.Namespace) -> int:
@@ -355,6 +378,18 @@ def _spend(args: argparse.Namespace) -> int:
     from fluxbatch.commands.spend import spend
 
     return spend(root=args.root, by=args.by, since=args.since, form=args.form)
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from fluxbatch.commands.shared import pull
+
+    return pull(recipe=args.recipe, out=args.out, yes=args.yes, store=args.store)
+
+
+def _push(args: argparse.Namespace) -> int:
+    from fluxbatch.commands.shared import push
+
+    return push(recipe=args.recipe, out=args.out, yes=args.yes, store=args.store)
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -10,19 +10,19 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from fluxbatch import imagemeta, models, providers
 from fluxbatch.errors import ConfigError, without_key_parameters
-from fluxbatch.execute import Executor, Image, Settings, Unusable
+from fluxbatch.execute import Executor, Image, Sender, Settings, Unusable
 from fluxbatch.expand import Job, Plan
 from fluxbatch.inputs import InputProblem, is_descriptor
 from fluxbatch.money import Budget, Prices
 from fluxbatch.outbox import Outbox
 from fluxbatch.outcomes import Event, JobFailed, LocalFault, Outcome, OutcomeStatus
-from fluxbatch.place import ManifestPacer, Placer, finish_manifest
+from fluxbatch.place import ManifestPacer, Placer, finish_manifest, keep_held
 from fluxbatch.providers import Polled, Submitted, credits
 from fluxbatch.providers import responses as r
 from fluxbatch.recipe import Recipe
@@ -34,19 +34,24 @@ from fluxbatch.state.store import Store
 from fluxbatch.wire import Wire
 from fluxbatch.write import NotAnImage, Written, check_image, temp_dir
 
+if TYPE_CHECKING:
+    from fluxbatch.sharing import SharedUse, Sharing
+
 
 class StoreJournal:
     """The executor's journal, written to the root's ledger, by job key (each call one
     transaction)."""
 
     def __init__(self, ledger: Ledger, provider: str, base_url: str | None, *,
-                 outbox: bool = False, run: str | None = None, recipe: str = "") -> None:
+                 outbox: bool = False, run: str | None = None, recipe: str = "",
+                 sharing: Sharing | None = None) -> None:
         self.ledger = ledger
         self.provider = provider
         self.base_url = base_url
         self.outbox = outbox  # the outbox records submits itself, before answering
         self.run = run
         self.recipe = recipe
+        self.sharing = sharing  # the shared store: the task into the claim, claims released
 
     def reserve(self, job: Job, usd: float | None) -> None:
         self.ledger.reserve(job.key, Reservation(
@@ -60,6 +65,8 @@ class StoreJournal:
         self.ledger.not_sent(job.key)
 
     def submitted(self, job: Job, submitted: Submitted, at: float) -> None:
+        if self.sharing is not None:
+            self.sharing.submitted(job, submitted, at)
         if self.outbox:
             return
         self.ledger.submitted(job.key, submitted.task_id, submitted.polling_url,
@@ -74,6 +81,8 @@ class StoreJournal:
         status = _LEDGER.get(outcome.status)
         if status is not None:
             self.ledger.ended(outcome.job.key, status, outcome.reason)
+        if self.sharing is not None:
+            self.sharing.ended(outcome)
 
 
 # What the ledger records of how a job ended. A pending task is still collectable: it stays
@@ -202,17 +211,32 @@ async def execute(plan: Plan, selection: Selection, store: Store,
                   started: Callable[[Executor], None] = lambda executor: None,
                   transport: httpx.AsyncBaseTransport | None = None,
                   lock: RootLock | None = None, run: str | None = None,
-                  budget: Budget | None = None) -> list[Outcome]:
+                  budget: Budget | None = None,
+                  shared: SharedUse | None = None) -> list[Outcome]:
     """Submit and collect the selection's jobs (one per key; each image is placed at every
     output of its key). Every step is recorded in `store`, and the manifest is rewritten as
     images land.
     With `lock`, paid submits go through the outbox process, which inherits the lock and
     commits each answer before it is used. With `budget`, each paid submit reserves its price
-    first (at the highest this provider has charged for the model, per the ledger)."""
+    first (at the highest this provider has charged for the model, per the ledger). With
+    `shared`, each key is claimed in the shared store before it is paid for, and each
+    image kept is uploaded there (`sharing`)."""
     recipe = plan.recipe
     root = recipe.output_root
     placer = Placer(recipe, store, provider.info.name)
     manifest = ManifestPacer(recipe, store)
+    spool = temp_dir(root)
+
+    async def place_all(job: Job, data: bytes, task: Task | None, submitted_at: float | None,
+                        source: Mapping[str, Any]) -> Written | None:
+        """Place a kept image at every output of its key: a placement that fails is redone
+        by the next run, from the store, free."""
+        written = None
+        for each in [job, *selection.followers.get(job.key, ())]:
+            placed = await _place_later(placer, each, data, task, submitted_at, source)
+            written = written or placed
+        manifest.maybe()
+        return written
 
     async def writer(job: Job, image: Image, outcome: Outcome) -> Any:
         """Keep the bytes (the ledger then says so), then place them at every output of
@@ -228,20 +252,32 @@ async def execute(plan: Plan, selection: Selection, store: Store,
             raise LocalFault.from_os_error("cannot keep a downloaded image", error) from None
         store.fetched(job.key, image.sha256)
         task = store.task(job.key)
-        written = None
-        for each in [job, *selection.followers.get(job.key, ())]:
-            placed = await _place_later(placer, each, data, task, outcome.submitted_at)
-            written = written or placed
-        manifest.maybe()
-        return written
+        if sharing is not None:
+            await sharing.kept(job, image, data, task)
+        return await place_all(job, data, task, outcome.submitted_at, {})
+
+    async def place_held(job: Job, data: bytes, sha256: str, source: dict[str, Any]) -> Any:
+        """An image the shared store held (checked against its sha256): kept here too, then
+        placed, as a download is."""
+        try:
+            await asyncio.to_thread(keep_held, root, data, sha256)
+        except OSError as error:
+            raise LocalFault.from_os_error("cannot keep an image from the store", error) \
+                from None
+        store.fetched(job.key, sha256)
+        return await place_all(job, data, None, None, source)
 
     attach = {job.key: Submitted(task.task_id or "", task.polling_url or "", credits(task.cost))
               for job, task in selection.attach}
     # Polls are short, so half as many connections as active tasks keep up.
     connections = max(16, settings.account_cap // 2)
-    outbox = Outbox(root, provider, lock.fd, store, run=run) \
+    sharing = _sharing(shared, store, provider, run, place_held, on_event, settings)
+    outbox = Outbox(root, provider, lock.fd, store, run=run,
+                    shared=shared.store.url if shared is not None else None,
+                    claims=sharing.claim_of if sharing is not None else None) \
         if lock is not None and selection.submit else None
-    spool = temp_dir(root)
+    if sharing is not None and outbox is not None:
+        sharing.claimed_with_task = outbox.claims_updated.__contains__
     spool.mkdir(parents=True, exist_ok=True)
     async with Wire(transport) if transport is not None else Wire.open(connections) as wire:
         if outbox is not None:
@@ -249,19 +285,52 @@ async def execute(plan: Plan, selection: Selection, store: Store,
         executor = Executor(
             provider, wire, journal=StoreJournal(store, provider.info.name, provider.base_url,
                                                    outbox=outbox is not None, run=run,
-                                                   recipe=recipe.name),
+                                                   recipe=recipe.name, sharing=sharing),
             writer=writer, settings=settings, on_event=on_event,
-            submit_via=(lambda job: outbox.sender(job.key)) if outbox else None,
-            spool=spool, prepare=_preparer(recipe), budget=budget,
+            submit_via=_submit_via(outbox, sharing, wire), spool=spool,
+            prepare=_preparer(recipe), budget=budget,
             prices=Prices.learned(store.highest_costs(provider.info.name)))
+        if sharing is not None:
+            sharing.executor = executor
         started(executor)
         try:
             ran = await executor.run(selection.jobs, attach)
         finally:
             if outbox is not None:
                 await outbox.close()
+            if sharing is not None:
+                await sharing.drain()
             finish_manifest(recipe, store, stopped=executor.fatal)
     return with_followers(selection, ran)
+
+
+def _submit_via(outbox: Outbox | None, sharing: Sharing | None,
+                wire: Wire) -> Callable[[Job], Sender] | None:
+    """How each paid submit is sent: through the outbox (which records it first), with this
+    run's claim on the key when there is a shared store."""
+    if sharing is None:
+        return (lambda job: outbox.sender(job.key)) if outbox is not None else None
+
+    def via(job: Job) -> Sender:
+        send = outbox.sender(job.key) if outbox is not None else wire.send
+        return sharing.sender(job, send, outbox=outbox is not None)
+
+    return via
+
+
+def _sharing(shared: SharedUse | None, store: Store, provider: providers.Provider,
+             run: str | None, place_held: Callable[..., Awaitable[Any]],
+             on_event: Callable[[Event], None], settings: Settings) -> Sharing | None:
+    """The render's use of the shared store, if it has one."""
+    if shared is None:
+        return None
+    from fluxbatch.sharing import Sharing
+    from fluxbatch.state.shared import Claimant
+
+    claimant = Claimant(root=store.root_id(), provider=provider.info.name,
+                        base_url=provider.base_url, account=shared.account, run=run)
+    return Sharing(shared, claimant, store, place_held, on_event,
+                   wait_limit=settings.task_timeout)
 
 
 def with_followers(selection: Selection, ran: list[Outcome]) -> list[Outcome]:
@@ -314,9 +383,9 @@ def _as_left(outcome: Outcome, task: Task | None, run: str) -> Outcome:
 
 
 async def _place_later(placer: Placer, job: Job, data: bytes, task: Task | None,
-                       submitted_at: float | None) -> Written:
+                       submitted_at: float | None, source: Mapping[str, Any]) -> Written:
     """`placer.place`, with the file written off the event loop (the store stays on it)."""
-    draft = placer.draft(job, task, {}, submitted_at)
+    draft = placer.draft(job, task, source, submitted_at)
     written, full = await asyncio.to_thread(placer.write, job, data, draft)
     return placer.record(job, written, full)
 

@@ -17,6 +17,13 @@ several copies of it at once in each process. The child answers each request wit
 (the response, or the transport error's class and message), after committing it. A body cut
 short (the parent died while writing it) is never sent.
 
+With a shared store, the request's line carries this run's claim on the key. The child makes
+it (a conditional create) right before sending, as it records "submitting": a claim another
+run holds is answered as such, and nothing is sent. Once the answer is committed, the child
+writes the task into the claim. A render killed at any moment therefore leaves no claim of a
+request that was never sent, and every claim of one that was gets its task, which another
+run of the same account can collect.
+
 The child answers every request it was handed, whatever fails: a state store that cannot
 record (a full disk) is said in the answer, and the run stops; its own log, which may be on
 that same full disk, is written on a best-effort basis and never stands between a request
@@ -35,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import signal
 import sys
@@ -51,6 +59,7 @@ from fluxbatch.errors import FluxbatchError, StateError
 from fluxbatch.layout import OUTBOX_LOG, state_path
 from fluxbatch.providers import Submitted, credits, responses
 from fluxbatch.state.ledger import TaskStatus
+from fluxbatch.state.shared import Claim, CorruptObject, SharedStore, StoreError, entry_json
 from fluxbatch.state.store import Store
 from fluxbatch.wire import NOT_SENT, Wire
 
@@ -80,6 +89,7 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
     reader = providers.build(hello["provider"], base_url=hello["base_url"], environ={},
                              key=providers.Secret(""))
     store = Store.open(root)
+    shared: list[SharedStore] = []  # opened at the first claim to update
     pending: set[asyncio.Task[None]] = set()
     parent_alive = [True]
 
@@ -105,6 +115,10 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
         key = message["key"]
         request = httpx.Request(message["method"], message["url"], headers=message["headers"],
                                 content=body)
+        if message.get("claim") and hello.get("store"):
+            claimed = await _claim(hello["store"], shared, message["claim"])
+            if claimed is not None:  # another run holds the key, or the store failed
+                return claimed
         # Recorded by the process that sends, just before sending: a request that never left
         # is never mistaken for one that may have been billed.
         try:
@@ -124,12 +138,16 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
                   "headers": list(response.headers.multi_items()),
                   "body": base64.b64encode(response.content).decode()}
         try:
-            _record(store, reader, key, response, parent_alive[0])
+            submitted = _record(store, reader, key, response, parent_alive[0])
         except StateError as error:
             # Left as "submitting": the next run reports it unknown, never pays it again. The
             # parent hears of it, and stops the run: no other answer could be recorded either.
             _log(f"outbox: {error}")
             answer["unrecorded"] = str(error)
+            return answer
+        if submitted is not None and message.get("claim") and hello.get("store"):
+            answer.update(await _update_claim(hello["store"], shared, message["claim"],
+                                              submitted))
         return answer
 
     async with Wire.open(16) as wire:  # as many connections as network.py's smallest pool
@@ -152,20 +170,60 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
 
 
 def _record(store: Store, reader: providers.Provider, key: str, response: httpx.Response,
-            parent_alive: bool) -> None:
+            parent_alive: bool) -> Submitted | None:
+    """Commit the answer; the task it created, if it did."""
     answer = responses.submit_answer(response)  # (the executor's rule too)
     if answer == responses.SubmitAnswer.ACCEPTED:
         try:
             submitted = reader.read_submitted(response)
         except responses.BadResponse:
-            return  # left as "submitting": the parent (or the next run) reports it unknown
+            return None  # left as "submitting": the parent (or the next run) reports it unknown
         store.submitted(key, submitted.task_id, submitted.polling_url, submitted.cost,
                         time.time())
+        return submitted
     elif answer == responses.SubmitAnswer.REFUSED:
         store.not_sent(key)  # nothing was created
     elif not parent_alive:
         store.ended(key, TaskStatus.UNKNOWN, f"the provider answered HTTP "
                     f"{response.status_code} and the render process had gone")
+    return None
+
+
+async def _claim(url: str, shared: list[SharedStore],
+                 claim: dict[str, Any]) -> dict[str, Any] | None:
+    """Make this run's claim on the key (or find it made, by an earlier attempt of this very
+    submit): None then, and the submit is sent. Otherwise the answer to give, nothing sent:
+    what the store holds for the key (another run's), or the store's failure."""
+    try:
+        if not shared:
+            shared.append(SharedStore.open(url))
+        ours = Claim(**claim)
+        found = await asyncio.to_thread(shared[0].claim, ours)
+    except CorruptObject as error:
+        return {"claim_lost": {"corrupt": str(error)}}
+    except Exception as error:  # (StoreError, and a claim the parent garbled)
+        return {"error": "SharedStore", "message": str(error)}
+    if found is None or (isinstance(found, Claim) and found.id == ours.id):
+        return None
+    return {"claim_lost": {"entry": entry_json(found).decode()}}
+
+
+async def _update_claim(url: str, shared: list[SharedStore], claim: dict[str, Any],
+                        submitted: Submitted) -> dict[str, Any]:
+    """Write the task into this run's claim in the shared store; what the answer says of it
+    (the parent writes it itself when this could not)."""
+    try:
+        if not shared:
+            shared.append(SharedStore.open(url))
+        updated = dataclasses.replace(
+            Claim(**claim), task_id=submitted.task_id,
+            polling_url=providers.without_credentials(submitted.polling_url),
+            cost=submitted.cost, submitted_at=time.time())
+        await asyncio.to_thread(shared[0].update, updated)
+    except Exception as error:  # (the store's errors, and a claim the parent garbled)
+        _log(f"outbox: the shared store: {error}")
+        return {"claim_unrecorded": str(error)}
+    return {"claim_updated": True}
 
 
 def _log(text: str) -> None:
@@ -188,6 +246,15 @@ def child_main() -> int:
 
 
 # -- the parent's side ----------------------------------------------------------------------
+
+
+class ClaimLost(Exception):  # (not an error: the image comes by another road)
+    """The shared store holds the key (another run's claim, or its record): nothing was
+    sent. `found` is what the store said: `{"entry": JSON}`, or `{"corrupt": why}`."""
+
+    def __init__(self, found: dict[str, str]) -> None:
+        super().__init__("claimed elsewhere")
+        self.found = found
 
 
 class Recovered(Exception):  # (not an error: a result that came by another road)
@@ -223,8 +290,12 @@ class Outbox:
 
     def __init__(self, root: Path, provider: providers.Provider, lock_fd: int | None,
                  store: Store, *, run: str | None = None,
-                 answer_timeout: float = ANSWER_TIMEOUT) -> None:
+                 answer_timeout: float = ANSWER_TIMEOUT, shared: str | None = None,
+                 claims: Callable[[str], Claim | None] | None = None) -> None:
         self.root = root
+        self.shared = shared  # the shared store's URL: the child writes each task into its claim
+        self.claims = claims or (lambda key: None)  # this run's claim on a key, if it holds one
+        self.claims_updated: set[str] = set()  # keys whose claim the child gave its task
         self.run = run  # recorded with each submit: what this run spent
         self.provider = provider
         self.lock_fd = lock_fd
@@ -254,7 +325,7 @@ class Outbox:
                 pass_fds=(self.lock_fd,) if self.lock_fd is not None else (),
             )
         hello = {"root": str(self.root), "provider": self.provider.info.name,
-                 "base_url": self.provider.base_url, "run": self.run}
+                 "base_url": self.provider.base_url, "run": self.run, "store": self.shared}
         await self._write(hello)
         self._reader = asyncio.ensure_future(self._read(self._process))
 
@@ -322,10 +393,16 @@ class Outbox:
         except TimeoutError:
             await self._stop_stuck(f"did not answer a submit within {self.answer_timeout:.0f} s")
             answer = future.result()  # (settled from the store)
+        if answer.get("claim_updated"):
+            self.claims_updated.add(key)
         if "recovered" in answer:
             raise Recovered(Submitted(**answer["recovered"]))
+        if "claim_lost" in answer:  # nothing was sent
+            raise ClaimLost(answer["claim_lost"])
         if answer.get("error") == "StateError":  # nothing was sent
             raise StateError(answer["message"])
+        if answer.get("error") == "SharedStore":  # nothing was sent
+            raise StoreError(answer["message"])
         if answer.get("error") == "Outbox" or "unrecorded" in answer:
             raise Unrecorded(answer.get("unrecorded") or answer["message"])
         if "error" in answer:
@@ -336,10 +413,12 @@ class Outbox:
 
     async def _hand_over(self, ident: int, key: str, request: httpx.Request,
                          future: asyncio.Future[dict[str, Any]]) -> dict[str, Any]:
+        claim = self.claims(key)
         await self._write({
             "id": ident, "key": key, "method": request.method,
             "url": str(request.url), "headers": list(request.headers.multi_items()),
             "size": len(request.content),
+            "claim": dataclasses.asdict(claim) if claim is not None else None,
         }, request.content)
         if self._reader is not None and self._reader.done():
             self._settle_waiting()  # the child died before this was handed over

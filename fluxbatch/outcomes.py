@@ -44,6 +44,7 @@ class EventKind(Vocabulary):
     READY = "ready"  # rendered; the download starts
     RATE_LIMITED = "rate-limited"  # a 429: the submit waits, then is sent again
     RETRY = "retry"  # a poll or a download failed, and is tried again
+    WAITING = "waiting"  # another run (shared store) is rendering it: this one waits for it
 
 
 @dataclass(slots=True)
@@ -56,14 +57,15 @@ class Outcome:
     submitted_at: float | None = None
     finished_at: float | None = None
     written: Any = None  # what the writer returned (path, sha256, size)
+    from_store: bool = False  # placed from the shared store's image: nothing paid
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
     """For progress displays: `kind` is a step of the job (an `EventKind`: submitted,
     attached (a task of an earlier run), ready (rendered; the download starts), rate-limited,
-    retry) or, when it ends, its `OutcomeStatus` (written, moderated, failed, unknown, gone,
-    pending, skipped)."""
+    retry, waiting (for another run's image, through the shared store)) or, when it ends,
+    its `OutcomeStatus` (written, moderated, failed, unknown, gone, pending, skipped)."""
 
     kind: EventKind | OutcomeStatus
     job: Job

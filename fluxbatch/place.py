@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fluxbatch import imagemeta
@@ -21,13 +23,21 @@ from fluxbatch.outcomes import Event, JobFailed, LocalFault, Outcome, OutcomeSta
 from fluxbatch.providers import credits
 from fluxbatch.recipe import Recipe
 from fluxbatch.selection import Selection, source_placement
-from fluxbatch.state.blobs import BlobStore, DamagedBlob, LocalBlobs, fetched_blob
+from fluxbatch.state.blobs import BlobStore, DamagedBlob, LocalBlobs, fetched_blob, keep_blob
 from fluxbatch.state.ledger import Ledger, Task
 from fluxbatch.state.manifests import ManifestEntry, Provenance
 from fluxbatch.state.placements import Placements
 from fluxbatch.state.root import RootState
 from fluxbatch.state.store import Store
-from fluxbatch.write import NotAnImage, Written, manifest_path, place, provenance, write_manifest
+from fluxbatch.write import (
+    NotAnImage,
+    Written,
+    manifest_path,
+    place,
+    provenance,
+    temp_dir,
+    write_manifest,
+)
 
 # The manifest is rewritten as images land, at most this often, and never taking more than
 # a tenth of the run (it is written from the store, which is what a resume relies on).
@@ -191,6 +201,18 @@ def _collect_again(job: Job, damage: str, selection: Selection,
     outcome.reason = f"{damage}; the next run collects it again from the provider without " \
                      "paying"
     return outcome
+
+
+def keep_held(root: Path, data: bytes, sha256: str) -> None:
+    """Keep bytes that came from elsewhere (the shared store), already checked against
+    `sha256`, in the root's content store, as a download is kept."""
+    spool = temp_dir(root)
+    spool.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=spool, prefix="held-", suffix=".part",
+                                     delete=False) as handle:
+        handle.write(data)
+        handle.flush()
+    keep_blob(root, Path(handle.name), sha256)
 
 
 class ManifestPacer:

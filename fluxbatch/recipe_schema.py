@@ -74,7 +74,14 @@ class ProviderSpec:
     timeout: float | None = key(number(above=0))
 
 
-PROVIDER = AnyOf(Choice(providers.names).converted(ProviderSpec), Model(ProviderSpec))
+# Where renders are uploaded, and where images placed as paid come from, is the operator's
+# decision: a recipe (from a pull request, say) that names a shared store is told so.
+STORE_REFUSED = "a shared store is the operator's choice, never the recipe's: name it with " \
+    "`--store URL` or FLUXBATCH_STORE where fluxbatch runs"
+REFUSED = {name: STORE_REFUSED for name in ("store", "shared_store", "store_url")}
+
+PROVIDER = AnyOf(Choice(providers.names).converted(ProviderSpec),
+                 Model(ProviderSpec, closed=True, refused=REFUSED))
 
 
 # -- a job's matrix -----------------------------------------------------------------------------
@@ -291,7 +298,7 @@ class Recipe:
 
 
 RECIPE = Model(Recipe, salvage=True, description="A batch of Flux image requests: Jinja2 "
-               "templates over variable matrices.")
+               "templates over variable matrices.", refused=REFUSED)
 
 
 def recipe_schema() -> dict[str, Any]:

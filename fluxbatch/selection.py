@@ -9,16 +9,18 @@ the classification into a `Selection`, which `session.Render` carries out.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import fnmatch
 import hashlib
 import json
 import os
 import posixpath
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fluxbatch import models, recipe
 from fluxbatch.errors import ConfigError, FluxbatchError, Problem, RecipeError
@@ -39,6 +41,9 @@ from fluxbatch.state.placements import Placement
 from fluxbatch.state.root import RootState, read_entries
 from fluxbatch.state.store import Store
 from fluxbatch.vocabulary import Vocabulary
+
+if TYPE_CHECKING:
+    from fluxbatch.state.shared import SharedStore
 
 
 class ImageState(Vocabulary):
@@ -221,6 +226,60 @@ _REASONS = {
 }
 
 
+# -- what a shared store holds -------------------------------------------------------------
+
+# States whose image `render` would look for in a shared store before paying for it.
+LOOKED_UP = TO_RENDER | {ImageState.UNKNOWN}
+
+
+@contextlib.contextmanager
+def shared_store(url: str | None) -> Iterator[SharedStore | None]:
+    """The shared store at `url`, for `plan` and `status`; None without a URL. Its backend
+    is imported only then."""
+    if url is None:
+        yield None
+        return
+    from fluxbatch.state.shared import SharedStore
+
+    store = SharedStore.open(url)  # (no request yet: `with_store` checks it when it asks)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def with_store(classified: Classified, store: SharedStore | None) -> Classified:
+    """`classified`, with what the shared store holds for the images `render` would pay for:
+    a key it has a record of is *stored* (placed from it, at no cost); one that another run
+    claimed is *in-flight* (its image or task is collected, at no cost), or *unknown* when
+    that run recorded no task. Only those keys are looked up: one request each."""
+    if store is None:
+        return classified
+    from fluxbatch.state.shared import Claim, Record
+
+    looked = [(position, job) for position, (job, state) in
+              enumerate(zip(classified.plan.jobs, classified.states, strict=True))
+              if state in LOOKED_UP]
+    if not looked:
+        return classified
+    store.check(create=False)
+    found = store.lookup_many({job.key for _, job in looked})
+    states = list(classified.states)
+    reasons = dict(classified.reasons)
+    for position, job in looked:
+        entry = found.get(job.key)
+        if isinstance(entry, Record):
+            states[position] = ImageState.STORED
+            reasons[job.index] = f"in the shared store {store.url}: placed from it at no cost"
+        elif isinstance(entry, Claim):
+            silent = not entry.task_id
+            states[position] = ImageState.UNKNOWN if silent else ImageState.IN_FLIGHT
+            reasons[job.index] = f"claimed in the shared store by {entry.describe()}" + (
+                ", which recorded no task yet: it may have been billed" if silent else
+                ": `fluxbatch render` collects its image, at no cost")
+    return dataclasses.replace(classified, states=tuple(states), reasons=reasons)
+
+
 EntryReader = Callable[[Iterable[str]], Mapping[str, ManifestEntry]]
 
 
@@ -365,6 +424,9 @@ class Options:
     shard: tuple[int, int] | None = None  # (i, n), 1-based
     yes: bool = False  # render even when the estimate is over the account's balance
     task_timeout: float | None = None
+    # The shared store's URL (`--store`; the session falls back on FLUXBATCH_STORE), or ""
+    # for none even when that is set.
+    store: str | None = None
 
 
 NO_POLLING_URL = ""  # (why a task paid for earlier cannot be collected: no URL to poll)

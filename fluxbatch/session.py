@@ -33,10 +33,13 @@ from fluxbatch.selection import (
     classify_with_store,
     estimate_at,
     select,
+    shared_store,
+    with_store,
 )
 from fluxbatch.state.ledger import new_run_id
 from fluxbatch.state.lock import RootLock
 from fluxbatch.state.root import read_state
+from fluxbatch.state.shared import store_url
 from fluxbatch.state.store import Store
 from fluxbatch.write import clear_debris, manifest_path, write_manifest
 
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
 
     from fluxbatch.execute import Executor
     from fluxbatch.outcomes import Event, Outcome
+    from fluxbatch.sharing import SharedUse
 
 
 @dataclass(slots=True)
@@ -67,6 +71,8 @@ class Report:
             return self.fatal
         return self.budget.message() if self.budget is not None and self.budget.reached \
             else None
+    # What the shared store could not record (the images are here: `fluxbatch push`).
+    store_problems: list[str] = field(default_factory=list)
 
     @property
     def nothing_to_do(self) -> bool:
@@ -102,7 +108,8 @@ def preview(plan: Plan, options: Options | None = None) -> Selection:
     says whether `options.budget` would refuse it."""
     options = options or Options()
     state = read_state(plan.recipe.output_root, plan.recipe.name, plan.jobs)
-    classified = classify(plan, state, verify=options.verify)
+    with shared_store(store_url(options.store, os.environ)) as shared:
+        classified = with_store(classify(plan, state, verify=options.verify), shared)
     return select(classified, state, options, plan.recipe.provider.name)
 
 
@@ -205,10 +212,13 @@ class Render:
             if not store.manifest_intact(recipe.name, manifest_path(recipe)):
                 write_manifest(recipe, store)  # missing, changed or damaged: from the store
             return report
+        shared = await self._shared() if selection.jobs else None
         report.outcomes = place_stored(plan, selection, state, store, self.on_event)
         if not selection.jobs or self._stopping:
             finish_manifest(recipe, store)
             report.interrupted = self._stopping
+            if shared is not None:
+                shared.store.close()
             return report
         from fluxbatch import network
 
@@ -225,7 +235,8 @@ class Render:
             store.run_started(run, recipe.name, options.budget)
             self._executing = asyncio.ensure_future(network.execute(
                 plan, selection, store, provider, settings, self.on_event, self._started,
-                transport=self.transport, lock=lock, run=run, budget=budget))
+                transport=self.transport, lock=lock, run=run, budget=budget,
+                shared=shared))
             try:
                 report.outcomes += await self._executing
             except asyncio.CancelledError:
@@ -240,6 +251,9 @@ class Render:
         if budget is not None:
             report.budget = self._budget_outcome(store, run, budget, report)
         store.run_ended(run, finished=not report.stopped and not report.interrupted)
+        if shared is not None:
+            report.store_problems = shared.problems
+            shared.store.close()
         return report
 
     async def _over_balance(self, provider: providers.Provider, selection: Selection,
@@ -275,6 +289,26 @@ class Render:
                            and o.reason == BUDGET_REACHED)
         return BudgetOutcome(budget.limit, store.spent_by_runs(runs), budget.reached,
                              not_rendered)
+
+    async def _shared(self) -> SharedUse | None:
+        """The shared store the operator named, opened and checked before anything is paid
+        (a `StoreError`, one line, when it cannot be used); None without one. Asked only
+        when something must be requested: a null build makes no request of the store."""
+        from fluxbatch.state.shared import SharedStore, StoreError, account_name
+
+        url = store_url(self.options.store, self.environ)
+        if url is None:
+            return None
+        from fluxbatch.sharing import SharedUse
+
+        shared = SharedStore.open(url)
+        try:
+            await asyncio.get_running_loop().run_in_executor(shared.pool, shared.check)
+        except StoreError as error:
+            shared.close()
+            raise StoreError(f"{error}; nothing was sent") from None
+        return SharedUse(shared, account_name(self.environ), force=self.options.force,
+                         retry_unknown=self.options.retry_unknown)
 
     def _started(self, executor: Executor) -> None:
         self._executor = executor

@@ -13,7 +13,9 @@ import pytest
 from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
 from tests.helpers import Cli, Run
 
-KEY_VARIABLES = ("BFL_API_KEY", "BFL_API_KEY_FILE", "COMETAPI_KEY", "COMETAPI_KEY_FILE")
+KEY_VARIABLES = ("BFL_API_KEY", "BFL_API_KEY_FILE", "COMETAPI_KEY", "COMETAPI_KEY_FILE",
+                 # the operator's shared store and account name
+                 "FLUXBATCH_STORE", "FLUXBATCH_ACCOUNT")
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +29,8 @@ def isolated_environment(tmp_path_factory: pytest.TempPathFactory,
         monkeypatch.delenv(name, raising=False)
     for name in list(os.environ):
         if name.startswith(("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy",
-                            "https_proxy", "all_proxy")):
+                            "https_proxy", "all_proxy", "AWS_", "GOOGLE_", "AZURE_",
+                            "FSSPEC_")):
             monkeypatch.delenv(name, raising=False)
 
 

@@ -36,7 +36,9 @@ from fluxbatch.selection import (
     load_plan,
     matches_only,
     nothing_matches,
+    shared_store,
     stale_changes,
+    with_store,
 )
 from fluxbatch.state.manifests import ManifestEntry, read_manifest
 from fluxbatch.state.root import RootState, read_entries, read_state
@@ -73,14 +75,16 @@ class Pick:
 
 
 def plan(*, recipe: str, out: str | None, yes: bool, form: str = TABLE, explain: bool = False,
-         only: Sequence[str] = (), shard: tuple[int, int] | None = None) -> int:
+         only: Sequence[str] = (), shard: tuple[int, int] | None = None,
+         store: str | None = None) -> int:
     pick = Pick(tuple(only), shard)
     if form == JSONL:
-        _stream(recipe, out=out, yes=yes, explain=explain, pick=pick)
+        _stream(recipe, out=out, yes=yes, explain=explain, pick=pick, store=store)
         return EXIT_OK
     the_plan = load_plan(recipe, out=out, yes=yes)
-    classified = classify(the_plan, read_state(the_plan.recipe.output_root,
-                                                  the_plan.recipe.name, the_plan.jobs))
+    with shared_store(store) as shared:
+        classified = with_store(classify(the_plan, read_state(
+            the_plan.recipe.output_root, the_plan.recipe.name, the_plan.jobs)), shared)
     tally = Tally(pick)
     shown = [(job, state) for job, state in zip(the_plan.jobs, classified.states, strict=True)
              if tally.selects(job)]
@@ -262,7 +266,8 @@ def _write_items(out: TextIO, items: Iterable[Any]) -> None:
 # -- JSON lines, streamed -------------------------------------------------------------------
 
 
-def _stream(path: str, *, out: str | None, yes: bool, explain: bool, pick: Pick) -> None:
+def _stream(path: str, *, out: str | None, yes: bool, explain: bool, pick: Pick,
+            store: str | None = None) -> None:
     """`plan --jsonl`: jobs are made, checked, classified and printed a chunk at a time.
 
     Nothing is printed once a problem is known, and every job's own checks run before the
@@ -276,14 +281,14 @@ def _stream(path: str, *, out: str | None, yes: bool, explain: bool, pick: Pick)
     tally = Tally(pick)
     escapes: list[Problem] = []
     planned = 0
-    with collector_paused():
+    with collector_paused(), shared_store(store) as shared:
         for chunk in _chunks(expansion, _CHUNK):
             planned += len(chunk)
             part = Plan(recipe, chunk, ())
             escapes += escape_problems(part)
             if expansion.problems or escapes:
                 continue  # (still made, for every problem in one run)
-            classified = classify(part, states.state_of(chunk))
+            classified = with_store(classify(part, states.state_of(chunk)), shared)
             shown = [(job, state) for job, state in zip(chunk, classified.states, strict=True)
                      if tally.selects(job)]
             tally.add_all(shown)

@@ -113,7 +113,7 @@ class _Progress:
 
     def __init__(self, selection: Selection, *, quiet: bool, every: float) -> None:
         self.counts: Counter[str] = Counter()
-        self.phase: dict[str, str] = {}  # job key → "rendering" | "downloading"
+        self.phase: dict[str, str] = {}  # job key → "rendering" | "downloading" | "waiting"
         self.total = len(selection.jobs) + len(selection.place) + \
             sum(len(more) for more in selection.followers.values())
         self.estimate = selection.estimated_usd()
@@ -142,6 +142,8 @@ class _Progress:
                 self.spent = (self.spent or 0.0) + event.cost / 100
         elif kind == EventKind.READY:
             self.phase[key] = "downloading"
+        elif kind == EventKind.WAITING:  # for another run's image, through the shared store
+            self.phase[key] = "waiting"
         elif kind in ENDED:
             self.phase.pop(key, None)
             self.counts[kind] += 1
@@ -175,6 +177,8 @@ class _Progress:
             self.counts[OutcomeStatus.GONE]
         counts = [("done", self.counts[OutcomeStatus.WRITTEN]), ("rendering", phases["rendering"]),
                   ("downloading", phases["downloading"]), ("failed", failed)]
+        if phases["waiting"]:
+            counts.insert(3, ("waiting", phases["waiting"]))
         if short:
             counts = [(word[:4] if word != "downloading" else "dl", n) for word, n in counts]
         parts = [f"{word} {n:,}" for word, n in counts if n or not compact or word == "done"]
@@ -286,9 +290,13 @@ def _print_report(report: Report, plan: Plan, out: TextIO = sys.stdout) -> None:
         if len(problems) > 50:
             print(f"… and {len(problems) - 50:,} more", file=sys.stderr)
     placed = _placed_without_request(report)
+    shared = _placed_from_store(report)
     parts = [f"{counts[s]:,} {s}" for s in COUNTED if counts[s]]
     if placed:
-        parts[0] += f" ({placed:,} from images already paid for)"
+        held = [f"{shared:,} placed from the store"] if shared else []
+        if placed > shared:
+            held.append(f"{placed - shared:,} from images already paid for")
+        parts[0] += f" ({', '.join(held)})"
     selection = report.selection
     if selection.up_to_date:
         parts.append(f"{selection.up_to_date:,} up to date")
@@ -309,6 +317,11 @@ def _print_report(report: Report, plan: Plan, out: TextIO = sys.stdout) -> None:
         print(f"{plural(counts[unknown], 'submit')} ended without an answer and may have been "
               "billed; they are not resubmitted unless you pass --retry-unknown.",
               file=sys.stderr)
+    if report.store_problems:
+        count = len(report.store_problems)
+        print(f"the shared store could not record {plural(count, 'image')} "
+              f"({report.store_problems[0]}); {'it is' if count == 1 else 'they are'} here, "
+              "and `fluxbatch push` uploads them", file=sys.stderr)
     gone = counts[OutcomeStatus.GONE]
     if gone:
         print(f"{plural(gone, 'image')} paid for earlier can no longer be collected: "
@@ -335,6 +348,12 @@ def _placed_without_request(report: Report) -> int:
     return sum(1 for o in report.outcomes if o.status == written and o.submitted is None)
 
 
+def _placed_from_store(report: Report) -> int:
+    """Images written from the shared store's copy: nothing paid."""
+    written = OutcomeStatus.WRITTEN
+    return sum(1 for o in report.outcomes if o.status == written and o.from_store)
+
+
 def _summary(plan: Plan, report: Report, code: int) -> dict[str, Any]:
     """`render --json`: the run's outcome as one object (what CI glue reads)."""
     counts = Counter(o.status for o in report.outcomes)
@@ -345,6 +364,8 @@ def _summary(plan: Plan, report: Report, code: int) -> dict[str, Any]:
         "manifest": str(manifest_path(plan.recipe)),
         "counts": {status: counts[status] for status in COUNTED},
         "placed_without_request": _placed_without_request(report),
+        "placed_from_store": _placed_from_store(report),
+        "store_problems": report.store_problems,
         "up_to_date": selection.up_to_date,
         "held_unknown": len(selection.held_unknown),
         "held_moderated": len(selection.held_moderated),

@@ -20,17 +20,20 @@ from fluxbatch.selection import (
     changes_text,
     classify,
     load_plan,
+    shared_store,
     stale_changes,
+    with_store,
 )
 from fluxbatch.state.manifests import ManifestEntry
 from fluxbatch.state.root import read_entries, read_state
 
 
 def status(*, recipe: str, out: str | None, yes: bool, as_json: bool, verify: bool,
-           verbose: bool) -> int:
+           verbose: bool, store: str | None = None) -> int:
     plan = load_plan(recipe, out=out, yes=yes, verify=verify)
     state = read_state(plan.recipe.output_root, plan.recipe.name, plan.jobs)
-    classified = classify(plan, state, verify=verify)
+    with shared_store(store) as shared:
+        classified = with_store(classify(plan, state, verify=verify), shared)
     counts = classified.count()
     up_to_date = ImageState.UP_TO_DATE
     clean = counts[up_to_date] == len(plan.jobs) and not classified.orphans

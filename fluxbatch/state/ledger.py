@@ -76,6 +76,8 @@ class Ledger(Protocol):
 
     def ready(self, key: str, reported_seed: int | None) -> None: ...
 
+    def paid_elsewhere(self, task: Task) -> None: ...
+
     def fetched(self, key: str, blob: str) -> None: ...
 
     def fetch_again(self, key: str, reason: str) -> bool: ...
@@ -213,6 +215,17 @@ class LedgerTables(Tables):
                     "INSERT INTO charges (key, run, provider, cost, status, task_id, at, "
                     "settled_at) SELECT key, run, provider, ?, ?, ?, ?, ? FROM tasks "
                     "WHERE key = ?", (cost, Charge.CHARGED, task_id, at, at, key))
+
+    def paid_elsewhere(self, task: Task) -> None:
+        """A task another output root paid for (found through the shared store), to be
+        collected by this one: in flight here, charged nowhere here (it is that root's
+        spending, and its ledger says so)."""
+        self._task(task.key, status=TaskStatus.SUBMITTED, provider=task.provider,
+                   base_url=without_credentials(task.base_url) if task.base_url else None,
+                   task_id=task.task_id,
+                   polling_url=without_credentials(task.polling_url or ""), cost=task.cost,
+                   submitted_at=task.submitted_at, reported_seed=None, blob=None, reason=None,
+                   run=None)
 
     def ready(self, key: str, reported_seed: int | None) -> None:
         self._task(key, status=TaskStatus.READY, reported_seed=reported_seed)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,16 @@ class Store(LedgerTables, PlacementTables):
             self.db.execute("DELETE FROM placements WHERE path = ? AND sha256 != ?",
                             (entry["path"], entry["sha256"]))
             self.known(key)
+
+    def root_id(self) -> str:
+        """This output root's id, made the first time it is asked for: a shared store's claims
+        name the root that made them, so that its next run knows its own."""
+        found = self.meta("root_id")
+        if found is None:
+            found = uuid.uuid4().hex
+            with self.transaction():
+                self._set_meta("root_id", found)
+        return found
 
     # -- recipes ------------------------------------------------------------------------
 
