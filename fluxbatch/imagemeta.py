@@ -14,6 +14,23 @@ The payload is compact JSON (sorted keys, UTF-8) stored under the key `fluxbatch
 * WebP: the `XMP ` chunk (WebP allows one, so an existing one is replaced). A simple VP8/VP8L
   file becomes extended: a `VP8X` chunk with the XMP flag and the canvas size from the bitstream.
 
+Beside it, `embed` can write an AUTOMATIC1111-style `parameters` text (prompt, then
+`Steps: …, Seed: …, Size: …`), which image browsers, Civitai and prompt readers show:
+
+* PNG: a text chunk keyed `parameters` after fluxbatch's own (`tEXt` when the text is Latin-1,
+  else uncompressed `iTXt`, as Pillow and A1111 write it). Any earlier `parameters` chunk is
+  replaced: readers take one.
+* JPEG and WebP: the EXIF `UserComment`, as `UNICODE\0` + UTF-16BE (what A1111 writes, and
+  what its readers decode, whatever the EXIF's byte order). With no EXIF, fluxbatch writes a
+  minimal one of its own (a big-endian TIFF: IFD0 → Exif IFD → UserComment), recognised again
+  by its exact layout. An EXIF block another tool wrote is kept byte for byte and the comment
+  merged into it by appending: a copy of its IFD that gains UserComment, one 4-byte pointer
+  re-aimed at that copy, and a trailer recording that pointer's old value and the block's old
+  length, so that stamping again restores the original first (nothing in it moves, so its
+  offsets, maker notes and thumbnail stay valid). An EXIF block that cannot be parsed, or
+  that the comment would push past one JPEG segment (64 KiB), is left as it is, without the
+  text.
+
 Bytes after the container's end are kept. Errors name the byte offset; callers add the path.
 """
 
@@ -95,17 +112,26 @@ def dimensions(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def embed(data: bytes, payload: Mapping[str, Any]) -> bytes:
-    """The image with `payload` as its only fluxbatch metadata; image data byte-for-byte kept."""
+def embed(data: bytes, payload: Mapping[str, Any], parameters: str | None = None) -> bytes:
+    """The image with `payload` as its only fluxbatch metadata; image data byte-for-byte kept.
+    With `parameters`, that A1111-style text replaces the one the image carries (if any);
+    without, the image's `parameters` text is left as it is."""
     text = json.dumps(
         payload, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False
     )
-    return _CODECS[_writable_format(data)].embed(data, text)
+    return _CODECS[_writable_format(data)].embed(data, text, parameters)
 
 
 def extract(data: bytes) -> dict[str, Any] | None:
     """The fluxbatch payload embedded in the image, or None if it has none."""
     return _CODECS[_writable_format(data)].extract(data)
+
+
+def parameters(data: bytes) -> str | None:
+    """The A1111-style `parameters` text the image carries (PNG text chunk, or JPEG/WebP EXIF
+    UserComment), whoever wrote it; None if it has none, or an EXIF block too damaged to
+    read one from (that is not fluxbatch's to judge)."""
+    return _CODECS[_writable_format(data)].parameters(data)
 
 
 def image_data_digest(data: bytes) -> str:
@@ -194,11 +220,168 @@ def _xmp_extract(packet: bytes, where: str) -> dict[str, Any] | None:
     return _load(text, where)
 
 
+# --- EXIF UserComment (JPEG and WebP) -------------------------------------------------------
+
+_TIFF_ORDERS = {b"II*\0": "<", b"MM\0*": ">"}
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286  # IFD0's pointer to the Exif IFD; UserComment
+_LONG, _UNDEFINED, _IFD_TYPE = 4, 7, 13
+_UNICODE, _ASCII = b"UNICODE\0", b"ASCII\0\0\0"
+# Ends an EXIF block another tool wrote, into which fluxbatch merged its comment; followed
+# by the block's old length, the offset of the pointer re-aimed, and that pointer's old bytes.
+_MERGED = b"fluxbatch:exif\0\0"
+_TRAILER = struct.Struct(">II4s")
+_OWN_HEAD = 44  # header 8, IFD0 18, Exif IFD 18: the comment starts here
+
+
+def _user_comment(text: str) -> bytes:
+    return _UNICODE + text.encode("utf-16-be", "replace")
+
+
+def _own_exif(comment: bytes) -> bytes:
+    """fluxbatch's own EXIF (TIFF) block: IFD0 holding only the Exif IFD pointer, and an
+    Exif IFD holding only UserComment."""
+    def ifd(tag: int, kind: int, count: int, value: int) -> bytes:
+        return struct.pack(">HHHII", 1, tag, kind, count, value) + bytes(4)
+
+    return (b"MM\0*" + struct.pack(">I", 8) + ifd(_EXIF_IFD, _LONG, 1, 26)
+            + ifd(_USER_COMMENT, _UNDEFINED, len(comment), _OWN_HEAD) + comment)
+
+
+def _is_own_exif(tiff: bytes) -> bool:
+    return len(tiff) > _OWN_HEAD and tiff == _own_exif(tiff[_OWN_HEAD:])
+
+
+@dataclass(frozen=True, slots=True)
+class _Ifd:
+    at: int
+    entries: list[bytes]  # 12 bytes each: tag, type, count, value or offset
+    next: bytes  # the 4 bytes after the entries: the next IFD's offset
+
+    def find(self, order: str, tag: int) -> int | None:
+        return next((i for i, entry in enumerate(self.entries)
+                     if struct.unpack(order + "H", entry[:2])[0] == tag), None)
+
+
+def _read_ifd(tiff: bytes, order: str, at: int) -> _Ifd | None:
+    if at < 8 or at + 2 > len(tiff):
+        return None
+    (count,) = struct.unpack(order + "H", tiff[at : at + 2])
+    end = at + 2 + 12 * count
+    if end + 4 > len(tiff):
+        return None
+    return _Ifd(at, [tiff[i : i + 12] for i in range(at + 2, end, 12)], tiff[end : end + 4])
+
+
+def _exif_ifd(tiff: bytes) -> tuple[str, _Ifd, int, _Ifd | None] | None:
+    """The TIFF's byte order, IFD0, the index of its Exif IFD pointer (-1: none) and the
+    Exif IFD; None when the block is not a TIFF that can be read so far."""
+    order = _TIFF_ORDERS.get(tiff[:4])
+    if order is None:
+        return None
+    ifd0 = _read_ifd(tiff, order, struct.unpack(order + "I", tiff[4:8])[0])
+    if ifd0 is None:
+        return None
+    index = ifd0.find(order, _EXIF_IFD)
+    if index is None:
+        return order, ifd0, -1, None
+    kind, count, at = struct.unpack(order + "HII", ifd0.entries[index][2:])
+    exif = _read_ifd(tiff, order, at) if kind in (_LONG, _IFD_TYPE) and count == 1 else None
+    return (order, ifd0, index, exif) if exif is not None else None
+
+
+def _comment_text(tiff: bytes) -> str | None:
+    """The UserComment of an EXIF (TIFF) block, decoded; None if it has none or is damaged."""
+    found = _exif_ifd(tiff)
+    exif = None if found is None else found[3]
+    if found is None or exif is None:
+        return None
+    order = found[0]
+    index = exif.find(order, _USER_COMMENT)
+    if index is None:
+        return None
+    _, count, at = struct.unpack(order + "HII", exif.entries[index][2:])
+    value = exif.entries[index][8 : 8 + count] if count <= 4 else tiff[at : at + count]
+    if len(value) != count:
+        return None
+    head, body = value[:8], value[8:]
+    if head == _UNICODE:
+        little = body.startswith(b"\xff\xfe")
+        return body.decode("utf-16-le" if little else "utf-16-be", "replace").lstrip("\ufeff")
+    if head == _ASCII:
+        return body.decode("ascii", "replace").rstrip("\0")
+    return None
+
+
+def _unmerged(tiff: bytes) -> bytes:
+    """Another tool's EXIF block as it was before fluxbatch merged a comment into it (it
+    may have been merged into more than once by a tool that did not know the trailer)."""
+    while len(tiff) >= len(_MERGED) + _TRAILER.size and \
+            tiff[-_TRAILER.size - len(_MERGED) : -_TRAILER.size] == _MERGED:
+        length, at, value = _TRAILER.unpack(tiff[-_TRAILER.size :])
+        if length > len(tiff) - _TRAILER.size - len(_MERGED) or at + 4 > length:
+            break  # not a trailer fluxbatch wrote
+        tiff = tiff[:at] + value + tiff[at + 4 : length]
+    return tiff
+
+
+def _merged(tiff: bytes, comment: bytes) -> bytes | None:
+    """Another tool's EXIF block with `comment` as its UserComment, added by appending (see
+    the module's docstring); None when the block cannot be read."""
+    found = _exif_ifd(tiff)
+    if found is None:
+        return None
+    order, ifd0, index, exif = found
+    base = tiff + bytes(len(tiff) % 2)  # IFDs start on a word boundary
+
+    def entry(tag: int, kind: int, count: int, value: int) -> bytes:
+        return struct.pack(order + "HHII", tag, kind, count, value)
+
+    def ifd(entries: Iterable[bytes], following: bytes) -> bytes:
+        ordered = sorted(entries, key=lambda raw: struct.unpack(order + "H", raw[:2])[0])
+        return struct.pack(order + "H", len(ordered)) + b"".join(ordered) + following
+
+    kept = [] if exif is None else \
+        [e for i, e in enumerate(exif.entries) if i != exif.find(order, _USER_COMMENT)]
+    exif_at = len(base)
+    comment_at = exif_at + 2 + 12 * (len(kept) + 1) + 4
+    appendix = ifd([*kept, entry(_USER_COMMENT, _UNDEFINED, len(comment), comment_at)],
+                   bytes(4) if exif is None else exif.next) + comment + bytes(len(comment) % 2)
+    if exif is not None:  # the Exif IFD's pointer in IFD0 is aimed at the copy
+        at, value = ifd0.at + 2 + 12 * index + 8, exif_at
+    else:  # IFD0 gains a pointer: a copy of it, and the header aimed at that
+        at, value = 4, len(base) + len(appendix)
+        appendix += ifd([*ifd0.entries, entry(_EXIF_IFD, _LONG, 1, exif_at)], ifd0.next)
+    trailer = _MERGED + _TRAILER.pack(len(tiff), at, tiff[at : at + 4])
+    return base[:at] + struct.pack(order + "I", value) + base[at + 4 :] + appendix + trailer
+
+
+def _comment_blocks(blocks: list[bytes], text: str,
+                    limit: int) -> tuple[list[bytes | None], bytes | None]:
+    """What the image's EXIF blocks (in file order) become once `text` is the comment: each
+    block as it is to be written (None: removed, it was fluxbatch's own), and fluxbatch's own
+    block to add (None: another tool's block took the comment, or could not, or it would
+    not fit in `limit` bytes)."""
+    comment = _user_comment(text)
+    result: list[bytes | None] = []
+    foreign = False
+    for block in blocks:
+        if _is_own_exif(block):
+            result.append(None)
+            continue
+        original = _unmerged(block)
+        merged = None if foreign else _merged(original, comment)
+        foreign = True  # (the first block is the one readers read)
+        result.append(merged if merged is not None and len(merged) <= limit else original)
+    own = _own_exif(comment)
+    return result, own if not foreign and len(own) <= limit else None
+
+
 # --- PNG -------------------------------------------------------------------------------------
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_TEXT = {b"tEXt", b"zTXt", b"iTXt"}
 _PNG_KEYWORD = KEY.encode() + b"\0"
+_PNG_PARAMETERS = b"parameters\0"
 _MAX_TEXT = 64 * 1024 * 1024
 
 
@@ -227,13 +410,45 @@ def _png_chunks(data: bytes) -> tuple[list[_Part], bytes]:
     return parts, data[pos:]
 
 
-def _png_embed(data: bytes, text: str) -> bytes:
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png_text_chunk(keyword: bytes, text: str) -> bytes:
+    """`tEXt` when the text is Latin-1, else uncompressed `iTXt` (keyword, compression flag
+    and method 0, empty language tag and translated keyword), as Pillow writes text."""
+    try:
+        return _png_chunk(b"tEXt", keyword + text.encode("latin-1"))
+    except UnicodeEncodeError:
+        return _png_chunk(b"iTXt", keyword + b"\0\0\0\0" + text.encode("utf-8", "replace"))
+
+
+def _is_png_text(part: _Part, keyword: bytes) -> bool:
+    return part.kind in _PNG_TEXT and part.body.startswith(keyword)
+
+
+def _png_embed(data: bytes, text: str, parameters: str | None) -> bytes:
     parts, trailer = _png_chunks(data)
-    kept = [p.raw for p in parts if not (p.kind in _PNG_TEXT and p.body.startswith(_PNG_KEYWORD))]
-    # keyword, compression flag 0 and method 0, empty language tag and translated keyword
-    chunk = b"iTXt" + _PNG_KEYWORD + b"\0\0\0\0" + text.encode("utf-8")
-    itxt = struct.pack(">I", len(chunk) - 4) + chunk + struct.pack(">I", zlib.crc32(chunk))
-    return _PNG_SIGNATURE + kept[0] + itxt + b"".join(kept[1:]) + trailer
+    replaced = [_PNG_KEYWORD] + ([_PNG_PARAMETERS] if parameters is not None else [])
+    kept = [p.raw for p in parts if not any(_is_png_text(p, word) for word in replaced)]
+    chunks = [_png_chunk(b"iTXt", _PNG_KEYWORD + b"\0\0\0\0" + text.encode("utf-8"))]
+    if parameters is not None:  # (no NUL: it would end the text for every reader)
+        chunks.append(_png_text_chunk(_PNG_PARAMETERS, parameters.replace("\0", " ")))
+    return _PNG_SIGNATURE + kept[0] + b"".join(chunks) + b"".join(kept[1:]) + trailer
+
+
+def _png_parameters(data: bytes) -> str | None:
+    parts, _ = _png_chunks(data)
+    part = next((p for p in parts if _is_png_text(p, _PNG_PARAMETERS)), None)
+    if part is None:
+        return None
+    where = f"PNG {part.kind.decode()} chunk at byte {part.offset}"
+    fields = part.body[len(_PNG_PARAMETERS) :]
+    if part.kind == b"tEXt":
+        return fields.decode("latin-1")
+    if part.kind == b"zTXt":
+        return _inflated(fields[1:], where).decode("latin-1")
+    return _itxt_text(fields, where).decode("utf-8", "replace")
 
 
 def _png_extract(data: bytes) -> dict[str, Any] | None:
@@ -257,6 +472,10 @@ def _itxt_text(fields: bytes, where: str) -> bytes:
         return text
     if compressed != 1 or method != 0:
         raise ImageFormatError(f"{where}: unknown iTXt compression {compressed}/{method}")
+    return _inflated(text, where)
+
+
+def _inflated(text: bytes, where: str) -> bytes:
     inflater = zlib.decompressobj()
     try:
         inflated = inflater.decompress(text, _MAX_TEXT)
@@ -330,7 +549,7 @@ def _is_fluxbatch_xmp(part: _Part) -> bool:
 
 
 def _is_jfif_or_exif(part: _Part) -> bool:
-    return part.kind[0] == _APP0 or (part.kind[0] == _APP1 and part.body.startswith(_EXIF_HEADER))
+    return part.kind[0] == _APP0 or _is_exif(part)
 
 
 def _is_fluxbatch_com(part: _Part) -> bool:
@@ -352,9 +571,39 @@ def _jpeg_metadata(text: str) -> bytes:
     )
 
 
-def _jpeg_embed(data: bytes, text: str) -> bytes:
+def _is_exif(part: _Part) -> bool:
+    return part.kind[0] == _APP1 and part.body.startswith(_EXIF_HEADER)
+
+
+def _exif_segment(tiff: bytes) -> _Part:
+    body = _EXIF_HEADER + tiff
+    return _Part(bytes([_APP1]), -1, _jpeg_segment(_APP1, body), body)
+
+
+def _jpeg_with_comment(parts: list[_Part], text: str) -> list[_Part]:
+    """The segments with `text` as the EXIF UserComment (see `_comment_blocks`); fluxbatch's
+    own EXIF segment goes right after SOI and JFIF, where readers look for it."""
+    exif = [i for i, part in enumerate(parts) if _is_exif(part)]
+    blocks, own = _comment_blocks([parts[i].body[len(_EXIF_HEADER) :] for i in exif], text,
+                                  _SEGMENT_MAX - len(_EXIF_HEADER))
+    becomes = dict(zip(exif, blocks, strict=True))
+    result = []
+    for i, part in enumerate(parts):
+        if i not in becomes:
+            result.append(part)
+        elif (block := becomes[i]) is not None:
+            result.append(_exif_segment(block))
+    if own is not None:
+        at = next((i for i, part in enumerate(result) if part.kind[0] != _APP0), len(result))
+        result.insert(at, _exif_segment(own))
+    return result
+
+
+def _jpeg_embed(data: bytes, text: str, parameters: str | None) -> bytes:
     parts, sos = _jpeg_segments(data)
     kept = [part for part in parts if not (_is_fluxbatch_xmp(part) or _is_fluxbatch_com(part))]
+    if parameters is not None:
+        kept = _jpeg_with_comment(kept, parameters)
     at = max((i + 1 for i, part in enumerate(kept) if _is_jfif_or_exif(part)), default=0)
     head, tail = (b"".join(part.raw for part in side) for side in (kept[:at], kept[at:]))
     return data[:2] + head + _jpeg_metadata(text) + tail + data[sos:]
@@ -373,6 +622,12 @@ def _jpeg_extract(data: bytes) -> dict[str, Any] | None:
     return _load(text, f"JPEG COM segments from byte {pieces[0].offset}")
 
 
+def _jpeg_parameters(data: bytes) -> str | None:
+    parts, _ = _jpeg_segments(data)
+    exif = next((part for part in parts if _is_exif(part)), None)
+    return None if exif is None else _comment_text(exif.body[len(_EXIF_HEADER) :])
+
+
 def _jpeg_image_parts(data: bytes) -> Iterable[bytes]:
     parts, sos = _jpeg_segments(data)
     yield data[:2]
@@ -385,7 +640,7 @@ def _jpeg_image_parts(data: bytes) -> Iterable[bytes]:
 # --- WebP ------------------------------------------------------------------------------------
 
 _WEBP_METADATA = {b"XMP ", b"EXIF", b"ICCP"}
-_VP8X_ALPHA, _VP8X_XMP = 0x10, 0x04
+_VP8X_ALPHA, _VP8X_EXIF, _VP8X_XMP = 0x10, 0x08, 0x04
 
 
 def _webp_chunks(data: bytes) -> tuple[list[_Part], bytes]:
@@ -449,14 +704,37 @@ def _vp8x_body(parts: list[_Part]) -> bytes:
     return bytes([_VP8X_ALPHA if alpha else 0, 0, 0, 0]) + canvas.to_bytes(6, "little")
 
 
-def _webp_embed(data: bytes, text: str) -> bytes:
+def _webp_with_comment(parts: list[_Part], text: str) -> list[_Part]:
+    """The chunks with `text` as the EXIF UserComment (see `_comment_blocks`); a new EXIF
+    chunk goes where the spec orders it: after the image data, before XMP. (Some writers
+    start the chunk with JPEG's `Exif\\0\\0`: it is kept.)"""
+    at = next((i for i, part in enumerate(parts) if part.kind == b"EXIF"), None)
+    found = [] if at is None else [parts.pop(at).body]
+    prefix = _EXIF_HEADER if found and found[0].startswith(_EXIF_HEADER) else b""
+    blocks, own = _comment_blocks([body[len(prefix) :] for body in found], text, _MAX_TEXT)
+    block = own if own is not None else blocks[0] if blocks else None
+    if block is not None:
+        if at is None:
+            at = next((i for i, part in enumerate(parts) if part.kind == b"XMP "), len(parts))
+        body = (prefix if own is None else b"") + block
+        parts.insert(at, _Part(b"EXIF", -1, _webp_chunk(b"EXIF", body), body))
+    return parts
+
+
+def _webp_embed(data: bytes, text: str, parameters: str | None) -> bytes:
     parts, trailer = _webp_chunks(data)
     vp8x = _vp8x_body(parts)
     rest = parts[1:] if parts[0].kind == b"VP8X" else parts
+    if parameters is not None:
+        rest = _webp_with_comment(list(rest), parameters)
     xmp_at = next((i for i, part in enumerate(rest) if part.kind == b"XMP "), len(rest))
     chunks = [_padded(part.raw) for part in rest if part.kind != b"XMP "]
     chunks.insert(xmp_at, _webp_chunk(b"XMP ", _xmp_packet(text)))
-    header = _webp_chunk(b"VP8X", bytes([vp8x[0] | _VP8X_XMP]) + vp8x[1:])
+    flags = vp8x[0] | _VP8X_XMP
+    if parameters is not None:  # (the EXIF flag says whether there is an EXIF chunk now)
+        has_exif = any(part.kind == b"EXIF" for part in rest)
+        flags = flags & ~_VP8X_EXIF | (_VP8X_EXIF if has_exif else 0)
+    header = _webp_chunk(b"VP8X", bytes([flags]) + vp8x[1:])
     riff = b"".join([b"WEBP", header, *chunks])
     return b"RIFF" + struct.pack("<I", len(riff)) + riff + trailer
 
@@ -467,6 +745,14 @@ def _webp_extract(data: bytes) -> dict[str, Any] | None:
         if part.kind == b"XMP ":
             return _xmp_extract(part.body, f"WebP XMP chunk at byte {part.offset}")
     return None
+
+
+def _webp_parameters(data: bytes) -> str | None:
+    parts, _ = _webp_chunks(data)
+    body = next((part.body for part in parts if part.kind == b"EXIF"), None)
+    if body is None:
+        return None
+    return _comment_text(body[len(_EXIF_HEADER) :] if body.startswith(_EXIF_HEADER) else body)
 
 
 def _webp_image_parts(data: bytes) -> Iterable[bytes]:
@@ -481,13 +767,14 @@ def _webp_image_parts(data: bytes) -> Iterable[bytes]:
 
 @dataclass(frozen=True, slots=True)
 class _Codec:
-    embed: Callable[[bytes, str], bytes]
+    embed: Callable[[bytes, str, str | None], bytes]
     extract: Callable[[bytes], dict[str, Any] | None]
+    parameters: Callable[[bytes], str | None]
     image_parts: Callable[[bytes], Iterable[bytes]]
 
 
 _CODECS = {
-    "png": _Codec(_png_embed, _png_extract, _png_image_parts),
-    "jpeg": _Codec(_jpeg_embed, _jpeg_extract, _jpeg_image_parts),
-    "webp": _Codec(_webp_embed, _webp_extract, _webp_image_parts),
+    "png": _Codec(_png_embed, _png_extract, _png_parameters, _png_image_parts),
+    "jpeg": _Codec(_jpeg_embed, _jpeg_extract, _jpeg_parameters, _jpeg_image_parts),
+    "webp": _Codec(_webp_embed, _webp_extract, _webp_parameters, _webp_image_parts),
 }

@@ -202,6 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entry", metavar="PATH", help="with a manifest: the image's path")
     p.add_argument("-o", "--output", metavar="FILE", help="write the recipe here (default: stdout)")
     p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.add_argument("--verify", action="store_true",
+                   help="render the image again (paid, after confirmation) into .verify/ in "
+                   "its output root, and say whether the new one is identical, drifted (a "
+                   "floating model) or differs; exit 1 when it differs")
+    p.add_argument("--yes", action="store_true",
+                   help="with --verify: pay without asking (needed without a terminal)")
+    p.add_argument("--budget", type=_non_negative_float, metavar="USD",
+                   help="with --verify: spend at most this much, as render --budget")
+    p.add_argument("--base-url", metavar="URL",
+                   help="with --verify: the provider's base URL, as for render")
 
     p = sub.add_parser("gallery", help="write an HTML contact sheet of the rendered images")
     _recipe_arguments(p)
@@ -399,6 +409,15 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
+    if args.verify:
+        from fluxbatch.commands.verify import verify
+
+        if args.output:
+            raise UsageError("reproduce --verify writes no recipe: drop -o/--output")
+        return verify(source=args.source, entry_path=args.entry, yes=args.yes,
+                      budget=args.budget, base_url=args.base_url)
+    if args.yes or args.budget is not None or args.base_url:
+        raise UsageError("reproduce: --yes, --budget and --base-url go with --verify")
     from fluxbatch.commands.inspect import reproduce
 
     return reproduce(source=args.source, entry_path=args.entry, output=args.output,

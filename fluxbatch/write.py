@@ -123,7 +123,7 @@ def place(root: Path, job: Job, data: bytes, entry: Provenance,
     unless another recipe's image is that file (`shared`)."""
     path = real_path(job.output, data)
     payload: Provenance = {**entry, "path": path}
-    stamped = imagemeta.embed(data, payload)
+    stamped = imagemeta.embed(data, payload, parameters_text(payload, data))
     mtime_ns = atomic_write(root / path, stamped, temp_dir(root))
     # (the previous path was read back from the store, and may have come from a manifest:
     # nothing outside the root, or reached through a link, is deleted)
@@ -133,6 +133,49 @@ def place(root: Path, job: Job, data: bytes, entry: Provenance,
             os.unlink(root / previous_path)
     written = Written(path, hashlib.sha256(stamped).hexdigest(), len(stamped), mtime_ns)
     return written, {**payload, "sha256": written.sha256, "bytes": written.size}
+
+
+# A1111's `parameters` text names a sampler, and its readers (sd-parsers, for one) take a
+# text for theirs only with three of Sampler, Steps, Seed, CFG scale, ENSD and Schedule type.
+# The provider samples as it sees fit, and BFL documents neither sampler nor schedule: these
+# two say so in A1111's own words ("Automatic": the sampler's default schedule).
+SAMPLER, SCHEDULE = "flux", "Automatic"
+
+
+def parameters_text(entry: Provenance, data: bytes) -> str:
+    """The A1111-style `parameters` text an image carries beside its provenance: the
+    prompt, then `Steps: 28, Sampler: flux, Schedule type: Automatic, Seed: 42, Size:
+    1024x768, Model: flux-dev, Guidance: 3, Version: fluxbatch 1.2.0`, with only the
+    fields the request has (see docs/manifest.md). `Size` is the request's width and
+    height, else (a model sized by aspect ratio or by its input) the image's own."""
+    request = entry["request"]
+    fields: list[tuple[str, Any]] = []
+    if _positive(request.get("steps")):
+        fields.append(("Steps", request["steps"]))
+    fields += [("Sampler", SAMPLER), ("Schedule type", SCHEDULE), ("Seed", entry["seed"])]
+    width, height = request.get("width"), request.get("height")
+    size = (width, height) if _positive(width) and _positive(height) \
+        else imagemeta.dimensions(data)
+    if size is not None:
+        fields.append(("Size", f"{size[0]}x{size[1]}"))
+    fields.append(("Model", entry["model"]))
+    if _positive(request.get("guidance")):
+        fields.append(("Guidance", f"{request['guidance']:g}"))
+    fields.append(("Version", f"fluxbatch {__version__}"))
+    line = ", ".join(f"{name}: {_quoted(value)}" for name, value in fields)
+    prompt = entry["prompt"]
+    return f"{prompt}\n{line}" if prompt else line
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+def _quoted(value: Any) -> str:
+    """A value as A1111 writes one: in JSON quotes when a comma, colon or newline in it
+    would end it early for a reader."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
 def manifest_path(recipe: Recipe) -> Path:

@@ -23,6 +23,7 @@ from fluxbatch.imagemeta import (
     embed,
     extract,
     image_data_digest,
+    parameters,
     sniff,
 )
 
@@ -434,11 +435,17 @@ def test_png_bad_crc_elsewhere_is_neither_checked_nor_changed() -> None:
 
 
 def _check_contract(data: bytes) -> None:
-    """extract/embed/image_data_digest return normally or raise ImageFormatError, nothing else;
-    whenever embedding works, it round-trips, is idempotent and keeps the image data."""
+    """extract/parameters/embed/image_data_digest return normally or raise ImageFormatError,
+    nothing else; whenever embedding works, it round-trips, is idempotent (the parameters
+    text too) and keeps the image data."""
     try:
         found = extract(data)
         assert found is None or isinstance(found, dict)
+    except ImageFormatError:
+        pass
+    try:
+        text = parameters(data)
+        assert text is None or isinstance(text, str)
     except ImageFormatError:
         pass
     try:
@@ -448,6 +455,12 @@ def _check_contract(data: bytes) -> None:
     assert extract(embedded) == PAYLOAD
     assert embed(embed(data, OTHER), PAYLOAD) == embedded
     assert image_data_digest(embedded) == image_data_digest(data)
+    stamped = embed(data, PAYLOAD, LATIN)
+    assert extract(stamped) == PAYLOAD
+    assert parameters(stamped) in (LATIN, None)  # (None: an EXIF block that is not readable)
+    assert embed(embed(data, OTHER, PARAMETERS), PAYLOAD, LATIN) == stamped
+    assert embed(embed(data, OTHER), PAYLOAD, LATIN) == stamped
+    assert image_data_digest(stamped) == image_data_digest(data)
 
 
 MAGIC = st.sampled_from(
@@ -471,10 +484,290 @@ def test_arbitrary_bytes_never_raise_anything_but_image_format_error(data: bytes
 def test_mutated_images_never_raise_anything_but_image_format_error(
     case: str, draw: st.DataObject
 ) -> None:
-    image = draw.draw(st.sampled_from([_image(case), embed(_image(case), PAYLOAD)]))
+    image = draw.draw(st.sampled_from([_image(case), embed(_image(case), PAYLOAD),
+                                        embed(_image(case), PAYLOAD, PARAMETERS)]))
     position = st.integers(0, min(len(image), 160) - 1) | st.integers(0, len(image) - 1)
     mutated = bytearray(image)
     for index, value in draw.draw(st.lists(st.tuples(position, st.integers(0, 255)), max_size=4)):
         mutated[index] = value
     cut = draw.draw(st.none() | st.integers(0, len(image)))
     _check_contract(bytes(mutated[:cut]))
+
+
+# -- the A1111-style `parameters` text ---------------------------------------------------------
+
+PARAMETERS = ('Zürich café at dusk, 東京 neon, "quoted"\nSteps: 28, Sampler: flux, Schedule type: '
+              "Automatic, Seed: 42, Size: 64x48, Model: flux-dev, Guidance: 3.5")
+LATIN = "a red teapot\nSampler: flux, Schedule type: Automatic, Seed: 7, Model: flux-pro-1.1"
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
+
+
+def _exif_with_exif_ifd(byte_order: str = "<") -> bytes:
+    """An EXIF block as a camera writes one: IFD0 (Make) and an Exif IFD (DateTimeOriginal)."""
+    exif = Image.Exif()
+    exif[0x010F] = "fluxbatch test camera"
+    exif.get_ifd(EXIF_IFD)[0x9003] = "2026:01:02 03:04:05"
+    # (Pillow writes little-endian, after JPEG's `Exif\0\0`; the other order, by hand)
+    return exif.tobytes()[6:] if byte_order == "<" else _big_endian_exif()
+
+
+def _tiff() -> bytes:
+    """`_exif()` without JPEG's `Exif\0\0`: the TIFF itself (IFD0 only)."""
+    return _exif()[6:]
+
+
+def _big_endian_exif() -> bytes:
+    """A big-endian TIFF by hand: IFD0 with Make (ASCII, by offset) and the Exif IFD pointer,
+    the Exif IFD with an earlier UserComment (ASCII) and DateTimeOriginal."""
+    make = b"Big Endian Camera\0"
+    made = b"2026:01:02 03:04:05\0"
+    old = b"ASCII\0\0\0an earlier comment"
+    ifd0_at, exif_at = 8, 8 + 2 + 2 * 12 + 4
+    data_at = exif_at + 2 + 2 * 12 + 4
+    ifd0 = struct.pack(">H", 2) + struct.pack(">HHII", 0x010F, 2, len(make), data_at) + \
+        struct.pack(">HHII", EXIF_IFD, 4, 1, exif_at) + bytes(4)
+    exif = struct.pack(">H", 2) + \
+        struct.pack(">HHII", 0x9003, 2, len(made), data_at + len(make)) + \
+        struct.pack(">HHII", USER_COMMENT, 7, len(old), data_at + len(make) + len(made)) + \
+        bytes(4)
+    return b"MM\0*" + struct.pack(">I", ifd0_at) + ifd0 + exif + make + made + old
+
+
+def _jpeg_with(exif: bytes, prefix: bytes = b"Exif\x00\x00") -> bytes:
+    """A JFIF JPEG with an APP1 EXIF segment holding `exif`, inserted by hand."""
+    plain = _image("jpeg-jfif")
+    body = prefix + exif
+    segment = b"\xff\xe1" + (len(body) + 2).to_bytes(2, "big") + body
+    return plain[:20] + segment + plain[20:]  # after SOI and the 16-byte JFIF APP0
+
+
+def _exif_body(data: bytes) -> bytes:
+    """The TIFF of the image's first EXIF block (JPEG APP1 or WebP chunk)."""
+    with Image.open(io.BytesIO(data)) as image:
+        raw = image.info["exif"]
+    return raw[6:] if raw.startswith(b"Exif\x00\x00") else raw
+
+
+def _comment(data: bytes) -> Any:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+
+
+def _count_parameters(data: bytes) -> int:
+    return data.count(b"parameters\x00") + data.count(b"UNICODE\x00")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_parameters_are_written_beside_the_provenance_and_keep_the_pixels(case: str) -> None:
+    original = _image(case)
+    embedded = embed(original, PAYLOAD, PARAMETERS)
+
+    assert parameters(original) is None
+    assert parameters(embedded) == PARAMETERS
+    assert extract(embedded) == PAYLOAD
+    assert _pixels(embedded) == _pixels(original)
+    assert image_data_digest(embedded) == image_data_digest(original)
+
+
+@pytest.mark.parametrize("case", SMALL_CASES)
+def test_stamping_again_replaces_the_parameters_and_never_duplicates_them(case: str) -> None:
+    original = _image(case)
+    expected = embed(original, OTHER, LATIN)
+
+    assert embed(embed(original, PAYLOAD, PARAMETERS), OTHER, LATIN) == expected
+    assert embed(embed(expected, PAYLOAD, PARAMETERS), OTHER, LATIN) == expected
+    assert _count_parameters(expected) == 1
+    assert parameters(expected) == LATIN
+    # without new parameters, the image's own are left as they are
+    assert parameters(embed(expected, PAYLOAD)) == LATIN
+
+
+@pytest.mark.parametrize("case", SMALL_CASES)
+def test_pillow_reads_the_parameters_back(case: str) -> None:
+    embedded = embed(_image(case), PAYLOAD, PARAMETERS)
+
+    with Image.open(io.BytesIO(embedded)) as image:
+        if image.format == "PNG":
+            assert image.info["parameters"] == PARAMETERS
+        else:
+            assert _comment(embedded) == b"UNICODE\x00" + PARAMETERS.encode("utf-16-be")
+
+
+@pytest.mark.parametrize("case", SMALL_CASES)
+def test_an_independent_parser_reads_prompt_seed_steps_and_model(case: str) -> None:
+    from sd_parsers import ParserManager
+    from sd_parsers.data import Generators
+
+    found = ParserManager().parse(io.BytesIO(embed(_image(case), PAYLOAD, PARAMETERS)))
+
+    assert found is not None
+    assert found.generator == Generators.AUTOMATIC1111
+    [sampler] = found.samplers
+    assert [prompt.value for prompt in sampler.prompts] == [PARAMETERS.split("\n")[0]]
+    assert sampler.name == "flux"
+    assert sampler.parameters == {"steps": "28", "scheduler": "Automatic", "seed": "42"}
+    assert sampler.model is not None and sampler.model.name == "flux-dev"
+    assert found.metadata == {"Size": "64x48", "Guidance": "3.5"}
+
+
+def test_png_parameters_are_text_chunks_after_the_provenance_as_pillow_writes_them() -> None:
+    latin = embed(TINY_PNG, {"a": 1}, LATIN)
+    other = embed(TINY_PNG, {"a": 1}, PARAMETERS)
+
+    chunk = b"tEXtparameters\x00" + LATIN.encode("latin-1")
+    assert latin[66:] == struct.pack(">I", len(chunk) - 4) + chunk + \
+        struct.pack(">I", zlib.crc32(chunk)) + TINY_PNG[33:]
+    assert b"iTXtparameters\x00\x00\x00\x00\x00" + PARAMETERS.encode() in other
+
+
+def test_png_parameters_written_by_another_tool_are_read_and_replaced() -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "an A1111 prompt\nSteps: 20, Sampler: Euler a", zip=True)
+    info.add_text("Software", "kept")
+    out = io.BytesIO()
+    _picture("RGB", (8, 8)).save(out, "PNG", pnginfo=info)
+    written_elsewhere = out.getvalue()
+
+    assert parameters(written_elsewhere) == "an A1111 prompt\nSteps: 20, Sampler: Euler a"
+    embedded = embed(written_elsewhere, PAYLOAD, LATIN)
+    assert parameters(embedded) == LATIN
+    assert embedded.count(b"parameters\x00") == 1
+    assert b"tEXtSoftware\x00kept" in embedded
+
+
+def test_jpeg_without_exif_gets_fluxbatch_s_own_after_jfif_and_before_the_xmp() -> None:
+    embedded = embed(_image("jpeg-jfif"), PAYLOAD, LATIN)
+
+    assert embedded.index(b"JFIF") < embedded.index(b"Exif\x00\x00MM\x00*") < \
+        embedded.index(XMP_HEADER)
+    assert embedded.count(b"Exif\x00\x00") == 1
+
+
+@pytest.mark.parametrize("byte_order", ["<", ">"])
+@pytest.mark.parametrize("with_exif_ifd", [True, False])
+def test_another_tool_s_exif_is_kept_byte_for_byte_and_takes_the_comment(
+        byte_order: str, with_exif_ifd: bool) -> None:
+    foreign = _exif_with_exif_ifd(byte_order) if with_exif_ifd else _tiff()
+    original = _jpeg_with(foreign)
+    embedded = embed(original, PAYLOAD, PARAMETERS)
+
+    tiff = _exif_body(embedded)
+    assert embedded.count(b"Exif\x00\x00") == 1
+    assert parameters(embedded) == PARAMETERS
+    assert _comment(embedded) == b"UNICODE\x00" + PARAMETERS.encode("utf-16-be")
+    # Nothing of the original moved: only one 4-byte pointer (to IFD0, or to the Exif IFD)
+    # was aimed at the copy appended after it.
+    changed = [i for i in range(len(foreign)) if tiff[i] != foreign[i]]
+    assert len(changed) <= 4 and changed[-1] - changed[0] < 4
+    with Image.open(io.BytesIO(embedded)) as image:
+        exif = image.getexif()
+        assert exif[0x010F] in ("fluxbatch test camera", "Big Endian Camera")
+        if with_exif_ifd:
+            assert exif.get_ifd(EXIF_IFD)[0x9003] == "2026:01:02 03:04:05"
+    # stamping again, or without the parameters, restores the original first
+    assert embed(embedded, PAYLOAD, PARAMETERS) == embedded
+    assert embed(embed(embedded, OTHER, LATIN), PAYLOAD, PARAMETERS) == embedded
+    assert _pixels(embedded) == _pixels(original)
+
+
+def test_an_earlier_user_comment_in_another_tool_s_exif_is_replaced_and_read_back() -> None:
+    original = _jpeg_with(_big_endian_exif())
+
+    assert parameters(original) == "an earlier comment"
+    assert parameters(embed(original, PAYLOAD, LATIN)) == LATIN
+
+
+@pytest.mark.parametrize("prefix", [b"", b"Exif\x00\x00"])
+def test_webp_exif_chunk_of_another_tool_takes_the_comment_and_keeps_its_prefix(
+        prefix: bytes) -> None:
+    simple = _image("webp-lossless")
+    chunk = b"EXIF" + struct.pack("<I", len(prefix + _tiff())) + prefix + _tiff()
+    chunk += bytes(len(chunk) % 2)
+    riff = simple[8:] + chunk
+    original = b"RIFF" + struct.pack("<I", len(riff)) + riff
+
+    embedded = embed(original, PAYLOAD, PARAMETERS)
+
+    assert parameters(embedded) == PARAMETERS
+    assert embedded[20] & 0x08  # the VP8X EXIF flag
+    start = embedded.index(b"EXIF") + 8
+    assert embedded[start : start + len(prefix) + 4] == prefix + b"MM\x00*"
+    assert embed(embed(embedded, OTHER, LATIN), PAYLOAD, PARAMETERS) == embedded
+    with Image.open(io.BytesIO(embedded)) as image:
+        assert image.getexif()[0x010F] == "fluxbatch test camera"
+
+
+def test_webp_gets_the_exif_flag_and_the_chunk_before_the_xmp() -> None:
+    embedded = embed(_image("webp-lossy"), PAYLOAD, LATIN)
+
+    assert embedded[20] == 0x04 | 0x08
+    assert embedded.index(b"EXIF") < embedded.index(b"XMP ")
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [
+        b"not a TIFF at all",
+        b"II*\x00\xff\xff\x00\x00",  # IFD0 beyond the block
+        b"MM\x00*\x00\x00\x00\x08\xff\xff",  # 65535 entries that are not there
+        b"II*\x00\x08\x00\x00\x00\x01\x00" + struct.pack("<HHII", EXIF_IFD, 4, 1, 9999) + bytes(4),
+    ],
+)
+def test_exif_that_cannot_be_read_is_left_as_it_is_without_the_text(foreign: bytes) -> None:
+    original = _jpeg_with(foreign)
+    embedded = embed(original, PAYLOAD, LATIN)
+
+    assert b"Exif\x00\x00" + foreign in embedded
+    assert embedded.count(b"Exif\x00\x00") == 1
+    assert parameters(embedded) is None
+    assert extract(embedded) == PAYLOAD
+
+
+def test_a_text_too_long_for_one_jpeg_segment_is_left_out_of_the_exif_only() -> None:
+    long = "word " * 7000 + "\nSampler: flux, Seed: 1"  # 70 KB as UTF-16
+
+    for case in ("jpeg-jfif", "jpeg-exif"):
+        embedded = embed(_image(case), PAYLOAD, long)
+        assert parameters(embedded) is None
+        assert embed(embed(_image(case), PAYLOAD, LATIN), PAYLOAD, long) == embedded
+    assert parameters(embed(_image("png-rgb"), PAYLOAD, long)) == long
+    assert parameters(embed(_image("webp-lossy"), PAYLOAD, long)) == long
+
+
+@pytest.mark.parametrize(
+    "comment",
+    [
+        struct.pack("<HHII", USER_COMMENT, 7, 40, 9999),  # its bytes beyond the block
+        struct.pack("<HHII", USER_COMMENT, 7, 3, 0),  # shorter than its charset
+        struct.pack("<HHII", USER_COMMENT, 7, 12, 26) ,  # JIS: not decoded
+    ],
+)
+def test_a_damaged_or_unknown_user_comment_reads_as_none(comment: bytes) -> None:
+    tiff = b"II*\x00\x08\x00\x00\x00\x01\x00" + struct.pack("<HHII", EXIF_IFD, 4, 1, 26) + \
+        bytes(4) + b"\x01\x00" + comment + bytes(4) + b"JIS\x00\x00\x00\x00\x00abcd"
+
+    assert parameters(_jpeg_with(tiff)) is None
+
+
+def test_a_forged_merge_trailer_is_undone_only_within_the_block() -> None:
+    forged = _tiff() + b"fluxbatch:exif\x00\x00" + struct.pack(">II4s", 10**6, 4, b"\xff" * 4)
+    embedded = embed(_jpeg_with(forged), PAYLOAD, LATIN)
+
+    assert parameters(embedded) == LATIN
+    assert embed(embedded, PAYLOAD, LATIN) == embedded
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["<", ">"]), st.data())
+def test_mutated_exif_blocks_never_raise_anything_but_image_format_error(
+    byte_order: str, draw: st.DataObject
+) -> None:
+    image = draw.draw(st.sampled_from([_jpeg_with(_exif_with_exif_ifd(byte_order)),
+                                       embed(_jpeg_with(_exif_with_exif_ifd(byte_order)),
+                                             PAYLOAD, PARAMETERS)]))
+    start = image.index(b"Exif\x00\x00")
+    position = st.integers(start + 6, start + int.from_bytes(image[start - 2 : start]) - 3)
+    mutated = bytearray(image)
+    for index, value in draw.draw(st.lists(st.tuples(position, st.integers(0, 255)), max_size=4)):
+        mutated[index] = value
+    _check_contract(bytes(mutated))

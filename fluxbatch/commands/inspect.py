@@ -55,9 +55,29 @@ def provenance_of(path: Path) -> dict[str, Any]:
     return entry
 
 
+def reproducible(entry: dict[str, Any], where: str) -> dict[str, Any]:
+    """`entry` if it holds what a reproduction is made of; else a clear error. (It was read
+    from an image or a manifest, which anyone can edit.)"""
+    request = entry.get("request")
+    problem = None
+    if not isinstance(request, dict):
+        problem = "its request is not an object"
+    elif isinstance(request.get("seed"), bool) or not isinstance(request.get("seed"), int):
+        problem = "its request has no whole-number seed"
+    for field in ("model", "path", "key"):
+        if problem is None and not (isinstance(entry.get(field), str) and entry[field]):
+            problem = f"its {field!r} is not a text"
+    if problem is None and not isinstance(entry.get("recipe") or {}, dict):
+        problem = "its 'recipe' is not an object"
+    if problem is not None:
+        raise FluxbatchError(f"{where}: the provenance it carries is damaged ({problem}); it "
+                             "cannot be made again")
+    return entry
+
+
 def reproduce(*, source: str, entry_path: str | None, output: str | None,
               force: bool = False) -> int:
-    entry = _entry(Path(source), entry_path)
+    entry = entry_of(Path(source), entry_path)
     if not output:
         print(reproduction_recipe(entry), end="")
         return EXIT_OK
@@ -65,7 +85,7 @@ def reproduce(*, source: str, entry_path: str | None, output: str | None,
     if target.exists() and not force:
         raise FluxbatchError(f"{output} exists: choose another file, or pass --force to "
                              "replace it")
-    root = _origin_root(Path(source), entry)
+    root = origin_root(Path(source), entry)
     output_root, note = _shared_root(target, root)
     target.write_text(reproduction_recipe(entry, output_root), encoding="utf-8")
     print(f"wrote {output}: `fluxbatch render {output}` makes the image again "
@@ -73,7 +93,7 @@ def reproduce(*, source: str, entry_path: str | None, output: str | None,
     return EXIT_OK
 
 
-def _origin_root(source: Path, entry: dict[str, Any]) -> Path | None:
+def origin_root(source: Path, entry: dict[str, Any]) -> Path | None:
     """The output root the image was written into (where its ledger is), if known: a
     manifest's folder, or the image's path less the path the entry records."""
     if source.suffix.lower() == ".json":
@@ -102,9 +122,11 @@ def _shared_root(target: Path, root: Path | None) -> tuple[str | None, str]:
     return relative, ""
 
 
-def _entry(source: Path, entry_path: str | None) -> dict[str, Any]:
+def entry_of(source: Path, entry_path: str | None) -> dict[str, Any]:
+    """The manifest entry to reproduce: the provenance `source` (an image) carries, or the
+    entry `entry_path` of `source` (a manifest)."""
     if source.suffix.lower() != ".json":
-        return provenance_of(source)
+        return reproducible(provenance_of(source), str(source))
     try:
         document = json.loads(source.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, RecursionError) as error:
@@ -113,14 +135,17 @@ def _entry(source: Path, entry_path: str | None) -> dict[str, Any]:
         raise FluxbatchError(f"{source} is not a fluxbatch manifest")
     if not entry_path:
         raise FluxbatchError(f"{source} is a manifest: say which image with --entry PATH")
-    for entry in document.get("images", []):
-        if entry.get("path") == entry_path or entry.get("output") == entry_path:
-            return dict(entry)
+    images = document.get("images")
+    for entry in images if isinstance(images, list) else []:
+        if isinstance(entry, dict) and entry_path in (entry.get("path"), entry.get("output")):
+            return reproducible(dict(entry), f"{source}, entry {entry_path}")
     raise FluxbatchError(f"{source} has no image {entry_path!r}")
 
 
-def reproduction_recipe(entry: dict[str, Any], output_root: str | None = None) -> str:
-    """A recipe whose single job has exactly the entry's request, hence its key."""
+def reproduction_recipe(entry: dict[str, Any], output_root: str | None = None, *,
+                        name: str | None = None) -> str:
+    """A recipe whose single job has exactly the entry's request, hence its key; named
+    `name` (default: `reproduction_name`)."""
     request = {k: _pinned(k, v) for k, v in entry["request"].items()
                if k not in NON_PIXEL_FIELDS}
     prompt = request.pop("prompt", None)
@@ -132,7 +157,7 @@ def reproduction_recipe(entry: dict[str, Any], output_root: str | None = None) -
     job["seed"] = seed
     recipe = {
         "version": 1,
-        "name": reproduction_name(entry),
+        "name": name or reproduction_name(entry),
         "provider": entry.get("provider") or providers.DEFAULT,
         **({"output_root": output_root} if output_root else {}),
         "output": _literal(entry["path"]),
