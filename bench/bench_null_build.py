@@ -45,7 +45,7 @@ PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
 
 def build(root: Path, images: int) -> Path:
     """An output root whose store says every image is written (as a render would leave it)."""
-    from fluxbatch.selection import load_plan
+    from fluxbatch.front import load_plan
     from fluxbatch.state.store import Store
     from fluxbatch.write import write_manifest
 

@@ -313,7 +313,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _render(args: argparse.Namespace) -> int:
     from fluxbatch.commands.render import render
-    from fluxbatch.selection import Options
+    from fluxbatch.session import Options
 
     options = Options(concurrency=args.jobs, base_url=args.base_url, force=args.force,
                       only=tuple(args.only), retry_unknown=args.retry_unknown,

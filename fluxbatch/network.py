@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -26,13 +26,25 @@ from fluxbatch.place import ManifestPacer, Placer, finish_manifest
 from fluxbatch.providers import Polled, Submitted, credits
 from fluxbatch.providers import responses as r
 from fluxbatch.recipe import Recipe
-from fluxbatch.selection import Options, Selection
+from fluxbatch.selection import Selection
 from fluxbatch.state.blobs import keep_blob
 from fluxbatch.state.ledger import Ledger, Reservation, Task, TaskStatus
 from fluxbatch.state.lock import RootLock
 from fluxbatch.state.store import Store
 from fluxbatch.wire import Wire
 from fluxbatch.write import NotAnImage, Written, check_image, temp_dir
+
+
+class Reach(Protocol):
+    """What the operator said of the network (`session.Options` has it): where requests go,
+    how many at once, how long one task may take."""
+
+    @property
+    def base_url(self) -> str | None: ...
+    @property
+    def concurrency(self) -> int | None: ...
+    @property
+    def task_timeout(self) -> float | None: ...
 
 
 class StoreJournal:
@@ -87,7 +99,7 @@ _LEDGER = {
 }
 
 
-def base_url_for(plan: Plan, options: Options, environ: Mapping[str, str]) -> str | None:
+def base_url_for(plan: Plan, options: Reach, environ: Mapping[str, str]) -> str | None:
     return named_base_url(plan.recipe.provider.name, plan.recipe.provider.base_url,
                           str(plan.recipe.path), options.base_url, environ)
 
@@ -111,7 +123,7 @@ def named_base_url(name: str, recipe_url: str | None, recipe_path: str, option: 
     return info.default_base_url
 
 
-def provider_for(plan: Plan, options: Options, environ: Mapping[str, str],
+def provider_for(plan: Plan, options: Reach, environ: Mapping[str, str],
                  emulator_latency: float | None = None
                  ) -> contextlib.AbstractContextManager[providers.Provider]:
     """The provider the recipe names, with the key from the environment; an in-process one
@@ -188,7 +200,7 @@ def _scrubbed(text: str, secrets: list[str]) -> str:
     return without_key_parameters(text)
 
 
-def settings_for(plan: Plan, options: Options) -> Settings:
+def settings_for(plan: Plan, options: Reach) -> Settings:
     spec = plan.recipe.provider
     account = options.concurrency or spec.concurrency or models.ACCOUNT_CONCURRENCY
     caps = {**models.MODEL_CONCURRENCY, **spec.model_concurrency}

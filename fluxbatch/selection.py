@@ -1,42 +1,37 @@
 """Stage 3: compare the plan with what is already on disk, say what each image needs, and
 select what a render does (`--only`, `--shard`, `--force`, `--budget`).
 
-`load_plan(recipe_path, ...)` is the shared front half of the `plan`, `render`, `status`,
-`clean` and `gallery` commands: load → expand → check the outputs' links. `classify` reads
-the state (which images exist, under which key) but never changes anything; `select` turns
-the classification into a `Selection`, which `session.Render` carries out.
+`classify` reads the state (which images exist, under which key) but never changes
+anything; `select` turns the classification into a `Selection`, which `session.Render`
+carries out. `fluxbatch.front` puts the front half together (load → expand → check links →
+read the state → classify) for every command and the Python API.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import json
 import os
 import posixpath
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fluxbatch import models, recipe
-from fluxbatch.errors import ConfigError, FluxbatchError, Problem, RecipeError
-from fluxbatch.expand import Job, Plan, expand
-from fluxbatch.inputs import describe as describe_input
-from fluxbatch.inputs import input_identity, is_descriptor
-from fluxbatch.layout import STATE_DIR, output_path_problem
+from fluxbatch import models
+from fluxbatch.errors import ConfigError, FluxbatchError
+from fluxbatch.expand import Job, Plan
+from fluxbatch.layout import stored_path_problem
 from fluxbatch.matrix import label, value_hint
 from fluxbatch.models import did_you_mean
 from fluxbatch.money import EPSILON, SCOPE, Prices, usd
-from fluxbatch.providers import REGISTRY
 from fluxbatch.recipe import Recipe
 from fluxbatch.state.blobs import has_blob
+from fluxbatch.state.files import file_sha256
 from fluxbatch.state.ledger import IN_FLIGHT as TASK_IN_FLIGHT
 from fluxbatch.state.ledger import Task, TaskStatus
-from fluxbatch.state.manifests import ManifestEntry
 from fluxbatch.state.placements import Placement
-from fluxbatch.state.root import RootState, read_entries
+from fluxbatch.state.root import RootState
 from fluxbatch.state.store import Store
 from fluxbatch.vocabulary import Vocabulary
 
@@ -78,74 +73,6 @@ class Classified:
         if self.orphans:
             counts[ImageState.ORPHANED] = len(self.orphans)
         return counts
-
-
-
-def load_plan(path: str, *, out: str | None = None, yes: bool = False,
-              verify: bool = False) -> Plan:
-    """Load, expand, and check that no output path escapes the output root via a symlink.
-    `verify` hashes every image input again (see `recipe.load`)."""
-    plan = expand(recipe.load(path, output_root=out, strict=False, verify=verify), yes=yes)
-    problems = escape_problems(plan)
-    if problems:
-        raise RecipeError(problems)
-    return plan
-
-
-def escape_problems(plan: Plan) -> list[Problem]:
-    """Outputs that a symbolic link (a linked directory on the way, or a link where the file
-    goes) would send outside the output root, or into its state directory. Each folder is
-    resolved and listed once; only a name that is there, as a link, is looked at again."""
-    root = os.fspath(plan.recipe.output_root)
-    real_root = os.path.realpath(root)
-    folders: dict[str, tuple[str | None, frozenset[str]]] = {}
-    problems = []
-    for job in plan.jobs:
-        parent, name = os.path.split(job.output)
-        known = folders.get(parent)
-        if known is None:
-            folder = os.path.join(root, parent)
-            known = folders[parent] = (_link_problem(real_root, folder), _links_in(folder))
-        problem, links = known
-        if problem is None and name in links:
-            problem = _link_problem(real_root, os.path.join(root, job.output))
-        if problem is None:
-            continue
-        spec = plan.recipe.job(job.job)
-        problems.append(plan.recipe.problem(("jobs", spec.index, "output"),
-                                            f"output path {job.output!r} {problem}"))
-    return problems
-
-
-def _links_in(folder: str) -> frozenset[str]:
-    """The names of the symbolic links in `folder` (none when it does not exist)."""
-    try:
-        with os.scandir(folder) as entries:
-            return frozenset(entry.name for entry in entries if entry.is_symlink())
-    except OSError:
-        return frozenset()
-
-
-def stored_path_problem(root: str | os.PathLike[str], path: str) -> str | None:
-    """Why a file path read back from a manifest, the state store or an image's provenance
-    may not be read, written or deleted in the output root `root`, or None. It is held to the
-    rules of a recipe's output path: relative, no `..`, not into `.fluxbatch/`, and no
-    symbolic link on the way that leads out of the root or into its state directory."""
-    problem = output_path_problem(path)
-    if problem is None:
-        linked = _link_problem(os.path.realpath(root), os.path.join(root, path))
-        problem = None if linked is None else f"path {path!r} {linked}"
-    return problem
-
-
-def _link_problem(real_root: str, path: str) -> str | None:
-    real = os.path.realpath(path)
-    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
-        return "leaves the output root through a symbolic link"
-    if os.path.relpath(real, real_root).split(os.sep)[0].casefold() == STATE_DIR:
-        return f"leads into {STATE_DIR}/, the output root's state directory, through a " \
-            "symbolic link"
-    return None
 
 
 def classify(plan: Plan, state: RootState, *, verify: bool = False,
@@ -221,87 +148,6 @@ _REASONS = {
 }
 
 
-EntryReader = Callable[[Iterable[str]], Mapping[str, ManifestEntry]]
-
-
-def stale_changes(classified: Classified, *,
-                  read: EntryReader | None = None) -> dict[int, list[str]]:
-    """For each stale job (by index), what changed since the image at its output was made:
-    what `status`, `plan` and the Python API say of it. `read(outputs)` gives the manifest
-    entries of those outputs (default: `read_entries`, from the store or the manifest)."""
-    plan = classified.plan
-    stale_state = ImageState.STALE
-    stale = [job for job, found in zip(plan.jobs, classified.states, strict=True)
-             if found == stale_state]
-    if not stale:
-        return {}
-    outputs = (job.output for job in stale)
-    entries = read(outputs) if read is not None else \
-        read_entries(plan.recipe.output_root, plan.recipe.name, outputs)
-    return {job.index: changes(entries[job.output], job) for job in stale
-            if job.output in entries}
-
-
-def changes_text(found: Sequence[str]) -> str:
-    """What changed at a stale image, as one line (`status -v`, `plan`, `render --dry-run`)."""
-    return "the request changed: " + "; ".join(found)
-
-
-def changes(entry: ManifestEntry, job: Job) -> list[str]:
-    """What changed between the image placed at an output (its manifest entry) and the job
-    planned there, field by field: `width 512 → 576`, `prompt "…teapot…" → "…kettle…"`."""
-    found = []
-    if entry.get("model") != job.model:
-        found.append(f"model {entry.get('model')} → {job.model}")
-    before = entry.get("request") or {}
-    after = models.redact(job.request)  # as the entry recorded it
-    for name in sorted(set(before) | set(after), key=_field_order):
-        old, new = before.get(name, _ABSENT), after.get(name, _ABSENT)
-        if models.is_image_field(name) and input_identity(old) == input_identity(new):
-            continue  # the same content under another name: not what makes it stale
-        if old != new:
-            found.append(f"{name} {_shown(old, new)}")
-    return found
-
-
-_ABSENT = object()
-
-
-def _field_order(name: str) -> tuple[int, str]:
-    return (0 if name == "prompt" else 2 if name == "seed" else 1, name)
-
-
-def _shown(old: Any, new: Any) -> str:
-    if is_descriptor(old) or is_descriptor(new):  # an image input: its name and content
-        def image(value: Any) -> str:
-            return "(unset)" if value is _ABSENT else describe_input(value)
-        return f"{image(old)} → {image(new)}"
-    if isinstance(old, str) and isinstance(new, str):
-        a, b = _around_difference(old, new)
-        return f"{a} → {b}"
-    def text(value: Any) -> str:
-        return "(unset)" if value is _ABSENT else json.dumps(value, ensure_ascii=False)
-    return f"{text(old)} → {text(new)}"
-
-
-def _around_difference(old: str, new: str, context: int = 12) -> tuple[str, str]:
-    """The two strings shortened to where they differ, with a little context."""
-    start = 0
-    while start < min(len(old), len(new)) and old[start] == new[start]:
-        start += 1
-    end = 0
-    while end < min(len(old), len(new)) - start and old[-1 - end] == new[-1 - end]:
-        end += 1
-    lead = max(0, start - context)
-
-    def cut(text: str) -> str:
-        middle = text[lead:len(text) - max(0, end - context)]
-        shown = ("…" if lead else "") + middle[:80] + ("…" if len(middle) > 80 else "")
-        return json.dumps(shown + ("…" if end > context else ""), ensure_ascii=False)
-
-    return cut(old), cut(new)
-
-
 def source_placement(key: str, state: RootState, root: Path, *,
                      exclude: Placement | None = None) -> Placement | None:
     """An intact file in the root that holds the image of `key` (any recipe, any output), at
@@ -334,14 +180,6 @@ def _intact(root: Path, placement: Placement, verify: bool,
     return True
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True, slots=True)
 class ModelSummary:
     jobs: int
@@ -354,17 +192,16 @@ class ModelSummary:
 
 
 @dataclass(frozen=True, slots=True)
-class Options:
-    concurrency: int | None = None
-    base_url: str | None = None
+class SelectOptions:
+    """What the operator asked of the selection (`render`'s own options, the network's,
+    extend these: `session.Options`)."""
+
     force: bool = False
     only: tuple[str, ...] = ()
     retry_unknown: bool = False
     verify: bool = False
     budget: float | None = None
     shard: tuple[int, int] | None = None  # (i, n), 1-based
-    yes: bool = False  # render even when the estimate is over the account's balance
-    task_timeout: float | None = None
 
 
 NO_POLLING_URL = ""  # (why a task paid for earlier cannot be collected: no URL to poll)
@@ -476,9 +313,10 @@ def in_shard(job: Job, shard: tuple[int, int] | None) -> bool:
     return int(job.key[:12], 16) % count == index - 1
 
 
-def select(classified: Classified, state: RootState, options: Options,
-           provider: str) -> Selection:
-    ephemeral = REGISTRY[provider].in_process and options.base_url is None
+def select(classified: Classified, state: RootState, options: SelectOptions,
+           provider: str, *, ephemeral: bool = False) -> Selection:
+    """What a render does with each job. `ephemeral`: the provider lives and dies with this
+    run (the in-process emulator), so nothing of it is held back or collected later."""
     selection = Selection(classified, provider=provider, ephemeral=ephemeral)
     up_to_date, stored, in_flight, unknown, moderated = (
         ImageState.UP_TO_DATE, ImageState.STORED, ImageState.IN_FLIGHT, ImageState.UNKNOWN,
@@ -557,8 +395,8 @@ def _only_hint(pattern: str, recipe: Recipe) -> str | None:
 _GLOB = frozenset("*?[")
 
 
-def classify_with_store(plan: Plan, store: Store, options: Options) -> tuple[Classified,
-                                                                             RootState]:
+def classify_with_store(plan: Plan, store: Store,
+                        options: SelectOptions) -> tuple[Classified, RootState]:
     recipe_name = plan.recipe.name
 
     def touch(output: str, mtime_ns: int) -> None:

@@ -22,21 +22,21 @@ from typing import TYPE_CHECKING
 from fluxbatch import providers
 from fluxbatch.errors import FluxbatchError, StateError
 from fluxbatch.expand import Plan
+from fluxbatch.front import read
 from fluxbatch.money import EPSILON, Budget, BudgetOutcome, Prices, usd
 from fluxbatch.outcomes import OutcomeStatus
 from fluxbatch.place import finish_manifest, place_stored
+from fluxbatch.providers import REGISTRY
 from fluxbatch.selection import (
-    Options,
     Selection,
+    SelectOptions,
     check_budget,
-    classify,
     classify_with_store,
     estimate_at,
     select,
 )
 from fluxbatch.state.ledger import new_run_id
 from fluxbatch.state.lock import RootLock
-from fluxbatch.state.root import read_state
 from fluxbatch.state.store import Store
 from fluxbatch.write import clear_debris, manifest_path, write_manifest
 
@@ -45,6 +45,23 @@ if TYPE_CHECKING:
 
     from fluxbatch.execute import Executor
     from fluxbatch.outcomes import Event, Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Options(SelectOptions):
+    """How to render: what to select (`SelectOptions`), and the network's part: where the
+    requests go (`base_url`), how many tasks at once (`concurrency`), how long one task may
+    take (`task_timeout`)."""
+
+    concurrency: int | None = None
+    base_url: str | None = None
+    task_timeout: float | None = None
+    yes: bool = False  # render even when the estimate is over the account's balance
+
+    def ephemeral(self, provider: str) -> bool:
+        """Whether the provider lives and dies with this run: the in-process emulator,
+        started for it (its tasks cannot be collected later, and cost nothing)."""
+        return REGISTRY[provider].in_process and self.base_url is None
 
 
 @dataclass(slots=True)
@@ -101,9 +118,10 @@ def preview(plan: Plan, options: Options | None = None) -> Selection:
     selection, reading the output root and writing nothing (the dry run); `preview_budget`
     says whether `options.budget` would refuse it."""
     options = options or Options()
-    state = read_state(plan.recipe.output_root, plan.recipe.name, plan.jobs)
-    classified = classify(plan, state, verify=options.verify)
-    return select(classified, state, options, plan.recipe.provider.name)
+    provider = plan.recipe.provider.name
+    front = read(plan, verify=options.verify)
+    return select(front.classified, front.state, options, provider,
+                  ephemeral=options.ephemeral(provider))
 
 
 def preview_budget(plan: Plan, selection: Selection, budget: float | None) -> None:
@@ -192,8 +210,9 @@ class Render:
         adopt_found_images(plan, store)
         store.settle_reservations()  # (those of a run that was killed)
         classified, state = classify_with_store(plan, store, options)
-        selection = self.selection = select(classified, state, options,
-                                            recipe.provider.name)
+        name = recipe.provider.name
+        selection = self.selection = select(classified, state, options, name,
+                                            ephemeral=options.ephemeral(name))
         budget = None
         spent, prices = budget_so_far(plan, store)
         if options.budget is not None:

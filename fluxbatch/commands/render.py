@@ -9,22 +9,17 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any, TextIO
 
+from fluxbatch.changes import changes_text, stale_changes
 from fluxbatch.commands.output import money, plural, table, values_text
 from fluxbatch.commands.validate import print_notes
 from fluxbatch.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError
+from fluxbatch.front import load_plan
 from fluxbatch.outcomes import EventKind, OutcomeStatus
-from fluxbatch.selection import (
-    NO_POLLING_URL,
-    Options,
-    Selection,
-    changes_text,
-    load_plan,
-    stale_changes,
-)
+from fluxbatch.selection import NO_POLLING_URL, Selection
 
 # The render itself runs in `session`; asyncio, tqdm and the providers (httpx) are imported
 # only where a render needs the network: a null build of 10,000 images loads none of them.
-from fluxbatch.session import Render, Report, preview, preview_budget
+from fluxbatch.session import Options, Render, Report, preview, preview_budget
 from fluxbatch.write import manifest_path
 
 if TYPE_CHECKING:
