@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from fluxbatch import models
 from fluxbatch.changes import stale_changes
-from fluxbatch.expand import Job, Plan
 from fluxbatch.front import load_plan
+from fluxbatch.jobs import Job, Plan
 from fluxbatch.recipe import Recipe
 from fluxbatch.selection import STATE_ORDER, ImageState, Selection
 from fluxbatch.session import Options, Render, Report, preview
@@ -170,7 +170,7 @@ async def arender(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] |
     once: every task already paid for is in the state store, and the next render collects
     it without paying again."""
     built = recipe.plan if isinstance(recipe, Planned) else \
-        load_plan(recipe, out=out, yes=yes, verify=verify)
+        load_plan(recipe, out=out, yes=yes, verify=verify, reuse=True)
     options = Options(concurrency=jobs, base_url=base_url, force=force, only=tuple(only),
                       retry_unknown=retry_unknown, verify=verify, budget=budget, shard=shard,
                       task_timeout=timeout, yes=yes)

@@ -10,9 +10,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from fluxbatch import models
-from fluxbatch.expand import Job
 from fluxbatch.inputs import describe as describe_input
 from fluxbatch.inputs import input_identity, is_descriptor
+from fluxbatch.jobs import Job
 from fluxbatch.selection import Classified, ImageState
 from fluxbatch.state.manifests import ManifestEntry
 from fluxbatch.state.root import read_entries

@@ -9,19 +9,24 @@ the Python API with them: load → expand → check the outputs' links → read 
 `plan`, `status`, `gallery` and `fluxbatch.plan` call `front(...)` (both halves); `render`,
 `clean`, `merge` and `validate` call `load_plan` and read the state under the root's lock
 themselves (`session`, `clean`, `merge`).
+
+With `reuse`, an unchanged recipe's plan is read back from the plan cache instead of
+expanded (`plan_cache`), and trusted only to find that every image is up to date: any other
+finding is made again from a fresh expansion (`fresh`). `render` and `status` reuse.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from fluxbatch import plan_cache
 from fluxbatch import recipe as recipes
 from fluxbatch.errors import Problem, RecipeError
-from fluxbatch.expand import Plan, expand
+from fluxbatch.jobs import Plan
 from fluxbatch.layout import link_problem, links_in
 from fluxbatch.recipe import Recipe
-from fluxbatch.selection import Classified, classify
+from fluxbatch.selection import Classified, ImageState, classify
 from fluxbatch.state.root import RootState, read_state
 
 RecipeSource = Recipe | str | os.PathLike[str]
@@ -37,27 +42,59 @@ class Front:
 
 
 def load_plan(source: RecipeSource, *, out: str | os.PathLike[str] | None = None,
-              yes: bool = False, verify: bool = False) -> Plan:
+              yes: bool = False, verify: bool = False, reuse: bool = False) -> Plan:
     """Load (unless `source` is a `Recipe` already), expand, and check that no output path
     escapes the output root via a symlink. `out` overrides the recipe's output root, `yes`
     accepts a plan over its `max_jobs`, `verify` hashes every image input again (see
-    `recipe.load`). Raises `RecipeError` (every problem at once) or `PlanTooLargeError`."""
+    `recipe.load`); `reuse` reads the plan back from the plan cache if the recipe and its
+    files are unchanged. Raises `RecipeError` (every problem at once) or
+    `PlanTooLargeError`."""
     if isinstance(source, Recipe):
         if out is not None:
             raise ValueError("out= applies to a recipe path; load(path, out=...) for a Recipe")
         return plan_of(source, yes=yes)
     loaded = recipes.load(source, output_root=None if out is None else os.fspath(out),
                           strict=False, verify=verify)
-    return plan_of(loaded, yes=yes)
+    basis = plan_cache.basis(loaded)
+    plan = plan_cache.reuse(loaded, basis, yes=yes) if reuse and basis is not None else None
+    if plan is None:
+        return plan_of(loaded, yes=yes, basis=basis)
+    _check_links(plan)
+    return plan
 
 
-def plan_of(recipe: Recipe, *, yes: bool = False) -> Plan:
-    """Expand a loaded recipe, and check its outputs' links."""
+def plan_of(recipe: Recipe, *, yes: bool = False, basis: str | None = None) -> Plan:
+    """Expand a loaded recipe, and check its outputs' links. With `basis` (what loading it
+    read, `plan_cache.basis`), the plan carries what the plan cache needs to keep it."""
+    from fluxbatch.expand import expand  # (its template engine only when it is needed)
+
+    consulted = recipe.inputs.project.consulted if recipe.inputs is not None else {}
+    loaded = len(consulted)
     plan = expand(recipe, yes=yes)
+    if basis is not None:
+        plan = replace(plan, memo=plan_cache.memo(recipe, basis, loaded))
+    _check_links(plan)
+    return plan
+
+
+def fresh(plan: Plan) -> Plan:
+    """`plan` expanded again: a plan read back from the cache (`plan.reused`) is trusted only
+    to find that nothing needs doing, and this is the plan to do anything else by."""
+    if not plan.reused:
+        return plan
+    assert plan.memo is not None
+    from fluxbatch.expand import expand
+
+    made = expand(plan.recipe, yes=True)  # (its size was checked when it was read back)
+    made = replace(made, memo=plan_cache.memo(plan.recipe, plan.memo.basis, plan.memo.loaded))
+    _check_links(made)
+    return made
+
+
+def _check_links(plan: Plan) -> None:
     problems = escape_problems(plan)
     if problems:
         raise RecipeError(problems)
-    return plan
 
 
 def read(plan: Plan, *, verify: bool = False) -> Front:
@@ -68,9 +105,19 @@ def read(plan: Plan, *, verify: bool = False) -> Front:
 
 
 def front(source: RecipeSource, *, out: str | os.PathLike[str] | None = None,
-          yes: bool = False, verify: bool = False) -> Front:
-    """The whole front half: `load_plan`, then `read`."""
-    return read(load_plan(source, out=out, yes=yes, verify=verify), verify=verify)
+          yes: bool = False, verify: bool = False, reuse: bool = False) -> Front:
+    """The whole front half: `load_plan`, then `read`. A plan read back from the cache
+    stands only if it finds every image up to date, and none orphaned."""
+    plan = load_plan(source, out=out, yes=yes, verify=verify, reuse=reuse)
+    found = read(plan, verify=verify)
+    if plan.reused and not all_up_to_date(found.classified):
+        found = read(fresh(plan), verify=verify)
+    return found
+
+
+def all_up_to_date(classified: Classified) -> bool:
+    up_to_date = ImageState.UP_TO_DATE
+    return not classified.orphans and all(state == up_to_date for state in classified.states)
 
 
 def escape_problems(plan: Plan) -> list[Problem]:

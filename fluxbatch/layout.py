@@ -5,7 +5,8 @@ imports nothing of fluxbatch, and nothing heavy.
     <root>/<output paths>               the images (see `output_path_problem`)
     <root>/<recipe>.manifest.json       one per recipe (`manifest.json`: the first release's)
     <root>/.fluxbatch/                  the state (see `fluxbatch.state`):
-        state.sqlite, blobs/ab/abcd…, tmp/, lock, outbox.log, inputs.json, .gitignore
+        state.sqlite, blobs/ab/abcd…, tmp/, lock, outbox.log, inputs.json, .gitignore,
+        plan.<recipe>.json (the plan cache, `fluxbatch.plan_cache`)
 
 An output path is checked twice: lexically (`output_path_problem`), and against the links on
 the disk (`link_problem`, `stored_path_problem`): a symbolic link on the way may not lead out
@@ -31,6 +32,11 @@ LEGACY_MANIFEST = "manifest.json"  # the first release's name, for a root of one
 
 def manifest_name(recipe: str) -> str:
     return f"{recipe}.manifest.json"
+
+
+def plan_cache_name(recipe: str) -> str:
+    """The plan cache's file of a recipe, in the state directory."""
+    return f"plan.{recipe}.json"
 
 
 def state_path(root: Path, name: str) -> Path:

@@ -17,8 +17,8 @@ import httpx
 from fluxbatch import imagemeta, models, providers
 from fluxbatch.errors import ConfigError, without_key_parameters
 from fluxbatch.execute import Executor, Image, Settings, Unusable
-from fluxbatch.expand import Job, Plan
 from fluxbatch.inputs import InputProblem, is_descriptor
+from fluxbatch.jobs import Job, Plan
 from fluxbatch.money import Budget, Prices
 from fluxbatch.outbox import Outbox
 from fluxbatch.outcomes import Event, JobFailed, LocalFault, Outcome, OutcomeStatus

@@ -20,7 +20,7 @@ from typing import Any
 
 from fluxbatch import models
 from fluxbatch.errors import ConfigError, FluxbatchError
-from fluxbatch.expand import Job, Plan
+from fluxbatch.jobs import Job, Plan
 from fluxbatch.layout import stored_path_problem
 from fluxbatch.matrix import label, value_hint
 from fluxbatch.models import did_you_mean
@@ -244,6 +244,12 @@ class Selection:
         if not task.task_id or not task.polling_url:
             return NO_POLLING_URL
         return None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to send, collect, place or hold back: every selected image is up to
+        date."""
+        return not self.submit and not self.attach and not self.place and not self.held
 
     @property
     def held(self) -> int:

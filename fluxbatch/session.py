@@ -13,20 +13,21 @@ only when there is something to send: a null build of 10,000 images loads no HTT
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from fluxbatch import providers
+from fluxbatch import plan_cache, providers
 from fluxbatch.errors import FluxbatchError, StateError
-from fluxbatch.expand import Plan
-from fluxbatch.front import read
+from fluxbatch.front import fresh, read
+from fluxbatch.jobs import Job, Plan
 from fluxbatch.money import EPSILON, Budget, BudgetOutcome, Prices, usd
 from fluxbatch.outcomes import OutcomeStatus
 from fluxbatch.place import finish_manifest, place_stored
 from fluxbatch.providers import REGISTRY
+from fluxbatch.recipe import collector_paused
 from fluxbatch.selection import (
     Selection,
     SelectOptions,
@@ -37,10 +38,13 @@ from fluxbatch.selection import (
 )
 from fluxbatch.state.ledger import new_run_id
 from fluxbatch.state.lock import RootLock
+from fluxbatch.state.root import RootState
 from fluxbatch.state.store import Store
 from fluxbatch.write import clear_debris, manifest_path, write_manifest
 
 if TYPE_CHECKING:
+    import asyncio
+
     import httpx
 
     from fluxbatch.execute import Executor
@@ -119,9 +123,12 @@ def preview(plan: Plan, options: Options | None = None) -> Selection:
     says whether `options.budget` would refuse it."""
     options = options or Options()
     provider = plan.recipe.provider.name
-    front = read(plan, verify=options.verify)
-    return select(front.classified, front.state, options, provider,
-                  ephemeral=options.ephemeral(provider))
+    found = read(plan, verify=options.verify)
+    selection = select(found.classified, found.state, options, provider,
+                       ephemeral=options.ephemeral(provider))
+    if plan.reused and not selection.idle:  # (trusted only to find nothing to do)
+        return preview(fresh(plan), options)
+    return selection
 
 
 def preview_budget(plan: Plan, selection: Selection, budget: float | None) -> None:
@@ -190,29 +197,50 @@ class Render:
         return self._stopping
 
     async def run(self) -> Report:
+        """Render the plan (see `run_offline`, which does the same with no event loop until
+        something must be requested)."""
+        with self._opened() as (store, lock):
+            report, to_request = self._offline(store)
+            if to_request is not None:
+                await self._request(store, lock, report, to_request)
+            return report
+
+    def run_offline(self, run_network: Callable[[Coroutine[Any, Any, None]], None]) -> Report:
+        """Render the plan, running `run_network(coroutine)` (`asyncio.run`, say) only if
+        something must be requested: a null build starts no event loop, and loads no
+        network code."""
+        with self._opened() as (store, lock):
+            report, to_request = self._offline(store)
+            if to_request is not None:
+                run_network(self._request(store, lock, report, to_request))
+            return report
+
+    @contextlib.contextmanager
+    def _opened(self) -> Iterator[tuple[Store, RootLock]]:
+        """The output root, made if need be, locked, and its state store open."""
         root = self.plan.recipe.output_root
         try:
             root.mkdir(parents=True, exist_ok=True)
             with RootLock(root) as lock, Store.open(root) as store:
-                return await self._run(store, lock)
+                yield store, lock
         except OSError as error:  # the output root itself: read-only, gone, not a folder
             reason = "it is a file, not a folder" if root.exists() and not root.is_dir() \
                 else error.strerror or str(error)
             raise StateError(f"cannot use the output root {root}: {reason}") from None
 
-    async def _run(self, store: Store, lock: RootLock) -> Report:
-        plan, options = self.plan, self.options
-        recipe = plan.recipe
+    def _offline(self, store: Store) -> tuple[Report, _Spending | None]:
+        """Everything before the network: select, then place what the root holds; and,
+        when something must be requested, the budget it is requested within."""
+        options = self.options
+        recipe = self.plan.recipe
         store.use(recipe.name, recipe.path)
         if recipe.inputs is not None:  # what planning learnt of the image inputs
             recipe.inputs.cache.save()
         clear_debris(recipe.output_root)
-        adopt_found_images(plan, store)
-        store.settle_reservations()  # (those of a run that was killed)
-        classified, state = classify_with_store(plan, store, options)
-        name = recipe.provider.name
-        selection = self.selection = select(classified, state, options, name,
-                                            ephemeral=options.ephemeral(name))
+        with collector_paused():
+            selection, state = self._select(store)
+        plan = self.plan
+        plan_cache.save(plan)  # (a plan just expanded: the next run of it reads it back)
         budget = None
         spent, prices = budget_so_far(plan, store)
         if options.budget is not None:
@@ -223,19 +251,51 @@ class Render:
         if report.nothing_to_do:
             if not store.manifest_intact(recipe.name, manifest_path(recipe)):
                 write_manifest(recipe, store)  # missing, changed or damaged: from the store
-            return report
+            return report, None
         report.outcomes = place_stored(plan, selection, state, store, self.on_event)
         if not selection.jobs or self._stopping:
             finish_manifest(recipe, store)
             report.interrupted = self._stopping
-            return report
+            return report, None
+        return report, _Spending(budget, prices)
+
+    def _select(self, store: Store) -> tuple[Selection, RootState]:
+        """What to do with each planned image: images at planned paths that the store does
+        not know are adopted first. A plan read back from the plan cache is trusted only to
+        find that nothing needs doing (then every image it selects is placed, and there is
+        nothing to adopt): anything else is found again from a fresh one."""
+        plan, options = self.plan, self.options
+        name = plan.recipe.provider.name
+        settled = False
+        while True:  # (twice at most: a fresh plan is not reused)
+            unknown = [] if plan.reused else unplaced(plan, store)  # (reused: none if idle)
+            if unknown:
+                store.adopt(plan.recipe.name, unknown)
+            if not settled:
+                store.settle_reservations()  # (those of a run that was killed)
+                settled = True
+            classified, state = classify_with_store(plan, store, options)
+            selection = select(classified, state, options, name,
+                               ephemeral=options.ephemeral(name))
+            if not plan.reused or selection.idle:
+                self.selection = selection
+                return selection, state
+            plan = self.plan = fresh(plan)
+
+    async def _request(self, store: Store, lock: RootLock, report: Report,
+                       spending: _Spending) -> None:
+        """The network half: submit and collect `report.selection.jobs`, and place them."""
+        import asyncio
+
         from fluxbatch import network
 
+        plan, options, selection = self.plan, self.options, report.selection
+        recipe, budget = plan.recipe, spending.budget
         settings = network.settings_for(plan, options)
         run = new_run_id()
         with network.provider_for(plan, options, self.environ) as provider:
             refused = None if options.yes else \
-                await self._over_balance(provider, selection, prices)
+                await self._over_balance(provider, selection, spending.prices)
             if refused is not None:
                 if not selection.attach:  # (tasks paid earlier are still collected)
                     finish_manifest(recipe, store)  # (what was placed)
@@ -259,7 +319,6 @@ class Render:
         if budget is not None:
             report.budget = self._budget_outcome(store, run, budget, report)
         store.run_ended(run, finished=not report.stopped and not report.interrupted)
-        return report
 
     async def _over_balance(self, provider: providers.Provider, selection: Selection,
                             prices: Prices) -> str | None:
@@ -311,10 +370,18 @@ def _not_submitted(selection: Selection, reason: str) -> list[Outcome]:
     return [Outcome(job, OutcomeStatus.SKIPPED, reason) for job in left]
 
 
-def adopt_found_images(plan: Plan, store: Store) -> None:
-    """Images at their planned paths that the store does not know (copied from a shard, or
-    the store and manifest were lost) are recognised by the key their provenance carries."""
+@dataclass(frozen=True, slots=True)
+class _Spending:
+    """What the offline half found of the money, for the network half: the budget (when
+    `--budget` is given), and the prices the provider has charged here."""
+
+    budget: Budget | None
+    prices: Prices
+
+
+def unplaced(plan: Plan, store: Store) -> list[Job]:
+    """The planned images that the store places nothing at: images there that it does not
+    know (copied from a shard, or the store and manifest were lost) are adopted by the key
+    their provenance carries (`Store.adopt`)."""
     placed = store.placed_outputs(plan.recipe.name)
-    unknown = [job for job in plan.jobs if job.output not in placed]
-    if unknown:
-        store.adopt(plan.recipe.name, unknown)
+    return [job for job in plan.jobs if job.output not in placed]

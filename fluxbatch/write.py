@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fluxbatch import imagemeta, models
-from fluxbatch.expand import Job
+from fluxbatch.jobs import Job
 from fluxbatch.layout import (
     LEGACY_MANIFEST,
     TMP,

@@ -28,9 +28,10 @@ from fluxbatch import recipe as recipes
 from fluxbatch.changes import changes, changes_text
 from fluxbatch.commands.output import money, plural, table, values_text
 from fluxbatch.errors import EXIT_OK, FluxbatchError, RecipeError, UsageError
-from fluxbatch.expand import Job, Plan, expand
+from fluxbatch.expand import expand
 from fluxbatch.front import front
 from fluxbatch.gitref import Snapshot, at_ref
+from fluxbatch.jobs import Job, Plan
 from fluxbatch.selection import (
     TO_RENDER,
     ImageState,

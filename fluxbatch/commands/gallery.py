@@ -33,8 +33,8 @@ from fluxbatch.commands.contact_sheet import (
 )
 from fluxbatch.commands.output import plural, short_value, values_text
 from fluxbatch.errors import EXIT_OK, FluxbatchError, UsageError
-from fluxbatch.expand import Job, Plan
 from fluxbatch.front import load_plan, read
+from fluxbatch.jobs import Job, Plan
 from fluxbatch.layout import BLOBS, STATE_DIR, manifest_name
 from fluxbatch.models import did_you_mean
 from fluxbatch.recipe import JobSpec

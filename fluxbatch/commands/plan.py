@@ -23,8 +23,9 @@ from fluxbatch import recipe as recipes
 from fluxbatch.changes import changes_text, stale_changes
 from fluxbatch.commands.output import money, plural, table, values_text
 from fluxbatch.errors import EXIT_OK, Problem, RecipeError
-from fluxbatch.expand import Expansion, Job, Plan
+from fluxbatch.expand import Expansion
 from fluxbatch.front import escape_problems, front
+from fluxbatch.jobs import Job, Plan
 from fluxbatch.recipe import collector_paused
 from fluxbatch.selection import (
     STATE_ORDER,

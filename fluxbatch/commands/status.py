@@ -21,7 +21,7 @@ from fluxbatch.state.root import read_entries
 
 def status(*, recipe: str, out: str | None, yes: bool, as_json: bool, verify: bool,
            verbose: bool) -> int:
-    read = front(recipe, out=out, yes=yes, verify=verify)
+    read = front(recipe, out=out, yes=yes, verify=verify, reuse=True)
     plan, classified = read.plan, read.classified
     counts = classified.count()
     up_to_date = ImageState.UP_TO_DATE

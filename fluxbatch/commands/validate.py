@@ -6,8 +6,8 @@ import sys
 from collections.abc import Iterable
 
 from fluxbatch.errors import EXIT_FAILED, EXIT_OK, PlanTooLargeError, Problem, RecipeError
-from fluxbatch.expand import Plan
 from fluxbatch.front import load_plan
+from fluxbatch.jobs import Plan
 from fluxbatch.models import floating
 
 
