@@ -129,13 +129,13 @@ def escape_problems(plan: Plan) -> list[Problem]:
     folders: dict[str, tuple[str | None, frozenset[str]]] = {}
     problems = []
     for job in plan.jobs:
-        parent, name = os.path.split(job.output)
+        parent, _, name = job.output.rpartition("/")  # (an output path is written with /)
         known = folders.get(parent)
         if known is None:
             folder = os.path.join(root, parent)
             known = folders[parent] = (link_problem(real_root, folder), links_in(folder))
         problem, links = known
-        if problem is None and name in links:
+        if problem is None and (name in links):
             problem = link_problem(real_root, os.path.join(root, job.output))
         if problem is None:
             continue

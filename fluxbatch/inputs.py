@@ -28,7 +28,6 @@ import json
 import os
 import re
 import threading
-import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,6 +323,8 @@ class Inputs:
                 "format": facts.format, "width": facts.width, "height": facts.height}
 
     def _url(self, text: str) -> dict[str, Any]:
+        import urllib.parse  # (only for an input given by URL)
+
         parsed = urllib.parse.urlsplit(text)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise InputProblem(f"{_short(text)!r} is not an http(s) URL with a host")

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
-import traceback
 from collections.abc import Callable, Sequence
 
 from fluxbatch.errors import (
@@ -438,6 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report_bug() -> int:
+    import tempfile
+    import traceback
+
     # (a URL with a key in its query, CometAPI's balance query, is never written down)
     details = without_key_parameters(traceback.format_exc())
     kind, value, _ = sys.exc_info()
