@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
@@ -229,15 +230,7 @@ async def execute(plan: Plan, selection: Selection, store: Store,
     async def writer(job: Job, image: Image, outcome: Outcome) -> Any:
         """Keep the bytes (the ledger then says so), then place them at every output of
         the key: a placement that fails is redone by the next run, from the store, free."""
-        data = await asyncio.to_thread(image.read)
-        try:
-            await asyncio.to_thread(check_image, data)
-        except (NotAnImage, imagemeta.ImageFormatError) as error:
-            raise Unusable(f"the provider's image is unusable: {error}") from None
-        try:
-            await asyncio.to_thread(keep_blob, root, image.path, image.sha256)
-        except OSError as error:
-            raise LocalFault.from_os_error("cannot keep a downloaded image", error) from None
+        data = await asyncio.to_thread(_kept, root, image)  # (one trip off the event loop)
         store.fetched(job.key, image.sha256)
         task = store.task(job.key)
         written = None
@@ -323,6 +316,21 @@ def _as_left(outcome: Outcome, task: Task | None, run: str) -> Outcome:
                                           "been billed")
     return dataclasses.replace(outcome, status=OutcomeStatus.SKIPPED,
                                reason="interrupted before it was submitted")
+
+
+def _kept(root: Path, image: Image) -> bytes:
+    """The downloaded image's bytes, checked, and kept in the content store: each image's
+    file work in one call off the event loop."""
+    data = image.read()
+    try:
+        check_image(data)
+    except (NotAnImage, imagemeta.ImageFormatError) as error:
+        raise Unusable(f"the provider's image is unusable: {error}") from None
+    try:
+        keep_blob(root, image.path, image.sha256)
+    except OSError as error:
+        raise LocalFault.from_os_error("cannot keep a downloaded image", error) from None
+    return data
 
 
 async def _place_later(placer: Placer, job: Job, data: bytes, task: Task | None,

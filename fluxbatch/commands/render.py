@@ -160,7 +160,8 @@ class _Progress:
             self.counts[kind] += 1
         else:
             return
-        self.bar.set_postfix_str(self.fitted(), refresh=False)
+        if self.bar_shown:  # (the text is for the bar alone: not made per event without one)
+            self.bar.set_postfix_str(self.fitted(), refresh=False)
         if kind in FINISHED:
             self.bar.update(1)  # (after the postfix, so that both show the same count)
 
