@@ -356,6 +356,8 @@ ADD_ADVICE = ("a model this release of fluxbatch does not know can be added to t
 
 def _a_typo(name: str, names: list[str]) -> bool:
     """`name` is a letter or two away from a known name (flux-dve, flux-kontext)."""
+    import difflib
+
     return bool(difflib.get_close_matches(name, names, n=1, cutoff=0.85))
 
 
