@@ -42,7 +42,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fluxbatch import __version__
 from fluxbatch import matrix as matrix_rules
 from fluxbatch.errors import Problem
 from fluxbatch.inputs import InputProblem
@@ -52,6 +51,7 @@ from fluxbatch.models import SECRET_FIELDS, redact
 from fluxbatch.project import ProjectFileError, read_regular
 from fluxbatch.recipe import Recipe, collector_paused
 from fluxbatch.state.files import replacing
+from fluxbatch.version import __version__
 
 FORMAT = 1
 _HEADER = b"fluxbatch plan cache %d " % FORMAT

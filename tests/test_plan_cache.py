@@ -181,6 +181,28 @@ def test_a_new_fluxbatch_version_or_catalogue_expands_again(
     assert not load_plan(project, reuse=True).reused
 
 
+def test_a_change_to_the_projects_own_catalogue_expands_again(
+        project: Path, render: Callable[..., int]) -> None:
+    """`fluxbatch.models.json` (the project's own models) is read like any file a recipe
+    reads: adding, editing or removing it changes what the plan is made of."""
+    catalogue = project.parent / "fluxbatch.models.json"
+    schema = {"type": "object", "properties": {"prompt": {"type": "string"}}}
+
+    def write(*names: str) -> None:
+        catalogue.write_text(json.dumps({"fluxbatch_models": 1, "added_from": [], "models": {
+            name: {"schema": schema} for name in names}}))
+
+    write("flux-x")
+    assert not load_plan(project, reuse=True).reused
+    assert render(project, "-q") == 0
+    assert load_plan(project, reuse=True).reused
+    write("flux-x", "flux-y")
+    assert not load_plan(project, reuse=True).reused
+    assert render(project, "-q") == 0
+    catalogue.unlink()
+    assert not load_plan(project, reuse=True).reused
+
+
 def test_the_code_signature_covers_the_model_catalogue() -> None:
     from fluxbatch import models
 
