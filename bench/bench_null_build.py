@@ -1,9 +1,13 @@
 """The null build: `fluxbatch render` on 10,000 up-to-date images, beside `make -q` on 10,000
 up-to-date targets, measured in the same run (whole processes, interpreter start-up included).
 
-Target (issue "Planning at a million images"): under 0.5 s for fluxbatch, without hashing
-every file (size + mtime is the fast path). The verdict is taken on CPU time (user + system),
-which a busy machine does not inflate the way it does wall time; both are printed. Run:
+Targets (issue "Full speed through shedding gateways, and a null build near make"): under
+0.3 s of CPU at 10,000 images, under 2.5 s at 100,000 (`--images 100000`), without hashing
+every file (size + mtime is the fast path). The first render after the root is built keeps
+the plan (`.fluxbatch/plan.<recipe>.json`) and is not counted; the null builds counted read
+it back. One null build without it (the first after any edit: the plan is expanded again)
+is printed too. The verdict is taken on CPU time (user + system), which a busy machine does
+not inflate the way it does wall time; both are printed. Run:
 `.venv/bin/python bench/bench_null_build.py [--images 10000] [--repeat 5]`
 """
 
@@ -45,7 +49,7 @@ PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
 
 def build(root: Path, images: int) -> Path:
     """An output root whose store says every image is written (as a render would leave it)."""
-    from fluxbatch.selection import load_plan
+    from fluxbatch.front import load_plan
     from fluxbatch.state.store import Store
     from fluxbatch.write import write_manifest
 
@@ -111,9 +115,12 @@ def main() -> int:
         render = [sys.executable, "-m", "fluxbatch", "render", str(recipe), "-q"]
         verify = [*render, "--verify"]
         make_q = ["make", "-q", "-C", str(make_root)]
+        timed(render, expect=0)  # (keeps the plan: a warm-up, not counted)
         ours = [timed(render, expect=0) for _ in range(args.repeat)]
         theirs = [timed(make_q, expect=0) for _ in range(args.repeat)]
         verified, _ = timed(verify, expect=0)
+        (ours_root / ".fluxbatch" / "plan.nullbuild.json").unlink()
+        expanded, expanded_cpu = timed(render, expect=0)  # (and keeps it again)
     ours_s, make_s = (statistics.median(wall for wall, _ in ours),
                       statistics.median(wall for wall, _ in theirs))
     ours_cpu = statistics.median(cpu for _, cpu in ours)
@@ -123,8 +130,17 @@ def main() -> int:
     print(f"make -q on {args.images:,} targets:       {make_s:.3f} s wall")
     print(f"ratio fluxbatch / make -q:         {ours_s / make_s:.2f}")
     print(f"fluxbatch render --verify (sha256 of every file): {verified:.3f} s wall")
-    print(f"target: under 0.5 s of CPU -> {'PASS' if ours_cpu < 0.5 else 'FAIL'}")
-    return 0 if ours_cpu < 0.5 else 1
+    print(f"without the plan cache (expanded again): {expanded:.3f} s wall, "
+          f"{expanded_cpu:.3f} s CPU")
+    target = TARGETS.get(args.images)
+    if target is None:
+        print(f"target: none for {args.images:,} images (10,000: 0.3 s; 100,000: 2.5 s)")
+        return 0
+    print(f"target: under {target:g} s of CPU -> {'PASS' if ours_cpu < target else 'FAIL'}")
+    return 0 if ours_cpu < target else 1
+
+
+TARGETS = {10_000: 0.3, 100_000: 2.5}  # images → seconds of CPU
 
 
 if __name__ == "__main__":

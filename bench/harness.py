@@ -145,7 +145,7 @@ jobs:
 
 def planned_requests(recipe: Path) -> list[dict[str, Any]]:
     """The request bodies fluxbatch would send for the recipe (prompt, size, seed...)."""
-    from fluxbatch.selection import load_plan
+    from fluxbatch.front import load_plan
 
     return [dict(job.request) for job in load_plan(str(recipe), out=None, yes=True).jobs]
 

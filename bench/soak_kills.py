@@ -47,8 +47,8 @@ from typing import Any
 from harness import ensure_bytecode, verdict, work_dir, write_recipe
 
 from fluxbatch.emulator import EmulatorConfig, EmulatorThread
+from fluxbatch.front import load_plan
 from fluxbatch.identity import job_key
-from fluxbatch.selection import load_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -26,25 +26,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fluxbatch import models
-from fluxbatch.errors import RecipeError
-from fluxbatch.expand import Job, Plan, expand
+from fluxbatch.changes import stale_changes
+from fluxbatch.front import load_plan
+from fluxbatch.jobs import Job, Plan
 from fluxbatch.recipe import Recipe
-from fluxbatch.selection import (
-    STATE_ORDER,
-    ImageState,
-    Options,
-    Selection,
-    classify,
-    escape_problems,
-    load_plan,
-    select,
-    shared_store,
-    stale_changes,
-    with_store,
-)
-from fluxbatch.session import Render, Report
-from fluxbatch.state.root import read_state
-from fluxbatch.state.shared import store_url
+from fluxbatch.selection import STATE_ORDER, ImageState, Selection
+from fluxbatch.session import Options, Render, Report, preview
 from fluxbatch.vocabulary import Vocabulary
 
 if TYPE_CHECKING:
@@ -63,7 +50,7 @@ def load(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = N
     output root (relative to the working directory), as `--out` does; `yes` accepts a plan
     over the recipe's `max_jobs`. The recipe is expanded to check it; `plan` and `render`
     expand it again, reading its files as they are then."""
-    return _plan(path, out, yes).recipe
+    return load_plan(path, out=out, yes=yes).recipe
 
 
 class Action(Vocabulary):
@@ -134,13 +121,11 @@ def plan(recipe: RecipeLike, *, out: str | os.PathLike[str] | None = None, yes: 
     `store` is a shared store's URL (default: `FLUXBATCH_STORE`; "" for none): what it holds
     counts as obtainable for nothing. Raises `RecipeError` (every problem at once) or another
     `FluxbatchError`."""
-    built = _plan(recipe, out, yes, verify)
+    built = load_plan(recipe, out=out, yes=yes, verify=verify)
     options = Options(only=tuple(only), shard=shard, force=force, retry_unknown=retry_unknown,
-                      verify=verify)
-    state = read_state(built.recipe.output_root, built.recipe.name, built.jobs)
-    with shared_store(store_url(store, os.environ)) as shared:
-        classified = with_store(classify(built, state, verify=verify), shared)
-    selection = select(classified, state, options, built.recipe.provider.name)
+                      verify=verify, store=store)
+    selection = preview(built, options)  # (as `render --dry-run`: the same front half)
+    classified = selection.classified
     actions = _actions(selection)
     changes = stale_changes(classified)
     skip = Action.SKIP
@@ -192,26 +177,13 @@ async def arender(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] |
     downloaded (`FLUXBATCH_ACCOUNT` in `environ` names the account, so that another run of
     it may collect this run's tasks). Cancelling the call stops at once: every task already
     paid for is in the state store, and the next render collects it without paying again."""
-    built = recipe.plan if isinstance(recipe, Planned) else _plan(recipe, out, yes, verify)
+    built = recipe.plan if isinstance(recipe, Planned) else \
+        load_plan(recipe, out=out, yes=yes, verify=verify, reuse=True)
     options = Options(concurrency=jobs, base_url=base_url, force=force, only=tuple(only),
                       retry_unknown=retry_unknown, verify=verify, budget=budget, shard=shard,
                       task_timeout=timeout, yes=yes, store=store)
     return await Render(built, options, environ=environ, on_event=on_event,
                         transport=transport).run()
-
-
-def _plan(recipe: RecipeLike, out: str | os.PathLike[str] | None, yes: bool,
-          verify: bool = False) -> Plan:
-    if not isinstance(recipe, Recipe):  # (what `fluxbatch validate` does)
-        return load_plan(os.fspath(recipe), out=None if out is None else os.fspath(out),
-                         yes=yes, verify=verify)
-    if out is not None:
-        raise ValueError("out= applies to a recipe path; load(path, out=...) for a Recipe")
-    built = expand(recipe, yes=yes)
-    problems = escape_problems(built)
-    if problems:
-        raise RecipeError(problems)
-    return built
 
 
 def _actions(selection: Selection) -> dict[int, Action]:

@@ -55,7 +55,7 @@ import httpx
 
 from fluxbatch import models
 from fluxbatch.errors import FluxbatchError
-from fluxbatch.expand import Job
+from fluxbatch.jobs import Job
 from fluxbatch.money import Budget, BudgetReached, Prices
 from fluxbatch.outbox import OutboxGone, Recovered, Unrecorded
 from fluxbatch.outcomes import Event, EventKind, JobFailed, LocalFault, Outcome, OutcomeStatus

@@ -28,14 +28,10 @@ import json
 import os
 import re
 import threading
-import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from wcmatch import glob as wcglob
-from wcmatch._wcparse import PatternLimitException  # (raised by wcmatch's glob; defined only here)
 
 from fluxbatch import imagemeta
 from fluxbatch.project import Project, ProjectFileError, read_regular
@@ -47,9 +43,6 @@ MAX_INPUT_BYTES = 20 * 1024 * 1024
 MAX_INPUT_PIXELS = 25_000_000
 _FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _BASE64 = re.compile(r"^[A-Za-z0-9+/=\s]+$")
-# `**` spans folders, `{png,jpg}` either, files only; `*` skips hidden files (no DOTGLOB) and
-# `**` does not follow links to folders (no FOLLOW).
-_GLOB = wcglob.GLOBSTAR | wcglob.BRACE | wcglob.NODIR
 # A files: pattern is a folder of photos, not a disk: a pattern that matches more is a mistake.
 MAX_FILES = 100_000
 _DATA_URI = re.compile(r"^(?i:data):(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^,;]*)*),"
@@ -189,27 +182,39 @@ class InputProblem(Exception):
     """An image input that cannot be used; the message says why, in one line."""
 
 
-class _ProjectGlob(wcglob.Glob[str]):
-    """wcmatch's glob that lists only folders a recipe may read. Whatever leads a pattern
-    elsewhere (`..`, a brace such as `{../../etc,x}`, a linked folder that `*` matches), the
-    folder is refused before it is listed, and the message names the pattern and the folder
-    as the pattern reached it, so no name found outside the project is ever seen or said.
+def _project_glob(pattern: str, project: Project) -> list[str]:
+    """The files `pattern` matches, by wcmatch's glob listing only folders a recipe may read.
+    Whatever leads a pattern elsewhere (`..`, a brace such as `{../../etc,x}`, a linked
+    folder that `*` matches), the folder is refused before it is listed, and the message
+    names the pattern and the folder as the pattern reached it, so no name found outside the
+    project is ever seen or said. `**` spans folders, `{png,jpg}` is either, files only;
+    `*` skips hidden files (no DOTGLOB) and `**` does not follow links to folders (no
+    FOLLOW). (wcmatch is imported here: a recipe without `files:` does not load it.)
 
     (`_iter`, the one place wcmatch lists a folder, is wcmatch's own, not public API; the
     tests of `files:` patterns fail if it changes.)"""
+    from wcmatch import glob as wcglob
+    from wcmatch._wcparse import PatternLimitException  # (raised by its glob; defined here)
 
-    def __init__(self, pattern: str, project: Project) -> None:
-        super().__init__(pattern, flags=_GLOB, root_dir=os.fspath(project.folder))
-        self.project = project
-        self.text = pattern
+    class ProjectGlob(wcglob.Glob[str]):
+        def _iter(self, curdir: str | None, dir_only: bool,
+                  deep: bool) -> Iterator[tuple[str, bool, bool, bool]]:
+            refused = project.listing_refusal(curdir or ".")
+            if refused is not None:
+                raise InputProblem(f"{pattern!r} {refused}; a files: pattern matches only "
+                                   "files inside the recipe's project")
+            yield from super()._iter(curdir, dir_only, deep)
 
-    def _iter(self, curdir: str | None, dir_only: bool,
-              deep: bool) -> Iterator[tuple[str, bool, bool, bool]]:
-        refused = self.project.listing_refusal(curdir or ".")
-        if refused is not None:
-            raise InputProblem(f"{self.text!r} {refused}; a files: pattern matches only "
-                               "files inside the recipe's project")
-        yield from super()._iter(curdir, dir_only, deep)
+    names = []
+    flags = wcglob.GLOBSTAR | wcglob.BRACE | wcglob.NODIR
+    try:
+        for name in ProjectGlob(pattern, flags=flags, root_dir=os.fspath(project.folder)).glob():
+            names.append(Path(name).as_posix())
+            if len(names) > MAX_FILES:
+                raise InputProblem(f"{pattern!r} matches more than {MAX_FILES:,} files")
+    except PatternLimitException:
+        raise InputProblem(f"{pattern!r} expands to too many patterns") from None
+    return names
 
 
 class Inputs:
@@ -227,18 +232,11 @@ class Inputs:
 
         As in a shell: `*` skips hidden files, `**` spans folders, `{png,jpg}` is either.
         `**` does not follow a linked folder (it could lead anywhere), and no folder outside
-        the project, or in `.git/`, is ever listed (see `_ProjectGlob`)."""
+        the project, or in `.git/`, is ever listed (see `_project_glob`)."""
         if os.path.isabs(pattern):
             raise InputProblem(f"{pattern} is an absolute path; a files: pattern is relative "
                                "to the recipe")
-        names = []
-        try:
-            for name in _ProjectGlob(pattern, self.project).glob():
-                names.append(Path(name).as_posix())
-                if len(names) > MAX_FILES:
-                    raise InputProblem(f"{pattern!r} matches more than {MAX_FILES:,} files")
-        except PatternLimitException:
-            raise InputProblem(f"{pattern!r} expands to too many patterns") from None
+        names = _project_glob(pattern, self.project)
         if not names:
             raise InputProblem(f"{pattern!r} matches no file (relative to "
                                f"{self.project.folder})")
@@ -305,11 +303,11 @@ class Inputs:
         except OSError as error:
             raise InputProblem(f"cannot read {name}: {error.strerror or error}") from None
         known = self.cache.get(real, stat)
-        if known is not None:
-            return known
-        facts = _facts(self._read(real, name), name)
-        self.cache.put(real, stat, facts)
-        return facts
+        if known is None:
+            known = _facts(self._read(real, name), name)
+            self.cache.put(real, stat, known)
+        self.project.consulted.setdefault(name, known.sha256)
+        return known
 
     def _read(self, real: str, name: str) -> bytes:
         try:  # (`real` holds no link: one that appears now is a race, and refused)
@@ -325,6 +323,8 @@ class Inputs:
                 "format": facts.format, "width": facts.width, "height": facts.height}
 
     def _url(self, text: str) -> dict[str, Any]:
+        import urllib.parse  # (only for an input given by URL)
+
         parsed = urllib.parse.urlsplit(text)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise InputProblem(f"{_short(text)!r} is not an http(s) URL with a host")

@@ -5,11 +5,17 @@ imports nothing of fluxbatch, and nothing heavy.
     <root>/<output paths>               the images (see `output_path_problem`)
     <root>/<recipe>.manifest.json       one per recipe (`manifest.json`: the first release's)
     <root>/.fluxbatch/                  the state (see `fluxbatch.state`):
-        state.sqlite, blobs/ab/abcd…, tmp/, lock, outbox.log, inputs.json, .gitignore
+        state.sqlite, blobs/ab/abcd…, tmp/, lock, outbox.log, inputs.json, .gitignore,
+        plan.<recipe>.json (the plan cache, `fluxbatch.plan_cache`)
+
+An output path is checked twice: lexically (`output_path_problem`), and against the links on
+the disk (`link_problem`, `stored_path_problem`): a symbolic link on the way may not lead out
+of the root or into its state directory.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -26,6 +32,11 @@ LEGACY_MANIFEST = "manifest.json"  # the first release's name, for a root of one
 
 def manifest_name(recipe: str) -> str:
     return f"{recipe}.manifest.json"
+
+
+def plan_cache_name(recipe: str) -> str:
+    """The plan cache's file of a recipe, in the state directory."""
+    return f"plan.{recipe}.json"
 
 
 def state_path(root: Path, name: str) -> Path:
@@ -79,3 +90,39 @@ def output_path_problem(path: str) -> str | None:
                     f"system's limit of {NAME_MAX} for one file or folder name; shorten what "
                     "the output template puts in it (`{{ value | hash }}` is 8 characters)")
     return None
+
+
+# -- symbolic links on the way ----------------------------------------------------------------
+
+
+def stored_path_problem(root: str | os.PathLike[str], path: str) -> str | None:
+    """Why a file path read back from a manifest, the state store or an image's provenance
+    may not be read, written or deleted in the output root `root`, or None. It is held to the
+    rules of a recipe's output path: relative, no `..`, not into `.fluxbatch/`, and no
+    symbolic link on the way that leads out of the root or into its state directory."""
+    problem = output_path_problem(path)
+    if problem is None:
+        linked = link_problem(os.path.realpath(root), os.path.join(root, path))
+        problem = None if linked is None else f"path {path!r} {linked}"
+    return problem
+
+
+def link_problem(real_root: str, path: str) -> str | None:
+    """Why `path`, resolved through its links, is not a place for an image of the root whose
+    resolved path is `real_root` (outside it, or in its state directory), or None."""
+    real = os.path.realpath(path)
+    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        return "leaves the output root through a symbolic link"
+    if os.path.relpath(real, real_root).split(os.sep)[0].casefold() == STATE_DIR:
+        return f"leads into {STATE_DIR}/, the output root's state directory, through a " \
+            "symbolic link"
+    return None
+
+
+def links_in(folder: str) -> frozenset[str]:
+    """The names of the symbolic links in `folder` (none when it does not exist)."""
+    try:
+        with os.scandir(folder) as entries:
+            return frozenset(entry.name for entry in entries if entry.is_symlink())
+    except OSError:
+        return frozenset()

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
-import traceback
 from collections.abc import Callable, Sequence
 
 from fluxbatch.errors import (
@@ -345,7 +343,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _render(args: argparse.Namespace) -> int:
     from fluxbatch.commands.render import render
-    from fluxbatch.selection import Options
+    from fluxbatch.session import Options
 
     options = Options(concurrency=args.jobs, base_url=args.base_url, force=args.force,
                       only=tuple(args.only), retry_unknown=args.retry_unknown,
@@ -492,6 +490,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report_bug() -> int:
+    import tempfile
+    import traceback
+
     # (a URL with a key in its query, CometAPI's balance query, is never written down)
     details = without_key_parameters(traceback.format_exc())
     kind, value, _ = sys.exc_info()

@@ -9,7 +9,6 @@ against jsonschema itself.
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import re
@@ -256,6 +255,8 @@ def normalise_value(value: Any, types: tuple[str, ...]) -> Any:
 
 
 def did_you_mean(word: str, candidates: list[str] | tuple[str, ...] | frozenset[str]) -> str:
+    import difflib  # (only for a name that is not known: not at every start)
+
     close = difflib.get_close_matches(word, sorted(candidates), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -355,6 +356,8 @@ ADD_ADVICE = ("a model this release of fluxbatch does not know can be added to t
 
 def _a_typo(name: str, names: list[str]) -> bool:
     """`name` is a letter or two away from a known name (flux-dve, flux-kontext)."""
+    import difflib
+
     return bool(difflib.get_close_matches(name, names, n=1, cutoff=0.85))
 
 

@@ -10,15 +10,16 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
 from fluxbatch import imagemeta, models, providers
 from fluxbatch.errors import ConfigError, without_key_parameters
 from fluxbatch.execute import Executor, Image, Sender, Settings, Unusable
-from fluxbatch.expand import Job, Plan
 from fluxbatch.inputs import InputProblem, is_descriptor
+from fluxbatch.jobs import Job, Plan
 from fluxbatch.money import Budget, Prices
 from fluxbatch.outbox import Outbox
 from fluxbatch.outcomes import Event, JobFailed, LocalFault, Outcome, OutcomeStatus
@@ -26,7 +27,7 @@ from fluxbatch.place import ManifestPacer, Placer, finish_manifest, keep_held
 from fluxbatch.providers import Polled, Submitted, credits
 from fluxbatch.providers import responses as r
 from fluxbatch.recipe import Recipe
-from fluxbatch.selection import Options, Selection
+from fluxbatch.selection import Selection
 from fluxbatch.state.blobs import keep_blob
 from fluxbatch.state.ledger import Ledger, Reservation, Task, TaskStatus
 from fluxbatch.state.lock import RootLock
@@ -36,6 +37,18 @@ from fluxbatch.write import NotAnImage, Written, check_image, temp_dir
 
 if TYPE_CHECKING:
     from fluxbatch.sharing import SharedUse, Sharing
+
+
+class Reach(Protocol):
+    """What the operator said of the network (`session.Options` has it): where requests go,
+    how many at once, how long one task may take."""
+
+    @property
+    def base_url(self) -> str | None: ...
+    @property
+    def concurrency(self) -> int | None: ...
+    @property
+    def task_timeout(self) -> float | None: ...
 
 
 class StoreJournal:
@@ -96,7 +109,7 @@ _LEDGER = {
 }
 
 
-def base_url_for(plan: Plan, options: Options, environ: Mapping[str, str]) -> str | None:
+def base_url_for(plan: Plan, options: Reach, environ: Mapping[str, str]) -> str | None:
     return named_base_url(plan.recipe.provider.name, plan.recipe.provider.base_url,
                           str(plan.recipe.path), options.base_url, environ)
 
@@ -120,7 +133,7 @@ def named_base_url(name: str, recipe_url: str | None, recipe_path: str, option: 
     return info.default_base_url
 
 
-def provider_for(plan: Plan, options: Options, environ: Mapping[str, str],
+def provider_for(plan: Plan, options: Reach, environ: Mapping[str, str],
                  emulator_latency: float | None = None
                  ) -> contextlib.AbstractContextManager[providers.Provider]:
     """The provider the recipe names, with the key from the environment; an in-process one
@@ -197,7 +210,7 @@ def _scrubbed(text: str, secrets: list[str]) -> str:
     return without_key_parameters(text)
 
 
-def settings_for(plan: Plan, options: Options) -> Settings:
+def settings_for(plan: Plan, options: Reach) -> Settings:
     spec = plan.recipe.provider
     account = options.concurrency or spec.concurrency or models.ACCOUNT_CONCURRENCY
     caps = {**models.MODEL_CONCURRENCY, **spec.model_concurrency}
@@ -241,15 +254,7 @@ async def execute(plan: Plan, selection: Selection, store: Store,
     async def writer(job: Job, image: Image, outcome: Outcome) -> Any:
         """Keep the bytes (the ledger then says so), then place them at every output of
         the key: a placement that fails is redone by the next run, from the store, free."""
-        data = await asyncio.to_thread(image.read)
-        try:
-            await asyncio.to_thread(check_image, data)
-        except (NotAnImage, imagemeta.ImageFormatError) as error:
-            raise Unusable(f"the provider's image is unusable: {error}") from None
-        try:
-            await asyncio.to_thread(keep_blob, root, image.path, image.sha256)
-        except OSError as error:
-            raise LocalFault.from_os_error("cannot keep a downloaded image", error) from None
+        data = await asyncio.to_thread(_kept, root, image)  # (one trip off the event loop)
         store.fetched(job.key, image.sha256)
         task = store.task(job.key)
         if sharing is not None:
@@ -380,6 +385,21 @@ def _as_left(outcome: Outcome, task: Task | None, run: str) -> Outcome:
                                           "been billed")
     return dataclasses.replace(outcome, status=OutcomeStatus.SKIPPED,
                                reason="interrupted before it was submitted")
+
+
+def _kept(root: Path, image: Image) -> bytes:
+    """The downloaded image's bytes, checked, and kept in the content store: each image's
+    file work in one call off the event loop."""
+    data = image.read()
+    try:
+        check_image(data)
+    except (NotAnImage, imagemeta.ImageFormatError) as error:
+        raise Unusable(f"the provider's image is unusable: {error}") from None
+    try:
+        keep_blob(root, image.path, image.sha256)
+    except OSError as error:
+        raise LocalFault.from_os_error("cannot keep a downloaded image", error) from None
+    return data
 
 
 async def _place_later(placer: Placer, job: Job, data: bytes, task: Task | None,

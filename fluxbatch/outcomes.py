@@ -20,7 +20,7 @@ from fluxbatch.providers import Polled, Submitted
 from fluxbatch.vocabulary import Vocabulary
 
 if TYPE_CHECKING:
-    from fluxbatch.expand import Job
+    from fluxbatch.jobs import Job
 
 
 class OutcomeStatus(Vocabulary):

@@ -18,7 +18,7 @@ from typing import Any
 
 from fluxbatch import imagemeta
 from fluxbatch.errors import StateError
-from fluxbatch.expand import Job, Plan
+from fluxbatch.jobs import Job, Plan
 from fluxbatch.outcomes import Event, JobFailed, LocalFault, Outcome, OutcomeStatus
 from fluxbatch.providers import credits
 from fluxbatch.recipe import Recipe

@@ -14,6 +14,7 @@ the operator's choice, and is not).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import stat
@@ -62,6 +63,9 @@ class Project:
     root: str
     # folder (real path) → whether git keeps a repository in it: each looked at once
     _git_dirs: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
+    # every file read (or image input looked at) for the recipe, as named → the sha256 of
+    # its bytes, in the order first read: what a plan is made of (see `plan_cache`)
+    consulted: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of_recipe(cls, recipe: str | os.PathLike[str]) -> Project:
@@ -75,12 +79,14 @@ class Project:
     def read_bytes(self, name: str, *, limit: int = MAX_FILE_BYTES) -> bytes:
         real = self.resolve(name)
         try:  # (no link is left in `real`; one that appears now is a race, and refused)
-            return read_regular(real, limit=limit, name=name, follow=False)
+            data = read_regular(real, limit=limit, name=name, follow=False)
         except FileNotFoundError:
             raise ProjectFileError(f"file not found: {name} (relative to "
                                    f"{self.folder})") from None
         except OSError as error:
             raise ProjectFileError(f"cannot read {name}: {error.strerror or error}") from None
+        self.consulted.setdefault(name, hashlib.sha256(data).hexdigest())
+        return data
 
     def read_text(self, name: str) -> str:
         try:

@@ -1,49 +1,39 @@
 """Stage 3: compare the plan with what is already on disk, say what each image needs, and
 select what a render does (`--only`, `--shard`, `--force`, `--budget`).
 
-`load_plan(recipe_path, ...)` is the shared front half of the `plan`, `render`, `status`,
-`clean` and `gallery` commands: load → expand → check the outputs' links. `classify` reads
-the state (which images exist, under which key) but never changes anything; `select` turns
-the classification into a `Selection`, which `session.Render` carries out.
+`classify` reads the state (which images exist, under which key) but never changes
+anything; `select` turns the classification into a `Selection`, which `session.Render`
+carries out. `fluxbatch.front` puts the front half together (load → expand → check links →
+read the state → classify) for every command and the Python API.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import fnmatch
-import hashlib
-import json
 import os
 import posixpath
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fluxbatch import models, recipe
-from fluxbatch.errors import ConfigError, FluxbatchError, Problem, RecipeError
-from fluxbatch.expand import Job, Plan, expand
-from fluxbatch.inputs import describe as describe_input
-from fluxbatch.inputs import input_identity, is_descriptor
-from fluxbatch.layout import STATE_DIR, output_path_problem
+from fluxbatch import models
+from fluxbatch.errors import ConfigError, FluxbatchError
+from fluxbatch.jobs import Job, Plan
+from fluxbatch.layout import stored_path_problem
 from fluxbatch.matrix import label, value_hint
 from fluxbatch.models import did_you_mean
 from fluxbatch.money import EPSILON, SCOPE, Prices, usd
-from fluxbatch.providers import REGISTRY
 from fluxbatch.recipe import Recipe
 from fluxbatch.state.blobs import has_blob
+from fluxbatch.state.files import file_sha256
 from fluxbatch.state.ledger import IN_FLIGHT as TASK_IN_FLIGHT
 from fluxbatch.state.ledger import Task, TaskStatus
-from fluxbatch.state.manifests import ManifestEntry
 from fluxbatch.state.placements import Placement
-from fluxbatch.state.root import RootState, read_entries
+from fluxbatch.state.root import RootState
 from fluxbatch.state.store import Store
 from fluxbatch.vocabulary import Vocabulary
-
-if TYPE_CHECKING:
-    from fluxbatch.state.shared import SharedStore
 
 
 class ImageState(Vocabulary):
@@ -85,74 +75,6 @@ class Classified:
         return counts
 
 
-
-def load_plan(path: str, *, out: str | None = None, yes: bool = False,
-              verify: bool = False) -> Plan:
-    """Load, expand, and check that no output path escapes the output root via a symlink.
-    `verify` hashes every image input again (see `recipe.load`)."""
-    plan = expand(recipe.load(path, output_root=out, strict=False, verify=verify), yes=yes)
-    problems = escape_problems(plan)
-    if problems:
-        raise RecipeError(problems)
-    return plan
-
-
-def escape_problems(plan: Plan) -> list[Problem]:
-    """Outputs that a symbolic link (a linked directory on the way, or a link where the file
-    goes) would send outside the output root, or into its state directory. Each folder is
-    resolved and listed once; only a name that is there, as a link, is looked at again."""
-    root = os.fspath(plan.recipe.output_root)
-    real_root = os.path.realpath(root)
-    folders: dict[str, tuple[str | None, frozenset[str]]] = {}
-    problems = []
-    for job in plan.jobs:
-        parent, name = os.path.split(job.output)
-        known = folders.get(parent)
-        if known is None:
-            folder = os.path.join(root, parent)
-            known = folders[parent] = (_link_problem(real_root, folder), _links_in(folder))
-        problem, links = known
-        if problem is None and name in links:
-            problem = _link_problem(real_root, os.path.join(root, job.output))
-        if problem is None:
-            continue
-        spec = plan.recipe.job(job.job)
-        problems.append(plan.recipe.problem(("jobs", spec.index, "output"),
-                                            f"output path {job.output!r} {problem}"))
-    return problems
-
-
-def _links_in(folder: str) -> frozenset[str]:
-    """The names of the symbolic links in `folder` (none when it does not exist)."""
-    try:
-        with os.scandir(folder) as entries:
-            return frozenset(entry.name for entry in entries if entry.is_symlink())
-    except OSError:
-        return frozenset()
-
-
-def stored_path_problem(root: str | os.PathLike[str], path: str) -> str | None:
-    """Why a file path read back from a manifest, the state store or an image's provenance
-    may not be read, written or deleted in the output root `root`, or None. It is held to the
-    rules of a recipe's output path: relative, no `..`, not into `.fluxbatch/`, and no
-    symbolic link on the way that leads out of the root or into its state directory."""
-    problem = output_path_problem(path)
-    if problem is None:
-        linked = _link_problem(os.path.realpath(root), os.path.join(root, path))
-        problem = None if linked is None else f"path {path!r} {linked}"
-    return problem
-
-
-def _link_problem(real_root: str, path: str) -> str | None:
-    real = os.path.realpath(path)
-    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
-        return "leaves the output root through a symbolic link"
-    if os.path.relpath(real, real_root).split(os.sep)[0].casefold() == STATE_DIR:
-        return f"leads into {STATE_DIR}/, the output root's state directory, through a " \
-            "symbolic link"
-    return None
-
-
 def classify(plan: Plan, state: RootState, *, verify: bool = False,
              verified: Callable[[str, int], None] | None = None) -> Classified:
     """Each job's state, from the root's state.
@@ -168,12 +90,22 @@ def classify(plan: Plan, state: RootState, *, verify: bool = False,
     states: list[ImageState] = []
     reasons: dict[int, str] = {}
     up_to_date = ImageState.UP_TO_DATE
+    placed, stat, prefix = state.placements.get, os.stat, os.path.join(root, "")
     for job in plan.jobs:
-        placement = state.placements.get(job.output)
-        if placement is not None and placement.key == job.key and \
-                _intact(root, placement, verify, verified):
-            states.append(up_to_date)
-            continue
+        placement = placed(job.output)
+        if placement is not None and placement.key == job.key:
+            if not verify:  # the fast path, inlined: this runs once per image
+                try:
+                    found_stat: os.stat_result | None = stat(prefix + placement.path)
+                except OSError:
+                    found_stat = None
+                if found_stat is not None and found_stat.st_size == placement.size and \
+                        found_stat.st_mtime_ns == placement.mtime_ns:
+                    states.append(up_to_date)
+                    continue
+            if _intact(root, placement, verify, verified):
+                states.append(up_to_date)
+                continue
         found, why = _state(job, placement, state, root)
         states.append(found)
         if why:
@@ -226,141 +158,6 @@ _REASONS = {
 }
 
 
-# -- what a shared store holds -------------------------------------------------------------
-
-# States whose image `render` would look for in a shared store before paying for it.
-LOOKED_UP = TO_RENDER | {ImageState.UNKNOWN}
-
-
-@contextlib.contextmanager
-def shared_store(url: str | None) -> Iterator[SharedStore | None]:
-    """The shared store at `url`, for `plan` and `status`; None without a URL. Its backend
-    is imported only then."""
-    if url is None:
-        yield None
-        return
-    from fluxbatch.state.shared import SharedStore
-
-    store = SharedStore.open(url)  # (no request yet: `with_store` checks it when it asks)
-    try:
-        yield store
-    finally:
-        store.close()
-
-
-def with_store(classified: Classified, store: SharedStore | None) -> Classified:
-    """`classified`, with what the shared store holds for the images `render` would pay for:
-    a key it has a record of is *stored* (placed from it, at no cost); one that another run
-    claimed is *in-flight* (its image or task is collected, at no cost), or *unknown* when
-    that run recorded no task. Only those keys are looked up: one request each."""
-    if store is None:
-        return classified
-    from fluxbatch.state.shared import Claim, Record
-
-    looked = [(position, job) for position, (job, state) in
-              enumerate(zip(classified.plan.jobs, classified.states, strict=True))
-              if state in LOOKED_UP]
-    if not looked:
-        return classified
-    store.check(create=False)
-    found = store.lookup_many({job.key for _, job in looked})
-    states = list(classified.states)
-    reasons = dict(classified.reasons)
-    for position, job in looked:
-        entry = found.get(job.key)
-        if isinstance(entry, Record):
-            states[position] = ImageState.STORED
-            reasons[job.index] = f"in the shared store {store.url}: placed from it at no cost"
-        elif isinstance(entry, Claim):
-            silent = not entry.task_id
-            states[position] = ImageState.UNKNOWN if silent else ImageState.IN_FLIGHT
-            reasons[job.index] = f"claimed in the shared store by {entry.describe()}" + (
-                ", which recorded no task yet: it may have been billed" if silent else
-                ": `fluxbatch render` collects its image, at no cost")
-    return dataclasses.replace(classified, states=tuple(states), reasons=reasons)
-
-
-EntryReader = Callable[[Iterable[str]], Mapping[str, ManifestEntry]]
-
-
-def stale_changes(classified: Classified, *,
-                  read: EntryReader | None = None) -> dict[int, list[str]]:
-    """For each stale job (by index), what changed since the image at its output was made:
-    what `status`, `plan` and the Python API say of it. `read(outputs)` gives the manifest
-    entries of those outputs (default: `read_entries`, from the store or the manifest)."""
-    plan = classified.plan
-    stale_state = ImageState.STALE
-    stale = [job for job, found in zip(plan.jobs, classified.states, strict=True)
-             if found == stale_state]
-    if not stale:
-        return {}
-    outputs = (job.output for job in stale)
-    entries = read(outputs) if read is not None else \
-        read_entries(plan.recipe.output_root, plan.recipe.name, outputs)
-    return {job.index: changes(entries[job.output], job) for job in stale
-            if job.output in entries}
-
-
-def changes_text(found: Sequence[str]) -> str:
-    """What changed at a stale image, as one line (`status -v`, `plan`, `render --dry-run`)."""
-    return "the request changed: " + "; ".join(found)
-
-
-def changes(entry: ManifestEntry, job: Job) -> list[str]:
-    """What changed between the image placed at an output (its manifest entry) and the job
-    planned there, field by field: `width 512 → 576`, `prompt "…teapot…" → "…kettle…"`."""
-    found = []
-    if entry.get("model") != job.model:
-        found.append(f"model {entry.get('model')} → {job.model}")
-    before = entry.get("request") or {}
-    after = models.redact(job.request)  # as the entry recorded it
-    for name in sorted(set(before) | set(after), key=_field_order):
-        old, new = before.get(name, _ABSENT), after.get(name, _ABSENT)
-        if models.is_image_field(name) and input_identity(old) == input_identity(new):
-            continue  # the same content under another name: not what makes it stale
-        if old != new:
-            found.append(f"{name} {_shown(old, new)}")
-    return found
-
-
-_ABSENT = object()
-
-
-def _field_order(name: str) -> tuple[int, str]:
-    return (0 if name == "prompt" else 2 if name == "seed" else 1, name)
-
-
-def _shown(old: Any, new: Any) -> str:
-    if is_descriptor(old) or is_descriptor(new):  # an image input: its name and content
-        def image(value: Any) -> str:
-            return "(unset)" if value is _ABSENT else describe_input(value)
-        return f"{image(old)} → {image(new)}"
-    if isinstance(old, str) and isinstance(new, str):
-        a, b = _around_difference(old, new)
-        return f"{a} → {b}"
-    def text(value: Any) -> str:
-        return "(unset)" if value is _ABSENT else json.dumps(value, ensure_ascii=False)
-    return f"{text(old)} → {text(new)}"
-
-
-def _around_difference(old: str, new: str, context: int = 12) -> tuple[str, str]:
-    """The two strings shortened to where they differ, with a little context."""
-    start = 0
-    while start < min(len(old), len(new)) and old[start] == new[start]:
-        start += 1
-    end = 0
-    while end < min(len(old), len(new)) - start and old[-1 - end] == new[-1 - end]:
-        end += 1
-    lead = max(0, start - context)
-
-    def cut(text: str) -> str:
-        middle = text[lead:len(text) - max(0, end - context)]
-        shown = ("…" if lead else "") + middle[:80] + ("…" if len(middle) > 80 else "")
-        return json.dumps(shown + ("…" if end > context else ""), ensure_ascii=False)
-
-    return cut(old), cut(new)
-
-
 def source_placement(key: str, state: RootState, root: Path, *,
                      exclude: Placement | None = None) -> Placement | None:
     """An intact file in the root that holds the image of `key` (any recipe, any output), at
@@ -393,14 +190,6 @@ def _intact(root: Path, placement: Placement, verify: bool,
     return True
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True, slots=True)
 class ModelSummary:
     jobs: int
@@ -413,20 +202,16 @@ class ModelSummary:
 
 
 @dataclass(frozen=True, slots=True)
-class Options:
-    concurrency: int | None = None
-    base_url: str | None = None
+class SelectOptions:
+    """What the operator asked of the selection (`render`'s own options, the network's,
+    extend these: `session.Options`)."""
+
     force: bool = False
     only: tuple[str, ...] = ()
     retry_unknown: bool = False
     verify: bool = False
     budget: float | None = None
     shard: tuple[int, int] | None = None  # (i, n), 1-based
-    yes: bool = False  # render even when the estimate is over the account's balance
-    task_timeout: float | None = None
-    # The shared store's URL (`--store`; the session falls back on FLUXBATCH_STORE), or ""
-    # for none even when that is set.
-    store: str | None = None
 
 
 NO_POLLING_URL = ""  # (why a task paid for earlier cannot be collected: no URL to poll)
@@ -469,6 +254,12 @@ class Selection:
         if not task.task_id or not task.polling_url:
             return NO_POLLING_URL
         return None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to send, collect, place or hold back: every selected image is up to
+        date."""
+        return not self.submit and not self.attach and not self.place and not self.held
 
     @property
     def held(self) -> int:
@@ -538,9 +329,10 @@ def in_shard(job: Job, shard: tuple[int, int] | None) -> bool:
     return int(job.key[:12], 16) % count == index - 1
 
 
-def select(classified: Classified, state: RootState, options: Options,
-           provider: str) -> Selection:
-    ephemeral = REGISTRY[provider].in_process and options.base_url is None
+def select(classified: Classified, state: RootState, options: SelectOptions,
+           provider: str, *, ephemeral: bool = False) -> Selection:
+    """What a render does with each job. `ephemeral`: the provider lives and dies with this
+    run (the in-process emulator), so nothing of it is held back or collected later."""
     selection = Selection(classified, provider=provider, ephemeral=ephemeral)
     up_to_date, stored, in_flight, unknown, moderated = (
         ImageState.UP_TO_DATE, ImageState.STORED, ImageState.IN_FLIGHT, ImageState.UNKNOWN,
@@ -619,8 +411,8 @@ def _only_hint(pattern: str, recipe: Recipe) -> str | None:
 _GLOB = frozenset("*?[")
 
 
-def classify_with_store(plan: Plan, store: Store, options: Options) -> tuple[Classified,
-                                                                             RootState]:
+def classify_with_store(plan: Plan, store: Store,
+                        options: SelectOptions) -> tuple[Classified, RootState]:
     recipe_name = plan.recipe.name
 
     def touch(output: str, mtime_ns: int) -> None:

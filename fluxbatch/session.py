@@ -13,42 +13,63 @@ only when there is something to send: a null build of 10,000 images loads no HTT
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from fluxbatch import providers
+from fluxbatch import plan_cache, providers
 from fluxbatch.errors import FluxbatchError, StateError
-from fluxbatch.expand import Plan
+from fluxbatch.front import LOOKED_UP, fresh, read, store_of, stored
+from fluxbatch.jobs import Plan
 from fluxbatch.money import EPSILON, Budget, BudgetOutcome, Prices, usd
 from fluxbatch.outcomes import OutcomeStatus
 from fluxbatch.place import finish_manifest, place_stored
+from fluxbatch.providers import REGISTRY
+from fluxbatch.recipe import collector_paused
 from fluxbatch.selection import (
-    Options,
     Selection,
+    SelectOptions,
     check_budget,
-    classify,
     classify_with_store,
     estimate_at,
     select,
-    shared_store,
-    with_store,
 )
 from fluxbatch.state.ledger import new_run_id
 from fluxbatch.state.lock import RootLock
-from fluxbatch.state.root import read_state
-from fluxbatch.state.shared import store_url
+from fluxbatch.state.root import RootState
 from fluxbatch.state.store import Store
 from fluxbatch.write import clear_debris, manifest_path, write_manifest
 
 if TYPE_CHECKING:
+    import asyncio
+
     import httpx
 
     from fluxbatch.execute import Executor
     from fluxbatch.outcomes import Event, Outcome
     from fluxbatch.sharing import SharedUse
+
+
+@dataclass(frozen=True, slots=True)
+class Options(SelectOptions):
+    """How to render: what to select (`SelectOptions`), and the network's part: where the
+    requests go (`base_url`), how many tasks at once (`concurrency`), how long one task may
+    take (`task_timeout`), which shared store the images are claimed in (`store`)."""
+
+    concurrency: int | None = None
+    base_url: str | None = None
+    task_timeout: float | None = None
+    yes: bool = False  # render even when the estimate is over the account's balance
+    # The shared store's URL (`--store`; the session falls back on FLUXBATCH_STORE), or ""
+    # for none even when that is set.
+    store: str | None = None
+
+    def ephemeral(self, provider: str) -> bool:
+        """Whether the provider lives and dies with this run: the in-process emulator,
+        started for it (its tasks cannot be collected later, and cost nothing)."""
+        return REGISTRY[provider].in_process and self.base_url is None
 
 
 @dataclass(slots=True)
@@ -62,6 +83,8 @@ class Report:
     fatal: str | None = None  # why the run stopped early (a refused key, an unreachable host)
     # With a budget: what the render spent of it, and whether it stopped the submits.
     budget: BudgetOutcome | None = None
+    # What the shared store could not record (the images are here: `fluxbatch push`).
+    store_problems: list[str] = field(default_factory=list)
 
     @property
     def stopped(self) -> str | None:
@@ -71,8 +94,6 @@ class Report:
             return self.fatal
         return self.budget.message() if self.budget is not None and self.budget.reached \
             else None
-    # What the shared store could not record (the images are here: `fluxbatch push`).
-    store_problems: list[str] = field(default_factory=list)
 
     @property
     def nothing_to_do(self) -> bool:
@@ -107,10 +128,18 @@ def preview(plan: Plan, options: Options | None = None) -> Selection:
     selection, reading the output root and writing nothing (the dry run); `preview_budget`
     says whether `options.budget` would refuse it."""
     options = options or Options()
-    state = read_state(plan.recipe.output_root, plan.recipe.name, plan.jobs)
-    with shared_store(store_url(options.store, os.environ)) as shared:
-        classified = with_store(classify(plan, state, verify=options.verify), shared)
-    return select(classified, state, options, plan.recipe.provider.name)
+    provider = plan.recipe.provider.name
+    found = read(plan, verify=options.verify)
+    url = store_of(options.store)
+    if plan.reused and url is not None and \
+            any(state in LOOKED_UP for state in found.classified.states):
+        return preview(fresh(plan), options)  # (the store is asked of a fresh plan only)
+    found = stored(found, url)
+    selection = select(found.classified, found.state, options, provider,
+                       ephemeral=options.ephemeral(provider))
+    if plan.reused and not selection.idle:  # (trusted only to find nothing to do)
+        return preview(fresh(plan), options)
+    return selection
 
 
 def preview_budget(plan: Plan, selection: Selection, budget: float | None) -> None:
@@ -179,28 +208,50 @@ class Render:
         return self._stopping
 
     async def run(self) -> Report:
+        """Render the plan (see `run_offline`, which does the same with no event loop until
+        something must be requested)."""
+        with self._opened() as (store, lock):
+            report, to_request = self._offline(store)
+            if to_request is not None:
+                await self._request(store, lock, report, to_request)
+            return report
+
+    def run_offline(self, run_network: Callable[[Coroutine[Any, Any, None]], None]) -> Report:
+        """Render the plan, running `run_network(coroutine)` (`asyncio.run`, say) only if
+        something must be requested: a null build starts no event loop, and loads no
+        network code."""
+        with self._opened() as (store, lock):
+            report, to_request = self._offline(store)
+            if to_request is not None:
+                run_network(self._request(store, lock, report, to_request))
+            return report
+
+    @contextlib.contextmanager
+    def _opened(self) -> Iterator[tuple[Store, RootLock]]:
+        """The output root, made if need be, locked, and its state store open."""
         root = self.plan.recipe.output_root
         try:
             root.mkdir(parents=True, exist_ok=True)
             with RootLock(root) as lock, Store.open(root) as store:
-                return await self._run(store, lock)
+                yield store, lock
         except OSError as error:  # the output root itself: read-only, gone, not a folder
             reason = "it is a file, not a folder" if root.exists() and not root.is_dir() \
                 else error.strerror or str(error)
             raise StateError(f"cannot use the output root {root}: {reason}") from None
 
-    async def _run(self, store: Store, lock: RootLock) -> Report:
-        plan, options = self.plan, self.options
-        recipe = plan.recipe
+    def _offline(self, store: Store) -> tuple[Report, _Spending | None]:
+        """Everything before the network: select, then place what the root holds; and,
+        when something must be requested, the budget it is requested within."""
+        options = self.options
+        recipe = self.plan.recipe
         store.use(recipe.name, recipe.path)
         if recipe.inputs is not None:  # what planning learnt of the image inputs
             recipe.inputs.cache.save()
         clear_debris(recipe.output_root)
-        adopt_found_images(plan, store)
-        store.settle_reservations()  # (those of a run that was killed)
-        classified, state = classify_with_store(plan, store, options)
-        selection = self.selection = select(classified, state, options,
-                                            recipe.provider.name)
+        with collector_paused():
+            selection, state = self._select(store)
+        plan = self.plan
+        plan_cache.save(plan)  # (a plan just expanded: the next run of it reads it back)
         budget = None
         spent, prices = budget_so_far(plan, store)
         if options.budget is not None:
@@ -211,22 +262,67 @@ class Render:
         if report.nothing_to_do:
             if not store.manifest_intact(recipe.name, manifest_path(recipe)):
                 write_manifest(recipe, store)  # missing, changed or damaged: from the store
-            return report
-        shared = await self._shared() if selection.jobs else None
+            return report, None
         report.outcomes = place_stored(plan, selection, state, store, self.on_event)
         if not selection.jobs or self._stopping:
             finish_manifest(recipe, store)
             report.interrupted = self._stopping
+            return report, None
+        return report, _Spending(budget, prices)
+
+    def _select(self, store: Store) -> tuple[Selection, RootState]:
+        """What to do with each planned image: images at planned paths that the store does
+        not know are adopted first. A plan read back from the plan cache is trusted only to
+        find that nothing needs doing (then every image it selects is placed, and there is
+        nothing to adopt): anything else is found again from a fresh one."""
+        plan, options = self.plan, self.options
+        name = plan.recipe.provider.name
+        settled = False
+        while True:  # (twice at most: a fresh plan is not reused)
+            if not plan.reused:  # (reused: there is none if it stands)
+                adopt_found_images(plan, store)
+            if not settled:
+                store.settle_reservations()  # (those of a run that was killed)
+                settled = True
+            classified, state = classify_with_store(plan, store, options)
+            selection = select(classified, state, options, name,
+                               ephemeral=options.ephemeral(name))
+            if not plan.reused or selection.idle:
+                self.selection = selection
+                return selection, state
+            plan = self.plan = fresh(plan)
+
+    async def _request(self, store: Store, lock: RootLock, report: Report,
+                       spending: _Spending) -> None:
+        """The network half: open the shared store if there is one, then submit and collect
+        `report.selection.jobs`, and place them."""
+        from fluxbatch.state.shared import StoreError
+
+        try:
+            shared = await self._shared()
+        except StoreError:
+            finish_manifest(self.plan.recipe, store)  # (what was placed)
+            raise
+        try:
+            await self._send(store, lock, report, spending, shared)
+        finally:
             if shared is not None:
+                report.store_problems = shared.problems
                 shared.store.close()
-            return report
+
+    async def _send(self, store: Store, lock: RootLock, report: Report,
+                    spending: _Spending, shared: SharedUse | None) -> None:
+        import asyncio
+
         from fluxbatch import network
 
+        plan, options, selection = self.plan, self.options, report.selection
+        recipe, budget = plan.recipe, spending.budget
         settings = network.settings_for(plan, options)
         run = new_run_id()
         with network.provider_for(plan, options, self.environ) as provider:
             refused = None if options.yes else \
-                await self._over_balance(provider, selection, prices)
+                await self._over_balance(provider, selection, spending.prices)
             if refused is not None:
                 if not selection.attach:  # (tasks paid earlier are still collected)
                     finish_manifest(recipe, store)  # (what was placed)
@@ -251,10 +347,6 @@ class Render:
         if budget is not None:
             report.budget = self._budget_outcome(store, run, budget, report)
         store.run_ended(run, finished=not report.stopped and not report.interrupted)
-        if shared is not None:
-            report.store_problems = shared.problems
-            shared.store.close()
-        return report
 
     async def _over_balance(self, provider: providers.Provider, selection: Selection,
                             prices: Prices) -> str | None:
@@ -294,9 +386,11 @@ class Render:
         """The shared store the operator named, opened and checked before anything is paid
         (a `StoreError`, one line, when it cannot be used); None without one. Asked only
         when something must be requested: a null build makes no request of the store."""
+        import asyncio
+
         from fluxbatch.state.shared import SharedStore, StoreError, account_name
 
-        url = store_url(self.options.store, self.environ)
+        url = store_of(self.options.store, self.environ)
         if url is None:
             return None
         from fluxbatch.sharing import SharedUse
@@ -326,9 +420,19 @@ def _not_submitted(selection: Selection, reason: str) -> list[Outcome]:
     return [Outcome(job, OutcomeStatus.SKIPPED, reason) for job in left]
 
 
+@dataclass(frozen=True, slots=True)
+class _Spending:
+    """What the offline half found of the money, for the network half: the budget (when
+    `--budget` is given), and the prices the provider has charged here."""
+
+    budget: Budget | None
+    prices: Prices
+
+
 def adopt_found_images(plan: Plan, store: Store) -> None:
     """Images at their planned paths that the store does not know (copied from a shard, or
-    the store and manifest were lost) are recognised by the key their provenance carries."""
+    the store and manifest were lost) are adopted by the key their provenance carries
+    (`Store.adopt`)."""
     placed = store.placed_outputs(plan.recipe.name)
     unknown = [job for job in plan.jobs if job.output not in placed]
     if unknown:

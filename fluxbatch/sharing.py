@@ -37,7 +37,7 @@ import httpx
 
 from fluxbatch import models
 from fluxbatch.execute import Claimed, Elsewhere, Executor, Image, Sender
-from fluxbatch.expand import Job
+from fluxbatch.jobs import Job
 from fluxbatch.outbox import ClaimLost
 from fluxbatch.outcomes import Event, EventKind, Outcome, OutcomeStatus
 from fluxbatch.providers import Submitted, credits

@@ -24,12 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from fluxbatch import imagemeta, models
-from fluxbatch.expand import Job
-from fluxbatch.layout import LEGACY_MANIFEST, TMP, manifest_name, state_path
+from fluxbatch.jobs import Job
+from fluxbatch.layout import (
+    LEGACY_MANIFEST,
+    TMP,
+    manifest_name,
+    state_path,
+    stored_path_problem,
+)
 from fluxbatch.money import Spend
 from fluxbatch.outcomes import OutcomeStatus
 from fluxbatch.recipe import Recipe
-from fluxbatch.selection import stored_path_problem
 from fluxbatch.state.files import replacing
 from fluxbatch.state.manifests import ManifestEntry, Provenance
 from fluxbatch.state.store import Store

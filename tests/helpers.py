@@ -21,8 +21,8 @@ import jsonschema
 import pytest
 
 from fluxbatch.emulator import Emulator
+from fluxbatch.front import load_plan
 from fluxbatch.main import main
-from fluxbatch.selection import load_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST_SCHEMA = json.loads((ROOT / "schemas" / "manifest.schema.json").read_text())

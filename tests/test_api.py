@@ -168,13 +168,12 @@ def test_arender_runs_inside_a_loop_and_stopping_it_pays_for_nothing_twice(
 
 def test_the_session_stops_gracefully_and_a_second_run_collects_the_rest(
         tmp_path: Path) -> None:
-    from fluxbatch.api import _plan
-    from fluxbatch.selection import Options
-    from fluxbatch.session import Render
+    from fluxbatch.front import load_plan
+    from fluxbatch.session import Options, Render
 
     path = recipe(tmp_path)
     with EmulatorThread(EmulatorConfig(latency=0.3)) as emulator:
-        session = Render(_plan(path, None, False), Options(base_url=emulator.base_url,
+        session = Render(load_plan(path), Options(base_url=emulator.base_url,
                                                            concurrency=2))
 
         def on_event(event: fluxbatch.Event) -> None:

@@ -17,8 +17,9 @@ import jsonschema
 import pytest
 
 from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
+from fluxbatch.front import load_plan
 from fluxbatch.identity import job_key
-from fluxbatch.selection import file_sha256, load_plan
+from fluxbatch.state.files import file_sha256
 from tests.helpers import build_file_tree
 
 ROOT = Path(__file__).resolve().parent.parent

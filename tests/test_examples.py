@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from fluxbatch.emulator import EmulatorConfig, EmulatorThread
+from fluxbatch.front import load_plan
 from fluxbatch.main import main
-from fluxbatch.selection import load_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*/recipe.yaml"))

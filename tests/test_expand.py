@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from fluxbatch import identity, models, recipe
 from fluxbatch.errors import PlanTooLargeError, RecipeError
 from fluxbatch.expand import Job, Plan, expand
+from fluxbatch.front import load_plan
 from fluxbatch.inputs import InputFile
-from fluxbatch.selection import load_plan
 from tests.helpers import build_file_tree
 
 HEAD = "version: 1\nname: r\ndefaults: {model: flux-dev}\n"

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from fluxbatch.emulator import EmulatorConfig, EmulatorThread
+from fluxbatch.front import load_plan
 from fluxbatch.main import main
-from fluxbatch.selection import load_plan
 from tests.helpers import build_file_tree
 
 RECIPE = """\

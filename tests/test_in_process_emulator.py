@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from fluxbatch.front import load_plan
 from fluxbatch.main import main
-from fluxbatch.selection import load_plan
 from fluxbatch.state.store import Store
 from tests.helpers import build_file_tree
 

@@ -22,11 +22,11 @@ from fluxbatch import imagemeta, models
 from fluxbatch import inputs as inputs_module
 from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
 from fluxbatch.errors import RecipeError
+from fluxbatch.front import load_plan
 from fluxbatch.identity import auto_seed, job_key
 from fluxbatch.inputs import FactsCache, InputFile, InputProblem, Inputs
 from fluxbatch.main import main
 from fluxbatch.project import Project
-from fluxbatch.selection import load_plan
 from tests.helpers import build_file_tree
 
 

@@ -18,8 +18,9 @@ import jsonschema
 import pytest
 
 from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
+from fluxbatch.front import load_plan
 from fluxbatch.identity import job_key
-from fluxbatch.selection import file_sha256, load_plan
+from fluxbatch.state.files import file_sha256
 from tests.helpers import build_file_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,8 +177,7 @@ def test_a_render_stopped_at_once_reports_what_was_paid_and_what_is_left_to_coll
     flight. It now says what the ledger says."""
     import asyncio
 
-    from fluxbatch.selection import Options
-    from fluxbatch.session import Render
+    from fluxbatch.session import Options, Render
 
     build_file_tree(tmp_path, {"recipe.yaml": RECIPE.replace(
         "[red, green, blue, cyan, magenta, yellow, black, white]", "[red, green]").replace(

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from fluxbatch.emulator import Emulator
+from fluxbatch.front import load_plan
 from fluxbatch.main import main
-from fluxbatch.selection import load_plan
 from tests.helpers import build_file_tree
 
 Capsys = pytest.CaptureFixture[str]

@@ -18,10 +18,10 @@ import pytest
 
 from fluxbatch import providers
 from fluxbatch.emulator import EmulatorConfig, EmulatorThread
+from fluxbatch.front import load_plan
 from fluxbatch.identity import job_key
 from fluxbatch.outbox import MAX_STARTS, Outbox, OutboxGone, Recovered
 from fluxbatch.providers import ProviderInfo
-from fluxbatch.selection import load_plan
 from fluxbatch.state.store import Store
 from tests.helpers import build_file_tree
 

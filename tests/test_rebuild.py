@@ -14,7 +14,7 @@ import pytest
 
 from fluxbatch import imagemeta
 from fluxbatch.emulator import Emulator
-from fluxbatch.selection import load_plan
+from fluxbatch.front import load_plan
 from fluxbatch.state.store import Store
 from tests.helpers import (
     STORED,

@@ -22,10 +22,10 @@ import pytest
 
 import fluxbatch
 from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
+from fluxbatch.front import load_plan
 from fluxbatch.identity import job_key
 from fluxbatch.main import main
 from fluxbatch.outcomes import EventKind
-from fluxbatch.selection import load_plan
 from fluxbatch.state.shared import Claim, Claimant, Record, SharedStore
 from fluxbatch.state.store import Store
 from tests.helpers import Cli, Run, build_file_tree, status_table
@@ -325,6 +325,39 @@ def test_a_null_build_makes_no_store_request(
     # (so a store that cannot be reached does not matter either)
     monkeypatch.setenv("FLUXBATCH_STORE", f"file://{tmp_path / 'nowhere'}")
     assert a.render().out.startswith("nothing to render: 4 images up to date")
+
+
+def test_a_plan_kept_in_the_plan_cache_still_counts_what_the_store_holds(
+        emulator: Emulator, capsys: pytest.CaptureFixture[str], tmp_path: Path, s3: S3Server,
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root `c` renders one image without the store, and keeps its plan in the plan cache;
+    the store holds the other three. `status`, `plan` and `render --dry-run` (the store named
+    by --store, or by FLUXBATCH_STORE) count them as stored; the render places them for
+    nothing; then a null build, its plan read back, asks the store nothing."""
+    filled(emulator, capsys, tmp_path, url)
+    c = root_cli(emulator, capsys, tmp_path / "c")
+    before = len(emulator.submissions)
+    assert c.render("--only", "solo") == Run(0, c.written(1), "")
+    assert (c.root / ".fluxbatch" / "plan.rebuild.json").is_file()
+    counted = status_table(c.root, [("up-to-date", 1), ("stored", 3)])
+    assert c.status("--store", url).out.startswith(counted)
+    monkeypatch.setenv("FLUXBATCH_STORE", url)
+    assert c.status().out.startswith(counted)
+    planned = json.loads(c("plan", str(c.recipe), "--json").out)
+    assert sorted(image["state"] for image in planned["jobs"]) == \
+        ["stored", "stored", "stored", "up-to-date"]
+    dry = c.render("--dry-run")
+    assert (dry.code, dry.err) == (0, "")
+    assert dry.out.endswith("submit 0 images (estimated $0.00), re-attach 0, place 3 already "
+                            "paid for, skip 1 up to date; nothing was sent or written\n")
+    assert c.render() == Run(0, f"3 written (3 placed from the store), 1 up to date; nothing "
+                                f"paid; manifest {c.root / 'rebuild.manifest.json'}\n", "")
+    assert paid(emulator, before) == 1
+    requests = s3.count()
+    assert c.render().out.startswith("nothing to render: 4 images up to date")
+    assert c.status().code == 0
+    assert c("plan", str(c.recipe)).code == 0
+    assert s3.count() == requests
 
 
 def test_an_empty_store_variable_names_no_store(

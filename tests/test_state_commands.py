@@ -21,7 +21,7 @@ import pytest
 from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
 from fluxbatch.errors import StateError
 from fluxbatch.expand import Job
-from fluxbatch.selection import load_plan
+from fluxbatch.front import load_plan
 from fluxbatch.state.database import unreadable_store
 from fluxbatch.state.lock import RootLock
 from fluxbatch.state.store import Store

@@ -15,9 +15,10 @@ import pytest
 
 from fluxbatch import wire
 from fluxbatch.emulator import EmulatorConfig, EmulatorThread
+from fluxbatch.front import load_plan
 from fluxbatch.main import main
 from fluxbatch.network import base_url_for
-from fluxbatch.selection import Options, load_plan
+from fluxbatch.session import Options
 from tests.helpers import build_file_tree
 
 KEY = "sk-operator-key"

@@ -15,8 +15,10 @@ from pathlib import Path
 
 from fluxbatch.commands.output import plural
 from fluxbatch.errors import EXIT_OK, FluxbatchError
-from fluxbatch.expand import Plan
-from fluxbatch.selection import classify, load_plan, source_placement, stored_path_problem
+from fluxbatch.front import load_plan
+from fluxbatch.jobs import Plan
+from fluxbatch.layout import stored_path_problem
+from fluxbatch.selection import classify, source_placement
 from fluxbatch.state.blobs import blob_path, has_blob
 from fluxbatch.state.ledger import TaskStatus
 from fluxbatch.state.lock import RootLock

@@ -25,23 +25,22 @@ from typing import Any
 
 from fluxbatch import models
 from fluxbatch import recipe as recipes
+from fluxbatch.changes import changes, changes_text
 from fluxbatch.commands.output import money, plural, table, values_text
 from fluxbatch.errors import EXIT_OK, FluxbatchError, RecipeError, UsageError
-from fluxbatch.expand import Job, Plan, expand
+from fluxbatch.expand import expand
+from fluxbatch.front import front
 from fluxbatch.gitref import Snapshot, at_ref
+from fluxbatch.jobs import Job, Plan
 from fluxbatch.selection import (
     TO_RENDER,
     ImageState,
-    changes,
-    changes_text,
-    classify,
     in_shard,
-    load_plan,
     matches_only,
     nothing_matches,
 )
 from fluxbatch.state.manifests import ManifestEntry
-from fluxbatch.state.root import RootState, read_state
+from fluxbatch.state.root import RootState
 from fluxbatch.vocabulary import Vocabulary
 
 TABLE, JSON, MARKDOWN = "table", "json", "markdown"
@@ -189,7 +188,7 @@ def compare(old: Sequence[Job], new: Sequence[Job], states: Sequence[ImageState]
 
 
 def _entry(job: Job) -> ManifestEntry:
-    """A job as the manifest entry `selection.changes` compares with (what it recorded)."""
+    """A job as the manifest entry `changes.changes` compares with (what it recorded)."""
     return {"model": job.model, "request": models.redact(job.request)}  # type: ignore[typeddict-item]
 
 
@@ -227,9 +226,8 @@ def plan_diff(*, recipe: str, out: str | None, yes: bool, ref: str, form: str = 
 def diff_at(recipe: str, ref: str, *, out: str | None = None, yes: bool = False,
             only: Sequence[str] = (), shard: tuple[int, int] | None = None) -> PlanDiff:
     """The working tree's plan of `recipe` against its plan at `ref` (a git ref)."""
-    plan = load_plan(recipe, out=out, yes=yes)
-    state = read_state(plan.recipe.output_root, plan.recipe.name, plan.jobs)
-    states = classify(plan, state).states
+    found = front(recipe, out=out, yes=yes)
+    plan, state, states = found.plan, found.state, found.classified.states
     with at_ref(recipe, ref) as base:
         old = _plan_at(base, yes=yes)
     old_jobs = old.jobs if old is not None else ()

@@ -33,13 +33,14 @@ from fluxbatch.commands.contact_sheet import (
 )
 from fluxbatch.commands.output import plural, short_value, values_text
 from fluxbatch.errors import EXIT_OK, FluxbatchError, UsageError
-from fluxbatch.expand import Job, Plan
+from fluxbatch.front import load_plan, read
+from fluxbatch.jobs import Job, Plan
 from fluxbatch.layout import BLOBS, STATE_DIR, manifest_name
 from fluxbatch.models import did_you_mean
 from fluxbatch.recipe import JobSpec
-from fluxbatch.selection import ImageState, classify, load_plan, source_placement
+from fluxbatch.selection import ImageState, source_placement
 from fluxbatch.state.blobs import blob_path, has_blob
-from fluxbatch.state.root import RootState, read_state
+from fluxbatch.state.root import RootState
 from fluxbatch.write import atomic_write
 
 if TYPE_CHECKING:
@@ -67,8 +68,8 @@ def gallery(*, recipe: str, out: str | None, yes: bool, rows: str | None, cols: 
     plan = load_plan(recipe, out=out, yes=yes)
     _check_axes(_variables(plan), rows, cols)
     root = plan.recipe.output_root
-    root_state = read_state(root, plan.recipe.name, plan.jobs)
-    states = classify(plan, root_state).states
+    found = read(plan)
+    root_state, states = found.state, found.classified.states
     up_to_date = ImageState.UP_TO_DATE
     done = sum(1 for s in states if s == up_to_date)
     if not done:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from fluxbatch.commands.output import plural
 from fluxbatch.errors import EXIT_FAILED, EXIT_OK, UsageError
-from fluxbatch.expand import Plan
+from fluxbatch.front import load_plan
+from fluxbatch.jobs import Plan
 from fluxbatch.place import Placer
-from fluxbatch.selection import ImageState, classify, load_plan, source_placement
+from fluxbatch.selection import ImageState, classify, source_placement
 from fluxbatch.state.blobs import DamagedBlob, has_blob, read_blob
 from fluxbatch.state.ledger import IN_FLIGHT, Task
 from fluxbatch.state.lock import RootLock

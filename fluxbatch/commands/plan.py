@@ -4,7 +4,7 @@ Three forms: a table (the default); `--json`, one document whose shape is a cont
 docs/commands.md); and `--jsonl`, one line per image and then a summary line, printed while the
 images are planned, so memory stays flat however many there are. `--only` and `--shard` select
 the images `render` would, and the summary covers the selection. A stale image says what
-changed, field by field (`selection.stale_changes`, as `status -v` and the Python API say it).
+changed, field by field (`changes.stale_changes`, as `status -v` and the Python API say it).
 """
 
 from __future__ import annotations
@@ -20,25 +20,22 @@ from typing import Any, TextIO
 
 from fluxbatch import models
 from fluxbatch import recipe as recipes
+from fluxbatch.changes import changes_text, stale_changes
 from fluxbatch.commands.output import money, plural, table, values_text
 from fluxbatch.errors import EXIT_OK, Problem, RecipeError
-from fluxbatch.expand import Expansion, Job, Plan
+from fluxbatch.expand import Expansion
+from fluxbatch.front import escape_problems, front, shared_store, store_of, with_store
+from fluxbatch.jobs import Job, Plan
 from fluxbatch.recipe import collector_paused
 from fluxbatch.selection import (
     STATE_ORDER,
     TO_RENDER,
     ImageState,
     ModelSummary,
-    changes_text,
     classify,
-    escape_problems,
     in_shard,
-    load_plan,
     matches_only,
     nothing_matches,
-    shared_store,
-    stale_changes,
-    with_store,
 )
 from fluxbatch.state.manifests import ManifestEntry, read_manifest
 from fluxbatch.state.root import RootState, read_entries, read_state
@@ -81,10 +78,8 @@ def plan(*, recipe: str, out: str | None, yes: bool, form: str = TABLE, explain:
     if form == JSONL:
         _stream(recipe, out=out, yes=yes, explain=explain, pick=pick, store=store)
         return EXIT_OK
-    the_plan = load_plan(recipe, out=out, yes=yes)
-    with shared_store(store) as shared:
-        classified = with_store(classify(the_plan, read_state(
-            the_plan.recipe.output_root, the_plan.recipe.name, the_plan.jobs)), shared)
+    read = front(recipe, out=out, yes=yes, store=store)
+    the_plan, classified = read.plan, read.classified
     tally = Tally(pick)
     shown = [(job, state) for job, state in zip(the_plan.jobs, classified.states, strict=True)
              if tally.selects(job)]
@@ -281,7 +276,7 @@ def _stream(path: str, *, out: str | None, yes: bool, explain: bool, pick: Pick,
     tally = Tally(pick)
     escapes: list[Problem] = []
     planned = 0
-    with collector_paused(), shared_store(store) as shared:
+    with collector_paused(), shared_store(store_of(store)) as shared:
         for chunk in _chunks(expansion, _CHUNK):
             planned += len(chunk)
             part = Plan(recipe, chunk, ())

@@ -7,48 +7,44 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TextIO
 
+from fluxbatch.changes import changes_text, stale_changes
 from fluxbatch.commands.output import money, plural, table, values_text
 from fluxbatch.commands.validate import print_notes
 from fluxbatch.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError
+from fluxbatch.front import load_plan
 from fluxbatch.outcomes import EventKind, OutcomeStatus
-from fluxbatch.selection import (
-    NO_POLLING_URL,
-    Options,
-    Selection,
-    changes_text,
-    load_plan,
-    stale_changes,
-)
+from fluxbatch.selection import NO_POLLING_URL, Selection
 
 # The render itself runs in `session`; asyncio, tqdm and the providers (httpx) are imported
 # only where a render needs the network: a null build of 10,000 images loads none of them.
-from fluxbatch.session import Render, Report, preview, preview_budget
+from fluxbatch.session import Options, Render, Report, preview, preview_budget
 from fluxbatch.write import manifest_path
 
 if TYPE_CHECKING:
-    from fluxbatch.expand import Job, Plan
+    import asyncio
+
+    from fluxbatch.jobs import Job, Plan
     from fluxbatch.outcomes import Event
 
 
 def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run: bool,
            quiet: bool, as_json: bool = False, progress_every: float = 5.0) -> int:
-    plan = load_plan(recipe, out=out, yes=yes, verify=options.verify)
+    plan = load_plan(recipe, out=out, yes=yes, verify=options.verify, reuse=True)
     print_notes(plan)
     if dry_run:
         return _dry_run(plan, options)
-    import asyncio
     import signal
 
     progress: _Progress | None = None
     ticker: asyncio.Future[None] | None = None
 
-    def on_selected(selection: Selection) -> None:  # (called in the render's event loop)
-        nonlocal progress, ticker
+    def on_selected(selection: Selection) -> None:
+        nonlocal progress
         if selection.jobs or selection.place:
             progress = _Progress(selection, quiet=quiet, every=progress_every)
-            ticker = asyncio.ensure_future(progress.tick_every())
 
     def on_event(event: Event) -> None:
         if progress is not None:
@@ -56,36 +52,53 @@ def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run
 
     session = Render(plan, options, on_event=on_event, on_selected=on_selected)
 
-    async def run() -> Report:
+    def on_interrupt(*_: object) -> None:
+        if session.stopping:
+            session.stop(now=True)  # a second Ctrl-C: stop now
+            if progress is not None:  # and say nothing more until the report
+                progress.silence()
+            if ticker is not None:
+                ticker.cancel()
+            return
+        session.stop()
+        message = ("stopping: nothing new is submitted; tasks already paid for are "
+                   "recorded and picked up by the next run (Ctrl-C again to quit now)")
+        if progress is not None:
+            progress.write(message)
+        else:
+            print(message, file=sys.stderr)
+
+    async def with_handlers(requests: Coroutine[Any, Any, None]) -> None:
+        """The network half, with Ctrl-C and the progress display on its event loop."""
+        nonlocal ticker
+        import asyncio
+
         loop = asyncio.get_running_loop()
-
-        def on_interrupt() -> None:
-            if session.stopping:
-                session.stop(now=True)  # a second Ctrl-C: stop now
-                if progress is not None:  # and say nothing more until the report
-                    progress.silence()
-                if ticker is not None:
-                    ticker.cancel()
-                return
-            session.stop()
-            message = ("stopping: nothing new is submitted; tasks already paid for are "
-                       "recorded and picked up by the next run (Ctrl-C again to quit now)")
-            if progress is not None:
-                progress.write(message)
-            else:
-                print(message, file=sys.stderr)
-
+        if progress is not None:
+            ticker = asyncio.ensure_future(progress.tick_every())
         for number in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(number, on_interrupt)
         try:
-            return await session.run()
+            await requests
         finally:
             if ticker is not None:
                 ticker.cancel()
             for number in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(number)
 
-    report = asyncio.run(run())
+    def run_network(requests: Coroutine[Any, Any, None]) -> None:
+        import asyncio
+
+        asyncio.run(with_handlers(requests))
+
+    # Before the network (and with no event loop), a Ctrl-C asks the same of the session.
+    before = {number: signal.signal(number, on_interrupt)
+              for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        report = session.run_offline(run_network)
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
     if progress is not None:
         progress.close()
     if report.nothing_to_do:
@@ -149,7 +162,8 @@ class _Progress:
             self.counts[kind] += 1
         else:
             return
-        self.bar.set_postfix_str(self.fitted(), refresh=False)
+        if self.bar_shown:  # (the text is for the bar alone: not made per event without one)
+            self.bar.set_postfix_str(self.fitted(), refresh=False)
         if kind in FINISHED:
             self.bar.update(1)  # (after the postfix, so that both show the same count)
 

@@ -16,15 +16,10 @@ from datetime import datetime
 
 from fluxbatch.commands.output import plural
 from fluxbatch.errors import EXIT_FAILED, EXIT_OK, UsageError
-from fluxbatch.expand import Job, Plan
+from fluxbatch.front import load_plan
+from fluxbatch.jobs import Job, Plan
 from fluxbatch.place import DamagedCopy, Placer, keep_held
-from fluxbatch.selection import (
-    ImageState,
-    Options,
-    classify_with_store,
-    load_plan,
-    source_placement,
-)
+from fluxbatch.selection import ImageState, SelectOptions, classify_with_store, source_placement
 from fluxbatch.session import adopt_found_images
 from fluxbatch.state.blobs import DamagedBlob, LocalBlobs, fetched_blob
 from fluxbatch.state.lock import RootLock
@@ -69,7 +64,7 @@ def pull(*, recipe: str, out: str | None, yes: bool, store: str | None) -> int:
 
 def _pull(plan: Plan, local: Store, shared: SharedStore) -> tuple[list[str], bool]:
     """Place what the store holds of the images the root does not; the lines to print."""
-    classified, state = classify_with_store(plan, local, Options())
+    classified, state = classify_with_store(plan, local, SelectOptions())
     up_to_date, stored = ImageState.UP_TO_DATE, ImageState.STORED
     placer = Placer(plan.recipe, local, plan.recipe.provider.name)
     by_key: dict[str, list[Job]] = {}

@@ -10,30 +10,19 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+from fluxbatch.changes import changes_text, stale_changes
 from fluxbatch.commands.output import table, values_text
 from fluxbatch.errors import EXIT_FAILED, EXIT_OK
-from fluxbatch.selection import (
-    STATE_ORDER,
-    TO_RENDER,
-    Classified,
-    ImageState,
-    changes_text,
-    classify,
-    load_plan,
-    shared_store,
-    stale_changes,
-    with_store,
-)
+from fluxbatch.front import front
+from fluxbatch.selection import STATE_ORDER, TO_RENDER, Classified, ImageState
 from fluxbatch.state.manifests import ManifestEntry
-from fluxbatch.state.root import read_entries, read_state
+from fluxbatch.state.root import read_entries
 
 
 def status(*, recipe: str, out: str | None, yes: bool, as_json: bool, verify: bool,
            verbose: bool, store: str | None = None) -> int:
-    plan = load_plan(recipe, out=out, yes=yes, verify=verify)
-    state = read_state(plan.recipe.output_root, plan.recipe.name, plan.jobs)
-    with shared_store(store) as shared:
-        classified = with_store(classify(plan, state, verify=verify), shared)
+    read = front(recipe, out=out, yes=yes, verify=verify, reuse=True, store=store)
+    plan, classified = read.plan, read.classified
     counts = classified.count()
     up_to_date = ImageState.UP_TO_DATE
     clean = counts[up_to_date] == len(plan.jobs) and not classified.orphans

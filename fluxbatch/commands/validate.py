@@ -6,9 +6,9 @@ import sys
 from collections.abc import Iterable
 
 from fluxbatch.errors import EXIT_FAILED, EXIT_OK, PlanTooLargeError, Problem, RecipeError
-from fluxbatch.expand import Plan
+from fluxbatch.front import load_plan
+from fluxbatch.jobs import Plan
 from fluxbatch.models import floating
-from fluxbatch.selection import load_plan
 
 
 def print_notes(plan: Plan, also: Iterable[Problem] = ()) -> None:

@@ -24,12 +24,14 @@ from typing import Any
 from fluxbatch import models, recipe
 from fluxbatch.commands.inspect import entry_of, origin_root, reproduction_recipe
 from fluxbatch.commands.output import plural
-from fluxbatch.errors import EXIT_FAILED, EXIT_OK, FluxbatchError, RecipeError, UsageError
-from fluxbatch.expand import Job, Plan, expand
+from fluxbatch.errors import EXIT_FAILED, EXIT_OK, FluxbatchError, UsageError
+from fluxbatch.front import plan_of
+from fluxbatch.jobs import Job, Plan
+from fluxbatch.layout import stored_path_problem
 from fluxbatch.money import usd
 from fluxbatch.outcomes import Outcome, OutcomeStatus
-from fluxbatch.selection import Options, escape_problems, estimate_at, stored_path_problem
-from fluxbatch.session import Render, Report, budget_so_far, preview
+from fluxbatch.selection import estimate_at
+from fluxbatch.session import Options, Render, Report, budget_so_far, preview
 from fluxbatch.state.files import ignore_in_git
 from fluxbatch.state.ledger import IN_FLIGHT, TaskStatus
 from fluxbatch.state.lock import RootLock
@@ -70,11 +72,7 @@ def _plan(entry: dict[str, Any], root: Path, output: str) -> Plan:
     folder = _recipe_folder(root, str((entry.get("recipe") or {}).get("name") or ""))
     made = recipe.parse(text, str(folder / f"{VERIFY_RECIPE}.yaml"),
                         output_root=str(root / VERIFY_DIR))
-    plan = expand(made, yes=True)
-    problems = escape_problems(plan)
-    if problems:
-        raise RecipeError(problems)
-    return plan
+    return plan_of(made, yes=True)  # (its outputs' links checked)
 
 
 def _recipe_folder(root: Path, name: str) -> Path:

@@ -15,7 +15,7 @@ from fluxbatch.state.manifests import ManifestEntry
 
 
 class Planned(Protocol):
-    """A planned image, as adoption sees one (`expand.Job` is one)."""
+    """A planned image, as adoption sees one (`jobs.Job` is one)."""
 
     @property
     def key(self) -> str: ...

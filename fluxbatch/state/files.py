@@ -1,10 +1,12 @@
 """Files in an output root, written so that no one (not a reader, not a crash) sees half of
-one; and the state directory, made with a `.gitignore` in it."""
+one; the state directory, made with a `.gitignore` in it; and a file's sha256, by which a
+placed image is checked."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -103,3 +105,12 @@ def ignore_in_git(directory: Path) -> None:
             os.link(temporary, target)
         finally:
             os.unlink(temporary)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
