@@ -57,6 +57,17 @@ def _shard(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(error).removeprefix("--shard ")) from None
 
 
+def _emulator_keys(text: str) -> tuple[tuple[str, int | None], ...]:
+    """`--keys alpha:24,beta:12,gamma`: each key, and its cap if given."""
+    keys = []
+    for item in text.split(","):
+        key, colon, cap = item.strip().partition(":")
+        if not key:
+            raise argparse.ArgumentTypeError("each account needs a key: KEY[:CAP],...")
+        keys.append((key, _positive_int(cap) if colon else None))
+    return tuple(keys)
+
+
 def _probability(text: str) -> float:
     value = _non_negative_float(text)
     if value > 1:
@@ -233,7 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probability that a submit below the caps is answered 429 anyway, as "
                         "a gateway shedding load does (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed for latency, faults and shedding")
-    p.add_argument("--key", default=None, help="the only API key accepted (default: any)")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--key", default=None, help="the only API key accepted (default: any)")
+    keys.add_argument("--keys", type=_emulator_keys, metavar="KEY[:CAP],...",
+                      help="several accounts, each its own key, with its own cap (default "
+                      "--cap), credits (--credits) and tasks, which no other key is shown")
     p.add_argument("--url-ttl", type=_non_negative_float, default=600.0,
                    help="seconds a sample URL stays valid (default 600)")
     p.add_argument("--task-ttl", type=_non_negative_float, default=3600.0,
@@ -410,7 +425,8 @@ def _emulator(args: argparse.Namespace) -> int:
     return emulator(host=args.host, port=args.port, latency=args.latency,
                     latency_sigma=args.latency_sigma, cap=args.cap,
                     kontext_max_cap=args.kontext_max_cap, fault_rate=args.fault_rate,
-                    seed=args.seed, key=args.key, url_ttl=args.url_ttl, task_ttl=args.task_ttl,
+                    seed=args.seed, key=args.key, keys=args.keys or (), url_ttl=args.url_ttl,
+                    task_ttl=args.task_ttl,
                     log=args.log, max_side=args.max_side, shed_rate=args.shed_rate,
                     credits=args.credits, cost=args.cost, report_cost=not args.no_cost_report)
 
