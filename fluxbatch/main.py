@@ -47,14 +47,31 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _shard(text: str) -> tuple[int, int]:
-    """`--shard I/N`; a bad one is a usage error (exit 2), found before anything is read."""
+def _shard(text: str) -> tuple[int, int] | str:
+    """`--shard I/N`, or `auto` (read from the environment once the command runs: see
+    `_shard_of`); a bad one is a usage error (exit 2), found before anything is read."""
     from fluxbatch.selection import parse_shard
 
+    if text == "auto":
+        return text
     try:
         return parse_shard(text)
     except ConfigError as error:
         raise argparse.ArgumentTypeError(str(error).removeprefix("--shard ")) from None
+
+
+def _shard_of(args: argparse.Namespace) -> tuple[int, int] | None:
+    """The shard `--shard` names; for `auto`, the one the environment names (a Kubernetes
+    Indexed Job, the emitted GitHub workflow), or one line naming the variables it reads."""
+    from fluxbatch.selection import shard_from
+
+    if args.shard != "auto":
+        shard: tuple[int, int] | None = args.shard
+        return shard
+    try:
+        return shard_from(os.environ)
+    except ConfigError as error:
+        raise UsageError(f"--shard {error}") from None
 
 
 def _emulator_keys(text: str) -> tuple[tuple[str, int | None], ...]:
@@ -142,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "this run and the unfinished runs it continues)")
     p.add_argument("--timeout", type=_non_negative_float, metavar="SECONDS",
                    help="give up waiting for one task after this long (default 900)")
+    p.add_argument("--accounts", metavar="FILE",
+                   help="spread the render over the accounts this YAML file names, each "
+                   "within its own cap, each key from its own variable (also "
+                   "FLUXBATCH_ACCOUNTS; never in a recipe)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or lines")
     p.add_argument("--progress-every", type=_non_negative_float, default=5.0, metavar="SECONDS",
                    help="without a terminal (CI), print a progress line this often "
@@ -280,8 +301,10 @@ def _selection_arguments(p: argparse.ArgumentParser) -> None:
                    help="only the images of the job named PATTERN, those whose output path "
                    "or file name matches the glob, or NAME=VALUE on matrix values; repeated, "
                    "what any of them matches")
-    p.add_argument("--shard", type=_shard, metavar="I/N",
-                   help="only shard I of N (a stable split of the images by key)")
+    p.add_argument("--shard", type=_shard, metavar="I/N|auto",
+                   help="only shard I of N (a stable split of the images by key); auto: from "
+                   "FLUXBATCH_SHARD=I/N, or a Kubernetes Indexed Job's JOB_COMPLETION_INDEX "
+                   "with FLUXBATCH_SHARDS=N")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -323,7 +346,7 @@ def _plan(args: argparse.Namespace) -> int:
     from fluxbatch.commands.plan import plan
 
     return plan(recipe=args.recipe, out=args.out, yes=args.yes, form=args.form,
-                explain=args.explain, only=args.only, shard=args.shard)
+                explain=args.explain, only=args.only, shard=_shard_of(args))
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -332,8 +355,8 @@ def _render(args: argparse.Namespace) -> int:
 
     options = Options(concurrency=args.jobs, base_url=args.base_url, force=args.force,
                       only=tuple(args.only), retry_unknown=args.retry_unknown,
-                      verify=args.verify, budget=args.budget, shard=args.shard,
-                      task_timeout=args.timeout, yes=args.yes)
+                      verify=args.verify, budget=args.budget, shard=_shard_of(args),
+                      task_timeout=args.timeout, yes=args.yes, accounts=args.accounts)
     return render(recipe=args.recipe, out=args.out, yes=args.yes, options=options,
                   dry_run=args.dry_run, quiet=args.quiet, as_json=args.json,
                   progress_every=args.progress_every)

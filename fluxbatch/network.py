@@ -15,8 +15,9 @@ from typing import Any
 import httpx
 
 from fluxbatch import imagemeta, models, providers
+from fluxbatch.accounts import Account
 from fluxbatch.errors import ConfigError, without_key_parameters
-from fluxbatch.execute import Executor, Image, Settings, Unusable
+from fluxbatch.execute import Executor, Image, PoolAccount, Settings, Unusable
 from fluxbatch.expand import Job, Plan
 from fluxbatch.inputs import InputProblem, is_descriptor
 from fluxbatch.money import Budget, Prices
@@ -48,13 +49,13 @@ class StoreJournal:
         self.run = run
         self.recipe = recipe
 
-    def reserve(self, job: Job, usd: float | None) -> None:
+    def reserve(self, job: Job, usd: float | None, account: str | None = None) -> None:
         self.ledger.reserve(job.key, Reservation(
             usd, models.estimate_cost(job.model, job.request), job.model, self.recipe,
-            job.job, self.provider, self.run))
+            job.job, self.provider, self.run, account))
 
-    def submitting(self, job: Job) -> None:
-        self.ledger.submitting(job.key, self.provider, self.base_url, self.run)
+    def submitting(self, job: Job, account: str | None = None) -> None:
+        self.ledger.submitting(job.key, self.provider, self.base_url, self.run, account)
 
     def not_sent(self, job: Job) -> None:
         self.ledger.not_sent(job.key)
@@ -188,6 +189,21 @@ def _scrubbed(text: str, secrets: list[str]) -> str:
     return without_key_parameters(text)
 
 
+def pool_for(plan: Plan, options: Options, provider: providers.Provider,
+             pool: list[tuple[Account, providers.Secret]]) -> list[PoolAccount]:
+    """The pool's accounts as the executor drives them: each a provider at `provider`'s base
+    URL with its own key, and its caps: its own (`cap`, `model_caps`), else those of `-j` and
+    the recipe, else the catalogue's."""
+    settings = settings_for(plan, options)
+    return [PoolAccount(account.name, providers.build(provider.info.name,
+                                                      base_url=provider.base_url,
+                                                      environ={}, key=secret),
+                        account.cap or settings.account_cap,
+                        {**settings.model_caps, **account.model_caps},
+                        account.key_env or account.key_file_env)
+            for account, secret in pool]
+
+
 def settings_for(plan: Plan, options: Options) -> Settings:
     spec = plan.recipe.provider
     account = options.concurrency or spec.concurrency or models.ACCOUNT_CONCURRENCY
@@ -202,13 +218,16 @@ async def execute(plan: Plan, selection: Selection, store: Store,
                   started: Callable[[Executor], None] = lambda executor: None,
                   transport: httpx.AsyncBaseTransport | None = None,
                   lock: RootLock | None = None, run: str | None = None,
-                  budget: Budget | None = None) -> list[Outcome]:
+                  budget: Budget | None = None,
+                  accounts: list[PoolAccount] | None = None) -> list[Outcome]:
     """Submit and collect the selection's jobs (one per key; each image is placed at every
     output of its key). Every step is recorded in `store`, and the manifest is rewritten as
     images land.
     With `lock`, paid submits go through the outbox process, which inherits the lock and
     commits each answer before it is used. With `budget`, each paid submit reserves its price
-    first (at the highest this provider has charged for the model, per the ledger)."""
+    first (at the highest this provider has charged for the model, per the ledger). With
+    `accounts` (a pool), the jobs spread over them, and each task is polled with the key of
+    the account that paid for it."""
     recipe = plan.recipe
     root = recipe.output_root
     placer = Placer(recipe, store, provider.info.name)
@@ -237,8 +256,10 @@ async def execute(plan: Plan, selection: Selection, store: Store,
 
     attach = {job.key: Submitted(task.task_id or "", task.polling_url or "", credits(task.cost))
               for job, task in selection.attach}
+    paid_by = {job.key: task.account for job, task in selection.attach}
     # Polls are short, so half as many connections as active tasks keep up.
-    connections = max(16, settings.account_cap // 2)
+    active = sum(account.cap for account in accounts) if accounts else settings.account_cap
+    connections = max(16, active // 2)
     outbox = Outbox(root, provider, lock.fd, store, run=run) \
         if lock is not None and selection.submit else None
     spool = temp_dir(root)
@@ -251,12 +272,12 @@ async def execute(plan: Plan, selection: Selection, store: Store,
                                                    outbox=outbox is not None, run=run,
                                                    recipe=recipe.name),
             writer=writer, settings=settings, on_event=on_event,
-            submit_via=(lambda job: outbox.sender(job.key)) if outbox else None,
+            submit_via=(lambda job, account: outbox.sender(job.key, account)) if outbox else None,
             spool=spool, prepare=_preparer(recipe), budget=budget,
-            prices=Prices.learned(store.highest_costs(provider.info.name)))
+            prices=Prices.learned(store.highest_costs(provider.info.name)), accounts=accounts)
         started(executor)
         try:
-            ran = await executor.run(selection.jobs, attach)
+            ran = await executor.run(selection.jobs, attach, paid_by)
         finally:
             if outbox is not None:
                 await outbox.close()

@@ -44,6 +44,9 @@ class EventKind(Vocabulary):
     READY = "ready"  # rendered; the download starts
     RATE_LIMITED = "rate-limited"  # a 429: the submit waits, then is sent again
     RETRY = "retry"  # a poll or a download failed, and is tried again
+    # An account of the pool refused (its key, or out of credits): it leaves the pool, and
+    # the job goes to another account (`detail` says which left, and why)
+    ACCOUNT_OUT = "account-out"
 
 
 @dataclass(slots=True)
@@ -56,19 +59,21 @@ class Outcome:
     submitted_at: float | None = None
     finished_at: float | None = None
     written: Any = None  # what the writer returned (path, sha256, size)
+    account: str | None = None  # the account of the pool whose key it went with, if named
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
     """For progress displays: `kind` is a step of the job (an `EventKind`: submitted,
     attached (a task of an earlier run), ready (rendered; the download starts), rate-limited,
-    retry) or, when it ends, its `OutcomeStatus` (written, moderated, failed, unknown, gone,
-    pending, skipped)."""
+    retry, account-out) or, when it ends, its `OutcomeStatus` (written, moderated, failed,
+    unknown, gone, pending, skipped)."""
 
     kind: EventKind | OutcomeStatus
     job: Job
     detail: str | None = None
     cost: float | None = None
+    account: str | None = None  # the account of the pool it went with (`--accounts`)
 
 
 class JobFailed(Exception):

@@ -63,12 +63,20 @@ class Slots:
         self._timer: asyncio.Future[None] | None = None  # takes the next step when it is due
         self._waiting = 0  # holders-to-be waiting for a slot
         self._changed = asyncio.Condition()
+        self._closed = False
+
+    async def close(self) -> None:
+        """No more waiting: the account left the pool, and those waiting for a slot take one
+        at once, only to hand their jobs back (nothing more is submitted through it)."""
+        async with self._changed:
+            self._closed = True
+            self._changed.notify_all()
 
     async def acquire(self) -> None:
         async with self._changed:
             self._waiting += 1
             try:
-                while self.held >= self.limit:
+                while self.held >= self.limit and not self._closed:
                     if self._timer is None:
                         self._arm()
                     await self._changed.wait()

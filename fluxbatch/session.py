@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from fluxbatch import providers
+from fluxbatch import accounts, providers
 from fluxbatch.errors import FluxbatchError, StateError
 from fluxbatch.expand import Plan
 from fluxbatch.money import EPSILON, Budget, BudgetOutcome, Prices, usd
@@ -43,7 +43,7 @@ from fluxbatch.write import clear_debris, manifest_path, write_manifest
 if TYPE_CHECKING:
     import httpx
 
-    from fluxbatch.execute import Executor
+    from fluxbatch.execute import Executor, PoolAccount
     from fluxbatch.outcomes import Event, Outcome
 
 
@@ -58,6 +58,9 @@ class Report:
     fatal: str | None = None  # why the run stopped early (a refused key, an unreachable host)
     # With a budget: what the render spent of it, and whether it stopped the submits.
     budget: BudgetOutcome | None = None
+    # With a pool of accounts (`--accounts`): their names, and those that left it, and why.
+    accounts: tuple[str, ...] = ()
+    accounts_out: dict[str, str] = field(default_factory=dict)
 
     @property
     def stopped(self) -> str | None:
@@ -96,14 +99,33 @@ class Report:
             and not self.selection.held
 
 
-def preview(plan: Plan, options: Options | None = None) -> Selection:
+def preview(plan: Plan, options: Options | None = None,
+            environ: Mapping[str, str] | None = None) -> Selection:
     """What `Render(plan, options).run()` would do, from the same classification and
     selection, reading the output root and writing nothing (the dry run); `preview_budget`
-    says whether `options.budget` would refuse it."""
+    says whether `options.budget` would refuse it. It reads the accounts file, not the
+    keys."""
     options = options or Options()
     state = read_state(plan.recipe.output_root, plan.recipe.name, plan.jobs)
     classified = classify(plan, state, verify=options.verify)
-    return select(classified, state, options, plan.recipe.provider.name)
+    pool = pool_accounts(plan, options, os.environ if environ is None else environ)
+    return select(classified, state, options, plan.recipe.provider.name,
+                  names_of(pool))
+
+
+def pool_accounts(plan: Plan, options: Options,
+                  environ: Mapping[str, str]) -> list[accounts.Account] | None:
+    """The accounts of the recipe's provider in the operator's accounts file (`--accounts`,
+    else FLUXBATCH_ACCOUNTS); None without one."""
+    path = accounts.named_file(options.accounts, environ)
+    if path is None:
+        return None
+    return accounts.for_provider(accounts.load(path), plan.recipe.provider.name,
+                                 accounts.describe(path))
+
+
+def names_of(pool: list[accounts.Account] | None) -> frozenset[str] | None:
+    return None if pool is None else frozenset(account.name for account in pool)
 
 
 def preview_budget(plan: Plan, selection: Selection, budget: float | None) -> None:
@@ -191,15 +213,20 @@ class Render:
         clear_debris(recipe.output_root)
         adopt_found_images(plan, store)
         store.settle_reservations()  # (those of a run that was killed)
+        pool = self._pool()
         classified, state = classify_with_store(plan, store, options)
         selection = self.selection = select(classified, state, options,
-                                            recipe.provider.name)
+                                            recipe.provider.name,
+                                            names_of([account for account, _ in pool])
+                                            if pool is not None else None)
         budget = None
         spent, prices = budget_so_far(plan, store)
         if options.budget is not None:
             check_budget(selection, options.budget, spent=spent, prices=prices)
             budget = Budget(options.budget, earlier=spent)
         report = Report(selection)
+        if pool is not None:
+            report.accounts = tuple(account.name for account, _ in pool)
         self.on_selected(selection)
         if report.nothing_to_do:
             if not store.manifest_intact(recipe.name, manifest_path(recipe)):
@@ -215,8 +242,10 @@ class Render:
         settings = network.settings_for(plan, options)
         run = new_run_id()
         with network.provider_for(plan, options, self.environ) as provider:
+            members = network.pool_for(plan, options, provider, pool) \
+                if pool is not None else None
             refused = None if options.yes else \
-                await self._over_balance(provider, selection, prices)
+                await self._over_balance(provider, selection, prices, members)
             if refused is not None:
                 if not selection.attach:  # (tasks paid earlier are still collected)
                     finish_manifest(recipe, store)  # (what was placed)
@@ -225,7 +254,8 @@ class Render:
             store.run_started(run, recipe.name, options.budget)
             self._executing = asyncio.ensure_future(network.execute(
                 plan, selection, store, provider, settings, self.on_event, self._started,
-                transport=self.transport, lock=lock, run=run, budget=budget))
+                transport=self.transport, lock=lock, run=run, budget=budget,
+                accounts=members))
             try:
                 report.outcomes += await self._executing
             except asyncio.CancelledError:
@@ -236,34 +266,61 @@ class Render:
                                                             run)
         report.interrupted = self._stopping
         report.fatal = self._executor.fatal if self._executor is not None else None
+        if self._executor is not None and pool is not None:
+            report.accounts_out = self._executor.accounts_out
         report.fatal = report.fatal or refused
         if budget is not None:
             report.budget = self._budget_outcome(store, run, budget, report)
         store.run_ended(run, finished=not report.stopped and not report.interrupted)
         return report
 
+    def _pool(self) -> list[tuple[accounts.Account, providers.Secret]] | None:
+        """The pool of accounts, each with its key from the environment (a missing one is an
+        error before anything is sent); None without an accounts file."""
+        found = pool_accounts(self.plan, self.options, self.environ)
+        if found is None:
+            return None
+        source = accounts.describe(accounts.named_file(self.options.accounts, self.environ)
+                                   or "")
+        pool = [(account, accounts.key_of(account, self.environ, source)) for account in found]
+        accounts.distinct_keys(pool, source)
+        return pool
+
     async def _over_balance(self, provider: providers.Provider, selection: Selection,
-                            prices: Prices) -> str | None:
-        """Why the render may not start (its estimate is over the account's balance), or
-        None. Where the provider, or the base URL, offers no balance query, or it fails,
-        nothing is refused: the check only ever uses the provider's own balance query."""
+                            prices: Prices,
+                            members: list[PoolAccount] | None = None) -> str | None:
+        """Why the render may not start (its estimate is over the account's balance, or the
+        pool's: its accounts' balances added up), or None. Where the provider, or the base
+        URL, offers no balance query, or it fails (for any account of the pool), nothing is
+        refused: the check only ever uses the provider's own balance query."""
         from fluxbatch import network
 
         estimate = estimate_at(selection, prices)
         if not selection.submit or isinstance(estimate, str):
             return None
-        try:
-            found = await network.balance(provider, self.environ, self.transport)
-        except network.NoBalance:
-            return None
-        if estimate <= found.usd + EPSILON:
+        asked = [(member.name, member.provider) for member in members] if members else \
+            [(None, provider)]
+        found = []
+        for name, each in asked:
+            try:
+                # (a pool's account is asked with its own key alone)
+                balance = await network.balance(each, {} if members else self.environ,
+                                                self.transport)
+            except network.NoBalance:
+                return None
+            found.append((name, balance.usd))
+        total = sum(usd_ for _, usd_ in found)
+        if estimate <= total + EPSILON:
             return None
         count = len(selection.submit)
         where = f"{provider.info.name} at {providers.without_credentials(provider.base_url)}"
+        balance_text = f"the account's balance of {usd(total)}" if not members else \
+            f"the balance of the pool's {len(found)} accounts, {usd(total)} in all (" + \
+            ", ".join(f"{name} {usd(each)}" for name, each in found) + ")"
         return (f"the estimated cost {usd(estimate)} of the {count:,} "
-                f"image{'s' if count != 1 else ''} to render is over the account's balance of "
-                f"{usd(found.usd)} ({where}); nothing was sent. Add credits, or pass --yes to "
-                "render until the provider refuses")
+                f"image{'s' if count != 1 else ''} to render is over {balance_text} "
+                f"({where}); nothing was sent. Add credits, or pass --yes to render until the "
+                "provider refuses")
 
     def _budget_outcome(self, store: Store, run: str, budget: Budget,
                         report: Report) -> BudgetOutcome:

@@ -230,10 +230,10 @@ class FakeJournal:
     def of(self, index: int) -> list[str]:
         return [name for name, i, _ in self.calls if i == index]
 
-    def reserve(self, job: Job, usd: float | None) -> None:
+    def reserve(self, job: Job, usd: float | None, account: str | None = None) -> None:
         self.reserved.append((job.index, usd))
 
-    def submitting(self, job: Job) -> None:
+    def submitting(self, job: Job, account: str | None = None) -> None:
         self._record("submitting", job.index, None)
 
     def not_sent(self, job: Job) -> None:
@@ -278,7 +278,8 @@ class Harness:
     api: FakeApi = field(init=False)
     executor: Executor | None = None
     prepare: Callable[[Job], Awaitable[Mapping[str, Any]]] | None = None
-    submit_via: Callable[[Job], Callable[[httpx.Request], Awaitable[httpx.Response]]] | None = None
+    submit_via: Callable[[Job, str | None],
+                         Callable[[httpx.Request], Awaitable[httpx.Response]]] | None = None
     provider: providers.Provider = field(
         default_factory=lambda: Bfl(providers.REGISTRY["bfl"], BASE, Secret(KEY)))
     budget: Budget | None = None
@@ -840,7 +841,8 @@ def test_a_submit_answered_but_not_recorded_is_unknown_and_stops_the_run() -> No
             "kept, and nothing is paid twice.")
     sent: list[int] = []
 
-    def via(job: Job) -> Callable[[httpx.Request], Awaitable[httpx.Response]]:
+    def via(job: Job, account: str | None) -> Callable[[httpx.Request],
+                                                       Awaitable[httpx.Response]]:
         async def send(request: httpx.Request) -> httpx.Response:
             sent.append(job.index)
             raise Unrecorded(full)
