@@ -50,7 +50,7 @@ import os
 import random
 import tempfile
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,6 +157,29 @@ class _Lane:
         self.accepted = asyncio.Event()
         self.probe = asyncio.Lock()
         self.out: str | None = None  # why it left the pool
+        # Jobs its workers took from the queue that do not hold their slots yet, in all and
+        # per model: a worker takes a job only when there is room beyond these, so that
+        # each job goes to an account with room for it.
+        self.claims = 0
+        self.model_claims: Counter[str] = Counter()
+
+    async def claim(self, model: str) -> None:
+        """Wait for room for one more job of `model`, and claim it (see `claims`)."""
+        while True:
+            await self.slots.room(lambda: self.claims)
+            await self.model(model).room(lambda: self.model_claims[model])
+            if self.slots.held + self.claims < self.slots.limit or self.out is not None:
+                break  # (the room for the account may have gone while waiting for the model)
+        self.claims += 1
+        self.model_claims[model] += 1
+
+    async def unclaim(self, model: str, *, taken: bool) -> None:
+        """Its job took its slots (`taken`), or let its claim go: then others may claim."""
+        self.claims -= 1
+        self.model_claims[model] -= 1
+        if not taken:
+            for slots in self.both(model):
+                await slots.nudge()
 
     def model(self, model: str) -> Slots:
         slots = self.model_slots.get(model)
@@ -167,6 +190,20 @@ class _Lane:
 
     def both(self, model: str) -> tuple[Slots, Slots]:
         return self.slots, self.model(model)
+
+
+class _Claim:
+    """A worker's claim on room in its account, let go once (when its job takes its slots,
+    or never gets that far)."""
+
+    def __init__(self, lane: _Lane, model: str) -> None:
+        self.lane, self.model = lane, model
+        self.held = True
+
+    async def release(self, *, taken: bool) -> None:
+        if self.held:
+            self.held = False
+            await self.lane.unclaim(self.model, taken=taken)
 
 
 class _Fatal(Exception):
@@ -288,7 +325,8 @@ class Executor:
     @property
     def accounts_out(self) -> dict[str, str]:
         """The accounts that left the pool, and why."""
-        return {lane.name or "": lane.out for lane in self.lanes if lane.out is not None}
+        return {lane.name or "": lane.out.removeprefix(_whose(lane.name))
+                for lane in self.lanes if lane.out is not None}
 
     def is_stopping(self) -> bool:
         return self.stopping
@@ -344,11 +382,13 @@ class Executor:
             workers = []
             lanes = [lane for lane in self.lanes if lane.out is None] or self.lanes[:1]
             for model, queue in queues.items():
-                for lane in lanes:
-                    # Twice the cap: a worker that is downloading must not hold back the next
-                    # submit.
-                    for _ in range(min(len(queue), 2 * lane.model(model).cap)):
-                        workers.append(self._worker(queue, jobs, outcomes, lane))
+                # Twice the cap: a worker that is downloading must not hold back the next
+                # submit. Started in turn, account by account, so that each takes its share.
+                counts = [min(len(queue), 2 * lane.model(model).cap) for lane in lanes]
+                for turn in range(max(counts)):
+                    workers += [self._worker(queue, jobs, outcomes, lane)
+                                for lane, count in zip(lanes, counts, strict=True)
+                                if turn < count]
             await asyncio.gather(*workers)
 
     async def _collect(self, position: int, job: Job, earlier: Submitted,
@@ -362,23 +402,32 @@ class Executor:
         while queue:
             if lane.out is not None and not self.fatal:
                 return  # (the accounts still in the pool take the rest)
-            position = queue.popleft()
-            job = jobs[position]
             if self.stopping or self.fatal or self.budget_reached:
+                position = queue.popleft()
                 reason = self.fatal or (BUDGET_REACHED if self.budget_reached else
                                         "interrupted before it was submitted")
-                outcomes[position] = self._finish(Outcome(job, OutcomeStatus.SKIPPED, reason))
+                outcomes[position] = self._finish(Outcome(jobs[position], OutcomeStatus.SKIPPED,
+                                                          reason))
                 continue
+            model = jobs[queue[0]].model
+            await lane.claim(model)  # (only with room for it: then the job is this account's)
+            claim = _Claim(lane, model)
             try:
-                outcomes[position] = await self._run_job(job, lane)
-            except _LaneOut:
-                queue.appendleft(position)  # another account takes it
+                if not queue:
+                    return
+                position = queue.popleft()
+                try:
+                    outcomes[position] = await self._run_job(jobs[position], lane, claim)
+                except _LaneOut:
+                    queue.appendleft(position)  # another account takes it
+            finally:
+                await claim.release(taken=False)
 
     @property
     def budget_reached(self) -> bool:
         return self.budget is not None and self.budget.reached
 
-    async def _run_job(self, job: Job, lane: _Lane) -> Outcome:
+    async def _run_job(self, job: Job, lane: _Lane, claim: _Claim | None = None) -> Outcome:
         # Slow start: a probe waits for its turn before taking a slot, so that a probe waiting
         # out a 429 gets its slot back.
         probe = await self._probe_turn(job.model, lane)
@@ -393,7 +442,7 @@ class Executor:
                     await self.budget.reserve(job.key, price)
                 except BudgetReached:
                     return self._finish(Outcome(job, OutcomeStatus.SKIPPED, BUDGET_REACHED))
-            return await self._attempt(job, None, probe, lane)
+            return await self._attempt(job, None, probe, lane, claim=claim)
         finally:
             if probe is not None and probe.locked():
                 probe.release()
@@ -420,7 +469,7 @@ class Executor:
 
     async def _attempt(self, job: Job, earlier: Submitted | None,
                        probe: asyncio.Lock | None, lane: _Lane, *,
-                       held: bool = False) -> Outcome:
+                       held: bool = False, claim: _Claim | None = None) -> Outcome:
         """Submit (or, with `earlier`, attach) and poll, within a slot (`held`: taken
         already); then download and write."""
         outcome = Outcome(job, OutcomeStatus.PENDING, account=lane.name)
@@ -429,6 +478,8 @@ class Executor:
         if not held:
             for slot in slots:
                 await slot.acquire()
+            if claim is not None:
+                await claim.release(taken=True)
         try:
             if earlier is None:
                 outcome.submitted = await self._paid_submit(job, lane)

@@ -72,6 +72,26 @@ class Slots:
             self._closed = True
             self._changed.notify_all()
 
+    async def room(self, claimed: Callable[[], int]) -> None:
+        """Wait until a slot is free beyond the `claimed()` ones (jobs taken for a slot here
+        that do not hold it yet), without taking it: for a worker that takes a job from a
+        queue shared with other accounts only once this one has room for it. It counts as
+        waiting (a step up is taken when due)."""
+        async with self._changed:
+            self._waiting += 1
+            try:
+                while self.held + claimed() >= self.limit and not self._closed:
+                    if self._timer is None:
+                        self._arm()
+                    await self._changed.wait()
+            finally:
+                self._waiting -= 1
+
+    async def nudge(self) -> None:
+        """Room was given back without a slot being released (a claim let go)."""
+        async with self._changed:
+            self._changed.notify_all()
+
     async def acquire(self) -> None:
         async with self._changed:
             self._waiting += 1

@@ -292,6 +292,7 @@ class Api:
                 "model": task.model,
                 "request": task.request,
                 "route": task.route,
+                "account": task.owner,  # the key that submitted it ("": the only account)
                 "time": task.start_time,
                 # when it is Ready; `task_ttl` seconds later the emulator forgets it
                 "duration": task.duration,
