@@ -397,3 +397,26 @@ def test_two_accounts_holding_one_key_are_refused(pool: Pool,
     assert result == Run(1, "", f"fluxbatch: accounts 'studio-a' and 'studio-b' of the "
                                 f"accounts file {pool.root / 'accounts.yaml'} hold the same "
                                 "key: one key is one account, with one cap\n")
+
+
+def test_a_shard_merged_with_tasks_in_flight_is_collected_with_each_task_s_own_account(
+        pool: Pool) -> None:
+    """`merge` carries over a shard's tasks in flight with the account that paid for each:
+    the merged root polls each with its own key (another account's key would be told "Task
+    not found", and the image paid for again)."""
+    pool.write(recipe_text(6), accounts_text("studio-a", "studio-b", "studio-c"))
+    shard = pool.root / "shard"
+    pool.emulator.reconfigure(latency=3.0)
+    left = pool.render("--timeout", "0.1", "--out", str(shard))
+    assert left.code == 1, left
+    pool.emulator.reconfigure(latency=0.05)
+    paid = owners(pool.emulator)
+
+    merged = pool("merge", str(pool.root / "recipe.yaml"), str(shard))
+    assert merged.code == 0, merged
+    collected = pool.render()
+
+    assert collected.code == 0, collected
+    assert pool.emulator.stats.foreign_polls == 0
+    assert len(pool.emulator.submissions) == 6  # each image paid once
+    assert {key: account for key, (_, account, _) in pool.ledger().items()} == paid
