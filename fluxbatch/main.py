@@ -134,6 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true",
                    help="say which matrix rule produced or removed each combination")
     _selection_arguments(p)
+    p.add_argument("--emit", choices=("github", "kubernetes"),
+                   help="print a ready job file instead: a GitHub Actions workflow or a "
+                   "Kubernetes Indexed Job that renders the recipe in --shards N shards")
+    p.add_argument("--shards", type=_positive_int, metavar="N",
+                   help="with --emit: how many shards (machines) render it")
+    p.add_argument("--accounts", metavar="FILE",
+                   help="with --emit: every shard renders with this accounts file, its keys "
+                   "from secrets of the names it gives")
+    p.add_argument("--store", metavar="URL",
+                   help="with --emit: every shard renders with this shared store "
+                   "(FLUXBATCH_STORE), and the last step pulls from it")
 
     p = sub.add_parser("render", help="render every missing or stale image, and the manifest")
     _recipe_arguments(p, yes="accept a plan of more images than the recipe's max_jobs, and "
@@ -345,8 +356,24 @@ def _plan(args: argparse.Namespace) -> int:
         raise UsageError("plan --format markdown: a comment is of a change; add --diff REF")
     from fluxbatch.commands.plan import plan
 
+    if args.emit or args.shards:
+        return _emit(args)
+    if args.accounts or args.store:
+        raise UsageError("plan: --accounts and --store go with --emit")
     return plan(recipe=args.recipe, out=args.out, yes=args.yes, form=args.form,
                 explain=args.explain, only=args.only, shard=_shard_of(args))
+
+
+def _emit(args: argparse.Namespace) -> int:
+    from fluxbatch.commands.plan import emit_jobs
+
+    if not (args.emit and args.shards):
+        raise UsageError("plan: --emit github|kubernetes and --shards N go together")
+    if args.only or args.shard or args.form != "table" or args.explain:
+        raise UsageError("plan --emit: the job file renders every image; --only, --shard, "
+                         "--json, --jsonl and --explain do not go with it")
+    return emit_jobs(recipe=args.recipe, out=args.out, yes=args.yes, engine=args.emit,
+                     shards=args.shards, accounts_file=args.accounts, store=args.store)
 
 
 def _render(args: argparse.Namespace) -> int:

@@ -478,7 +478,7 @@ def shard_from(environ: Mapping[str, str]) -> tuple[int, int]:
             return parse_shard(given)
         except ConfigError as error:
             raise ConfigError(str(error).replace(f"--shard {given!r}",
-                                                 f"{SHARD_ENV}={given!r}")) from None
+                                                 f"auto: {SHARD_ENV}={given!r}")) from None
     index, count = environ.get(INDEX_ENV, "").strip(), environ.get(SHARDS_ENV, "").strip()
     if index and count:
         where = f"{INDEX_ENV}={index!r} with {SHARDS_ENV}={count!r}"

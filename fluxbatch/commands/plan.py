@@ -94,6 +94,25 @@ def plan(*, recipe: str, out: str | None, yes: bool, form: str = TABLE, explain:
     return EXIT_OK
 
 
+def emit_jobs(*, recipe: str, out: str | None, yes: bool, engine: str, shards: int,
+              accounts_file: str | None, store: str | None) -> int:
+    """`plan --shards N --emit ENGINE`: the job file on stdout (`commands.emit`)."""
+    from fluxbatch import accounts
+    from fluxbatch.commands.emit import emit
+
+    the_plan = load_plan(recipe, out=out, yes=yes)
+    pool = None
+    if accounts_file is not None:
+        pool = accounts.for_provider(accounts.load(accounts_file), the_plan.recipe.provider.name,
+                                     accounts.describe(accounts_file))
+    sys.stdout.write(emit(the_plan, engine=engine, shards=shards, recipe=recipe, pool=pool,
+                          accounts_file=accounts_file, store=store))
+    if shards > len(the_plan.jobs):
+        print(f"note: {plural(shards, 'shard')} for {plural(len(the_plan.jobs), 'image')}: "
+              "some shards have nothing to render", file=sys.stderr)
+    return EXIT_OK
+
+
 # -- the summary --------------------------------------------------------------------------
 
 
