@@ -110,6 +110,14 @@ def emit_jobs(*, recipe: str, out: str | None, yes: bool, engine: str, shards: i
     if shards > len(the_plan.jobs):
         print(f"note: {plural(shards, 'shard')} for {plural(len(the_plan.jobs), 'image')}: "
               "some shards have nothing to render", file=sys.stderr)
+    shared = [account.name for account in pool or ()
+              if shards * (account.cap or models.ACCOUNT_CONCURRENCY) >
+              models.ACCOUNT_CONCURRENCY]
+    if shards > 1 and shared:
+        share = max(1, models.ACCOUNT_CONCURRENCY // shards)
+        print(f"note: every shard uses every account of {accounts_file}, so {shards} shards "
+              f"share each account's cap of {models.ACCOUNT_CONCURRENCY}: give "
+              f"{', '.join(shared)} `cap: {share}` there (see docs/scale.md)", file=sys.stderr)
     return EXIT_OK
 
 
