@@ -10,7 +10,7 @@ import contextlib
 import itertools
 import json
 import random
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -22,7 +22,7 @@ import pytest
 
 from fluxbatch import providers
 from fluxbatch.errors import StateError
-from fluxbatch.execute import Executor, Image, Settings, Unusable
+from fluxbatch.execute import Executor, Image, PoolAccount, Settings, Unusable
 from fluxbatch.expand import Job
 from fluxbatch.matrix import Combination
 from fluxbatch.money import Budget
@@ -283,6 +283,7 @@ class Harness:
     provider: providers.Provider = field(
         default_factory=lambda: Bfl(providers.REGISTRY["bfl"], BASE, Secret(KEY)))
     budget: Budget | None = None
+    accounts: list[PoolAccount] | None = None
 
     def __post_init__(self) -> None:
         self.api = FakeApi(self.time)
@@ -296,7 +297,8 @@ class Harness:
                     self.provider, wire, journal=self.journal, writer=self.writer,
                     settings=self.settings, on_event=self.events.append,
                     sleep=self.time.sleep, clock=self.time.clock, rng=random.Random(0),
-                    prepare=self.prepare, submit_via=self.submit_via, budget=self.budget)
+                    prepare=self.prepare, submit_via=self.submit_via, budget=self.budget,
+                    accounts=self.accounts)
                 started(self.executor)
                 return await self.executor.run(list(jobs), attach)
 
@@ -1554,3 +1556,51 @@ def test_a_render_cancelled_while_it_waits_leaves_no_task_behind() -> None:
         return asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
 
     assert asyncio.run(main()) == set()
+
+
+# -- a pool of accounts ---------------------------------------------------------------------------
+
+
+def pool_of(*caps: int) -> list[PoolAccount]:
+    return [PoolAccount(f"acct-{n}", Bfl(providers.REGISTRY["bfl"], BASE, Secret(f"key-{n}")),
+                        cap, {}, f"KEY_{n}") for n, cap in enumerate(caps)]
+
+
+def test_a_pool_renders_in_the_ideal_time_each_account_within_its_cap() -> None:
+    h = Harness(time=VirtualTime(), accounts=pool_of(2, 3, 4))
+    jobs = [make_job(i) for i in range(45)]
+    for job in jobs:
+        h.api.durations[str(job.prompt)] = 2.0
+    over: list[dict[str | None, int]] = []
+
+    def watch(executor: Executor) -> None:
+        def on_request(request: httpx.Request) -> None:
+            flying = executor.in_flight()
+            if any(flying[lane.name] > lane.cap for lane in executor.lanes):
+                over.append(flying)
+        h.api.on_request = on_request
+
+    outcomes = h.run(jobs, started=watch)
+
+    assert statuses(outcomes) == ["written"] * 45
+    assert over == []
+    ideal = 45 / 9 * 2.0
+    assert ideal <= h.time.now <= ideal + 1.0  # (the first submits go one by one, per account)
+    keys = Counter(request.headers["x-key"] for request in h.api.posts())
+    assert keys == {"key-0": 10, "key-1": 15, "key-2": 20}  # each as its cap allows
+
+
+def test_a_small_render_is_spread_over_the_pool_not_taken_by_its_first_account() -> None:
+    h = Harness(time=VirtualTime(), accounts=pool_of(24, 24, 24))
+    jobs = [make_job(i) for i in range(12)]
+
+    outcomes = h.run(jobs)
+
+    assert statuses(outcomes) == ["written"] * 12
+    assert Counter(request.headers["x-key"] for request in h.api.posts()) == {
+        "key-0": 4, "key-1": 4, "key-2": 4}
+    polled = {request.url.params["id"]: request.headers["x-key"]
+              for request in h.api.requests if request.url.path == "/v1/get_result"}
+    submitted = {f"task-{n + 1}": request.headers["x-key"]
+                 for n, request in enumerate(h.api.posts())}
+    assert polled == submitted  # each task polled with the key that submitted it
