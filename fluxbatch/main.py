@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("spend", help="what the ledger says was paid, offline")
     p.add_argument("root", nargs="?", default=".", metavar="ROOT",
                    help="an output root, or a recipe (its output root); default: here")
-    p.add_argument("--by", choices=("recipe", "job", "model", "day", "run"), default="recipe",
+    p.add_argument("--by", choices=("recipe", "job", "model", "day", "run", "account"),
+                   default="recipe",
                    help="group by (default: recipe)")
     p.add_argument("--since", metavar="DATE", help="only submits from this day on (UTC), "
                    "like 2026-05-01")

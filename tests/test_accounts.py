@@ -5,6 +5,7 @@ longer configured held back. Against the emulator with one account per key."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -420,3 +421,14 @@ def test_a_shard_merged_with_tasks_in_flight_is_collected_with_each_task_s_own_a
     assert pool.emulator.stats.foreign_polls == 0
     assert len(pool.emulator.submissions) == 6  # each image paid once
     assert {key: account for key, (_, account, _) in pool.ledger().items()} == paid
+
+
+def test_spend_by_account_says_what_each_account_paid(pool: Pool) -> None:
+    pool.write(recipe_text(9), accounts_text("studio-a", "studio-b", "studio-c"))
+    assert pool.render().code == 0
+
+    result = pool("spend", str(pool.root), "--by", "account", "--json")
+
+    assert result.code == 0, result
+    groups = {group["group"]: group["paid"] for group in json.loads(result.out)["groups"]}
+    assert groups == dict(Counter(owners(pool.emulator).values()))
