@@ -432,3 +432,26 @@ def test_spend_by_account_says_what_each_account_paid(pool: Pool) -> None:
     assert result.code == 0, result
     groups = {group["group"]: group["paid"] for group in json.loads(result.out)["groups"]}
     assert groups == dict(Counter(owners(pool.emulator).values()))
+
+
+def test_the_balance_check_adds_up_the_pool_s_accounts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # flux-dev costs 2.5 credits: 5 images fit in the pool's 12.5 credits, 6 do not
+    credits = {"studio-a": 2.5, "studio-b": 5.0, "studio-c": 5.0}
+    with emulator_of(("studio-a", 3), ("studio-b", 3), ("studio-c", 3),
+                     credits=credits) as emulator:
+        pool = Pool(tmp_path / "project", emulator, capsys, monkeypatch)
+        pool.write(recipe_text(6), accounts_text("studio-a", "studio-b", "studio-c"))
+
+        refused = pool.render()
+
+        assert emulator.stats.submits == 0
+        pool.write(recipe_text(5), accounts_text("studio-a", "studio-b", "studio-c"))
+        rendered = pool.render()
+    assert refused == Run(1, "", (
+        "fluxbatch: the estimated cost $0.15 of the 6 images to render is over the balance of "
+        "the pool's 3 accounts, $0.125 in all (studio-a $0.025, studio-b $0.05, studio-c "
+        f"$0.05) (emulator at {emulator.base_url}); nothing was sent. Add credits, or pass "
+        "--yes to render until the provider refuses\n"))
+    assert rendered.code == 0 and rendered.out.startswith("5 written;"), rendered
