@@ -5,10 +5,10 @@
 Target (issue "Fan out on the engines teams already run"): wall time ≤ 1.05 × the ideal
 `jobs / 240 × L`. The baseline, measured in the same run on the same jobs: one account with a
 cap of 240 (`-j 240`), which has no pool to spread over; the pool's wall time is also printed
-as a ratio to it (a loaded machine slows both alike). Printed beside them: the ratio against the latencies the emulator actually
-drew, each account's peak of tasks in flight (never over 24) and its share of the submits,
-polls made with another account's key (must be 0), 429s, and the CPU the render and its
-outbox used per wall second.
+as a ratio to it (a loaded machine slows both alike). Printed beside them: the ratio against
+the latencies the emulator actually drew, each account's peak of tasks in flight (never over
+24) and its share of the submits, polls made with another account's key (must be 0), 429s,
+and the CPU the render and its outbox used per wall second.
 
 The emulator runs in a separate process (bench/harness.py), so the CPU figure is fluxbatch's.
 Run:

@@ -182,8 +182,8 @@ async def arender(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] |
     so many seconds; `accounts` names an accounts file (else `FLUXBATCH_ACCOUNTS` in
     `environ`): the render spreads over its accounts, each key read from `environ`
     (`Report.accounts`, `Report.accounts_out`); `on_event` is called with each `Event`
-    (submitted, ready, written, failed, ...) on the event loop's thread. Cancelling the call stops at
-    once: every task already paid for is in the state store, and the next render collects
+    (submitted, ready, written, failed, ...) on the event loop's thread. Cancelling the call
+    stops at once: every task already paid for is in the state store, and the next render collects
     it without paying again."""
     built = recipe.plan if isinstance(recipe, Planned) else _plan(recipe, out, yes, verify)
     options = Options(concurrency=jobs, base_url=base_url, force=force, only=tuple(only),

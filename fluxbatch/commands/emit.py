@@ -26,11 +26,12 @@ from typing import Any
 
 import yaml
 
-from fluxbatch import __version__, providers
+from fluxbatch import providers
 from fluxbatch.accounts import Account
 from fluxbatch.errors import UsageError
 from fluxbatch.expand import Plan
 from fluxbatch.selection import SHARD_ENV, SHARDS_ENV
+from fluxbatch.version import __version__
 
 GITHUB, KUBERNETES = "github", "kubernetes"
 ENGINES = (GITHUB, KUBERNETES)
