@@ -347,20 +347,20 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    if args.emit or args.shards:
+        return _emit(args)
+    if args.accounts or args.store:
+        raise UsageError("plan: --accounts and --store go with --emit")
     if args.diff is not None:
         from fluxbatch.commands.diff import check_form, plan_diff
 
         check_form(args.form, explain=args.explain)
         return plan_diff(recipe=args.recipe, out=args.out, yes=args.yes, ref=args.diff,
-                         form=args.form, only=args.only, shard=args.shard)
+                         form=args.form, only=args.only, shard=_shard_of(args))
     if args.form == "markdown":
         raise UsageError("plan --format markdown: a comment is of a change; add --diff REF")
     from fluxbatch.commands.plan import plan
 
-    if args.emit or args.shards:
-        return _emit(args)
-    if args.accounts or args.store:
-        raise UsageError("plan: --accounts and --store go with --emit")
     return plan(recipe=args.recipe, out=args.out, yes=args.yes, form=args.form,
                 explain=args.explain, only=args.only, shard=_shard_of(args))
 
@@ -370,9 +370,9 @@ def _emit(args: argparse.Namespace) -> int:
 
     if not (args.emit and args.shards):
         raise UsageError("plan: --emit github|kubernetes and --shards N go together")
-    if args.only or args.shard or args.form != "table" or args.explain:
+    if args.only or args.shard or args.form != "table" or args.explain or args.diff:
         raise UsageError("plan --emit: the job file renders every image; --only, --shard, "
-                         "--json, --jsonl and --explain do not go with it")
+                         "--json, --jsonl, --format, --diff and --explain do not go with it")
     return emit_jobs(recipe=args.recipe, out=args.out, yes=args.yes, engine=args.emit,
                      shards=args.shards, accounts_file=args.accounts, store=args.store)
 

@@ -210,8 +210,8 @@ def test_the_kubernetes_job_with_a_store_needs_no_volume_claim(project: Path,
     (["--emit", "github"], "plan: --emit github|kubernetes and --shards N go together"),
     (["--shards", "3"], "plan: --emit github|kubernetes and --shards N go together"),
     (["--emit", "github", "--shards", "2", "--json"],
-     "plan --emit: the job file renders every image; --only, --shard, --json, --jsonl and "
-     "--explain do not go with it"),
+     "plan --emit: the job file renders every image; --only, --shard, --json, --jsonl, "
+     "--format, --diff and --explain do not go with it"),
     (["--accounts", "accounts.yaml"], "plan: --accounts and --store go with --emit"),
 ])
 def test_emit_options_that_do_not_go_together_are_one_line(
