@@ -359,7 +359,13 @@ class Executor:
             if earlier is None:
                 queues[job.model].append(position)
                 continue
-            lane = self._lanes.get(paid_by.get(job.key), self.lanes[0])
+            lane = self._lanes.get(paid_by.get(job.key))
+            if lane is None:  # (the selection holds such a task back: never another's key)
+                outcomes[position] = self._finish(Outcome(
+                    job, OutcomeStatus.PENDING, f"paid through {_paid_by(paid_by.get(job.key))}"
+                    ", which this run does not use: only its own key polls it",
+                    submitted=earlier))
+                continue
             # Paid already, and perhaps about to expire: polled now, on its own, whatever -j
             # is. Its slots are taken at once, even past the limit (the provider may still
             # be working on it, and counts it), so that new submits wait for it, not it for
@@ -1010,6 +1016,10 @@ def _submit_error(response: httpx.Response, key_env: str | None,
     if status == 402:
         return _Refused(f"{_whose(account)}out of credits ({message})")
     return JobFailed(f"rejected: {message}")
+
+
+def _paid_by(account: str | None) -> str:
+    return f"account {account}" if account is not None else "the provider's own key variable"
 
 
 def _whose(account: str | None) -> str:

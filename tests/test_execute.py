@@ -1604,3 +1604,16 @@ def test_a_small_render_is_spread_over_the_pool_not_taken_by_its_first_account()
     submitted = {f"task-{n + 1}": request.headers["x-key"]
                  for n, request in enumerate(h.api.posts())}
     assert polled == submitted  # each task polled with the key that submitted it
+
+
+def test_a_task_of_an_account_not_in_the_pool_is_never_polled_with_another_key() -> None:
+    h = Harness(time=VirtualTime(), accounts=pool_of(24, 24))
+    job = make_job(0)
+    earlier = Submitted("task-9", f"{POLL_BASE}/v1/get_result?id=task-9", 4.0)
+
+    [outcome] = h.run([job], {job.key: earlier}, started=lambda executor: None)
+
+    assert (outcome.status, outcome.reason) == (
+        "pending", "paid through the provider's own key variable, which this run does not "
+        "use: only its own key polls it")
+    assert h.api.requests == []
