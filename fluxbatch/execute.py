@@ -300,7 +300,8 @@ class Executor:
         self._taken: list[Outcome] = []
         # Downloads and writes at once, paid tasks all (attached ones are not bounded by
         # workers): as many as the workers of one model could run before attaching was apart.
-        self._collecting = asyncio.Semaphore(2 * self.settings.account_cap)
+        # (With a pool, as many as all its accounts' workers could.)
+        self._collecting = asyncio.Semaphore(2 * sum(lane.cap for lane in self.lanes))
         self._stop_event = asyncio.Event()
         # Slow start: until one submit of an account is accepted, its submits go one at a time
         # (`_Lane`); with a budget, also until a model's cost is known, that model's submits
@@ -347,8 +348,8 @@ class Executor:
                   paid_by: Mapping[str, str | None] | None = None) -> list[Outcome]:
         """Run every job; `attach` maps a job key to a task submitted by an earlier run,
         which is polled again instead of paid for again, with the key of the account that
-        paid for it (`paid_by`, by job key; none: the first). Returns outcomes in job
-        order."""
+        paid for it (`paid_by`, by job key; none: the provider's own key). Returns outcomes in
+        job order."""
         attach = attach or {}
         paid_by = paid_by or {}
         outcomes: list[Outcome | None] = [None] * len(jobs)
