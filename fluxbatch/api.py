@@ -143,14 +143,16 @@ def render(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] | None =
            on_event: Callable[[Event], None] | None = None,
            environ: Mapping[str, str] | None = None,
            transport: httpx.AsyncBaseTransport | None = None,
-           store: str | None = None) -> Report:
+           store: str | None = None,
+           accounts: str | os.PathLike[str] | None = None) -> Report:
     """Render every missing or stale image of the recipe, and its manifest, as
     `fluxbatch render` does; returns the `Report`. Must not be called from a running event
     loop: use `arender` there. See `arender` for the arguments."""
     return asyncio.run(arender(
         recipe, out=out, yes=yes, base_url=base_url, jobs=jobs, only=only, shard=shard,
         force=force, retry_unknown=retry_unknown, verify=verify, budget=budget,
-        timeout=timeout, on_event=on_event, environ=environ, transport=transport, store=store))
+        timeout=timeout, on_event=on_event, environ=environ, transport=transport, store=store,
+        accounts=accounts))
 
 
 async def arender(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] | None = None,
@@ -161,7 +163,8 @@ async def arender(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] |
                   on_event: Callable[[Event], None] | None = None,
                   environ: Mapping[str, str] | None = None,
                   transport: httpx.AsyncBaseTransport | None = None,
-                  store: str | None = None) -> Report:
+                  store: str | None = None,
+                  accounts: str | os.PathLike[str] | None = None) -> Report:
     """Render the recipe (a path, a loaded `Recipe`, or what `plan` returned: then that
     very plan, not expanded again). `base_url` sends the requests (and the key) elsewhere (loopback,
     or the provider's own hosts); `jobs` caps the tasks in flight (default: the provider's
@@ -170,18 +173,22 @@ async def arender(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] |
     recipe it continues; `Report.budget` says what was spent, `Report.stopped` why it
     stopped); `yes` also renders when the estimate is over the account's balance (which is
     checked where the provider offers a balance query); `timeout` gives up on one task after
-    so many seconds; `on_event` is called with each `Event` (submitted,
-    ready, written, failed, ...) on the event loop's thread. `store` is a shared store's URL
-    (default: `FLUXBATCH_STORE` in `environ`; "" for none): each image is claimed there
-    before it is paid for, taken from there when it holds it, and uploaded there once
-    downloaded (`FLUXBATCH_ACCOUNT` in `environ` names the account, so that another run of
-    it may collect this run's tasks). Cancelling the call stops at once: every task already
-    paid for is in the state store, and the next render collects it without paying again."""
+    so many seconds; `accounts` names an accounts file (else `FLUXBATCH_ACCOUNTS` in
+    `environ`): the render spreads over its accounts, each key read from `environ`
+    (`Report.accounts`, `Report.accounts_out`); `on_event` is called with each `Event`
+    (submitted, ready, written, failed, ...) on the event loop's thread. `store` is a shared
+    store's URL (default: `FLUXBATCH_STORE` in `environ`; "" for none): each image is claimed
+    there before it is paid for, in the name of the account that pays for it (an account of
+    the pool, else the one `FLUXBATCH_ACCOUNT` in `environ` names, so that another run of it
+    may collect this run's tasks), taken from there when it holds it, and uploaded there once
+    downloaded. Cancelling the call stops at once: every task already paid for is in the
+    state store, and the next render collects it without paying again."""
     built = recipe.plan if isinstance(recipe, Planned) else \
         load_plan(recipe, out=out, yes=yes, verify=verify, reuse=True)
     options = Options(concurrency=jobs, base_url=base_url, force=force, only=tuple(only),
                       retry_unknown=retry_unknown, verify=verify, budget=budget, shard=shard,
-                      task_timeout=timeout, yes=yes, store=store)
+                      task_timeout=timeout, yes=yes, store=store,
+                      accounts=None if accounts is None else os.fspath(accounts))
     return await Render(built, options, environ=environ, on_event=on_event,
                         transport=transport).run()
 

@@ -34,6 +34,14 @@ requests are retried"):
 - with a shared store, a submit may find the key claimed by another run (`Claimed`, raised
   by the sender: nothing was sent); it then collects that run's task instead, or raises
   `Elsewhere` when the image comes from the store, awaited once the job's slots are free.
+- a pool of accounts (`PoolAccount`, from `--accounts`): each account has its own slots,
+  caps and slow-start probe, and its own workers taking jobs from the one queue per model,
+  so that each job goes to an account with room. Each task is polled, and downloaded again
+  if need be, with the key of the account that paid for it. An account that refuses (its
+  key, or out of credits: 401, 403, 402) leaves the pool with one event; the job it refused
+  goes back to the queue, and the others go on. Only when no account is left does the run
+  stop. The budget, the prices and the run's other limits are the render's, not an
+  account's.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ import os
 import random
 import tempfile
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,9 +112,9 @@ class Image:
 class Journal(Protocol):
     """Where lifecycle changes are recorded, each durably, before the next step."""
 
-    def reserve(self, job: Job, usd: float | None) -> None: ...
+    def reserve(self, job: Job, usd: float | None, account: str | None = None) -> None: ...
 
-    def submitting(self, job: Job) -> None: ...
+    def submitting(self, job: Job, account: str | None = None) -> None: ...
 
     def not_sent(self, job: Job) -> None: ...
 
@@ -123,8 +131,8 @@ Sender = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
 class Claimed(Exception):  # (not an error: the image comes by another road)
     """A sender's answer: the shared store holds the key (another run claimed it), and nothing
-    was sent. `settle()` gives that run's task to collect (paid through the same account), or
-    raises `Elsewhere`."""
+    was sent. `settle()` gives that run's task to collect (paid through the account that
+    submits this job), or raises `Elsewhere`."""
 
     def __init__(self, settle: Callable[[], Awaitable[Submitted]]) -> None:
         super().__init__("claimed")
@@ -133,16 +141,107 @@ class Claimed(Exception):  # (not an error: the image comes by another road)
 
 class Elsewhere(Exception):  # (not an error: the image comes by another road)
     """A sender's settling: this job's image comes from the shared store (another run holds
-    it, or is making it). `outcome` is awaited once the job's slots are free; it ends the job."""
+    it, or is making it), or that run's task is collected through another account of the
+    pool. `outcome` is awaited once the job's slots are free; it ends the job."""
 
     def __init__(self, outcome: Awaitable[Outcome]) -> None:
         super().__init__("elsewhere")
         self.outcome = outcome
 
 
+@dataclass(frozen=True, slots=True)
+class PoolAccount:
+    """One account of the pool: its name (None: the provider's own key variable, the only
+    account), the provider built with its key, its caps, and the variable that holds its key
+    (for messages)."""
+
+    name: str | None
+    provider: Provider
+    cap: int
+    model_caps: Mapping[str, int]
+    key_env: str | None = None
+
+
+class _Lane:
+    """An account as the executor drives it: its slots, and its slow start (until one of its
+    submits is accepted, they go one at a time: a wrong key or an empty account costs one
+    request)."""
+
+    def __init__(self, account: PoolAccount, clock: Callable[[], float],
+                 sleep: Callable[[float], Awaitable[None]]) -> None:
+        self.name = account.name
+        self.provider = account.provider
+        self.key_env = account.key_env
+        self.cap = account.cap
+        self.model_caps = account.model_caps
+        self.slots = Slots(account.cap, clock, sleep)
+        self.model_slots: dict[str, Slots] = {}
+        self._clock, self._sleep = clock, sleep
+        self.accepted = asyncio.Event()
+        self.probe = asyncio.Lock()
+        self.out: str | None = None  # why it left the pool
+        # Jobs its workers took from the queue that do not hold their slots yet, in all and
+        # per model: a worker takes a job only when there is room beyond these, so that
+        # each job goes to an account with room for it.
+        self.claims = 0
+        self.model_claims: Counter[str] = Counter()
+
+    async def claim(self, model: str) -> None:
+        """Wait for room for one more job of `model`, and claim it (see `claims`)."""
+        while True:
+            await self.slots.room(lambda: self.claims)
+            await self.model(model).room(lambda: self.model_claims[model])
+            if self.slots.held + self.claims < self.slots.limit or self.out is not None:
+                break  # (the room for the account may have gone while waiting for the model)
+        self.claims += 1
+        self.model_claims[model] += 1
+
+    async def unclaim(self, model: str, *, taken: bool) -> None:
+        """Its job took its slots (`taken`), or let its claim go: then others may claim."""
+        self.claims -= 1
+        self.model_claims[model] -= 1
+        if not taken:
+            for slots in self.both(model):
+                await slots.nudge()
+
+    def model(self, model: str) -> Slots:
+        slots = self.model_slots.get(model)
+        if slots is None:
+            cap = min(self.model_caps.get(model, self.cap), self.cap)
+            slots = self.model_slots[model] = Slots(cap, self._clock, self._sleep)
+        return slots
+
+    def both(self, model: str) -> tuple[Slots, Slots]:
+        return self.slots, self.model(model)
+
+
+class _Claim:
+    """A worker's claim on room in its account, let go once (when its job takes its slots,
+    or never gets that far)."""
+
+    def __init__(self, lane: _Lane, model: str) -> None:
+        self.lane, self.model = lane, model
+        self.held = True
+
+    async def release(self, *, taken: bool) -> None:
+        if self.held:
+            self.held = False
+            await self.lane.unclaim(self.model, taken=taken)
+
+
+
 class _Fatal(Exception):
     """The run cannot go on: the provider refused the account (bad key, no credits), the
     host cannot be reached, or this machine cannot record results. Stop submitting."""
+
+
+class _Refused(_Fatal):
+    """The provider refused an account (its key, or out of credits): that account leaves the
+    pool; the run stops only when none is left."""
+
+
+class _LaneOut(Exception):
+    """The job's account left the pool before its submit went: it goes back to the queue."""
 
 
 class _Unknown(Exception):
@@ -186,10 +285,11 @@ class Executor:
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None,
-                 submit_via: Callable[[Job], Sender] | None = None,
+                 submit_via: Callable[[Job, str | None], Sender] | None = None,
                  spool: Path | None = None,
                  prepare: Callable[[Job], Awaitable[Mapping[str, Any]]] | None = None,
-                 budget: Budget | None = None, prices: Prices | None = None) -> None:
+                 budget: Budget | None = None, prices: Prices | None = None,
+                 accounts: Sequence[PoolAccount] | None = None) -> None:
         self.provider = provider
         self.wire = wire
         self.journal = journal
@@ -199,8 +299,9 @@ class Executor:
         self.sleep = sleep
         self.clock = clock
         self.rng = rng or random.Random()
-        # How a paid submit is sent: by default over the wire; the render pipeline passes the
-        # outbox, which commits each answer in the state store before returning it.
+        # How a paid submit is sent (`submit_via(job, account)`): by default over the wire;
+        # the render pipeline passes the outbox, which commits each answer in the state store
+        # before returning it.
         self.submit_via = submit_via
         self.spool = spool  # where downloads land before the writer reads them
         # The body as sent, made when the job's turn comes (its image inputs read, checked
@@ -208,8 +309,12 @@ class Executor:
         # raises JobFailed when an input cannot be sent.
         self.prepare = prepare
         self._elsewhere: dict[int, Awaitable[Outcome]] = {}  # by id() of the job's outcome
-        self.account = Slots(self.settings.account_cap, clock, sleep)
-        self.model_slots: dict[str, Slots] = {}
+        # The pool: one account (the provider's own key) unless several are given.
+        pool = accounts or [PoolAccount(None, provider, self.settings.account_cap,
+                                        self.settings.model_caps, provider.info.key_env)]
+        self.lanes = [_Lane(account, clock, sleep) for account in pool]
+        self._lanes = {lane.name: lane for lane in self.lanes}
+        self.pooled = accounts is not None  # accounts named by the operator
         self.durations = Durations()
         self.reports_progress: set[str] = set()  # models whose polls carry `progress`
         self.stopping = False
@@ -220,16 +325,35 @@ class Executor:
         self._taken: list[Outcome] = []
         # Downloads and writes at once, paid tasks all (attached ones are not bounded by
         # workers): as many as the workers of one model could run before attaching was apart.
-        self._collecting = asyncio.Semaphore(2 * self.settings.account_cap)
+        # (With a pool, as many as all its accounts' workers could.)
+        self._collecting = asyncio.Semaphore(2 * sum(lane.cap for lane in self.lanes))
         self._stop_event = asyncio.Event()
-        # Slow start: until one submit is accepted, submits go one at a time; with a budget,
-        # also until a model's cost is known, that model's submits (`_probe_turn`).
-        self._accepted = asyncio.Event()
-        self._probe = asyncio.Lock()
+        # Slow start: until one submit of an account is accepted, its submits go one at a time
+        # (`_Lane`); with a budget, also until a model's cost is known, that model's submits
+        # (`_probe_turn`).
         self._model_probes: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._probers: dict[asyncio.Lock, Job] = {}  # the job that holds each probe
         self.budget = budget
         self.prices = prices or Prices()
+
+    @property
+    def account(self) -> Slots:
+        """The first account's slots (the only one's, without a pool)."""
+        return self.lanes[0].slots
+
+    @property
+    def model_slots(self) -> dict[str, Slots]:
+        return self.lanes[0].model_slots
+
+    def in_flight(self) -> dict[str | None, int]:
+        """Tasks in flight per account of the pool (accepted or attached, not yet ended)."""
+        return {lane.name: lane.slots.held for lane in self.lanes}
+
+    @property
+    def accounts_out(self) -> dict[str, str]:
+        """The accounts that left the pool, and why."""
+        return {lane.name or "": lane.out.removeprefix(_whose(lane.name))
+                for lane in self.lanes if lane.out is not None}
 
     def is_stopping(self) -> bool:
         return self.stopping
@@ -246,72 +370,102 @@ class Executor:
         self._stop_event.set()
 
     async def run(self, jobs: Sequence[Job],
-                  attach: Mapping[str, Submitted] | None = None) -> list[Outcome]:
+                  attach: Mapping[str, Submitted] | None = None,
+                  paid_by: Mapping[str, str | None] | None = None) -> list[Outcome]:
         """Run every job; `attach` maps a job key to a task submitted by an earlier run,
-        which is polled again instead of paid for again. Returns outcomes in job order."""
+        which is polled again instead of paid for again, with the key of the account that
+        paid for it (`paid_by`, by job key; none: the provider's own key). Returns outcomes in
+        job order."""
         attach = attach or {}
+        paid_by = paid_by or {}
         outcomes: list[Outcome | None] = [None] * len(jobs)
         queues: dict[str, deque[int]] = defaultdict(deque)
-        workers = []
+        collecting = []
         for position, job in enumerate(jobs):
             earlier = attach.get(job.key)
             if earlier is None:
                 queues[job.model].append(position)
                 continue
+            lane = self._lanes.get(paid_by.get(job.key))
+            if lane is None:  # (the selection holds such a task back: never another's key)
+                outcomes[position] = self._not_ours(job, earlier, paid_by.get(job.key))
+                continue
             # Paid already, and perhaps about to expire: polled now, on its own, whatever -j
             # is. Its slots are taken at once, even past the limit (the provider may still
             # be working on it, and counts it), so that new submits wait for it, not it for
             # them.
-            for slot in (self.account, self._model_slots(job.model)):
+            for slot in lane.both(job.model):
                 slot.hold()
-            workers.append(self._collect(position, job, earlier, outcomes))
-        for model, queue in queues.items():
-            cap = self._model_slots(model).cap
-            # Twice the cap: a worker that is downloading must not hold back the next submit.
-            for _ in range(min(len(queue), 2 * cap)):
-                workers.append(self._worker(queue, jobs, outcomes))
-        await asyncio.gather(*workers)
+            collecting.append(self._collect(position, job, earlier, outcomes, lane))
+        submitting = asyncio.ensure_future(self._submit_all(queues, jobs, outcomes))
+        await asyncio.gather(*collecting, submitting)
         return [o if o is not None else Outcome(jobs[i], OutcomeStatus.SKIPPED,
                                                 "not started")
                 for i, o in enumerate(outcomes)]
 
-    def _model_slots(self, model: str) -> Slots:
-        slots = self.model_slots.get(model)
-        if slots is None:
-            cap = min(self.settings.model_caps.get(model, self.settings.account_cap),
-                      self.settings.account_cap)
-            slots = self.model_slots[model] = Slots(cap, self.clock, self.sleep)
-        return slots
+    async def _submit_all(self, queues: dict[str, deque[int]], jobs: Sequence[Job],
+                          outcomes: list[Outcome | None]) -> None:
+        """Workers for each account and model take the queues' jobs. A job an account
+        refused goes back to its queue; should the accounts still in the pool have finished
+        meanwhile, workers start again for what is left."""
+        while any(queues.values()):
+            workers = []
+            lanes = [lane for lane in self.lanes if lane.out is None] or self.lanes[:1]
+            for model, queue in queues.items():
+                # Twice the cap: a worker that is downloading must not hold back the next
+                # submit. Started in turn, account by account, so that each takes its share.
+                counts = [min(len(queue), 2 * lane.model(model).cap) for lane in lanes]
+                for turn in range(max(counts)):
+                    workers += [self._worker(queue, jobs, outcomes, lane)
+                                for lane, count in zip(lanes, counts, strict=True)
+                                if turn < count]
+            await asyncio.gather(*workers)
 
     async def _collect(self, position: int, job: Job, earlier: Submitted,
-                       outcomes: list[Outcome | None]) -> None:
+                       outcomes: list[Outcome | None], lane: _Lane) -> None:
         """A task of an earlier run, its slots already held: polled until it ends (even after
         a stop, when it ends pending at once, and stays recorded)."""
-        outcomes[position] = await self._attempt(job, earlier, None, held=True)
+        outcomes[position] = await self._attempt(job, earlier, None, lane, held=True)
 
     async def _worker(self, queue: deque[int], jobs: Sequence[Job],
-                      outcomes: list[Outcome | None]) -> None:
+                      outcomes: list[Outcome | None], lane: _Lane) -> None:
         while queue:
-            position = queue.popleft()
-            job = jobs[position]
+            if lane.out is not None and not self.fatal:
+                return  # (the accounts still in the pool take the rest)
             if self.stopping or self.fatal or self.budget_reached:
+                position = queue.popleft()
                 reason = self.fatal or (BUDGET_REACHED if self.budget_reached else
                                         "interrupted before it was submitted")
-                outcomes[position] = self._finish(Outcome(job, OutcomeStatus.SKIPPED, reason))
+                outcomes[position] = self._finish(Outcome(jobs[position], OutcomeStatus.SKIPPED,
+                                                          reason))
                 continue
-            outcomes[position] = await self._run_job(job)
+            model = jobs[queue[0]].model
+            await lane.claim(model)  # (only with room for it: then the job is this account's)
+            claim = _Claim(lane, model)
+            try:
+                if not queue:
+                    return
+                position = queue.popleft()
+                try:
+                    outcomes[position] = await self._run_job(jobs[position], lane, claim)
+                except _LaneOut:
+                    queue.appendleft(position)  # another account takes it
+            finally:
+                await claim.release(taken=False)
 
     @property
     def budget_reached(self) -> bool:
         return self.budget is not None and self.budget.reached
 
-    async def _run_job(self, job: Job) -> Outcome:
+    async def _run_job(self, job: Job, lane: _Lane, claim: _Claim | None = None) -> Outcome:
         # Slow start: a probe waits for its turn before taking a slot, so that a probe waiting
         # out a 429 gets its slot back.
-        probe = await self._probe_turn(job.model)
+        probe = await self._probe_turn(job.model, lane)
         if probe is not None:
             self._probers[probe] = job
         try:
+            if lane.out is not None:
+                raise _LaneOut
             if self.budget is not None:
                 price = self.prices.reserve(job.model, job.request)
                 try:
@@ -320,7 +474,7 @@ class Executor:
                     await self.budget.reserve(job.key, price)
                 except BudgetReached:
                     return self._finish(Outcome(job, OutcomeStatus.SKIPPED, BUDGET_REACHED))
-            outcome = await self._attempt(job, None, probe)
+            outcome = await self._attempt(job, None, probe, lane, claim=claim)
         finally:
             self._end_probe(probe, job)
         elsewhere = self._elsewhere.pop(id(outcome), None)
@@ -344,63 +498,80 @@ class Executor:
         self._taken.append(outcome)
         return self._finish(outcome)
 
-    async def collect(self, job: Job, submitted: Submitted) -> Outcome:
-        """Collect a task paid for by another run (through the same account), found after this
-        one started: as a task of an earlier run, its slots taken at once."""
-        for slot in (self.account, self._model_slots(job.model)):
+    async def collect(self, job: Job, submitted: Submitted,
+                      account: str | None = None) -> Outcome:
+        """Collect a task paid for by another run through `account` (an account of the pool;
+        None: the provider's own key), found after this one started: as a task of an earlier
+        run, polled with that account's key, its slots taken at once."""
+        lane = self._lanes.get(account)
+        if lane is None:
+            return self._not_ours(job, submitted, account)
+        for slot in lane.both(job.model):
             slot.hold()
-        return await self._attempt(job, submitted, None, held=True)
+        return await self._attempt(job, submitted, None, lane, held=True)
 
-    def _calibrated(self, model: str) -> bool:
-        return self._accepted.is_set() and (self.budget is None or self.prices.known(model))
+    def _not_ours(self, job: Job, submitted: Submitted, account: str | None) -> Outcome:
+        """A task paid through an account this run does not use: never polled with another
+        account's key, so left pending, with why."""
+        return self._finish(Outcome(
+            job, OutcomeStatus.PENDING, f"paid through {_paid_by(account)}, which this run "
+            "does not use: only its own key polls it", submitted=submitted))
 
-    async def _probe_turn(self, model: str) -> asyncio.Lock | None:
+    def _calibrated(self, model: str, lane: _Lane) -> bool:
+        return lane.accepted.is_set() and (self.budget is None or self.prices.known(model))
+
+    async def _probe_turn(self, model: str, lane: _Lane) -> asyncio.Lock | None:
         """Wait until this submit may go: None when others may go beside it, else the lock
-        it holds as a probe. Until one submit was accepted, one goes at a time (a bad key,
-        an empty account or an unreachable host is learned from one request, not from one
-        per image); with a budget, until a model's cost is known, one of that model at a
-        time (its answer sets the price the others reserve)."""
-        while not self._calibrated(model):
-            run_wide = not self._accepted.is_set()
-            lock = self._probe if run_wide else self._model_probes[model]
+        it holds as a probe. Until one submit of the account was accepted, one goes at a time
+        (a bad key, an empty account or an unreachable host is learned from one request, not
+        from one per image); with a budget, until a model's cost is known, one of that model
+        at a time (its answer sets the price the others reserve)."""
+        while not self._calibrated(model, lane) and lane.out is None:
+            account_wide = not lane.accepted.is_set()
+            lock = lane.probe if account_wide else self._model_probes[model]
             await lock.acquire()
-            if self._calibrated(model) or (run_wide and self._accepted.is_set()):
+            if self._calibrated(model, lane) or (account_wide and lane.accepted.is_set()) \
+                    or lane.out is not None:
                 lock.release()
                 continue
             return lock
         return None
 
     async def _attempt(self, job: Job, earlier: Submitted | None,
-                       probe: asyncio.Lock | None, *, held: bool = False) -> Outcome:
+                       probe: asyncio.Lock | None, lane: _Lane, *,
+                       held: bool = False, claim: _Claim | None = None) -> Outcome:
         """Submit (or, with `earlier`, attach) and poll, within a slot (`held`: taken
         already); then download and write."""
-        outcome = Outcome(job, OutcomeStatus.PENDING)
+        outcome = Outcome(job, OutcomeStatus.PENDING, account=lane.name)
         self._taken.append(outcome)
-        slots = (self.account, self.model_slots[job.model])
+        slots = lane.both(job.model)
         if not held:
             for slot in slots:
                 await slot.acquire()
+            if claim is not None:
+                await claim.release(taken=True)
         try:
             if earlier is None:
                 try:
-                    outcome.submitted = await self._paid_submit(job)
+                    outcome.submitted = await self._paid_submit(job, lane)
                 except Claimed as claimed:  # another run's task, to collect: not paid again
                     earlier = await claimed.settle()
                     self._end_probe(probe, job)
             if earlier is None:
                 assert outcome.submitted is not None
                 if probe is not None:
-                    self._accepted.set()
+                    lane.accepted.set()
                     self._end_probe(probe, job)
                 outcome.submitted_at = time.time()
                 self.journal.submitted(job, outcome.submitted, outcome.submitted_at)
-                self.on_event(Event(EventKind.SUBMITTED, job, cost=outcome.submitted.cost))
+                self.on_event(Event(EventKind.SUBMITTED, job, cost=outcome.submitted.cost,
+                                    account=lane.name))
             else:
                 outcome.submitted = earlier
                 for slot in slots:
                     slot.attached()
-                self.on_event(Event(EventKind.ATTACHED, job))
-            outcome.polled = await self._poll(job, outcome.submitted,
+                self.on_event(Event(EventKind.ATTACHED, job, account=lane.name))
+            outcome.polled = await self._poll(job, outcome.submitted, lane,
                                               attached=earlier is not None)
         except _Unknown as error:
             if error.stops_run:
@@ -412,8 +583,16 @@ class Executor:
                 else OutcomeStatus.FAILED
             outcome.reason = str(error)
             return self._finish(outcome)
+        except _LaneOut:
+            self._taken.remove(outcome)
+            raise
         except (_Fatal, FluxbatchError) as error:  # (FluxbatchError: the journal failed)
-            self.fatal = self.fatal or str(error)
+            if isinstance(error, _Refused) and await self._leave(lane, job, str(error)):
+                if outcome.submitted is None:  # refused, nothing created: another account
+                    self._taken.remove(outcome)
+                    raise _LaneOut from None
+            else:
+                self.fatal = self.fatal or str(error)
             # A task refused while polling was submitted (maybe paid): keep it re-attachable.
             outcome.status = OutcomeStatus.SKIPPED if outcome.submitted is None \
                 else OutcomeStatus.PENDING
@@ -432,9 +611,27 @@ class Executor:
         finally:
             for slot in slots:
                 await slot.release()
-        return await self._conclude(job, outcome)
+        return await self._conclude(job, outcome, lane)
 
-    async def _conclude(self, job: Job, outcome: Outcome) -> Outcome:
+    async def _leave(self, lane: _Lane, job: Job, reason: str) -> bool:
+        """The provider refused `lane`'s account: it leaves the pool (once). True when other
+        accounts are still in it; when none is, the run stops (`fatal`)."""
+        if lane.out is None:
+            lane.out = reason
+            for slot in (lane.slots, *lane.model_slots.values()):
+                await slot.close()  # (its waiting workers wake, and hand their jobs back)
+            if self.pooled:
+                self.on_event(Event(EventKind.ACCOUNT_OUT, job, reason, account=lane.name))
+        if any(other.out is None for other in self.lanes):
+            return True
+        if not self.pooled:
+            self.fatal = self.fatal or reason
+        else:
+            self.fatal = self.fatal or "no account of the pool is left: " + "; ".join(
+                f"{other.out}" for other in self.lanes)
+        return False
+
+    async def _conclude(self, job: Job, outcome: Outcome, lane: _Lane) -> Outcome:
         polled = outcome.polled
         assert polled is not None and outcome.submitted is not None
         if polled.status != r.READY and self.budget is not None:
@@ -456,7 +653,7 @@ class Executor:
             self.fatal = self.fatal or str(error)
             outcome.status, outcome.reason = OutcomeStatus.PENDING, str(error)
             return self._finish(outcome)
-        task = asyncio.ensure_future(self._bounded_download(job, outcome))
+        task = asyncio.ensure_future(self._bounded_download(job, outcome, lane))
         self._downloading.add(task)
         try:
             return await asyncio.shield(task)
@@ -470,20 +667,20 @@ class Executor:
         finally:
             self._downloading.discard(task)
 
-    async def _bounded_download(self, job: Job, outcome: Outcome) -> Outcome:
+    async def _bounded_download(self, job: Job, outcome: Outcome, lane: _Lane) -> Outcome:
         async with self._collecting:
-            return await self._download_and_write(job, outcome)
+            return await self._download_and_write(job, outcome, lane)
 
-    async def _download_and_write(self, job: Job, outcome: Outcome) -> Outcome:
+    async def _download_and_write(self, job: Job, outcome: Outcome, lane: _Lane) -> Outcome:
         image = None
         try:
-            image = await self._download(job, outcome)
+            image = await self._download(job, outcome, lane)
             try:
                 outcome.written = await self.writer(job, image, outcome)
             except Unusable:  # (a truncated download, say): a fresh URL, once more
                 image.path.unlink(missing_ok=True)
-                await self._fresh_sample(job, outcome)
-                image = await self._download(job, outcome)
+                await self._fresh_sample(job, outcome, lane)
+                image = await self._download(job, outcome, lane)
                 outcome.written = await self.writer(job, image, outcome)
         except _Gone as error:  # the provider forgot the task: only now may it be paid again
             outcome.status, outcome.reason = OutcomeStatus.GONE, str(error)
@@ -507,7 +704,9 @@ class Executor:
                              "without paying again"
             return self._finish(outcome)
         except (_Pending, _Fatal, FluxbatchError) as error:  # a fresh poll, or the journal
-            if not isinstance(error, _Pending):
+            if isinstance(error, _Refused):
+                await self._leave(lane, job, str(error))
+            elif not isinstance(error, _Pending):
                 self.fatal = self.fatal or str(error)
             outcome.status, outcome.reason = OutcomeStatus.PENDING, str(error)
             return self._finish(outcome)
@@ -525,17 +724,18 @@ class Executor:
         except FluxbatchError as error:
             self.fatal = self.fatal or str(error)
         self.on_event(Event(outcome.status, outcome.job, outcome.reason,
-                            outcome.submitted.cost if outcome.submitted else None))
+                            outcome.submitted.cost if outcome.submitted else None,
+                            account=outcome.account))
         return outcome
 
     # -- submit --------------------------------------------------------------------------
 
-    async def _paid_submit(self, job: Job) -> Submitted:
+    async def _paid_submit(self, job: Job, lane: _Lane) -> Submitted:
         """`_submit`, with its reservation reconciled: to the reported cost when accepted;
         spent when the answer was lost; released when it was refused or never left."""
         budget = self.budget
         try:
-            submitted = await self._submit(job)
+            submitted = await self._submit(job, lane)
         except _Unknown:
             if budget is not None:
                 await budget.unknown(job.key)
@@ -550,11 +750,14 @@ class Executor:
             await budget.settle(job.key, cost)
         return submitted
 
-    async def _submit(self, job: Job) -> Submitted:
+    async def _submit(self, job: Job, lane: _Lane) -> Submitted:
+        if lane.out is not None:
+            raise _LaneOut
         body = job.request if self.prepare is None else await self.prepare(job)
-        request = self.provider.submit_request(job.model, body)
+        request = lane.provider.submit_request(job.model, body)
         del body  # (the request holds the encoded body; this would be a second copy)
-        send = self.submit_via(job) if self.submit_via is not None else self.wire.send
+        send = self.submit_via(job, lane.name) if self.submit_via is not None \
+            else self.wire.send
         started = self.clock()
         connect_failures = 0
         rate_limited = 0
@@ -563,11 +766,15 @@ class Executor:
                 raise _Fatal(self.fatal)
             if self.stopping:
                 raise _Skipped("interrupted before the provider accepted it")
+            if lane.out is not None:  # (it left the pool during a 429's wait)
+                raise _LaneOut
             # What it may cost, in the ledger before it leaves (a run killed now still counts
             # it); the answer settles it.
-            self.journal.reserve(job, self.budget.held.get(job.key) if self.budget else None)
+            self.journal.reserve(job, self.budget.held.get(job.key) if self.budget else None,
+                                 lane.name)
             if self.submit_via is None:  # (the outbox records this itself, right before sending)
-                self.journal.submitting(job)  # until the answer comes, the outcome is unknown
+                # until the answer comes, the outcome is unknown
+                self.journal.submitting(job, lane.name)
             try:
                 response = await send(request)
             except Recovered as recovered:  # the outbox died after committing the answer
@@ -584,7 +791,7 @@ class Executor:
                 self.journal.not_sent(job)
                 connect_failures += 1
                 if connect_failures >= self.settings.connect_attempts:
-                    raise _Fatal(f"cannot reach {without_credentials(self.provider.base_url)}: "
+                    raise _Fatal(f"cannot reach {without_credentials(lane.provider.base_url)}: "
                                  f"{r.unreachable_reason(error)}{r.network_hint(error)}") \
                         from None
                 await self._pause(self._backoff(connect_failures))
@@ -595,31 +802,31 @@ class Executor:
             if response.status_code == 429:
                 self.journal.not_sent(job)  # 429: rejected, not processed, not billed
                 rate_limited += 1
-                self.account.rate_limited()
-                self.model_slots[job.model].rate_limited()
+                for slot in lane.both(job.model):
+                    slot.rate_limited()
                 if self.clock() - started > self.settings.rate_limit_timeout:
                     raise JobFailed(f"still rate-limited (429) after "
                                     f"{self.settings.rate_limit_timeout:.0f} s; gave up")
                 delay = retry_after(response) or self._backoff(rate_limited)
                 self.on_event(Event(EventKind.RATE_LIMITED, job,
                                     f"429; retrying in {delay:.1f} s"))
-                await self._wait_outside_slots(job, delay)
+                await self._wait_outside_slots(job, delay, lane)
                 continue
             if response.is_success:
                 try:
-                    submitted = self.provider.read_submitted(response)
+                    submitted = lane.provider.read_submitted(response)
                 except r.BadResponse as error:
                     raise _Unknown(str(error)) from None
-                await self.account.succeeded()
-                await self.model_slots[job.model].succeeded()
+                for slot in lane.both(job.model):
+                    await slot.succeeded()
                 return submitted
-            refusal = _submit_error(response, self.provider.info.key_env)
+            refusal = _submit_error(response, lane.key_env, lane.name)
             if isinstance(refusal, JobFailed | _Fatal):
                 self.journal.not_sent(job)  # a 4xx: refused, nothing was created
             raise refusal
 
-    async def _wait_outside_slots(self, job: Job, delay: float) -> None:
-        slots = (self.account, self.model_slots[job.model])
+    async def _wait_outside_slots(self, job: Job, delay: float, lane: _Lane) -> None:
+        slots = lane.both(job.model)
         for slot in slots:
             await slot.release()
         try:
@@ -656,7 +863,8 @@ class Executor:
 
     # -- poll ----------------------------------------------------------------------------
 
-    async def _poll(self, job: Job, submitted: Submitted, *, attached: bool = False) -> Polled:
+    async def _poll(self, job: Job, submitted: Submitted, lane: _Lane, *,
+                    attached: bool = False) -> Polled:
         """Poll until the task ends. A task of an earlier run (`attached`) is looked at at
         once: it was submitted long ago, and its result may be about to expire."""
         started = self.clock()
@@ -677,7 +885,7 @@ class Executor:
                 await self._pause(delay)
             if self.is_stopping():
                 continue
-            polled = await self._get_poll(job, submitted)
+            polled = await self._get_poll(job, submitted, lane)
             elapsed = self.clock() - started
             if polled.status == r.READY or polled.status in r.MODERATED or \
                     polled.status in r.FAILED:
@@ -726,10 +934,12 @@ class Executor:
                 delay = elapsed * settings.poll_growth
         return min(max(delay, floor), settings.max_poll_interval)
 
-    async def _get_poll(self, job: Job, submitted: Submitted) -> Polled:
+    async def _get_poll(self, job: Job, submitted: Submitted, lane: _Lane) -> Polled:
+        """One poll, with the key of the account that paid for the task."""
         try:
-            build = functools.partial(self.provider.poll_request, submitted)
-            response = await self._get(build, "poll", job, pending_on_failure=True)
+            build = functools.partial(lane.provider.poll_request, submitted)
+            response = await self._get(build, "poll", job, pending_on_failure=True,
+                                       lane=lane)
         except (KeyNotSent, httpx.InvalidURL) as error:
             # The task exists and may be billed, but cannot be collected: its polling URL
             # cannot be sent (a line break in the task id), or would take the key where it
@@ -741,13 +951,13 @@ class Executor:
             raise _Unknown(f"{problem}; the task was created and may have been billed, but "
                            "cannot be collected") from None
         try:
-            return self.provider.read_polled(response)
+            return lane.provider.read_polled(response)
         except r.BadResponse as error:
             raise _Pending(f"unreadable poll answer ({error}); a re-run retries") from None
 
     # -- download ------------------------------------------------------------------------
 
-    async def _download(self, job: Job, outcome: Outcome) -> Image:
+    async def _download(self, job: Job, outcome: Outcome, lane: _Lane) -> Image:
         assert outcome.polled is not None and outcome.submitted is not None
         for attempt in (1, 2):
             sample = outcome.polled.sample
@@ -759,13 +969,13 @@ class Executor:
                 if attempt == 2 or isinstance(error, _Oversized):
                     raise
                 # A signed URL expires (~10 minutes): ask for the result again.
-                await self._fresh_sample(job, outcome)
+                await self._fresh_sample(job, outcome, lane)
         raise AssertionError("unreachable")
 
-    async def _fresh_sample(self, job: Job, outcome: Outcome) -> None:
+    async def _fresh_sample(self, job: Job, outcome: Outcome, lane: _Lane) -> None:
         """Poll a Ready task again, for a fresh sample URL."""
         assert outcome.submitted is not None
-        outcome.polled = await self._get_poll(job, outcome.submitted)
+        outcome.polled = await self._get_poll(job, outcome.submitted, lane)
         status = outcome.polled.status
         if status == r.TASK_NOT_FOUND:
             raise _forgotten(outcome.submitted)
@@ -824,7 +1034,7 @@ class Executor:
         raise JobFailed(f"download failed after {attempts} attempt{plural}: {problem}")
 
     async def _get(self, build: Callable[[], httpx.Request], what: str, job: Job, *,
-                   pending_on_failure: bool) -> httpx.Response:
+                   pending_on_failure: bool, lane: _Lane | None = None) -> httpx.Response:
         """A GET with retries on transient failures (GETs are safe to repeat)."""
         attempts = self.settings.get_attempts
         problem = ""
@@ -848,9 +1058,9 @@ class Executor:
                     return response
                 problem = r.error_message(response)
                 if response.status_code not in (408, 425, 429) and response.status_code < 500:
-                    if response.status_code in (401, 403):
-                        raise _Fatal(f"the provider refused the key while polling: {problem}"
-                                     f"{_check_key(self.provider.info.key_env)}")
+                    if response.status_code in (401, 403) and lane is not None:
+                        raise _Refused(f"{_whose(lane.name)}the provider refused the key while "
+                                       f"polling: {problem}{_check_key(lane.key_env)}")
                     attempts = attempt  # not worth repeating
                     break
                 delay = retry_after(response)
@@ -871,7 +1081,8 @@ def _forgotten(submitted: Submitted) -> _Gone:
                  "('Task not found'; results expire)")
 
 
-def _submit_error(response: httpx.Response, key_env: str | None) -> Exception:
+def _submit_error(response: httpx.Response, key_env: str | None,
+                  account: str | None = None) -> Exception:
     """A submit that was not accepted, by `responses.submit_answer` (the outbox's rule too)."""
     message = r.error_message(response)
     status = response.status_code
@@ -879,10 +1090,20 @@ def _submit_error(response: httpx.Response, key_env: str | None) -> Exception:
         return _Unknown(f"the provider answered {message}; the task may have been created "
                         "and billed")
     if status in (401, 403):
-        return _Fatal(f"the provider refused the API key ({message}){_check_key(key_env)}")
+        return _Refused(f"{_whose(account)}the provider refused the API key ({message})"
+                        f"{_check_key(key_env)}")
     if status == 402:
-        return _Fatal(f"out of credits ({message})")
+        return _Refused(f"{_whose(account)}out of credits ({message})")
     return JobFailed(f"rejected: {message}")
+
+
+def _paid_by(account: str | None) -> str:
+    return f"account {account}" if account is not None else "the provider's own key variable"
+
+
+def _whose(account: str | None) -> str:
+    """`account studio-b: `, before what an account of the pool was told."""
+    return f"account {account}: " if account is not None else ""
 
 
 def _check_key(key_env: str | None) -> str:

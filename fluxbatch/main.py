@@ -45,14 +45,42 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _shard(text: str) -> tuple[int, int]:
-    """`--shard I/N`; a bad one is a usage error (exit 2), found before anything is read."""
+def _shard(text: str) -> tuple[int, int] | str:
+    """`--shard I/N`, or `auto` (read from the environment once the command runs: see
+    `_shard_of`); a bad one is a usage error (exit 2), found before anything is read."""
     from fluxbatch.selection import parse_shard
 
+    if text == "auto":
+        return text
     try:
         return parse_shard(text)
     except ConfigError as error:
         raise argparse.ArgumentTypeError(str(error).removeprefix("--shard ")) from None
+
+
+def _shard_of(args: argparse.Namespace) -> tuple[int, int] | None:
+    """The shard `--shard` names; for `auto`, the one the environment names (a Kubernetes
+    Indexed Job, the emitted GitHub workflow), or one line naming the variables it reads."""
+    from fluxbatch.selection import shard_from
+
+    if args.shard != "auto":
+        shard: tuple[int, int] | None = args.shard
+        return shard
+    try:
+        return shard_from(os.environ)
+    except ConfigError as error:
+        raise UsageError(f"--shard {error}") from None
+
+
+def _emulator_keys(text: str) -> tuple[tuple[str, int | None], ...]:
+    """`--keys alpha:24,beta:12,gamma`: each key, and its cap if given."""
+    keys = []
+    for item in text.split(","):
+        key, colon, cap = item.strip().partition(":")
+        if not key:
+            raise argparse.ArgumentTypeError("each account needs a key: KEY[:CAP],...")
+        keys.append((key, _positive_int(cap) if colon else None))
+    return tuple(keys)
 
 
 def _probability(text: str) -> float:
@@ -104,7 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true",
                    help="say which matrix rule produced or removed each combination")
     _selection_arguments(p)
-    _store_argument(p, "count what it holds as obtainable for nothing")
+    p.add_argument("--emit", choices=("github", "kubernetes"),
+                   help="print a ready job file instead: a GitHub Actions workflow or a "
+                   "Kubernetes Indexed Job that renders the recipe in --shards N shards")
+    p.add_argument("--shards", type=_positive_int, metavar="N",
+                   help="with --emit: how many shards (machines) render it")
+    p.add_argument("--accounts", metavar="FILE",
+                   help="with --emit: every shard renders with this accounts file, its keys "
+                   "from secrets of the names it gives")
+    _store_argument(p, "count what it holds as obtainable for nothing; with --emit, every "
+                    "shard renders with it and the last step pulls from it (FLUXBATCH_STORE in "
+                    "the job file: only --store puts it there)")
 
     p = sub.add_parser("render", help="render every missing or stale image, and the manifest")
     _recipe_arguments(p, yes="accept a plan of more images than the recipe's max_jobs, and "
@@ -130,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "this run and the unfinished runs it continues)")
     p.add_argument("--timeout", type=_non_negative_float, metavar="SECONDS",
                    help="give up waiting for one task after this long (default 900)")
+    p.add_argument("--accounts", metavar="FILE",
+                   help="spread the render over the accounts this YAML file names, each "
+                   "within its own cap, each key from its own variable (also "
+                   "FLUXBATCH_ACCOUNTS; never in a recipe)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or lines")
     p.add_argument("--progress-every", type=_non_negative_float, default=5.0, metavar="SECONDS",
                    help="without a terminal (CI), print a progress line this often "
@@ -181,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("spend", help="what the ledger says was paid, offline")
     p.add_argument("root", nargs="?", default=".", metavar="ROOT",
                    help="an output root, or a recipe (its output root); default: here")
-    p.add_argument("--by", choices=("recipe", "job", "model", "day", "run"), default="recipe",
+    p.add_argument("--by", choices=("recipe", "job", "model", "day", "run", "account"),
+                   default="recipe",
                    help="group by (default: recipe)")
     p.add_argument("--since", metavar="DATE", help="only submits from this day on (UTC), "
                    "like 2026-05-01")
@@ -255,7 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probability that a submit below the caps is answered 429 anyway, as "
                         "a gateway shedding load does (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed for latency, faults and shedding")
-    p.add_argument("--key", default=None, help="the only API key accepted (default: any)")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--key", default=None, help="the only API key accepted (default: any)")
+    keys.add_argument("--keys", type=_emulator_keys, metavar="KEY[:CAP],...",
+                      help="several accounts, each its own key, with its own cap (default "
+                      "--cap), credits (--credits) and tasks, which no other key is shown")
     p.add_argument("--url-ttl", type=_non_negative_float, default=600.0,
                    help="seconds a sample URL stays valid (default 600)")
     p.add_argument("--task-ttl", type=_non_negative_float, default=3600.0,
@@ -293,8 +340,10 @@ def _selection_arguments(p: argparse.ArgumentParser) -> None:
                    help="only the images of the job named PATTERN, those whose output path "
                    "or file name matches the glob, or NAME=VALUE on matrix values; repeated, "
                    "what any of them matches")
-    p.add_argument("--shard", type=_shard, metavar="I/N",
-                   help="only shard I of N (a stable split of the images by key)")
+    p.add_argument("--shard", type=_shard, metavar="I/N|auto",
+                   help="only shard I of N (a stable split of the images by key); auto: from "
+                   "FLUXBATCH_SHARD=I/N, or a Kubernetes Indexed Job's JOB_COMPLETION_INDEX "
+                   "with FLUXBATCH_SHARDS=N")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -327,18 +376,34 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    if args.emit or args.shards:
+        return _emit(args)
+    if args.accounts:
+        raise UsageError("plan: --accounts goes with --emit")
     if args.diff is not None:
         from fluxbatch.commands.diff import check_form, plan_diff
 
         check_form(args.form, explain=args.explain)
         return plan_diff(recipe=args.recipe, out=args.out, yes=args.yes, ref=args.diff,
-                         form=args.form, only=args.only, shard=args.shard)
+                         form=args.form, only=args.only, shard=_shard_of(args))
     if args.form == "markdown":
         raise UsageError("plan --format markdown: a comment is of a change; add --diff REF")
     from fluxbatch.commands.plan import plan
 
     return plan(recipe=args.recipe, out=args.out, yes=args.yes, form=args.form,
-                explain=args.explain, only=args.only, shard=args.shard, store=args.store)
+                explain=args.explain, only=args.only, shard=_shard_of(args), store=args.store)
+
+
+def _emit(args: argparse.Namespace) -> int:
+    from fluxbatch.commands.plan import emit_jobs
+
+    if not (args.emit and args.shards):
+        raise UsageError("plan: --emit github|kubernetes and --shards N go together")
+    if args.only or args.shard or args.form != "table" or args.explain or args.diff:
+        raise UsageError("plan --emit: the job file renders every image; --only, --shard, "
+                         "--json, --jsonl, --format, --diff and --explain do not go with it")
+    return emit_jobs(recipe=args.recipe, out=args.out, yes=args.yes, engine=args.emit,
+                     shards=args.shards, accounts_file=args.accounts, store=args.store)
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -347,9 +412,9 @@ def _render(args: argparse.Namespace) -> int:
 
     options = Options(concurrency=args.jobs, base_url=args.base_url, force=args.force,
                       only=tuple(args.only), retry_unknown=args.retry_unknown,
-                      verify=args.verify, budget=args.budget, shard=args.shard,
-                      task_timeout=args.timeout, yes=args.yes,
-                      store=args.store)
+                      verify=args.verify, budget=args.budget, shard=_shard_of(args),
+                      task_timeout=args.timeout, yes=args.yes, store=args.store,
+                      accounts=args.accounts)
     return render(recipe=args.recipe, out=args.out, yes=args.yes, options=options,
                   dry_run=args.dry_run, quiet=args.quiet, as_json=args.json,
                   progress_every=args.progress_every)
@@ -462,7 +527,8 @@ def _emulator(args: argparse.Namespace) -> int:
     return emulator(host=args.host, port=args.port, latency=args.latency,
                     latency_sigma=args.latency_sigma, cap=args.cap,
                     kontext_max_cap=args.kontext_max_cap, fault_rate=args.fault_rate,
-                    seed=args.seed, key=args.key, url_ttl=args.url_ttl, task_ttl=args.task_ttl,
+                    seed=args.seed, key=args.key, keys=args.keys or (), url_ttl=args.url_ttl,
+                    task_ttl=args.task_ttl,
                     log=args.log, max_side=args.max_side, shed_rate=args.shed_rate,
                     credits=args.credits, cost=args.cost, report_cost=not args.no_cost_report)
 

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 
 from fluxbatch import imagemeta, models, providers
+from fluxbatch.accounts import Account
 from fluxbatch.errors import ConfigError, without_key_parameters
-from fluxbatch.execute import Executor, Image, Sender, Settings, Unusable
+from fluxbatch.execute import Executor, Image, PoolAccount, Sender, Settings, Unusable
 from fluxbatch.inputs import InputProblem, is_descriptor
 from fluxbatch.jobs import Job, Plan
 from fluxbatch.money import Budget, Prices
@@ -66,13 +67,13 @@ class StoreJournal:
         self.recipe = recipe
         self.sharing = sharing  # the shared store: the task into the claim, claims released
 
-    def reserve(self, job: Job, usd: float | None) -> None:
+    def reserve(self, job: Job, usd: float | None, account: str | None = None) -> None:
         self.ledger.reserve(job.key, Reservation(
             usd, models.estimate_cost(job.model, job.request), job.model, self.recipe,
-            job.job, self.provider, self.run))
+            job.job, self.provider, self.run, account))
 
-    def submitting(self, job: Job) -> None:
-        self.ledger.submitting(job.key, self.provider, self.base_url, self.run)
+    def submitting(self, job: Job, account: str | None = None) -> None:
+        self.ledger.submitting(job.key, self.provider, self.base_url, self.run, account)
 
     def not_sent(self, job: Job) -> None:
         self.ledger.not_sent(job.key)
@@ -210,6 +211,21 @@ def _scrubbed(text: str, secrets: list[str]) -> str:
     return without_key_parameters(text)
 
 
+def pool_for(plan: Plan, options: Reach, provider: providers.Provider,
+             pool: list[tuple[Account, providers.Secret]]) -> list[PoolAccount]:
+    """The pool's accounts as the executor drives them: each a provider at `provider`'s base
+    URL with its own key, and its caps: its own (`cap`, `model_caps`), else those of `-j` and
+    the recipe, else the catalogue's."""
+    settings = settings_for(plan, options)
+    return [PoolAccount(account.name, providers.build(provider.info.name,
+                                                      base_url=provider.base_url,
+                                                      environ={}, key=secret),
+                        account.cap or settings.account_cap,
+                        {**settings.model_caps, **account.model_caps},
+                        account.key_env or account.key_file_env)
+            for account, secret in pool]
+
+
 def settings_for(plan: Plan, options: Reach) -> Settings:
     spec = plan.recipe.provider
     account = options.concurrency or spec.concurrency or models.ACCOUNT_CONCURRENCY
@@ -225,15 +241,18 @@ async def execute(plan: Plan, selection: Selection, store: Store,
                   transport: httpx.AsyncBaseTransport | None = None,
                   lock: RootLock | None = None, run: str | None = None,
                   budget: Budget | None = None,
-                  shared: SharedUse | None = None) -> list[Outcome]:
+                  shared: SharedUse | None = None,
+                  accounts: list[PoolAccount] | None = None) -> list[Outcome]:
     """Submit and collect the selection's jobs (one per key; each image is placed at every
     output of its key). Every step is recorded in `store`, and the manifest is rewritten as
     images land.
     With `lock`, paid submits go through the outbox process, which inherits the lock and
     commits each answer before it is used. With `budget`, each paid submit reserves its price
     first (at the highest this provider has charged for the model, per the ledger). With
-    `shared`, each key is claimed in the shared store before it is paid for, and each
-    image kept is uploaded there (`sharing`)."""
+    `shared`, each key is claimed in the shared store before it is paid for (in the name of
+    the account that pays for it), and each image kept is uploaded there (`sharing`). With
+    `accounts` (a pool), the jobs spread over them, and each task is polled with the key of
+    the account that paid for it."""
     recipe = plan.recipe
     root = recipe.output_root
     placer = Placer(recipe, store, provider.info.name)
@@ -274,9 +293,12 @@ async def execute(plan: Plan, selection: Selection, store: Store,
 
     attach = {job.key: Submitted(task.task_id or "", task.polling_url or "", credits(task.cost))
               for job, task in selection.attach}
+    paid_by = {job.key: task.account for job, task in selection.attach}
     # Polls are short, so half as many connections as active tasks keep up.
-    connections = max(16, settings.account_cap // 2)
-    sharing = _sharing(shared, store, provider, run, place_held, on_event, settings)
+    active = sum(account.cap for account in accounts) if accounts else settings.account_cap
+    connections = max(16, active // 2)
+    sharing = _sharing(shared, store, provider, run, place_held, on_event, settings,
+                       [account.name for account in accounts] if accounts else None)
     outbox = Outbox(root, provider, lock.fd, store, run=run,
                     shared=shared.store.url if shared is not None else None,
                     claims=sharing.claim_of if sharing is not None else None) \
@@ -294,12 +316,12 @@ async def execute(plan: Plan, selection: Selection, store: Store,
             writer=writer, settings=settings, on_event=on_event,
             submit_via=_submit_via(outbox, sharing, wire), spool=spool,
             prepare=_preparer(recipe), budget=budget,
-            prices=Prices.learned(store.highest_costs(provider.info.name)))
+            prices=Prices.learned(store.highest_costs(provider.info.name)), accounts=accounts)
         if sharing is not None:
             sharing.executor = executor
         started(executor)
         try:
-            ran = await executor.run(selection.jobs, attach)
+            ran = await executor.run(selection.jobs, attach, paid_by)
         finally:
             if outbox is not None:
                 await outbox.close()
@@ -310,23 +332,27 @@ async def execute(plan: Plan, selection: Selection, store: Store,
 
 
 def _submit_via(outbox: Outbox | None, sharing: Sharing | None,
-                wire: Wire) -> Callable[[Job], Sender] | None:
-    """How each paid submit is sent: through the outbox (which records it first), with this
-    run's claim on the key when there is a shared store."""
+                wire: Wire) -> Callable[[Job, str | None], Sender] | None:
+    """How each paid submit is sent, given the account of the pool that pays for it: through
+    the outbox (which records it first, with that account's name), with this run's claim on
+    the key, in that account's name, when there is a shared store."""
     if sharing is None:
-        return (lambda job: outbox.sender(job.key)) if outbox is not None else None
+        return (lambda job, account: outbox.sender(job.key, account)) \
+            if outbox is not None else None
 
-    def via(job: Job) -> Sender:
-        send = outbox.sender(job.key) if outbox is not None else wire.send
-        return sharing.sender(job, send, outbox=outbox is not None)
+    def via(job: Job, account: str | None) -> Sender:
+        send = outbox.sender(job.key, account) if outbox is not None else wire.send
+        return sharing.sender(job, account, send, outbox=outbox is not None)
 
     return via
 
 
 def _sharing(shared: SharedUse | None, store: Store, provider: providers.Provider,
              run: str | None, place_held: Callable[..., Awaitable[Any]],
-             on_event: Callable[[Event], None], settings: Settings) -> Sharing | None:
-    """The render's use of the shared store, if it has one."""
+             on_event: Callable[[Event], None], settings: Settings,
+             pool: list[str | None] | None) -> Sharing | None:
+    """The render's use of the shared store, if it has one. With a pool of accounts, each
+    claim names the account that pays for its key (`pool`: their names)."""
     if shared is None:
         return None
     from fluxbatch.sharing import Sharing
@@ -335,7 +361,7 @@ def _sharing(shared: SharedUse | None, store: Store, provider: providers.Provide
     claimant = Claimant(root=store.root_id(), provider=provider.info.name,
                         base_url=provider.base_url, account=shared.account, run=run)
     return Sharing(shared, claimant, store, place_held, on_event,
-                   wait_limit=settings.task_timeout)
+                   wait_limit=settings.task_timeout, pool=pool)
 
 
 def with_followers(selection: Selection, ran: list[Outcome]) -> list[Outcome]:

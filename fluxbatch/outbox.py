@@ -85,7 +85,8 @@ _TRANSPORT_ERRORS: dict[str, type[httpx.TransportError]] = {
 async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
     hello = json.loads(await stdin.readline())
     root = Path(hello["root"])
-    # Only reads responses, so it needs no key (and is given none).
+    # Only reads responses, so it needs no key (and is given none). Each request it sends
+    # carries its own account's key, in its headers, and nothing else does.
     reader = providers.build(hello["provider"], base_url=hello["base_url"], environ={},
                              key=providers.Secret(""))
     store = Store.open(root)
@@ -122,7 +123,8 @@ async def _serve(stdin: asyncio.StreamReader, stdout: Any) -> None:
         # Recorded by the process that sends, just before sending: a request that never left
         # is never mistaken for one that may have been billed.
         try:
-            store.submitting(key, reader.info.name, reader.base_url, hello.get("run"))
+            store.submitting(key, reader.info.name, reader.base_url, hello.get("run"),
+                             message.get("account"))
         except StateError as error:  # nothing was sent
             return {"error": "StateError", "message": str(error)}
         try:
@@ -370,13 +372,15 @@ class Outbox:
                     f"times; stopping. Nothing was paid twice; see {self.log}, then run again")
             await self.start()
 
-    def sender(self, key: str) -> Callable[[httpx.Request], Awaitable[httpx.Response]]:
+    def sender(self, key: str, account: str | None = None
+               ) -> Callable[[httpx.Request], Awaitable[httpx.Response]]:
         async def send(request: httpx.Request) -> httpx.Response:
-            return await self.send(request, key)
+            return await self.send(request, key, account)
 
         return send
 
-    async def send(self, request: httpx.Request, key: str) -> httpx.Response:
+    async def send(self, request: httpx.Request, key: str,
+                   account: str | None = None) -> httpx.Response:
         if not self._running():
             await self._ensure_running()
         if not self._running():  # (closing)
@@ -388,8 +392,8 @@ class Outbox:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[ident] = _Handed(future, key, time.time())
         try:
-            answer = await asyncio.wait_for(self._hand_over(ident, key, request, future),
-                                            self.answer_timeout)
+            answer = await asyncio.wait_for(
+                self._hand_over(ident, key, request, future, account), self.answer_timeout)
         except TimeoutError:
             await self._stop_stuck(f"did not answer a submit within {self.answer_timeout:.0f} s")
             answer = future.result()  # (settled from the store)
@@ -412,10 +416,11 @@ class Outbox:
                               content=base64.b64decode(answer["body"]), request=request)
 
     async def _hand_over(self, ident: int, key: str, request: httpx.Request,
-                         future: asyncio.Future[dict[str, Any]]) -> dict[str, Any]:
+                         future: asyncio.Future[dict[str, Any]],
+                         account: str | None = None) -> dict[str, Any]:
         claim = self.claims(key)
         await self._write({
-            "id": ident, "key": key, "method": request.method,
+            "id": ident, "key": key, "account": account, "method": request.method,
             "url": str(request.url), "headers": list(request.headers.multi_items()),
             "size": len(request.content),
             "claim": dataclasses.asdict(claim) if claim is not None else None,

@@ -45,6 +45,9 @@ class EventKind(Vocabulary):
     RATE_LIMITED = "rate-limited"  # a 429: the submit waits, then is sent again
     RETRY = "retry"  # a poll or a download failed, and is tried again
     WAITING = "waiting"  # another run (shared store) is rendering it: this one waits for it
+    # An account of the pool refused (its key, or out of credits): it leaves the pool, and
+    # the job goes to another account (`detail` says which left, and why)
+    ACCOUNT_OUT = "account-out"
 
 
 @dataclass(slots=True)
@@ -58,19 +61,22 @@ class Outcome:
     finished_at: float | None = None
     written: Any = None  # what the writer returned (path, sha256, size)
     from_store: bool = False  # placed from the shared store's image: nothing paid
+    account: str | None = None  # the account of the pool whose key it went with, if named
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
     """For progress displays: `kind` is a step of the job (an `EventKind`: submitted,
     attached (a task of an earlier run), ready (rendered; the download starts), rate-limited,
-    retry, waiting (for another run's image, through the shared store)) or, when it ends,
-    its `OutcomeStatus` (written, moderated, failed, unknown, gone, pending, skipped)."""
+    retry, waiting (for another run's image, through the shared store), account-out) or,
+    when it ends, its `OutcomeStatus` (written, moderated, failed, unknown, gone, pending,
+    skipped)."""
 
     kind: EventKind | OutcomeStatus
     job: Job
     detail: str | None = None
     cost: float | None = None
+    account: str | None = None  # the account of the pool it went with (`--accounts`)
 
 
 class JobFailed(Exception):

@@ -63,12 +63,40 @@ class Slots:
         self._timer: asyncio.Future[None] | None = None  # takes the next step when it is due
         self._waiting = 0  # holders-to-be waiting for a slot
         self._changed = asyncio.Condition()
+        self._closed = False
+
+    async def close(self) -> None:
+        """No more waiting: the account left the pool, and those waiting for a slot take one
+        at once, only to hand their jobs back (nothing more is submitted through it)."""
+        async with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    async def room(self, claimed: Callable[[], int]) -> None:
+        """Wait until a slot is free beyond the `claimed()` ones (jobs taken for a slot here
+        that do not hold it yet), without taking it: for a worker that takes a job from a
+        queue shared with other accounts only once this one has room for it. It counts as
+        waiting (a step up is taken when due)."""
+        async with self._changed:
+            self._waiting += 1
+            try:
+                while self.held + claimed() >= self.limit and not self._closed:
+                    if self._timer is None:
+                        self._arm()
+                    await self._changed.wait()
+            finally:
+                self._waiting -= 1
+
+    async def nudge(self) -> None:
+        """Room was given back without a slot being released (a claim let go)."""
+        async with self._changed:
+            self._changed.notify_all()
 
     async def acquire(self) -> None:
         async with self._changed:
             self._waiting += 1
             try:
-                while self.held >= self.limit:
+                while self.held >= self.limit and not self._closed:
                     if self._timer is None:
                         self._arm()
                     await self._changed.wait()

@@ -215,6 +215,9 @@ class SelectOptions:
 
 
 NO_POLLING_URL = ""  # (why a task paid for earlier cannot be collected: no URL to poll)
+# (...or it was paid through an account this render does not use: ACCOUNT + its name, or
+# ACCOUNT alone for the provider's own key variable)
+ACCOUNT = "account:"
 
 
 @dataclass(slots=True)
@@ -240,6 +243,9 @@ class Selection:
     # The in-process emulator dies with its run: its tasks cannot be collected later, and
     # sending one again costs nothing, so nothing of it is held back or re-attached.
     ephemeral: bool = False
+    # The names of the accounts of the pool this render uses (`--accounts`); None: no pool,
+    # the provider's own key variable.
+    accounts: frozenset[str] | None = None
 
     def collectable(self, task: Task | None) -> bool:
         """Whether `task` (paid for earlier) can be collected by this render: polled by its
@@ -248,11 +254,17 @@ class Selection:
 
     def why_not_collected(self, task: Task) -> str | None:
         """Why this render cannot collect `task`, paid for earlier: the provider that took
-        it, when this render uses another, or NO_POLLING_URL; None when it can."""
+        it, when this render uses another; NO_POLLING_URL; or ACCOUNT and the name of the
+        account that paid for it, when this render does not use that account (its task is
+        polled with its own key, or not at all). None when it can."""
         if task.provider != self.provider:
             return task.provider or "another provider"
         if not task.task_id or not task.polling_url:
             return NO_POLLING_URL
+        configured = task.account is None if self.accounts is None else \
+            task.account in self.accounts
+        if not configured:
+            return ACCOUNT + (task.account or "")
         return None
 
     @property
@@ -288,14 +300,50 @@ class Selection:
         return round(total, 4)  # as `plan --json` says it: 0.4, not 0.39999999999999997
 
 
-def parse_shard(text: str) -> tuple[int, int]:
+SHARD_ENV = "FLUXBATCH_SHARD"  # I/N, as --shard takes it
+SHARDS_ENV = "FLUXBATCH_SHARDS"  # N, with a 0-based index from the engine (Kubernetes)
+INDEX_ENV = "JOB_COMPLETION_INDEX"  # a Kubernetes Indexed Job's pod index, 0-based
+
+
+def parse_shard(text: str, environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """`I/N` (1-based), or `auto`: the shard the environment names (`shard_from`)."""
+    if text == "auto":
+        return shard_from(environ if environ is not None else {})
     try:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
-        raise ConfigError(f"--shard {text!r}: expected I/N, like 2/4") from None
+        raise ConfigError(f"--shard {text!r}: expected I/N, like 2/4, or auto") from None
     if not 1 <= index <= count:
         raise ConfigError(f"--shard {text!r}: I must be between 1 and N")
     return index, count
+
+
+def shard_from(environ: Mapping[str, str]) -> tuple[int, int]:
+    """`--shard auto`: FLUXBATCH_SHARD=I/N (what the emitted GitHub workflow sets from
+    `strategy.job-index` and `job-total`), else a Kubernetes Indexed Job's 0-based
+    JOB_COMPLETION_INDEX with FLUXBATCH_SHARDS=N (Kubernetes does not say the count)."""
+    given = environ.get(SHARD_ENV, "").strip()
+    if given:
+        try:
+            return parse_shard(given)
+        except ConfigError as error:
+            raise ConfigError(str(error).replace(f"--shard {given!r}",
+                                                 f"auto: {SHARD_ENV}={given!r}")) from None
+    index, count = environ.get(INDEX_ENV, "").strip(), environ.get(SHARDS_ENV, "").strip()
+    if index and count:
+        where = f"{INDEX_ENV}={index!r} with {SHARDS_ENV}={count!r}"
+        try:
+            position, total = int(index), int(count)
+        except ValueError:
+            raise ConfigError(f"auto: {where}: both must be whole numbers") from None
+        if not 0 <= position < total:
+            raise ConfigError(f"auto: {where}: the index must be from 0 to {SHARDS_ENV} - 1")
+        return position + 1, total
+    if index:
+        raise ConfigError(f"auto: {INDEX_ENV} is set ({index}), but not {SHARDS_ENV}: set it "
+                          "to the Job's completions (Kubernetes does not say it)")
+    raise ConfigError(f"auto: no shard in the environment: set {SHARD_ENV}=I/N, or "
+                      f"{INDEX_ENV} (a Kubernetes Indexed Job sets it) with {SHARDS_ENV}=N")
 
 
 def matches_only(job: Job, patterns: Sequence[str]) -> bool:
@@ -330,10 +378,13 @@ def in_shard(job: Job, shard: tuple[int, int] | None) -> bool:
 
 
 def select(classified: Classified, state: RootState, options: SelectOptions,
-           provider: str, *, ephemeral: bool = False) -> Selection:
+           provider: str, *, ephemeral: bool = False,
+           accounts: frozenset[str] | None = None) -> Selection:
     """What a render does with each job. `ephemeral`: the provider lives and dies with this
-    run (the in-process emulator), so nothing of it is held back or collected later."""
-    selection = Selection(classified, provider=provider, ephemeral=ephemeral)
+    run (the in-process emulator), so nothing of it is held back or collected later.
+    `accounts`: the names of the pool's accounts, when the render uses one."""
+    selection = Selection(classified, provider=provider, ephemeral=ephemeral,
+                          accounts=accounts)
     up_to_date, stored, in_flight, unknown, moderated = (
         ImageState.UP_TO_DATE, ImageState.STORED, ImageState.IN_FLIGHT, ImageState.UNKNOWN,
         ImageState.MODERATED)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fluxbatch import plan_cache, providers
+from fluxbatch import accounts, plan_cache, providers
 from fluxbatch.errors import FluxbatchError, StateError
 from fluxbatch.front import LOOKED_UP, fresh, read, store_of, stored
 from fluxbatch.jobs import Plan
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
     import httpx
 
-    from fluxbatch.execute import Executor
+    from fluxbatch.execute import Executor, PoolAccount
     from fluxbatch.outcomes import Event, Outcome
     from fluxbatch.sharing import SharedUse
 
@@ -56,7 +56,8 @@ if TYPE_CHECKING:
 class Options(SelectOptions):
     """How to render: what to select (`SelectOptions`), and the network's part: where the
     requests go (`base_url`), how many tasks at once (`concurrency`), how long one task may
-    take (`task_timeout`), which shared store the images are claimed in (`store`)."""
+    take (`task_timeout`), which shared store the images are claimed in (`store`), which
+    accounts pay for them (`accounts`)."""
 
     concurrency: int | None = None
     base_url: str | None = None
@@ -65,6 +66,9 @@ class Options(SelectOptions):
     # The shared store's URL (`--store`; the session falls back on FLUXBATCH_STORE), or ""
     # for none even when that is set.
     store: str | None = None
+    # The operator's accounts file (`--accounts`; the session falls back on
+    # FLUXBATCH_ACCOUNTS): one render spread over several accounts.
+    accounts: str | None = None
 
     def ephemeral(self, provider: str) -> bool:
         """Whether the provider lives and dies with this run: the in-process emulator,
@@ -85,6 +89,9 @@ class Report:
     budget: BudgetOutcome | None = None
     # What the shared store could not record (the images are here: `fluxbatch push`).
     store_problems: list[str] = field(default_factory=list)
+    # With a pool of accounts (`--accounts`): their names, and those that left it, and why.
+    accounts: tuple[str, ...] = ()
+    accounts_out: dict[str, str] = field(default_factory=dict)
 
     @property
     def stopped(self) -> str | None:
@@ -123,23 +130,42 @@ class Report:
             and not self.selection.held
 
 
-def preview(plan: Plan, options: Options | None = None) -> Selection:
+def preview(plan: Plan, options: Options | None = None,
+            environ: Mapping[str, str] | None = None) -> Selection:
     """What `Render(plan, options).run()` would do, from the same classification and
     selection, reading the output root and writing nothing (the dry run); `preview_budget`
-    says whether `options.budget` would refuse it."""
+    says whether `options.budget` would refuse it. It reads the accounts file, not the
+    keys."""
     options = options or Options()
     provider = plan.recipe.provider.name
     found = read(plan, verify=options.verify)
     url = store_of(options.store)
     if plan.reused and url is not None and \
             any(state in LOOKED_UP for state in found.classified.states):
-        return preview(fresh(plan), options)  # (the store is asked of a fresh plan only)
+        # (the store is asked of a fresh plan only)
+        return preview(fresh(plan), options, environ)
     found = stored(found, url)
+    pool = pool_accounts(plan, options, os.environ if environ is None else environ)
     selection = select(found.classified, found.state, options, provider,
-                       ephemeral=options.ephemeral(provider))
+                       ephemeral=options.ephemeral(provider), accounts=names_of(pool))
     if plan.reused and not selection.idle:  # (trusted only to find nothing to do)
-        return preview(fresh(plan), options)
+        return preview(fresh(plan), options, environ)
     return selection
+
+
+def pool_accounts(plan: Plan, options: Options,
+                  environ: Mapping[str, str]) -> list[accounts.Account] | None:
+    """The accounts of the recipe's provider in the operator's accounts file (`--accounts`,
+    else FLUXBATCH_ACCOUNTS); None without one."""
+    path = accounts.named_file(options.accounts, environ)
+    if path is None:
+        return None
+    return accounts.for_provider(accounts.load(path), plan.recipe.provider.name,
+                                 accounts.describe(path))
+
+
+def names_of(pool: list[accounts.Account] | None) -> frozenset[str] | None:
+    return None if pool is None else frozenset(account.name for account in pool)
 
 
 def preview_budget(plan: Plan, selection: Selection, budget: float | None) -> None:
@@ -211,9 +237,9 @@ class Render:
         """Render the plan (see `run_offline`, which does the same with no event loop until
         something must be requested)."""
         with self._opened() as (store, lock):
-            report, to_request = self._offline(store)
-            if to_request is not None:
-                await self._request(store, lock, report, to_request)
+            report, ahead = self._offline(store)
+            if ahead is not None:
+                await self._request(store, lock, report, ahead)
             return report
 
     def run_offline(self, run_network: Callable[[Coroutine[Any, Any, None]], None]) -> Report:
@@ -221,9 +247,9 @@ class Render:
         something must be requested: a null build starts no event loop, and loads no
         network code."""
         with self._opened() as (store, lock):
-            report, to_request = self._offline(store)
-            if to_request is not None:
-                run_network(self._request(store, lock, report, to_request))
+            report, ahead = self._offline(store)
+            if ahead is not None:
+                run_network(self._request(store, lock, report, ahead))
             return report
 
     @contextlib.contextmanager
@@ -239,17 +265,19 @@ class Render:
                 else error.strerror or str(error)
             raise StateError(f"cannot use the output root {root}: {reason}") from None
 
-    def _offline(self, store: Store) -> tuple[Report, _Spending | None]:
+    def _offline(self, store: Store) -> tuple[Report, _Ahead | None]:
         """Everything before the network: select, then place what the root holds; and,
-        when something must be requested, the budget it is requested within."""
+        when something must be requested, the budget it is requested within and the pool
+        of accounts (from the accounts file: their keys are read when they are needed)."""
         options = self.options
         recipe = self.plan.recipe
         store.use(recipe.name, recipe.path)
         if recipe.inputs is not None:  # what planning learnt of the image inputs
             recipe.inputs.cache.save()
         clear_debris(recipe.output_root)
+        pool = pool_accounts(self.plan, self.options, self.environ)  # (the names: no key)
         with collector_paused():
-            selection, state = self._select(store)
+            selection, state = self._select(store, names_of(pool))
         plan = self.plan
         plan_cache.save(plan)  # (a plan just expanded: the next run of it reads it back)
         budget = None
@@ -258,6 +286,8 @@ class Render:
             check_budget(selection, options.budget, spent=spent, prices=prices)
             budget = Budget(options.budget, earlier=spent)
         report = Report(selection)
+        if pool is not None:
+            report.accounts = tuple(account.name for account in pool)
         self.on_selected(selection)
         if report.nothing_to_do:
             if not store.manifest_intact(recipe.name, manifest_path(recipe)):
@@ -268,13 +298,15 @@ class Render:
             finish_manifest(recipe, store)
             report.interrupted = self._stopping
             return report, None
-        return report, _Spending(budget, prices)
+        return report, _Ahead(budget, prices, pool)
 
-    def _select(self, store: Store) -> tuple[Selection, RootState]:
+    def _select(self, store: Store,
+                pool: frozenset[str] | None) -> tuple[Selection, RootState]:
         """What to do with each planned image: images at planned paths that the store does
         not know are adopted first. A plan read back from the plan cache is trusted only to
         find that nothing needs doing (then every image it selects is placed, and there is
-        nothing to adopt): anything else is found again from a fresh one."""
+        nothing to adopt): anything else is found again from a fresh one. `pool`: the names
+        of the pool's accounts, if there is one."""
         plan, options = self.plan, self.options
         name = plan.recipe.provider.name
         settled = False
@@ -286,43 +318,48 @@ class Render:
                 settled = True
             classified, state = classify_with_store(plan, store, options)
             selection = select(classified, state, options, name,
-                               ephemeral=options.ephemeral(name))
+                               ephemeral=options.ephemeral(name), accounts=pool)
             if not plan.reused or selection.idle:
                 self.selection = selection
                 return selection, state
             plan = self.plan = fresh(plan)
 
     async def _request(self, store: Store, lock: RootLock, report: Report,
-                       spending: _Spending) -> None:
-        """The network half: open the shared store if there is one, then submit and collect
+                       ahead: _Ahead) -> None:
+        """The network half: the pool's keys (a missing one is an error before anything is
+        sent), the shared store opened if there is one, then submit and collect
         `report.selection.jobs`, and place them."""
         from fluxbatch.state.shared import StoreError
 
         try:
+            pool = self._keyed(ahead.pool)
             shared = await self._shared()
-        except StoreError:
+        except (FluxbatchError, StoreError):
             finish_manifest(self.plan.recipe, store)  # (what was placed)
             raise
         try:
-            await self._send(store, lock, report, spending, shared)
+            await self._send(store, lock, report, ahead, shared, pool)
         finally:
             if shared is not None:
                 report.store_problems = shared.problems
                 shared.store.close()
 
-    async def _send(self, store: Store, lock: RootLock, report: Report,
-                    spending: _Spending, shared: SharedUse | None) -> None:
+    async def _send(self, store: Store, lock: RootLock, report: Report, ahead: _Ahead,
+                    shared: SharedUse | None,
+                    pool: list[tuple[accounts.Account, providers.Secret]] | None) -> None:
         import asyncio
 
         from fluxbatch import network
 
         plan, options, selection = self.plan, self.options, report.selection
-        recipe, budget = plan.recipe, spending.budget
+        recipe, budget = plan.recipe, ahead.budget
         settings = network.settings_for(plan, options)
         run = new_run_id()
         with network.provider_for(plan, options, self.environ) as provider:
+            members = network.pool_for(plan, options, provider, pool) \
+                if pool is not None else None
             refused = None if options.yes else \
-                await self._over_balance(provider, selection, spending.prices)
+                await self._over_balance(provider, selection, ahead.prices, members)
             if refused is not None:
                 if not selection.attach:  # (tasks paid earlier are still collected)
                     finish_manifest(recipe, store)  # (what was placed)
@@ -332,7 +369,7 @@ class Render:
             self._executing = asyncio.ensure_future(network.execute(
                 plan, selection, store, provider, settings, self.on_event, self._started,
                 transport=self.transport, lock=lock, run=run, budget=budget,
-                shared=shared))
+                shared=shared, accounts=members))
             try:
                 report.outcomes += await self._executing
             except asyncio.CancelledError:
@@ -343,33 +380,60 @@ class Render:
                                                             run)
         report.interrupted = self._stopping
         report.fatal = self._executor.fatal if self._executor is not None else None
+        if self._executor is not None and pool is not None:
+            report.accounts_out = self._executor.accounts_out
         report.fatal = report.fatal or refused
         if budget is not None:
             report.budget = self._budget_outcome(store, run, budget, report)
         store.run_ended(run, finished=not report.stopped and not report.interrupted)
 
+    def _keyed(self, found: list[accounts.Account] | None
+               ) -> list[tuple[accounts.Account, providers.Secret]] | None:
+        """The pool of accounts, each with its key from the environment (a missing one is an
+        error before anything is sent); None without an accounts file."""
+        if found is None:
+            return None
+        source = accounts.describe(accounts.named_file(self.options.accounts, self.environ)
+                                   or "")
+        pool = [(account, accounts.key_of(account, self.environ, source)) for account in found]
+        accounts.distinct_keys(pool, source)
+        return pool
+
     async def _over_balance(self, provider: providers.Provider, selection: Selection,
-                            prices: Prices) -> str | None:
-        """Why the render may not start (its estimate is over the account's balance), or
-        None. Where the provider, or the base URL, offers no balance query, or it fails,
-        nothing is refused: the check only ever uses the provider's own balance query."""
+                            prices: Prices,
+                            members: list[PoolAccount] | None = None) -> str | None:
+        """Why the render may not start (its estimate is over the account's balance, or the
+        pool's: its accounts' balances added up), or None. Where the provider, or the base
+        URL, offers no balance query, or it fails (for any account of the pool), nothing is
+        refused: the check only ever uses the provider's own balance query."""
         from fluxbatch import network
 
         estimate = estimate_at(selection, prices)
         if not selection.submit or isinstance(estimate, str):
             return None
-        try:
-            found = await network.balance(provider, self.environ, self.transport)
-        except network.NoBalance:
-            return None
-        if estimate <= found.usd + EPSILON:
+        asked = [(member.name, member.provider) for member in members] if members else \
+            [(None, provider)]
+        found = []
+        for name, each in asked:
+            try:
+                # (a pool's account is asked with its own key alone)
+                balance = await network.balance(each, {} if members else self.environ,
+                                                self.transport)
+            except network.NoBalance:
+                return None
+            found.append((name, balance.usd))
+        total = sum(usd_ for _, usd_ in found)
+        if estimate <= total + EPSILON:
             return None
         count = len(selection.submit)
         where = f"{provider.info.name} at {providers.without_credentials(provider.base_url)}"
+        balance_text = f"the account's balance of {usd(total)}" if not members else \
+            f"the balance of the pool's {len(found)} accounts, {usd(total)} in all (" + \
+            ", ".join(f"{name} {usd(each)}" for name, each in found) + ")"
         return (f"the estimated cost {usd(estimate)} of the {count:,} "
-                f"image{'s' if count != 1 else ''} to render is over the account's balance of "
-                f"{usd(found.usd)} ({where}); nothing was sent. Add credits, or pass --yes to "
-                "render until the provider refuses")
+                f"image{'s' if count != 1 else ''} to render is over {balance_text} "
+                f"({where}); nothing was sent. Add credits, or pass --yes to render until the "
+                "provider refuses")
 
     def _budget_outcome(self, store: Store, run: str, budget: Budget,
                         report: Report) -> BudgetOutcome:
@@ -421,12 +485,14 @@ def _not_submitted(selection: Selection, reason: str) -> list[Outcome]:
 
 
 @dataclass(frozen=True, slots=True)
-class _Spending:
-    """What the offline half found of the money, for the network half: the budget (when
-    `--budget` is given), and the prices the provider has charged here."""
+class _Ahead:
+    """What the offline half found for the network half: the budget (when `--budget` is
+    given), the prices the provider has charged here, and the pool's accounts (when there
+    is an accounts file)."""
 
     budget: Budget | None
     prices: Prices
+    pool: list[accounts.Account] | None
 
 
 def adopt_found_images(plan: Plan, store: Store) -> None:

@@ -12,6 +12,10 @@
   then leaves a claim another run can collect); after the download, the bytes are uploaded,
   then the record, which releases the claim. A task that ends without an image (failed,
   moderated, forgotten, never sent) releases it, so that another run may try.
+- With a pool of accounts (`--accounts`), each claim names the account that pays for its
+  key (its name in the accounts file, never its key), and a claim of any account of the
+  pool is collected here, polled with that account's key; without one, claims name the
+  account `FLUXBATCH_ACCOUNT` names.
 - A claim left by a run that died:
   - with a task: collected by whoever holds that account;
   - without one (the submit's outcome was never learned, it may have been billed): held
@@ -29,7 +33,7 @@ import asyncio
 import dataclasses
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -72,7 +76,9 @@ class SharedUse:
     could not record (said in the report)."""
 
     store: SharedStore
-    account: str | None  # the operator's name for the account (`FLUXBATCH_ACCOUNT`)
+    # The operator's name for the account (`FLUXBATCH_ACCOUNT`); a pool's accounts are named
+    # by the accounts file instead.
+    account: str | None
     force: bool = False
     retry_unknown: bool = False
     problems: list[str] = field(default_factory=list)
@@ -94,8 +100,23 @@ class Sharing:
     wait_limit: float
     claimed_with_task: Callable[[str], bool] = lambda key: False  # the outbox wrote the task
     executor: Executor | None = None
+    # The names of the pool's accounts (`--accounts`); None: the provider's own key, whose
+    # account `claimant.account` names.
+    pool: Sequence[str | None] | None = None
     mine: dict[str, Claim] = field(default_factory=dict)  # the claims this run holds
     _background: set[asyncio.Future[Any]] = field(default_factory=set)
+
+    def named(self, account: str | None) -> str | None:
+        """The name a claim or record gives the account that pays through the executor's
+        `account` (a pool's account, by name; None: the provider's own key)."""
+        return account if self.pool is not None else self.claimant.account
+
+    def paying(self, named: str | None) -> tuple[bool, str | None]:
+        """Whether this run holds the account a claim or record names, and the executor's
+        name for it (what `named` reverses)."""
+        if self.pool is not None:
+            return named in self.pool, named
+        return named == self.claimant.account, None
 
     @property
     def store(self) -> SharedStore:
@@ -127,14 +148,20 @@ class Sharing:
 
     # -- a submit -----------------------------------------------------------------------------
 
-    def sender(self, job: Job, send: Sender, *, outbox: bool) -> Sender:
-        """`send` (the job's submit), with this run's claim on the key: the outbox makes it
-        right before it sends (else it is made here). When another run holds the key,
-        nothing is sent, and the executor hears `Claimed`: it collects that run's task, or
-        the image comes from the store (`Elsewhere`). With `--force`, nothing is claimed."""
+    def sender(self, job: Job, account: str | None, send: Sender, *, outbox: bool) -> Sender:
+        """`send` (the job's submit through `account`), with this run's claim on the key, in
+        that account's name: the outbox makes it right before it sends (else it is made
+        here). When another run holds the key, nothing is sent, and the executor hears
+        `Claimed`: it collects that run's task, or the image comes from the store
+        (`Elsewhere`). With `--force`, nothing is claimed."""
         if self.use.force:
             return send
-        claim = self.mine.setdefault(job.key, self.claimant.claim(job.key))
+        named = self.named(account)
+        claim = self.mine.get(job.key)
+        if claim is None or claim.account != named:  # (another account of the pool took
+            # the job after one refused it: a claim of this root with no task, made over)
+            claim = self.mine[job.key] = dataclasses.replace(self.claimant.claim(job.key),
+                                                             account=named)
 
         async def claimed(request: httpx.Request) -> httpx.Response:
             while True:
@@ -151,7 +178,7 @@ class Sharing:
                 if not await self._took_over(found, claim):
                     break
             self.mine.pop(job.key, None)
-            raise Claimed(functools.partial(self._settle, job, found))
+            raise Claimed(functools.partial(self._settle, job, found, account))
 
         return claimed
 
@@ -170,39 +197,50 @@ class Sharing:
             not self._collectable(found) and self.use.retry_unknown and \
             await self._do(self.store.take_over, found, claim)
 
-    async def _settle(self, job: Job, found: Entry | CorruptObject) -> Submitted:
-        """What becomes of a key another run holds: its task, collected here (the same
-        account), or `Elsewhere`: its record's image, the wait for that run's image, or why
-        it is held back."""
+    async def _settle(self, job: Job, found: Entry | CorruptObject,
+                      account: str | None) -> Submitted:
+        """What becomes of a key another run holds: its task, collected here through
+        `account` (the account whose submit found the claim), or `Elsewhere`: collected
+        through another account of the pool, its record's image, the wait for that run's
+        image, or why it is held back."""
         if isinstance(found, CorruptObject):
             raise Elsewhere(_ended(job, OutcomeStatus.FAILED, f"{found}; nothing was paid. "
                                    "`--force` pays for a new image, and records it"))
         if isinstance(found, Record):
             raise Elsewhere(self._from_record(job, found))
         if self._collectable(found):
-            return self._adopt(found)
+            submitted, paying = self._adopt(found)
+            if paying == account:
+                return submitted
+            assert self.executor is not None
+            raise Elsewhere(self.executor.collect(job, submitted, paying))
         if self._silent(found):
             raise Elsewhere(_ended(job, OutcomeStatus.PENDING, _held(found)))
         raise Elsewhere(self._wait(job, found))
 
     def _collectable(self, claim: Claim) -> bool:
-        own = claim.root == self.claimant.root and claim.account == self.claimant.account
+        held, _ = self.paying(claim.account)
+        if not held:
+            return False  # (only the key of the account that paid may poll it)
+        own = claim.root == self.claimant.root
         if own and claim.task_id and claim.polling_url and claim.provider == \
                 self.claimant.provider:
             return True  # (this root's own task, from an earlier run of it)
         return claim.collectable_by(self.claimant.provider, self.claimant.base_url,
-                                    self.claimant.account)
+                                    claim.account)
 
-    def _adopt(self, claim: Claim) -> Submitted:
-        """Another run's task, to be collected by this one: recorded in this root's ledger
-        first (paid by another root, so not charged here), so that if this run stops, the
-        next collects it."""
+    def _adopt(self, claim: Claim) -> tuple[Submitted, str | None]:
+        """Another run's task, to be collected by this one, and the executor's name for the
+        account that paid it (whose key polls it): recorded in this root's ledger first
+        (paid by another root, so not charged here), so that if this run stops, the next
+        collects it with that account's key."""
         assert claim.task_id is not None and claim.polling_url is not None
+        _, paying = self.paying(claim.account)
         self.ledger.paid_elsewhere(Task(
             claim.key, TaskStatus.SUBMITTED, provider=claim.provider, base_url=claim.base_url,
             task_id=claim.task_id, polling_url=claim.polling_url, cost=claim.cost,
-            submitted_at=claim.submitted_at or time.time()))
-        return Submitted(claim.task_id, claim.polling_url, credits(claim.cost))
+            submitted_at=claim.submitted_at or time.time(), account=paying))
+        return Submitted(claim.task_id, claim.polling_url, credits(claim.cost)), paying
 
     @staticmethod
     def _silent(claim: Claim) -> bool:
@@ -224,7 +262,7 @@ class Sharing:
                 return await self._from_record(job, found)
             last = found
             if self._collectable(found) and self.executor is not None:
-                return await self.executor.collect(job, self._adopt(found))
+                return await self.executor.collect(job, *self._adopt(found))
             if self._silent(found):
                 return _outcome(job, OutcomeStatus.PENDING, _held(found))
             if time.monotonic() >= deadline or self._stopping():
@@ -294,7 +332,7 @@ class Sharing:
             reported_seed=task.reported_seed if task else None,
             cost=credits(task.cost) if task else None, task_id=task.task_id if task else None,
             submitted_at=task.submitted_at if task else None, recorded_at=time.time(),
-            account=self.claimant.account)
+            account=self.named(task.account if task else None))
         try:
             await self._do(self.store.put_image, data, image.sha256)
             await self._do(self.store.update, record)

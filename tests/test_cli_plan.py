@@ -705,8 +705,8 @@ def test_plan_only_matching_nothing_is_an_error(workdir: Path, capsys: Capsys,
 @pytest.mark.parametrize("shard,message", [
     ("0/2", "'0/2': I must be between 1 and N"),
     ("3/2", "'3/2': I must be between 1 and N"),
-    ("x", "'x': expected I/N, like 2/4"),
-    ("1/2/3", "'1/2/3': expected I/N, like 2/4"),
+    ("x", "'x': expected I/N, like 2/4, or auto"),
+    ("1/2/3", "'1/2/3': expected I/N, like 2/4, or auto"),
 ])
 def test_a_bad_shard_is_a_usage_error(workdir: Path, capsys: Capsys, command: str, shard: str,
                                       message: str) -> None:
@@ -736,7 +736,9 @@ words:
     render = help_of("render")
     assert "-j N, --jobs N at most N tasks in flight at the provider at once (default: its " \
            "cap, 24); the name is historical: these are tasks, not recipe jobs" in render
-    assert "--shard I/N only shard I of N (a stable split of the images by key)" in render
+    assert "--shard I/N|auto only shard I of N (a stable split of the images by key); auto: " \
+        "from FLUXBATCH_SHARD=I/N, or a Kubernetes Indexed Job's JOB_COMPLETION_INDEX with " \
+        "FLUXBATCH_SHARDS=N" in render
     for command in ("plan", "render", "status", "clean", "gallery", "merge"):
         assert "--yes accept a plan of more images than the recipe's max_jobs" in \
             help_of(command), command

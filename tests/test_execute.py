@@ -10,7 +10,7 @@ import contextlib
 import itertools
 import json
 import random
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -22,7 +22,7 @@ import pytest
 
 from fluxbatch import providers
 from fluxbatch.errors import StateError
-from fluxbatch.execute import Executor, Image, Settings, Unusable
+from fluxbatch.execute import Executor, Image, PoolAccount, Settings, Unusable
 from fluxbatch.expand import Job
 from fluxbatch.matrix import Combination
 from fluxbatch.money import Budget
@@ -230,10 +230,10 @@ class FakeJournal:
     def of(self, index: int) -> list[str]:
         return [name for name, i, _ in self.calls if i == index]
 
-    def reserve(self, job: Job, usd: float | None) -> None:
+    def reserve(self, job: Job, usd: float | None, account: str | None = None) -> None:
         self.reserved.append((job.index, usd))
 
-    def submitting(self, job: Job) -> None:
+    def submitting(self, job: Job, account: str | None = None) -> None:
         self._record("submitting", job.index, None)
 
     def not_sent(self, job: Job) -> None:
@@ -278,10 +278,12 @@ class Harness:
     api: FakeApi = field(init=False)
     executor: Executor | None = None
     prepare: Callable[[Job], Awaitable[Mapping[str, Any]]] | None = None
-    submit_via: Callable[[Job], Callable[[httpx.Request], Awaitable[httpx.Response]]] | None = None
+    submit_via: Callable[[Job, str | None],
+                         Callable[[httpx.Request], Awaitable[httpx.Response]]] | None = None
     provider: providers.Provider = field(
         default_factory=lambda: Bfl(providers.REGISTRY["bfl"], BASE, Secret(KEY)))
     budget: Budget | None = None
+    accounts: list[PoolAccount] | None = None
 
     def __post_init__(self) -> None:
         self.api = FakeApi(self.time)
@@ -295,7 +297,8 @@ class Harness:
                     self.provider, wire, journal=self.journal, writer=self.writer,
                     settings=self.settings, on_event=self.events.append,
                     sleep=self.time.sleep, clock=self.time.clock, rng=random.Random(0),
-                    prepare=self.prepare, submit_via=self.submit_via, budget=self.budget)
+                    prepare=self.prepare, submit_via=self.submit_via, budget=self.budget,
+                    accounts=self.accounts)
                 started(self.executor)
                 return await self.executor.run(list(jobs), attach)
 
@@ -840,7 +843,8 @@ def test_a_submit_answered_but_not_recorded_is_unknown_and_stops_the_run() -> No
             "kept, and nothing is paid twice.")
     sent: list[int] = []
 
-    def via(job: Job) -> Callable[[httpx.Request], Awaitable[httpx.Response]]:
+    def via(job: Job, account: str | None) -> Callable[[httpx.Request],
+                                                       Awaitable[httpx.Response]]:
         async def send(request: httpx.Request) -> httpx.Response:
             sent.append(job.index)
             raise Unrecorded(full)
@@ -1052,19 +1056,25 @@ def test_429s_lower_the_concurrency_and_successes_restore_it() -> None:
     for job in jobs[:4]:
         h.api.submits[str(job.prompt)].append(error(429, "Too many active tasks"))
     limits: list[int] = []
+    prompts: list[str] = []
 
     def watch(executor: Executor) -> None:
         def on_request(request: httpx.Request) -> None:
             if request.method == "POST":
                 limits.append(executor.account.limit)
+                prompts.append(_json(request)["prompt"])
         h.api.on_request = on_request
 
     outcomes = h.run(jobs, started=watch)
 
     assert statuses(outcomes) == ["written"] * 16
     assert len(h.api.posts()) == 20
-    assert min(limits[:5]) < 4  # lowered while 429s continue
-    assert limits[4:] == sorted(limits[4:])  # and raised again, one step at a time
+    # the 429s: the first submit of each of the first four images
+    refused = [i for i, prompt in enumerate(prompts)
+               if prompts.index(prompt) == i and prompt in {str(job.prompt) for job in jobs[:4]}]
+    last = refused[-1] + 1  # (the limit a POST sees after the last 429)
+    assert min(limits[:last + 1]) < 4  # lowered while 429s continue
+    assert limits[last:] == sorted(limits[last:])  # and raised again, one step at a time
     assert limits[-1] == 4
     assert h.executor is not None and h.executor.account.limit == 4
     assert [name for name, _, _ in h.journal.calls].count("not_sent") == 4
@@ -1546,3 +1556,64 @@ def test_a_render_cancelled_while_it_waits_leaves_no_task_behind() -> None:
         return asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
 
     assert asyncio.run(main()) == set()
+
+
+# -- a pool of accounts ---------------------------------------------------------------------------
+
+
+def pool_of(*caps: int) -> list[PoolAccount]:
+    return [PoolAccount(f"acct-{n}", Bfl(providers.REGISTRY["bfl"], BASE, Secret(f"key-{n}")),
+                        cap, {}, f"KEY_{n}") for n, cap in enumerate(caps)]
+
+
+def test_a_pool_renders_in_the_ideal_time_each_account_within_its_cap() -> None:
+    h = Harness(time=VirtualTime(), accounts=pool_of(2, 3, 4))
+    jobs = [make_job(i) for i in range(45)]
+    for job in jobs:
+        h.api.durations[str(job.prompt)] = 2.0
+    over: list[dict[str | None, int]] = []
+
+    def watch(executor: Executor) -> None:
+        def on_request(request: httpx.Request) -> None:
+            flying = executor.in_flight()
+            if any(flying[lane.name] > lane.cap for lane in executor.lanes):
+                over.append(flying)
+        h.api.on_request = on_request
+
+    outcomes = h.run(jobs, started=watch)
+
+    assert statuses(outcomes) == ["written"] * 45
+    assert over == []
+    ideal = 45 / 9 * 2.0
+    assert ideal <= h.time.now <= ideal + 1.0  # (the first submits go one by one, per account)
+    keys = Counter(request.headers["x-key"] for request in h.api.posts())
+    assert keys == {"key-0": 10, "key-1": 15, "key-2": 20}  # each as its cap allows
+
+
+def test_a_small_render_is_spread_over_the_pool_not_taken_by_its_first_account() -> None:
+    h = Harness(time=VirtualTime(), accounts=pool_of(24, 24, 24))
+    jobs = [make_job(i) for i in range(12)]
+
+    outcomes = h.run(jobs)
+
+    assert statuses(outcomes) == ["written"] * 12
+    assert Counter(request.headers["x-key"] for request in h.api.posts()) == {
+        "key-0": 4, "key-1": 4, "key-2": 4}
+    polled = {request.url.params["id"]: request.headers["x-key"]
+              for request in h.api.requests if request.url.path == "/v1/get_result"}
+    submitted = {f"task-{n + 1}": request.headers["x-key"]
+                 for n, request in enumerate(h.api.posts())}
+    assert polled == submitted  # each task polled with the key that submitted it
+
+
+def test_a_task_of_an_account_not_in_the_pool_is_never_polled_with_another_key() -> None:
+    h = Harness(time=VirtualTime(), accounts=pool_of(24, 24))
+    job = make_job(0)
+    earlier = Submitted("task-9", f"{POLL_BASE}/v1/get_result?id=task-9", 4.0)
+
+    [outcome] = h.run([job], {job.key: earlier}, started=lambda executor: None)
+
+    assert (outcome.status, outcome.reason) == (
+        "pending", "paid through the provider's own key variable, which this run does not "
+        "use: only its own key polls it")
+    assert h.api.requests == []

@@ -14,6 +14,7 @@ import pytest
 from fluxbatch.emulator import Emulator
 from fluxbatch.front import load_plan
 from fluxbatch.main import main
+from fluxbatch.state import migrations
 from tests.helpers import build_file_tree
 
 Capsys = pytest.CaptureFixture[str]
@@ -239,7 +240,8 @@ def test_a_root_written_by_the_first_release_upgrades_in_place_without_paying(
     assert not (tmp_path / "manifest.json").exists()
     assert len(json.loads((tmp_path / "mugs.manifest.json").read_text())["images"]) == 6
     with sqlite3.connect(database) as db:
-        assert db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone() == ("3",)
+        schema = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+        assert schema == (str(migrations.LATEST),)
 
 
 def emulator_submit(emulator: Emulator, model: str, body: dict[str, object]) -> dict[str, str]:

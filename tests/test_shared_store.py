@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 import fluxbatch
@@ -26,6 +28,7 @@ from fluxbatch.front import load_plan
 from fluxbatch.identity import job_key
 from fluxbatch.main import main
 from fluxbatch.outcomes import EventKind
+from fluxbatch.state import migrations
 from fluxbatch.state.shared import Claim, Claimant, Record, SharedStore
 from fluxbatch.state.store import Store
 from tests.helpers import Cli, Run, build_file_tree, status_table
@@ -439,6 +442,69 @@ def test_a_claim_this_root_left_without_a_task_is_its_own(
     before = len(emulator.submissions)
     assert a.render("--store", store_url).code == 0
     assert paid(emulator, before) == 4
+
+
+def schema_3_columns() -> dict[str, list[str]]:
+    """Each table's columns in a store of schema 3: the store's schema, before accounts."""
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    for migration in migrations.MIGRATIONS[:3]:
+        migration.apply(db)
+    return columns(db)
+
+
+def columns(db: sqlite3.Connection) -> dict[str, list[str]]:
+    tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = "
+                                             "'table' ORDER BY name")]
+    return {table: [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
+            for table in tables}
+
+
+def test_a_root_at_the_shared_stores_schema_upgrades_and_keeps_its_claims_and_tasks(
+        emulator: Emulator, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A root a render with a shared store left at schema 3 (before the account column): its
+    id in the store's claims, a task in flight, and a claim it made of a key it never sent.
+    Opened now, it migrates in place: the same root id, so the claim is its own and paid for
+    once; the task is collected, not paid again; each key ends in the store's records."""
+    (tmp_path / "shared").mkdir()
+    url = f"file://{tmp_path / 'shared'}"
+    a = root_cli(emulator, capsys, tmp_path / "a")
+    assert a.render("--store", url, "--only", "solo").code == 0
+    with Store.open(a.root) as store:
+        root_id = store.root_id()
+    grid = [job for job in load_plan(str(a.recipe)).jobs if job.job == "grid"]
+    in_flight, claimed = grid[0], grid[1]
+    answer = httpx.post(f"{emulator.base_url}/v1/{in_flight.model}",
+                        json=dict(in_flight.request), headers={"x-key": "earlier-run"},
+                        timeout=120).json()
+    database = a.root / ".fluxbatch" / "state.sqlite"
+    with sqlite3.connect(database) as db:
+        db.execute("ALTER TABLE tasks DROP COLUMN account")
+        db.execute("ALTER TABLE charges DROP COLUMN account")
+        db.execute("UPDATE meta SET value = '3' WHERE name = 'schema'")
+        db.execute("INSERT INTO tasks (key, status, provider, base_url, task_id, polling_url, "
+                   "cost, submitted_at, updated_at) VALUES (?, 'submitted', 'emulator', ?, ?, "
+                   "?, 4.0, ?, ?)", (in_flight.key, emulator.base_url, answer["id"],
+                                     answer["polling_url"], time.time(), time.time()))
+        assert columns(db) == schema_3_columns()
+    write_entry(url, silent_claim(claimed.key, root=root_id))
+    before = len(emulator.submissions)
+
+    run = a.render("--store", url)
+
+    assert (run.code, run.err) == (0, ""), run
+    assert run.out.startswith("3 written, 1 up to date;")
+    assert paid(emulator, before) == 2  # the claimed key and the one left; the task collected
+    with sqlite3.connect(database) as db:
+        assert db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone() == \
+            (str(migrations.LATEST),)
+        assert db.execute("SELECT value FROM meta WHERE name = 'root_id'").fetchone() == \
+            (root_id,)
+        assert db.execute("SELECT status, account FROM tasks WHERE key = ?",
+                          (in_flight.key,)).fetchone() == ("fetched", None)
+    shared = SharedStore.open(url)
+    assert all(isinstance(shared.lookup(key), Record) for key in keys_of(a))
+    shared.close()
 
 
 def test_another_accounts_claim_is_waited_for_and_placed_when_recorded(

@@ -243,6 +243,7 @@ def test_status_json_counts_every_state_and_exits_0_only_when_up_to_date(
         "orphans": ["grid/star.png"],
         "orphan_images": [{"output": "grid/star.png", "job": "grid",
                            "vars": {"shape": "star", "colour": "blue"}}],
+        "in_flight_by_account": [],
     }
     advice = ("not up to date: `fluxbatch render` makes them (2 to render, 1 to place or "
               "collect, at no cost)\norphans: `fluxbatch clean --delete` removes them\n")

@@ -22,7 +22,8 @@ CONTRACT: dict[type[Vocabulary], list[str]] = {
     fluxbatch.Action: ["submit", "attach", "place", "skip", "hold"],
     fluxbatch.OutcomeStatus: ["written", "moderated", "failed", "unknown", "pending", "skipped",
                               "gone"],
-    fluxbatch.EventKind: ["submitted", "attached", "ready", "rate-limited", "retry", "waiting"],
+    fluxbatch.EventKind: ["submitted", "attached", "ready", "rate-limited", "retry", "waiting",
+                          "account-out"],
     TaskStatus: ["submitting", "submitted", "ready", "fetched", "placed", "moderated", "failed",
                  "unknown", "gone"],
 }

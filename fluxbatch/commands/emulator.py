@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fluxbatch.emulator import Emulator, EmulatorConfig
+from fluxbatch.emulator import Account, Emulator, EmulatorConfig
 from fluxbatch.errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError, UsageError
 
 
@@ -27,6 +27,7 @@ def emulator(
     credits: float = 1_000_000.0,
     cost: float | None = None,
     report_cost: bool = True,
+    keys: tuple[tuple[str, int | None], ...] = (),
 ) -> int:
     try:
         config = EmulatorConfig(
@@ -40,6 +41,7 @@ def emulator(
             shed_rate=shed_rate,
             seed=seed,
             key=key,
+            accounts=tuple(Account(each, cap=each_cap) for each, each_cap in keys),
             url_ttl=url_ttl,
             task_ttl=task_ttl,
             log=log,
@@ -65,9 +67,11 @@ async def _serve(config: EmulatorConfig) -> None:
             f"emulator: cannot listen on {config.host}:{config.port}: {exc}"
         ) from None
     try:
+        accounts = len(config.accounts)
         print(
             f"fluxbatch emulator listening on {emu.base_url}"
-            " (BFL routes /v1/..., CometAPI routes /flux/v1/... and /user/quota)",
+            " (BFL routes /v1/..., CometAPI routes /flux/v1/... and /user/quota)"
+            + (f"; {accounts} accounts, one per key" if accounts else ""),
             flush=True,
         )
         await asyncio.Event().wait()

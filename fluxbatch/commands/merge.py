@@ -147,8 +147,9 @@ def _entry(source: Path, recipe: str, output: str) -> ManifestEntry | None:
 
 
 def _record_task(store: Store, task: Task) -> None:
-    """A task paid for in another root, to be collected from this one."""
+    """A task paid for in another root, to be collected from this one (with the key of the
+    account that paid for it: only that key may poll it)."""
     assert task.task_id is not None and task.polling_url is not None
-    store.submitting(task.key, task.provider or "", task.base_url, task.run)
+    store.submitting(task.key, task.provider or "", task.base_url, task.run, task.account)
     store.submitted(task.key, task.task_id, task.polling_url, task.cost,
                     task.submitted_at or 0.0)

@@ -24,7 +24,14 @@ from fluxbatch.changes import changes_text, stale_changes
 from fluxbatch.commands.output import money, plural, table, values_text
 from fluxbatch.errors import EXIT_OK, Problem, RecipeError
 from fluxbatch.expand import Expansion
-from fluxbatch.front import escape_problems, front, shared_store, store_of, with_store
+from fluxbatch.front import (
+    escape_problems,
+    front,
+    load_plan,
+    shared_store,
+    store_of,
+    with_store,
+)
 from fluxbatch.jobs import Job, Plan
 from fluxbatch.recipe import collector_paused
 from fluxbatch.selection import (
@@ -90,6 +97,33 @@ def plan(*, recipe: str, out: str | None, yes: bool, form: str = TABLE, explain:
         write_document(sys.stdout, the_plan, shown, tally, explain=explain, changed=changed)
     else:
         print(plan_text(the_plan, shown, tally, explain=explain, changed=changed))
+    return EXIT_OK
+
+
+def emit_jobs(*, recipe: str, out: str | None, yes: bool, engine: str, shards: int,
+              accounts_file: str | None, store: str | None) -> int:
+    """`plan --shards N --emit ENGINE`: the job file on stdout (`commands.emit`)."""
+    from fluxbatch import accounts
+    from fluxbatch.commands.emit import emit
+
+    the_plan = load_plan(recipe, out=out, yes=yes)
+    pool = None
+    if accounts_file is not None:
+        pool = accounts.for_provider(accounts.load(accounts_file), the_plan.recipe.provider.name,
+                                     accounts.describe(accounts_file))
+    sys.stdout.write(emit(the_plan, engine=engine, shards=shards, recipe=recipe, pool=pool,
+                          accounts_file=accounts_file, store=store))
+    if shards > len(the_plan.jobs):
+        print(f"note: {plural(shards, 'shard')} for {plural(len(the_plan.jobs), 'image')}: "
+              "some shards have nothing to render", file=sys.stderr)
+    shared = [account.name for account in pool or ()
+              if shards * (account.cap or models.ACCOUNT_CONCURRENCY) >
+              models.ACCOUNT_CONCURRENCY]
+    if shards > 1 and shared:
+        share = max(1, models.ACCOUNT_CONCURRENCY // shards)
+        print(f"note: every shard uses every account of {accounts_file}, so {shards} shards "
+              f"share each account's cap of {models.ACCOUNT_CONCURRENCY}: give "
+              f"{', '.join(shared)} `cap: {share}` there (see docs/scale.md)", file=sys.stderr)
     return EXIT_OK
 
 

@@ -16,7 +16,7 @@ from fluxbatch.commands.validate import print_notes
 from fluxbatch.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError
 from fluxbatch.front import load_plan
 from fluxbatch.outcomes import EventKind, OutcomeStatus
-from fluxbatch.selection import NO_POLLING_URL, Selection
+from fluxbatch.selection import ACCOUNT, NO_POLLING_URL, Selection
 
 # The render itself runs in `session`; asyncio, tqdm and the providers (httpx) are imported
 # only where a render needs the network: a null build of 10,000 images loads none of them.
@@ -127,6 +127,9 @@ class _Progress:
     def __init__(self, selection: Selection, *, quiet: bool, every: float) -> None:
         self.counts: Counter[str] = Counter()
         self.phase: dict[str, str] = {}  # job key → "rendering" | "downloading" | "waiting"
+        # With a pool of accounts: the account of each task in flight (rendering), by job key
+        self.account: dict[str, str] = {}
+        self.pooled = selection.accounts is not None
         self.total = len(selection.jobs) + len(selection.place) + \
             sum(len(more) for more in selection.followers.values())
         self.estimate = selection.estimated_usd()
@@ -151,15 +154,23 @@ class _Progress:
         key, kind = event.job.key, event.kind
         if kind in (EventKind.SUBMITTED, EventKind.ATTACHED):
             self.phase[key] = "rendering"
+            if event.account is not None:
+                self.account[key] = event.account
             if event.cost is not None:
                 self.spent = (self.spent or 0.0) + event.cost / 100
         elif kind == EventKind.READY:
             self.phase[key] = "downloading"
+            self.account.pop(key, None)
         elif kind == EventKind.WAITING:  # for another run's image, through the shared store
             self.phase[key] = "waiting"
         elif kind in ENDED:
             self.phase.pop(key, None)
+            self.account.pop(key, None)
             self.counts[kind] += 1
+        elif kind == EventKind.ACCOUNT_OUT:  # one line, whatever -q says
+            self.write(f"fluxbatch: {event.detail}; it leaves the pool, and the other "
+                       "accounts go on")
+            return
         else:
             return
         if self.bar_shown:  # (the text is for the bar alone: not made per event without one)
@@ -198,7 +209,16 @@ class _Progress:
         parts = [f"{word} {n:,}" for word, n in counts if n or not compact or word == "done"]
         spent = "not reported" if self.spent is None else money(self.spent)
         of = f" of ~{money(self.estimate)}" if self.estimate and total else ""
-        return ", ".join([*parts, f"{'' if short else 'spent '}{spent}{of}"])
+        text = ", ".join([*parts, f"{'' if short else 'spent '}{spent}{of}"])
+        if self.pooled and not compact:
+            text += f"; in flight per account: {self.per_account()}"
+        return text
+
+    def per_account(self) -> str:
+        """`studio-a 24, studio-b 24, studio-c 11`: tasks rendering, per account."""
+        counts = Counter(self.account.values())
+        return ", ".join(f"{name} {count:,}" for name, count in sorted(counts.items())) \
+            or "none"
 
     async def tick_every(self) -> None:
         """Keep the display moving while no image finishes (a task takes a while): the bar is
@@ -273,6 +293,12 @@ def _print_held(selection: Selection) -> None:
                   f"recorded for {'its task' if count == 1 else 'their tasks'}, so "
                   f"{'it' if count == 1 else 'they'} cannot be collected. Re-run with "
                   f"--retry-unknown to submit {it} again.", file=sys.stderr)
+        elif why.startswith(ACCOUNT):
+            tasks = "its task" if count == 1 else "their tasks"
+            print(f"{plural(count, 'image')} held back: {_paid_through(why)}, which this "
+                  f"render does not use (only its key polls {tasks}). Render with "
+                  f"{_to_use(why)} to collect {it}, or --force to pay for a new one.",
+                  file=sys.stderr)
         else:
             print(f"{plural(count, 'image')} held back: paid earlier through provider "
                   f"{why!r}, which this render does not use: render with provider: {why} to "
@@ -282,6 +308,18 @@ def _print_held(selection: Selection) -> None:
         print(f"{plural(count, 'image')} {'was' if count == 1 else 'were'} moderated before and "
               f"{'is' if count == 1 else 'are'} not retried (change the prompt, or use --force).",
               file=sys.stderr)
+
+
+def _paid_through(why: str) -> str:
+    """`paid earlier through account studio-b` (or through the provider's own key)."""
+    name = why.removeprefix(ACCOUNT)
+    return f"paid earlier through account {name}" if name else \
+        "paid earlier through the provider's own key variable (no account named)"
+
+
+def _to_use(why: str) -> str:
+    name = why.removeprefix(ACCOUNT)
+    return f"an accounts file that names {name}" if name else "no --accounts"
 
 
 def _print_report(report: Report, plan: Plan, out: TextIO = sys.stdout) -> None:
@@ -326,6 +364,8 @@ def _print_report(report: Report, plan: Plan, out: TextIO = sys.stdout) -> None:
         cost += f", and {money(collected)} paid by earlier runs for the tasks collected"
     print(f"{', '.join(parts) or 'nothing done'}; {cost}; manifest {manifest_path(plan.recipe)}",
           file=out)
+    if report.accounts:
+        print(_accounts_line(report), file=sys.stderr)
     _print_held(selection)
     if counts[unknown]:
         print(f"{plural(counts[unknown], 'submit')} ended without an answer and may have been "
@@ -344,8 +384,31 @@ def _print_report(report: Report, plan: Plan, out: TextIO = sys.stdout) -> None:
               file=sys.stderr)
     pending = counts[OutcomeStatus.PENDING]
     if pending:
-        print(f"{plural(pending, 'task')} still in flight: run again to collect them "
-              "(they are not paid for twice).", file=sys.stderr)
+        per_account = _in_flight_by_account(report)
+        print(f"{plural(pending, 'task')} still in flight{per_account}: run again to collect "
+              "them (they are not paid for twice).", file=sys.stderr)
+
+
+def _accounts_line(report: Report) -> str:
+    """`accounts: studio-a 12 submitted, studio-b 3 submitted (left the pool: ...)`."""
+    submitted = Counter(o.account for o in report.outcomes
+                        if o.submitted_at is not None and o.account is not None)
+    parts = []
+    for name in report.accounts:
+        part = f"{name} {submitted[name]:,} submitted"
+        if name in report.accounts_out:
+            part += f" (left the pool: {report.accounts_out[name]})"
+        parts.append(part)
+    return "accounts: " + ", ".join(parts)
+
+
+def _in_flight_by_account(report: Report) -> str:
+    """` (studio-a 2, studio-b 1)`: the tasks left in flight, per account of the pool."""
+    if not report.accounts:
+        return ""
+    counts = Counter(o.account or "-" for o in report.outcomes
+                     if o.status == OutcomeStatus.PENDING and o.submitted is not None)
+    return " (" + ", ".join(f"{name} {count:,}" for name, count in sorted(counts.items())) + ")"
 
 
 # The outcomes reported one per line (the others are only counted), and every outcome in the
@@ -390,11 +453,25 @@ def _summary(plan: Plan, report: Report, code: int) -> dict[str, Any]:
         "interrupted": report.interrupted,
         "stopped": report.stopped,
         "budget": report.budget.as_json() if report.budget is not None else None,
+        "accounts": _accounts_document(report),
         "exit_code": code,
         "failures": [{"output": o.job.output, "job": o.job.job, "vars": dict(o.job.vars),
                       "replicate": o.job.replicate, "status": o.status, "reason": o.reason}
                      for o in report.outcomes if o.status in PROBLEMS],
     }
+
+
+def _accounts_document(report: Report) -> list[dict[str, Any]] | None:
+    """`render --json`'s `accounts`: per account of the pool, what it submitted, what is
+    left in flight through it, and why it left the pool (null: it did not); null without a
+    pool."""
+    if not report.accounts:
+        return None
+    submitted = Counter(o.account for o in report.outcomes if o.submitted_at is not None)
+    pending = Counter(o.account for o in report.outcomes
+                      if o.status == OutcomeStatus.PENDING and o.submitted is not None)
+    return [{"name": name, "submitted": submitted[name], "in_flight": pending[name],
+             "left_pool": report.accounts_out.get(name)} for name in report.accounts]
 
 
 def _dry_run(plan: Plan, options: Options) -> int:

@@ -28,6 +28,8 @@ GROUPS: dict[str, Callable[[ChargeRow], str]] = {
     "model": lambda row: row.model or "?",
     "day": lambda row: _day(row.at),
     "run": lambda row: row.run or "?",
+    # (a pool's account; "-": paid through the provider's own key variable)
+    "account": lambda row: row.account or "-",
 }
 
 

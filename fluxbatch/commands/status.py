@@ -16,7 +16,7 @@ from fluxbatch.errors import EXIT_FAILED, EXIT_OK
 from fluxbatch.front import front
 from fluxbatch.selection import STATE_ORDER, TO_RENDER, Classified, ImageState
 from fluxbatch.state.manifests import ManifestEntry
-from fluxbatch.state.root import read_entries
+from fluxbatch.state.root import RootState, read_entries
 
 
 def status(*, recipe: str, out: str | None, yes: bool, as_json: bool, verify: bool,
@@ -30,13 +30,20 @@ def status(*, recipe: str, out: str | None, yes: bool, as_json: bool, verify: bo
     reasons = {index: changes_text(found) for index, found in changed.items() if found}
     orphans = read_entries(plan.recipe.output_root, plan.recipe.name, classified.orphans) \
         if (verbose or as_json) else {}
+    accounts = in_flight_by_account(classified, read.state)
     if as_json:
-        print(json.dumps(_document(classified, changed, orphans, clean), indent=2,
-                         ensure_ascii=False))
+        document = _document(classified, changed, orphans, clean)
+        document["in_flight_by_account"] = [{"account": name, "tasks": count}
+                                            for name, count in accounts.items()]
+        print(json.dumps(document, indent=2, ensure_ascii=False))
         return EXIT_OK if clean else EXIT_FAILED
     rows = [[state, f"{counts[state]:,}"] for state in STATE_ORDER if counts[state]]
     print(f"recipe {plan.recipe.name}, output root {plan.recipe.output_root}")
     print(table(["STATE", "IMAGES"], rows or [["(no images)", "0"]], right=frozenset({1})))
+    if any(name is not None for name in accounts):
+        print("in flight per account: " + ", ".join(
+            f"{name or '(no account: the provider key variable)'} {count:,}"
+            for name, count in accounts.items()))
     if verbose:
         details = [[job.job, values_text(job.vars), job.output, state,
                     reasons.get(job.index) or classified.reasons.get(job.index, "")]
@@ -55,6 +62,19 @@ def status(*, recipe: str, out: str | None, yes: bool, as_json: bool, verify: bo
         for line in advice(counts, bool(classified.orphans)):
             print(line, file=sys.stderr)
     return EXIT_OK if clean else EXIT_FAILED
+
+
+def in_flight_by_account(classified: Classified, state: RootState) -> dict[str | None, int]:
+    """Tasks in flight (paid, not collected yet) per account of the pool that paid for them
+    (None: the provider's own key variable), named accounts first, by name; one per key."""
+    in_flight = ImageState.IN_FLIGHT
+    seen: dict[str, str | None] = {}
+    for job, found in zip(classified.plan.jobs, classified.states, strict=True):
+        task = state.tasks.get(job.key) if found == in_flight else None
+        if task is not None:
+            seen[job.key] = task.account
+    counts = Counter(seen.values())
+    return dict(sorted(counts.items(), key=lambda item: (item[0] is None, item[0] or "")))
 
 
 def advice(counts: Counter[ImageState], orphans: bool) -> list[str]:

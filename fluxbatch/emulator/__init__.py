@@ -8,13 +8,14 @@ or a bill (`provider: emulator`), and tests.
 
 from __future__ import annotations
 
-from fluxbatch.emulator.config import FAULT_KINDS, EmulatorConfig
+from fluxbatch.emulator.config import FAULT_KINDS, Account, EmulatorConfig
 from fluxbatch.emulator.images import render_image
 from fluxbatch.emulator.server import Emulator, EmulatorThread
 from fluxbatch.emulator.tasks import Stats, Task
 
 __all__ = [
     "FAULT_KINDS",
+    "Account",
     "Emulator",
     "EmulatorConfig",
     "EmulatorThread",

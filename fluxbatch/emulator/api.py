@@ -109,8 +109,12 @@ class Api:
         self.table = table
         self.stats = stats
         self.submissions = submissions
-        self.credits = config.credits
-        self.used = 0.0  # credits charged and not refunded
+        # Per account (its key; "" when there is only one): credits left, and charged and
+        # not refunded.
+        self.credits = {account.key: account.credits if account.credits is not None
+                        else config.credits for account in config.accounts} or \
+            {"": config.credits}
+        self.used = dict.fromkeys(self.credits, 0.0)
         self._log = log
         self._secret = secrets.token_bytes(32)
         self._shedding = random.Random(f"{config.seed}:shed")
@@ -138,51 +142,61 @@ class Api:
             return Routed(reply=json_reply(404, {"detail": "Not Found"}))
         if request.method != method:
             return Routed(reply=json_reply(405, {"detail": "Method Not Allowed"}))
-        key = request.headers.get("x-key", "")
-        if not self._key_ok(key):
+        owner = self._owner(request.headers.get("x-key", ""))
+        if owner is None:
             self.stats.rejected_auth += 1
             return Routed(reply=json_reply(403, {"detail": BFL_AUTH_FAILED}))
         if rest == "credits":
-            return Routed(work=self._credits)
+            return Routed(work=lambda: self._credits(owner))
         if rest == "get_result":
-            return Routed(work=lambda: self._poll(query.get("id"), comet=False))
-        return Routed(work=lambda: self._submit(rest, request.body, "bfl"), is_submit=True)
+            return Routed(work=lambda: self._poll(query.get("id"), comet=False, owner=owner))
+        return Routed(work=lambda: self._submit(rest, request.body, "bfl", owner),
+                      is_submit=True)
 
     def _route_comet(self, request: Incoming, rest: str, query: dict[str, str]) -> Routed:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not self._key_ok(token.strip()):
+        owner = self._owner(token.strip()) if scheme.lower() == "bearer" else None
+        if owner is None:
             self.stats.rejected_auth += 1
             return Routed(reply=comet_error(401, "Invalid token", "invalid_api_key"), comet=True)
         if rest == "get_result":
             if request.method != "GET":
                 return Routed(reply=comet_error(405, "Method Not Allowed", "method_not_allowed"))
-            return Routed(work=lambda: self._poll(query.get("id"), comet=True), comet=True)
+            return Routed(work=lambda: self._poll(query.get("id"), comet=True, owner=owner),
+                          comet=True)
         if models.get(rest) is None:
             message = f"Invalid URL ({request.method} {COMET_PREFIX}{rest})"
             return Routed(reply=comet_error(404, message, "not_found"), comet=True)
         if request.method != "POST":
             return Routed(reply=comet_error(405, "Method Not Allowed", "method_not_allowed"))
         return Routed(
-            work=lambda: self._submit(rest, request.body, "comet"), comet=True, is_submit=True
+            work=lambda: self._submit(rest, request.body, "comet", owner), comet=True,
+            is_submit=True,
         )
 
     def _route_quota(self, request: Incoming, query: dict[str, str]) -> Routed:
         if request.method != "GET":
             return Routed(reply=comet_error(405, "Method Not Allowed", "method_not_allowed"))
-        if not self._key_ok(query.get("key", "")):
+        owner = self._owner(query.get("key", ""))
+        if owner is None:
             self.stats.rejected_auth += 1
             return Routed(reply=comet_error(401, "Invalid token", "invalid_api_key"), comet=True)
-        return Routed(work=self._quota, comet=True)
+        return Routed(work=lambda: self._quota(owner), comet=True)
 
-    def _key_ok(self, key: str) -> bool:
+    def _owner(self, key: str) -> str | None:
+        """The account `key` opens ("" when there is only one), or None: refused."""
         if not key:
-            return False
+            return None
+        if self.config.accounts:
+            return next((account.key for account in self.config.accounts
+                         if hmac.compare_digest(key.encode(), account.key.encode())), None)
         expected = self.config.key
-        return expected is None or hmac.compare_digest(key.encode(), expected.encode())
+        return "" if expected is None or hmac.compare_digest(key.encode(),
+                                                             expected.encode()) else None
 
     # -- submit, poll, credits ------------------------------------------------------------
 
-    async def _submit(self, model: str, raw: bytes, route: str) -> Reply:
+    async def _submit(self, model: str, raw: bytes, route: str, owner: str = "") -> Reply:
         comet = route == "comet"
         if len(raw) > PARSE_IN_THREAD:
             body, errors = await asyncio.to_thread(parse_body, model, raw)
@@ -205,7 +219,7 @@ class Api:
         cost = models.estimate_cost(model, billed)
         credits = self.config.cost if self.config.cost is not None else \
             round(cost * 100, 4) if cost is not None else None
-        if credits is not None and credits > self.credits:
+        if credits is not None and credits > self.credits[owner]:
             message = "Insufficient credits"
             return (
                 comet_error(402, message, "insufficient_quota")
@@ -213,16 +227,21 @@ class Api:
                 else json_reply(402, {"detail": message})
             )
         now = time.monotonic()
-        refusal = self.table.refusal(model, now)
+        refusal = self.table.refusal(model, now, owner)
         if refusal is not None:
             return self._too_many(refusal, comet)
         if self.config.shed_rate and self._shedding.random() < self.config.shed_rate:
             return self._shed(comet)
-        task = self.table.add(model, body, route, now, time.time())
+        task = self.table.add(model, body, route, now, time.time(), owner)
         self.stats.peak_active = max(self.stats.peak_active, self.table.active(now))
+        if self.config.accounts:
+            stats = self.stats
+            stats.peak_by_account[owner] = max(stats.peak_by_account.get(owner, 0),
+                                               self.table.active(now, owner=owner))
+            stats.submits_by_account[owner] = stats.submits_by_account.get(owner, 0) + 1
         if credits is not None:
-            self.credits -= credits
-            self.used += credits
+            self.credits[owner] -= credits
+            self.used[owner] += credits
             task.cost = credits
         self._record(task)
         width, height = requested_size(model, body)
@@ -273,6 +292,7 @@ class Api:
                 "model": task.model,
                 "request": task.request,
                 "route": task.route,
+                "account": task.owner,  # the key that submitted it ("": the only account)
                 "time": task.start_time,
                 # when it is Ready; `task_ttl` seconds later the emulator forgets it
                 "duration": task.duration,
@@ -292,20 +312,20 @@ class Api:
             self._log.write(json.dumps(line, ensure_ascii=False) + "\n")
             self._log.flush()
 
-    async def _credits(self) -> Reply:
+    async def _credits(self, owner: str = "") -> Reply:
         self._refund(time.monotonic())
-        return json_reply(200, {"credits": round(self.credits, 4)})
+        return json_reply(200, {"credits": round(self.credits[owner], 4)})
 
-    async def _quota(self) -> Reply:
+    async def _quota(self, owner: str = "") -> Reply:
         """CometAPI's shape: the account's balance in USD, and per key what it used."""
         self._refund(time.monotonic())
         return json_reply(200, {
             "username": "emulator",
-            "total_quota": round(self.credits / 100, 6),
-            "total_used_quota": round(self.used / 100, 6),
+            "total_quota": round(self.credits[owner] / 100, 6),
+            "total_used_quota": round(self.used[owner] / 100, 6),
             "request_count": self.stats.submits,
             "keys": [{"name": "default", "remain_quota": -1,
-                      "used_quota": round(self.used / 100, 6)}],
+                      "used_quota": round(self.used[owner] / 100, 6)}],
         })
 
     def _refund(self, now: float) -> None:
@@ -317,15 +337,16 @@ class Api:
         if task.refunded or not task.cost:
             return
         task.refunded = True
-        self.credits += task.cost
-        self.used -= task.cost
+        self.credits[task.owner] += task.cost
+        self.used[task.owner] -= task.cost
 
-    def balance(self) -> float:
-        """Credits left, moderated and failed tasks refunded."""
+    def balance(self, key: str = "") -> float:
+        """Credits left (of the account of `key`, with several), moderated and failed tasks
+        refunded."""
         self._refund(time.monotonic())
-        return self.credits
+        return self.credits[key]
 
-    async def _poll(self, task_id: str | None, comet: bool) -> Reply:
+    async def _poll(self, task_id: str | None, comet: bool, owner: str = "") -> Reply:
         if task_id is None:
             error = {"loc": ["query", "id"], "msg": "Field required", "type": "missing"}
             if comet:
@@ -334,6 +355,9 @@ class Api:
         self.stats.polls += 1
         now = time.monotonic()
         task = self.table.get(task_id, now)
+        if task is not None and task.owner != owner:  # another account's: not shown
+            self.stats.foreign_polls += 1
+            task = None
         if task is None:
             return json_reply(200, {"id": task_id, "status": tasks.NOT_FOUND})
         if task.outcome in tasks.UNBILLED and task.status(now) == task.outcome:

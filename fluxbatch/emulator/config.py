@@ -16,6 +16,17 @@ def _default_model_caps() -> Mapping[str, int]:
 
 
 @dataclass(frozen=True)
+class Account:
+    """A key the emulator takes as an account of its own: its own active-task caps (the
+    config's model caps, each at most `cap`), its own credits, and its own tasks, which no
+    other key is shown ("Task not found")."""
+
+    key: str
+    cap: int | None = None  # None: the config's `cap`
+    credits: float | None = None  # None: the config's `credits`
+
+
+@dataclass(frozen=True)
 class EmulatorConfig:
     """How the emulated API behaves; the defaults match BFL's documented behaviour."""
 
@@ -35,6 +46,9 @@ class EmulatorConfig:
     slow_fault_seconds: float = 1.0  # how long a `slow` fault takes to trickle out a body
     seed: int = 0
     key: str | None = None  # None: any non-empty key is accepted
+    # Several accounts, each with its own key, caps and credits; then only their keys are
+    # accepted (and `key` is not used). Empty: one account, whatever key is sent.
+    accounts: tuple[Account, ...] = ()
     url_ttl: float = 600.0
     task_ttl: float = 3600.0
     max_side: int = 512
@@ -60,9 +74,14 @@ class EmulatorConfig:
                 raise ValueError(f"{name} must be between 0 and 1, not {rate}")
         if self.latency < 0 or self.latency_sigma < 0:
             raise ValueError("latency and latency_sigma must not be negative")
-        if self.cap < 1 or any(cap < 1 for cap in self.model_caps.values()):
+        caps = [self.cap, *self.model_caps.values(),
+                *(account.cap for account in self.accounts if account.cap is not None)]
+        if any(cap < 1 for cap in caps):
             raise ValueError("concurrency caps must be at least 1")
         if self.cost is not None and not self.cost >= 0:
             raise ValueError(f"cost must be zero or more, not {self.cost}")
+        keys = [account.key for account in self.accounts]
+        if len(set(keys)) != len(keys) or not all(keys):
+            raise ValueError("each account needs a key of its own")
         if self.max_side < 64:
             raise ValueError(f"max_side must be at least 64, not {self.max_side}")

@@ -84,8 +84,13 @@ class Emulator:
     @property
     def credits(self) -> float:
         """The balance in credits: charged at each submit, moderated and failed tasks
-        refunded."""
-        return self._started().balance()
+        refunded (with several accounts, theirs added up)."""
+        api = self._started()
+        return sum(api.balance(key) for key in api.credits)
+
+    def credits_of(self, key: str) -> float:
+        """The balance of the account whose key is `key` (with several accounts)."""
+        return self._started().balance(key)
 
     def reconfigure(self, **changes: Any) -> None:
         """Change knobs of a running emulator, for tasks it already holds too (tests: a

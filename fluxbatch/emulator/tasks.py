@@ -52,6 +52,7 @@ class Task:
     fmt: str
     cost: float | None = None  # credits charged for it
     refunded: bool = False  # moderated or failed, and its credits given back
+    owner: str = ""  # the key of the account that submitted it ("": the only account)
 
     @property
     def finishes(self) -> float:
@@ -91,6 +92,12 @@ class Stats:
     leaked_auth_downloads: int = 0
     peak_active: int = 0  # most Pending tasks at once, across the account
     faults: dict[str, int] = field(default_factory=dict)
+    # With several accounts (`EmulatorConfig.accounts`), by key: most Pending tasks at once,
+    # and submits accepted; polls of a task with another account's key (answered "Task not
+    # found", as another account's task is).
+    peak_by_account: dict[str, int] = field(default_factory=dict)
+    submits_by_account: dict[str, int] = field(default_factory=dict)
+    foreign_polls: int = 0
 
     def count_fault(self, kind: str) -> None:
         self.faults[kind] = self.faults.get(kind, 0) + 1
@@ -119,15 +126,15 @@ def outcome_of(prompt: object) -> tuple[str, float]:
 
 
 class TaskTable:
-    """Every task by id, plus heaps of the pending ones for the active-task caps."""
+    """Every task by id, plus heaps of the pending ones, per account, for the active-task
+    caps."""
 
     def __init__(self, config: EmulatorConfig) -> None:
         self._config = config
         self._tasks: dict[str, Task] = {}
-        self._pending: list[tuple[float, str]] = []
-        self._pending_by_model: dict[str, list[tuple[float, str]]] = {
-            model: [] for model in config.model_caps
-        }
+        # Per account (its key; "" when there is only one): its pending tasks, all and by model.
+        self._pending: dict[str, list[tuple[float, str]]] = {}
+        self._pending_by_model: dict[str, dict[str, list[tuple[float, str]]]] = {}
         self._latency_rng = random.Random(f"{config.seed}:latency")
         self._seed_rng = random.Random(f"{config.seed}:seed")
         self._last_sweep = -math.inf
@@ -138,29 +145,50 @@ class TaskTable:
     def reconfigure(self, config: EmulatorConfig) -> None:
         """New caps (or latencies) from now on; the tasks already running keep theirs."""
         self._config = config
-        for model in config.model_caps:
-            self._pending_by_model.setdefault(model, [])
 
-    def refusal(self, model: str, now: float) -> Refusal | None:
+    def caps(self, owner: str) -> tuple[int, Mapping[str, int]]:
+        """The account's cap, and its per-model caps (each at most the account's)."""
+        cap = next((account.cap for account in self._config.accounts
+                    if account.key == owner and account.cap is not None), self._config.cap)
+        return cap, {model: min(model_cap, cap)
+                     for model, model_cap in self._config.model_caps.items()}
+
+    def _heaps(self, owner: str, model: str | None) -> list[tuple[float, str]] | None:
+        if model is None:
+            return self._pending.setdefault(owner, [])
+        if model not in self._config.model_caps:
+            return None
+        return self._pending_by_model.setdefault(owner, {}).setdefault(model, [])
+
+    def refusal(self, model: str, now: float, owner: str = "") -> Refusal | None:
         """None when `model` may start another task, else which cap is full and for how long."""
         refusals = []
-        wait = self._wait(self._pending, self._config.cap, now)
+        cap, model_caps = self.caps(owner)
+        wait = self._wait(self._pending.setdefault(owner, []), cap, now)
         if wait is not None:
-            refusals.append(Refusal(wait, self._config.cap, None))
-        model_cap = self._config.model_caps.get(model)
-        if model_cap is not None:
-            wait = self._wait(self._pending_by_model[model], model_cap, now)
+            refusals.append(Refusal(wait, cap, None))
+        model_cap = model_caps.get(model)
+        heap = self._heaps(owner, model)
+        if model_cap is not None and heap is not None:
+            wait = self._wait(heap, model_cap, now)
             if wait is not None:
                 refusals.append(Refusal(wait, model_cap, model))
         return max(refusals, key=lambda r: r.wait) if refusals else None
 
-    def active(self, now: float, model: str | None = None) -> int:
-        heap = self._pending if model is None else self._pending_by_model.get(model, [])
-        _drop_finished(heap, now)
-        return len(heap)
+    def active(self, now: float, model: str | None = None, owner: str | None = None) -> int:
+        """Pending tasks: of `owner`'s account, or of every account (None)."""
+        owners = list(self._pending) if owner is None else [owner]
+        count = 0
+        for each in owners:
+            heap = self._heaps(each, model)
+            if heap:
+                _drop_finished(heap, now)
+                count += len(heap)
+        return count
 
     def add(
-        self, model: str, request: Mapping[str, Any], route: str, now: float, epoch: float
+        self, model: str, request: Mapping[str, Any], route: str, now: float, epoch: float,
+        owner: str = "",
     ) -> Task:
         outcome, factor = outcome_of(request.get("prompt"))
         sent_seed = request.get("seed")
@@ -176,13 +204,15 @@ class TaskTable:
             duration=self._draw_latency() * factor,
             outcome=outcome,
             fmt=output_format(model, request),
+            owner=owner,
         )
         self._tasks[task.id] = task
         if task.duration > 0:
             entry = (task.finishes, task.id)
-            heapq.heappush(self._pending, entry)
-            if model in self._pending_by_model:
-                heapq.heappush(self._pending_by_model[model], entry)
+            heapq.heappush(self._pending.setdefault(owner, []), entry)
+            heap = self._heaps(owner, model)
+            if heap is not None:
+                heapq.heappush(heap, entry)
         self._sweep(now)
         return task
 

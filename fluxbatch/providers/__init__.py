@@ -155,24 +155,30 @@ def api_key(info: ProviderInfo, environ: Mapping[str, str]) -> Secret:
     """The key from `$KEY_ENV`, or from the file named by `$KEY_FILE_ENV`; a clear error,
     naming the variable to set, before anything is sent."""
     assert info.key_env is not None and info.key_file_env is not None
-    value = environ.get(info.key_env, "").strip()
+    return key_from(environ, info.key_env, info.key_file_env, missing=(
+        f"provider {info.name!r} needs an API key: set {info.key_env} (or {info.key_file_env} "
+        "to a file holding it); the key is never read from the recipe"))
+
+
+def key_from(environ: Mapping[str, str], key_env: str | None, key_file_env: str | None, *,
+             missing: str) -> Secret:
+    """The key in `$key_env`, else in the file named by `$key_file_env`; `missing` is the
+    error when neither is set. No message ever shows the key."""
+    value = environ.get(key_env, "").strip() if key_env else ""
     if value:
-        return _usable(value, info.key_env)
-    key_file = environ.get(info.key_file_env, "").strip()
+        return _usable(value, key_env or "")
+    key_file = environ.get(key_file_env, "").strip() if key_file_env else ""
     if key_file:
         try:
             value = Path(key_file).expanduser().read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as error:
             reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
-            raise ConfigError(f"cannot read the API key file named by {info.key_file_env} "
+            raise ConfigError(f"cannot read the API key file named by {key_file_env} "
                               f"({key_file}): {reason or error}") from None
         if value:
-            return _usable(value, f"the file named by {info.key_file_env} ({key_file})")
-        raise ConfigError(f"the API key file named by {info.key_file_env} ({key_file}) is empty")
-    raise ConfigError(
-        f"provider {info.name!r} needs an API key: set {info.key_env} (or {info.key_file_env} "
-        "to a file holding it); the key is never read from the recipe"
-    )
+            return _usable(value, f"the file named by {key_file_env} ({key_file})")
+        raise ConfigError(f"the API key file named by {key_file_env} ({key_file}) is empty")
+    raise ConfigError(missing)
 
 
 def query_key(info: ProviderInfo, environ: Mapping[str, str]) -> Secret | None:

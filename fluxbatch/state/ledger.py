@@ -56,6 +56,9 @@ class Task:
     reason: str | None = None
     run: str | None = None
     updated_at: float = 0.0
+    # The operator's name for the account whose key paid for it (`--accounts`), never the
+    # key; None: the provider's own key variable (BFL_API_KEY...).
+    account: str | None = None
 
 
 class Ledger(Protocol):
@@ -67,7 +70,7 @@ class Ledger(Protocol):
     def tasks(self) -> dict[str, Task]: ...
 
     def submitting(self, key: str, provider: str, base_url: str | None,
-                   run: str | None = None) -> None: ...
+                   run: str | None = None, account: str | None = None) -> None: ...
 
     def not_sent(self, key: str) -> None: ...
 
@@ -107,6 +110,7 @@ class Reservation:
     job: str
     provider: str
     run: str | None
+    account: str | None = None  # the operator's name for the account that pays it
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +128,7 @@ class ChargeRow:
     cost: float | None  # credits reported
     status: str
     at: float
+    account: str | None = None
 
 
 def charged_usd(row: ChargeRow) -> float:
@@ -137,9 +142,10 @@ def charged_usd(row: ChargeRow) -> float:
     return held or 0.0
 
 
-_CHARGE_COLUMNS = "key, run, recipe, job, model, provider, estimate, reserved, cost, status, at"
+_CHARGE_COLUMNS = ("key, run, recipe, job, model, provider, estimate, reserved, cost, status, "
+                   "at, account")
 _TASK_COLUMNS = ("key, status, provider, base_url, task_id, polling_url, cost, submitted_at, "
-                 "reported_seed, blob, reason, run, updated_at")
+                 "reported_seed, blob, reason, run, updated_at, account")
 _STATUSES = {status.value: status for status in TaskStatus}
 
 
@@ -183,12 +189,13 @@ class LedgerTables(Tables):
                         f"ON CONFLICT(key) DO UPDATE SET {updates}", (key, *fields.values()))
 
     def submitting(self, key: str, provider: str, base_url: str | None,
-                   run: str | None = None) -> None:
-        """(A password in the base URL, `https://user:secret@host`, is not recorded.)"""
+                   run: str | None = None, account: str | None = None) -> None:
+        """(A password in the base URL, `https://user:secret@host`, is not recorded; nor is
+        any key: an account is recorded by the name the operator gave it.)"""
         self._task(key, status=TaskStatus.SUBMITTING, provider=provider,
                    base_url=without_credentials(base_url) if base_url else base_url,
                    task_id=None, polling_url=None, cost=None, submitted_at=None,
-                   reported_seed=None, blob=None, reason=None, run=run)
+                   reported_seed=None, blob=None, reason=None, run=run, account=account)
 
     def not_sent(self, key: str) -> None:
         """The submit never left (or was refused unprocessed): nothing was paid."""
@@ -212,20 +219,21 @@ class LedgerTables(Tables):
                 (Charge.CHARGED, cost, task_id, at, key, Charge.RESERVED)).rowcount
             if not settled:  # (sent without a reservation: recorded all the same)
                 self.db.execute(
-                    "INSERT INTO charges (key, run, provider, cost, status, task_id, at, "
-                    "settled_at) SELECT key, run, provider, ?, ?, ?, ?, ? FROM tasks "
-                    "WHERE key = ?", (cost, Charge.CHARGED, task_id, at, at, key))
+                    "INSERT INTO charges (key, run, provider, account, cost, status, task_id, "
+                    "at, settled_at) SELECT key, run, provider, account, ?, ?, ?, ?, ? FROM "
+                    "tasks WHERE key = ?", (cost, Charge.CHARGED, task_id, at, at, key))
 
     def paid_elsewhere(self, task: Task) -> None:
         """A task another output root paid for (found through the shared store), to be
-        collected by this one: in flight here, charged nowhere here (it is that root's
+        collected by this one, through `task.account` (an account of the pool, by name; None:
+        the provider's own key): in flight here, charged nowhere here (it is that root's
         spending, and its ledger says so)."""
         self._task(task.key, status=TaskStatus.SUBMITTED, provider=task.provider,
                    base_url=without_credentials(task.base_url) if task.base_url else None,
                    task_id=task.task_id,
                    polling_url=without_credentials(task.polling_url or ""), cost=task.cost,
                    submitted_at=task.submitted_at, reported_seed=None, blob=None, reason=None,
-                   run=None)
+                   run=None, account=task.account)
 
     def ready(self, key: str, reported_seed: int | None) -> None:
         self._task(key, status=TaskStatus.READY, reported_seed=reported_seed)
@@ -276,10 +284,10 @@ class LedgerTables(Tables):
             self._unknown_reservations(key)
             self.db.execute(
                 "INSERT INTO charges (key, run, recipe, job, model, provider, estimate, "
-                "reserved, status, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "reserved, status, at, account) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (key, reservation.run, reservation.recipe, reservation.job, reservation.model,
                  reservation.provider, reservation.estimate, reservation.usd, Charge.RESERVED,
-                 time.time()))
+                 time.time(), reservation.account))
 
     def _unknown_reservations(self, key: str) -> None:
         self.db.execute("UPDATE charges SET status = ?, settled_at = ? WHERE key = ? AND "

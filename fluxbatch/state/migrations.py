@@ -127,10 +127,20 @@ def _v3(db: sqlite3.Connection) -> None:
                     charge, task_id, submitted_at or updated_at, updated_at))
 
 
+def _v4(db: sqlite3.Connection) -> None:
+    """A pool of accounts (`--accounts`): each task, and each charge, names the account whose
+    key paid for it (the operator's name for it, never the key), so that a later run polls
+    it with that account's key, or holds it back when that account is no longer configured.
+    Earlier rows name none: they were paid through the provider's own key variable."""
+    db.execute("ALTER TABLE tasks ADD COLUMN account TEXT")
+    db.execute("ALTER TABLE charges ADD COLUMN account TEXT")
+
+
 MIGRATIONS = (
     Migration(1, "images by output path", _v1),
     Migration(2, "a ledger by job key, placements by recipe and output", _v2),
     Migration(3, "charges per paid submit, and runs", _v3),
+    Migration(4, "the account that paid each task and charge", _v4),
 )
 LATEST = MIGRATIONS[-1].version
 
