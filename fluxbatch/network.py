@@ -135,12 +135,15 @@ def named_base_url(name: str, recipe_url: str | None, recipe_path: str, option: 
 
 
 def provider_for(plan: Plan, options: Reach, environ: Mapping[str, str],
-                 emulator_latency: float | None = None
+                 emulator_latency: float | None = None, *, pooled: bool = False
                  ) -> contextlib.AbstractContextManager[providers.Provider]:
     """The provider the recipe names, with the key from the environment; an in-process one
-    (the emulator) is started on a free loopback port for the duration."""
+    (the emulator) is started on a free loopback port for the duration. `pooled`: a pool of
+    accounts sends every request with its accounts' own keys (`pool_for`), so the provider's
+    own key variable is neither read nor needed, and this provider holds no key."""
     return open_provider(plan.recipe.provider.name, base_url_for(plan, options, environ),
-                         environ, emulator_latency)
+                         environ, emulator_latency,
+                         key=providers.Secret("") if pooled else None)
 
 
 @contextlib.contextmanager

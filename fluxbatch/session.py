@@ -355,7 +355,8 @@ class Render:
         recipe, budget = plan.recipe, ahead.budget
         settings = network.settings_for(plan, options)
         run = new_run_id()
-        with network.provider_for(plan, options, self.environ) as provider:
+        with network.provider_for(plan, options, self.environ,
+                                  pooled=pool is not None) as provider:
             members = network.pool_for(plan, options, provider, pool) \
                 if pool is not None else None
             refused = None if options.yes else \

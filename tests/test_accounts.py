@@ -238,6 +238,20 @@ def test_sigkill_mid_render_then_a_resume_collects_each_task_with_its_own_accoun
     assert len(list((pool.root / "batch").glob("*.png"))) == 12
 
 
+def test_a_pool_of_a_keyed_provider_needs_only_its_accounts_keys(pool: Pool) -> None:
+    """A pool of BFL accounts renders with the keys its accounts file names: the provider's
+    own variable (BFL_API_KEY) is not needed, and not read."""
+    pool.write(recipe_text(4).replace("provider: emulator", "provider: bfl"),
+               accounts_text("studio-a", "studio-b").replace("provider: emulator",
+                                                             "provider: bfl"))
+
+    result = pool.render()
+
+    assert (result.code, result.out.startswith("4 written;")) == (0, True), result
+    assert set(owners(pool.emulator).values()) == {"studio-a", "studio-b"}
+    assert pool.emulator.stats.rejected_auth == 0
+
+
 # -- a task of an account no longer configured --------------------------------------------------
 
 
