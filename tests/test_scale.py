@@ -12,6 +12,7 @@ import pytest
 
 from fluxbatch import yamlsource
 from fluxbatch.main import main
+from fluxbatch.version import __version__
 from tests.helpers import build_file_tree
 
 Capsys = pytest.CaptureFixture[str]
@@ -165,6 +166,10 @@ def test_the_github_workflow_with_accounts_and_a_store(project: Path, capsys: Ca
     final = [step.get("run") for step in workflow["jobs"]["manifest"]["steps"]]
     assert "fluxbatch pull recipe.yaml --out out\n" in final
     assert not any("merge" in (run or "") for run in final)
+    # (both jobs install the extra that reads and writes s3://)
+    for job in ("render", "manifest"):
+        assert f"pip install 'fluxbatch[s3]=={__version__}'" in [
+            step.get("run") for step in workflow["jobs"][job]["steps"]]
 
 
 def test_the_kubernetes_job_is_indexed_one_pod_per_index_with_its_key_from_a_secret(

@@ -31,6 +31,7 @@ from fluxbatch.accounts import Account
 from fluxbatch.errors import UsageError
 from fluxbatch.jobs import Plan
 from fluxbatch.selection import SHARD_ENV, SHARDS_ENV
+from fluxbatch.state.shared import EXTRAS
 from fluxbatch.version import __version__
 
 GITHUB, KUBERNETES = "github", "kubernetes"
@@ -81,6 +82,13 @@ def _relative(path: str) -> str:
     return relative.replace(os.sep, "/")
 
 
+def _package(store: str | None) -> str:
+    """What pip installs: this version of fluxbatch, with the extra that the shared store's
+    backend needs (`fluxbatch[s3]` for s3://; a file:// store needs none)."""
+    extra = EXTRAS.get(store.partition("://")[0].lower()) if store else None
+    return f"fluxbatch[{extra}]=={__version__}" if extra else f"fluxbatch=={__version__}"
+
+
 def _render_command(spec: Emit, out: str) -> str:
     """The shell line each shard runs (`out` is left as written: it may name a variable)."""
     command = f"fluxbatch render {shlex.quote(spec.recipe)} --shard auto --out {out}"
@@ -93,7 +101,7 @@ def _render_command(spec: Emit, out: str) -> str:
 
 
 def github(spec: Emit) -> dict[str, Any]:
-    install = {"name": "install fluxbatch", "run": f"pip install 'fluxbatch=={__version__}'"}
+    install = {"name": "install fluxbatch", "run": f"pip install '{_package(spec.store)}'"}
     setup = [{"uses": "actions/checkout@v4"},
              {"uses": "actions/setup-python@v5", "with": {"python-version": PYTHON}},
              install]
@@ -226,6 +234,9 @@ def _header(spec: Emit, engine: str) -> str:
                      ".yml; run it from the Actions tab.")
         if spec.keys:
             lines.append("Repository secrets it reads: " + ", ".join(spec.keys) + ".")
+        if spec.store:
+            lines.append("Give the render and manifest jobs the shared store's own "
+                         "credentials (see docs/store.md): this file does not name them.")
     else:
         lines += ["Build an image with fluxbatch and this project in /project, and put its "
                   "name in `image:`.",
