@@ -21,6 +21,7 @@ import pytest
 from fluxbatch import accounts
 from fluxbatch.emulator import Account, Emulator, EmulatorConfig, EmulatorThread
 from fluxbatch.errors import RecipeError
+from fluxbatch.front import load_plan
 from fluxbatch.identity import job_key
 from fluxbatch.main import main
 from fluxbatch.state.shared import Claim, Record, SharedStore
@@ -504,6 +505,31 @@ def test_a_job_another_account_takes_over_is_claimed_again_in_that_account_s_nam
     shared.close()
     assert {key: (claim.account, bool(claim.task_id))  # type: ignore[union-attr]
             for key, claim in claims.items()} == {key: ("studio-b", True) for key in paid}
+
+
+def test_a_pool_holds_back_a_silent_claim_of_another_run_and_says_so_in_one_line(
+        pool: Pool, tmp_path: Path) -> None:
+    """Another run's claim with no task (its run died while sending: maybe billed) is held
+    back by a pool's render as by any, and the report's last line counts it plainly: it is
+    no task of this run's accounts."""
+    store = tmp_path / "shared"
+    store.mkdir()
+    url = f"file://{store}"
+    pool.write(recipe_text(3), accounts_text("studio-a", "studio-b"))
+    key = job_key("flux-dev", load_plan(str(pool.root / "recipe.yaml")).jobs[0].request)
+    shared = SharedStore.open(url)
+    shared.check()
+    assert shared.claim(Claim(key=key, id="c0ffee", provider="emulator", base_url=None,
+                              account="studio-a", host="ci-7", root="another-root", run=None,
+                              claimed_at=time.time() - 3600)) is None
+    shared.close()
+
+    result = pool.render("--store", url)
+
+    assert result.code == 1 and result.out.startswith("2 written, 1 pending;"), result
+    assert result.err.endswith(
+        "1 task still in flight: run again to collect them (they are not paid for twice).\n")
+    assert len(pool.emulator.submissions) == 2
 
 
 def test_spend_by_account_says_what_each_account_paid(pool: Pool) -> None:

@@ -408,6 +408,8 @@ def _in_flight_by_account(report: Report) -> str:
         return ""
     counts = Counter(o.account or "-" for o in report.outcomes
                      if o.status == OutcomeStatus.PENDING and o.submitted is not None)
+    if not counts:  # (held for another run's claim in a shared store: no task of this run)
+        return ""
     return " (" + ", ".join(f"{name} {count:,}" for name, count in sorted(counts.items())) + ")"
 
 
