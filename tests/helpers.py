@@ -10,9 +10,11 @@ import hashlib
 import json
 import os
 import selectors
+import signal
 import subprocess
 import textwrap
-from collections.abc import Coroutine, Mapping, Sequence
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -79,6 +81,21 @@ def run_in_virtual_time(main: Coroutine[object, object, T]) -> T:
 
 
 # -- the rebuild root -------------------------------------------------------------------------
+
+
+def sigkill_when(process: subprocess.Popen[bytes], ready: Callable[[], bool], *,
+                 patience: float = 120.0) -> None:
+    """SIGKILL a render process (the render alone: its outbox finishes what it holds) once
+    `ready()` says it is where the test wants it; it must still be running then. `patience`
+    only turns a render that stopped making progress into a failure, not a hang."""
+    deadline = time.monotonic() + patience
+    while not ready():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the render stopped submitting"
+        time.sleep(0.001)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
 
 
 def recipe_text(*, shapes: tuple[str, ...] = ("circle", "square", "star"),

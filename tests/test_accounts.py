@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from fluxbatch.front import load_plan
 from fluxbatch.identity import job_key
 from fluxbatch.main import main
 from fluxbatch.state.shared import Claim, Record, SharedStore
-from tests.helpers import Run, build_file_tree
+from tests.helpers import Run, build_file_tree, sigkill_when
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"studio-a": "key-aaaa-1111", "studio-b": "key-bbbb-2222", "studio-c": "key-cccc-3333"}
@@ -214,16 +213,9 @@ def test_sigkill_mid_render_then_a_resume_collects_each_task_with_its_own_accoun
              "--base-url", emulator.base_url, "-q", "--accounts",
              str(pool.root / "accounts.yaml")],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        deadline = time.monotonic() + 120
         # every account has tasks in flight (each cap is 2; tasks take 1.5 s)
-        while len({s["account"] for s in emulator.submissions}) < 3 or \
-                len(emulator.submissions) < 6:
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "the render stopped submitting"
-            time.sleep(0.001)
-        process.send_signal(signal.SIGKILL)
-        process.communicate()
-        assert process.returncode == -signal.SIGKILL
+        sigkill_when(process, lambda: len({s["account"] for s in emulator.submissions}) == 3
+                     and len(emulator.submissions) >= 6)
         left = {key: account for key, (status, account, _) in pool.ledger().items()
                 if status == "submitted"}
         assert len(set(left.values())) == 3  # tasks of every account are left in flight

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -31,7 +30,7 @@ from fluxbatch.outcomes import EventKind
 from fluxbatch.state import migrations
 from fluxbatch.state.shared import Claim, Claimant, Record, SharedStore
 from fluxbatch.state.store import Store
-from tests.helpers import Cli, Run, build_file_tree, status_table
+from tests.helpers import Cli, Run, build_file_tree, sigkill_when, status_table
 from tests.s3 import S3Server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -577,14 +576,7 @@ def test_a_runner_killed_mid_render_then_another_runner_pays_nothing_twice(
             build_file_tree(root, {"recipe.yaml": KILL_RECIPE})
         keys = {job.key for job in load_plan(str(roots[0] / "recipe.yaml")).jobs}
         process = render_process(roots[0] / "recipe.yaml", emu.base_url, url)
-        deadline = time.monotonic() + 60
-        while len(emu.submissions) < 6:
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "the render stopped submitting"
-            time.sleep(0.005)
-        process.send_signal(signal.SIGKILL)
-        process.communicate()
-        assert process.returncode == -signal.SIGKILL
+        sigkill_when(process, lambda: len(emu.submissions) >= 6)
         for root in [roots[1], roots[0], roots[1]]:  # the other root, the killed one, again
             done = render_process(root / "recipe.yaml", emu.base_url, url)
             out, err = done.communicate(timeout=120)
