@@ -85,7 +85,7 @@ class Settings:
     aimed_polls: int = 3
     max_poll_interval: float = 45.0  # a task stuck for 10 minutes: about 25 polls
     poll_growth: float = 0.5  # without progress to go by, wait this share of the time so far
-    task_timeout: float = 900.0  # per task, from submit to Ready
+    task_timeout: float = models.TASK_TIMEOUT  # per task, from submit to Ready
     rate_limit_timeout: float = 1800.0  # give up on a job after 429s for this long
     backoff_base: float = 0.5
     backoff_cap: float = 30.0

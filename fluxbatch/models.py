@@ -103,6 +103,10 @@ def floating(name: str) -> str | None:
 # 6 for flux-kontext-max.
 ACCOUNT_CONCURRENCY = 24
 MODEL_CONCURRENCY = {"flux-kontext-max": 6}
+# How long a task may take, from submit to Ready, before a render stops waiting for it
+# (`render --timeout` changes it for one run); a task in flight for longer is one that
+# `--force` may pay for anew.
+TASK_TIMEOUT = 900.0
 
 Check = Callable[[Any], str | None]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import posixpath
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -91,9 +92,13 @@ def classify(plan: Plan, state: RootState, *, verify: bool = False,
     reasons: dict[int, str] = {}
     up_to_date = ImageState.UP_TO_DATE
     placed, stat, prefix = state.placements.get, os.stat, os.path.join(root, "")
+    # Keys with a task in flight (few, or none): an up-to-date image whose key has one was
+    # re-rendered by a `--force` run that stopped before collecting it. That task is paid:
+    # the image is in flight, not up to date, or the next render would never collect it.
+    live = {key for key, task in state.tasks.items() if task.status in TASK_IN_FLIGHT}
     for job in plan.jobs:
         placement = placed(job.output)
-        if placement is not None and placement.key == job.key:
+        if placement is not None and placement.key == job.key and job.key not in live:
             if not verify:  # the fast path, inlined: this runs once per image
                 try:
                     found_stat: os.stat_result | None = stat(prefix + placement.path)
@@ -119,6 +124,9 @@ def _state(job: Job, placement: Placement | None, state: RootState,
            root: Path) -> tuple[ImageState, str | None]:
     """A job's state (not up to date) and why, from the ledger and the placements."""
     task = state.tasks.get(job.key)
+    if task is not None and task.status in TASK_IN_FLIGHT and placement is not None and \
+            placement.key == job.key:
+        return ImageState.IN_FLIGHT, task.reason or _REASONS[FORCED]
     if has_blob(root, task):
         return ImageState.STORED, "its image is in the content store (paid earlier): placed " \
             "at no cost"
@@ -147,7 +155,9 @@ def _state(job: Job, placement: Placement | None, state: RootState,
         else "the file was deleted")
 
 
-_REASONS = {
+FORCED = "forced"  # (a key of `_REASONS`: an up-to-date image with a paid re-render in flight)
+
+_REASONS: dict[object, str] = {
     ImageState.STALE: "the request changed (prompt, parameters, model or seed)",
     ImageState.IN_FLIGHT: "submitted by an earlier run; the next render collects it without "
                           "paying again",
@@ -155,6 +165,8 @@ _REASONS = {
                         "it may have been billed",
     TaskStatus.GONE: "paid before, but the provider no longer has the task and its bytes were "
                      "lost",
+    FORCED: "re-rendered by a --force run that stopped before collecting it: the next render "
+            "collects it without paying again",
 }
 
 
@@ -385,6 +397,7 @@ def select(classified: Classified, state: RootState, options: SelectOptions,
     `accounts`: the names of the pool's accounts, when the render uses one."""
     selection = Selection(classified, provider=provider, ephemeral=ephemeral,
                           accounts=accounts)
+    now = time.time()
     up_to_date, stored, in_flight, unknown, moderated = (
         ImageState.UP_TO_DATE, ImageState.STORED, ImageState.IN_FLIGHT, ImageState.UNKNOWN,
         ImageState.MODERATED)
@@ -402,9 +415,12 @@ def select(classified: Classified, state: RootState, options: SelectOptions,
         task = state.tasks.get(job.key)
         if found == stored and not options.force:
             selection.place.append(job)
-        elif found == in_flight and not options.force and selection.collectable(task):
-            # paid for already: never submitted again, unless --force asks to pay anew (the
-            # way out of a task whose image can never be fetched)
+        elif found == in_flight and selection.collectable(task) and \
+                (not options.force or _recent(task, now)):
+            # paid for already: never submitted again. --force pays anew only for a task
+            # that can no longer be collected, or has waited longer than a task may take
+            # (the way out of one whose image will never come); a fresh one, such as the
+            # one an interrupted --force run paid for, is collected.
             assert task is not None
             selection.collect(job, task)
         elif found == in_flight and not options.force and not ephemeral and task is not None \
@@ -424,6 +440,12 @@ def select(classified: Classified, state: RootState, options: SelectOptions,
             not any(matches_only(job, options.only) for job in classified.plan.jobs):
         raise nothing_matches(options.only, classified.plan.recipe)
     return selection
+
+
+def _recent(task: Task | None, now: float) -> bool:
+    """Whether `task`, in flight, was submitted less than a task may take ago."""
+    return task is not None and task.status in TASK_IN_FLIGHT and \
+        task.submitted_at is not None and now - task.submitted_at < models.TASK_TIMEOUT
 
 
 def nothing_matches(only: Sequence[str], recipe: Recipe) -> FluxbatchError:

@@ -98,6 +98,57 @@ def test_a_task_submitted_but_never_polled_is_collected_without_submitting_again
     assert cli.render() == Run(0, "nothing to render: 4 images up to date\n", "")
 
 
+def forced_and_interrupted(cli: Cli, emulator: Emulator, output: str,
+                           age: float = 0.0) -> dict[str, Any]:
+    """What `render --force` leaves when it is stopped after paying for `output` again: an
+    up-to-date image, and a task in flight for the same key (submitted `age` seconds ago)."""
+    job = planned(cli)[output]
+    answer = submit_directly(emulator, job)
+    with Store.open(cli.root) as store:
+        store.submitting(job.key, "emulator", emulator.base_url)
+        store.submitted(job.key, answer["id"], answer["polling_url"], answer["cost"],
+                        time.time() - age)
+    return answer
+
+
+def test_a_forced_re_render_stopped_before_collecting_is_collected_by_the_next_render(
+        rendered: Cli, emulator: Emulator) -> None:
+    """The next plain render saw the image as up to date (its key had not changed) and never
+    collected the task the stopped --force run had paid for; a second --force paid again."""
+    cli = rendered
+    answer = forced_and_interrupted(cli, emulator, "grid/circle.png")
+    sent = len(emulator.submissions)
+
+    status = json.loads(cli.status("--json").out)
+    assert status["counts"]["in-flight"] == 1
+    assert status["not_up_to_date"] == [{
+        "output": "grid/circle.png", "state": "in-flight",
+        "reason": "re-rendered by a --force run that stopped before collecting it: the next "
+                  "render collects it without paying again"}]
+
+    assert cli.render().code == 0
+    assert len(emulator.submissions) == sent  # collected, not paid again
+    assert check_manifest(cli)["grid/circle.png"]["task_id"] == answer["id"]
+    assert cli.render() == Run(0, "nothing to render: 4 images up to date\n", "")
+
+
+@pytest.mark.parametrize(("age", "paid"), [(0.0, 3), (3600.0, 4)])
+def test_force_collects_a_fresh_task_of_an_interrupted_force_and_pays_for_a_stuck_one(
+        rendered: Cli, emulator: Emulator, age: float, paid: int) -> None:
+    """A second --force paid again for the task the first had paid for and not collected.
+    It collects a task in flight for less than a task may take; one waiting for longer (its
+    image may never come) is what --force is the way out of: paid for anew."""
+    cli = rendered
+    answer = forced_and_interrupted(cli, emulator, "grid/circle.png", age)
+    sent = len(emulator.submissions)
+
+    assert cli.render("--force").code == 0
+
+    assert len(emulator.submissions) == sent + paid
+    collected = check_manifest(cli)["grid/circle.png"]["task_id"] == answer["id"]
+    assert collected == (paid == 3)
+
+
 @pytest.mark.parametrize("cost", [float("inf"), -5.0, float("nan")])
 def test_a_cost_an_earlier_release_recorded_as_infinite_or_negative_counts_as_unreported(
         cli: Cli, emulator: Emulator, cost: float) -> None:
