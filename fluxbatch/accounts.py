@@ -20,7 +20,6 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from fluxbatch import models, providers, yamlsource
 from fluxbatch.declaration import (
@@ -36,6 +35,7 @@ from fluxbatch.declaration import (
     text,
 )
 from fluxbatch.errors import ConfigError, Problem, RecipeError
+from fluxbatch.jsontypes import JSONObject
 from fluxbatch.project import ProjectFileError, read_regular
 from fluxbatch.yamlsource import Path
 
@@ -55,14 +55,14 @@ class _Variable(Kind):
 
     types = ("string",)
 
-    def read(self, value: Any, path: Path, reading: Reading) -> Any:
+    def read(self, value: object, path: Path, reading: Reading) -> object:
         if isinstance(value, str) and _VARIABLE.fullmatch(value):
             return value
         reading.fault(path, "must name the environment variable that holds the key (letters, "
                       "digits and _); the key itself never goes in this file")
         return BAD
 
-    def own_schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+    def own_schema(self, defs: JSONObject) -> JSONObject:
         return {"type": "string", "pattern": f"^{_VARIABLE.pattern}$"}
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
 
 from fluxbatch import models
 from fluxbatch.inputs import describe as describe_input
@@ -67,15 +66,15 @@ def _field_order(name: str) -> tuple[int, str]:
     return (0 if name == "prompt" else 2 if name == "seed" else 1, name)
 
 
-def _shown(old: Any, new: Any) -> str:
+def _shown(old: object, new: object) -> str:
     if is_descriptor(old) or is_descriptor(new):  # an image input: its name and content
-        def image(value: Any) -> str:
+        def image(value: object) -> str:
             return "(unset)" if value is _ABSENT else describe_input(value)
         return f"{image(old)} → {image(new)}"
     if isinstance(old, str) and isinstance(new, str):
         a, b = _around_difference(old, new)
         return f"{a} → {b}"
-    def text(value: Any) -> str:
+    def text(value: object) -> str:
         return "(unset)" if value is _ABSENT else json.dumps(value, ensure_ascii=False)
     return f"{text(old)} → {text(new)}"
 

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from fluxbatch.errors import Problem
+from fluxbatch.jsontypes import JSON, JSONObject
 from fluxbatch.yamlsource import Path, Positions
 
 
@@ -59,15 +60,15 @@ class Key:
     kind: Kind
     name: str  # the key in the document ("from" for the field `source`)
     description: str | None
-    default: Any  # shown in the schema (_MISSING: none shown)
+    default: JSON  # shown in the schema (_MISSING: none shown)
     required: bool
     cost: Cost  # of a condemned value (to a class that salvages)
     as_text: bool  # condemned, it still reads as the text of what was written
     fatal: bool  # condemned, nothing of the document is usable
 
 
-def key(kind: Kind, description: str | None = None, *, default: Any = None,
-        factory: Callable[[], Any] | None = None, show: Any = _MISSING, required: bool = False,
+def key(kind: Kind, description: str | None = None, *, default: object = None,
+        factory: Callable[[], object] | None = None, show: JSON = _MISSING, required: bool = False,
         cost: Cost = Cost.IMAGES, as_text: bool = False, fatal: bool = False,
         name: str | None = None) -> Any:
     """A declared field. Its default (`default`, or `factory()`) is what a missing or condemned
@@ -79,7 +80,7 @@ def key(kind: Kind, description: str | None = None, *, default: Any = None,
     return dataclasses.field(default=default, metadata={_KEY: spec})
 
 
-def derived(default: Any = None, *, factory: Callable[[], Any] | None = None) -> Any:
+def derived(default: object = None, *, factory: Callable[[], object] | None = None) -> Any:
     """A field that no key sets: the program fills it in after reading."""
     if factory is not None:
         return dataclasses.field(default_factory=factory)
@@ -100,7 +101,7 @@ class Reading:
         self.cost = Cost.NOTHING
         self.quiet = 0
 
-    def read(self, kind: Kind, value: Any, path: Path) -> Any:
+    def read(self, kind: Kind, value: object, path: Path) -> Any:
         """`value` as `kind`'s typed value, or BAD."""
         result = kind.read(value, path, self)
         if self.damaged and path in self.damaged and not kind.costed_whole:
@@ -136,7 +137,7 @@ _JSON_TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def is_type(value: Any, kind: str) -> bool:
+def is_type(value: object, kind: str) -> bool:
     """JSON Schema's types: a boolean is no number, and 2.0 is an integer."""
     if isinstance(value, bool):
         return kind == "boolean"
@@ -168,16 +169,16 @@ class Kind:
         return {"object": "a mapping", "array": "a list"}.get(self.types[0], _a(self.types[0])) \
             if self.types else "a value"
 
-    def read(self, value: Any, path: Path, reading: Reading) -> Any:
+    def read(self, value: object, path: Path, reading: Reading) -> Any:
         raise NotImplementedError
 
     def converted(self, convert: Callable[[Any], Any]) -> Converted:
         return Converted(self, convert)
 
-    def own_schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+    def own_schema(self, defs: JSONObject) -> JSONObject:
         raise NotImplementedError
 
-    def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+    def schema(self, defs: JSONObject) -> JSONObject:
         if self.ref is None:
             return self.own_schema(defs)
         if self.ref not in defs:
@@ -185,7 +186,7 @@ class Kind:
             defs[self.ref] = self.own_schema(defs)
         return {"$ref": f"#/$defs/{self.ref}"}
 
-    def _type_problem(self, value: Any, path: Path, reading: Reading) -> bool:
+    def _type_problem(self, value: object, path: Path, reading: Reading) -> bool:
         if any(is_type(value, kind) for kind in self.types):
             return False
         reading.fault(path, f"{value!r} is not of type {', '.join(map(repr, self.types))}")
@@ -209,7 +210,7 @@ class Scalar(Kind):
         self.description = description
         self._noun = noun
 
-    def read(self, value: Any, path: Path, reading: Reading) -> Any:
+    def read(self, value: object, path: Path, reading: Reading) -> Any:
         faults = reading.faults
         self._type_problem(value, path, reading)  # (the bounds of its type apply all the same:
         if isinstance(value, str):  # 0.5 for an integer of at least 1 breaks both)
@@ -229,8 +230,8 @@ class Scalar(Kind):
         # (2.0 is an integer to JSON Schema, but no count of anything to Python)
         return int(value) if isinstance(value, float) and self.types == ("integer",) else value
 
-    def own_schema(self, defs: dict[str, Any]) -> dict[str, Any]:
-        schema: dict[str, Any] = {"type": self.types[0] if len(self.types) == 1
+    def own_schema(self, defs: JSONObject) -> JSONObject:
+        schema: JSONObject = {"type": self.types[0] if len(self.types) == 1
                                   else list(self.types)}
         for name, value in (("minLength", self.min_length or None), ("pattern", self.pattern),
                             ("minimum", self.minimum), ("exclusiveMinimum", self.above),
@@ -253,24 +254,24 @@ def number(**options: Any) -> Scalar:
 
 
 class Const(Kind):
-    def __init__(self, value: Any) -> None:
+    def __init__(self, value: JSON) -> None:
         self.value = value
 
     @property
     def noun(self) -> str:
         return repr(self.value)
 
-    def read(self, value: Any, path: Path, reading: Reading) -> Any:
+    def read(self, value: object, path: Path, reading: Reading) -> Any:
         if _equal(value, self.value):
             return value
         reading.fault(path, f"must be {self.value!r}")
         return BAD
 
-    def own_schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+    def own_schema(self, defs: JSONObject) -> JSONObject:
         return {"const": self.value}
 
 
-def _equal(one: Any, other: Any) -> bool:
+def _equal(one: object, other: object) -> bool:
     """JSON Schema's equality: `true` is not 1, but 1.0 is."""
     return one == other and isinstance(one, bool) == isinstance(other, bool)
 
@@ -285,7 +286,7 @@ class Choice(Kind):
     def noun(self) -> str:
         return " or ".join(repr(c) for c in self.choices())
 
-    def read(self, value: Any, path: Path, reading: Reading) -> Any:
+    def read(self, value: object, path: Path, reading: Reading) -> Any:
         choices = self.choices()
         if isinstance(value, str) and value in choices:
             return value
@@ -299,7 +300,7 @@ class Choice(Kind):
                           + did_you_mean(str(value), list(choices)))
         return BAD
 
-    def own_schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+    def own_schema(self, defs: JSONObject) -> JSONObject:
         return {"enum": list(self.choices())}
 
 
@@ -315,10 +316,10 @@ class Anything(Kind):
     def __init__(self, description: str | None = None) -> None:
         self.description = description
 
-    def read(self, value: Any, path: Path, reading: Reading) -> Any:
+    def read(self, value: object, path: Path, reading: Reading) -> Any:
         return BAD if reading.damaged and reading.damaged_below(path) else value
 
-    def own_schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+    def own_schema(self, defs: JSONObject) -> JSONObject:
         return {} if self.description is None else {"description": self.description}
 
 
@@ -332,7 +333,7 @@ class Loose(Kind):
         self.properties = properties
         self.description = description
 
-    def read(self, value: Any, path: Path, reading: Reading) -> Any:
+    def read(self, value: object, path: Path, reading: Reading) -> Any:
         bad = reading.damaged and reading.damaged_below(path)
         if isinstance(value, dict):
             for name, kind in self.properties.items():
@@ -340,7 +341,7 @@ class Loose(Kind):
                     bad = True
         return BAD if bad else value
 
-    def own_schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+    def own_schema(self, defs: JSONObject) -> JSONObject:
         return {"description": self.description,
                 "properties": {name: kind.schema(defs) for name, kind in self.properties.items()}}
 
@@ -357,11 +358,11 @@ class Converted(Kind):
     def noun(self) -> str:
         return self.kind.noun
 
-    def read(self, value: Any, path: Path, reading: Reading) -> Any:
+    def read(self, value: object, path: Path, reading: Reading) -> Any:
         result = self.kind.read(value, path, reading)
         return BAD if result is BAD else self.convert(result)
 
-    def own_schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+    def own_schema(self, defs: JSONObject) -> JSONObject:
         return self.kind.schema(defs)
 
 
@@ -372,14 +373,14 @@ class AnyOf(Kind):
     `unknown(value)` does."""
 
     def __init__(self, *branches: Kind, description: str | None = None, ref: str | None = None,
-                 unknown: Callable[[Any], str] | None = None) -> None:
+                 unknown: Callable[[object], str] | None = None) -> None:
         self.branches = branches
         self.description = description
         self.ref = ref
         self.unknown = unknown
         self.types = tuple(t for branch in branches for t in branch.types)
 
-    def read(self, value: Any, path: Path, reading: Reading) -> Any:
+    def read(self, value: object, path: Path, reading: Reading) -> Any:
         with reading.quietly():
             for branch in self.branches:
                 result = branch.read(value, path, reading)
@@ -401,8 +402,8 @@ class AnyOf(Kind):
         reading.fault(path, f"{value!r} is not valid here: expected {listed}")
         return BAD
 
-    def own_schema(self, defs: dict[str, Any]) -> dict[str, Any]:
-        schema: dict[str, Any] = {} if self.description is None \
+    def own_schema(self, defs: JSONObject) -> JSONObject:
+        schema: JSONObject = {} if self.description is None \
             else {"description": self.description}
         schema["anyOf"] = [branch.schema(defs) for branch in self.branches]
         return schema
@@ -421,8 +422,9 @@ class ListOf(Kind):
         self.unique = unique
         self.salvage = salvage
 
-    def read(self, value: Any, path: Path, reading: Reading) -> Any:
-        if self._type_problem(value, path, reading):
+    def read(self, value: object, path: Path, reading: Reading) -> Any:
+        # (`isinstance` only narrows `value` for the type checker: `_type_problem` checked it)
+        if self._type_problem(value, path, reading) or not isinstance(value, list):
             return BAD
         bad = False
         if len(value) < self.min_items:
@@ -441,8 +443,8 @@ class ListOf(Kind):
                 bad = True
         return BAD if bad else tuple(items)
 
-    def own_schema(self, defs: dict[str, Any]) -> dict[str, Any]:
-        schema: dict[str, Any] = {"type": "array"}
+    def own_schema(self, defs: JSONObject) -> JSONObject:
+        schema: JSONObject = {"type": "array"}
         if self.min_items:
             schema["minItems"] = self.min_items
         if self.unique:
@@ -458,7 +460,7 @@ class Salvage:
 
     cost: Cost = Cost.IMAGES
     keep: bool = False
-    value: Any = None
+    value: object = None
     costs: Mapping[str, Cost] = dataclasses.field(default_factory=dict)  # by key
 
 
@@ -472,7 +474,7 @@ class MapOf(Kind):
     def __init__(self, values: Kind = ANYTHING, *, known: Mapping[str, Kind] | None = None,
                  min_properties: int = 0, salvage: Salvage | None = None,
                  description: str | None = None, ref: str | None = None, noun: str | None = None,
-                 listed: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+                 listed: Callable[[JSONObject], JSONObject] | None = None) -> None:
         self.values = values
         self.known = known or {}
         self.min_properties = min_properties
@@ -482,8 +484,8 @@ class MapOf(Kind):
         self._noun = noun
         self.listed = listed  # the keys the schema shows (for completion), made when asked
 
-    def read(self, value: Any, path: Path, reading: Reading) -> Any:
-        if self._type_problem(value, path, reading):
+    def read(self, value: object, path: Path, reading: Reading) -> Any:
+        if self._type_problem(value, path, reading) or not isinstance(value, dict):
             return BAD
         if len(value) < self.min_properties:
             reading.fault(path, f"{value!r} should be non-empty" if self.min_properties == 1
@@ -491,7 +493,7 @@ class MapOf(Kind):
             return BAD
         if self.values is ANYTHING and not self.known and not reading.damaged:
             return dict(value)
-        entries: dict[str, Any] = {}
+        entries: dict[str, object] = {}
         bad = False
         for name, item in value.items():
             result = reading.read(self.known.get(name, self.values), item, (*path, name))
@@ -505,8 +507,8 @@ class MapOf(Kind):
                     entries[name] = self.salvage.value
         return BAD if bad else entries
 
-    def own_schema(self, defs: dict[str, Any]) -> dict[str, Any]:
-        schema: dict[str, Any] = {"type": "object"}
+    def own_schema(self, defs: JSONObject) -> JSONObject:
+        schema: JSONObject = {"type": "object"}
         if self.description is not None:
             schema["description"] = self.description
         if self.min_properties:
@@ -539,7 +541,7 @@ class Model(Kind):
                  noun: str | None = None, others: Kind | None = None, rest: str = "rest",
                  rest_salvage: Salvage | None = None, closed: bool = False,
                  salvage: bool = False, order: str | None = None, index: str | None = None,
-                 costed: Callable[[dict[str, Any], Cost], None] | None = None,
+                 costed: Callable[[dict[str, object], Cost], None] | None = None,
                  refused: Mapping[str, str] | None = None) -> None:
         self.cls = cls
         self.refused = refused or {}
@@ -564,11 +566,11 @@ class Model(Kind):
         self.required = tuple(name for name, (_, spec) in self.keys.items() if spec.required)
         self.allowed = list(self.keys)
 
-    def read(self, value: Any, path: Path, reading: Reading) -> Any:
-        if self._type_problem(value, path, reading):
+    def read(self, value: object, path: Path, reading: Reading) -> Any:
+        if self._type_problem(value, path, reading) or not isinstance(value, dict):
             return BAD
         outer, reading.cost = reading.cost, Cost.NOTHING
-        fields: dict[str, Any] = {}
+        fields: dict[str, object] = {}
         bad = self._undeclared(value, path, reading, fields)
         for name, (attribute, spec) in self.keys.items():
             bad |= self._field(value.get(name, _MISSING), attribute, spec, (*path, name),
@@ -586,8 +588,8 @@ class Model(Kind):
             reading.cost = outer
         return BAD if bad else self.cls(**fields)
 
-    def _undeclared(self, value: dict[str, Any], path: Path, reading: Reading,
-                    fields: dict[str, Any]) -> bool:
+    def _undeclared(self, value: Mapping[str, object], path: Path, reading: Reading,
+                    fields: dict[str, object]) -> bool:
         """Reads the keys it does not declare; True when they condemn the mapping."""
         rest = {name: item for name, item in value.items() if name not in self.keys}
         if self.rest_kind is not None:
@@ -599,8 +601,8 @@ class Model(Kind):
                 f": {why}" if why else _did_you_mean(name, self.allowed)), key=True)
         return self.closed and bool(rest)
 
-    def _field(self, item: Any, attribute: str, spec: Key, path: Path, reading: Reading,
-               fields: dict[str, Any]) -> bool:
+    def _field(self, item: object, attribute: str, spec: Key, path: Path, reading: Reading,
+               fields: dict[str, object]) -> bool:
         """Reads one declared key into `fields`; True when it condemns the mapping."""
         if item is _MISSING:
             if not spec.required:
@@ -618,8 +620,8 @@ class Model(Kind):
             fields[attribute] = "" if item is _MISSING else str(item)
         return False
 
-    def own_schema(self, defs: dict[str, Any]) -> dict[str, Any]:
-        schema: dict[str, Any] = {"type": "object"}
+    def own_schema(self, defs: JSONObject) -> JSONObject:
+        schema: JSONObject = {"type": "object"}
         if self.description is not None:
             schema["description"] = self.description
         if self.required:
@@ -633,7 +635,7 @@ class Model(Kind):
         return schema
 
 
-def _key_schema(spec: Key, defs: dict[str, Any]) -> dict[str, Any]:
+def _key_schema(spec: Key, defs: JSONObject) -> JSONObject:
     schema = dict(spec.kind.schema(defs))
     if spec.description is not None:
         schema["description"] = spec.description
@@ -648,8 +650,8 @@ def _did_you_mean(word: str, candidates: list[str]) -> str:
     return did_you_mean(word, candidates)
 
 
-def schema_of(kind: Kind, header: Mapping[str, Any]) -> dict[str, Any]:
+def schema_of(kind: Kind, header: Mapping[str, JSON]) -> JSONObject:
     """`kind`'s JSON Schema: `header` ($schema, $id, title...), then the kind, then $defs."""
-    defs: dict[str, Any] = {}
+    defs: JSONObject = {}
     body = kind.own_schema(defs)
     return {**header, **body, "$defs": defs} if defs else {**header, **body}

@@ -57,7 +57,7 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import httpx
 
@@ -125,7 +125,7 @@ class Journal(Protocol):
     def finished(self, outcome: Outcome) -> None: ...
 
 
-Writer = Callable[[Job, Image, Outcome], Awaitable[Any]]
+Writer = Callable[[Job, Image, Outcome], Awaitable[object]]
 Sender = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
 
@@ -287,7 +287,7 @@ class Executor:
                  rng: random.Random | None = None,
                  submit_via: Callable[[Job, str | None], Sender] | None = None,
                  spool: Path | None = None,
-                 prepare: Callable[[Job], Awaitable[Mapping[str, Any]]] | None = None,
+                 prepare: Callable[[Job], Awaitable[Mapping[str, object]]] | None = None,
                  budget: Budget | None = None, prices: Prices | None = None,
                  accounts: Sequence[PoolAccount] | None = None) -> None:
         self.provider = provider
@@ -319,7 +319,7 @@ class Executor:
         self.reports_progress: set[str] = set()  # models whose polls carry `progress`
         self.stopping = False
         self.fatal: str | None = None
-        self._downloading: set[asyncio.Task[Any]] = set()
+        self._downloading: set[asyncio.Task[object]] = set()
         # Every job taken up so far, as its outcome stands (what a render stopped at once,
         # its executor cancelled, still has to report: see `so_far`).
         self._taken: list[Outcome] = []

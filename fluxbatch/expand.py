@@ -12,7 +12,6 @@ import os
 import posixpath
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
 
 from fluxbatch import matrix as matrix_rules
 from fluxbatch import models
@@ -67,8 +66,8 @@ class Expansion:
     def __iter__(self) -> Iterator[Job]:
         # output → (job, values, replicate) of the image that claimed it; case-folded paths
         # only where folding changes them (rarely), so the usual path is held once
-        outputs: dict[str, tuple[str, Mapping[str, Any], int]] = {}
-        folded: dict[str, tuple[str, Mapping[str, Any], int]] = {}
+        outputs: dict[str, tuple[str, Mapping[str, object], int]] = {}
+        folded: dict[str, tuple[str, Mapping[str, object], int]] = {}
         index = 0
         builders, self.builders = self.builders, []  # (each is dropped once its images are made)
         builders.reverse()
@@ -125,8 +124,8 @@ class Findings:
     first combination, and a stream of a million images holds one note, not a million."""
 
     def __init__(self, problems: Iterable[Problem] = ()) -> None:
-        self.first: dict[tuple[Any, ...], Problem] = {}
-        self.others: dict[tuple[Any, ...], int] = {}
+        self.first: dict[tuple[object, ...], Problem] = {}
+        self.others: dict[tuple[object, ...], int] = {}
         for problem in problems:
             self.append(problem)
 
@@ -161,7 +160,7 @@ def _gist(message: str) -> str:
     return _CLASH if message.startswith(_CLASH) else message.split(" (for ")[0]
 
 
-def describe(values: Mapping[str, Any], replicate: int | None = None) -> str:
+def describe(values: Mapping[str, object], replicate: int | None = None) -> str:
     parts = [f"{k}={_short(matrix_rules.label(v), 40)}" for k, v in values.items()]
     if replicate is not None:
         parts.append(f"replicate={replicate}")
@@ -189,7 +188,7 @@ class _Shared:
         self.root_bytes = len(os.fsencode(os.path.abspath(recipe.output_root))) + 1
 
     def check_fields(self, model: models.Model,
-                     constants: Mapping[str, Any]) -> list[tuple[str | None, str]]:
+                     constants: Mapping[str, object]) -> list[tuple[str | None, str]]:
         """`model.check_fields(constants)`, worked out once per model and set of values."""
         memo = (model.name, canonical_json(constants))
         found = self.verdicts.get(memo)
@@ -197,7 +196,7 @@ class _Shared:
             found = self.verdicts[memo] = model.check_fields(constants)
         return found
 
-    def key_hasher(self, model: str, constants: Mapping[str, Any]) -> KeyHasher:
+    def key_hasher(self, model: str, constants: Mapping[str, object]) -> KeyHasher:
         memo = (model, canonical_json(constants))
         hasher = self.hashers.get(memo)
         if hasher is None:
@@ -240,7 +239,7 @@ class _JobBuilder:
         self.broken: set[Path] = set()  # templates that cannot be rendered
         self.fatal = False  # a problem that leaves nothing to check per combination
         self.templates: dict[Path, Template] = {}
-        self.params: dict[str, tuple[Path, Any]] = {}
+        self.params: dict[str, tuple[Path, object]] = {}
         for name, value in recipe.defaults.items():
             self.params[name] = (("defaults", name), value)
         for name, value in spec.params.items():
@@ -271,7 +270,7 @@ class _JobBuilder:
         self.image_templates = [(name, where, self.templates[where])
                                 for name, (where, raw) in self.images.items()
                                 if name not in self.constant_images and where in self.templates]
-        self.constants_by_model: dict[str, dict[str, Any]] = {}
+        self.constants_by_model: dict[str, dict[str, object]] = {}
         model_where, model_raw = self.params.get("model", ((), None))
         self.model = None
         if model_raw is not None and not self.is_template(model_where, model_raw):
@@ -298,7 +297,7 @@ class _JobBuilder:
         if self.checking:
             self.leave_out_broken()
         self.required_checked: set[str] = set()  # the request's keys are the same per model
-        self.param_values: dict[tuple[str, str, str], tuple[Any, str | None]] = {}
+        self.param_values: dict[tuple[str, str, str], tuple[object, str | None]] = {}
         self.hashers: dict[str, KeyHasher] = {}
         self.root_bytes = shared.root_bytes
 
@@ -311,7 +310,7 @@ class _JobBuilder:
         if "model" not in self.params and self.spec.model_known:
             self.fail((*self.path, "params"), "no model: set 'model' in defaults or params")
 
-    def is_template(self, where: Path, raw: Any) -> bool:
+    def is_template(self, where: Path, raw: object) -> bool:
         """Whether `raw` varies per image (a template that failed to compile counts too)."""
         if not isinstance(raw, str):
             return False
@@ -372,10 +371,10 @@ class _JobBuilder:
                     self.fail(where, f"undefined variable {name!r}"
                               + models.did_you_mean(name, sorted(known)), broken=True)
 
-    def resolve_constant_images(self) -> dict[str, dict[str, Any] | None]:
+    def resolve_constant_images(self) -> dict[str, dict[str, object] | None]:
         """The image inputs that are the same for every image, resolved once (None: the
         field is left out, as an empty value asks)."""
-        found: dict[str, dict[str, Any] | None] = {}
+        found: dict[str, dict[str, object] | None] = {}
         for name, (where, raw) in self.images.items():
             if self.is_template(where, raw):
                 continue
@@ -390,7 +389,7 @@ class _JobBuilder:
                 self.fail(where, str(problem))
         return found
 
-    def resolve_model(self, name: Any, where: Path, suffix: str) -> models.Model | None:
+    def resolve_model(self, name: object, where: Path, suffix: str) -> models.Model | None:
         model = models.get(name.strip()) if isinstance(name, str) else None
         if model is None:
             self.problems.append(self.recipe.problem(
@@ -403,7 +402,7 @@ class _JobBuilder:
                 "it)")))
         return model
 
-    def constants_for(self, model: models.Model) -> dict[str, Any]:
+    def constants_for(self, model: models.Model) -> dict[str, object]:
         """The constant parameters, normalised and checked once per model. Those the model
         refuses are reported and left out, a stand-in in their place: the job then makes no
         images, but its combinations are still checked (their templated parameters too)."""
@@ -485,7 +484,7 @@ class _JobBuilder:
             key = hasher(request)
             fmt = str(request.get("output_format") or model.default_format)
             context["seed"], context["key"] = seed, key
-            context["ext"] = EXTENSIONS.get(fmt, fmt)
+            context["ext"] = ext = EXTENSIONS.get(fmt, fmt)
             where = self.output_path
             if self.output is None:
                 return None  # (a job only checked, whose output template is broken)
@@ -500,7 +499,6 @@ class _JobBuilder:
             if checked_output is None:
                 return None
             output = checked_output
-        ext = context["ext"]
         if not output.endswith(ext) and output.rpartition(".")[2].lower() in _IMAGE_SUFFIXES:
             suffix = output.rpartition(".")[2]
             if suffix.lower() not in ("jpg", "jpeg") or ext != "jpg":
@@ -527,8 +525,8 @@ class _JobBuilder:
         return Job(index, self.spec.name, values, replicate, model.name, request, seed, key,
                    output, combo)
 
-    def image(self, name: str, text: str, where: Path, values: Mapping[str, Any],
-              replicate: int) -> dict[str, Any] | None:
+    def image(self, name: str, text: str, where: Path, values: Mapping[str, object],
+              replicate: int) -> dict[str, object] | None:
         """The input `text` names, or None (its problem reported)."""
         try:
             return self.inputs.resolve(text, name)
@@ -537,7 +535,7 @@ class _JobBuilder:
                 where, f"{problem} (for {describe(values, replicate)})"))
             return None
 
-    def same_size(self, request: Mapping[str, Any], values: Mapping[str, Any],
+    def same_size(self, request: Mapping[str, object], values: Mapping[str, object],
                   replicate: int) -> bool:
         """Fill's mask must match its image, as the API checks: said here, before paying."""
         image, mask = request.get("image"), request.get("mask")
@@ -563,14 +561,14 @@ class _JobBuilder:
         return (f"; include[{combo.include}] fits no combination, so it makes one of its own, "
                 f"without {missing.group(1)}")
 
-    def key_hasher(self, model: str, constants: Mapping[str, Any]) -> KeyHasher:
+    def key_hasher(self, model: str, constants: Mapping[str, object]) -> KeyHasher:
         # A templated parameter may shadow a constant (the default output_format): the
         # hasher must encode its value per image, not the first image's value for all.
         varying = {name for name, _ in self.dynamic}
         return self.shared.key_hasher(model, {k: v for k, v in constants.items()
                                               if k not in varying})
 
-    def param_value(self, model: models.Model, name: str, text: str) -> tuple[Any, str | None]:
+    def param_value(self, model: models.Model, name: str, text: str) -> tuple[object, str | None]:
         """A rendered parameter as the schema's type, and the schema's verdict on it —
         remembered: templated parameters take a handful of distinct values."""
         memo = (model.name, name, text)
@@ -584,7 +582,7 @@ class _JobBuilder:
             self.param_values[memo] = found
         return found
 
-    def check_required(self, model: models.Model, request: Mapping[str, Any]) -> bool:
+    def check_required(self, model: models.Model, request: Mapping[str, object]) -> bool:
         """Required parameters, checked once per model: every image of a job has the same
         request keys."""
         self.required_checked.add(model.name)
@@ -592,30 +590,32 @@ class _JobBuilder:
             self.problems.append(self.recipe.problem(self.path, message))
         return not model.missing(request)
 
-    def seed(self, combo: matrix_rules.Combination, context: Mapping[str, Any],
+    def seed(self, combo: matrix_rules.Combination, context: Mapping[str, object],
              replicate: int) -> int | None:
         """An integer or templated seed (`auto` seeds come from `self.auto_seeds`, in `build`)."""
         raw = self.spec.seed
         for_what = f" (for {describe(combo.values, replicate)})"
         if isinstance(raw, int):
-            value: Any = raw
+            value = raw
             for_what = ""
         else:
             assert self.seed_template is not None
             text = self.seed_template.render(context, self.allowance)
-            value = models.coerce_text(text, ("integer",))
-            if not isinstance(value, int) or value < 0:
+            coerced = models.coerce_text(text, ("integer",))
+            if not isinstance(coerced, int) or coerced < 0:
                 self.problems.append(self.recipe.problem(
                     self.seed_path, f"the seed template gave {text!r}, not a non-negative "
                     f"integer{for_what}"))
                 return None
+            value = coerced
         refused = models.documented_rule("seed", value)
         if refused is not None:
             self.problems.append(self.recipe.problem(self.seed_path, refused + for_what))
             return None
         return int(value)
 
-    def check_output(self, rendered: str, values: Mapping[str, Any], replicate: int) -> str | None:
+    def check_output(self, rendered: str, values: Mapping[str, object],
+                     replicate: int) -> str | None:
         problem = output_path_problem(rendered)
         if problem is None:
             if "\\" in rendered or "//" in rendered or "./" in rendered:
@@ -625,7 +625,7 @@ class _JobBuilder:
             self.output_path, f"{problem} (for {describe(values, replicate)})"))
         return None
 
-    def output_clash(self, job: Job, other: str, values: Mapping[str, Any],
+    def output_clash(self, job: Job, other: str, values: Mapping[str, object],
                      replicate: int) -> Problem:
         return self.recipe.problem(
             self.output_path, f"{_CLASH}{job.output!r}: {other} "
@@ -633,7 +633,7 @@ class _JobBuilder:
             f"({describe(job.vars, job.replicate)}); {_clash_hint(job.vars, values)}")
 
 
-def _clash_hint(ours: Mapping[str, Any], others: Mapping[str, Any]) -> str:
+def _clash_hint(ours: Mapping[str, object], others: Mapping[str, object]) -> str:
     """What to change. Values that differ only in case clash on file systems that ignore
     case; values that slug alike (`🐱` and `🐶` are both `x`) need more than `slug`."""
     for name, value in ours.items():
@@ -659,7 +659,7 @@ def _short(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def _combo_slug(values: Mapping[str, Any]) -> str:
+def _combo_slug(values: Mapping[str, object]) -> str:
     if not values:
         return "default"
     return "-".join(slug(v) for v in values.values())

@@ -26,12 +26,12 @@ _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_asci
                               default=str)
 
 
-def canonical_json(value: Any) -> str:
+def canonical_json(value: object) -> str:
     """Sorted keys, no spaces, UTF-8 text: the one serialisation keys and seeds hash."""
     return _CANONICAL.encode(value)
 
 
-def job_key(model: str, request: Mapping[str, Any]) -> str:
+def job_key(model: str, request: Mapping[str, object]) -> str:
     """sha256 of what determines the pixels: the model and the body minus webhooks, with
     each image input standing for its content (its sha256) or its URL, never its path."""
     pixels = {k: input_identity(v) if is_image_field(k) else v for k, v in request.items()
@@ -42,6 +42,8 @@ def job_key(model: str, request: Mapping[str, Any]) -> str:
 _encode_string: Callable[[str], str] = json.encoder.encode_basestring
 
 
+# (`value: Any`: the `type(value) is ...` tests, faster than isinstance on this hot path, do
+# not narrow for the type checker)
 def _scalar_json(value: Any) -> str:
     """`canonical_json(value)` for the scalars a rendered parameter can be, quickly."""
     kind = type(value)
@@ -62,14 +64,14 @@ class ObjectJson:
     only the varying values are encoded per call. Gives exactly `canonical_json`'s text (a
     test checks); planning hashes two such texts per image."""
 
-    def __init__(self, constants: Mapping[str, Any] | None = None,
+    def __init__(self, constants: Mapping[str, object] | None = None,
                  skip: frozenset[str] = frozenset()) -> None:
         self.constants = constants or {}
         self.skip = skip
         # per key order: a format string with the constants filled in, and the varying keys
         self.layouts: dict[tuple[str, ...], tuple[str, tuple[str, ...]]] = {}
 
-    def __call__(self, mapping: Mapping[str, Any]) -> str:
+    def __call__(self, mapping: Mapping[str, object]) -> str:
         fields = tuple(mapping)
         layout = self.layouts.get(fields)
         if layout is None:
@@ -79,7 +81,7 @@ class ObjectJson:
         return template.format(*[encode(v) if type(v) is str else _scalar_json(v)
                                  for v in map(mapping.__getitem__, varying)])
 
-    def _layout(self, mapping: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
+    def _layout(self, mapping: Mapping[str, object]) -> tuple[str, tuple[str, ...]]:
         pieces, varying = [], []
         for name in sorted(mapping):
             if name in self.skip:
@@ -97,14 +99,14 @@ class ObjectJson:
 class KeyHasher:
     """`job_key` for a run of requests to one model with the same constant parameters."""
 
-    def __init__(self, model: str, constants: Mapping[str, Any]) -> None:
+    def __init__(self, model: str, constants: Mapping[str, object]) -> None:
         self.prefix = f'{{"model":{_scalar_json(model)},"request":'
         self.request_json = ObjectJson(constants, models.NON_PIXEL_FIELDS)
         known = models.get(model)
         self.images = frozenset(name for name in (known.properties if known else ())
                                 if is_image_field(name))
 
-    def __call__(self, request: Mapping[str, Any]) -> str:
+    def __call__(self, request: Mapping[str, object]) -> str:
         if self.images and not self.images.isdisjoint(request):
             request = {k: input_identity(v) if k in self.images else v
                        for k, v in request.items()}
@@ -112,7 +114,7 @@ class KeyHasher:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-def auto_seed(recipe_name: str, job_name: str, combination: Mapping[str, Any],
+def auto_seed(recipe_name: str, job_name: str, combination: Mapping[str, object],
               replicate: int) -> int:
     """The `seed: auto` of an image: the first 8 bytes of the sha256 of
     `canonical_json([recipe_name, job_name, combination, replicate])`, as a big-endian
@@ -132,9 +134,9 @@ class AutoSeeds:
     def __init__(self, recipe_name: str, job_name: str) -> None:
         self.head = canonical_json([recipe_name, job_name])[:-1] + ","
         self.values_json = ObjectJson()  # (an InputFile as its identity, as canonical_json)
-        self.last: tuple[Mapping[str, Any] | None, str] = (None, "")
+        self.last: tuple[Mapping[str, object] | None, str] = (None, "")
 
-    def __call__(self, combination: Mapping[str, Any], replicate: int) -> int:
+    def __call__(self, combination: Mapping[str, object], replicate: int) -> int:
         owner, prefix = self.last
         if owner is not combination:  # (kept referenced: its id cannot be reused meanwhile)
             prefix = f"{self.head}{self.values_json(combination)},"

@@ -18,7 +18,7 @@ Beside it, `embed` can write an AUTOMATIC1111-style `parameters` text (prompt, t
 `Steps: …, Seed: …, Size: …`), which image browsers, Civitai and prompt readers show:
 
 * PNG: a text chunk keyed `parameters` after fluxbatch's own (`tEXt` when the text is Latin-1,
-  else uncompressed `iTXt`, as Pillow and A1111 write it). Any earlier `parameters` chunk is
+  else uncompressed `iTXt`, as Pillow and A1111 write it). object earlier `parameters` chunk is
   replaced: readers take one.
 * JPEG and WebP: the EXIF `UserComment`, as `UNICODE\0` + UTF-16BE (what A1111 writes, and
   what its readers decode, whatever the EXIF's byte order). With no EXIF, fluxbatch writes a
@@ -43,7 +43,6 @@ import struct
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from fluxbatch.errors import FluxbatchError
 
@@ -112,7 +111,7 @@ def dimensions(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def embed(data: bytes, payload: Mapping[str, Any], parameters: str | None = None) -> bytes:
+def embed(data: bytes, payload: Mapping[str, object], parameters: str | None = None) -> bytes:
     """The image with `payload` as its only fluxbatch metadata; image data byte-for-byte kept.
     With `parameters`, that A1111-style text replaces the one the image carries (if any);
     without, the image's `parameters` text is left as it is."""
@@ -122,7 +121,7 @@ def embed(data: bytes, payload: Mapping[str, Any], parameters: str | None = None
     return _CODECS[_writable_format(data)].embed(data, text, parameters)
 
 
-def extract(data: bytes) -> dict[str, Any] | None:
+def extract(data: bytes) -> dict[str, object] | None:
     """The fluxbatch payload embedded in the image, or None if it has none."""
     return _CODECS[_writable_format(data)].extract(data)
 
@@ -170,7 +169,7 @@ def _writable_format(data: bytes) -> str:
     )
 
 
-def _load(raw: bytes | str, where: str) -> dict[str, Any]:
+def _load(raw: bytes | str, where: str) -> dict[str, object]:
     try:
         value = json.loads(raw if isinstance(raw, str) else raw.decode("utf-8"))
     except (ValueError, RecursionError) as error:  # bad UTF-8 and bad JSON are ValueErrors
@@ -203,7 +202,7 @@ def _xmp_packet(text: str) -> bytes:
     ).encode()
 
 
-def _xmp_extract(packet: bytes, where: str) -> dict[str, Any] | None:
+def _xmp_extract(packet: bytes, where: str) -> dict[str, object] | None:
     # Our own packet is found by its element, not parsed as XML: foreign packets (maybe
     # UTF-16, maybe huge) are never decoded, and no XML parser sees untrusted input.
     start = packet.find(_XMP_OPEN)
@@ -451,7 +450,7 @@ def _png_parameters(data: bytes) -> str | None:
     return _itxt_text(fields, where).decode("utf-8", "replace")
 
 
-def _png_extract(data: bytes) -> dict[str, Any] | None:
+def _png_extract(data: bytes) -> dict[str, object] | None:
     parts, _ = _png_chunks(data)
     for part in parts:
         if part.kind == b"iTXt" and part.body.startswith(_PNG_KEYWORD):
@@ -609,7 +608,7 @@ def _jpeg_embed(data: bytes, text: str, parameters: str | None) -> bytes:
     return data[:2] + head + _jpeg_metadata(text) + tail + data[sos:]
 
 
-def _jpeg_extract(data: bytes) -> dict[str, Any] | None:
+def _jpeg_extract(data: bytes) -> dict[str, object] | None:
     parts, _ = _jpeg_segments(data)
     for part in parts:
         if _is_fluxbatch_xmp(part):
@@ -739,7 +738,7 @@ def _webp_embed(data: bytes, text: str, parameters: str | None) -> bytes:
     return b"RIFF" + struct.pack("<I", len(riff)) + riff + trailer
 
 
-def _webp_extract(data: bytes) -> dict[str, Any] | None:
+def _webp_extract(data: bytes) -> dict[str, object] | None:
     parts, _ = _webp_chunks(data)
     for part in parts:
         if part.kind == b"XMP ":
@@ -768,7 +767,7 @@ def _webp_image_parts(data: bytes) -> Iterable[bytes]:
 @dataclass(frozen=True, slots=True)
 class _Codec:
     embed: Callable[[bytes, str, str | None], bytes]
-    extract: Callable[[bytes], dict[str, Any] | None]
+    extract: Callable[[bytes], dict[str, object] | None]
     parameters: Callable[[bytes], str | None]
     image_parts: Callable[[bytes], Iterable[bytes]]
 

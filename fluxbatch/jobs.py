@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from fluxbatch import matrix as matrix_rules
 from fluxbatch.errors import PlanTooLargeError, Problem, RecipeError
@@ -20,10 +19,10 @@ class Job:
 
     index: int
     job: str
-    vars: Mapping[str, Any]
+    vars: Mapping[str, object]
     replicate: int
     model: str
-    request: Mapping[str, Any]
+    request: Mapping[str, object]
     seed: int
     key: str
     output: str

@@ -21,7 +21,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from fluxbatch.models import did_you_mean
 from fluxbatch.recipe import Axis, Matrix
@@ -41,7 +41,7 @@ class Combination(NamedTuple):
     combination and tuples are built four times faster.
     """
 
-    values: Mapping[str, Any]
+    values: Mapping[str, object]
     rule: str
     position: int = 0
     include: int | None = None
@@ -59,7 +59,7 @@ class Combination(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Removed:
-    values: Mapping[str, Any]
+    values: Mapping[str, object]
     exclude: int
 
 
@@ -73,7 +73,7 @@ def upper_bound(matrix: Matrix) -> int:
 
 def combinations(matrix: Matrix) -> tuple[list[Combination], list[Removed]]:
     """All combinations in order, and the ones `exclude` removed."""
-    kept: list[tuple[dict[str, Any], int]] = []
+    kept: list[tuple[dict[str, object], int]] = []
     removed: list[Removed] = []
     if matrix.axes:
         names = tuple(name for axis in matrix.axes for name in axis.names)
@@ -111,7 +111,8 @@ def combinations(matrix: Matrix) -> tuple[list[Combination], list[Removed]]:
     return result + appended, removed
 
 
-def _excluded_by(values: Mapping[str, Any], exclude: tuple[Mapping[str, Any], ...]) -> int | None:
+def _excluded_by(values: Mapping[str, object],
+                 exclude: tuple[Mapping[str, object], ...]) -> int | None:
     for index, entry in enumerate(exclude):
         if all(k in values and values[k] == v for k, v in entry.items()):
             return index
@@ -138,7 +139,7 @@ def explain(combination: Combination, axes: tuple[Axis, ...]) -> str:
     return text
 
 
-def labelled(value: Any) -> str | None:
+def labelled(value: object) -> str | None:
     """The label of an object value (its `label`, else its `name`, when that is text or a
     number), or None."""
     if isinstance(value, Mapping):
@@ -151,7 +152,7 @@ def labelled(value: Any) -> str | None:
     return None
 
 
-def label(value: Any) -> str:
+def label(value: object) -> str:
     """How a matrix value is shown (the plan table, captions, messages) and named
     (`--only aspect=square`): text as itself, an object by its label, anything else as
     compact JSON."""
@@ -183,18 +184,18 @@ def new_includes(matrix: Matrix) -> list[tuple[int, str]]:
             if (why := _doubtful(entry, matrix.axes)) is not None]
 
 
-def _doubtful(entry: Mapping[str, Any], axes: Sequence[Axis]) -> str | None:
+def _doubtful(entry: Mapping[str, object], axes: Sequence[Axis]) -> str | None:
     if not axes or all(name in entry for axis in axes for name in axis.names):
         return None
     return _unmatched(entry, axes, together=False)
 
 
-def _unmatched(entry: Mapping[str, Any], axes: Sequence[Axis], *,
+def _unmatched(entry: Mapping[str, object], axes: Sequence[Axis], *,
                together: bool = True) -> str | None:
     """Why no combination of the product has the entry's values, or None. The product of
     the axes has every choice of row on each: a combination has the values when each axis
     has a row with those of them that are on it."""
-    on_axis: dict[int, list[tuple[str, int, Any]]] = {}
+    on_axis: dict[int, list[tuple[str, int, object]]] = {}
     for name, wanted in entry.items():
         for a, axis in enumerate(axes):
             if name in axis.names:
@@ -212,7 +213,7 @@ def _unmatched(entry: Mapping[str, Any], axes: Sequence[Axis], *,
     return None
 
 
-def _missing(name: str, wanted: Any, values: list[Any]) -> str:
+def _missing(name: str, wanted: object, values: list[object]) -> str:
     if isinstance(wanted, str) and any(labelled(value) == wanted for value in values):
         hint = " (an object value is matched whole, not by its label)"
     else:
@@ -220,7 +221,7 @@ def _missing(name: str, wanted: Any, values: list[Any]) -> str:
     return f"{name} has no value {_shown(wanted)}{hint}"
 
 
-def value_hint(wanted: str, values: Sequence[Any]) -> str:
+def value_hint(wanted: str, values: Sequence[object]) -> str:
     """For a value that is not among `values`: the one it is close to, as a "did you mean",
     else the values themselves when they are few (or nothing)."""
     hint = did_you_mean(wanted, list(dict.fromkeys(map(label, values))))
@@ -230,6 +231,6 @@ def value_hint(wanted: str, values: Sequence[Any]) -> str:
     return hint
 
 
-def _shown(value: Any) -> str:
+def _shown(value: object) -> str:
     """A value in a message: text quoted, anything else by its label."""
     return repr(value) if isinstance(value, str) else label(value)

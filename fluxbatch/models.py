@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeGuard
 
 SPEC_DATE = "2026-04-23"
 SPEC_FILE = f"bfl-openapi-{SPEC_DATE}.json"
@@ -30,7 +30,7 @@ SECRET_FIELDS = frozenset({"webhook_secret"})
 REDACTED = "***"
 
 
-def redact(request: Mapping[str, Any]) -> dict[str, Any]:
+def redact(request: Mapping[str, object]) -> dict[str, object]:
     """`request` as fluxbatch prints or records it (plan, status, manifest, provenance): each
     secret field that is there reads `***`, whatever its value. An empty or null secret is
     masked too, so that every output agrees and none tells what a secret holds."""
@@ -108,7 +108,7 @@ MODEL_CONCURRENCY = {"flux-kontext-max": 6}
 # `--force` may pay for anew.
 TASK_TIMEOUT = 900.0
 
-Check = Callable[[Any], str | None]
+Check = Callable[[object], str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,15 +142,15 @@ class Model:
     def types_of(self, field: str) -> tuple[str, ...]:
         return self.field_types.get(field, ())
 
-    def validate(self, request: Mapping[str, Any]) -> list[tuple[str | None, str]]:
+    def validate(self, request: Mapping[str, object]) -> list[tuple[str | None, str]]:
         """Every problem with `request` as (field or None, message); empty when valid."""
         return self.missing(request) + self.check_fields(request)
 
-    def missing(self, request: Mapping[str, Any]) -> list[tuple[str | None, str]]:
+    def missing(self, request: Mapping[str, object]) -> list[tuple[str | None, str]]:
         return [(None, f"missing required parameter {name!r} for {self.name}")
                 for name in sorted(self.required.difference(request))]
 
-    def check_fields(self, fields: Mapping[str, Any]) -> list[tuple[str | None, str]]:
+    def check_fields(self, fields: Mapping[str, object]) -> list[tuple[str | None, str]]:
         problems: list[tuple[str | None, str]] = []
         checks = self.checks
         for field, value in fields.items():
@@ -193,7 +193,7 @@ _RATIO = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 SEED_MAX = 2**32 - 1  # the seeds BFL reports back are 32-bit
 
 
-def documented_rule(field: str, value: Any) -> str | None:
+def documented_rule(field: str, value: object) -> str | None:
     """What the vendor documents in prose but its schema does not encode: an aspect ratio
     `W:H` between 21:9 and 9:21, and a seed that fits the 32 bits the API reports."""
     if field == "aspect_ratio" and isinstance(value, str):
@@ -212,7 +212,7 @@ def documented_rule(field: str, value: Any) -> str | None:
     return None
 
 
-def coerce_text(text: str, types: tuple[str, ...]) -> Any:
+def coerce_text(text: str, types: tuple[str, ...]) -> str | int | float | bool | None:
     if not types or "string" in types:
         return text
     stripped = text.strip()
@@ -246,7 +246,7 @@ def _float_or_none(text: str) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def normalise_value(value: Any, types: tuple[str, ...]) -> Any:
+def normalise_value(value: object, types: tuple[str, ...]) -> object:
     """Canonical in-memory form: integral floats for integer fields become ints, ints for
     number fields become floats, so `guidance: 3` and `guidance: "{{ 3 }}"` share a key."""
     if isinstance(value, bool):
@@ -406,7 +406,7 @@ def estimate_cost(name: str, request: Mapping[str, Any]) -> float | None:
     return round(price.usd + extra * price.per_extra_mp, 6)
 
 
-def _megapixels(value: Any) -> float:
+def _megapixels(value: object) -> float:
     """An input's megapixels as billed (two decimals, up), when its size is known; else 1."""
     if isinstance(value, Mapping) and value.get("width") and value.get("height"):
         return float(math.ceil(value["width"] * value["height"] / 10_000)) / 100
@@ -461,7 +461,7 @@ def _types_of(schema: Mapping[str, Any]) -> tuple[str, ...]:
 
 # -- the compiled checks ------------------------------------------------------------------
 
-TYPE_TESTS: dict[str, Callable[[Any], bool]] = {
+TYPE_TESTS: dict[str, Callable[[object], bool]] = {
     "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool))
     or (isinstance(v, float) and v.is_integer()),
     # JSON has no NaN or infinity: a request body could not carry them
@@ -481,7 +481,7 @@ def compile_check(schema: Mapping[str, Any]) -> Check:
         branches = [compile_check(b) for b in schema["anyOf"]]
         null_ok = any(b.get("type") == "null" for b in schema["anyOf"])
 
-        def any_of(value: Any) -> str | None:
+        def any_of(value: object) -> str | None:
             if value is None and null_ok:
                 return None
             first: str | None = None
@@ -509,7 +509,7 @@ def compile_check(schema: Mapping[str, Any]) -> Check:
     if "minLength" in schema or "maxLength" in schema:
         low, high = schema.get("minLength", 0), schema.get("maxLength", math.inf)
 
-        def length(v: Any) -> str | None:
+        def length(v: object) -> str | None:
             if not isinstance(v, str):
                 return None
             if len(v) < low:
@@ -518,7 +518,7 @@ def compile_check(schema: Mapping[str, Any]) -> Check:
 
         steps.append(length)
 
-    def check(value: Any) -> str | None:
+    def check(value: object) -> str | None:
         for step in steps:
             message = step(value)
             if message is not None:
@@ -529,7 +529,7 @@ def compile_check(schema: Mapping[str, Any]) -> Check:
 
 
 def _numeric_checks(schema: Mapping[str, Any]) -> list[Check]:
-    def numeric(v: Any) -> bool:
+    def numeric(v: object) -> TypeGuard[int | float]:
         return isinstance(v, int | float) and not isinstance(v, bool)
 
     checks: list[Check] = []

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fluxbatch import models
 from fluxbatch.state.ledger import Charge, ChargeRow, charged_usd
@@ -64,7 +64,7 @@ class Prices:
         not make a probe unneeded: the provider's price may have changed since.)"""
         return model in self.answered
 
-    def reserve(self, model: str, request: Mapping[str, Any]) -> float | None:
+    def reserve(self, model: str, request: Mapping[str, object]) -> float | None:
         """USD to hold for one submit; None when nothing bounds it (no catalogue price)."""
         estimate = models.estimate_cost(model, request)
         if estimate is None:
@@ -72,7 +72,7 @@ class Prices:
         scaled = estimate * max(1.0, self.ratio.get(model, 0.0))
         return round(max(estimate, scaled, self.highest.get(model, 0.0)), 6)
 
-    def learn(self, model: str, request: Mapping[str, Any], cost_usd: float | None) -> None:
+    def learn(self, model: str, request: Mapping[str, object], cost_usd: float | None) -> None:
         self.answered.add(model)
         if cost_usd is None:
             return
@@ -188,7 +188,7 @@ class Spend:
             self.unknown += 1
         self.spent += charged_usd(row)
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self) -> dict[str, object]:
         return {"group": self.name, "paid": self.paid, "estimate_usd": round(self.estimate, 6),
                 "reported_usd": round(self.reported, 6), "not_reported": self.not_reported,
                 "refunded": self.refunded, "refunded_usd": round(self.refunded_usd, 6),
@@ -211,7 +211,7 @@ class BudgetOutcome:
                 f"{self.not_rendered:,} {images} not rendered (the budget counts {SCOPE}; "
                 "raise --budget to go on)")
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self) -> dict[str, object]:
         return {"limit_usd": self.limit, "spent_usd": round(self.spent, 6),
                 "reached": self.reached, "not_rendered": self.not_rendered,
                 "counts": SCOPE}

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import httpx
 
@@ -263,7 +263,7 @@ async def execute(plan: Plan, selection: Selection, store: Store,
     spool = temp_dir(root)
 
     async def place_all(job: Job, data: bytes, task: Task | None, submitted_at: float | None,
-                        source: Mapping[str, Any]) -> Written | None:
+                        source: Mapping[str, object]) -> Written | None:
         """Place a kept image at every output of its key: a placement that fails is redone
         by the next run, from the store, free."""
         written = None
@@ -273,7 +273,7 @@ async def execute(plan: Plan, selection: Selection, store: Store,
         manifest.maybe()
         return written
 
-    async def writer(job: Job, image: Image, outcome: Outcome) -> Any:
+    async def writer(job: Job, image: Image, outcome: Outcome) -> object:
         """Keep the bytes (the ledger then says so), then place them at every output of
         the key: a placement that fails is redone by the next run, from the store, free."""
         data = await asyncio.to_thread(_kept, root, image)  # (one trip off the event loop)
@@ -283,7 +283,7 @@ async def execute(plan: Plan, selection: Selection, store: Store,
             await sharing.kept(job, image, data, task)
         return await place_all(job, data, task, outcome.submitted_at, {})
 
-    async def place_held(job: Job, data: bytes, sha256: str, source: dict[str, Any]) -> Any:
+    async def place_held(job: Job, data: bytes, sha256: str, source: dict[str, object]) -> object:
         """An image the shared store held (checked against its sha256): kept here too, then
         placed, as a download is."""
         try:
@@ -351,7 +351,7 @@ def _submit_via(outbox: Outbox | None, sharing: Sharing | None,
 
 
 def _sharing(shared: SharedUse | None, store: Store, provider: providers.Provider,
-             run: str | None, place_held: Callable[..., Awaitable[Any]],
+             run: str | None, place_held: Callable[..., Awaitable[object]],
              on_event: Callable[[Event], None], settings: Settings,
              pool: list[str | None] | None) -> Sharing | None:
     """The render's use of the shared store, if it has one. With a pool of accounts, each
@@ -432,21 +432,21 @@ def _kept(root: Path, image: Image) -> bytes:
 
 
 async def _place_later(placer: Placer, job: Job, data: bytes, task: Task | None,
-                       submitted_at: float | None, source: Mapping[str, Any]) -> Written:
+                       submitted_at: float | None, source: Mapping[str, object]) -> Written:
     """`placer.place`, with the file written off the event loop (the store stays on it)."""
     draft = placer.draft(job, task, source, submitted_at)
     written, full = await asyncio.to_thread(placer.write, job, data, draft)
     return placer.record(job, written, full)
 
 
-def _preparer(recipe: Recipe) -> Callable[[Job], Awaitable[Mapping[str, Any]]] | None:
+def _preparer(recipe: Recipe) -> Callable[[Job], Awaitable[Mapping[str, object]]] | None:
     """The submit body of a job whose request names image inputs: each read (off the event
     loop), checked against the sha256 it was planned with, and base64-encoded."""
     inputs = recipe.inputs
     if inputs is None:
         return None
 
-    async def prepare(job: Job) -> Mapping[str, Any]:
+    async def prepare(job: Job) -> Mapping[str, object]:
         if not any(map(is_descriptor, job.request.values())):
             return job.request
         try:

@@ -18,7 +18,6 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path as FsPath
-from typing import Any
 
 import yaml
 
@@ -263,8 +262,8 @@ class _Builder:
         return dataclasses.replace(spec, axes=tuple(axes), declared=tuple(declared),
                                    complete=complete, too_costly=too_costly)
 
-    def within_check_limit(self, axes: list[Axis], exclude: tuple[Any, ...],
-                           include: tuple[Any, ...], path: Path) -> bool:
+    def within_check_limit(self, axes: list[Axis], exclude: tuple[object, ...],
+                           include: tuple[object, ...], path: Path) -> bool:
         """Each combination of the product is compared with every `exclude` and `include`
         entry: 10,000 combinations and 40,000 entries (a 470 kB recipe) took minutes."""
         product = math.prod(len(axis.rows) for axis in axes) if axes else 0
@@ -279,7 +278,7 @@ class _Builder:
                      "split the job")
         return False
 
-    def check_exclude(self, exclude: Iterable[Mapping[str, Any]], axes: list[Axis],
+    def check_exclude(self, exclude: Iterable[Mapping[str, object]], axes: list[Axis],
                       path: Path) -> None:
         known = [name for axis in axes for name in axis.names]
         for i, entry in enumerate(exclude):
@@ -300,8 +299,8 @@ class _Builder:
         rows = tuple(zip(*columns.values(), strict=True))
         return [Axis("zip", names, rows, f"zip({', '.join(names)})")] if rows else []
 
-    def rows(self, spec: tuple[Mapping[str, Any], ...] | RowsFile, path: Path) -> list[Axis]:
-        table: Sequence[Mapping[str, Any]]
+    def rows(self, spec: tuple[Mapping[str, object], ...] | RowsFile, path: Path) -> list[Axis]:
+        table: Sequence[Mapping[str, object]]
         if isinstance(spec, RowsFile):
             table = self.read_table(spec.source, (*path, "from"))
             origin = f"rows from {spec.source}"
@@ -323,8 +322,8 @@ class _Builder:
         return [Axis("rows", tuple(names), tuple(tuple(r.get(n) for n in names) for r in table),
                      origin)]
 
-    def file_columns(self, table: list[dict[str, Any]], columns: Sequence[str], source: str,
-                     path: Path) -> list[dict[str, Any]]:
+    def file_columns(self, table: list[dict[str, object]], columns: Sequence[str], source: str,
+                     path: Path) -> list[dict[str, object]]:
         """The table with each value of `columns` an `InputFile` (checked, hashed), or []."""
         for column in columns:
             if column not in table[0]:
@@ -343,7 +342,7 @@ class _Builder:
                     failed = True
         return [] if failed else table
 
-    def values(self, spec: AxisSpec, path: Path) -> list[Any]:
+    def values(self, spec: AxisSpec, path: Path) -> list[object]:
         if isinstance(spec, tuple):
             return list(spec)
         if isinstance(spec, Files):
@@ -371,7 +370,7 @@ class _Builder:
             return []
         if suffix == ".txt":
             lines = (line.strip() for line in text.splitlines())
-            found = [line for line in lines if line and not line.startswith("#")]
+            found: list[object] = [line for line in lines if line and not line.startswith("#")]
             if not found:
                 self.problem(where, f"{source} holds no values (only blank lines and comments)")
             return found
@@ -390,7 +389,7 @@ class _Builder:
                      "(use .txt, .yaml, .yml, .json or .csv)")
         return []
 
-    def read_table(self, source: str, where: Path) -> list[dict[str, Any]]:
+    def read_table(self, source: str, where: Path) -> list[dict[str, object]]:
         text = self.read(source, where)
         if text is None:
             return []
@@ -440,7 +439,7 @@ class _Builder:
             return None
         return text
 
-    def parse_data(self, text: str, source: str, where: Path) -> Any:
+    def parse_data(self, text: str, source: str, where: Path) -> object:
         try:
             if source.lower().endswith(".json"):
                 data = json.loads(text)

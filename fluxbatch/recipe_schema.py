@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path as FsPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fluxbatch import models, providers
 from fluxbatch.declaration import (
@@ -42,6 +42,7 @@ from fluxbatch.declaration import (
     text,
 )
 from fluxbatch.errors import Problem
+from fluxbatch.jsontypes import JSONObject
 from fluxbatch.yamlsource import Path, Positions
 
 if TYPE_CHECKING:
@@ -132,7 +133,7 @@ AXIS = AnyOf(
           ".path; its content, not its name, counts in seeds and keys."),
     ref="axis", description="A matrix variable: a list of values, values from a file, or "
     "image files.")
-AxisSpec = tuple[Any, ...] | FromFile | Files  # a variable as written (the builder reads files)
+AxisSpec = tuple[object, ...] | FromFile | Files  # a variable as written (the builder reads files)
 ZIP_GROUP = MapOf(AXIS, min_properties=1, ref="zip_group", noun="a mapping of lists")
 COMBINATION = MapOf(min_properties=1)
 ROWS_FILE = Model(RowsFile, ref="rows_file", noun="a mapping with 'from'", closed=True,
@@ -150,7 +151,7 @@ class Axis:
 
     kind: str  # "values" | "zip" | "rows"
     names: tuple[str, ...]
-    rows: tuple[tuple[Any, ...], ...]
+    rows: tuple[tuple[object, ...], ...]
     origin: str
 
 
@@ -158,13 +159,13 @@ class Axis:
 class Matrix:
     """A job's `matrix:` as written, and (filled in by the builder) its values, loaded."""
 
-    include: tuple[Mapping[str, Any], ...] = key(ListOf(COMBINATION), cost=LOSES_NAMES,
+    include: tuple[Mapping[str, object], ...] = key(ListOf(COMBINATION), cost=LOSES_NAMES,
                                                  default=())
-    exclude: tuple[Mapping[str, Any], ...] = key(ListOf(COMBINATION), default=())
+    exclude: tuple[Mapping[str, object], ...] = key(ListOf(COMBINATION), default=())
     zip: Mapping[str, AxisSpec] | tuple[Mapping[str, AxisSpec], ...] | None = key(
         AnyOf(ZIP_GROUP, ListOf(ZIP_GROUP, min_items=1)),
         "Lists that advance in lock-step (one group or several).", cost=LOSES_NAMES)
-    rows: tuple[Mapping[str, Any], ...] | RowsFile | None = key(
+    rows: tuple[Mapping[str, object], ...] | RowsFile | None = key(
         AnyOf(ListOf(COMBINATION, min_items=1), ROWS_FILE),
         "A table whose rows are combinations.", cost=LOSES_NAMES)
     variables: Mapping[str, AxisSpec] = derived(factory=dict)  # (a condemned one: no values)
@@ -192,9 +193,9 @@ MATRIX = Model(Matrix, ref="matrix", salvage=True, others=AXIS, rest="variables"
 # -- a job --------------------------------------------------------------------------------------
 
 
-def _parameter_properties(defs: dict[str, Any]) -> dict[str, Any]:
+def _parameter_properties(defs: JSONObject) -> JSONObject:
     """Every request parameter any model knows, for editor completion (checked per model)."""
-    props: dict[str, Any] = {"model": MODEL.schema(defs)}
+    props: JSONObject = {"model": MODEL.schema(defs)}
     for model in models.catalogue().values():
         for name, prop in model.properties.items():
             if name in props or name in models.INTERNAL_FIELDS:
@@ -221,7 +222,7 @@ class JobSpec:
     prompt: str | None = key(text(), "Jinja2 prompt template.")
     matrix: Matrix = key(MATRIX, factory=Matrix, cost=LOSES_NAMES)
     replicates: int = key(integer(minimum=1), default=1, show=1)
-    params: Mapping[str, Any] = key(PARAMS, factory=dict, cost=Cost.IMAGES | Cost.MODEL)
+    params: Mapping[str, object] = key(PARAMS, factory=dict, cost=Cost.IMAGES | Cost.MODEL)
     seed: int | str = key(AnyOf(Const("auto"), integer(minimum=0), Template()),
                           "auto (derived from the combination), an integer, or a template.",
                           default="auto", show="auto")  # an integer, "auto", or a template
@@ -234,7 +235,7 @@ class JobSpec:
     names_known: bool = derived(True)
 
 
-def _job_cost(fields: dict[str, Any], cost: Cost) -> None:
+def _job_cost(fields: dict[str, object], cost: Cost) -> None:
     if cost:
         fields.update(damaged=True, model_known=Cost.MODEL not in cost,
                       names_known=Cost.NAMES not in cost)
@@ -271,8 +272,8 @@ class Recipe:
     max_jobs: int = key(integer(minimum=1), "Size guard: a plan of more images than this "
                         "needs --yes.", default=DEFAULT_MAX_JOBS, show=DEFAULT_MAX_JOBS,
                         cost=NEVER_LOST)
-    defaults: Mapping[str, Any] = key(PARAMS, factory=dict, cost=Cost.IMAGES | Cost.MODEL)
-    vars: Mapping[str, Any] = key(MapOf(salvage=Salvage(keep=True)),
+    defaults: Mapping[str, object] = key(PARAMS, factory=dict, cost=Cost.IMAGES | Cost.MODEL)
+    vars: Mapping[str, object] = key(MapOf(salvage=Salvage(keep=True)),
                                   "Constants available to every template.", factory=dict,
                                   cost=LOSES_NAMES)
     jobs: tuple[JobSpec, ...] = key(
@@ -301,7 +302,7 @@ RECIPE = Model(Recipe, salvage=True, description="A batch of Flux image requests
                "templates over variable matrices.", refused=REFUSED)
 
 
-def recipe_schema() -> dict[str, Any]:
+def recipe_schema() -> JSONObject:
     return schema_of(RECIPE, {"$schema": "https://json-schema.org/draft/2020-12/schema",
                               "$id": SCHEMA_ID, "title": "fluxbatch recipe"})
 
@@ -315,7 +316,7 @@ class Read:
     problems: list[Problem]
 
 
-def read(document: Any, positions: Positions, damaged: frozenset[Path] = frozenset()) -> Read:
+def read(document: object, positions: Positions, damaged: frozenset[Path] = frozenset()) -> Read:
     """`document` as a typed `Recipe`, with every problem in it. `damaged` are the paths whose
     values the YAML reader could not read (it reported them)."""
     reading = Reading(positions, damaged)

@@ -17,7 +17,6 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from fluxbatch import models
 from fluxbatch.errors import ConfigError, FluxbatchError
@@ -375,7 +374,7 @@ def matches_only(job: Job, patterns: Sequence[str]) -> bool:
     return False
 
 
-def _value_matches(value: Any, wanted: str) -> bool:
+def _value_matches(value: object, wanted: str) -> bool:
     """By the value's text, or as tables show it (an object by its label)."""
     return fnmatch.fnmatchcase(str(value), wanted) or \
         (not isinstance(value, str) and fnmatch.fnmatchcase(label(value), wanted))
@@ -466,7 +465,7 @@ def _only_hint(pattern: str, recipe: Recipe) -> str | None:
         if close and pattern not in jobs and not _GLOB.intersection(pattern):
             return f"no job is named {pattern!r}{close}"
         return None
-    values: dict[str, list[Any]] = {}
+    values: dict[str, list[object]] = {}
     for spec in recipe.jobs:
         for axis in spec.matrix.axes:
             for column, variable in enumerate(axis.names):

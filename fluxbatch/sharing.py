@@ -35,7 +35,7 @@ import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import httpx
 
@@ -85,7 +85,7 @@ class SharedUse:
 
 
 # Places an image the store held: (job, its bytes, their sha256, the record's provenance).
-PlaceHeld = Callable[[Job, bytes, str, dict[str, Any]], Awaitable[Any]]
+PlaceHeld = Callable[[Job, bytes, str, dict[str, object]], Awaitable[object]]
 
 
 @dataclass(slots=True)
@@ -104,7 +104,7 @@ class Sharing:
     # account `claimant.account` names.
     pool: Sequence[str | None] | None = None
     mine: dict[str, Claim] = field(default_factory=dict)  # the claims this run holds
-    _background: set[asyncio.Future[Any]] = field(default_factory=set)
+    _background: set[asyncio.Future[None]] = field(default_factory=set)
 
     def named(self, account: str | None) -> str | None:
         """The name a claim or record gives the account that pays through the executor's
@@ -122,18 +122,18 @@ class Sharing:
     def store(self) -> SharedStore:
         return self.use.store
 
-    async def _do(self, action: Callable[..., T], *args: Any) -> T:
+    async def _do(self, action: Callable[..., T], *args: object) -> T:
         """A blocking request of the store, off the event loop."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.store.pool, functools.partial(action, *args))
 
-    def _later(self, action: Callable[..., Any], *args: Any) -> None:
+    def _later(self, action: Callable[..., object], *args: object) -> None:
         """A request whose outcome nothing waits for (awaited by `drain`)."""
         future = asyncio.ensure_future(self._quietly(action, *args))
         self._background.add(future)
         future.add_done_callback(self._background.discard)
 
-    async def _quietly(self, action: Callable[..., Any], *args: Any) -> None:
+    async def _quietly(self, action: Callable[..., object], *args: object) -> None:
         try:
             await self._do(action, *args)
         except (StoreError, CorruptObject) as error:

@@ -19,7 +19,7 @@ import re
 import string
 import threading
 import unicodedata
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sized
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, field
 from types import BuiltinMethodType
 from typing import Any, cast
@@ -34,7 +34,7 @@ from jinja2.utils import Namespace, _PassArg, generate_lorem_ipsum
 from fluxbatch.models import did_you_mean
 
 
-def slug(value: Any, separator: str = "-") -> str:
+def slug(value: object, separator: str = "-") -> str:
     """`"Crème Brûlée, 2 cups!"` → `creme-brulee-2-cups`: lower case and safe in paths.
     Latin letters lose their accents; other letters (`猫`, `кот`) are kept, so values in
     other scripts do not all become `x`. Symbols and emoji are dropped."""
@@ -60,7 +60,7 @@ def _slug_text(text: str, separator: str) -> str:
     return separator.join(word for word in words if word) or "x"
 
 
-def article(word: Any) -> str:
+def article(word: object) -> str:
     """`"owl" | article` → `an owl`; `"unicorn"` → `a unicorn` (by spelling, good enough)."""
     text = str(word)
     first = text.lstrip()[:1].lower()
@@ -73,7 +73,7 @@ def article(word: Any) -> str:
     return f"{'an' if starts_vowel_sound else 'a'} {text}"
 
 
-def oxford(values: Iterable[Any], conjunction: str = "and") -> str:
+def oxford(values: Iterable[object], conjunction: str = "and") -> str:
     """`["red", "green", "blue"] | oxford` → `red, green, and blue`."""
     items = [str(v) for v in values]
     if len(items) <= 2:
@@ -81,18 +81,18 @@ def oxford(values: Iterable[Any], conjunction: str = "and") -> str:
     return f"{', '.join(items[:-1])}, {conjunction} {items[-1]}"
 
 
-def pad(value: Any, width: int = 3) -> str:
+def pad(value: object, width: int = 3) -> str:
     """`7 | pad` → `007`."""
     return str(value).zfill(width)
 
 
-def short_hash(value: Any, length: int = 8) -> str:
+def short_hash(value: object, length: int = 8) -> str:
     """A stable hex digest of any value: `{{ prompt | hash }}` for file names."""
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-FILTERS: dict[str, Callable[..., Any]] = {
+FILTERS: dict[str, Callable[..., object]] = {
     "slug": slug,
     "article": article,
     "oxford": oxford,
@@ -181,11 +181,11 @@ def _check_bits(bits: float) -> None:
         raise TemplateLimit(f"a number larger than {MAX_INT_BITS:,} bits")
 
 
-_CONTAINERS: tuple[type[Collection[Any]], ...] = (
+_CONTAINERS: tuple[type[Collection[object]], ...] = (
     list, tuple, set, frozenset, dict, type({}.keys()), type({}.values()), type({}.items()))
 
 
-def _size(value: Any, limit: int = MAX_TEXT) -> int:
+def _size(value: object, limit: int = MAX_TEXT) -> int:
     """About how long `str(value)` is, counted no further than just past `limit`: what printing,
     comparing or hashing `value` costs. (A short list may hold one long string many times.)"""
     if isinstance(value, str | bytes):
@@ -210,13 +210,13 @@ def _size(value: Any, limit: int = MAX_TEXT) -> int:
     return total
 
 
-def _charged_size(value: Any) -> int:
+def _charged_size(value: object) -> int:
     size = _size(value, _BUDGET.steps * CHARS_PER_STEP)
     _charge(-(-size // CHARS_PER_STEP))  # (rounded up: a walk cut short is over the budget)
     return size
 
 
-def _made(value: Any) -> Any:
+def _made(value: object) -> object:
     """`value`, a new result, once it is within the limits (and paid for)."""
     if isinstance(value, str | bytes):
         _check_text(len(value))
@@ -227,7 +227,7 @@ def _made(value: Any) -> Any:
     return value
 
 
-def _text(value: Any) -> str:
+def _text(value: object) -> str:
     """`str(value)` for `{{ value }}` and `~`, refused before it is made if it is too long."""
     if isinstance(value, str):
         return value
@@ -252,21 +252,21 @@ def _joined(parts: Iterable[str]) -> str:
     return "".join(pieces)
 
 
-def _join_text(*values: Any) -> str:  # `a ~ b ~ c`
+def _join_text(*values: object) -> str:  # `a ~ b ~ c`
     return _joined([_text(value) for value in values])
 
 
-def _compared(value: Any) -> Any:  # an operand of `==`, `<`, `in`... or a dict display's key
+def _compared(value: object) -> object:  # an operand of `==`, `<`, `in`... or a dict display's key
     _charged_size(value)
     return value
 
 
-def _sliced(value: Any) -> Any:  # `x[a:b]`: slices bypass the sandbox's getitem
+def _sliced(value: object) -> object:  # `x[a:b]`: slices bypass the sandbox's getitem
     _charge(len(value) // CHARS_PER_STEP if isinstance(value, str | list | tuple) else 1)
     return value
 
 
-def _amount(value: Any) -> float:
+def _amount(value: object) -> float:
     """A width, count or size argument as a number (anything else fails in the call itself)."""
     return value if isinstance(value, int | float) else 0
 
@@ -280,7 +280,7 @@ def _number(digits: str) -> int:
 _PRINTF_FIELD = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d*)(?:\.(\*|\d*))?")
 
 
-def _printf_size(template: str | bytes, values: Any) -> int:
+def _printf_size(template: str | bytes, values: object) -> int:
     """At most how long `template % values` is: no field prints more than all the values."""
     text = template if isinstance(template, str) else template.decode("latin-1")
     whole = _size(values)
@@ -294,7 +294,8 @@ def _printf_size(template: str | bytes, values: Any) -> int:
     return total
 
 
-def _check_format_call(template: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+def _check_format_call(template: str, args: tuple[object, ...],
+                       kwargs: Mapping[str, object]) -> None:
     """Refuse `template.format(*args, **kwargs)` if it could be too long (format_map: args is
     `(mapping,)`); charge its fields, which the sandbox formats in Python (~10 µs each)."""
     whole = _size([args, kwargs])
@@ -309,7 +310,7 @@ def _check_format_call(template: str, args: tuple[Any, ...], kwargs: Mapping[str
         _check_text(total)
 
 
-def _replaced_size(text: Any, old: Any, new: Any, count: Any = -1) -> int:
+def _replaced_size(text: object, old: object, new: object, count: object = -1) -> int:
     """How long `text.replace(old, new, count)` is, if longer than `text` (else 0)."""
     if (isinstance(text, str) and isinstance(old, str) and isinstance(new, str)) \
             or (isinstance(text, bytes) and isinstance(old, bytes) and isinstance(new, bytes)):
@@ -323,8 +324,8 @@ def _replaced_size(text: Any, old: Any, new: Any, count: Any = -1) -> int:
     return len(text) + found * (len(new) - len(old))
 
 
-def _method_args(owner: Any, name: str, args: tuple[Any, ...],
-                 kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+def _method_args(owner: object, name: str, args: tuple[object, ...],
+                 kwargs: Mapping[str, object]) -> tuple[object, ...]:
     """The arguments of the built-in method `owner.name`, refused when its result would be
     over a limit: `'x'.center(10**9)` would allocate before anything could check."""
     if isinstance(owner, int) and name == "to_bytes":
@@ -340,7 +341,7 @@ def _method_args(owner: Any, name: str, args: tuple[Any, ...],
     elif name == "replace" and len(args) >= 2:
         _check_text(_replaced_size(owner, *args))
     elif name == "join" and args:
-        items = list(args[0])
+        items = list(cast(Iterable[object], args[0]))  # (else `join` fails, as it would)
         _check_text(_total_size(items) + len(owner) * (len(items) - 1))
         args = (items, *args[1:])
     elif name == "translate" and args and isinstance(args[0], dict):
@@ -349,7 +350,7 @@ def _method_args(owner: Any, name: str, args: tuple[Any, ...],
     return args
 
 
-def _total_size(items: Iterable[Any]) -> int:
+def _total_size(items: Iterable[object]) -> int:
     total = 0
     for item in items:
         total += _size(item, MAX_TEXT - total)
@@ -362,20 +363,21 @@ def _total_size(items: Iterable[Any]) -> int:
 # (after the context, if the filter takes one) and returns the value to filter (a `join`
 # materialises its input to measure it).
 
-def _check_width(value: Any, width: Any = 80, *_: Any, **__: Any) -> Any:  # center, pad
+# center, pad
+def _check_width(value: object, width: object = 80, *_: object, **__: object) -> object:
     _check_text(_amount(width))
     return value
 
 
-def _check_indent(value: Any, width: Any = 4, *_: Any, **__: Any) -> Any:
+def _check_indent(value: object, width: object = 4, *_: object, **__: object) -> object:
     text = _text(value)
     unit = len(width) if isinstance(width, str) else _amount(width)
     _check_text(len(text) + (len(text.splitlines()) + 1) * unit)
     return value
 
 
-def _check_wordwrap(value: Any, width: Any = 79, break_long_words: Any = True,
-                    wrapstring: Any = None, *_: Any, **kwargs: Any) -> Any:
+def _check_wordwrap(value: object, width: object = 79, break_long_words: object = True,
+                    wrapstring: object = None, *_: object, **kwargs: object) -> object:
     text = _text(value)
     wrapstring = _text(kwargs.get("wrapstring", wrapstring) or "\n")
     width = _amount(kwargs.get("width", width))
@@ -385,34 +387,35 @@ def _check_wordwrap(value: Any, width: Any = 79, break_long_words: Any = True,
     return value
 
 
-def _check_format(value: Any, *args: Any, **kwargs: Any) -> Any:
+def _check_format(value: object, *args: object, **kwargs: object) -> object:
     _check_text(_printf_size(_text(value), kwargs or args))
     return value
 
 
-def _check_replace(value: Any, old: Any = "", new: Any = "", count: Any = None) -> Any:
+def _check_replace(value: object, old: object = "", new: object = "",
+                   count: object = None) -> object:
     _check_text(_replaced_size(_text(value), _text(old), _text(new), count))
     return value
 
 
-def _check_join(value: Any, d: Any = "", *_: Any, **__: Any) -> Any:
+def _check_join(value: Iterable[object], d: object = "", *_: object, **__: object) -> object:
     items = list(value)
     _check_text(_total_size(items) + len(_text(d)) * (len(items) - 1))
     return items
 
 
-def _check_batch(value: Any, linecount: Any = 1, fill_with: Any = None) -> Any:
+def _check_batch(value: object, linecount: object = 1, fill_with: object = None) -> object:
     if fill_with is not None:
         _check_items(_amount(linecount))
     return value
 
 
-def _check_slice(value: Any, slices: Any = 1, *_: Any) -> Any:
+def _check_slice(value: object, slices: object = 1, *_: object) -> object:
     _check_items(_amount(slices))
     return value
 
 
-def _check_sum(value: Any, attribute: Any = None, start: Any = 0) -> Any:
+def _check_sum(value: Iterable[object], attribute: object = None, start: object = 0) -> object:
     if isinstance(start, int | float):
         return value
     items = list(value)  # adding lists copies each prefix: quadratic
@@ -420,14 +423,14 @@ def _check_sum(value: Any, attribute: Any = None, start: Any = 0) -> Any:
     return items
 
 
-def _check_urlize(value: Any, *args: Any, **kwargs: Any) -> Any:
+def _check_urlize(value: object, *args: object, **kwargs: object) -> object:
     extra = sum(len(v) for v in (*args, *kwargs.values()) if isinstance(v, str))
     if extra:
         _check_text(len(_text(value).split()) * extra)  # each link repeats `target` and `rel`
     return value
 
 
-_FILTER_CHECKS: dict[str, Callable[..., Any]] = {
+_FILTER_CHECKS: dict[str, Callable[..., object]] = {
     "center": _check_width, "pad": _check_width, "indent": _check_indent,
     "wordwrap": _check_wordwrap, "format": _check_format, "replace": _check_replace,
     "join": _check_join, "batch": _check_batch, "slice": _check_slice, "sum": _check_sum,
@@ -441,7 +444,7 @@ _SIZED_TESTS = frozenset({"in", "eq", "equalto", "==", "ne", "!=", "lt", "lessth
                           "<=", "gt", "greaterthan", ">", "ge", ">=", "lower", "upper"})
 
 
-def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+def _bounded_filter(name: str, function: Callable[..., object]) -> Callable[..., object]:
     """`function`, paying for the size of its input, refusing arguments that ask for too much
     and results that are too long. Keeps the filter's `pass_context`-style marker."""
     check = _FILTER_CHECKS.get(name)
@@ -449,7 +452,7 @@ def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., An
     lead = 0 if _PassArg.from_obj(function) is None else 1
 
     @functools.wraps(function)
-    def bounded(*args: Any, **kwargs: Any) -> Any:
+    def bounded(*args: object, **kwargs: object) -> object:
         if len(args) > lead:
             value = args[lead]
             if check is not None:
@@ -463,9 +466,9 @@ def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., An
     return bounded
 
 
-def _bounded_test(function: Callable[..., Any]) -> Callable[..., Any]:
+def _bounded_test(function: Callable[..., object]) -> Callable[..., object]:
     @functools.wraps(function)
-    def bounded(*args: Any, **kwargs: Any) -> Any:
+    def bounded(*args: object, **kwargs: object) -> object:
         _charged_size(args)
         return function(*args, **kwargs)
 
@@ -477,7 +480,7 @@ def _lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str
     return str(generate_lorem_ipsum(n, html, min, max))
 
 
-def _json_dumps(value: Any, **kwargs: Any) -> str:  # `tojson`: an `indent` multiplies its text
+def _json_dumps(value: object, **kwargs: Any) -> str:  # `tojson`: an `indent` multiplies its text
     indent = kwargs.get("indent")
     _check_text(len(indent) if isinstance(indent, str) else _amount(indent))
     return _joined(json.JSONEncoder(**kwargs).iterencode(value))
@@ -570,7 +573,7 @@ class _Sandbox(SandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**", "%", "+"})
     code_generator_class = _CodeGenerator
 
-    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+    def call_binop(self, context: Context, operator: str, left: object, right: object) -> object:
         if operator == "*":
             for sequence, count in ((left, right), (right, left)):
                 if isinstance(sequence, str | bytes) and isinstance(count, int):
@@ -591,7 +594,8 @@ class _Sandbox(SandboxedEnvironment):
             _check_text(_printf_size(left, right))
         return _made(super().call_binop(context, operator, left, right))
 
-    def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+    # (`obj` is whatever a template calls: a built-in method's `__name__` is read below)
+    def call(self, context: Context, obj: Any, /, *args: object, **kwargs: object) -> object:
         _charge(1)
         owner = getattr(obj, "__self__", None)
         growing: Sized = ()
@@ -611,7 +615,7 @@ class _Sandbox(SandboxedEnvironment):
             _check_items(len(growing))
         return _made(result)
 
-    def getitem(self, obj: Any, argument: Any) -> Any:
+    def getitem(self, obj: object, argument: object) -> object:
         if isinstance(argument, tuple):  # a tuple's hash walks all of it, every time
             _charged_size(argument)
         return super().getitem(obj, argument)
@@ -624,7 +628,7 @@ class _Sandbox(SandboxedEnvironment):
         mapping = value.__name__ == "format_map"
 
         @functools.wraps(formatter)
-        def bounded(*args: Any, **kwargs: Any) -> str:
+        def bounded(*args: object, **kwargs: object) -> str:
             _check_format_call(template, args, {} if mapping else kwargs)
             return str(_made(formatter(*args, **kwargs)))
 
@@ -644,7 +648,7 @@ def environment() -> SandboxedEnvironment:
     env.filters.update(FILTERS)
     env.filters.update({name: _bounded_filter(name, function)
                         for name, function in env.filters.items()})
-    env.tests.update({name: _bounded_test(cast(Callable[..., Any], env.tests[name]))
+    env.tests.update({name: _bounded_test(cast(Callable[..., object], env.tests[name]))
                       for name in _SIZED_TESTS})
     env.globals["lipsum"] = _lipsum
     env.policies["json.dumps_function"] = _json_dumps
@@ -658,7 +662,7 @@ class TemplateProblem(Exception):
     """A template failed to compile or render; the message is for the user."""
 
 
-Getter = Callable[[Mapping[str, Any]], Any]
+Getter = Callable[[Mapping[str, object]], object]
 
 
 class _Compiled:
@@ -708,10 +712,10 @@ class Template:
     names: tuple[str, ...]
     _compiled: _Compiled | None
     _direct: tuple[str, tuple[Getter, ...]] | None = None
-    _cache: dict[tuple[Any, ...], str] | None = field(default_factory=dict)
+    _cache: dict[Hashable, str] | None = field(default_factory=dict)
     _lookups: int = 0
     _hits: int = 0
-    _key: Callable[[Mapping[str, Any]], Any] = field(default=lambda context: ())
+    _key: Callable[[Mapping[str, object]], Hashable] = field(default=lambda context: ())
 
     def __post_init__(self) -> None:
         if self.names:
@@ -721,7 +725,7 @@ class Template:
     def is_constant(self) -> bool:
         return self._compiled is None
 
-    def render(self, context: Mapping[str, Any], allowance: Allowance | None = None) -> str:
+    def render(self, context: Mapping[str, object], allowance: Allowance | None = None) -> str:
         """The text for `context`. With `allowance` (a plan's), each rendering that is not
         answered from the cache is paid from it."""
         if self._compiled is None:
@@ -745,7 +749,7 @@ class Template:
             cache[key] = text
         return text
 
-    def _render(self, context: Mapping[str, Any], allowance: Allowance | None = None) -> str:
+    def _render(self, context: Mapping[str, object], allowance: Allowance | None = None) -> str:
         if self._direct is not None:
             fmt, getters = self._direct
             try:
@@ -762,7 +766,7 @@ class Template:
                     return text
         return self.render_with_jinja(context, allowance)
 
-    def render_with_jinja(self, context: Mapping[str, Any],
+    def render_with_jinja(self, context: Mapping[str, object],
                           allowance: Allowance | None = None) -> str:
         assert self._compiled is not None
         template = self._compiled.jinja()
@@ -908,7 +912,7 @@ def _direct_getter(node: nodes.Node) -> Getter | None:
     return lambda context: str(function(context[name], *args))
 
 
-def _undefined_message(error: jinja2.UndefinedError, context: Mapping[str, Any]) -> str:
+def _undefined_message(error: jinja2.UndefinedError, context: Mapping[str, object]) -> str:
     message = str(error.message or error)
     found = re.match(r"'([^']+)' is undefined", message)
     if found:

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from fluxbatch import imagemeta, models
 from fluxbatch.jobs import Job
@@ -154,7 +153,7 @@ def parameters_text(entry: Provenance, data: bytes) -> str:
     fields the request has (see docs/manifest.md). `Size` is the request's width and
     height, else (a model sized by aspect ratio or by its input) the image's own."""
     request = entry["request"]
-    fields: list[tuple[str, Any]] = []
+    fields: list[tuple[str, object]] = []
     if _positive(request.get("steps")):
         fields.append(("Steps", request["steps"]))
     fields += [("Sampler", SAMPLER), ("Schedule type", SCHEDULE), ("Seed", entry["seed"])]
@@ -172,11 +171,11 @@ def parameters_text(entry: Provenance, data: bytes) -> str:
     return f"{prompt}\n{line}" if prompt else line
 
 
-def _positive(value: Any) -> bool:
+def _positive(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
-def _quoted(value: Any) -> str:
+def _quoted(value: object) -> str:
     """A value as A1111 writes one: in JSON quotes when a comma, colon or newline in it
     would end it early for a reader."""
     text = str(value)
@@ -228,7 +227,7 @@ def write_manifest(recipe: Recipe, store: Store) -> Path:
 _NUMBER = re.compile(r"\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
 
 
-def run_totals(store: Store, recipe: str) -> list[dict[str, Any]]:
+def run_totals(store: Store, recipe: str) -> list[dict[str, object]]:
     """What each run paid for the recipe's images, from the ledger (as `fluxbatch spend
     --by run` says it), oldest first."""
     runs: dict[str, Spend] = {}
@@ -278,7 +277,7 @@ def _iso(moment: float | None) -> str | None:
     return datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds")
 
 
-def manifest_schema() -> dict[str, Any]:
+def manifest_schema() -> dict[str, object]:
     """The JSON Schema of `<recipe>.manifest.json` (published as schemas/manifest.schema.json)."""
     nullable_number = {"type": ["number", "null"]}
     timestamp = {"type": ["string", "null"], "description": "ISO 8601, UTC"}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import yaml
 
@@ -107,7 +107,7 @@ def format_path(path: Path) -> str:
     return text
 
 
-def load(text: str, filename: str) -> tuple[Any, Positions]:
+def load(text: str, filename: str) -> tuple[object, Positions]:
     """Parse one YAML document; raise `DocumentError` with a located problem on bad syntax."""
     positions = Positions(filename)
     try:
@@ -186,7 +186,7 @@ class DocumentError(Exception):
     """
 
     def __init__(self, problems: list[Problem],
-                 partial: tuple[Any, Positions, list[Damage]] | None = None) -> None:
+                 partial: tuple[object, Positions, list[Damage]] | None = None) -> None:
         self.problems = problems
         self.partial = partial
         super().__init__("\n".join(str(p) for p in problems))
@@ -248,7 +248,7 @@ class _Builder:
     def problem(self, path: Path, message: str, *, key: bool = False, kept: bool = False) -> None:
         self.damage.append(Damage(path, self.positions.problem(path, message, key=key), kept))
 
-    def build(self, node: yaml.Node, path: Path) -> Any:
+    def build(self, node: yaml.Node, path: Path) -> object:
         self.positions.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
         self.nodes += 1
         if self.nodes > MAX_NODES:
@@ -266,7 +266,7 @@ class _Builder:
         finally:
             self.building.discard(id(node))
 
-    def _scalar(self, node: yaml.ScalarNode, path: Path) -> Any:
+    def _scalar(self, node: yaml.ScalarNode, path: Path) -> object:
         if node.tag == _STR:  # (what the constructor would make of it, without its set-up)
             value = node.value
             if _SURROGATE.search(value) is None:
@@ -289,13 +289,13 @@ class _Builder:
             return _SURROGATE.sub("\ufffd", value)
         return value
 
-    def _mapping(self, node: yaml.MappingNode, path: Path) -> dict[Any, Any]:
+    def _mapping(self, node: yaml.MappingNode, path: Path) -> dict[object, object]:
         try:
             self.constructor.flatten_mapping(node)  # resolves `<<: *anchor` merge keys
         except yaml.MarkedYAMLError as error:
             self.problem(path, f"YAML error: {error.problem or error.context}")
             return {}
-        result: dict[Any, Any] = {}
+        result: dict[object, object] = {}
         written = None if self.written is None else self.written.get(id(node), frozenset())
         own: set[str] = set()
         for key_node, value_node in node.value:

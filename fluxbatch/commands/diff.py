@@ -21,7 +21,6 @@ import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from fluxbatch import models
 from fluxbatch import recipe as recipes
@@ -119,7 +118,7 @@ class Counts:
     def estimated_usd(self) -> float | None:
         return round(self.usd, 4) if self.priced else None
 
-    def document(self) -> dict[str, Any]:
+    def document(self) -> dict[str, object]:
         return {**{str(change): self.changes[change] for change in _COUNTED},
                 "to_render": self.rendered, "free": self.free,
                 "estimated_usd": self.estimated_usd}
@@ -431,9 +430,9 @@ def json_document(diff: PlanDiff) -> str:
     return "\n".join([*lines, "}"]) + "\n"
 
 
-def _image_document(difference: Difference) -> dict[str, Any]:
+def _image_document(difference: Difference) -> dict[str, object]:
     image = difference.image
-    document: dict[str, Any] = {
+    document: dict[str, object] = {
         "change": difference.change, "job": image.job, "vars": image.vars,
         "replicate": image.replicate, "output": image.output,
         "key": difference.job.key if difference.job else None,

@@ -22,7 +22,6 @@ import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import yaml
 
@@ -100,7 +99,7 @@ def _render_command(spec: Emit, out: str) -> str:
 # -- GitHub Actions ---------------------------------------------------------------------------
 
 
-def github(spec: Emit) -> dict[str, Any]:
+def github(spec: Emit) -> dict[str, object]:
     install = {"name": "install fluxbatch", "run": f"pip install '{_package(spec.store)}'"}
     setup = [{"uses": "actions/checkout@v4"},
              {"uses": "actions/setup-python@v5", "with": {"python-version": PYTHON}},
@@ -166,15 +165,15 @@ def github(spec: Emit) -> dict[str, Any]:
 # -- Kubernetes -------------------------------------------------------------------------------
 
 
-def kubernetes(spec: Emit) -> dict[str, Any]:
+def kubernetes(spec: Emit) -> dict[str, object]:
     name = _dns_label(f"fluxbatch-{spec.name}")
     labels = {"app.kubernetes.io/name": "fluxbatch", "fluxbatch/recipe": _dns_label(spec.name)}
-    env: list[dict[str, Any]] = [{"name": SHARDS_ENV, "value": str(spec.shards)}]
+    env: list[dict[str, object]] = [{"name": SHARDS_ENV, "value": str(spec.shards)}]
     env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": SECRET, "key": key}}}
             for key in spec.keys]
     if spec.store:
         env.append({"name": STORE_ENV, "value": spec.store})
-        volume: dict[str, Any] = {"name": "renders", "emptyDir": {}}
+        volume: dict[str, object] = {"name": "renders", "emptyDir": {}}
     else:
         volume = {"name": "renders", "persistentVolumeClaim": {"claimName": VOLUME_CLAIM}}
     # Each index renders into an output root of its own (two renders of one root wait for
@@ -258,7 +257,7 @@ class _Dumper(yaml.SafeDumper):
     """Block style, multi-line strings as literal blocks (a `run:` script reads as written),
     and no anchors: a step used twice is written twice (not every engine reads `&id001`)."""
 
-    def ignore_aliases(self, data: Any) -> bool:
+    def ignore_aliases(self, data: object) -> bool:
         return True
 
 
@@ -270,6 +269,6 @@ def _text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 _Dumper.add_representer(str, _text)
 
 
-def _dump(document: dict[str, Any]) -> str:
+def _dump(document: dict[str, object]) -> str:
     return yaml.dump(document, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
                      width=100, allow_unicode=True)

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from fluxbatch.commands.contact_sheet import (
@@ -53,7 +53,7 @@ ABSENT = "\x00absent"  # the key of a variable that a combination does not have
 class _Item:
     """A planned image, or (with `job` None) a combination that `exclude` removed."""
 
-    values: Mapping[str, Any]
+    values: Mapping[str, object]
     job: Job | None
     state: str  # its `ImageState`, or "excluded"
     path: str | None = None  # an up-to-date image's file, relative to the output root
@@ -255,13 +255,13 @@ def _check_axes(names: list[str], rows: str | None, cols: str | None) -> None:
                          f"different ones from {', '.join(names)}")
 
 
-def _key(values: Mapping[str, Any], name: str) -> str:
+def _key(values: Mapping[str, object], name: str) -> str:
     if name not in values:
         return ABSENT
     return json.dumps(values[name], sort_keys=True, ensure_ascii=False, default=str)
 
 
-def _label(values: Mapping[str, Any], name: str) -> str:
+def _label(values: Mapping[str, object], name: str) -> str:
     return short_value(values[name]) if name in values else "(none)"
 
 
@@ -321,7 +321,7 @@ class _Job:
         return row, col
 
     def labels(self, axis: str, notes: Sequence[str]) -> tuple[Label, ...]:
-        first: dict[str, Mapping[str, Any]] = {}
+        first: dict[str, Mapping[str, object]] = {}
         for item, keys in zip(self.items, self.keys, strict=True):
             first.setdefault(keys[axis], item.values)
         return tuple(Label(text, tuple(f"{n}={_label(first[key], n)}" for n in notes
@@ -399,7 +399,7 @@ def _tile(item: _Item, free: Sequence[str], replicates: int, shape: tuple[int, i
     return Tile(Mark.MISSING, ", ".join(caption), own, state=item.state, hint=job.prompt or "")
 
 
-def _shape(request: Mapping[str, Any]) -> tuple[int, int]:
+def _shape(request: Mapping[str, object]) -> tuple[int, int]:
     width, height = request.get("width"), request.get("height")
     if isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0:
         return width, height

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from fluxbatch.matrix import label
 
@@ -14,13 +13,13 @@ def money(usd: float | None) -> str:
     return f"${usd:,.3f}" if 0 < usd < 0.1 else f"${usd:,.2f}"
 
 
-def short_value(value: Any, width: int = 40) -> str:
+def short_value(value: object, width: int = 40) -> str:
     """A value as tables and captions show it: an object value by its label (`matrix.label`)."""
     text = label(value)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def values_text(values: Mapping[str, Any]) -> str:
+def values_text(values: Mapping[str, object]) -> str:
     return " ".join(f"{k}={short_value(v, 30)}" for k, v in values.items()) or "-"
 
 

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any, TextIO
+from typing import TextIO
 
 from fluxbatch import models
 from fluxbatch import recipe as recipes
@@ -73,7 +73,7 @@ class Pick:
             parts.append(f"--shard {self.shard[0]}/{self.shard[1]}")
         return " ".join(parts)
 
-    def document(self, planned: int) -> dict[str, Any]:
+    def document(self, planned: int) -> dict[str, object]:
         shard = None if self.shard is None else f"{self.shard[0]}/{self.shard[1]}"
         return {"only": list(self.only), "shard": shard, "planned": planned}
 
@@ -198,10 +198,10 @@ class Tally:
         return sum(self.states[s] for s in TO_RENDER)
 
 
-def summary_document(tally: Tally) -> dict[str, Any]:
+def summary_document(tally: Tally) -> dict[str, object]:
     per_model = tally.per_model()
     known = [s.estimated_usd for s in per_model.values()]
-    document: dict[str, Any] = {
+    document: dict[str, object] = {
         "jobs": tally.jobs,
         "to_render": tally.to_render(),
         "states": {s: tally.states[s] for s in STATE_ORDER if tally.states[s]},
@@ -221,11 +221,11 @@ def summary_document(tally: Tally) -> dict[str, Any]:
 
 
 def job_document(the_plan: Plan, job: Job, state: ImageState, *, explain: bool,
-                 changes: Sequence[str] = ()) -> dict[str, Any]:
+                 changes: Sequence[str] = ()) -> dict[str, object]:
     """One image of the public `plan --json` shape (documented in docs/commands.md; a contract).
     `changes`: for a stale image, what changed since the image at its output was made."""
     request = job.request
-    entry: dict[str, Any] = {
+    entry: dict[str, object] = {
         "job": job.job,
         "vars": job.vars,
         "replicate": job.replicate,
@@ -243,7 +243,7 @@ def job_document(the_plan: Plan, job: Job, state: ImageState, *, explain: bool,
     return entry
 
 
-def recipe_document(recipe: recipes.Recipe) -> dict[str, Any]:
+def recipe_document(recipe: recipes.Recipe) -> dict[str, object]:
     return {
         "name": recipe.name,
         "path": str(recipe.path),
@@ -255,9 +255,9 @@ def recipe_document(recipe: recipes.Recipe) -> dict[str, Any]:
     }
 
 
-def tail_document(the_plan: Plan, tally: Tally, *, explain: bool) -> dict[str, Any]:
+def tail_document(the_plan: Plan, tally: Tally, *, explain: bool) -> dict[str, object]:
     """The document's keys after `jobs`: what `--jsonl` prints on its last line."""
-    document: dict[str, Any] = {"summary": summary_document(tally)}
+    document: dict[str, object] = {"summary": summary_document(tally)}
     if explain:
         document["removed"] = [
             {"job": name, "vars": dict(removed.values), "explain": f"exclude[{removed.exclude}]"}
@@ -283,7 +283,7 @@ def write_document(out: TextIO, the_plan: Plan, shown: Iterable[tuple[Job, Image
     out.write("\n}\n")
 
 
-def _write_items(out: TextIO, items: Iterable[Any]) -> None:
+def _write_items(out: TextIO, items: Iterable[object]) -> None:
     """The items of a list, one per line, and its closing bracket."""
     separator = "\n    "
     for item in items:

@@ -8,7 +8,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from fluxbatch.changes import changes_text, stale_changes
 from fluxbatch.commands.output import money, plural, table, values_text
@@ -68,7 +68,7 @@ def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run
         else:
             print(message, file=sys.stderr)
 
-    async def with_handlers(requests: Coroutine[Any, Any, None]) -> None:
+    async def with_handlers(requests: Coroutine[object, object, None]) -> None:
         """The network half, with Ctrl-C and the progress display on its event loop."""
         nonlocal ticker
         import asyncio
@@ -86,7 +86,7 @@ def render(*, recipe: str, out: str | None, yes: bool, options: Options, dry_run
             for number in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(number)
 
-    def run_network(requests: Coroutine[Any, Any, None]) -> None:
+    def run_network(requests: Coroutine[object, object, None]) -> None:
         import asyncio
 
         asyncio.run(with_handlers(requests))
@@ -433,7 +433,7 @@ def _placed_from_store(report: Report) -> int:
     return sum(1 for o in report.outcomes if o.status == written and o.from_store)
 
 
-def _summary(plan: Plan, report: Report, code: int) -> dict[str, Any]:
+def _summary(plan: Plan, report: Report, code: int) -> dict[str, object]:
     """`render --json`: the run's outcome as one object (what CI glue reads)."""
     counts = Counter(o.status for o in report.outcomes)
     selection = report.selection
@@ -463,7 +463,7 @@ def _summary(plan: Plan, report: Report, code: int) -> dict[str, Any]:
     }
 
 
-def _accounts_document(report: Report) -> list[dict[str, Any]] | None:
+def _accounts_document(report: Report) -> list[dict[str, object]] | None:
     """`render --json`'s `accounts`: per account of the pool, what it submitted, what is
     left in flight through it, and why it left the pool (null: it did not); null without a
     pool."""

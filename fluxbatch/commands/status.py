@@ -8,7 +8,6 @@ import json
 import sys
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
 
 from fluxbatch.changes import changes_text, stale_changes
 from fluxbatch.commands.output import table, values_text
@@ -50,8 +49,10 @@ def status(*, recipe: str, out: str | None, yes: bool, as_json: bool, verify: bo
                    for job, state in zip(plan.jobs, classified.states, strict=True)
                    if state != up_to_date]
         for output in classified.orphans:
-            entry: Mapping[str, Any] = orphans.get(output) or {}
-            details.append([str(entry.get("job", "-")), values_text(entry.get("vars") or {}),
+            entry = orphans.get(output)
+            job_name, combination = (entry.get("job", "-"), entry.get("vars") or {}) if entry \
+                else ("-", {})
+            details.append([str(job_name), values_text(combination),
                             output, ImageState.ORPHANED, "no longer in the recipe"])
         if details:
             print()
@@ -100,7 +101,7 @@ def advice(counts: Counter[ImageState], orphans: bool) -> list[str]:
 
 
 def _document(classified: Classified, changed: dict[int, list[str]],
-              orphans: Mapping[str, ManifestEntry], clean: bool) -> dict[str, Any]:
+              orphans: Mapping[str, ManifestEntry], clean: bool) -> dict[str, object]:
     plan = classified.plan
     counts = classified.count()
     not_up_to_date = []
@@ -108,7 +109,7 @@ def _document(classified: Classified, changed: dict[int, list[str]],
     for job, state in zip(plan.jobs, classified.states, strict=True):
         if state == up_to_date:
             continue
-        item: dict[str, Any] = {"output": job.output, "state": state,
+        item: dict[str, object] = {"output": job.output, "state": state,
                                 "reason": classified.reasons.get(job.index)}
         if job.index in changed:
             item["changes"] = changed[job.index]
@@ -124,7 +125,7 @@ def _document(classified: Classified, changed: dict[int, list[str]],
     }
 
 
-def _orphan(output: str, entry: ManifestEntry | None) -> dict[str, Any]:
+def _orphan(output: str, entry: ManifestEntry | None) -> dict[str, object]:
     """An orphan in `status --json`: what its entry says it was made for (when known)."""
     return {"output": output, "job": entry.get("job") if entry else None,
             "vars": entry.get("vars") if entry else None}

@@ -82,7 +82,7 @@ def _recipe_folder(root: Path, name: str) -> Path:
         document = read_manifest(root, name) if name else None
     except FluxbatchError:
         document = None
-    path = ((document or {}).get("recipe") or {}).get("path")
+    path = (document.get("recipe") or {}).get("path") if document else None
     if not isinstance(path, str) or not path:
         return root
     return (root / path).parent

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from typing import IO, Any
+from typing import IO
 from urllib.parse import parse_qs, urlsplit
 
 from fluxbatch import models
@@ -101,7 +101,7 @@ class Api:
         base_url: str,
         table: tasks.TaskTable,
         stats: tasks.Stats,
-        submissions: list[dict[str, Any]],
+        submissions: list[dict[str, object]],
         log: IO[str] | None,
     ) -> None:
         self.config = config
@@ -211,8 +211,9 @@ class Api:
         # One copy of each distinct input however many tasks send it (a batch of 10 looks
         # over 1,000 photos sends each photo 10 times); a task keeps its body until served.
         for name in inputs.image_fields(model):
-            if isinstance(body.get(name), str):
-                body[name] = self._inputs.setdefault(body[name], body[name])
+            value = body.get(name)
+            if isinstance(value, str):
+                body[name] = self._inputs.setdefault(value, value)
         sizes = {name: inputs.size_of(value) for name, value in inputs.given(model, body)}
         billed = {**body, **{name: {"width": size[0], "height": size[1]}
                              for name, size in sizes.items() if size is not None}}
@@ -364,9 +365,9 @@ class Api:
             self._refund_task(task)
         return json_reply(200, self._poll_body(task, now))
 
-    def _poll_body(self, task: tasks.Task, now: float) -> dict[str, Any]:
+    def _poll_body(self, task: tasks.Task, now: float) -> dict[str, object]:
         status = task.status(now)
-        body: dict[str, Any] = {
+        body: dict[str, object] = {
             "id": task.id,
             "status": status,
             "result": None,

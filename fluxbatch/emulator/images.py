@@ -30,7 +30,7 @@ from fluxbatch.imagemeta import EXTENSIONS
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 _PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
-_SAVE_OPTIONS: dict[str, dict[str, Any]] = {
+_SAVE_OPTIONS: dict[str, dict[str, object]] = {
     "jpeg": {"quality": 88},
     "png": {},
     "webp": {"quality": 85},
@@ -44,11 +44,11 @@ _MIN_DRAWN_SIDE = 64  # smaller images (a tiny Fill input) have no room for text
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
 
-def pixel_fields(request: Mapping[str, Any]) -> dict[str, Any]:
+def pixel_fields(request: Mapping[str, object]) -> dict[str, object]:
     return {k: v for k, v in request.items() if k not in models.NON_PIXEL_FIELDS}
 
 
-def output_format(model: str, request: Mapping[str, Any]) -> str:
+def output_format(model: str, request: Mapping[str, object]) -> str:
     fmt = request.get("output_format")
     if isinstance(fmt, str) and fmt in CONTENT_TYPES:
         return fmt
@@ -56,7 +56,7 @@ def output_format(model: str, request: Mapping[str, Any]) -> str:
     return spec.default_format if spec is not None else "jpeg"
 
 
-def requested_size(model: str, request: Mapping[str, Any]) -> tuple[int, int]:
+def requested_size(model: str, request: Mapping[str, object]) -> tuple[int, int]:
     """The size the real API would produce; 0 or absent FLUX.2 sizes mean 1024x1024.
 
     Models sized by their input (Fill, Expand, Canny, Depth) take its size, plus Expand's
@@ -78,7 +78,7 @@ def shown_size(width: int, height: int, max_side: int) -> tuple[int, int]:
 
 
 def render_image(
-    model: str, request: Mapping[str, Any], max_side: int = 512
+    model: str, request: Mapping[str, object], max_side: int = 512
 ) -> tuple[bytes, str, str]:
     """(bytes, content type, file extension) of the image for this request."""
     pixels = pixel_fields(request)
@@ -115,6 +115,7 @@ class _LRU:
 _CACHE = _LRU(_CACHE_SIZE)
 
 
+# (`Any`: a validated body, whose sizes the schema holds to integers)
 def _dimension(spec: models.Model, request: Mapping[str, Any], name: str) -> int:
     value = request.get(name) or spec.properties[name].get("default") or _ONE_MP_SIDE
     return int(value)
@@ -136,7 +137,7 @@ def _aspect_size(ratio_text: str) -> tuple[int, int]:
 
 
 def _render(
-    model: str, request: Mapping[str, Any], digest: str, max_side: int
+    model: str, request: Mapping[str, object], digest: str, max_side: int
 ) -> tuple[bytes, str, str]:
     fmt = output_format(model, request)
     width, height = requested_size(model, request)
@@ -282,7 +283,7 @@ def _checker(size: tuple[int, int], square: int) -> Image.Image:
 def _draw_caption(
     image: Image.Image,
     model: str,
-    request: Mapping[str, Any],
+    request: Mapping[str, object],
     requested: tuple[int, int],
     shown: tuple[int, int],
 ) -> None:

@@ -15,7 +15,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
 from urllib.parse import urlsplit
 
 from PIL import Image, ImageOps
@@ -81,7 +80,7 @@ def image_fields(model: str) -> tuple[str, ...]:
     return spec.image_fields
 
 
-def given(model: str, request: Mapping[str, Any]) -> list[tuple[str, str]]:
+def given(model: str, request: Mapping[str, object]) -> list[tuple[str, str]]:
     """(field, value) of every image field the request fills, in the schema's order."""
     return [
         (name, value)
@@ -90,7 +89,7 @@ def given(model: str, request: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def problems(model: str, request: Mapping[str, Any], skip: frozenset[str]) -> dict[str, str]:
+def problems(model: str, request: Mapping[str, object], skip: frozenset[str]) -> dict[str, str]:
     """A message per image field the API would refuse, `skip` (already refused) aside."""
     found: dict[str, str] = {}
     sizes: dict[str, tuple[int, int]] = {}
@@ -169,7 +168,7 @@ def size_of(value: object) -> tuple[int, int] | None:
         return None
 
 
-def sized_output(model: str, request: Mapping[str, Any]) -> tuple[int, int] | None:
+def sized_output(model: str, request: Mapping[str, object]) -> tuple[int, int] | None:
     """For models sized by their input (Fill, Expand, Canny, Depth): the input's size,
     plus Expand's padding. None when the input is a URL or unreadable."""
     spec = models.get(model)

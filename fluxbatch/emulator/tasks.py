@@ -42,7 +42,7 @@ class Task:
 
     id: str
     model: str
-    request: dict[str, Any]
+    request: dict[str, object]
     route: str  # "bfl" or "comet"
     seed: int
     submitted: float  # monotonic
@@ -63,7 +63,7 @@ class Task:
         return self.start_time + self.duration
 
     @property
-    def pixel_request(self) -> dict[str, Any]:
+    def pixel_request(self) -> dict[str, object]:
         """The body with the reported seed filled in: what the image is rendered from."""
         return {**self.request, "seed": self.seed}
 
@@ -102,7 +102,7 @@ class Stats:
     def count_fault(self, kind: str) -> None:
         self.faults[kind] = self.faults.get(kind, 0) + 1
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
@@ -191,7 +191,7 @@ class TaskTable:
         owner: str = "",
     ) -> Task:
         outcome, factor = outcome_of(request.get("prompt"))
-        sent_seed = request.get("seed")
+        sent_seed = request.get("seed")  # (`request: Any`: validated, so an integer if sent)
         drawn_seed = self._seed_rng.randrange(2**32)
         task = Task(
             id=str(uuid.uuid4()),

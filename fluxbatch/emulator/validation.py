@@ -12,14 +12,20 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from functools import cache
-from typing import Any
+from typing import TypedDict
 
 from jsonschema import Draft202012Validator, ValidationError
 
 from fluxbatch import models
 from fluxbatch.emulator import inputs
 
-FieldError = dict[str, Any]
+
+class FieldError(TypedDict):
+    """One problem in a request body, in the shape the real API's 422 lists it."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
 
 _TYPE_ERRORS = {
     "integer": ("Input should be a valid integer", "int_type"),
@@ -39,7 +45,7 @@ _BOUND_ERRORS = {
 }
 
 
-def parse_body(model: str, raw: bytes) -> tuple[dict[str, Any] | None, list[FieldError]]:
+def parse_body(model: str, raw: bytes) -> tuple[dict[str, object] | None, list[FieldError]]:
     """The request as a dict and no errors, or None and every error."""
     if not raw.strip():
         return None, [_error(["body"], "Field required", "missing")]
@@ -55,7 +61,7 @@ def parse_body(model: str, raw: bytes) -> tuple[dict[str, Any] | None, list[Fiel
     return (None, errors) if errors else (body, [])
 
 
-def validate(model: str, body: dict[str, Any]) -> list[FieldError]:
+def validate(model: str, body: dict[str, object]) -> list[FieldError]:
     schema = models.request_schema(model)
     order = {name: index for index, name in enumerate(schema.get("properties", {}))}
     found: dict[str, FieldError] = {}

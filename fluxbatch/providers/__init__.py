@@ -15,10 +15,10 @@ import importlib
 import ipaddress
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from fluxbatch.errors import ConfigError
 
@@ -71,7 +71,7 @@ class Polled:
     sample: str | None = None
     reported_seed: int | None = None
     progress: float | None = None  # 0..1 when the provider reports it
-    details: Any = None
+    details: object = None
 
 
 class KeyNotSent(Exception):
@@ -82,7 +82,7 @@ class Provider(Protocol):
     info: ProviderInfo
     base_url: str
 
-    def submit_request(self, model: str, body: Mapping[str, Any]) -> httpx.Request: ...
+    def submit_request(self, model: str, body: Mapping[str, object]) -> httpx.Request: ...
 
     def poll_request(self, submitted: Submitted) -> httpx.Request: ...
 
@@ -207,7 +207,7 @@ def build(name: str, *, base_url: str | None, environ: Mapping[str, str],
     if key is None:
         key = Secret(info.name) if info.key_env is None else api_key(info, environ)
     module, _, attribute = info.speaks.partition(":")
-    speaker: Any = getattr(importlib.import_module(module), attribute)
+    speaker: Callable[..., Provider] = getattr(importlib.import_module(module), attribute)
     provider: Provider = speaker(info, base_url, key)
     return provider
 
@@ -230,7 +230,7 @@ def parsed_url(url: str) -> httpx.URL:
 _CREDENTIALS = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
 
 
-def credits(value: Any) -> float | None:
+def credits(value: object) -> float | None:
     """A cost in credits as the provider reported it (just now, or to an earlier run, which
     recorded it): a finite number, not negative; anything else counts as unreported. JSON's
     `1e999` reads as infinity, which no manifest or image can hold, and a negative or NaN

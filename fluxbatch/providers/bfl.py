@@ -5,7 +5,6 @@ is on BFL's own hosts (or the base URL's origin); anywhere else the key is not s
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import httpx
 
@@ -35,7 +34,7 @@ class Bfl:
         return {"x-key": self._key.reveal(), "accept": "application/json",
                 "user-agent": USER_AGENT}
 
-    def submit_request(self, model: str, body: Mapping[str, Any]) -> httpx.Request:
+    def submit_request(self, model: str, body: Mapping[str, object]) -> httpx.Request:
         return httpx.Request("POST", parsed_url(f"{self.base_url}/v1/{model}"),
                              json=dict(body), headers=self._headers())
 

@@ -5,7 +5,6 @@ a BFL key, so it is not used)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import httpx
 
@@ -37,7 +36,7 @@ class CometApi:
         return {"authorization": f"Bearer {self._key.reveal()}", "accept": "application/json",
                 "user-agent": USER_AGENT}
 
-    def submit_request(self, model: str, body: Mapping[str, Any]) -> httpx.Request:
+    def submit_request(self, model: str, body: Mapping[str, object]) -> httpx.Request:
         return httpx.Request("POST", f"{self.base_url}/flux/v1/{model}", json=dict(body),
                              headers=self._headers())
 

@@ -16,7 +16,7 @@ import json
 import os
 import re
 from enum import StrEnum
-from typing import Any, TypeGuard
+from typing import TypeGuard
 
 import httpx
 
@@ -67,7 +67,7 @@ def _error_code(response: httpx.Response) -> str | None:
     return code if isinstance(code, str) else None
 
 
-def json_body(response: httpx.Response) -> Any:
+def json_body(response: httpx.Response) -> object:
     try:
         return response.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -93,8 +93,10 @@ def read_polled(response: httpx.Response) -> Polled:
     if not isinstance(body, dict) or not isinstance(body.get("status"), str):
         raise BadResponse(f"the poll response has no status: {body_text(response)}")
     status = body["status"]
-    result: dict[str, Any] = body["result"] if isinstance(body.get("result"), dict) else {}
-    sample = result.get("sample") if isinstance(result.get("sample"), str) else None
+    result: dict[str, object] = body["result"] if isinstance(body.get("result"), dict) else {}
+    sample = result.get("sample")
+    if not isinstance(sample, str):
+        sample = None
     seed = result.get("seed")
     raw_progress = body.get("progress")
     progress = None
@@ -110,7 +112,7 @@ def error_message(response: httpx.Response) -> str:
     """`HTTP 422: width: Input should be less than or equal to 1440` and the like."""
     prefix = f"HTTP {response.status_code}"
     try:
-        body: Any = response.json()
+        body: object = response.json()
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError):
         body = None
     text = _message_from(body) if body is not None else None
@@ -149,7 +151,7 @@ def _binary(response: httpx.Response) -> str | None:
     return None
 
 
-def _message_from(body: Any) -> str | None:
+def _message_from(body: object) -> str | None:
     if isinstance(body, dict):
         detail = body.get("detail")
         if isinstance(detail, list):
@@ -171,7 +173,7 @@ def _message_from(body: Any) -> str | None:
     return None
 
 
-def _validation_item(item: Any) -> str:
+def _validation_item(item: object) -> str:
     if not isinstance(item, dict):
         return str(item)
     location = [str(part) for part in item.get("loc", []) if part != "body"]
@@ -198,7 +200,7 @@ def _snippet(text: str, limit: int = 200) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
-def _is_number(value: Any) -> TypeGuard[int | float]:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
@@ -238,7 +240,7 @@ _NAME_NOT_FOUND = ("Name or service not known", "name resolution", "nodename nor
                    "getaddrinfo", "No address associated")
 
 
-def with_details(message: str, details: Any) -> str:
+def with_details(message: str, details: object) -> str:
     """`message`, plus a task's `details` (moderation reasons, error text) when it has any."""
     if not details:
         return message

@@ -8,7 +8,7 @@ import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 from fluxbatch import imagemeta
 from fluxbatch.state.manifests import ManifestEntry
@@ -63,7 +63,7 @@ def adoptable(root: Path, jobs: Iterable[Planned]) -> list[tuple[ManifestEntry, 
     return entries
 
 
-def _provenance(path: Path) -> dict[str, Any] | None:
+def _provenance(path: Path) -> dict[str, object] | None:
     try:
         return imagemeta.extract(path.read_bytes())
     except (OSError, imagemeta.ImageFormatError):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import Literal, NotRequired, Required, TypedDict
 
 from fluxbatch.errors import StateError
 from fluxbatch.layout import (
@@ -33,11 +33,11 @@ class Provenance(TypedDict):
     output: str  # the planned output path
     key: str  # sha256 of the model and request: the same key is the same image
     job: str
-    vars: dict[str, Any]  # the matrix combination
+    vars: dict[str, object]  # the matrix combination
     replicate: int
     prompt: str | None
     model: str
-    request: dict[str, Any]  # the body sent, secrets as ***, image inputs as descriptors
+    request: dict[str, object]  # the body sent, secrets as ***, image inputs as descriptors
     seed: int
     reported_seed: int | None
     provider: str
@@ -65,7 +65,27 @@ class ManifestEntry(Provenance):
     bytes: int
 
 
-def read_manifest(root: Path, recipe: str) -> dict[str, Any] | None:
+class ManifestRecipe(TypedDict, total=False):
+    name: str
+    path: str | None  # the recipe file, relative to the output root
+    sha256: str
+
+
+class Manifest(TypedDict, total=False):
+    """A manifest as read back. Only the shape of `images` was checked (see
+    `_manifest_shape_problems`): anyone can edit the file, so read the rest with `.get`."""
+
+    images: Required[list[ManifestEntry]]
+    recipe: ManifestRecipe
+    manifest_version: int
+    fluxbatch: str
+    spec_date: str
+    model_catalogue: dict[str, str]
+    updated_at: str
+    totals: dict[str, object]
+
+
+def read_manifest(root: Path, recipe: str) -> Manifest | None:
     """`recipe`'s manifest (or the first release's `manifest.json`, when it is this recipe's),
     or None when there is none; a clear error when it is damaged."""
     document = _read_manifest_file(root / manifest_name(recipe))
@@ -76,7 +96,7 @@ def read_manifest(root: Path, recipe: str) -> dict[str, Any] | None:
     return document
 
 
-def read_manifests(root: Path) -> list[dict[str, Any]]:
+def read_manifests(root: Path) -> list[Manifest]:
     """Every manifest in the root (each recipe's, and a first-release `manifest.json`)."""
     found = []
     names = sorted(p.name for p in root.glob("*.manifest.json")) if root.is_dir() else []
@@ -87,7 +107,7 @@ def read_manifests(root: Path) -> list[dict[str, Any]]:
     return found
 
 
-def _read_manifest_file(path: Path) -> dict[str, Any] | None:
+def _read_manifest_file(path: Path) -> Manifest | None:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -109,7 +129,8 @@ def _read_manifest_file(path: Path) -> dict[str, Any] | None:
         raise StateError(f"{path}: the manifest is damaged: {problems}. Restore it (from "
                          f"version control), or delete it: {_rewritten_from(path.parent)}. "
                          "No image is touched.")
-    return dict(document)
+    manifest: Manifest = document  # (its shape checked just now)
+    return manifest
 
 
 def _rewritten_from(root: Path) -> str:
@@ -119,7 +140,7 @@ def _rewritten_from(root: Path) -> str:
     return "fluxbatch then recognises your images by the provenance embedded in them"
 
 
-def _manifest_shape_problems(document: Any) -> str | None:
+def _manifest_shape_problems(document: object) -> str | None:
     if not isinstance(document, dict) or not isinstance(document.get("images"), list):
         return "expected an object with an 'images' list"
     for index, entry in enumerate(document["images"]):

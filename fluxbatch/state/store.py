@@ -8,9 +8,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from fluxbatch.errors import StateError
 from fluxbatch.layout import DATABASE, STATE_DIR, manifest_name
@@ -20,7 +19,7 @@ from fluxbatch.state.adopt import Planned, adoptable
 from fluxbatch.state.database import connect, unreadable_store
 from fluxbatch.state.files import make_state_dir
 from fluxbatch.state.ledger import LedgerTables
-from fluxbatch.state.manifests import ManifestEntry, read_manifests
+from fluxbatch.state.manifests import Manifest, ManifestEntry, read_manifests
 from fluxbatch.state.placements import PlacementTables
 
 
@@ -56,7 +55,7 @@ class Store(LedgerTables, PlacementTables):
             raise
         return store
 
-    def _migrate(self, documents: list[dict[str, Any]] | None) -> None:
+    def _migrate(self, documents: list[Manifest] | None) -> None:
         """Bring the schema up to date (check, lock, re-check: another process may be doing
         it); a store created now is filled from the manifests, so no image is paid again."""
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, "
@@ -134,7 +133,7 @@ class Store(LedgerTables, PlacementTables):
 
     # -- rebuilding ---------------------------------------------------------------------------
 
-    def import_manifest(self, document: Mapping[str, Any]) -> int:
+    def import_manifest(self, document: Manifest) -> int:
         """Placements from a manifest (its images only; mtime unknown, so the first look
         verifies each file by its sha256); returns how many."""
         recipe = (document.get("recipe") or {}).get("name") or ""
