@@ -5,7 +5,8 @@ The Python API (see `fluxbatch.api` for a tour):
 - `load(path) -> Recipe`: read and check a recipe; `RecipeError.problems` lists every problem.
 - `plan(recipe_or_path) -> Planned`: the images, each with its key, seed, output, request and
   state, read against the output root (nothing written or sent).
-- `render(recipe_or_path, ...) -> Report`, `await arender(...)`: make what is missing.
+- `render(recipe_or_path, ..., stop=StopHandle()) -> Report`, `await arender(...)`: make
+  what is missing; a `StopHandle` stops it from another thread, as Ctrl-C does.
 
 Their vocabularies are string enums (`StrEnum`: each member equals its string, as it
 appears in `--json` output): `ImageState` (`PlannedJob.state`), `Action`
@@ -25,20 +26,26 @@ from fluxbatch.version import __version__
 
 __all__ = [
     "Action",
+    "BudgetOutcome",
     "ConfigError",
     "Event",
     "EventKind",
     "FluxbatchError",
     "ImageState",
+    "Job",
     "Outcome",
     "OutcomeStatus",
     "Planned",
     "PlannedJob",
+    "Polled",
     "Problem",
     "Recipe",
     "RecipeError",
     "Report",
     "StateError",
+    "StopHandle",
+    "Submitted",
+    "Written",
     "__version__",
     "arender",
     "load",
@@ -47,9 +54,21 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from fluxbatch.api import Action, Planned, PlannedJob, arender, load, plan, render
+    from fluxbatch.api import (
+        Action,
+        Planned,
+        PlannedJob,
+        StopHandle,
+        arender,
+        load,
+        plan,
+        render,
+    )
     from fluxbatch.errors import ConfigError, FluxbatchError, Problem, RecipeError, StateError
-    from fluxbatch.outcomes import Event, EventKind, Outcome, OutcomeStatus
+    from fluxbatch.jobs import Job
+    from fluxbatch.money import BudgetOutcome
+    from fluxbatch.outcomes import Event, EventKind, Outcome, OutcomeStatus, Written
+    from fluxbatch.providers import Polled, Submitted
     from fluxbatch.recipe import Recipe
     from fluxbatch.selection import ImageState
     from fluxbatch.session import Report
@@ -57,11 +76,14 @@ if TYPE_CHECKING:
 _WHERE = {
     "Action": "fluxbatch.api", "Planned": "fluxbatch.api", "PlannedJob": "fluxbatch.api",
     "arender": "fluxbatch.api", "load": "fluxbatch.api", "plan": "fluxbatch.api",
-    "render": "fluxbatch.api", "ConfigError": "fluxbatch.errors",
+    "render": "fluxbatch.api", "StopHandle": "fluxbatch.api", "ConfigError": "fluxbatch.errors",
     "FluxbatchError": "fluxbatch.errors", "Problem": "fluxbatch.errors",
     "RecipeError": "fluxbatch.errors", "StateError": "fluxbatch.errors",
-    "Event": "fluxbatch.execute", "Outcome": "fluxbatch.execute",
+    "Event": "fluxbatch.outcomes", "Outcome": "fluxbatch.outcomes",
     "EventKind": "fluxbatch.outcomes", "OutcomeStatus": "fluxbatch.outcomes",
+    "Written": "fluxbatch.outcomes", "Job": "fluxbatch.jobs",
+    "BudgetOutcome": "fluxbatch.money", "Polled": "fluxbatch.providers",
+    "Submitted": "fluxbatch.providers",
     "Recipe": "fluxbatch.recipe", "ImageState": "fluxbatch.selection",
     "Report": "fluxbatch.session",
 }

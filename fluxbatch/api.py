@@ -20,9 +20,12 @@ a recipe.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fluxbatch import models
@@ -90,16 +93,17 @@ class PlannedJob:
 @dataclass(frozen=True, slots=True)
 class Planned:
     """A plan, read against its output root: what `render` would do, and what it would
-    cost. `plan` is the plan itself (for `render`)."""
+    cost. Passing it to `render` renders this very plan (kept private: its type is the
+    internal stage-2 `Plan`)."""
 
-    plan: Plan
     jobs: tuple[PlannedJob, ...]
     orphans: tuple[str, ...]  # outputs of images that left the recipe
     estimated_usd: float | None  # of the images to submit; None when a price is unknown
+    _plan: Plan = field(repr=False)
 
     @property
     def recipe(self) -> Recipe:
-        return self.plan.recipe
+        return self._plan.recipe
 
     def counts(self) -> dict[ImageState, int]:
         """Images by state, in the order `fluxbatch status` lists them."""
@@ -132,7 +136,7 @@ def plan(recipe: RecipeLike, *, out: str | os.PathLike[str] | None = None, yes: 
     jobs = tuple(_planned(job, found, actions.get(id(job), skip),
                           tuple(changes.get(job.index, ())))
                  for job, found in zip(built.jobs, classified.states, strict=True))
-    return Planned(built, jobs, classified.orphans, selection.estimated_usd())
+    return Planned(jobs, classified.orphans, selection.estimated_usd(), built)
 
 
 def render(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] | None = None,
@@ -144,7 +148,8 @@ def render(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] | None =
            environ: Mapping[str, str] | None = None,
            transport: httpx.AsyncBaseTransport | None = None,
            store: str | None = None,
-           accounts: str | os.PathLike[str] | None = None) -> Report:
+           accounts: str | os.PathLike[str] | None = None,
+           stop: StopHandle | None = None) -> Report:
     """Render every missing or stale image of the recipe, and its manifest, as
     `fluxbatch render` does; returns the `Report`. Must not be called from a running event
     loop: use `arender` there. See `arender` for the arguments."""
@@ -152,7 +157,7 @@ def render(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] | None =
         recipe, out=out, yes=yes, base_url=base_url, jobs=jobs, only=only, shard=shard,
         force=force, retry_unknown=retry_unknown, verify=verify, budget=budget,
         timeout=timeout, on_event=on_event, environ=environ, transport=transport, store=store,
-        accounts=accounts))
+        accounts=accounts, stop=stop))
 
 
 async def arender(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] | None = None,
@@ -164,7 +169,8 @@ async def arender(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] |
                   environ: Mapping[str, str] | None = None,
                   transport: httpx.AsyncBaseTransport | None = None,
                   store: str | None = None,
-                  accounts: str | os.PathLike[str] | None = None) -> Report:
+                  accounts: str | os.PathLike[str] | None = None,
+                  stop: StopHandle | None = None) -> Report:
     """Render the recipe (a path, a loaded `Recipe`, or what `plan` returned: then that
     very plan, not expanded again). `base_url` sends the requests (and the key) elsewhere (loopback,
     or the provider's own hosts); `jobs` caps the tasks in flight (default: the provider's
@@ -181,16 +187,73 @@ async def arender(recipe: RecipeLike | Planned, *, out: str | os.PathLike[str] |
     there before it is paid for, in the name of the account that pays for it (an account of
     the pool, else the one `FLUXBATCH_ACCOUNT` in `environ` names, so that another run of it
     may collect this run's tasks), taken from there when it holds it, and uploaded there once
-    downloaded. Cancelling the call stops at once: every task already paid for is in the
+    downloaded. `stop` is a `StopHandle`: its `stop()` (from any thread, or from `on_event`)
+    submits nothing new (what was paid is collected by the next render), `stop(now=True)`
+    stops at once.
+    Cancelling the call stops at once too: every task already paid for is in the
     state store, and the next render collects it without paying again."""
-    built = recipe.plan if isinstance(recipe, Planned) else \
+    built = recipe._plan if isinstance(recipe, Planned) else \
         load_plan(recipe, out=out, yes=yes, verify=verify, reuse=True)
     options = Options(concurrency=jobs, base_url=base_url, force=force, only=tuple(only),
                       retry_unknown=retry_unknown, verify=verify, budget=budget, shard=shard,
                       task_timeout=timeout, yes=yes, store=store,
                       accounts=None if accounts is None else os.fspath(accounts))
-    return await Render(built, options, environ=environ, on_event=on_event,
-                        transport=transport).run()
+    session = Render(built, options, environ=environ, on_event=on_event, transport=transport)
+    if stop is None:
+        return await session.run()
+    stop._attach(session, asyncio.get_running_loop())
+    try:
+        return await session.run()
+    finally:
+        stop._detach()
+
+
+class StopHandle:
+    """Stops a render from outside it, as the command line's Ctrl-C does: pass one as
+    `render(..., stop=handle)` and call `handle.stop()` from any thread (a GUI's button, a
+    signal handler, a watchdog) or from `on_event`. Asked before the render starts, the
+    render sends nothing. One handle serves one render at a time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._now: bool | None = None  # None until asked; then whether to stop at once
+        self._target: tuple[Render, asyncio.AbstractEventLoop] | None = None
+
+    def stop(self, *, now: bool = False) -> None:
+        """Submit nothing new (the report is `interrupted`): the tasks already paid for are
+        recorded, and the next render collects them without paying again. With `now`, do
+        not wait for the tasks in flight either."""
+        with self._lock:  # (against `_attach`: the request is either seen or forwarded)
+            self._now = now or bool(self._now)
+            target = self._target
+        if target is None:
+            return
+        session, loop = target
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            here = False
+        if here:
+            session.stop(now=now)
+        else:  # the session belongs to its loop's thread: hand the request over to it
+            with contextlib.suppress(RuntimeError):  # (the loop just closed: nothing to stop)
+                loop.call_soon_threadsafe(functools.partial(session.stop, now=now))
+
+    @property
+    def stopped(self) -> bool:
+        """Whether `stop` was called."""
+        return self._now is not None
+
+    def _attach(self, session: Render, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            self._target = (session, loop)
+            now = self._now
+        if now is not None:
+            session.stop(now=now)
+
+    def _detach(self) -> None:
+        with self._lock:
+            self._target = None
 
 
 def _actions(selection: Selection) -> dict[int, Action]:

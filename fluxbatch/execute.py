@@ -66,7 +66,15 @@ from fluxbatch.errors import FluxbatchError
 from fluxbatch.jobs import Job
 from fluxbatch.money import Budget, BudgetReached, Prices
 from fluxbatch.outbox import OutboxGone, Recovered, Unrecorded
-from fluxbatch.outcomes import Event, EventKind, JobFailed, LocalFault, Outcome, OutcomeStatus
+from fluxbatch.outcomes import (
+    Event,
+    EventKind,
+    JobFailed,
+    LocalFault,
+    Outcome,
+    OutcomeStatus,
+    Written,
+)
 from fluxbatch.pacing import Durations, Slots, retry_after
 from fluxbatch.providers import KeyNotSent, Polled, Provider, Submitted, without_credentials
 from fluxbatch.providers import responses as r
@@ -125,7 +133,7 @@ class Journal(Protocol):
     def finished(self, outcome: Outcome) -> None: ...
 
 
-Writer = Callable[[Job, Image, Outcome], Awaitable[object]]
+Writer = Callable[[Job, Image, Outcome], Awaitable[Written | None]]
 Sender = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
 

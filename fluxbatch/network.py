@@ -23,7 +23,7 @@ from fluxbatch.inputs import InputProblem, is_descriptor
 from fluxbatch.jobs import Job, Plan
 from fluxbatch.money import Budget, Prices
 from fluxbatch.outbox import Outbox
-from fluxbatch.outcomes import Event, JobFailed, LocalFault, Outcome, OutcomeStatus
+from fluxbatch.outcomes import Event, JobFailed, LocalFault, Outcome, OutcomeStatus, Written
 from fluxbatch.place import ManifestPacer, Placer, finish_manifest, keep_held
 from fluxbatch.providers import Polled, Submitted, credits
 from fluxbatch.providers import responses as r
@@ -34,10 +34,10 @@ from fluxbatch.state.ledger import Ledger, Reservation, Task, TaskStatus
 from fluxbatch.state.lock import RootLock
 from fluxbatch.state.store import Store
 from fluxbatch.wire import Wire
-from fluxbatch.write import NotAnImage, Written, check_image, temp_dir
+from fluxbatch.write import NotAnImage, check_image, temp_dir
 
 if TYPE_CHECKING:
-    from fluxbatch.sharing import SharedUse, Sharing
+    from fluxbatch.sharing import PlaceHeld, SharedUse, Sharing
 
 
 class Reach(Protocol):
@@ -273,7 +273,7 @@ async def execute(plan: Plan, selection: Selection, store: Store,
         manifest.maybe()
         return written
 
-    async def writer(job: Job, image: Image, outcome: Outcome) -> object:
+    async def writer(job: Job, image: Image, outcome: Outcome) -> Written | None:
         """Keep the bytes (the ledger then says so), then place them at every output of
         the key: a placement that fails is redone by the next run, from the store, free."""
         data = await asyncio.to_thread(_kept, root, image)  # (one trip off the event loop)
@@ -283,7 +283,8 @@ async def execute(plan: Plan, selection: Selection, store: Store,
             await sharing.kept(job, image, data, task)
         return await place_all(job, data, task, outcome.submitted_at, {})
 
-    async def place_held(job: Job, data: bytes, sha256: str, source: dict[str, object]) -> object:
+    async def place_held(job: Job, data: bytes, sha256: str,
+                         source: dict[str, object]) -> Written | None:
         """An image the shared store held (checked against its sha256): kept here too, then
         placed, as a download is."""
         try:
@@ -351,7 +352,7 @@ def _submit_via(outbox: Outbox | None, sharing: Sharing | None,
 
 
 def _sharing(shared: SharedUse | None, store: Store, provider: providers.Provider,
-             run: str | None, place_held: Callable[..., Awaitable[object]],
+             run: str | None, place_held: PlaceHeld,
              on_event: Callable[[Event], None], settings: Settings,
              pool: list[str | None] | None) -> Sharing | None:
     """The render's use of the shared store, if it has one. With a pool of accounts, each

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fluxbatch.providers import Polled, Submitted
 from fluxbatch.vocabulary import Vocabulary
@@ -50,8 +50,21 @@ class EventKind(Vocabulary):
     ACCOUNT_OUT = "account-out"
 
 
+@dataclass(frozen=True, slots=True)
+class Written:
+    """An image placed at its output: `Outcome.written`."""
+
+    path: str  # relative to the output root, with the real extension
+    sha256: str  # of the file as written (provenance included)
+    size: int  # in bytes
+    mtime_ns: int  # the file's modification time, as the state store records it
+
+
 @dataclass(slots=True)
 class Outcome:
+    """How one image of a render ended: its `status`, why (`reason`), the task it was paid
+    with (`submitted`, and the last poll's answer, `polled`), and where it was placed."""
+
     job: Job
     status: OutcomeStatus
     reason: str | None = None
@@ -59,7 +72,7 @@ class Outcome:
     polled: Polled | None = None
     submitted_at: float | None = None
     finished_at: float | None = None
-    written: Any = None  # what the writer returned (path, sha256, size)
+    written: Written | None = None  # where its image was placed (the first of its outputs)
     from_store: bool = False  # placed from the shared store's image: nothing paid
     account: str | None = None  # the account of the pool whose key it went with, if named
 

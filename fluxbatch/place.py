@@ -19,7 +19,7 @@ from typing import Any
 from fluxbatch import imagemeta
 from fluxbatch.errors import StateError
 from fluxbatch.jobs import Job, Plan
-from fluxbatch.outcomes import Event, JobFailed, LocalFault, Outcome, OutcomeStatus
+from fluxbatch.outcomes import Event, JobFailed, LocalFault, Outcome, OutcomeStatus, Written
 from fluxbatch.providers import credits
 from fluxbatch.recipe import Recipe
 from fluxbatch.selection import Selection, source_placement
@@ -31,7 +31,6 @@ from fluxbatch.state.root import RootState
 from fluxbatch.state.store import Store
 from fluxbatch.write import (
     NotAnImage,
-    Written,
     manifest_path,
     place,
     provenance,

@@ -43,7 +43,7 @@ from fluxbatch import models
 from fluxbatch.execute import Claimed, Elsewhere, Executor, Image, Sender
 from fluxbatch.jobs import Job
 from fluxbatch.outbox import ClaimLost
-from fluxbatch.outcomes import Event, EventKind, Outcome, OutcomeStatus
+from fluxbatch.outcomes import Event, EventKind, Outcome, OutcomeStatus, Written
 from fluxbatch.providers import Submitted, credits
 from fluxbatch.state.ledger import Ledger, Task, TaskStatus
 from fluxbatch.state.shared import (
@@ -85,7 +85,7 @@ class SharedUse:
 
 
 # Places an image the store held: (job, its bytes, their sha256, the record's provenance).
-PlaceHeld = Callable[[Job, bytes, str, dict[str, object]], Awaitable[object]]
+PlaceHeld = Callable[[Job, bytes, str, dict[str, object]], Awaitable[Written | None]]
 
 
 @dataclass(slots=True)

@@ -18,7 +18,6 @@ import os
 import posixpath
 import re
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from fluxbatch.layout import (
     stored_path_problem,
 )
 from fluxbatch.money import Spend
-from fluxbatch.outcomes import OutcomeStatus
+from fluxbatch.outcomes import OutcomeStatus, Written
 from fluxbatch.recipe import Recipe
 from fluxbatch.state.files import replacing
 from fluxbatch.state.manifests import ManifestEntry, Provenance
@@ -41,14 +40,6 @@ from fluxbatch.version import __version__
 
 MANIFEST_VERSION = 2
 SCHEMA_URL = "https://raw.githubusercontent.com/fluxbatch/fluxbatch/main/schemas/manifest.schema.json"
-
-
-@dataclass(frozen=True, slots=True)
-class Written:
-    path: str  # relative to the output root, with the real extension
-    sha256: str
-    size: int
-    mtime_ns: int
 
 
 class NotAnImage(Exception):

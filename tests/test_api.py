@@ -206,3 +206,40 @@ def test_the_api_example_plans_and_renders_the_quickstart(
     assert "quickstart: 10 images, {'new': 10}" in out
     assert out.count("  written ") == 10
     assert "quickstart: 10 images, {'up-to-date': 10}\nok: True; spent nothing" in out
+
+
+def test_a_stop_handle_stops_a_render_from_another_thread_and_the_report_counts_what_it_paid(
+        tmp_path: Path) -> None:
+    import threading
+
+    path = recipe(tmp_path)
+    stop = fluxbatch.StopHandle()
+    with EmulatorThread(EmulatorConfig(latency=0.3)) as emulator:
+        def on_event(event: fluxbatch.Event) -> None:
+            if event.kind == "submitted" and not stop.stopped:
+                # Asked from another thread, as a GUI or a watchdog would; the event loop
+                # runs the request once this callback returns, before the next submit.
+                asker = threading.Thread(target=stop.stop)
+                asker.start()
+                asker.join()
+
+        report = fluxbatch.render(path, base_url=emulator.base_url, jobs=1,
+                                  on_event=on_event, stop=stop)
+        assert report.interrupted and not report.ok
+        assert emulator.stats.submits == 1
+        paid = [o for o in report.outcomes if o.submitted_at is not None]
+        # Paid, and left in flight for the next render to collect without paying again.
+        assert len(paid) == 1 and paid[0].status == "pending"
+        assert report.spent_usd() == paid[0].submitted.cost / 100  # type: ignore[union-attr]
+        assert report.spent_usd() is not None
+        assert fluxbatch.render(path, base_url=emulator.base_url).ok
+        assert emulator.stats.submits == 6
+
+
+def test_a_stop_handle_asked_before_the_render_starts_sends_nothing(tmp_path: Path) -> None:
+    stop = fluxbatch.StopHandle()
+    stop.stop(now=True)
+    report = fluxbatch.render(recipe(tmp_path), environ={}, stop=stop,
+                              base_url="http://127.0.0.1:9",
+                              transport=httpx.MockTransport(never_called))
+    assert report.interrupted and not report.outcomes and stop.stopped

@@ -274,3 +274,38 @@ def test_the_api_pages_error_example_prints_what_the_page_says(tmp_path: Path) -
     assert done.stdout == ("not rendered: the estimated cost $0.40 of the 10 images to render "
                            "is over the budget of $0.10 (it counts this run and the unfinished "
                            "runs it continues); nothing was sent\n")
+
+
+# -- CONTRIBUTING.md's map ----------------------------------------------------------------------
+
+MAP_ROW = re.compile(r"^\| `(fluxbatch/[\w/]+\.py)` \| [^|]+ \| ([^|]+) \|$", re.MULTILINE)
+
+
+def fluxbatch_imports(path: Path) -> set[str]:
+    """The modules of fluxbatch that `path` imports, anywhere in it (`state.ledger`)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fluxbatch"):
+            for alias in node.names:  # (`from fluxbatch import models` names a module)
+                full = f"{node.module}.{alias.name}"
+                where = ROOT / full.replace(".", "/")
+                is_module = where.with_suffix(".py").exists() or where.is_dir()
+                found.add(full if is_module else node.module or "")
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("fluxbatch"))
+    module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    return {name.removeprefix("fluxbatch.") for name in found - {module}}
+
+
+def test_contributings_map_names_every_module_and_what_it_imports() -> None:
+    text = (ROOT / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    rows = {path: cell for path, cell in MAP_ROW.findall(text)}
+    modules = {path.relative_to(ROOT).as_posix()
+               for path in (ROOT / "fluxbatch").rglob("*.py")}
+    assert sorted(modules - rows.keys()) == [], "modules missing from CONTRIBUTING.md's map"
+    assert sorted(rows.keys() - modules) == [], "CONTRIBUTING.md maps modules that are gone"
+    for path, cell in rows.items():
+        written = set(re.findall(r"`([\w.]+)`", cell))
+        assert written == fluxbatch_imports(ROOT / path), path
