@@ -2,10 +2,10 @@
 
 Requests and responses are httpx's, so a test fakes the network with `httpx.MockTransport`.
 Underneath is aiohttp, through httpx-aiohttp's transport (by httpx's maintainer). Measured on
-the same machine (submit, poll, redirect, download; 24 images at once; docs/design.md,
-"Dependencies"): httpx's own transport (httpcore) spent 6–12 ms of CPU per image, more as its
-pool grows, because it checks every pooled connection before every request; aiohttp spent
-2.5 ms.
+whole renders, in turn (`bench/bench_wire.py`; docs/design.md, "Dependencies"): with httpx's
+own transport (httpcore, its pool tuned) the client spent 1.9 x the CPU per image at 24 tasks
+in flight and 3.1 x at 240, because httpcore checks every pooled connection before every
+request.
 
 Three rules keep a paid request paid once:
 
