@@ -9,13 +9,45 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
+from tests import helpers
 from tests.helpers import Cli, Run
 
 KEY_VARIABLES = ("BFL_API_KEY", "BFL_API_KEY_FILE", "COMETAPI_KEY", "COMETAPI_KEY_FILE",
                  # the operator's shared store and account name
                  "FLUXBATCH_STORE", "FLUXBATCH_ACCOUNT")
+
+
+# -- the fast default run and the full one (--slow) ------------------------------------------
+
+# Property tests without a max_examples of their own follow these; those with one ask
+# helpers.examples(), which scales it the same way.
+settings.register_profile("default", max_examples=20)
+settings.register_profile("slow", max_examples=100)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="also run the tests marked slow, and property tests with their "
+                          "full number of examples (CI runs them after the default suite)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Before any test module is imported, so that the decorators evaluated on import see it
+    # (each xdist worker runs this with the same options).
+    helpers.SLOW = bool(config.getoption("--slow"))
+    settings.load_profile("slow" if helpers.SLOW else "default")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

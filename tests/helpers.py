@@ -31,6 +31,15 @@ MANIFEST_SCHEMA = json.loads((ROOT / "schemas" / "manifest.schema.json").read_te
 IMAGE_SUFFIXES = (".png", ".jpg", ".webp")
 T = TypeVar("T")
 
+# True when pytest runs with --slow (conftest.py sets it before any test module is imported)
+SLOW = False
+
+
+def examples(full: int) -> int:
+    """A property test's max_examples: `full` with --slow, a fifth of it (10 at least) in the
+    default run, which must stay fast; CI runs both."""
+    return full if SLOW else max(10, full // 5)
+
 
 def build_file_tree(root: Path, files: Mapping[str, str | bytes]) -> Path:
     """Write `files` (relative path → text, dedented, or bytes) under `root`."""

@@ -19,6 +19,7 @@ from fluxbatch.declaration import Cost, Model, Reading, integer, key, schema_of,
 from fluxbatch.recipe_schema import read as read_recipe
 from fluxbatch.recipe_schema import recipe_schema
 from fluxbatch.yamlsource import Positions, format_path
+from tests.helpers import examples
 from tests.test_fuzz import documents, sensible_recipes, wild_recipes
 
 SCHEMA = recipe_schema()
@@ -28,7 +29,7 @@ PLAIN = {"type", "minimum", "exclusiveMinimum", "minItems", "minLength", "minPro
          "uniqueItems"}
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(sensible_recipes | wild_recipes | documents.filter(lambda d: isinstance(d, dict)))
 @example({"version": 1, "name": "r", "jobs": [{"name": "a", "replicates": 0.5}]})  # two faults
 @example({"version": True, "name": "r", "provider": {"name": "bfl", "timeout": 0},

@@ -20,7 +20,7 @@ from fluxbatch.errors import PlanTooLargeError, RecipeError
 from fluxbatch.expand import Job, Plan, expand
 from fluxbatch.front import load_plan
 from fluxbatch.inputs import InputFile
-from tests.helpers import build_file_tree
+from tests.helpers import build_file_tree, examples
 
 HEAD = "version: 1\nname: r\ndefaults: {model: flux-dev}\n"
 
@@ -150,7 +150,7 @@ _VALUES = st.one_of(_SCALARS, st.lists(_SCALARS, max_size=3),
 _COMBINATIONS = st.dictionaries(st.text(), _VALUES, max_size=4)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.text(), st.text(), st.lists(st.tuples(_COMBINATIONS, st.integers(1, 10**6)),
                                       min_size=1, max_size=6))
 def test_auto_seed_is_its_documented_definition(recipe_name: str, job_name: str,
@@ -216,7 +216,7 @@ distinct_values = st.lists(
     unique_by=str)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(distinct_values, distinct_values, st.data())
 def test_changing_matrix_values_never_changes_other_images(
         values_a: list[Any], values_b: list[Any], data: st.DataObject) -> None:
@@ -240,7 +240,7 @@ json_values = st.recursive(
 field_names = st.text(max_size=6)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.dictionaries(field_names, json_values, max_size=5),
        st.lists(st.dictionaries(field_names, json_values, max_size=5), min_size=1, max_size=4))
 def test_object_json_is_canonical_json(constants: dict[str, Any],
@@ -251,7 +251,7 @@ def test_object_json_is_canonical_json(constants: dict[str, Any],
         assert encode(mapping) == identity.canonical_json(mapping)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.sampled_from(["flux-dev", "flux-2-pro", "ünïcode"]),
        st.dictionaries(field_names, scalars, max_size=4),
        st.lists(st.dictionaries(field_names, json_values, max_size=4), min_size=1, max_size=4),

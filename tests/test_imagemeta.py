@@ -26,6 +26,7 @@ from fluxbatch.imagemeta import (
     parameters,
     sniff,
 )
+from tests.helpers import examples
 
 PAYLOAD = {
     "prompt": 'Zürich café at dusk, 東京 neon — "quoted" <tag> & ampersand',
@@ -473,13 +474,13 @@ MAGIC = st.sampled_from(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=80) | st.builds(bytes.__add__, MAGIC, st.binary(max_size=120)))
 def test_arbitrary_bytes_never_raise_anything_but_image_format_error(data: bytes) -> None:
     _check_contract(data)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.sampled_from(SMALL_CASES), st.data())
 def test_mutated_images_never_raise_anything_but_image_format_error(
     case: str, draw: st.DataObject
@@ -757,7 +758,7 @@ def test_a_forged_merge_trailer_is_undone_only_within_the_block() -> None:
     assert embed(embedded, PAYLOAD, LATIN) == embedded
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.sampled_from(["<", ">"]), st.data())
 def test_mutated_exif_blocks_never_raise_anything_but_image_format_error(
     byte_order: str, draw: st.DataObject

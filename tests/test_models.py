@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from fluxbatch import models
 from fluxbatch.main import main
+from tests.helpers import examples
 
 GENERATION_MODELS = {
     "flux-pro-1.1", "flux-pro-1.1-ultra", "flux-dev", "flux-kontext-pro", "flux-kontext-max",
@@ -83,7 +84,7 @@ fields_and_values = st.sampled_from(FIELDS).flatmap(lambda field: st.tuples(
     any_json | near_the_limits(models.request_schema(field[0])["properties"][field[1]])))
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=examples(2000), deadline=None)
 @given(fields_and_values)
 def test_compiled_check_agrees_with_jsonschema(case: tuple[tuple[str, str], Any]) -> None:
     (name, prop), value = case

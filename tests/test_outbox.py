@@ -349,8 +349,8 @@ def test_an_outbox_that_stops_answering_is_stopped_and_stops_the_run(tmp_path: P
 THREE = grid("full", 3)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("moment", ["poll", "submit"])
+# The submit case (a task held back: it may have been paid) is in the fast run
+@pytest.mark.parametrize("moment", [pytest.param("poll", marks=pytest.mark.slow), "submit"])
 def test_a_disk_that_fills_up_mid_run_stops_it_in_one_line_and_nothing_is_paid_twice(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str) -> None:
     """The render and its outbox lose the right to write any file (a file-size limit of 0:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from fluxbatch import templates
 from fluxbatch.templates import TemplateProblem, compile_template
+from tests.helpers import examples
 
 
 def render(source: str, **context: Any) -> str:
@@ -102,7 +103,7 @@ def outcome(render: Callable[[dict[str, Any]], str],
         return TemplateProblem
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(st.one_of(pieces, placeholders), min_size=1, max_size=6).map("".join), contexts)
 def test_direct_rendering_gives_jinjas_text(source: str, context: dict[str, Any]) -> None:
     template = compile_template(source)
