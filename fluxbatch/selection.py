@@ -415,11 +415,11 @@ def select(classified: Classified, state: RootState, options: SelectOptions,
         if found == stored and not options.force:
             selection.place.append(job)
         elif found == in_flight and selection.collectable(task) and \
-                (not options.force or _recent(task, now)):
+                (not options.force or _untried(task, now)):
             # paid for already: never submitted again. --force pays anew only for a task
-            # that can no longer be collected, or has waited longer than a task may take
-            # (the way out of one whose image will never come); a fresh one, such as the
-            # one an interrupted --force run paid for, is collected.
+            # that a run failed to collect, or that has waited longer than a task may take
+            # (the way out of one whose image will never come); one no run has tried yet,
+            # such as the one an interrupted --force run paid for, is collected.
             assert task is not None
             selection.collect(job, task)
         elif found == in_flight and not options.force and not ephemeral and task is not None \
@@ -441,9 +441,10 @@ def select(classified: Classified, state: RootState, options: SelectOptions,
     return selection
 
 
-def _recent(task: Task | None, now: float) -> bool:
-    """Whether `task`, in flight, was submitted less than a task may take ago."""
-    return task is not None and task.status in TASK_IN_FLIGHT and \
+def _untried(task: Task | None, now: float) -> bool:
+    """Whether `task` is in flight, no run has failed to collect it (a run that does records
+    why), and it was submitted less than a task may take ago."""
+    return task is not None and task.status in TASK_IN_FLIGHT and task.reason is None and \
         task.submitted_at is not None and now - task.submitted_at < models.TASK_TIMEOUT
 
 
