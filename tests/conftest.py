@@ -41,6 +41,14 @@ def pytest_configure(config: pytest.Config) -> None:
     settings.load_profile("slow" if helpers.SLOW else "default")
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: two workers per core. About 40% of the summed test time is spent waiting
+    (on the emulator's sockets, on child processes), not computing; a second worker per core
+    fills it. Measured on a quiet 2-core machine: 3 min 20 s with two workers, 2 min 26 s
+    with four. Capped at 8: more only adds the cost of starting workers."""
+    return min(8, 2 * (os.cpu_count() or 1))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--slow"):
         return
