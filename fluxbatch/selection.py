@@ -29,7 +29,7 @@ from fluxbatch.recipe import Recipe
 from fluxbatch.state.blobs import has_blob
 from fluxbatch.state.files import file_sha256
 from fluxbatch.state.ledger import IN_FLIGHT as TASK_IN_FLIGHT
-from fluxbatch.state.ledger import Task, TaskStatus
+from fluxbatch.state.ledger import Task, TaskStatus, keys_in_flight
 from fluxbatch.state.placements import Placement
 from fluxbatch.state.root import RootState
 from fluxbatch.state.store import Store
@@ -94,7 +94,7 @@ def classify(plan: Plan, state: RootState, *, verify: bool = False,
     # Keys with a task in flight (few, or none): an up-to-date image whose key has one was
     # re-rendered by a `--force` run that stopped before collecting it. That task is paid:
     # the image is in flight, not up to date, or the next render would never collect it.
-    live = {key for key, task in state.tasks.items() if task.status in TASK_IN_FLIGHT}
+    live = keys_in_flight(state.tasks)
     for job in plan.jobs:
         placement = placed(job.output)
         if placement is not None and placement.key == job.key and job.key not in live:

@@ -22,7 +22,9 @@ from fluxbatch.emulator import Emulator, EmulatorConfig, EmulatorThread
 from fluxbatch.errors import StateError
 from fluxbatch.expand import Job
 from fluxbatch.front import load_plan
+from fluxbatch.selection import ImageState, SelectOptions, classify_with_store
 from fluxbatch.state.database import unreadable_store
+from fluxbatch.state.ledger import keys_in_flight
 from fluxbatch.state.lock import RootLock
 from fluxbatch.state.store import Store
 from tests.helpers import (
@@ -130,6 +132,21 @@ def test_a_forced_re_render_stopped_before_collecting_is_collected_by_the_next_r
     assert len(emulator.submissions) == sent  # collected, not paid again
     assert check_manifest(cli)["grid/circle.png"]["task_id"] == answer["id"]
     assert cli.render() == Run(0, "nothing to render: 4 images up to date\n", "")
+
+
+def test_the_keys_in_flight_of_a_lazily_read_ledger_take_one_query_and_no_row(
+        rendered: Cli, emulator: Emulator) -> None:
+    """classify asks every run which keys are in flight; reading the whole ledger for it
+    would undo what the lazy ledger saves a null build."""
+    cli = rendered
+    forced_and_interrupted(cli, emulator, "grid/circle.png")
+    with Store.open(cli.root) as store:
+        classified, state = classify_with_store(load_plan(str(cli.recipe)), store,
+                                                SelectOptions())
+        assert state.tasks.every is None  # type: ignore[attr-defined]
+        assert keys_in_flight(state.tasks) == keys_in_flight(store.tasks()) == {
+            planned(cli)["grid/circle.png"].key}
+    assert classified.states.count(ImageState.IN_FLIGHT) == 1
 
 
 @pytest.mark.parametrize(("age", "paid"), [(0.0, 3), (3600.0, 4)])

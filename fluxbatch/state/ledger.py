@@ -173,6 +173,13 @@ class LedgerTables(Tables):
         it); only while the store is open."""
         return _LazyTasks(self)
 
+    def keys_in_flight(self) -> set[str]:
+        """The keys whose task is in flight: one query, no row read whole."""
+        statuses = sorted(status.value for status in IN_FLIGHT)
+        marks = ", ".join("?" * len(statuses))
+        return {row[0] for row in self.db.execute(
+            f"SELECT key FROM tasks WHERE status IN ({marks})", statuses)}
+
     def task(self, key: str) -> Task | None:
         row = self.db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE key = ?",
                               (key,)).fetchone()
@@ -394,6 +401,14 @@ class _LazyTasks(Mapping[str, Task]):
 
     def __len__(self) -> int:
         return len(self._all())
+
+
+def keys_in_flight(tasks: Mapping[str, Task]) -> set[str]:
+    """The keys of `tasks` whose task is in flight. A ledger read lazily answers with one
+    query, so that a null build still reads none of its rows."""
+    if isinstance(tasks, _LazyTasks) and tasks.every is None:
+        return tasks.ledger.keys_in_flight()
+    return {key for key, task in tasks.items() if task.status in IN_FLIGHT}
 
 
 def new_run_id() -> str:
